@@ -1,0 +1,46 @@
+"""lora_layers: LoRA layers for PyTorch.
+
+A drop-in replacement for Microsoft's ``loralib``::
+
+    import lora_layers as lora
+
+    layer = lora.Linear(in_features, out_features, r=16)
+    lora.mark_only_lora_as_trainable(model)
+    torch.save(lora.lora_state_dict(model), path)
+
+with a lean autograd (no stored dropout masks), exact merging, GQA-aware
+``MergedLinear``, model surgery, safetensors checkpoints and PEFT interop.
+"""
+from ._version import __version__
+from .functional import lora_linear
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .utils import (
+    count_lora_parameters,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    named_lora_parameters,
+    unmerge_lora,
+)
+
+__all__ = [
+    "__version__",
+    "LoRALayer",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "lora_linear",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "lora_modules",
+    "lora_parameters",
+    "named_lora_parameters",
+    "merge_lora",
+    "unmerge_lora",
+    "count_lora_parameters",
+]

@@ -1,0 +1,315 @@
+"""The LoRA math: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with a lean autograd.
+
+``lora_linear`` is the one hot path used by :class:`~lora_layers.Linear` and
+:class:`~lora_layers.MergedLinear`. Compared with the usual composition of
+``nn.Dropout`` and two ``nn.Linear`` calls it
+
+* adds the LoRA term into the base output in place (no ``T × out`` temporary);
+* saves only ``x`` (already alive for the base layer) and ``u = drop(x) Aᵀ``
+  (``T × r``) for backward. The dropout mask is *not* stored: backward
+  regenerates it from a seed drawn in forward, so dropout costs no activation
+  memory at all;
+* computes only the gradients autograd asks for, and accumulates the LoRA part
+  of ``dx`` in place into the base ``dx``.
+
+Fused layers (qkv, gate_up) are described by ``segments``: one
+``(out_start, out_end)`` pair per enabled split. Split ``j`` uses rows
+``[j·r, (j+1)·r)`` of ``lora_A`` and the ``j``-th block of rows of ``lora_B``
+(the enabled output slices, concatenated in order), and adds into output
+columns ``[out_start, out_end)``. The full ``ΔW`` is never built.
+
+Backends: ``"torch"`` (this file, the reference), ``"triton"`` (fused kernels
+in :mod:`lora_layers.kernels`, optional) and ``"auto"`` (Triton for CUDA
+tensors when it imports and supports the inputs, else torch). The environment
+variable ``LORA_LAYERS_BACKEND`` overrides the backend of every call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["lora_linear", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "LORA_LAYERS_BACKEND"
+
+Segments = Optional[Tuple[Tuple[int, int], ...]]
+
+_SEED_HIGH = 2**62
+
+
+def _draw_seed() -> int:
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes
+    # dropout reproducible; a CPU draw never synchronises a GPU stream.
+    return int(torch.randint(_SEED_HIGH, (1,)).item())
+
+
+def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
+    """The scaled dropout mask (``0`` or ``1/(1-p)``) for ``seed``, shaped and typed like ``like``.
+
+    Deterministic in ``seed``: the forward pass and the backward pass of
+    :func:`lora_linear` call it with the same seed and get the same mask.
+    """
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    mask = torch.empty_like(like, memory_format=torch.contiguous_format)
+    mask.bernoulli_(1.0 - p, generator=gen)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segments: Segments):
+    """Expand segments into (out0, out1, a0, a1, b0, b1) row ranges, validating shapes."""
+    if segments is None:
+        if lora_B.shape[0] != out_features:
+            raise ValueError(
+                f"lora_B must have out_features={out_features} rows, got shape {tuple(lora_B.shape)}"
+            )
+        return ((0, out_features, 0, lora_A.shape[0], 0, out_features),)
+    n = len(segments)
+    if n == 0 or lora_A.shape[0] % n:
+        raise ValueError(
+            f"lora_A rows ({lora_A.shape[0]}) must be r * len(segments) with len(segments)={n} > 0"
+        )
+    r = lora_A.shape[0] // n
+    out, b = [], 0
+    for j, (o0, o1) in enumerate(segments):
+        if not 0 <= o0 < o1 <= out_features:
+            raise ValueError(f"segments[{j}]={(o0, o1)} is not a slice of [0, {out_features})")
+        out.append((o0, o1, j * r, (j + 1) * r, b, b + o1 - o0))
+        b += o1 - o0
+    if b != lora_B.shape[0]:
+        raise ValueError(
+            f"lora_B must have {b} rows (the enabled slices {tuple(segments)}), got {lora_B.shape[0]}"
+        )
+    return tuple(out)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _add_lora_out(y2: Tensor, u: Tensor, B: Tensor, scaling: float, blocks) -> None:
+    """y2[:, o0:o1] += scaling · u[:, a0:a1] B[b0:b1]ᵀ, in place, per block."""
+    for o0, o1, a0, a1, b0, b1 in blocks:
+        dst = y2 if (o0, o1) == (0, y2.shape[1]) else y2[:, o0:o1]
+        dst.addmm_(u[:, a0:a1], B[b0:b1].t(), alpha=scaling)
+
+
+class _LoRALinear(torch.autograd.Function):
+    """Autograd for the torch backend. ``x`` arrives in the compute dtype; the
+    parameters keep their own dtypes and are cast here, so that only the
+    originals (already alive) are saved and every gradient gets its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
+        in_features = x.shape[-1]
+        x2 = x.reshape(-1, in_features)
+        W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
+        y2 = F.linear(x2, W, _cast(bias, x2.dtype))
+        del W
+        A = _cast(lora_A, x2.dtype)
+        B = _cast(lora_B, x2.dtype)
+        xd = x2 * dropout_mask(seed, x2, dropout_p) if dropout_p > 0.0 else x2
+        u = xd @ A.t()
+        del xd
+        _add_lora_out(y2, u, B, scaling, blocks)
+
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y2.view(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        s, p, blocks = ctx.scaling, ctx.dropout_p, ctx.blocks
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dt = g2.dtype
+        A = _cast(lora_A, dt)
+        B = _cast(lora_B, dt)
+
+        dx = dw = db = dA = dB = None
+        du = None
+        if need_x or need_a:
+            # du = s · g B, gathered per block into (T, R)
+            if len(blocks) == 1 and blocks[0][:2] == (0, g2.shape[1]):
+                du = (g2 @ B).mul_(s)
+            else:
+                du = g2.new_empty(g2.shape[0], A.shape[0])
+                for o0, o1, a0, a1, b0, b1 in blocks:
+                    torch.mm(g2[:, o0:o1], B[b0:b1], out=du[:, a0:a1])
+                du.mul_(s)
+        if need_bb:
+            dB = g2.new_empty(B.shape)
+            for o0, o1, a0, a1, b0, b1 in blocks:
+                torch.mm(g2[:, o0:o1].t(), u[:, a0:a1], out=dB[b0:b1])
+            dB = dB.mul_(s).to(lora_B.dtype)
+
+        mask = dropout_mask(ctx.seed, x2, p) if p > 0.0 and (need_x or need_a) else None
+        if need_a:
+            xd = x2 * mask if mask is not None else x2
+            dA = (du.t() @ xd).to(lora_A.dtype)
+            del xd
+        if need_x:
+            W = weight.t() if ctx.fan_in_fan_out else weight
+            dx = g2 @ _cast(W, dt)
+            if mask is None:
+                dx.addmm_(du, A)
+            else:
+                dx.add_((du @ A).mul_(mask))
+            dx = dx.view(x.shape).to(x.dtype) if dx.dtype != x.dtype else dx.view(x.shape)
+        if need_w:
+            dw = g2.t() @ x2.to(dt)
+            if ctx.fan_in_fan_out:
+                dw = dw.t()
+            dw = dw.to(weight.dtype)
+        if need_b:
+            db = g2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, dA, dB, None, None, None, None, None
+
+
+def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, blocks):
+    """Plain-op formulation: used where the custom Function cannot run (under
+    torch.compile with dropout, whose RNG must be traced) and when no gradient is
+    needed (inference), where it costs nothing extra."""
+    W = weight.t() if fan_in_fan_out else weight
+    y = F.linear(x, W, bias)
+    xd = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
+    u = F.linear(xd, lora_A.to(x.dtype))
+    B = lora_B.to(x.dtype)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # In place is safe: nothing saved y for backward.
+        y2 = y.view(-1, y.shape[-1])
+        _add_lora_out(y2, u.reshape(-1, u.shape[-1]), B, scaling, blocks)
+        return y
+    parts = []
+    for o0, o1, a0, a1, b0, b1 in blocks:
+        parts.append((o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling))
+    if len(parts) == 1 and parts[0][:2] == (0, y.shape[-1]):
+        return y + parts[0][2]
+    return _scatter_add(y, parts)
+
+
+def _scatter_add(y: Tensor, parts) -> Tensor:
+    pieces, last = [], 0
+    for o0, o1, d in sorted(parts, key=lambda t: t[0]):
+        if o0 > last:
+            pieces.append(y[..., last:o0])
+        pieces.append(y[..., o0:o1] + d)
+        last = o1
+    if last < y.shape[-1]:
+        pieces.append(y[..., last:])
+    return torch.cat(pieces, dim=-1)
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend a call will use before dispatch checks: the environment
+    variable ``LORA_LAYERS_BACKEND`` wins over the argument when set."""
+    env = os.environ.get(BACKEND_ENV, "").strip().lower()
+    choice = env or backend
+    if choice not in BACKENDS:
+        source = f"environment variable {BACKEND_ENV}" if env else "backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def _use_triton(backend, x, weight, lora_A, lora_B, dropout_p, segments) -> bool:
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return False
+    from . import kernels  # lazy: importing the package never needs triton
+
+    if not kernels.is_available():
+        if backend == "triton":
+            raise RuntimeError(
+                "backend='triton' was requested but triton is not usable here "
+                "(install lora_layers[triton]; on CPU set TRITON_INTERPRET=1)"
+            )
+        return False
+    ok, why = kernels.supports(x, weight, lora_A, lora_B, dropout_p, segments)
+    if not ok:
+        log.debug("lora_linear: triton backend declined (%s); using the torch path", why)
+    return ok
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    fan_in_fan_out: bool = False,
+    segments: Optional[Sequence[Tuple[int, int]]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with a lean autograd.
+
+    Args:
+        x: input ``(*, in)``.
+        weight: ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out=True``.
+        bias: ``(out,)`` or None.
+        lora_A: ``(R, in)``; ``R = r`` or ``r · len(segments)``. May have its own dtype.
+        lora_B: ``(out, r)``, or ``(Σ enabled slice sizes, r)`` with ``segments``.
+        scaling: the LoRA scale (``alpha / r`` or ``alpha / √r``).
+        dropout_p: dropout probability on the LoRA branch input, in ``[0, 1)``.
+        training: dropout is applied only when True.
+        fan_in_fan_out: the weight is stored transposed (GPT-2 ``Conv1D`` style).
+        segments: ``(out_start, out_end)`` per enabled split of a fused layer.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(*, out)`` in the compute dtype: ``x``'s dtype, or the autocast dtype.
+    """
+    segments = None if segments is None else tuple((int(a), int(b)) for a, b in segments)
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    out_features = weight.shape[0] if not fan_in_fan_out else weight.shape[1]
+    blocks = _resolve_segments(lora_A, lora_B, out_features, segments)
+
+    choice = resolve_backend(backend)
+    if choice != "torch" and _use_triton(choice, x, weight, lora_A, lora_B, p, segments):
+        from . import kernels
+
+        return kernels.lora_linear(
+            x, weight, bias, lora_A, lora_B, scaling, p, True,
+            fan_in_fan_out=fan_in_fan_out, segments=segments,
+        )
+
+    dt = _compute_dtype(x)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+    )
+    if torch.compiler.is_compiling() and p > 0.0:
+        # The regenerated-mask trick needs a torch.Generator, which dynamo
+        # cannot trace; inductor recomputes its own traced dropout instead.
+        return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
+                          scaling, p, True, fan_in_fan_out, blocks)
+    if not needs_grad:
+        return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
+                          scaling, p, True, fan_in_fan_out, blocks)
+    seed = _draw_seed() if p > 0.0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoRALinear.apply(
+            _cast(x, dt), weight, bias, lora_A, lora_B,
+            float(scaling), p, seed, fan_in_fan_out, blocks,
+        )

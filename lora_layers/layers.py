@@ -1,0 +1,658 @@
+"""LoRA layers, drop-in compatible with Microsoft's ``loralib``.
+
+Each layer subclasses its torch counterpart (``isinstance(m, nn.Linear)`` holds,
+``weight``/``bias`` keep their state_dict keys) and the :class:`LoRALayer`
+mixin, which holds the configuration and *all* merge logic once for every
+layer type. A layer only says which adapter shapes it has, how to initialise
+them, what its ``ΔW`` blocks are, and how its forward runs.
+
+Differences from loralib 0.1.2 (all bug fixes; see docs/migrating-from-loralib.md):
+
+* ``train()`` returns ``self``; modules pickle and deepcopy (no lambdas).
+* Merging is exact: after any number of ``eval()``/``train()`` cycles the base
+  weight is bit-identical to the original, in every dtype.
+* ``state_dict()`` of a merged layer holds the *unmerged* base weight, so a
+  checkpoint saved in eval mode never double-counts the adapter.
+* Conv layers have rank ``r`` (loralib uses ``r·k``), support tuple kernels,
+  groups, Conv1d/Conv3d, and apply dropout.
+* ``MergedLinear`` accepts unequal ``split_sizes`` (GQA qkv, ``[gate | up]``)
+  and never builds the full ``ΔW`` or a zero-padded output in forward.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import BACKENDS, lora_linear
+
+__all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
+
+ADAPTER_NAMES = ("lora_A", "lora_B")
+
+_BITS_DTYPE = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    return int(r)
+
+
+def _check_alpha(lora_alpha) -> float:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    return lora_alpha
+
+
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_lora_dtype(lora_dtype):
+    if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point):
+        raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+    return lora_dtype
+
+
+# ----------------------------------------------------------------------------- exact merge
+
+def _bits(t: Tensor) -> Tensor:
+    return t.view(_BITS_DTYPE[t.dtype])
+
+
+def _residual(original: Tensor, restored: Tensor) -> Optional[Tensor]:
+    """What must be added, bitwise, to ``restored`` to get ``original`` back.
+
+    Integer arithmetic on the bit patterns wraps around, so
+    ``bits(restored) + residual == bits(original)`` holds exactly. The residual
+    is almost always 0 or ±1 ulp, so it is stored as int8 (one byte per weight,
+    only while merged); None when nothing needs restoring.
+    """
+    diff = _bits(original) - _bits(restored)
+    if not diff.any():
+        return None
+    if diff.min() >= -128 and diff.max() <= 127:
+        return diff.to(torch.int8)
+    return diff
+
+
+class LoRALayer:
+    """Mixin with the LoRA state and merge logic shared by every layer type.
+
+    Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
+    ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``.
+
+    Subclasses implement ``_adapter_shapes``, ``reset_lora_parameters``,
+    ``_delta_blocks`` and ``forward``.
+    """
+
+    _base_type: type = nn.Module  # the torch layer this class wraps
+
+    # -- construction --------------------------------------------------------
+    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
+                   lora_dtype=None, backend="auto") -> None:
+        self.r = _check_rank(r)
+        self.lora_alpha = _check_alpha(lora_alpha)
+        self.lora_dropout = nn.Dropout(p=_check_dropout(lora_dropout))
+        self.merge_weights = bool(merge_weights)
+        self.use_rslora = bool(use_rslora)
+        self.lora_dtype = _check_lora_dtype(lora_dtype)
+        self.backend = _check_backend(backend)
+        self.merged = False
+        self._merge_state = None
+        self.scaling = self._compute_scaling()
+        shapes = self._adapter_shapes() if self.r > 0 else None
+        if shapes is not None:
+            w = self.weight
+            dtype = self.lora_dtype or w.dtype
+            for name, shape in zip(ADAPTER_NAMES, shapes):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, device=w.device, dtype=dtype)))
+            # loralib freezes the pretrained weight as soon as adapters exist.
+            w.requires_grad_(False)
+
+    def _compute_scaling(self) -> float:
+        if self.r == 0:
+            return 0.0
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None,
+                    backend: str = "auto", **layer_kwargs):
+        """Wrap an existing torch layer without copying it.
+
+        The new module shares ``module``'s ``weight``/``bias`` Parameter objects
+        (same storage, device and dtype; nothing is re-initialised) and adds
+        freshly initialised adapters. ``layer_kwargs`` are class-specific
+        (``enable_lora``/``split_sizes`` for :class:`MergedLinear`).
+
+        Raises:
+            TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA layer).
+            ValueError: a LoRA hyper-parameter is out of range.
+        """
+        if isinstance(module, LoRALayer) or not isinstance(module, cls._base_type):
+            raise TypeError(
+                f"{cls.__name__}.from_module expects a {cls._base_type.__module__}.{cls._base_type.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        # Validate everything before touching the module (errors change nothing).
+        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
+        _check_backend(backend), _check_lora_dtype(lora_dtype)
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        for key, value in module.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                getattr(obj, key).update(value)
+            elif isinstance(value, (dict, set)):
+                obj.__dict__[key] = type(value)(value)  # hooks etc.: own copy, same contents
+            else:
+                obj.__dict__[key] = value
+        obj._validate_wrapped(**layer_kwargs)
+        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        obj.reset_lora_parameters()
+        return obj
+
+    def _validate_wrapped(self, **layer_kwargs) -> None:
+        if layer_kwargs:
+            raise TypeError(f"{type(self).__name__}.from_module got unexpected arguments {sorted(layer_kwargs)}")
+
+    # -- what subclasses provide ---------------------------------------------
+    def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def reset_lora_parameters(self) -> None:
+        """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), B zero."""
+        if self.has_adapter:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _delta_blocks(self, A: Tensor, B: Tensor) -> Iterator[Tuple[tuple, Tensor]]:
+        """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (fp32, scaled)."""
+        raise NotImplementedError
+
+    # -- common API ----------------------------------------------------------
+    @property
+    def _acc_dtype(self) -> torch.dtype:
+        # Deltas are computed in fp32 (fp64 for fp64 weights) and rounded once.
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    @property
+    def has_adapter(self) -> bool:
+        """True when this layer carries LoRA parameters (``r > 0`` and something enabled)."""
+        return "lora_A" in self._parameters
+
+    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """The adapter parameters by local name (``lora_A``, ``lora_B``); empty without adapters."""
+        return {n: self._parameters[n] for n in ADAPTER_NAMES if n in self._parameters}
+
+    def reset_parameters(self) -> None:
+        # Same call order as loralib, so a given seed gives the same numbers.
+        super().reset_parameters()
+        if "lora_A" in self.__dict__.get("_parameters", {}):
+            self.reset_lora_parameters()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+        return self
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add ``scaling · B A`` into the base weight. Idempotent.
+
+        The delta is computed in fp32 and the sum rounded once. A small residual
+        (usually int8, one byte per weight while merged) is kept so that
+        :meth:`unmerge` restores the weight bit for bit.
+
+        Args:
+            safe_merge: check the merged weight is finite first; if not, raise
+                ``ValueError`` and leave the weight untouched.
+        """
+        if self.merged or not self.has_adapter:
+            return
+        W = self.weight.data
+        if W.dtype not in _BITS_DTYPE:
+            raise TypeError(f"cannot merge into a weight of dtype {W.dtype}; expected one of {list(_BITS_DTYPE)}")
+        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        acc = torch.promote_types(W.dtype, torch.float32)
+        residuals = []
+        try:
+            for index, delta in self._delta_blocks(A, B):
+                block = W[index]
+                merged = (block.to(acc) + delta).to(W.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"safe_merge: merging the adapter into {type(self).__name__}.weight gives "
+                        f"non-finite values; the weight was left unchanged"
+                    )
+                residuals.append(_residual(block, (merged.to(acc) - delta).to(W.dtype)))
+                block.copy_(merged)
+        except BaseException:
+            self._restore_into(W, A, B, residuals)  # undo the blocks already written
+            raise
+        self._merge_state = (A, B, W.dtype, residuals)
+        self.merged = True
+
+    def _restore_into(self, W: Tensor, A: Tensor, B: Tensor, residuals) -> None:
+        """Subtract the delta of (A, B) from ``W`` block by block, then add each
+        block's bitwise residual; ``zip`` stops after the blocks in ``residuals``."""
+        acc = torch.promote_types(W.dtype, torch.float32)
+        for (index, delta), residual in zip(self._delta_blocks(A, B), residuals):
+            block = W[index]
+            restored = (block.to(acc) - delta).to(W.dtype)
+            if residual is not None:
+                _bits(restored).add_(residual.to(_BITS_DTYPE[W.dtype]))
+            block.copy_(restored)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged delta, restoring the base weight exactly. Idempotent.
+
+        The delta removed is the one that was merged, even if the adapter
+        tensors were changed in place meanwhile.
+        """
+        if not self.merged:
+            return
+        A, B, dtype, residuals = self._merge_state
+        if self.weight.dtype != dtype:
+            # The weight was cast while merged: the residual no longer applies;
+            # subtracting the delta is exact up to the cast's rounding.
+            residuals = [None] * len(residuals)
+        self._restore_into(self.weight.data, A, B, residuals)
+        self._merge_state = None
+        self.merged = False
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight without the adapter: a restored copy if merged, else the weight itself."""
+        if not self.merged:
+            return self.weight.detach()
+        A, B, dtype, residuals = self._merge_state
+        W = self.weight.detach().clone()
+        self._restore_into(W, A, B, residuals if W.dtype == dtype else [None] * len(residuals))
+        return W
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and prefix + "weight" in destination:
+            # Never write a merged weight: reloading it next to the adapter
+            # would count the adapter twice (loralib's bug).
+            destination[prefix + "weight"] = self.unmerged_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_merged = self.merged
+        self.unmerge()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if was_merged:
+                self.merge()
+
+    def extra_repr(self) -> str:
+        extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout.p}"
+        if self.use_rslora:
+            extra += ", use_rslora=True"
+        if self.merged:
+            extra += ", merged=True"
+        return f"{super().extra_repr()}, {extra}"
+
+    def _lora_AB(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
+
+
+# ----------------------------------------------------------------------------- Linear
+
+class Linear(LoRALayer, nn.Linear):
+    """``nn.Linear`` with a LoRA adapter: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        r: adapter rank; ``0`` gives a plain ``nn.Linear`` with no adapter.
+        lora_alpha: scaling numerator; ``scaling = lora_alpha / r``.
+        lora_dropout: dropout on the adapter input, in ``[0, 1)``.
+        fan_in_fan_out: the weight is stored as ``(in, out)`` (GPT-2 ``Conv1D``).
+        merge_weights: ``eval()`` merges and ``train()`` unmerges the adapter.
+        use_rslora: ``scaling = lora_alpha / √r`` (rank-stabilised LoRA).
+        lora_dtype: dtype of the adapter parameters (default: the weight's).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`lora_layers.functional`).
+        **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
+
+    Attributes:
+        lora_A: ``(r, in_features)``, kaiming-uniform init.
+        lora_B: ``(out_features, r)``, zero init, so a new adapter changes nothing.
+
+    Example::
+
+        >>> layer = Linear(64, 32, r=8, lora_alpha=16)
+        >>> layer(torch.randn(4, 10, 64)).shape
+        torch.Size([4, 10, 32])
+    """
+
+    _base_type = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
+                 use_rslora: bool = False, lora_dtype=None, backend: str = "auto", **kwargs):
+        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        self.reset_parameters()
+        if self.fan_in_fan_out:
+            self.weight.data = self.weight.data.t().contiguous()
+
+    def _validate_wrapped(self, fan_in_fan_out: bool = False) -> None:
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        expected = (self.in_features, self.out_features) if fan_in_fan_out else (self.out_features, self.in_features)
+        if tuple(self.weight.shape) != expected:
+            raise ValueError(
+                f"weight has shape {tuple(self.weight.shape)}, expected {expected} "
+                f"for in_features={self.in_features}, out_features={self.out_features}, "
+                f"fan_in_fan_out={fan_in_fan_out}"
+            )
+
+    def _adapter_shapes(self):
+        return (self.r, self.in_features), (self.out_features, self.r)
+
+    def _segments(self):
+        return None
+
+    def _delta_blocks(self, A, B):
+        delta = (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).mul_(self.scaling)
+        for index, d in self._weight_blocks(delta):
+            yield index, d
+
+    def _weight_blocks(self, delta_rows: Tensor, row_index=slice(None)):
+        """Place an ``(out_rows, in)`` delta into the weight's storage layout."""
+        if self.fan_in_fan_out:
+            return [((slice(None), row_index), delta_rows.t())]
+        return [((row_index, slice(None)), delta_rows)]
+
+    def _weight_t(self) -> Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.has_adapter or self.merged:
+            return F.linear(x, self._weight_t(), self.bias)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            self.lora_dropout.p, self.training,
+            fan_in_fan_out=self.fan_in_fan_out, segments=self._segments(), backend=self.backend,
+        )
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *, fan_in_fan_out: bool = False, **kwargs) -> "Linear":
+        """Wrap ``module`` (an ``nn.Linear``) sharing its Parameters; see :meth:`LoRALayer.from_module`."""
+        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights,
+                                   fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+
+# ----------------------------------------------------------------------------- MergedLinear
+
+class MergedLinear(Linear):
+    """One ``nn.Linear`` that holds several projections (fused qkv, ``[gate | up]``).
+
+    The output rows are split into ``split_sizes`` (equal splits by default, as
+    in loralib); ``enable_lora[j]`` says whether split ``j`` gets an adapter.
+    Each enabled split has its own rank-``r`` adapter; they share one dropout.
+
+    Args:
+        enable_lora: one bool per split, e.g. ``[True, False, True]`` for q and v.
+        split_sizes: output size of each split; must sum to ``out_features``.
+            GQA qkv: ``[H·d, KV·d, KV·d]``; Phi-3 gate_up: ``[I, I]``.
+        (other arguments as :class:`Linear`)
+
+    Attributes:
+        lora_A: ``(r · n_enabled, in_features)``.
+        lora_B: ``(Σ enabled split sizes, r)``; for equal splits this is loralib's shape.
+
+    The forward computes ``u = dropout(x) Aᵀ`` once and adds ``u_j B_jᵀ`` into
+    each enabled output slice in place: no full ``ΔW``, no zero padding.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
+                 fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 split_sizes: Optional[Sequence[int]] = None, **kwargs):
+        self._set_splits(out_features, enable_lora, split_sizes)
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
+                         merge_weights, **kwargs)
+
+    def _set_splits(self, out_features, enable_lora, split_sizes) -> None:
+        if isinstance(enable_lora, (bool, str)) or not isinstance(enable_lora, Sequence) or not enable_lora \
+                or not all(isinstance(e, (bool,)) or e in (0, 1) for e in enable_lora):
+            raise ValueError(f"enable_lora must be a non-empty sequence of bools, got {enable_lora!r}")
+        enable = [bool(e) for e in enable_lora]
+        if split_sizes is None:
+            if out_features % len(enable):
+                raise ValueError(
+                    f"out_features={out_features} is not divisible into len(enable_lora)={len(enable)} "
+                    f"equal splits; pass split_sizes"
+                )
+            sizes = [out_features // len(enable)] * len(enable)
+        else:
+            if isinstance(split_sizes, (str, bytes)) or not isinstance(split_sizes, Sequence) or not all(
+                    isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in split_sizes):
+                raise ValueError(f"split_sizes must be a sequence of positive integers, got {split_sizes!r}")
+            sizes = [int(s) for s in split_sizes]
+            if len(sizes) != len(enable):
+                raise ValueError(
+                    f"len(enable_lora)={len(enable)} must equal len(split_sizes)={len(sizes)} "
+                    f"(enable_lora={enable_lora!r}, split_sizes={split_sizes!r})"
+                )
+            if sum(sizes) != out_features:
+                raise ValueError(
+                    f"split_sizes must sum to out_features={out_features}, got {sizes} (sum {sum(sizes)})"
+                )
+        offsets = [0]
+        for s in sizes:
+            offsets.append(offsets[-1] + s)
+        self.enable_lora = enable
+        self.split_sizes = sizes
+        self._lora_segments = tuple((offsets[j], offsets[j + 1]) for j, e in enumerate(enable) if e)
+
+    def _validate_wrapped(self, fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (False,),
+                          split_sizes: Optional[Sequence[int]] = None) -> None:
+        super()._validate_wrapped(fan_in_fan_out)
+        self._set_splits(self.out_features, enable_lora, split_sizes)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *, enable_lora: Sequence[bool] = (True,),
+                    split_sizes: Optional[Sequence[int]] = None, fan_in_fan_out: bool = False,
+                    **kwargs) -> "MergedLinear":
+        """Wrap a fused ``nn.Linear`` sharing its Parameters, e.g. a qkv projection."""
+        return super(Linear, cls).from_module(module, r, lora_alpha, lora_dropout, merge_weights,
+                                              fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+                                              split_sizes=split_sizes, **kwargs)
+
+    def _adapter_shapes(self):
+        n = len(self._lora_segments)
+        if n == 0:
+            return None  # nothing enabled: a plain layer
+        return (self.r * n, self.in_features), (sum(o1 - o0 for o0, o1 in self._lora_segments), self.r)
+
+    def _segments(self):
+        return self._lora_segments
+
+    def _delta_blocks(self, A, B):
+        r, b = self.r, 0
+        for j, (o0, o1) in enumerate(self._lora_segments):
+            delta = (B[b:b + o1 - o0].to(self._acc_dtype) @ A[j * r:(j + 1) * r].to(self._acc_dtype)).mul_(self.scaling)
+            b += o1 - o0
+            yield from self._weight_blocks(delta, slice(o0, o1))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, enable_lora={self.enable_lora}, split_sizes={self.split_sizes}"
+
+
+# ----------------------------------------------------------------------------- Embedding
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` with a LoRA adapter: ``y = W[x] + scaling · Aᵀ[x] Bᵀ``.
+
+    Args:
+        num_embeddings, embedding_dim, **kwargs: as ``nn.Embedding``.
+        r, lora_alpha, merge_weights, use_rslora, lora_dtype: as :class:`Linear`.
+        (No dropout, as in loralib.)
+
+    Attributes:
+        lora_A: ``(r, num_embeddings)``, zero init.
+        lora_B: ``(embedding_dim, r)``, normal init.
+
+    Unlike loralib, ``max_norm`` is not applied to the adapter lookup (it would
+    renormalise ``lora_A`` in place).
+    """
+
+    _base_type = nn.Embedding
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, **kwargs):
+        _check_rank(r), _check_alpha(lora_alpha)
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype)
+        self.reset_parameters()
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, r: int = 8, lora_alpha: float = 1,
+                    merge_weights: bool = True, **kwargs) -> "Embedding":
+        """Wrap ``module`` (an ``nn.Embedding``) sharing its weight; see :meth:`LoRALayer.from_module`."""
+        return super().from_module(module, r, lora_alpha, 0.0, merge_weights, **kwargs)
+
+    def _adapter_shapes(self):
+        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
+
+    def reset_lora_parameters(self) -> None:
+        if self.has_adapter:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def _delta_blocks(self, A, B):
+        yield (slice(None), slice(None)), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).t().mul_(self.scaling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = nn.Embedding.forward(self, x)
+        if not self.has_adapter or self.merged:
+            return result
+        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0,
+                              self.scale_grad_by_freq, self.sparse)
+        # The lookup's backward needs only the indices, so adding into its
+        # output in place is safe and avoids a (T, dim) temporary.
+        result.view(-1, self.embedding_dim).addmm_(
+            after_A.reshape(-1, self.r).to(result.dtype), self.lora_B.to(result.dtype).t(), alpha=self.scaling)
+        return result
+
+
+# ----------------------------------------------------------------------------- Conv
+
+class _ConvNd(LoRALayer):
+    """Shared LoRA logic for Conv1d/2d/3d.
+
+    ``ΔW = B A`` reshaped to the weight's shape ``(out, in/groups, *kernel)``,
+    with ``A (r, in/groups · ∏kernel)`` and ``B (out, r)``: rank ``r``
+    whatever the kernel (loralib uses ``r · k`` and only square 2-D kernels).
+    """
+
+    _dims = 0
+
+    def _init_conv(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend):
+        self._validate_wrapped()
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        self.reset_parameters()
+
+    def _validate_wrapped(self) -> None:
+        k = tuple(self.kernel_size)
+        if len(k) != self._dims:
+            raise ValueError(f"kernel_size must have {self._dims} entries for {type(self).__name__}, got {k}")
+        if tuple(self.weight.shape[2:]) != k:
+            raise ValueError(
+                f"kernel_size={k} does not match the weight's spatial shape {tuple(self.weight.shape[2:])}"
+            )
+        if getattr(self, "transposed", False):
+            raise TypeError("transposed convolutions are not supported")
+
+    def _adapter_shapes(self):
+        fan_in = self.weight.shape[1] * math.prod(self.kernel_size)
+        return (self.r, fan_in), (self.out_channels, self.r)
+
+    def _delta_blocks(self, A, B):
+        yield (slice(None),), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).mul_(self.scaling).view(self.weight.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.has_adapter or self.merged:
+            return self._conv_forward(x, self.weight, self.bias)
+        A, B = self._lora_AB(self.weight.dtype)
+        delta = (B @ A).view(self.weight.shape)
+        p = self.lora_dropout.p if self.training else 0.0
+        if p == 0.0:
+            # One convolution with the patched weight: ΔW is kernel-sized, cheap.
+            return self._conv_forward(x, self.weight + delta * self.scaling, self.bias)
+        return self._conv_forward(x, self.weight, self.bias) + self.scaling * self._conv_forward(
+            self.lora_dropout(x), delta, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # loralib 0.1.2 stores the wrapped conv under ``conv.``: accept its base keys.
+        for name in ("weight", "bias"):
+            old = prefix + "conv." + name
+            if old in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _make_conv(base: type, dims: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
+                 lora_dtype=None, backend: str = "auto", **kwargs):
+        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
+        if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
+            raise ValueError(f"kernel_size must be an int or {dims} ints for {base.__name__}, got {kernel_size!r}")
+        base.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_conv(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+
+    doc = f"""``nn.{base.__name__}`` with a rank-``r`` LoRA adapter.
+
+    Signature as loralib's ``{base.__name__}``: ``(in_channels, out_channels, kernel_size,
+    r=0, lora_alpha=1, lora_dropout=0., merge_weights=True, **kwargs)``; kwargs
+    (stride, padding, dilation, groups, bias, padding_mode, ...) go to ``nn.{base.__name__}``.
+
+    Attributes:
+        lora_A: ``(r, in_channels/groups · ∏kernel_size)``, kaiming-uniform init.
+        lora_B: ``(out_channels, r)``, zero init.
+    """
+    return type(base.__name__, (_ConvNd, base), {
+        "__init__": __init__, "__doc__": doc, "_base_type": base, "_dims": dims, "__module__": __name__,
+        "__qualname__": base.__name__,
+    })
+
+
+Conv1d = _make_conv(nn.Conv1d, 1)
+Conv2d = _make_conv(nn.Conv2d, 2)
+Conv3d = _make_conv(nn.Conv3d, 3)

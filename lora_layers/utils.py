@@ -1,0 +1,124 @@
+"""Model-level helpers: choose trainable parameters, extract adapter state, merge.
+
+Adapter parameters are found by identity (the ``lora_A``/``lora_B`` Parameters
+of :class:`~lora_layers.LoRALayer` modules), never by substring, so a module
+named ``lora_block`` or ``flora_head`` is not mistaken for an adapter.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Tuple
+
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import LoRALayer
+
+__all__ = [
+    "BIAS_MODES",
+    "lora_modules",
+    "lora_parameters",
+    "named_lora_parameters",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
+    "count_lora_parameters",
+]
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _check_bias(bias) -> str:
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    return bias
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
+    """Yield ``(qualified_name, module)`` for every LoRA layer in ``model`` (itself included)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def named_lora_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """Yield ``(qualified_name, parameter)`` for every adapter parameter, each once."""
+    seen = set()
+    for name, module in lora_modules(model):
+        for local, param in module.adapter_parameters().items():
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield _join(name, local), param
+
+
+def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The adapter parameters, e.g. for ``torch.optim.AdamW(lora_parameters(model))``."""
+    return [p for _, p in named_lora_parameters(model)]
+
+
+def _bias_names(model: nn.Module, bias: str) -> Dict[str, nn.Parameter]:
+    """Qualified names of the biases selected by ``bias``: every parameter whose
+    local name is exactly ``bias`` ("all"), or the biases of LoRA layers ("lora_only")."""
+    if bias == "none":
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if bias == "lora_only" and not isinstance(module, LoRALayer):
+            continue
+        param = module._parameters.get("bias")
+        if param is not None:
+            out[_join(name, "bias")] = param
+    return out
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Make the adapters trainable and freeze everything else (loralib's semantics).
+
+    Args:
+        model: any module containing LoRA layers.
+        bias: ``"none"`` freezes every bias; ``"all"`` trains every bias;
+            ``"lora_only"`` trains the biases of LoRA layers only.
+
+    Raises:
+        ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``
+            (the model is left unchanged).
+    """
+    _check_bias(bias)
+    trainable = {id(p) for p in lora_parameters(model)}
+    trainable |= {id(p) for p in _bias_names(model, bias).values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
+    """The adapter tensors (and biases per ``bias``) keyed as in ``model.state_dict()``.
+
+    Works whether or not the model is merged (adapters are never merged away).
+    Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
+    validation, :func:`lora_layers.load_lora`.
+    """
+    _check_bias(bias)
+    out = {name: p.detach() for name, p in named_lora_parameters(model)}
+    out.update({name: p.detach() for name, p in _bias_names(model, bias).items()})
+    return out
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
+    """Merge every LoRA layer's adapter into its weight (see :meth:`LoRALayer.merge`)."""
+    for _, module in lora_modules(model):
+        module.merge(safe_merge=safe_merge)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo :func:`merge_lora` exactly."""
+    for _, module in lora_modules(model):
+        module.unmerge()
+
+
+def count_lora_parameters(model: nn.Module) -> int:
+    """Number of adapter parameter elements in ``model``."""
+    return sum(p.numel() for p in lora_parameters(model))

@@ -1,0 +1,49 @@
+"""Packaging for lora_layers.
+
+Core install needs only torch and safetensors. Optional extras:
+  triton  fused GPU kernels (triton, numpy)
+  hf      the Phi-3 example and PEFT interop (transformers, tokenizers)
+  dev     everything the test suite and benchmarks need
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "lora_layers" / "_version.py").read_text(), re.M
+).group(1)
+
+EXTRAS = {
+    "triton": ["triton>=3.0", "numpy"],
+    "hf": ["transformers>=4.40", "tokenizers>=0.19"],
+}
+EXTRAS["dev"] = sorted(
+    set(
+        EXTRAS["triton"]
+        + EXTRAS["hf"]
+        + [
+            "pytest>=7",
+            "pytest-timeout",
+            "hypothesis>=6",
+            "loralib==0.1.2",
+            "peft>=0.13",
+            "tqdm",
+            "matplotlib",
+        ]
+    )
+)
+
+setup(
+    name="lora_layers",
+    version=VERSION,
+    description="LoRA layers for PyTorch: loralib-compatible, lean autograd, optional Triton kernels",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["lora_layers", "lora_layers.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1", "safetensors>=0.4"],
+    extras_require=EXTRAS,
+)

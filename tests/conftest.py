@@ -1,0 +1,44 @@
+"""Shared fixtures: deterministic seeds and tiny random Phi-3 models built offline."""
+import os
+
+import pytest
+import torch
+
+# Keep runs reproducible and the suite fast on the 2-core CI machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def make_tiny_phi3(gqa: bool = True, seed: int = 0, vocab_size: int = 128, hidden_size: int = 64,
+                   num_hidden_layers: int = 2, intermediate_size: int = 96):
+    """A small random ``Phi3ForCausalLM`` (fp32, eval mode), built offline.
+
+    ``gqa=True`` gives 4 heads / 2 KV heads; ``gqa=False`` gives MHA (4 / 4).
+    """
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Phi3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_phi3_factory():
+    """Returns :func:`make_tiny_phi3`; call it with ``gqa=True/False``."""
+    return make_tiny_phi3
