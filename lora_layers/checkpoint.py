@@ -1,0 +1,627 @@
+"""Adapter checkpoints: safetensors save/load with validation, loralib files, training state.
+
+A LoRA checkpoint is small and is the result of the run, so:
+
+* writes are atomic (temp file in the same folder, flush + fsync, ``os.replace``):
+  a crash mid-save leaves the previous file intact;
+* loads validate everything (keys, shapes, dtypes, rank/alpha/splits from the
+  header, a checksum of the tensor bytes) *before* touching the model;
+* nothing is ever unpickled: safetensors, or ``torch.load(weights_only=True)``.
+
+PEFT's adapter format lives in :mod:`lora_layers.peft_format`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ._version import __version__
+from .layers import LoRALayer
+from .utils import _bias_names, _check_bias, lora_modules, named_lora_parameters
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "LoadResult",
+    "save_lora",
+    "load_lora",
+    "save_training_state",
+    "load_training_state",
+]
+
+FORMAT_NAME = "lora_layers.adapter"
+FORMAT_VERSION = "1"
+
+# Header metadata keys. Everything under RESERVED_PREFIX (and "format", the
+# Hugging Face convention) belongs to the library; user metadata keeps its own keys.
+RESERVED_PREFIX = "lora_layers."
+META_FORMAT = RESERVED_PREFIX + "format"
+META_FORMAT_VERSION = RESERVED_PREFIX + "format_version"
+META_LIBRARY_VERSION = RESERVED_PREFIX + "version"
+META_BIAS = RESERVED_PREFIX + "bias"
+META_MODULES = RESERVED_PREFIX + "modules"
+META_SHA256 = RESERVED_PREFIX + "sha256"
+META_HF_FORMAT = "format"
+
+# Module-config fields compared against the model's layers at load time.
+_CONFIG_FIELDS = ("class", "r", "lora_alpha", "use_rslora", "scaling", "split_sizes", "enable_lora",
+                  "fan_in_fan_out")
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, legacy pickle
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model, or the file is unreadable. The model was not changed."""
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_lora` did.
+
+    Attributes:
+        missing_keys: adapter keys the model has and the checkpoint lacks (not loaded).
+        unexpected_keys: checkpoint keys the model has no adapter/bias for (ignored).
+        mismatched_keys: keys skipped for a shape, dtype or layer-config mismatch.
+        metadata: the user metadata stored by :func:`save_lora` (empty for loralib files).
+    """
+
+    missing_keys: List[str] = field(default_factory=list)
+    unexpected_keys: List[str] = field(default_factory=list)
+    mismatched_keys: List[str] = field(default_factory=list)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def _write_chunk(f, chunk) -> None:
+    # One indirection so a test can slow the write down and kill the process mid-save.
+    f.write(chunk)
+
+
+def _check_destination(path: str, what: str) -> str:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {what} to {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {what} to {path!r}: it is a directory, expected a file path")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write {what} to {path!r}: folder {folder!r} is not writable")
+    return path
+
+
+def atomic_write(path, write: Callable, what: str = "file") -> None:
+    """Write a file atomically: temp file in the same folder, flush + fsync, ``os.replace``.
+
+    Args:
+        path: destination file; its folder must exist.
+        write: called with the open binary temp file.
+        what: a description used in error messages.
+
+    Raises:
+        FileNotFoundError / PermissionError / IsADirectoryError: bad destination;
+            any previous file at ``path`` is left intact.
+    """
+    path = _check_destination(path, what)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except PermissionError as exc:
+        raise PermissionError(f"cannot write {what} to {path!r}: folder {folder!r} is not writable ({exc})") from exc
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {what} to {path!r}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every platform can fsync a folder
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _write_bytes(f, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        _write_chunk(f, view[start:start + _CHUNK])
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+
+def _to_storable(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """CPU, contiguous tensors that own their storage (safetensors refuses shared or strided ones)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if (not t.is_contiguous() or ptr in seen
+                or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t = t.contiguous().clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _checksum(tensors: Dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _module_config(layer: LoRALayer) -> Dict[str, Any]:
+    cfg = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
+           "scaling": layer.scaling, "use_rslora": layer.use_rslora, "lora_dropout": layer.lora_dropout.p}
+    if hasattr(layer, "fan_in_fan_out"):
+        cfg["fan_in_fan_out"] = layer.fan_in_fan_out
+    if hasattr(layer, "split_sizes"):
+        cfg["split_sizes"] = list(layer.split_sizes)
+        cfg["enable_lora"] = list(layer.enable_lora)
+    return cfg
+
+
+def _check_user_metadata(metadata) -> Dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of str -> str or None, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str -> str, got {key!r}: {value!r}")
+        if key.startswith(RESERVED_PREFIX) or key == META_HF_FORMAT:
+            raise ValueError(f"metadata key {key!r} is reserved (keys starting with {RESERVED_PREFIX!r} "
+                             f"and {META_HF_FORMAT!r} belong to lora_layers)")
+    return dict(metadata)
+
+
+def _adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """The adapter tensors and the library header fields for ``model``."""
+    _check_bias(bias)
+    tensors = {name: p for name, p in named_lora_parameters(model)}
+    tensors.update(_bias_names(model, bias))
+    tensors = _to_storable(tensors)
+    modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
+    header = {
+        META_HF_FORMAT: "pt",
+        META_FORMAT: FORMAT_NAME,
+        META_FORMAT_VERSION: FORMAT_VERSION,
+        META_LIBRARY_VERSION: __version__,
+        META_BIAS: bias,
+        META_MODULES: json.dumps(modules, sort_keys=True),
+        META_SHA256: _checksum(tensors),
+    }
+    return tensors, header
+
+
+def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dict[str, str]] = None) -> None:
+    """Save the adapter tensors of ``model`` (and biases per ``bias``) as safetensors, atomically.
+
+    Keys are exactly those of ``model.state_dict()`` (as :func:`lora_layers.lora_state_dict`).
+    The header records the format, the library version, the bias mode, a
+    SHA-256 of the tensor bytes and, per LoRA module, ``r``, ``lora_alpha``,
+    ``scaling``, ``use_rslora``, the layer class and (MergedLinear)
+    ``split_sizes``/``enable_lora``, so :func:`load_lora` can check them.
+
+    Args:
+        model: a module containing LoRA layers (merged or not: adapters are never merged away).
+        path: destination file; its folder must exist. A previous file is replaced
+            only once the new one is complete on disk.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (as :func:`lora_layers.lora_state_dict`).
+        metadata: extra ``str -> str`` header entries, returned by :func:`load_lora`.
+
+    Raises:
+        ValueError: bad ``bias`` or a reserved metadata key.
+        TypeError: ``metadata`` is not a dict of str -> str.
+        FileNotFoundError / PermissionError / IsADirectoryError: bad destination.
+    """
+    from safetensors.torch import save as st_save
+
+    user = _check_user_metadata(metadata)
+    _check_destination(path, "LoRA checkpoint")
+    tensors, header = _adapter_payload(model, bias)
+    data = st_save(tensors, metadata={**user, **header})
+    atomic_write(path, lambda f: _write_bytes(f, data), "LoRA checkpoint")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path!r} is not a valid safetensors file (truncated, corrupted or another "
+                              f"format): {exc}") from exc
+    expected = meta.get(META_SHA256)
+    if expected is not None and _checksum(tensors) != expected:
+        raise CheckpointError(f"{path!r} is corrupted: the SHA-256 of its tensor data does not match the "
+                              f"checksum in its header")
+    return tensors, meta
+
+
+def _read_torch(path: str) -> Dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load {path!r} with torch.load(weights_only=True): it is truncated, corrupted, or holds "
+            f"objects other than tensors and plain containers, which lora_layers refuses to unpickle "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path!r} does not hold a state_dict (a dict of str -> Tensor), "
+                              f"got {type(obj).__name__}")
+    return dict(obj)
+
+
+def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict.
+
+    The format is detected from the file's first bytes, not its extension.
+
+    Returns:
+        ``(tensors, header_metadata)``; the metadata is empty for torch files.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, truncated, corrupted or unsafe file (names the path).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA checkpoint {path!r} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_MAGIC):
+        return _read_torch(path), {}
+    return _read_safetensors(path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
+    current = _module_config(layer)
+    problems = []
+    for key in _CONFIG_FIELDS:
+        if key in saved and key in current and saved[key] != current[key]:
+            problems.append(f"{key}: checkpoint {saved[key]!r}, model {current[key]!r}")
+    return problems
+
+
+def _plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
+               source: str):
+    """Validate ``tensors`` against ``model``; return the copies to make and the report.
+
+    Touches nothing. Raises CheckpointError listing every problem when ``strict``.
+    """
+    params = dict(named_lora_parameters(model))
+    owner = {}  # key -> LoRA layer whose merge state must be handled
+    for name, layer in lora_modules(model):
+        for local in layer.adapter_parameters():
+            owner[f"{name}.{local}" if name else local] = layer
+    all_biases = _bias_names(model, "all")
+    bias_mode = meta.get(META_BIAS)
+    if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
+        raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode")
+    expected = dict(params)
+    if bias_mode is not None:
+        expected.update(_bias_names(model, bias_mode))
+    else:  # loralib files carry no bias mode: accept whichever biases they hold
+        expected.update({k: all_biases[k] for k in tensors if k in all_biases})
+
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected)
+    problems, mismatched = [], set()
+
+    saved_modules = {}
+    if META_MODULES in meta:
+        try:
+            saved_modules = json.loads(meta[META_MODULES])
+            assert isinstance(saved_modules, dict)
+        except (ValueError, AssertionError) as exc:
+            raise CheckpointError(f"{source}: header field {META_MODULES} is not a JSON object: {exc}") from exc
+    modules = dict(lora_modules(model))
+    for mod_name, saved in saved_modules.items():
+        layer = modules.get(mod_name)
+        if layer is None or not isinstance(saved, dict):
+            continue  # its keys are reported as unexpected
+        diffs = _config_mismatches(saved, layer)
+        if diffs:
+            problems.append(f"module {mod_name!r} ({type(layer).__name__}) differs: " + "; ".join(diffs))
+            mismatched.update(k for k in tensors if owner.get(k) is layer)
+
+    copies = []
+    for key in sorted(tensors):
+        if key not in expected or key in mismatched:
+            continue
+        t, p = tensors[key], expected[key]
+        if tuple(t.shape) != tuple(p.shape):
+            problems.append(f"{key}: shape mismatch, expected {tuple(p.shape)} (model), got {tuple(t.shape)} "
+                            f"(checkpoint)")
+            mismatched.add(key)
+        elif not t.is_floating_point():
+            problems.append(f"{key}: dtype {t.dtype} is not a floating dtype (model has {p.dtype})")
+            mismatched.add(key)
+        else:
+            copies.append((key, owner.get(key), p, t))
+
+    if missing:
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected}")
+    user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX) and k != META_HF_FORMAT}
+    result = LoadResult(missing, unexpected, sorted(mismatched), user)
+    if problems and strict:
+        raise CheckpointError(f"{source} does not match the model (nothing was loaded):\n  - "
+                              + "\n  - ".join(problems))
+    if problems:
+        warnings.warn(f"{source}: loading with strict=False, skipping:\n  - " + "\n  - ".join(problems),
+                      stacklevel=3)
+    return copies, result
+
+
+@torch.no_grad()
+def _apply_copies(copies) -> None:
+    """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge)."""
+    layers = {}
+    for _, layer, _, _ in copies:
+        if layer is not None and layer.merged:
+            layers[id(layer)] = layer
+    for layer in layers.values():
+        layer.unmerge()
+    try:
+        for _, _, param, tensor in copies:
+            param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity
+    finally:
+        for layer in layers.values():
+            layer.merge()
+
+
+def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
+    """Load adapter tensors into ``model`` after validating everything.
+
+    Reads a :func:`save_lora` safetensors file, any safetensors file keyed like
+    ``model.state_dict()``, or a loralib ``torch.save(lora_state_dict(model))``
+    file (via ``torch.load(weights_only=True)`` only: nothing is unpickled).
+
+    Checked before anything is touched: the key sets (missing and unexpected
+    keys by name), shapes (name, expected, got), floating dtypes, the header's
+    per-module r / alpha / scaling mode / splits against the model's layers,
+    and the header checksum. Values are copied into the existing Parameters
+    (same objects, device and dtype, so optimizer state stays attached); a
+    tensor stored in another floating dtype is cast to the parameter's dtype.
+    A merged layer is unmerged, loaded and merged again.
+
+    Args:
+        model: the module to load into.
+        path: the checkpoint file.
+        strict: raise on any mismatch (the model is then bitwise unchanged);
+            with ``False``, load what matches, warn, and report the rest.
+
+    Returns:
+        :class:`LoadResult` with ``missing_keys``, ``unexpected_keys``,
+        ``mismatched_keys`` and the user ``metadata``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError (a ValueError): unreadable/corrupted/unsafe file, or a mismatch with ``strict=True``.
+    """
+    path = os.fspath(path)
+    tensors, meta = read_checkpoint(path)
+    fmt = meta.get(META_FORMAT)
+    if fmt is not None and fmt != FORMAT_NAME:
+        raise CheckpointError(f"{path!r} has format {fmt!r}, expected {FORMAT_NAME!r}")
+    version = meta.get(META_FORMAT_VERSION)
+    if version is not None and version != FORMAT_VERSION:
+        raise CheckpointError(f"{path!r} has format version {version!r}; this lora_layers reads {FORMAT_VERSION!r}")
+    copies, result = _plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
+    _apply_copies(copies)
+    return result
+
+
+
+# ----------------------------------------------------------------------------- training state
+
+TRAINING_STATE_FORMAT = "lora_layers.training_state"
+TRAINING_STATE_FILE = "training_state.safetensors"
+META_TRAINING = RESERVED_PREFIX + "training"
+_ADAPTER_PREFIX = "adapter/"
+_STATE_PREFIX = "state/"
+_TAGS = ("__tensor__", "__tuple__", "__dict__")
+
+
+def _encode(obj, tensors: Dict[str, Tensor], where: str):
+    """Plain containers -> JSON-able data; tensors go to ``tensors`` (no pickle anywhere)."""
+    if isinstance(obj, Tensor):
+        key = f"{_STATE_PREFIX}{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(k in _TAGS for k in obj):
+            return {k: _encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, tensors, f"{where} key"), _encode(v, tensors, f"{where}[{k!r}]")]
+                             for k, v in obj.items()]}
+    raise TypeError(f"{where} is a {type(obj).__name__}; training state may hold only tensors, None, bool, "
+                    f"int, float, str, lists, tuples and dicts (no pickled objects)")
+
+
+def _decode(obj, tensors: Dict[str, Tensor]):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if len(obj) == 1 and "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if len(obj) == 1 and "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _state_file(path_or_dir, create: bool) -> str:
+    path = os.fspath(path_or_dir)
+    if path.endswith(".safetensors"):
+        return path
+    if create and not os.path.isdir(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot write training state to {path!r}: folder {parent!r} does not exist")
+        os.mkdir(path)
+    return os.path.join(path, TRAINING_STATE_FILE)
+
+
+def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
+                        step: int = 0, extra: Optional[Dict[str, Any]] = None, *, bias: str = "none") -> None:
+    """Save everything needed to resume training exactly, in ONE safetensors file, atomically.
+
+    Holds the adapter (as :func:`save_lora`), ``optimizer.state_dict()``,
+    ``scheduler.state_dict()``, ``step``, ``extra`` and the RNG states (torch
+    CPU, CUDA when available, Python ``random``, NumPy when installed).
+    Tensors are stored as safetensors and everything else as JSON in the
+    header: nothing is pickled, so loading can never run code.
+
+    Args:
+        path_or_dir: a ``.safetensors`` file, or a folder (created if its parent
+            exists) that receives ``training_state.safetensors``.
+        model, optimizer, scheduler: the objects to checkpoint (scheduler optional).
+        step: the training step to resume from.
+        extra: plain data (dicts, lists, tuples, numbers, strings, tensors) to keep.
+        bias: which biases to save with the adapter (as :func:`save_lora`).
+
+    Raises:
+        TypeError: ``extra`` or a state_dict holds an object that is not plain data.
+        ValueError: bad ``bias``.
+        FileNotFoundError / PermissionError: bad destination (nothing is written).
+    """
+    from safetensors.torch import save as st_save
+
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int, got {step!r}")
+    adapter, header = _adapter_payload(model, bias)
+    state_tensors: Dict[str, Tensor] = {}
+    payload = {
+        "step": step,
+        "extra": _encode(extra, state_tensors, "extra"),
+        "optimizer": _encode(optimizer.state_dict(), state_tensors, "optimizer.state_dict()"),
+        "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), state_tensors,
+                                                            "scheduler.state_dict()"),
+        "rng": _encode(_rng_state(), state_tensors, "rng"),
+    }
+    tensors = {**{_ADAPTER_PREFIX + k: v for k, v in adapter.items()}, **_to_storable(state_tensors)}
+    header.update({META_FORMAT: TRAINING_STATE_FORMAT, META_TRAINING: json.dumps(payload),
+                   META_SHA256: _checksum(tensors)})
+    path = _state_file(path_or_dir, create=True)
+    _check_destination(path, "training state")
+    data = st_save(tensors, metadata=header)
+    atomic_write(path, lambda f: _write_bytes(f, data), "training state")
+
+
+def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler=None) -> Dict[str, Any]:
+    """Restore what :func:`save_training_state` saved, into fresh or existing objects.
+
+    The adapter is validated strictly (as :func:`load_lora`) and the optimizer's
+    parameter groups checked before anything changes; then the optimizer,
+    scheduler, adapter (copied into the existing Parameters) and RNG states are
+    restored.
+
+    Args:
+        path_or_dir: the file or folder given to :func:`save_training_state`.
+        model, optimizer, scheduler: built the same way as when saving.
+
+    Returns:
+        ``{"step": int, "extra": ...}``.
+
+    Raises:
+        FileNotFoundError: no training state there.
+        CheckpointError (a ValueError): unreadable file, or it does not fit the model/optimizer/scheduler.
+    """
+    path = _state_file(path_or_dir, create=False)
+    tensors, meta = read_checkpoint(path)
+    if meta.get(META_FORMAT) != TRAINING_STATE_FORMAT or META_TRAINING not in meta:
+        raise CheckpointError(f"{path!r} is not a lora_layers training state (format {meta.get(META_FORMAT)!r})")
+    try:
+        payload = _decode(json.loads(meta[META_TRAINING]), tensors)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path!r}: header field {META_TRAINING} is damaged: {exc}") from exc
+    adapter = {k[len(_ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ADAPTER_PREFIX)}
+    copies, _ = _plan_load(model, adapter, meta, True, f"training state {path!r}")
+
+    opt_state = payload["optimizer"]
+    saved_groups = [len(g["params"]) for g in opt_state["param_groups"]]
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_groups != groups:
+        raise CheckpointError(f"training state {path!r}: optimizer parameter groups differ: saved sizes "
+                              f"{saved_groups}, optimizer has {groups} (nothing was loaded)")
+    if (scheduler is None) != (payload["scheduler"] is None):
+        raise CheckpointError(f"training state {path!r}: scheduler {'given' if scheduler is not None else 'not given'}"
+                              f" but the file {'has none' if payload['scheduler'] is None else 'holds one'}")
+    optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    _apply_copies(copies)
+    _set_rng_state(payload["rng"])
+    return {"step": payload["step"], "extra": payload["extra"]}

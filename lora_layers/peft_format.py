@@ -1,0 +1,404 @@
+"""PEFT adapter interop: ``export_peft`` / ``import_peft``.
+
+The PEFT (and vLLM) LoRA format is a folder with ``adapter_config.json`` and
+``adapter_model.safetensors``; tensor keys are
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``
+(``lora_embedding_A`` / ``lora_embedding_B`` for embeddings).
+
+A :class:`~lora_layers.MergedLinear` with ``n`` enabled splits of rank ``r``
+is written as ONE Linear adapter of rank ``r·n``: ``A`` stacked ``(r·n, in)``,
+``B`` block-diagonal ``(out, r·n)`` with zeros elsewhere (disabled splits get
+zero rows), and ``lora_alpha`` rescaled so the scaling is unchanged (``α·n``,
+or ``α·√n`` with rsLoRA). Nothing here imports peft: the files are written and
+read directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .checkpoint import CheckpointError, _to_storable, _write_bytes, atomic_write
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .utils import lora_modules
+
+__all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_BIN_NAME = "adapter_model.bin"
+PEFT_KEY_PREFIX = "base_model.model."
+_LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
+_EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+# PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
+_SAVED_BASE_KEY = "base_layer.weight"
+_CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+# Config fields whose non-default value changes the forward in ways lora_layers cannot reproduce.
+_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "target_parameters", "trainable_token_indices",
+                "layer_replication", "alora_invocation_tokens", "use_qalora", "arrow_config", "velora_config")
+
+
+def _number(x: float):
+    """JSON-friendly alpha: an int when it is integral (PEFT types it as int)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _conv_representable(layer) -> Optional[str]:
+    """Why PEFT's conv LoRA (A: conv with the base's kernel/stride/padding, B: 1x1 conv) can't hold it."""
+    if layer.groups != 1:
+        return f"groups={layer.groups} (PEFT applies groups to lora_B, lora_layers to the whole ΔW)"
+    if any(d != 1 for d in layer.dilation):
+        return f"dilation={layer.dilation} (PEFT's lora_A conv ignores dilation)"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (PEFT's lora_A conv pads with zeros)"
+    return None
+
+
+def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int, float]:
+    """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    key = PEFT_KEY_PREFIX + name
+    if isinstance(layer, Embedding):
+        if layer.max_norm is not None:
+            raise NotImplementedError(f"cannot export {name!r}: PEFT renormalises the LoRA lookup with "
+                                      f"max_norm={layer.max_norm}, lora_layers does not")
+        return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
+    if isinstance(layer, MergedLinear):
+        n, r = len(layer._lora_segments), layer.r
+        full_B = B.new_zeros(layer.out_features, r * n)
+        row = 0
+        for j, (o0, o1) in enumerate(layer._lora_segments):
+            full_B[o0:o1, j * r:(j + 1) * r] = B[row:row + o1 - o0]
+            row += o1 - o0
+        alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B}, r * n, alpha
+    if isinstance(layer, Linear):
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}, layer.r, layer.lora_alpha
+    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+        why = _conv_representable(layer)
+        if why:
+            raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
+        k = tuple(layer.kernel_size)
+        A4 = A.reshape(layer.r, layer.in_channels, *k)
+        B4 = B.reshape(layer.out_channels, layer.r, *([1] * len(k)))
+        return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, layer.r, layer.lora_alpha
+    raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
+
+
+def _pattern_key(name: str, all_names: List[str]) -> str:
+    """A rank/alpha_pattern key that PEFT (regex ``(.*\\.)?(key)$``) matches to ``name`` only."""
+    pattern = re.compile(rf"(.*\.)?({name})$")
+    if any(other != name and pattern.match(other) for other in all_names):
+        return re.escape(name)
+    return name
+
+
+def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
+                task_type: Optional[str] = "CAUSAL_LM") -> None:
+    """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (each
+    atomically). The most common rank and alpha become ``r``/``lora_alpha``;
+    modules that differ go to ``rank_pattern``/``alpha_pattern`` under their full
+    names. ``target_modules`` lists leaf names, or full names where a leaf
+    name also belongs to a module without an adapter. Each MergedLinear becomes
+    one rank-``r·n`` Linear adapter with a block-diagonal B (see module docs).
+
+    Args:
+        model: a module containing LoRA layers (merged or not).
+        out_dir: the adapter folder; created if its parent exists.
+        base_model_name_or_path: recorded in the config (default: ``model.name_or_path`` if any).
+        task_type: PEFT task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
+
+    Raises:
+        ValueError: the model has no adapters.
+        NotImplementedError: a layer PEFT cannot represent exactly (named).
+        FileNotFoundError / PermissionError: bad destination.
+    """
+    from safetensors.torch import save as st_save
+
+    layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
+    if not layers:
+        raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
+    tensors: Dict[str, Tensor] = {}
+    per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
+    for name, layer in layers:
+        t, r, alpha = _export_module(name, layer)
+        tensors.update(t)
+        per_module[name] = (r, alpha, layer.use_rslora, layer)
+
+    rslora = Counter(v[2] for v in per_module.values()).most_common(1)[0][0]
+    for name, (r, alpha, use_rs, layer) in per_module.items():
+        if use_rs != rslora:  # express this module's scaling in the global mode
+            per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
+    r0 = Counter(v[0] for v in per_module.values()).most_common(1)[0][0]
+    a0 = Counter(v[1] for v in per_module.values()).most_common(1)[0][0]
+    all_names = [n for n, _ in model.named_modules()]
+    rank_pattern = {_pattern_key(n, all_names): v[0] for n, v in per_module.items() if v[0] != r0}
+    alpha_pattern = {_pattern_key(n, all_names): _number(v[1]) for n, v in per_module.items() if v[1] != a0}
+
+    adapted = set(per_module)
+    leaf_users: Dict[str, List[str]] = {}
+    for n, _ in model.named_modules():
+        leaf_users.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+    targets = set()
+    for n in adapted:
+        leaf = n.rsplit(".", 1)[-1]
+        targets.add(leaf if n != leaf and set(leaf_users[leaf]) <= adapted else n)
+
+    dropouts = Counter(float(layer.lora_dropout.p) for *_, layer in per_module.values())
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer in per_module.values())
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "r": r0,
+        "lora_alpha": _number(a0),
+        "target_modules": sorted(targets),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "modules_to_save": None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+
+    out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot export PEFT adapter to {out_dir!r}: folder {parent!r} does not exist")
+        os.mkdir(out_dir)
+    data = st_save(_to_storable(tensors), metadata={"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: _write_bytes(f, data), "PEFT adapter weights")
+    atomic_write(os.path.join(out_dir, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
+
+
+# ----------------------------------------------------------------------------- import
+
+def _read_config(adapter_dir: str) -> Dict[str, Any]:
+    path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    for key in _UNSUPPORTED:
+        if config.get(key):
+            raise CheckpointError(f"{path!r}: {key}={config[key]!r} is not supported (lora_layers cannot "
+                                  f"represent it exactly; vLLM rejects it too)")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{path!r}: bias={config['bias']!r} is not supported, expected 'none' "
+                              f"(trained biases are not part of a LoRA adapter here)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise CheckpointError(f"{path!r}: {key} must be a number, got {config.get(key)!r}")
+    return config
+
+
+def _read_weights(adapter_dir: str) -> Dict[str, Tensor]:
+    from .checkpoint import read_checkpoint
+
+    for name in (PEFT_WEIGHTS_NAME, PEFT_BIN_NAME):
+        path = os.path.join(adapter_dir, name)
+        if os.path.isfile(path):
+            return read_checkpoint(path)[0]
+    raise FileNotFoundError(f"{adapter_dir!r} has neither {PEFT_WEIGHTS_NAME} nor {PEFT_BIN_NAME}")
+
+
+def _pattern_value(patterns: Dict[str, Any], name: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]], List[str], List[str]]:
+    groups: Dict[str, Dict[str, Tensor]] = {}
+    unprefixed, unknown = [], []
+    for key, t in weights.items():
+        if not key.startswith(PEFT_KEY_PREFIX):
+            unprefixed.append(key)
+            continue
+        rest = key[len(PEFT_KEY_PREFIX):]
+        for suffix, slot in zip(_LINEAR_KEYS + _EMBEDDING_KEYS + (_SAVED_BASE_KEY,), ("A", "B", "EA", "EB", "base")):
+            if rest.endswith("." + suffix):
+                groups.setdefault(rest[:-len(suffix) - 1], {})[slot] = t
+                break
+        else:
+            unknown.append(key)
+    return groups, sorted(unprefixed), sorted(unknown)
+
+
+def _shell_linear(conv1d: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` view of a transformers ``Conv1D`` (weight ``(in, out)``), sharing its Parameters."""
+    shell = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(shell)
+    shell.in_features, shell.out_features = conv1d.weight.shape
+    shell.weight, shell.bias = conv1d.weight, conv1d.bias
+    return shell
+
+
+def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
+                 dropout: float, fan_in_fan_out: bool):
+    """Validate one module; return ``(new_layer_or_None, target_layer, A, B)`` or raise ValueError."""
+    A, B = (t.get("EA"), t.get("EB")) if "EA" in t or "EB" in t else (t.get("A"), t.get("B"))
+    if A is None or B is None or len(t) != 2:
+        raise ValueError(f"needs exactly one A and one B tensor, got {sorted(t)}")
+    if A.dim() < 2 or A.shape[0] != r:
+        raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
+    scaling = alpha / (math.sqrt(r) if rslora else r)
+    embedding = "EA" in t
+    if isinstance(module, MergedLinear):
+        if embedding:
+            raise ValueError("embedding keys for a MergedLinear")
+        n, lr = len(module._lora_segments), module.r
+        if not module.has_adapter or r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape) \
+                or tuple(B.shape) != (module.out_features, r):
+            raise ValueError(f"PEFT rank {r} with A {tuple(A.shape)}, B {tuple(B.shape)} does not fit this "
+                             f"MergedLinear (r={lr}, {n} enabled splits, lora_A {tuple(module.lora_A.shape) if module.has_adapter else None})")
+        if not math.isclose(scaling, module.scaling, rel_tol=1e-6):
+            raise ValueError(f"PEFT scaling {scaling} differs from the layer's {module.scaling}")
+        blocks, rest = [], B.clone()
+        for j, (o0, o1) in enumerate(module._lora_segments):
+            blocks.append(B[o0:o1, j * lr:(j + 1) * lr])
+            rest[o0:o1, j * lr:(j + 1) * lr] = 0
+        if rest.any():
+            raise ValueError("lora_B is not block-diagonal in this layer's split layout "
+                             f"(splits {module.split_sizes}, enable_lora {module.enable_lora})")
+        return None, module, A, torch.cat(blocks, 0)
+    if isinstance(module, LoRALayer):
+        if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6):
+            raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}; "
+                             f"the adapter has r={r}, scaling={scaling}")
+        layer = module
+    elif isinstance(module, nn.Embedding) and embedding:
+        if module.max_norm is not None:
+            raise ValueError(f"max_norm={module.max_norm} is applied to the LoRA lookup by PEFT, not by lora_layers")
+        layer = Embedding.from_module(module, r=r, lora_alpha=alpha, use_rslora=rslora)
+    elif type(module) in _CONVS and not embedding:
+        why = _conv_representable(module)
+        if why:
+            raise ValueError(why)
+        layer = _CONVS[type(module)].from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                 use_rslora=rslora)
+    elif isinstance(module, nn.Linear) and not embedding:
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
+        if not fan_in_fan_out:
+            warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
+        layer = Linear.from_module(_shell_linear(module), r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                   use_rslora=rslora, fan_in_fan_out=True)
+    else:
+        raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
+                         f"on a {type(module).__name__}")
+    A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
+    B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
+    for label, got, want in (("lora_A", A, layer.lora_A), ("lora_B", B, layer.lora_B)):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"{label} shape mismatch, expected {tuple(want.shape)}, got {tuple(got.shape)}")
+    return (layer if layer is not module else None), layer, A, B
+
+
+def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
+    """Load a PEFT LoRA adapter folder into ``model`` (the same base it was trained on).
+
+    Plain ``nn.Linear``/``nn.Embedding``/``nn.Conv*d`` (and transformers
+    ``Conv1D``) modules named by the adapter are replaced by lora_layers layers
+    that share their weights; existing LoRA layers of matching rank/scaling are
+    loaded in place (a :class:`MergedLinear` only when PEFT's B is exactly
+    block-diagonal in its split layout). ``rank_pattern``/``alpha_pattern``,
+    ``use_rslora`` and ``fan_in_fan_out`` are honoured; adapters are cast to
+    the base weight's dtype. Everything is validated before the model changes.
+
+    Args:
+        model: the base model (plain or with some LoRA layers already).
+        adapter_dir: folder with ``adapter_config.json`` and
+            ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
+            ``torch.load(weights_only=True)``).
+        strict: raise on any module that cannot be loaded exactly; with
+            ``False``, skip such modules with a warning (config-level refusals
+            such as DoRA still raise).
+
+    Returns:
+        The full names of the modules loaded, sorted.
+
+    Raises:
+        FileNotFoundError: missing config or weights.
+        CheckpointError (a ValueError): an unsupported config (DoRA,
+            ``modules_to_save``, bias, unknown ``peft_type``), keys without the
+            ``base_model.model.`` prefix, or modules that do not fit; the model is unchanged.
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    config = _read_config(adapter_dir)
+    weights = _read_weights(adapter_dir)
+    groups, unprefixed, unknown = _group_keys(weights)
+    problems = []
+    if unprefixed:
+        problems.append(f"keys without the {PEFT_KEY_PREFIX!r} prefix (PEFT would silently ignore them): "
+                        f"{unprefixed}")
+    if unknown:
+        problems.append(f"keys that are not plain LoRA A/B tensors: {unknown}")
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    plan = []
+    for name in sorted(groups):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name!r}: no such module in the model")
+            continue
+        saved_base = groups[name].pop("base", None)
+        if saved_base is not None and not (saved_base.shape == module.weight.shape
+                                           and torch.equal(saved_base.to(module.weight), module.weight)):
+            problems.append(f"{name!r}: the adapter replaces the base weight ({PEFT_KEY_PREFIX}{name}."
+                            f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
+                            f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
+            continue
+        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+        try:
+            plan.append((name,) + _plan_module(name, module, groups[name], int(r), alpha, rslora, dropout,
+                                               bool(config.get("fan_in_fan_out", False))))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{name!r} ({type(module).__name__}): {exc}")
+    if problems and strict:
+        raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    if problems:
+        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
+    with torch.no_grad():
+        for name, new_layer, layer, A, B in plan:
+            if new_layer is not None:
+                parent_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+            was_merged = layer.merged
+            layer.unmerge()
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+            if was_merged:
+                layer.merge()
+    return [name for name, *_ in plan]

@@ -1,0 +1,303 @@
+"""PEFT interop on a tiny Phi-3: export -> PeftModel.from_pretrained, PEFT adapter -> import_peft."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_layers as L
+from lora_layers.checkpoint import CheckpointError
+from lora_layers.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, import_peft
+
+from conftest import make_tiny_phi3
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return make_tiny_phi3(gqa=True)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def randomize(params, seed=0, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def qkv_splits(model):
+    c = model.config
+    d = c.hidden_size // c.num_attention_heads
+    return [c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d]
+
+
+def inject(model, kind, rslora=False):
+    """lora_layers adapters on Phi-3: plain Linear everywhere, or MergedLinear qkv/gate_up (GQA splits)."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if kind == "linear":
+            attn.qkv_proj = L.Linear.from_module(attn.qkv_proj, r=4, lora_alpha=8, use_rslora=rslora)
+            mlp.gate_up_proj = L.Linear.from_module(mlp.gate_up_proj, r=4, lora_alpha=8, use_rslora=rslora)
+        else:
+            enable = [True, True, True] if kind == "merged_qkv" else [True, False, True]
+            attn.qkv_proj = L.MergedLinear.from_module(attn.qkv_proj, r=4, lora_alpha=8, enable_lora=enable,
+                                                       split_sizes=qkv_splits(model), use_rslora=rslora)
+            mlp.gate_up_proj = L.MergedLinear.from_module(mlp.gate_up_proj, r=4, lora_alpha=8,
+                                                          enable_lora=[True, True], use_rslora=rslora)
+        attn.o_proj = L.Linear.from_module(attn.o_proj, r=2, lora_alpha=6, use_rslora=rslora)
+        mlp.down_proj = L.Linear.from_module(mlp.down_proj, r=4, lora_alpha=8, use_rslora=rslora)
+    return model
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, before):
+    sd, types = before
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("kind, rslora, merged", [
+    ("linear", False, False),
+    ("merged_qkv", False, True),     # GQA splits, all enabled, exported from a merged model
+    ("merged_qv", True, False),      # q/v only, rsLoRA
+])
+def test_export_loads_in_peft_with_same_logits(base, tmp_path, kind, rslora, merged):
+    model = inject(copy.deepcopy(base), kind, rslora)
+    model.model.embed_tokens = L.Embedding.from_module(model.model.embed_tokens, r=3, lora_alpha=3,
+                                                       use_rslora=rslora)
+    randomize(L.lora_parameters(model))
+    if merged:
+        L.merge_lora(model)
+    expected = logits(model)
+    export_peft(model, tmp_path / "adapter", base_model_name_or_path="tiny-phi3")
+
+    config = json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is False and config["bias"] == "none"
+    assert config["modules_to_save"] is None and config["use_rslora"] is rslora
+    assert config["base_model_name_or_path"] == "tiny-phi3" and config["task_type"] == "CAUSAL_LM"
+    assert config["target_modules"] == ["down_proj", "embed_tokens", "gate_up_proj", "o_proj", "qkv_proj"]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "adapter" / PEFT_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        qkv_B = f.get_tensor("base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight")
+        assert "base_model.model.model.embed_tokens.lora_embedding_A" in f.keys()
+    if kind == "merged_qv":  # one rank-8 Linear adapter: B block-diagonal, k rows zero
+        q, k, _ = qkv_splits(base)
+        assert qkv_B.shape == (sum(qkv_splits(base)), 8)
+        assert not qkv_B[q:q + k].any() and not qkv_B[:q, 4:].any() and not qkv_B[q + k:, :4].any()
+        name = "model.layers.0.self_attn.qkv_proj"
+        assert config["rank_pattern"].get(name, config["r"]) == 8
+        assert config["alpha_pattern"].get(name, config["lora_alpha"]) == pytest.approx(8 * 2 ** 0.5)
+        assert config["rank_pattern"]["model.layers.0.self_attn.o_proj"] == 2
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits(peft_model), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(logits(base), expected, atol=1e-3)  # the adapter matters
+
+
+def test_export_conv_and_refuse_grouped_conv(tmp_path):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, (3, 2), stride=2, padding=1), nn.ReLU(), nn.Conv1d(4, 2, 1))
+    ours = copy.deepcopy(plain)
+    ours[0] = L.Conv2d.from_module(ours[0], r=2, lora_alpha=4)
+    randomize(L.lora_parameters(ours))
+    x = torch.randn(2, 3, 8, 8)
+    flat = lambda m: m[2](m[1](m[0](x)).flatten(2))  # noqa: E731
+    export_peft(ours, tmp_path / "conv", task_type=None)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "conv")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(flat(peft_model.base_model.model), flat(ours), rtol=0, atol=1e-5)
+        back = copy.deepcopy(plain)
+        assert import_peft(back, tmp_path / "conv") == ["0"]
+        torch.testing.assert_close(flat(back), flat(ours), rtol=0, atol=1e-6)
+
+    grouped = nn.Sequential(L.Conv2d(4, 4, 3, r=2, groups=2))
+    with pytest.raises(NotImplementedError, match=r"'0' \(Conv2d\).*groups=2"):
+        export_peft(grouped, tmp_path / "grouped")
+    assert not (tmp_path / "grouped" / PEFT_CONFIG_NAME).exists()
+
+
+def test_export_bad_destination_and_empty_model(base, tmp_path):
+    model = inject(copy.deepcopy(base), "linear")
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
+        export_peft(model, tmp_path / "missing" / "adapter")
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        export_peft(copy.deepcopy(base), tmp_path / "empty")
+
+
+def test_full_names_when_leaf_name_is_ambiguous(base, tmp_path):
+    model = copy.deepcopy(base)
+    attn = model.model.layers[0].self_attn
+    attn.o_proj = L.Linear.from_module(attn.o_proj, r=2, lora_alpha=2)  # layer 1's o_proj stays plain
+    randomize(L.lora_parameters(model))
+    export_peft(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.o_proj"]
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == 1
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- import
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_import_peft_trained_adapter(base, tmp_path, rslora):
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=rslora, task_type="CAUSAL_LM",
+        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"model.layers.1.mlp.down_proj": 2}, alpha_pattern={"o_proj": 3},
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    randomize([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=1)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = peft_model(input_ids=IDS, labels=IDS).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    expected = logits(peft_model)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+
+    model = copy.deepcopy(base)
+    loaded = import_peft(model, tmp_path / "peft")
+    assert len(loaded) == 9 and "model.embed_tokens" in loaded
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, L.Linear) and down.r == 2 and down.lora_dropout.p == 0.1
+    assert model.model.layers[0].self_attn.o_proj.lora_alpha == 3
+    assert model.model.layers[0].self_attn.o_proj.use_rslora is rslora
+    model.eval()
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["merged_qkv", "merged_qv"])
+def test_round_trip_into_existing_merged_linear(base, tmp_path, kind):
+    src = inject(copy.deepcopy(base), kind)
+    randomize(L.lora_parameters(src), seed=2)
+    export_peft(src, tmp_path / "a")
+    dst = inject(copy.deepcopy(base), kind).eval()  # merged before the load
+    import_peft(dst, tmp_path / "a")
+    assert isinstance(dst.model.layers[0].self_attn.qkv_proj, L.MergedLinear)
+    for (k, a), (_, b) in zip(L.named_lora_parameters(dst), L.named_lora_parameters(src)):
+        assert torch.equal(a, b), k
+    src.eval()
+    assert torch.equal(logits(dst), logits(src))
+
+
+def test_import_refuses_non_block_diagonal_into_merged_linear(base, tmp_path):
+    src = inject(copy.deepcopy(base), "merged_qv")
+    randomize(L.lora_parameters(src), seed=2)
+    export_peft(src, tmp_path / "a")
+    path = tmp_path / "a" / PEFT_WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(path))
+    sd["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"][70, 0] = 1.0  # a k row
+    save_file(sd, str(path), metadata={"format": "pt"})
+    dst = inject(copy.deepcopy(base), "merged_qv")
+    before = snapshot(dst)
+    with pytest.raises(CheckpointError, match=r"qkv_proj.*not block-diagonal"):
+        import_peft(dst, tmp_path / "a")
+    assert_unchanged(dst, before)
+
+
+def _write_adapter(folder, config=None, weights=None):
+    folder.mkdir()
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["o_proj"], "bias": "none",
+           "use_dora": False, "modules_to_save": None}
+    cfg.update(config or {})
+    if config is not None and config.get("drop_config"):
+        cfg = None
+    if cfg is not None:
+        (folder / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    sd = weights if weights is not None else {f"{key}.lora_A.weight": torch.randn(2, 64),
+                                              f"{key}.lora_B.weight": torch.randn(64, 2)}
+    from safetensors.torch import save_file
+    save_file(sd, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("config, weights, text", [
+    ({"drop_config": True}, None, "adapter_config.json is missing"),
+    ({"peft_type": "IA3"}, None, "peft_type is 'IA3', expected 'LORA'"),
+    ({"use_dora": True}, None, "use_dora=True is not supported"),
+    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save=['lm_head'] is not supported"),
+    ({"bias": "all"}, None, "bias='all' is not supported"),
+    ({}, {"model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
+          "model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(64, 2)},
+     "without the 'base_model.model.' prefix"),
+    ({}, {"base_model.model.model.layers.9.o_proj.lora_A.weight": torch.randn(2, 64),
+          "base_model.model.model.layers.9.o_proj.lora_B.weight": torch.randn(64, 2)}, "no such module"),
+    ({"r": 4}, None, "expected rank r=4"),
+    ({}, {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
+          "base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector": torch.randn(64)},
+     "not plain LoRA A/B tensors"),
+])
+def test_import_refusals_change_nothing(base, tmp_path, config, weights, text):
+    folder = _write_adapter(tmp_path / "bad", config, weights)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    exc = FileNotFoundError if "missing" in text else CheckpointError
+    with pytest.raises(exc, match=text.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as info:
+        import_peft(model, folder)
+    assert str(folder) in str(info.value)
+    assert_unchanged(model, before)
+
+
+def test_import_bin_weights_only(base, tmp_path):
+    folder = _write_adapter(tmp_path / "a")
+    from safetensors.torch import load_file
+    sd = load_file(str(folder / PEFT_WEIGHTS_NAME))
+    (folder / PEFT_WEIGHTS_NAME).unlink()
+    torch.save(sd, folder / "adapter_model.bin")
+    model = copy.deepcopy(base)
+    assert import_peft(model, folder) == ["model.layers.0.self_attn.o_proj"]
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.lora_B, sd[next(k for k in sd if "lora_B" in k)])
+
+
+def test_import_fan_in_fan_out_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    peft_model = peft.get_peft_model(copy.deepcopy(gpt2), config)
+    randomize([p for n, p in peft_model.named_parameters() if "lora_" in n], seed=4)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=ids).logits
+    peft_model.save_pretrained(str(tmp_path / "g"))
+    model = copy.deepcopy(gpt2)
+    assert len(import_peft(model, tmp_path / "g")) == 3
+    assert model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_import_refuses_a_changed_saved_embedding_weight(base, tmp_path):
+    key = "base_model.model.model.embed_tokens"
+    weights = {f"{key}.lora_embedding_A": torch.randn(2, 128), f"{key}.lora_embedding_B": torch.randn(64, 2),
+               f"{key}.base_layer.weight": base.model.embed_tokens.weight.detach() + 1.0}
+    folder = _write_adapter(tmp_path / "emb", {"target_modules": ["embed_tokens"]}, weights)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match="replaces the base weight.*save_embedding_layers"):
+        import_peft(model, folder)
+    assert_unchanged(model, before)
