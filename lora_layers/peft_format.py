@@ -365,6 +365,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     plan = []
+    # from_module freezes the weights it wraps; undo that for the planning phase so a refusal changes nothing.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for name in sorted(groups):
         try:
             module = model.get_submodule(name)
@@ -385,6 +387,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                                                bool(config.get("fan_in_fan_out", False))))
         except (ValueError, TypeError) as exc:
             problems.append(f"{name!r} ({type(module).__name__}): {exc}")
+    for p, flag in flags:
+        p.requires_grad_(flag)
     if problems and strict:
         raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
                               + "\n  - ".join(problems))
@@ -395,6 +399,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             if new_layer is not None:
                 parent_name, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+                new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
             was_merged = layer.merged
             layer.unmerge()
             layer.lora_A.copy_(A)

@@ -60,12 +60,14 @@ def inject(model, kind, rslora=False):
 
 
 def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()],
+            [p.requires_grad for p in model.parameters()])
 
 
 def assert_unchanged(model, before):
-    sd, types = before
+    sd, types, grads = before
     assert [type(m) for m in model.modules()] == types
+    assert [p.requires_grad for p in model.parameters()] == grads
     now = model.state_dict()
     assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
 
@@ -242,6 +244,10 @@ def _write_adapter(folder, config=None, weights=None):
     ({"bias": "all"}, None, "bias='all' is not supported"),
     ({}, {"model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
           "model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(64, 2)},
+     "without the 'base_model.model.' prefix"),
+    ({}, {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),  # valid
+          "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(64, 2),
+          "model.layers.1.self_attn.o_proj.lora_A.weight": torch.randn(2, 64)},
      "without the 'base_model.model.' prefix"),
     ({}, {"base_model.model.model.layers.9.o_proj.lora_A.weight": torch.randn(2, 64),
           "base_model.model.model.layers.9.o_proj.lora_B.weight": torch.randn(64, 2)}, "no such module"),
