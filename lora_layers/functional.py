@@ -129,6 +129,37 @@ def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _seed_output(u: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor], blocks, out_features: int) -> Tensor:
+    """A fresh ``(T, out)`` tensor holding ``b + scaling · u Bᵀ`` (per block).
+
+    The base GEMM then accumulates into it (``addmm_`` with beta=1), so the
+    LoRA term costs one write of the output instead of a separate
+    read-modify-write pass after the GEMM.
+    """
+    Bs = B * scaling  # (out, r): folding the scale here is free
+    y2 = u.new_empty(u.shape[0], out_features)
+    covered = 0
+    for o0, o1, a0, a1, b0, b1 in sorted(blocks):
+        if o0 > covered:
+            _fill_bias(y2[:, covered:o0], bias, covered, o0)
+        dst = y2 if (o0, o1) == (0, out_features) else y2[:, o0:o1]
+        if bias is None:
+            torch.mm(u[:, a0:a1], Bs[b0:b1].t(), out=dst)
+        else:
+            torch.addmm(bias[o0:o1], u[:, a0:a1], Bs[b0:b1].t(), out=dst)
+        covered = o1
+    if covered < out_features:
+        _fill_bias(y2[:, covered:], bias, covered, out_features)
+    return y2
+
+
+def _fill_bias(dst: Tensor, bias: Optional[Tensor], o0: int, o1: int) -> None:
+    if bias is None:
+        dst.zero_()
+    else:
+        dst.copy_(bias[o0:o1].expand_as(dst))
+
+
 def _add_lora_out(y2: Tensor, u: Tensor, B: Tensor, scaling: float, blocks) -> None:
     """y2[:, o0:o1] += scaling · u[:, a0:a1] B[b0:b1]ᵀ, in place, per block."""
     for o0, o1, a0, a1, b0, b1 in blocks:
@@ -146,8 +177,6 @@ class _LoRALinear(torch.autograd.Function):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
         W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
-        y2 = F.linear(x2, W, _cast(bias, x2.dtype))
-        del W
         A = _cast(lora_A, x2.dtype)
         B = _cast(lora_B, x2.dtype)
         if dropout_p > 0.0:
@@ -156,7 +185,9 @@ class _LoRALinear(torch.autograd.Function):
             u.mul_(keep_scale(dropout_p))
         else:
             u = x2 @ A.t()
-        _add_lora_out(y2, u, B, scaling, blocks)
+        y2 = _seed_output(u, B, scaling, _cast(bias, x2.dtype), blocks, W.shape[0])
+        y2.addmm_(x2, W.t())
+        del W
 
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
@@ -201,12 +232,12 @@ class _LoRALinear(torch.autograd.Function):
             dA = dA.to(lora_A.dtype)
         if need_x:
             W = weight.t() if ctx.fan_in_fan_out else weight
-            dx = g2 @ _cast(W, dt)
+            # Seed dx with the LoRA term, then let the base GEMM accumulate into it.
             if keep is None:
-                dx.addmm_(du, A)
+                dx = du @ A
             else:
-                lora_dx = (du * keep_scale(p)) @ A
-                dx.add_(lora_dx.mul_(keep))
+                dx = ((du * keep_scale(p)) @ A).mul_(keep)
+            dx.addmm_(g2, _cast(W, dt))
             dx = dx.view(x.shape).to(x.dtype) if dx.dtype != x.dtype else dx.view(x.shape)
         if need_w:
             dw = g2.t() @ x2.to(dt)
