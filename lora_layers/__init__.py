@@ -12,8 +12,17 @@ with a lean autograd (no stored dropout masks), exact merging, GQA-aware
 ``MergedLinear``, model surgery, safetensors checkpoints and PEFT interop.
 """
 from ._version import __version__
+from .checkpoint import (
+    CheckpointError,
+    LoadResult,
+    load_lora,
+    load_training_state,
+    save_lora,
+    save_training_state,
+)
 from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .peft_format import export_peft, import_peft
 from .utils import (
     count_lora_parameters,
     lora_modules,
@@ -43,4 +52,12 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "count_lora_parameters",
+    "save_lora",
+    "load_lora",
+    "LoadResult",
+    "CheckpointError",
+    "export_peft",
+    "import_peft",
+    "save_training_state",
+    "load_training_state",
 ]
