@@ -209,6 +209,10 @@ class LoRALayer:
 
     def reset_parameters(self) -> None:
         # Same call order as loralib, so a given seed gives the same numbers.
+        if self.__dict__.get("merged"):
+            # Fresh weights carry no merged delta: a later unmerge() must not
+            # subtract the old one from them.
+            self.merged, self._merge_state = False, None
         super().reset_parameters()
         if "lora_A" in self.__dict__.get("_parameters", {}):
             self.reset_lora_parameters()
@@ -562,8 +566,11 @@ class Embedding(LoRALayer, nn.Embedding):
         result = nn.Embedding.forward(self, x)
         if not self.has_adapter or self.merged:
             return result
+        # Always a dense lookup: a sparse gradient of the transposed lora_A
+        # cannot be formed (loralib crashes in backward with sparse=True), and
+        # the adapter is small. ``sparse`` still applies to the base weight.
         after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0,
-                              self.scale_grad_by_freq, self.sparse)
+                              self.scale_grad_by_freq, False)
         # The lookup's backward needs only the indices, so adding into its
         # output in place is safe and avoids a (T, dim) temporary.
         result.view(-1, self.embedding_dim).addmm_(
