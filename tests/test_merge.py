@@ -1,0 +1,290 @@
+"""Merge invariants: explicit and train/eval merging, bitwise-exact unmerge in
+every dtype, safe_merge, and state_dict round trips that never double-count."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_layers as L
+from _naive_lora import bit_equal
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+FACTORIES = {
+    "linear": lambda dt, **kw: L.Linear(12, 10, r=4, lora_alpha=8, dtype=dt, **kw),
+    "linear_fifo": lambda dt, **kw: L.Linear(12, 10, r=4, lora_alpha=8, fan_in_fan_out=True, dtype=dt, **kw),
+    "merged_gqa": lambda dt, **kw: L.MergedLinear(12, 24, r=2, lora_alpha=4, enable_lora=[True, False, True],
+                                                  split_sizes=[12, 6, 6], dtype=dt, **kw),
+    "merged_fifo": lambda dt, **kw: L.MergedLinear(12, 24, r=2, lora_alpha=4, enable_lora=[False, True, True],
+                                                   split_sizes=[12, 6, 6], fan_in_fan_out=True, dtype=dt, **kw),
+    "embedding": lambda dt, **kw: L.Embedding(15, 6, r=3, lora_alpha=2, dtype=dt, **kw),
+    "conv2d": lambda dt, **kw: L.Conv2d(4, 6, (3, 2), r=2, lora_alpha=2, groups=2, dtype=dt, **kw),
+    "conv1d": lambda dt, **kw: L.Conv1d(3, 4, 3, r=2, lora_alpha=2, stride=2, dtype=dt, **kw),
+}
+
+
+def _input(kind, dt):
+    g = torch.Generator().manual_seed(1)
+    if kind == "embedding":
+        return torch.randint(0, 15, (3, 5), generator=g)
+    if kind == "conv2d":
+        return torch.randn(2, 4, 6, 5, generator=g).to(dt)
+    if kind == "conv1d":
+        return torch.randn(2, 3, 9, generator=g).to(dt)
+    return torch.randn(3, 12, generator=g).to(dt)
+
+
+def _make(kind, dt=torch.float32, scale=0.5, **kw):
+    torch.manual_seed(0)
+    layer = FACTORIES[kind](dt, **kw)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn_like(layer.lora_A) * scale)
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B) * scale)
+    return layer
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_explicit_merge_unmerge_idempotent_and_outputs_agree(kind):
+    layer = _make(kind).train()
+    x = _input(kind, torch.float32)
+    w0 = layer.weight.detach().clone()
+    y_unmerged = layer(x).detach()
+    layer.merge()
+    w1 = layer.weight.detach().clone()
+    assert layer.merged and not bit_equal(w1, w0)
+    layer.merge()  # idempotent
+    assert bit_equal(layer.weight, w1)
+    assert bit_equal(layer.unmerged_weight(), w0)
+    y_merged = layer(x).detach()
+    torch.testing.assert_close(y_merged, y_unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged and bit_equal(layer.weight, w0)
+    layer.unmerge()  # idempotent
+    assert bit_equal(layer.weight, w0)
+    assert torch.equal(layer(x).detach(), y_unmerged)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_gqa", "embedding", "conv2d"])
+def test_train_eval_merging(kind):
+    layer = _make(kind)
+    assert layer.train() is layer and not layer.merged
+    assert layer.eval() is layer and layer.merged
+    assert layer.train(True) is layer and not layer.merged
+    # a parent's train()/eval() reaches the layer
+    model = nn.Sequential(layer)
+    model.eval()
+    assert layer.merged
+    model.train()
+    assert not layer.merged
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_gqa", "embedding", "conv2d"])
+def test_merge_weights_false_never_merges(kind):
+    layer = _make(kind, merge_weights=False)
+    x = _input(kind, torch.float32)
+    w0 = layer.weight.detach().clone()
+    y = layer.train()(x).detach()
+    layer.eval()
+    assert not layer.merged and bit_equal(layer.weight, w0)
+    torch.testing.assert_close(layer(x), y)  # still adds the adapter (no dropout here)
+    layer.train()
+    assert not layer.merged and bit_equal(layer.weight, w0)
+
+
+def _extreme(layer, how):
+    with torch.no_grad():
+        if how == "near_zero":  # tiny weights that the delta swamps, and sign crossings
+            layer.weight.mul_(1e-3)
+        elif how == "large":  # delta much larger than the weight
+            layer.lora_B.mul_(30)
+        elif how == "subnormal" and layer.weight.dtype == torch.float32:
+            layer.weight.mul_(1e-39)
+
+
+@pytest.mark.parametrize("how", ["random", "near_zero", "large", "subnormal"])
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(FACTORIES))
+def test_100_cycles_bit_identical(kind, dt, how):
+    layer = _make(kind, dt)
+    _extreme(layer, how)
+    w0 = layer.weight.detach().clone()
+    x = _input(kind, dt)
+    y0 = layer.train()(x).detach()
+    layer.eval()
+    w_merged = layer.weight.detach().clone()
+    assert not bit_equal(w_merged, w0)  # the adapter is not trivial
+    for _ in range(100):
+        layer.train()
+        assert bit_equal(layer.weight, w0)
+        layer.eval()
+        assert bit_equal(layer.weight, w_merged)  # merging is deterministic, no drift either way
+    layer.train()
+    assert bit_equal(layer.weight, w0)
+    assert torch.equal(layer(x).detach(), y0)
+
+
+def test_nan_adapter_unsafe_merge_still_unmerges_exactly():
+    layer = _make("merged_gqa")
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("nan")
+    layer.merge()
+    assert torch.isnan(layer.weight).any()
+    layer.unmerge()
+    assert bit_equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("kind,dt,bad", [
+    ("linear", torch.float32, "inf"),
+    ("linear", torch.float16, "huge"),      # finite adapter, overflows the fp16 weight
+    ("linear_fifo", torch.bfloat16, "nan"),
+    ("embedding", torch.float32, "inf"),
+    ("conv2d", torch.float16, "huge"),
+    ("merged_gqa", torch.float32, "later_split"),
+    ("merged_fifo", torch.float16, "later_split"),
+])
+def test_safe_merge_refuses_nonfinite(kind, dt, bad):
+    layer = _make(kind, dt)
+    with torch.no_grad():
+        if bad == "inf":
+            layer.lora_B[0, 0] = float("inf")
+        elif bad == "nan":
+            layer.lora_A[0, 0] = float("nan")
+        elif bad == "huge":
+            layer.lora_A.fill_(300.0)
+            layer.lora_B.fill_(300.0)
+        else:  # only the last enabled split is non-finite: earlier ones merge first
+            layer.lora_B[-1, 0] = float("inf")
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe_merge=True)
+    assert not layer.merged and bit_equal(layer.weight, w0)
+    with pytest.raises(ValueError):
+        L.merge_lora(nn.Sequential(layer), safe_merge=True)
+    assert not layer.merged and bit_equal(layer.weight, w0)
+
+
+def _model(merge_weights=True):
+    torch.manual_seed(0)
+    m = nn.Sequential(L.Embedding(10, 8, r=2, merge_weights=merge_weights),
+                      L.Linear(8, 12, r=2, lora_alpha=4, merge_weights=merge_weights),
+                      L.MergedLinear(12, 12, r=2, enable_lora=[True, False, True], merge_weights=merge_weights))
+    for mod in m:
+        with torch.no_grad():
+            mod.lora_A.normal_()
+            mod.lora_B.normal_()
+    return m
+
+
+IDX = torch.tensor([[1, 2, 3, 9], [0, 0, 5, 4]])
+
+
+def test_merged_state_dict_reload_no_double_count():
+    model = _model().eval()
+    y = model(IDX)
+    sd = model.state_dict()
+    fresh = _model()
+    with torch.no_grad():  # make sure every tensor comes from sd
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(fresh.train()(IDX), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fresh.eval()(IDX), y, rtol=1e-5, atol=1e-5)
+    # loading into an already merged model is consistent as well
+    merged = _model().eval()
+    merged.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(merged(IDX), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.train()(IDX), y, rtol=1e-5, atol=1e-5)
+
+
+def test_loralib_style_flow():
+    """model.eval(); sd = model.state_dict(); fresh.load_state_dict(sd); fresh.eval()."""
+    model = _model()
+    model.eval()
+    sd = model.state_dict()
+    fresh = _model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(sd)
+    fresh.eval()
+    torch.testing.assert_close(fresh(IDX), model(IDX), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fresh.train().parameters(), model.train().parameters()):
+        assert bit_equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("via", ["full", "lora_state_dict"])
+def test_loading_new_adapter_into_merged_layer(via):
+    layer = _make("merged_gqa").eval()
+    assert layer.merged
+    other = _make("merged_gqa")
+    with torch.no_grad():
+        other.lora_A.normal_()
+        other.lora_B.normal_()
+    if via == "full":
+        layer.load_state_dict(other.state_dict(), strict=True)
+    else:
+        result = layer.load_state_dict(L.lora_state_dict(other), strict=False)
+        assert sorted(result.missing_keys) == ["bias", "weight"] and not result.unexpected_keys
+    assert layer.merged
+    x = _input("merged_gqa", torch.float32)
+    torch.testing.assert_close(layer(x), other.train()(x), rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert bit_equal(layer.weight, other.weight)
+    torch.testing.assert_close(layer(x), other(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_fifo", "embedding", "conv1d"])
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_inplace_adapter_change_while_merged(kind, dt):
+    layer = _make(kind, dt)
+    w0 = layer.weight.detach().clone()
+    layer.eval()
+    with torch.no_grad():
+        layer.lora_A.mul_(3.0).add_(1.0)
+        layer.lora_B.normal_()
+    layer.train()
+    assert bit_equal(layer.weight, w0)
+
+
+def test_merge_without_adapter_is_noop():
+    for layer in (L.Linear(4, 4, r=0), L.MergedLinear(4, 4, r=2, enable_lora=[False, False])):
+        w0 = layer.weight.detach().clone()
+        layer.merge(safe_merge=True)
+        layer.eval()
+        assert bit_equal(layer.weight, w0)
+
+
+def test_reset_parameters_while_merged():
+    layer = _make("linear").eval()
+    assert layer.merged
+    layer.reset_parameters()
+    w_fresh = layer.weight.detach().clone()
+    assert not layer.merged  # the new weight carries no delta
+    layer.train()
+    assert bit_equal(layer.weight, w_fresh)
+    layer.eval()  # B is zero again after the reset: merging changes nothing
+    assert bit_equal(layer.weight, w_fresh)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_gqa", "embedding", "conv2d"])
+def test_fp32_adapters_on_bf16_base_cycles(kind):
+    torch.manual_seed(0)
+    layer = FACTORIES[kind](torch.bfloat16, lora_dtype=torch.float32)
+    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = _input(kind, torch.bfloat16)
+    w0 = layer.weight.detach().clone()
+    y = layer.train()(x).detach()
+    for _ in range(100):
+        layer.eval()
+        layer.train()
+    assert bit_equal(layer.weight, w0)
+    layer.eval()
+    ym = layer(x)
+    assert ym.dtype == torch.bfloat16
+    assert float((ym.detach().float() - y.float()).norm() / y.float().norm()) < 2e-2

@@ -1,0 +1,141 @@
+"""utils: trainable-parameter selection by identity, lora_state_dict, counting, merge helpers."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_layers as L
+
+loralib = pytest.importorskip("loralib")
+
+
+class Block(nn.Module):
+    def __init__(self, lib, with_decoy=True):
+        super().__init__()
+        self.emb = lib.Embedding(10, 8, r=2)
+        self.q = lib.Linear(8, 8, r=2, lora_alpha=4)
+        self.qkv = lib.MergedLinear(8, 12, r=2, enable_lora=[True, False, True])
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 3)
+        if with_decoy:
+            # Named like an adapter, but a plain layer: must not be treated as one.
+            self.lora_block = nn.Sequential(nn.Linear(3, 3))
+
+    def forward(self, idx):
+        h = self.head(self.norm(self.qkv(self.q(self.emb(idx)))))
+        return self.lora_block(h) if hasattr(self, "lora_block") else h
+
+
+def _model(lib=L, with_decoy=True):
+    torch.manual_seed(0)
+    m = Block(lib, with_decoy)
+    for mod in (m.emb, m.q, m.qkv):
+        with torch.no_grad():
+            mod.lora_A.normal_()
+            mod.lora_B.normal_()
+    return m
+
+
+ADAPTERS = {"emb.lora_A", "emb.lora_B", "q.lora_A", "q.lora_B", "qkv.lora_A", "qkv.lora_B"}
+BIASES = {
+    "none": set(),
+    "lora_only": {"q.bias", "qkv.bias"},
+    "all": {"q.bias", "qkv.bias", "norm.bias", "head.bias", "lora_block.0.bias"},
+}
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_mark_only_lora_as_trainable(bias):
+    model = _model()
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    assert _trainable(model) == ADAPTERS | BIASES[bias]
+    # Same selection as loralib on a model without the decoy.
+    ours, ref = _model(L, False), _model(loralib, False)
+    L.mark_only_lora_as_trainable(ours, bias=bias)
+    loralib.mark_only_lora_as_trainable(ref, bias=bias)
+    assert _trainable(ours) == _trainable(ref)
+
+
+def test_lora_block_is_not_an_adapter():
+    ours, ref = _model(L), _model(loralib)
+    L.mark_only_lora_as_trainable(ours)
+    loralib.mark_only_lora_as_trainable(ref)
+    assert "lora_block.0.weight" not in _trainable(ours)
+    assert "lora_block.0.weight" in _trainable(ref)  # loralib's substring match gets it wrong
+    assert not any(k.startswith("lora_block") for k in L.lora_state_dict(ours))
+    assert any(k.startswith("lora_block") for k in loralib.lora_state_dict(ref))
+    assert {n for n, _ in L.lora_modules(ours)} == {"emb", "q", "qkv"}
+    assert {n for n, _ in L.named_lora_parameters(ours)} == ADAPTERS
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_adamw_step_changes_only_adapters_and_chosen_biases(bias):
+    model = _model()
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(torch.tensor([[1, 2, 3], [4, 5, 6]])).pow(2).sum().backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == ADAPTERS | BIASES[bias]
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_lora_state_dict_matches_model_state_dict(bias, merged):
+    model = _model()
+    if merged:
+        model.eval()
+    sd = L.lora_state_dict(model, bias=bias)
+    full = model.state_dict()
+    assert set(sd) == ADAPTERS | BIASES[bias]
+    for k, v in sd.items():
+        assert torch.equal(v, full[k]) and not v.requires_grad
+    # and it round-trips into a fresh model
+    fresh = _model()
+    with torch.no_grad():
+        for p in L.lora_parameters(fresh):
+            p.zero_()
+    result = fresh.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys
+    for k, v in L.lora_state_dict(fresh, bias=bias).items():
+        assert torch.equal(v, sd[k])
+
+
+def test_count_and_parameters():
+    model = _model()
+    expected = 2 * 10 + 8 * 2 + 2 * 8 + 8 * 2 + (2 * 2) * 8 + 8 * 2
+    assert L.count_lora_parameters(model) == expected
+    assert sum(p.numel() for p in L.lora_parameters(model)) == expected
+    assert L.count_lora_parameters(nn.Linear(3, 3)) == 0
+    # tied adapters are counted once
+    shared = L.Linear(4, 4, r=2)
+    assert L.count_lora_parameters(nn.Sequential(shared, shared)) == 16
+
+
+def test_merge_unmerge_lora_model():
+    model = _model()
+    idx = torch.tensor([[1, 2, 3]])
+    y = model(idx).detach()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    L.merge_lora(model)
+    assert all(m.merged for _, m in L.lora_modules(model))
+    torch.testing.assert_close(model(idx), y, rtol=1e-5, atol=1e-5)
+    L.unmerge_lora(model)
+    assert not any(m.merged for _, m in L.lora_modules(model))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[n])
+
+
+@pytest.mark.parametrize("fn", ["mark_only_lora_as_trainable", "lora_state_dict"])
+@pytest.mark.parametrize("bad", ["None", "lora", "", None, 1])
+def test_bias_mode_invalid(fn, bad):
+    model = _model()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"bias") as info:
+        getattr(L, fn)(model, bias=bad)
+    assert repr(bad) in str(info.value) and "lora_only" in str(info.value)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
