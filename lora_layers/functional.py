@@ -56,7 +56,8 @@ _LANES = 65536  # the drop probability is quantised to 1/65536
 
 
 def _drop_threshold(p: float) -> int:
-    return round(p * _LANES)
+    # At most 65535/65536, so that some element is kept and the scale is finite.
+    return min(round(p * _LANES), _LANES - 1)
 
 
 def keep_scale(p: float) -> float:
@@ -110,6 +111,11 @@ def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segment
     for j, (o0, o1) in enumerate(segments):
         if not 0 <= o0 < o1 <= out_features:
             raise ValueError(f"segments[{j}]={(o0, o1)} is not a slice of [0, {out_features})")
+    ordered = sorted(segments)
+    for (p0, p1), (q0, q1) in zip(ordered, ordered[1:]):
+        if q0 < p1:
+            raise ValueError(f"segments must not overlap, got {(p0, p1)} and {(q0, q1)} in {tuple(segments)}")
+    for j, (o0, o1) in enumerate(segments):
         out.append((o0, o1, j * r, (j + 1) * r, b, b + o1 - o0))
         b += o1 - o0
     if b != lora_B.shape[0]:
@@ -160,11 +166,22 @@ def _fill_bias(dst: Tensor, bias: Optional[Tensor], o0: int, o1: int) -> None:
         dst.copy_(bias[o0:o1].expand_as(dst))
 
 
-def _add_lora_out(y2: Tensor, u: Tensor, B: Tensor, scaling: float, blocks) -> None:
-    """y2[:, o0:o1] += scaling · u[:, a0:a1] B[b0:b1]ᵀ, in place, per block."""
-    for o0, o1, a0, a1, b0, b1 in blocks:
-        dst = y2 if (o0, o1) == (0, y2.shape[1]) else y2[:, o0:o1]
-        dst.addmm_(u[:, a0:a1], B[b0:b1].t(), alpha=scaling)
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
+    """The forward math on an ``x`` already in the compute dtype; returns ``(y2, u)``
+    with ``y2`` of shape ``(T, out)`` and ``u = drop(x) Aᵀ`` of shape ``(T, R)``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
+    A = _cast(lora_A, x2.dtype)
+    B = _cast(lora_B, x2.dtype)
+    if dropout_p > 0.0:
+        # The keep-scale is applied to the (T, r) product, not to x.
+        u = torch.where(keep_mask(seed, x2.shape, dropout_p, x2.device), x2, 0) @ A.t()
+        u.mul_(keep_scale(dropout_p))
+    else:
+        u = x2 @ A.t()
+    y2 = _seed_output(u, B, scaling, _cast(bias, x2.dtype), blocks, W.shape[0])
+    y2.addmm_(x2, W.t())
+    return y2, u
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -174,21 +191,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
-        in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
-        W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
-        A = _cast(lora_A, x2.dtype)
-        B = _cast(lora_B, x2.dtype)
-        if dropout_p > 0.0:
-            # The keep-scale is applied to the (T, r) product, not to x.
-            u = torch.where(keep_mask(seed, x2.shape, dropout_p, x2.device), x2, 0) @ A.t()
-            u.mul_(keep_scale(dropout_p))
-        else:
-            u = x2 @ A.t()
-        y2 = _seed_output(u, B, scaling, _cast(bias, x2.dtype), blocks, W.shape[0])
-        y2.addmm_(x2, W.t())
-        del W
-
+        y2, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
@@ -196,6 +199,7 @@ class _LoRALinear(torch.autograd.Function):
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
@@ -249,23 +253,15 @@ class _LoRALinear(torch.autograd.Function):
         return dx, dw, db, dA, dB, None, None, None, None, None
 
 
-def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, blocks):
-    """Plain-op formulation: used where the custom Function cannot run (under
-    torch.compile with dropout, whose RNG must be traced) and when no gradient is
-    needed (inference), where it costs nothing extra."""
+def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, blocks):
+    """Plain-op formulation for ``torch.compile`` with dropout: the regenerated
+    mask needs a ``torch.Generator``, which dynamo cannot trace, so inductor
+    traces ``F.dropout`` instead (and recomputes its mask itself)."""
     W = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, W, bias)
-    xd = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    u = F.linear(xd, lora_A.to(x.dtype))
+    u = F.linear(F.dropout(x, dropout_p, True), lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        # In place is safe: nothing saved y for backward.
-        y2 = y.view(-1, y.shape[-1])
-        _add_lora_out(y2, u.reshape(-1, u.shape[-1]), B, scaling, blocks)
-        return y
-    parts = []
-    for o0, o1, a0, a1, b0, b1 in blocks:
-        parts.append((o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling))
+    parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
     if len(parts) == 1 and parts[0][:2] == (0, y.shape[-1]):
         return y + parts[0][2]
     return _scatter_add(y, parts)
@@ -373,15 +369,17 @@ def lora_linear(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     )
     if torch.compiler.is_compiling() and p > 0.0:
-        # The regenerated-mask trick needs a torch.Generator, which dynamo
-        # cannot trace; inductor recomputes its own traced dropout instead.
         return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
-                          scaling, p, True, fan_in_fan_out, blocks)
-    if not needs_grad:
-        return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
-                          scaling, p, True, fan_in_fan_out, blocks)
+                          scaling, p, fan_in_fan_out, blocks)
+    # The mask depends only on the seed, drawn the same way with or without
+    # grad: reentrant checkpointing reruns a no-grad forward with grad enabled
+    # and must see the same mask.
     seed = _draw_seed() if p > 0.0 else 0
     with torch.autocast(x.device.type, enabled=False):
+        if not needs_grad:
+            y2, _ = _forward(_cast(x, dt), weight, bias, lora_A, lora_B, float(scaling), p, seed,
+                             fan_in_fan_out, blocks)
+            return y2.view(*x.shape[:-1], y2.shape[-1])
         return _LoRALinear.apply(
             _cast(x, dt), weight, bias, lora_A, lora_B,
             float(scaling), p, seed, fan_in_fan_out, blocks,

@@ -217,12 +217,16 @@ class LoRALayer:
         if "lora_A" in self.__dict__.get("_parameters", {}):
             self.reset_lora_parameters()
 
+    def _merge_blocker(self) -> Optional[str]:
+        """Why this layer cannot merge, or None."""
+        return None
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.merge_weights:
             if mode:
                 self.unmerge()
-            else:
+            elif self._merge_blocker() is None:
                 self.merge()
         return self
 
@@ -240,6 +244,9 @@ class LoRALayer:
         """
         if self.merged or not self.has_adapter:
             return
+        blocker = self._merge_blocker()
+        if blocker is not None:
+            raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
         W = self.weight.data
         if W.dtype not in _BITS_DTYPE:
             raise TypeError(f"cannot merge into a weight of dtype {W.dtype}; expected one of {list(_BITS_DTYPE)}")
@@ -267,11 +274,13 @@ class LoRALayer:
         """Subtract the delta of (A, B) from ``W`` block by block, then add each
         block's bitwise residual; ``zip`` stops after the blocks in ``residuals``."""
         acc = torch.promote_types(W.dtype, torch.float32)
+        # The saved factors stay where they were made if the module moved while merged.
+        A, B = A.to(W.device), B.to(W.device)
         for (index, delta), residual in zip(self._delta_blocks(A, B), residuals):
             block = W[index]
             restored = (block.to(acc) - delta).to(W.dtype)
             if residual is not None:
-                _bits(restored).add_(residual.to(_BITS_DTYPE[W.dtype]))
+                _bits(restored).add_(residual.to(device=W.device, dtype=_BITS_DTYPE[W.dtype]))
             block.copy_(restored)
 
     @torch.no_grad()
@@ -305,7 +314,8 @@ class LoRALayer:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged and prefix + "weight" in destination:
             # Never write a merged weight: reloading it next to the adapter
-            # would count the adapter twice (loralib's bug).
+            # would count the adapter twice (loralib's bug). This is a restored
+            # copy, so with keep_vars=True it is a tensor, not the Parameter.
             destination[prefix + "weight"] = self.unmerged_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -561,6 +571,13 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _delta_blocks(self, A, B):
         yield (slice(None), slice(None)), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).t().mul_(self.scaling)
+
+    def _merge_blocker(self) -> Optional[str]:
+        if self.max_norm is not None:
+            # nn.Embedding renormalises looked-up rows of the weight in place,
+            # which would change a merged weight irreversibly.
+            return f"max_norm={self.max_norm} renormalises the weight in place (it stays unmerged in eval())"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         result = nn.Embedding.forward(self, x)

@@ -288,3 +288,16 @@ def test_fp32_adapters_on_bf16_base_cycles(kind):
     ym = layer(x)
     assert ym.dtype == torch.bfloat16
     assert float((ym.detach().float() - y.float()).norm() / y.float().norm()) < 2e-2
+
+
+def test_embedding_with_max_norm_refuses_to_merge():
+    # nn.Embedding renormalises looked-up weight rows in place; a merged weight
+    # would be changed irreversibly, so such a layer never merges.
+    emb = L.Embedding(10, 4, r=2, max_norm=1.0)
+    nn.init.normal_(emb.lora_A)
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="max_norm"):
+        emb.merge()
+    assert not emb.merged and torch.equal(emb.weight, before)
+    emb.eval()  # eval() keeps it unmerged instead of raising
+    assert not emb.merged

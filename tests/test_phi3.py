@@ -139,12 +139,7 @@ def lora_grads(model, checkpointing):
     ("reentrant", 0.0),
     ("non-reentrant", 0.0),
     ("non-reentrant", 0.1),  # the recompute must redraw the same dropout masks
-    pytest.param("reentrant", 0.1, marks=pytest.mark.xfail(
-        # Reentrant mode runs the first forward under no_grad, where
-        # functional.lora_linear draws its mask with F.dropout, while the
-        # recompute (grad enabled) derives it from a seed: the masks differ, so
-        # the gradients do not belong to the forward that gave the loss.
-        reason="lora_linear's no-grad dropout mask differs from its autograd mask", strict=False)),
+    ("reentrant", 0.1),  # the no-grad first pass and the recompute draw the same mask
 ])
 def test_gradient_checkpointing_matches_plain_backward(checkpointing, dropout):
     model = make_tiny_phi3(gqa=True)
