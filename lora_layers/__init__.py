@@ -23,6 +23,8 @@ from .checkpoint import (
 from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .peft_format import export_peft, import_peft
+from .surgery import inject_lora, merge_and_unload, unload
+from . import phi3  # noqa: E402  (the Phi-3 preset: lora_layers.phi3.apply_lora)
 from .utils import (
     count_lora_parameters,
     lora_modules,
@@ -52,6 +54,10 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "count_lora_parameters",
+    "inject_lora",
+    "merge_and_unload",
+    "unload",
+    "phi3",
     "save_lora",
     "load_lora",
     "LoadResult",
