@@ -1,0 +1,358 @@
+"""Layer benchmark: lora_layers vs loralib vs PEFT vs a frozen ``nn.Linear``.
+
+In one process, interleaved, on the same input, it measures per implementation
+
+* ``train``: forward + backward median time as a ratio to the *floor*, a frozen
+  ``nn.Linear`` forward plus its ``dx`` backward (x requires grad, base frozen,
+  every adapter gradient computed);
+* ``saved``: activation bytes autograd keeps for backward beyond the input and
+  the parameters (``saved_tensors_hooks``, one count per storage);
+* ``eval``: the merged eval forward (``no_grad``) as a ratio to the plain forward.
+
+Part 1 is ``Linear`` (default 3072→3072, T=2048, r=16, alpha 32, dropout 0.05
+and 0, fp32 and bf16). Part 2 is ``MergedLinear`` in the Phi-3 qkv shape, equal
+splits (3072→3·3072) against loralib's ``MergedLinear`` and PEFT on the fused
+layer, and GQA splits (3072→3072+1024+1024), which loralib cannot express.
+
+Every implementation gets the same base weight and, where the math is the same,
+the same adapter values; the script checks that their merged outputs agree.
+
+Usage::
+
+    python benchmarks/bench_layers.py --out /tmp/bench_layers.json
+    python benchmarks/bench_layers.py --quick            # tiny shapes, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+FLOOR = "frozen nn.Linear"
+LINEAR_IMPLS = ("loralib", "peft", "lora_layers")
+
+
+# ----------------------------------------------------------------------------- builders
+# Each builder takes the frozen base layer and returns (module, trainable params,
+# merge-for-eval callable). Every module owns a deep copy of the base weight, so
+# merging one never touches another.
+
+def _adapters(base: nn.Linear, r: int, n: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shared adapter values (fp32): A (r·n, in), B (Σ out of enabled splits, r); B is
+    non-zero so the merged outputs really test the delta."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(r * n, base.in_features, generator=gen) / base.in_features ** 0.5
+    b = torch.randn(base.out_features, r, generator=gen) * 0.02
+    return a, b
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float):
+    import peft
+
+    holder = nn.Sequential(OrderedDict(proj=copy.deepcopy(base)))
+    # get_peft_model with its defaults: on a bf16 base PEFT keeps fp32 adapters
+    # (autocast_adapter_dtype=True), which is what a PEFT user gets.
+    model = peft.get_peft_model(holder, peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], bias="none"))
+    layer = model.base_model.model.proj
+    return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+def build_linear(name: str, base: nn.Linear, r: int, alpha: float, p: float, ab) -> Tuple[nn.Module, list, Callable]:
+    """One ``Linear`` implementation around a copy of ``base`` with adapters ``ab``."""
+    a, b = ab
+    if name == FLOOR:
+        mod = copy.deepcopy(base).requires_grad_(False)
+        return mod, [], mod.eval
+    if name == "loralib":
+        import loralib
+
+        mod = loralib.Linear(base.in_features, base.out_features, r=r, lora_alpha=alpha, lora_dropout=p,
+                             bias=base.bias is not None, dtype=base.weight.dtype)
+        mod.load_state_dict(base.state_dict(), strict=False)
+        loralib.mark_only_lora_as_trainable(mod)
+        _set(mod.lora_A, a), _set(mod.lora_B, b)
+        return mod, [mod.lora_A, mod.lora_B], mod.eval  # loralib merges in eval()
+    if name == "peft":
+        mod, pa, pb = _peft_layer(base, r, alpha, p)
+        _set(pa, a), _set(pb, b)
+
+        def merge():
+            mod.merge()
+            mod.eval()
+        return mod, [pa, pb], merge
+    if name.startswith("lora_layers"):
+        import lora_layers
+
+        lora_dtype = torch.float32 if name.endswith("(fp32 A/B)") else None
+        mod = lora_layers.Linear.from_module(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=p,
+                                             lora_dtype=lora_dtype)
+        _set(mod.lora_A, a), _set(mod.lora_B, b)
+        return mod, [mod.lora_A, mod.lora_B], mod.eval  # merges in eval()
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+def build_merged(name: str, base: nn.Linear, r: int, alpha: float, p: float, splits: Sequence[int],
+                 ab) -> Tuple[nn.Module, list, Callable]:
+    """One fused-qkv implementation; ``splits`` are the output sizes (all enabled)."""
+    a, b = ab
+    n = len(splits)
+    if name == FLOOR:
+        return build_linear(name, base, r, alpha, p, ab)
+    if name == "loralib MergedLinear":
+        import loralib
+
+        if len(set(splits)) != 1:
+            raise ValueError(f"loralib's MergedLinear supports equal splits only, got {list(splits)}")
+        mod = loralib.MergedLinear(base.in_features, base.out_features, r=r, lora_alpha=alpha, lora_dropout=p,
+                                   enable_lora=[True] * n, bias=base.bias is not None, dtype=base.weight.dtype)
+        mod.load_state_dict(base.state_dict(), strict=False)
+        loralib.mark_only_lora_as_trainable(mod)
+        _set(mod.lora_A, a), _set(mod.lora_B, b)  # same layout as ours for equal splits
+        return mod, [mod.lora_A, mod.lora_B], mod.eval
+    if name.startswith("peft fused"):
+        # One adapter over the whole fused layer. With rank r·n and a block-diagonal
+        # B it is exactly the per-split function; with rank r it has fewer parameters.
+        same = name.endswith(f"r={r * n}")
+        mod, pa, pb = _peft_layer(base, r * n if same else r, alpha * n if same else alpha, p)
+        if same:
+            bd = torch.zeros(base.out_features, r * n)
+            o = 0
+            for j, size in enumerate(splits):
+                bd[o:o + size, j * r:(j + 1) * r] = b[o:o + size]
+                o += size
+            _set(pa, a), _set(pb, bd)
+        else:
+            _set(pa, a[:r]), _set(pb, b)
+
+        def merge():
+            mod.merge()
+            mod.eval()
+        return mod, [pa, pb], merge
+    if name == "lora_layers MergedLinear":
+        import lora_layers
+
+        mod = lora_layers.MergedLinear.from_module(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=p,
+                                                   enable_lora=[True] * n, split_sizes=list(splits))
+        _set(mod.lora_A, a), _set(mod.lora_B, b)
+        return mod, [mod.lora_A, mod.lora_B], mod.eval
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def _train_step(mod: nn.Module, x: torch.Tensor, g: torch.Tensor, params: list) -> Callable[[], None]:
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        mod(x).backward(g)
+    return step
+
+
+def _eval_step(mod: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        with torch.no_grad():
+            mod(x)
+    return step
+
+
+def measure(builds: Dict[str, Tuple[nn.Module, list, Callable]], in_features: int, out_features: int,
+            tokens: int, dtype: torch.dtype, reps: int, warmup: int = 1, do_eval: bool = True,
+            seed: int = 0) -> Dict[str, dict]:
+    """Time, saved bytes and merged-eval time of already-built implementations.
+
+    The first entry of ``builds`` must be the floor and the last one lora_layers
+    (the reference for the output check). ``reps=0`` measures saved bytes only.
+    Returns name -> figures.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(tokens, in_features, generator=gen).to(dtype).requires_grad_(True)
+    g = torch.randn(tokens, out_features, generator=gen).to(dtype)
+    names = list(builds)
+    res: Dict[str, dict] = {}
+    for name, (mod, params, _) in builds.items():
+        mod.train()
+        sb = C.saved_bytes(lambda: mod(x), exclude=[x, *mod.parameters()])
+        res[name] = {
+            "saved_bytes": sb["bytes"],
+            "saved_frac_of_x": sb["bytes"] / (x.numel() * x.element_size()),
+            "trainable_params": sum(p.numel() for p in params),
+        }
+    if reps < 1:  # saved bytes only (deterministic; used by the tokens sweep)
+        return res
+    times = C.interleaved_times({n: _train_step(builds[n][0], x, g, builds[n][1]) for n in names},
+                                reps=reps, warmup=warmup)
+    floor = C.median(times[names[0]])
+    for n in names:
+        res[n]["train_s"] = times[n]
+        res[n]["train_median_s"] = C.median(times[n])
+        res[n]["train_ratio"] = res[n]["train_median_s"] / floor
+    if do_eval:
+        xe = x.detach()
+        for _, _, merge in builds.values():
+            merge()
+        outs = {}
+        with torch.no_grad():
+            for n in names:
+                outs[n] = builds[n][0](xe).float()
+        etimes = C.interleaved_times({n: _eval_step(builds[n][0], xe) for n in names}, reps=reps, warmup=warmup)
+        efloor = C.median(etimes[names[0]])
+        ref = outs[names[-1]]  # lora_layers is always last
+        for n in names:
+            res[n]["eval_s"] = etimes[n]
+            res[n]["eval_median_s"] = C.median(etimes[n])
+            res[n]["eval_ratio"] = res[n]["eval_median_s"] / efloor
+            res[n]["max_abs_diff_vs_lora_layers"] = float((outs[n] - ref).abs().max())
+        for mod, _, _ in builds.values():
+            mod.train()
+            if hasattr(mod, "unmerge") and getattr(mod, "merged", False):
+                mod.unmerge()
+    return res
+
+
+def _base(in_features: int, out_features: int, dtype: torch.dtype, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=False).to(dtype).requires_grad_(False)
+
+
+def run_linear_case(in_features: int, out_features: int, tokens: int, r: int, alpha: float, p: float,
+                    dtype: torch.dtype, reps: int, warmup: int = 1, impls: Sequence[str] = LINEAR_IMPLS,
+                    do_eval: bool = True, seed: int = 0) -> dict:
+    """Benchmark the floor and ``impls`` (``Linear``) on one configuration.
+
+    Returns:
+        ``{"kind": "linear", "config": {...}, "results": {name: figures}}``.
+    """
+    base = _base(in_features, out_features, dtype, seed)
+    names = [FLOOR, *[n for n in impls if not n.startswith("lora_layers")],
+             *[n for n in impls if n.startswith("lora_layers")]]
+    ab = _adapters(base, r, 1, seed)
+    builds = OrderedDict((n, build_linear(n, base, r, alpha, p, ab)) for n in names)
+    res = measure(builds, in_features, out_features, tokens, dtype, reps, warmup, do_eval, seed)
+    return {"kind": "linear", "config": {"in": in_features, "out": out_features, "tokens": tokens, "r": r,
+                                         "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
+            "results": res}
+
+
+def run_merged_case(in_features: int, splits: Sequence[int], tokens: int, r: int, alpha: float, p: float,
+                    dtype: torch.dtype, reps: int, warmup: int = 1, do_eval: bool = True, seed: int = 0) -> dict:
+    """Benchmark fused-qkv implementations on one configuration (all splits enabled)."""
+    out = sum(splits)
+    base = _base(in_features, out, dtype, seed)
+    n = len(splits)
+    names = [FLOOR]
+    if len(set(splits)) == 1:
+        names.append("loralib MergedLinear")
+    names += [f"peft fused r={r}", f"peft fused r={r * n}", "lora_layers MergedLinear"]
+    ab = _adapters(base, r, n, seed)
+    builds = OrderedDict((nm, build_merged(nm, base, r, alpha, p, splits, ab)) for nm in names)
+    res = measure(builds, in_features, out, tokens, dtype, reps, warmup, do_eval, seed)
+    return {"kind": "merged", "config": {"in": in_features, "splits": list(splits), "tokens": tokens, "r": r,
+                                         "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
+            "results": res}
+
+
+# ----------------------------------------------------------------------------- report
+
+def case_title(case: dict) -> str:
+    c = case["config"]
+    shape = f"{c['in']}→{c['out']}" if case["kind"] == "linear" else f"{c['in']}→{'+'.join(map(str, c['splits']))}"
+    return f"{case['kind']} {shape}, T={c['tokens']}, r={c['r']}, alpha={c['alpha']}, dropout={c['dropout']}, {c['dtype']}"
+
+
+def case_table(case: dict) -> str:
+    """A Markdown table of one case."""
+    rows = []
+    for name, f in case["results"].items():
+        rows.append([
+            name,
+            f"{f['train_ratio']:.3f}",
+            f"{f['train_median_s'] * 1e3:.1f}",
+            C.fmt_bytes(f["saved_bytes"]),
+            f"{100 * f['saved_frac_of_x']:.2f}%",
+            f"{f['eval_ratio']:.3f}" if "eval_ratio" in f else "-",
+            f"{f['max_abs_diff_vs_lora_layers']:.1e}" if "max_abs_diff_vs_lora_layers" in f and name != FLOOR else "-",
+            f"{f['trainable_params']:,}",
+        ])
+    return C.markdown_table(
+        ["implementation", "train ratio", "train ms (median)", "saved beyond x", "saved / x",
+         "merged eval ratio", "max |y - y_lora_layers|", "trainable params"], rows)
+
+
+def _parse_shape(text: str) -> Tuple[int, int, int]:
+    try:
+        i, o, t = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must be IN,OUT,T (three integers), got {text!r}") from None
+    if min(i, o, t) < 1:
+        raise argparse.ArgumentTypeError(f"--shape values must be positive, got {text!r}")
+    return i, o, t
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=_parse_shape, default=(3072, 3072, 2048), help="IN,OUT,T (default 3072,3072,2048)")
+    ap.add_argument("--dropouts", type=_floats, default=[0.05, 0.0], help="comma list (default 0.05,0)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    ap.add_argument("--merged-dtypes", default="fp32", help="dtypes for the qkv part ('' skips it)")
+    ap.add_argument("--merged-dropouts", type=_floats, default=[0.05])
+    ap.add_argument("--kv", type=int, default=None, help="GQA k/v split size (default IN/3)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the merged-eval timing")
+    C.add_common_args(ap, reps=9)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shape, args.rank, args.reps, args.warmup = (48, 48, 32), 4, 2, 1
+    C.set_threads(args.threads)
+    in_f, out_f, tokens = args.shape
+    kv = args.kv or in_f // 3
+    dtypes = [C.parse_dtype(d) for d in args.dtypes.split(",") if d]
+    merged_dtypes = [C.parse_dtype(d) for d in args.merged_dtypes.split(",") if d]
+
+    cases = []
+
+    def report(case):
+        cases.append(case)
+        print(f"\n### {case_title(case)}\n\n{case_table(case)}", flush=True)
+
+    print(f"bench_layers: {C.machine_info()}", flush=True)
+    for dtype in dtypes:
+        for p in args.dropouts:
+            impls = list(LINEAR_IMPLS)
+            if dtype != torch.float32:
+                impls.append("lora_layers (fp32 A/B)")  # PEFT's default adapter dtype, for a like-for-like row
+            report(run_linear_case(in_f, out_f, tokens, args.rank, args.alpha, p, dtype, args.reps,
+                                   args.warmup, impls, not args.no_eval))
+    for dtype in merged_dtypes:
+        for p in args.merged_dropouts:
+            for splits in ([in_f] * 3, [in_f, kv, kv]):
+                report(run_merged_case(in_f, splits, tokens, args.rank, args.alpha, p, dtype, args.reps,
+                                       args.warmup, not args.no_eval))
+    result = {"machine": C.machine_info(), "argv": list(sys.argv[1:] if argv is None else argv),
+              "reps": args.reps, "cases": cases}
+    if args.out:
+        C.write_json(args.out, result)
+        print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Model benchmark: one LoRA training step of a random Phi-3, PEFT vs lora_layers.
+
+One step is forward + backward + ``AdamW.step()``. Three set-ups share the same
+base weights (one seeded model, deep-copied) and the same initial adapters:
+
+* ``peft``: ``get_peft_model`` on qkv_proj, o_proj, gate_up_proj, down_proj;
+* ``lora_layers (inject_lora)``: the same structure, one plain LoRA ``Linear``
+  per projection, with PEFT's initial A/B copied in;
+* ``lora_layers (phi3.apply_lora)``: ``MergedLinear`` on qkv (GQA splits) and
+  gate_up (one rank-r adapter per split, so more parameters: reported separately).
+
+B starts at zero everywhere, so the first loss is the base model's loss in all
+three (printed as a check). Reported, in one process and interleaved: the step
+time median as a ratio to PEFT, the bytes autograd saves for backward in one
+step (beyond parameters and inputs; also minus the same model without
+adapters, the *floor*, which isolates what the adapters add), the peak memory growth during a step
+(sampled RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) and the
+trainable parameters.
+
+Sizes: ``small`` (default; hidden 512, 4 layers, 8 heads / 4 KV heads,
+intermediate 1376, vocab 32064, batch 4×256, fp32 on CPU); ``mini`` (the real
+Phi-3-mini layer shapes: hidden 3072, 32 heads, intermediate 8192, vocab 32064,
+2 layers by default, bf16; meant for ``--device cuda``); ``tiny`` (``--quick``).
+
+Usage::
+
+    python benchmarks/bench_phi3_step.py
+    python benchmarks/bench_phi3_step.py --device cuda --size mini --layers 4
+    python benchmarks/bench_phi3_step.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+SIZES = {
+    # hidden, layers, heads, kv heads, intermediate, vocab, batch, seq, dtype
+    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=96, vocab=256, batch=2, seq=16, dtype="fp32"),
+    "small": dict(hidden=512, layers=4, heads=8, kv=4, inter=1376, vocab=32064, batch=4, seq=256, dtype="fp32"),
+    "mini": dict(hidden=3072, layers=2, heads=32, kv=32, inter=8192, vocab=32064, batch=4, seq=256, dtype="bf16"),
+}
+FLOOR, PEFT, INJECT, PHI3 = ("frozen base (no adapters)", "peft", "lora_layers (inject_lora)",
+                              "lora_layers (phi3.apply_lora)")
+
+
+def build_base(size: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random ``Phi3ForCausalLM`` of ``size`` on ``device`` in ``dtype``, train mode."""
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["inter"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv"],
+        max_position_embeddings=max(4096, size["seq"]), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.Phi3ForCausalLM(config).to(device=device, dtype=dtype)
+    return model.train()
+
+
+def build_models(base, r: int, alpha: float, p: float, with_phi3: bool = True) -> Dict[str, torch.nn.Module]:
+    """The three LoRA set-ups on deep copies of ``base`` (PEFT's init copied into inject_lora's)."""
+    from lora_layers.surgery import inject_lora
+
+    targets = list(C.PHI3_TARGETS)
+    floor = copy.deepcopy(base).requires_grad_(False)
+    # The floor: the same graph without adapters. Nothing in it needs a gradient,
+    # so make the embedding output require one (as checkpointing recipes do) and
+    # the whole backward through the frozen layers still runs.
+    floor.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+    torch.manual_seed(1)
+    models = {FLOOR: floor, PEFT: C.peft_lora(copy.deepcopy(base), targets, r, alpha, p)}
+    ours = copy.deepcopy(base)
+    inject_lora(ours, targets, r=r, lora_alpha=alpha, lora_dropout=p)
+    C.copy_peft_init(models[PEFT], ours)
+    models[INJECT] = ours
+    if with_phi3:
+        try:
+            from lora_layers import phi3
+        except ImportError as exc:  # the preset is optional for this benchmark
+            print(f"skipping {PHI3}: {exc}")
+        else:
+            helper = copy.deepcopy(base)
+            phi3.apply_lora(helper, r=r, lora_alpha=alpha, lora_dropout=p)
+            models[PHI3] = helper
+    for m in models.values():
+        m.train()
+    return models
+
+
+def _step_fn(model, ids: torch.Tensor, losses: list) -> Callable[[], None]:
+    params = C.trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor has none
+
+    def step():
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        losses.append(loss.item())
+    return step
+
+
+def _peak_growth(step: Callable[[], None], device: str) -> int:
+    """Peak memory growth over the memory in use before one step."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with C.PeakRSS() as rss:
+        step()
+    return rss.delta
+
+
+def run(size: dict, device: str, dtype: torch.dtype, r: int, alpha: float, p: float, reps: int,
+        warmup: int = 1, seed: int = 0, with_phi3: bool = True) -> dict:
+    """Measure the three set-ups; returns ``{"config", "results"}`` (see the module doc)."""
+    base = build_base(size, device, dtype, seed)
+    models = build_models(base, r, alpha, p, with_phi3)
+    del base
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, size["vocab"], (size["batch"], size["seq"]), generator=gen).to(device)
+    losses = {name: [] for name in models}
+    steps = {name: _step_fn(m, ids, losses[name]) for name, m in models.items()}
+
+    res = {}
+    for name, m in models.items():
+        # The first call is also the warm-up that creates AdamW's state.
+        steps[name]()
+        sb = C.saved_bytes(lambda: m(input_ids=ids, labels=ids).loss, exclude=[ids, *m.parameters()])
+        res[name] = {"first_loss": losses[name][0], "saved_bytes": sb["bytes"],
+                     "trainable_params": sum(t.numel() for t in C.trainable(m))}
+    for name in models:
+        res[name]["peak_growth_bytes"] = _peak_growth(steps[name], device)
+    times = C.interleaved_times(steps, reps=reps, warmup=max(0, warmup - 1), device=torch.device(device))
+    ref_t, ref_b = C.median(times[PEFT]), res[PEFT]["saved_bytes"]
+    floor_b = res[FLOOR]["saved_bytes"]
+    for name in models:
+        extra = res[name]["saved_bytes"] - floor_b
+        res[name].update(step_s=times[name], step_median_s=C.median(times[name]),
+                         time_ratio=C.median(times[name]) / ref_t,
+                         saved_ratio=res[name]["saved_bytes"] / ref_b if ref_b else float("nan"),
+                         adapter_saved_bytes=extra,
+                         adapter_saved_ratio=extra / (ref_b - floor_b) if ref_b > floor_b else float("nan"),
+                         peak_ratio=res[name]["peak_growth_bytes"] / res[PEFT]["peak_growth_bytes"]
+                         if res[PEFT]["peak_growth_bytes"] else float("nan"))
+    return {"config": {**size, "device": device, "dtype": str(dtype).split(".")[-1], "r": r, "alpha": alpha,
+                       "dropout": p, "reps": reps}, "results": res}
+
+
+def table(result: dict, device: str) -> str:
+    """The Markdown table of :func:`run`'s result."""
+    mem = "peak GPU mem growth" if device.startswith("cuda") else "peak RSS growth (sampled)"
+    rows = [[name, f"{f['time_ratio']:.3f}", f"{f['step_median_s'] * 1e3:.0f}", C.fmt_bytes(f["saved_bytes"]),
+             f"{f['saved_ratio']:.3f}", C.fmt_bytes(f["adapter_saved_bytes"]),
+             "-" if name == FLOOR else f"{f['adapter_saved_ratio']:.3f}",
+             C.fmt_bytes(f["peak_growth_bytes"]), f"{f['trainable_params']:,}",
+             f"{f['first_loss']:.6f}"] for name, f in result["results"].items()]
+    return C.markdown_table(["set-up", "step time / PEFT", "step ms (median)", "saved activations",
+                             "saved / PEFT", "saved beyond floor", "beyond floor / PEFT's", mem,
+                             "trainable params", "first loss"], rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (mini: 2-4)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", default=None, help="fp32/bf16/fp16 (default: the size's)")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--no-phi3", action="store_true", help="skip the phi3.apply_lora set-up")
+    C.add_common_args(ap, reps=7)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.reps = "tiny", 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here")
+    size = dict(SIZES[args.size])
+    if args.layers is not None:
+        if args.layers < 1:
+            raise SystemExit(f"--layers must be >= 1, got {args.layers}")
+        size["layers"] = args.layers
+    dtype = C.parse_dtype(args.dtype or size.pop("dtype"))
+    size.pop("dtype", None)
+    C.set_threads(args.threads)
+
+    result = run(size, args.device, dtype, args.rank, args.alpha, args.dropout, args.reps, args.warmup,
+                 with_phi3=not args.no_phi3)
+    c = result["config"]
+    print(f"bench_phi3_step: {C.machine_info(args.device)}")
+    print(f"\nPhi-3 {args.size}: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv']} KV, "
+          f"intermediate {c['inter']}, vocab {c['vocab']}, batch {c['batch']}x{c['seq']}, {c['dtype']}, "
+          f"{args.device}; r={args.rank}, alpha={args.alpha:g}, dropout={args.dropout}; {args.reps} reps\n")
+    print(table(result, args.device))
+    first = {n: f["first_loss"] for n, f in result["results"].items()}
+    print(f"\nfirst loss: {first}")
+    out = {"machine": C.machine_info(args.device), "argv": list(sys.argv[1:] if argv is None else argv), **result}
+    if args.out:
+        C.write_json(args.out, out)
+        print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Smoke tests of the benchmark scripts (tiny shapes) and the PEFT loss-parity check.
+
+No timing is asserted. What is asserted is deterministic: saved-activation
+bytes, that the compared implementations compute the same function, the first
+losses, parameter counts, and the loss curves against PEFT.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("loralib")
+pytest.importorskip("transformers")
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common  # noqa: E402
+import bench_layers  # noqa: E402
+import bench_phi3_step  # noqa: E402
+import loss_parity  # noqa: E402
+import plot  # noqa: E402
+
+
+def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = torch.randn(4, 8)
+
+    def fn():
+        y = x * h  # saves h (h needs no grad, so x is not saved)
+        z = (y * h[:2].repeat(2, 1)).sum()  # saves a new tensor (counted) ...
+        return z + (y * h).sum() + (x[:2] * w[:2]).sum()  # ... h again (one storage); views of x, w (excluded)
+
+    got = _common.saved_bytes(fn, exclude=[x, w])
+    assert got == {"bytes": 2 * h.numel() * 4, "tensors": 2, "excluded": 2}
+
+
+def test_interleaved_times_runs_every_callable_reps_times():
+    calls = []
+    times = _common.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      reps=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotated rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="reps"):
+        _common.interleaved_times({"a": lambda: None}, reps=0)
+
+
+def test_bench_layers_quick(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    bench_layers.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert "| lora_layers |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    cases = data["cases"]
+    assert len(cases) == 6  # fp32/bf16 x dropout 0.05/0, then qkv equal and GQA splits
+    for case in cases:
+        c, res = case["config"], case["results"]
+        tokens, r = c["tokens"], c["r"]
+        esize = 4 if c["dtype"] == "float32" else 2
+        n = len(c["splits"]) if case["kind"] == "merged" else 1
+        ours = res["lora_layers MergedLinear" if case["kind"] == "merged" else "lora_layers"]
+        # The lean path keeps only u = drop(x) Aᵀ (T × r·n), with or without dropout.
+        assert ours["saved_bytes"] == tokens * r * n * esize, (case["kind"], c)
+        assert res[bench_layers.FLOOR]["saved_bytes"] == 0
+        for name, f in res.items():
+            assert f["train_ratio"] > 0 and f["eval_ratio"] > 0, name
+            # Every implementation computing the same function agrees with lora_layers.
+            if name != bench_layers.FLOOR and name != f"peft fused r={r}":
+                tol = 1e-4 if c["dtype"] == "float32" else 0.1
+                assert f["max_abs_diff_vs_lora_layers"] <= tol, (name, c)
+        if case["kind"] == "linear" and c["dropout"] > 0:
+            # loralib and PEFT keep the dropped copy of x and its mask: ≥ 1 x.
+            x_bytes = tokens * c["in"] * esize
+            assert res["loralib"]["saved_bytes"] >= x_bytes
+            assert res["peft"]["saved_bytes"] >= x_bytes
+
+
+def test_bench_phi3_step_quick(tmp_path):
+    out = tmp_path / "phi3.json"
+    data = bench_phi3_step.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["config"]["layers"] == 2
+    res = data["results"]
+    peft, inject = res[bench_phi3_step.PEFT], res[bench_phi3_step.INJECT]
+    # Same base weights and adapter init: the same first loss and parameter count.
+    assert inject["first_loss"] == pytest.approx(peft["first_loss"], abs=1e-6)
+    assert inject["trainable_params"] == peft["trainable_params"]
+    # No stored dropout masks or dropped copies of x.
+    assert inject["saved_bytes"] < peft["saved_bytes"]
+    if bench_phi3_step.PHI3 in res:
+        phi3 = res[bench_phi3_step.PHI3]
+        assert phi3["first_loss"] == pytest.approx(peft["first_loss"], abs=1e-6)
+        assert phi3["trainable_params"] > peft["trainable_params"]  # one adapter per split
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_loss_parity_with_peft(tiny_phi3_factory, gqa):
+    res = loss_parity.run_parity(lambda: tiny_phi3_factory(gqa=gqa), steps=20)
+    assert len(res["peft"]) == len(res["lora_layers"]) == 20
+    assert res["modules"] == 8  # 2 layers x 4 projections
+    assert res["trainable"]["peft"] == res["trainable"]["lora_layers"]
+    assert res["adapter_max_abs"] > 0  # the adapters trained: B left zero
+    assert res["lora_layers"][-1] < res["lora_layers"][0]  # and the loss fell
+    for step, (a, b) in enumerate(zip(res["peft"], res["lora_layers"])):
+        assert abs(a - b) <= 1e-5, f"step {step}: PEFT {a} vs lora_layers {b}"
+
+
+def test_plot_quick(tmp_path):
+    data = tmp_path / "sweeps.json"
+    paths = plot.main(["--quick", "--threads", "1", "--outdir", str(tmp_path / "img"), "--data", str(data)])
+    assert len(paths) == 3
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Re-plotting saved data needs no benchmark run.
+    again = plot.main(["--no-run", "--data", str(data), "--outdir", str(tmp_path / "img2")])
+    assert [os.path.basename(p) for p in again] == [os.path.basename(p) for p in paths]
