@@ -1,0 +1,474 @@
+"""Fine-tune Phi-3 with LoRA adapters: one readable script, a hand-written training loop.
+
+    python examples/phi3_finetune.py                        # offline demo: tiny random Phi-3, bundled data
+    python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --data chats.jsonl
+    torchrun --nproc_per_node 4 examples/phi3_finetune.py --model /path/to/Phi-3-mini ...   # DDP
+
+Every key of ``training_config`` and ``lora_config`` below is also a flag
+(``--learning-rate 1e-4``, ``--r 8``, ``--no-gradient-checkpointing`` ...).
+Outputs, under ``--output-dir``: checkpoints/step-N/ (adapter + optimizer state,
+the last ``save_total_limit`` kept), lora_adapter.safetensors, peft_adapter/,
+merged/ (with ``--merge``), loss_curve.png, train_log.json and summary.json.
+See docs/phi3.md.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import phi3_data  # noqa: E402  (examples/phi3_data.py: loading, synthetic task, tokenization)
+
+import lora_layers as lora  # noqa: E402
+from lora_layers.checkpoint import load_training_state, save_lora, save_training_state  # noqa: E402
+from lora_layers.peft_format import export_peft  # noqa: E402
+from lora_layers.phi3 import apply_lora  # noqa: E402
+from lora_layers.surgery import merge_and_unload  # noqa: E402
+
+# ----------------------------------------------------------------------------- configuration
+# Defaults for a pretrained Phi-3 (cf. the model card's sample_finetune.py, which uses r=16,
+# alpha=32, dropout 0.05 on all four projections, cosine schedule, warmup 0.2, bf16).
+training_config = {
+    "learning_rate": 2e-4,
+    "batch_size": 4,                   # micro-batch per process
+    "gradient_accumulation_steps": 4,
+    "num_epochs": 1,
+    "max_steps": -1,                   # > 0 overrides num_epochs
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "cosine",          # linear warmup, then cosine decay to min_lr_ratio * lr
+    "min_lr_ratio": 0.0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "logging_steps": 20,
+    "eval_steps": 100,
+    "save_steps": 100,
+    "save_total_limit": 2,             # checkpoints kept
+    "seed": 42,
+    "bf16": True,                      # autocast (and bf16 weights) on CUDA; CPU runs fp32
+    "gradient_checkpointing": None,    # None: on for real checkpoints, off for --model tiny
+    "max_length": 2048,
+    "eval_fraction": 0.05,             # held out of each data source
+    "synthetic_examples": 0,           # string-reversal chats added to the data
+    "exact_match_prompts": 200,        # held-out synthetic prompts scored by greedy exact match
+    "cpu_threads": 0,                  # torch threads on CPU; 0 keeps torch's default
+}
+lora_config = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "targets": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "qkv": ("q", "k", "v"),            # which parts of the fused qkv_proj get adapters
+    "use_rslora": False,               # scaling alpha/sqrt(r) instead of alpha/r
+    "lora_dtype": "float32",           # fp32 adapters on a bf16 base
+}
+# The offline demo (--model tiny) trains adapters on a *random* base model: it needs a larger
+# learning rate and rank than a pretrained one. These replace the defaults above for
+# --model tiny (explicit flags still win).
+tiny_overrides = {
+    "learning_rate": 1e-3, "batch_size": 32, "gradient_accumulation_steps": 1, "max_steps": 600,
+    "warmup_ratio": 0.05, "logging_steps": 10, "eval_steps": 200, "save_steps": 200, "max_length": 256,
+    "eval_fraction": 0.1, "synthetic_examples": 3000, "r": 32, "lora_alpha": 32, "lora_dropout": 0.0,
+    "use_rslora": True,
+    # Its matmuls are too small to gain from a second thread, and OpenMP threads spin badly on shared cores.
+    "cpu_threads": 1,
+}
+tiny_model_config = {
+    "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    # The frozen random lm_head bounds a logit by about initializer_range * hidden_size (the final
+    # RMSNorm fixes the hidden state's norm): 0.02 would cap confidence at ~2.6 nats; 0.06 allows ~7.7.
+    "initializer_range": 0.06,
+}
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "chat_instructions.jsonl"
+
+
+def parse_args():
+    """One flag per config key (defaults suppressed, so only explicit flags override)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (offline random Phi-3) or a path/id for from_pretrained")
+    p.add_argument("--data", default=None, help="ultrachat-style JSONL; default: bundled chats + synthetic task")
+    p.add_argument("--output-dir", default="out/phi3-lora")
+    p.add_argument("--resume", default=None, help="a checkpoints/step-N folder to continue from exactly")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
+    p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload)")
+    p.add_argument("--adapter-checksum", action="store_true", help="each rank writes a hash of its adapter")
+    for group, config, prefix in (("training_config", training_config, ""), ("lora_config", lora_config, ""),
+                                  ("tiny_model_config", tiny_model_config, "tiny_")):
+        g = p.add_argument_group(group)
+        for key, default in config.items():
+            key = prefix + key
+            flag = "--" + key.replace("_", "-")
+            if isinstance(default, bool) or key == "gradient_checkpointing":
+                g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            elif isinstance(default, tuple):
+                g.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="A,B",
+                               type=lambda s: tuple(x for x in s.split(",") if x))
+            else:
+                g.add_argument(flag, dest=key, type=type(default), default=argparse.SUPPRESS)
+    return p, p.parse_args()
+
+
+parser, args = parse_args()
+tiny_model_config.update({k[5:]: v for k, v in vars(args).items() if k.startswith("tiny_")})
+explicit = {k: v for k, v in vars(args).items() if k in training_config or k in lora_config}
+for config in (training_config, lora_config):
+    config.update({k: v for k, v in tiny_overrides.items() if k in config and args.model == "tiny"})
+    config.update({k: v for k, v in explicit.items() if k in config})
+if args.data is None and "synthetic_examples" not in explicit and args.model != "tiny":
+    training_config["synthetic_examples"] = 0
+tc, lc = training_config, lora_config
+
+# ----------------------------------------------------------------------------- processes and device
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+if ddp:  # launched by torchrun
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+else:
+    rank, world_size, local_rank = 0, 1, 0
+master = rank == 0
+if torch.cuda.is_available():
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+else:
+    device = torch.device("cpu")
+if device.type == "cpu" and tc["cpu_threads"] > 0:
+    torch.set_num_threads(tc["cpu_threads"])
+use_bf16 = tc["bf16"] and device.type == "cuda"
+log = print if master else (lambda *a, **k: None)
+torch.manual_seed(tc["seed"])
+out_dir = Path(args.output_dir)
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+# ----------------------------------------------------------------------------- data (conversations)
+try:
+    chats = phi3_data.load_chat_jsonl(args.data or DEFAULT_DATA)
+except ValueError as exc:
+    parser.error(str(exc))
+synthetic = phi3_data.synthetic_reversal(tc["synthetic_examples"], seed=tc["seed"])
+chat_train, chat_eval = phi3_data.split_eval(chats, tc["eval_fraction"], tc["seed"])
+syn_train, syn_eval = phi3_data.split_eval(synthetic, tc["eval_fraction"], tc["seed"]) if synthetic else ([], [])
+train_chats, eval_chats = chat_train + syn_train, chat_eval + syn_eval
+
+# ----------------------------------------------------------------------------- tokenizer and model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM  # noqa: E402
+
+if args.model == "tiny":
+    # A character-level tokenizer trained right now on the data, with Phi-3's special tokens and
+    # chat template, and a small random Phi-3 with grouped-query attention (4 heads, 2 KV heads).
+    tokenizer = phi3_data.build_char_tokenizer(
+        [tokenizer_text for c in chats + synthetic for m in c for tokenizer_text in (m["content"], m["role"])])
+    model_config = Phi3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              attn_implementation=args.attn_implementation, **tiny_model_config)
+    torch.manual_seed(tc["seed"])  # identical base weights on every rank
+    model = Phi3ForCausalLM(model_config)
+    base_model_path = out_dir / "base_model"  # saved below so the PEFT export has a base to load on
+else:
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                                                 attn_implementation=args.attn_implementation)
+    base_model_path = args.model
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+model.config.use_cache = False
+model.to(device)
+if master and args.model == "tiny":
+    model.save_pretrained(base_model_path)
+    tokenizer.save_pretrained(base_model_path)
+
+# ----------------------------------------------------------------------------- LoRA surgery
+# qkv_proj and gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]);
+# o_proj and down_proj become Linear. Everything but the adapters is frozen.
+gradient_checkpointing = tc["gradient_checkpointing"]
+if gradient_checkpointing is None:
+    gradient_checkpointing = args.model != "tiny"
+lora_dtype = getattr(torch, lc["lora_dtype"]) if lc["lora_dtype"] else None
+replaced = apply_lora(model, r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
+                      targets=lc["targets"], qkv=lc["qkv"], use_rslora=lc["use_rslora"], lora_dtype=lora_dtype,
+                      gradient_checkpointing=gradient_checkpointing)
+lora.mark_only_lora_as_trainable(model)  # (apply_lora already did; the loralib idiom, for clarity)
+n_trainable = lora.count_lora_parameters(model)
+n_total = sum(p.numel() for p in model.parameters())
+raw_model = model
+if ddp:
+    model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+# ----------------------------------------------------------------------------- data (tokens)
+def encode(conversations):
+    return [phi3_data.tokenize_chat(tokenizer, c, tc["max_length"]) for c in conversations]
+
+
+train_data, eval_data = encode(train_chats), encode(eval_chats)
+eval_sets = {"all": eval_data, "chat": encode(chat_eval), "synthetic": encode(syn_eval)}
+exact_match_set = syn_eval[: tc["exact_match_prompts"]]
+# DistributedSampler shards across ranks (one shard without torchrun); its order depends only on
+# (seed, epoch), so a resumed run can rebuild exactly where it was.
+sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
+                             drop_last=True)
+micro_per_epoch = len(sampler) // tc["batch_size"]
+if micro_per_epoch < tc["gradient_accumulation_steps"]:
+    parser.error(f"{len(train_data)} training examples are too few for batch_size={tc['batch_size']} x "
+                 f"gradient_accumulation_steps={tc['gradient_accumulation_steps']} x {world_size} processes")
+steps_per_epoch = micro_per_epoch // tc["gradient_accumulation_steps"]
+max_steps = tc["max_steps"] if tc["max_steps"] > 0 else steps_per_epoch * tc["num_epochs"]
+
+
+def micro_batches(start):
+    """Micro-batches from global micro-batch index ``start`` on, epoch after epoch."""
+    epoch, skip = divmod(start, micro_per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        batches = phi3_data.length_grouped_batches(list(sampler), [len(e["input_ids"]) for e in train_data],
+                                                   tc["batch_size"], seed=tc["seed"] + epoch)
+        for idx in batches[skip:micro_per_epoch]:
+            batch = phi3_data.collate([train_data[j] for j in idx], tokenizer.pad_token_id)
+            yield {k: v.to(device) for k, v in batch.items()}
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+optimizer = torch.optim.AdamW(lora.lora_parameters(raw_model), lr=tc["learning_rate"],
+                              weight_decay=tc["weight_decay"])
+warmup_steps = int(tc["warmup_ratio"] * max_steps)
+
+
+def lr_lambda(step):
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if tc["lr_scheduler"] == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return tc["min_lr_ratio"] + (1 - tc["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+# ----------------------------------------------------------------------------- evaluation helpers
+@torch.no_grad()
+def eval_loss(examples):
+    """Token-weighted mean loss over ``examples`` (eval mode merges the adapters: fast)."""
+    if not examples:
+        return float("nan")
+    raw_model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), tc["batch_size"] * 4):
+        batch = {k: v.to(device) for k, v in
+                 phi3_data.collate(examples[i:i + tc["batch_size"] * 4], tokenizer.pad_token_id).items()}
+        with autocast:
+            loss = raw_model(**batch).loss
+        n = int((batch["labels"][:, 1:] != phi3_data.IGNORE_INDEX).sum())
+        total, count = total + float(loss) * n, count + n
+    raw_model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(conversations, max_new_tokens):
+    """Greedy replies to every conversation's prompt (batched by prompt length: no padding)."""
+    raw_model.eval()
+    prompts = [phi3_data.prompt_ids(tokenizer, c) for c in conversations]
+    replies = [None] * len(prompts)
+    by_length = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    for group in by_length.values():
+        for j in range(0, len(group), 64):
+            rows = group[j:j + 64]
+            ids = torch.tensor([prompts[i] for i in rows], device=device)
+            with autocast:
+                out = raw_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=max_new_tokens, eos_token_id=phi3_data.stop_token_ids(tokenizer),
+                                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            for i, seq in zip(rows, out[:, ids.shape[1]:]):
+                replies[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    raw_model.train()
+    return replies
+
+
+def exact_match(conversations):
+    if not conversations:
+        return float("nan")
+    replies = generate(conversations, max_new_tokens=16)
+    return sum(r == c[-1]["content"] for r, c in zip(replies, conversations)) / len(conversations)
+
+
+def evaluate_all():
+    return {name: eval_loss(examples) for name, examples in eval_sets.items()}
+
+
+def adapter_digest(module):
+    h = hashlib.sha256()
+    for name, t in sorted(lora.lora_state_dict(module).items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- resume or start
+step, history, baseline = 0, {"train": [], "eval": []}, None
+if args.resume:
+    state = load_training_state(args.resume, raw_model, optimizer, scheduler)
+    step = int(state["step"])
+    extra = state.get("extra") or {}
+    history, baseline = extra.get("history", history), extra.get("baseline")
+    if extra.get("max_steps") not in (None, max_steps):
+        log(f"warning: the checkpoint was made for max_steps={extra['max_steps']}, now {max_steps}: "
+            f"the learning-rate schedule differs from the original run")
+    log(f"resumed from {args.resume} at step {step}")
+if baseline is None:  # the untrained model's figures, kept in checkpoints for resumed runs
+    baseline = {"eval_loss": evaluate_all(), "exact_match": exact_match(exact_match_set)}
+
+log(f"model: {args.model}  LoRA on {len(replaced)} modules ({', '.join(lc['targets'])}), r={lc['r']}, "
+    f"alpha={lc['lora_alpha']}, rsLoRA={lc['use_rslora']}")
+log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
+log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
+    f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")
+log(f"before training: eval loss {baseline['eval_loss']['all']:.4f} "
+    f"(ppl {math.exp(min(baseline['eval_loss']['all'], 50)):.1f}), synthetic exact match "
+    f"{baseline['exact_match']:.1%}")
+
+
+def save_checkpoint(step):
+    """LoRA-only checkpoint + training state in checkpoints/step-N; keeps the last N folders."""
+    ckpt = out_dir / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_lora(raw_model, ckpt / "adapter.safetensors", metadata={"step": str(step)})
+    save_training_state(ckpt, raw_model, optimizer, scheduler, step=step,
+                        extra={"history": history, "baseline": baseline, "max_steps": max_steps})
+    for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- training loop
+model.train()
+batches = micro_batches(step * tc["gradient_accumulation_steps"])
+params = lora.lora_parameters(raw_model)
+accum = tc["gradient_accumulation_steps"]
+tokens_seen, train_time = 0, 0.0
+bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+while step < max_steps:
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(accum):
+        batch = next(batches)
+        # Gradients are all-reduced (DDP) only on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss = model(**batch).loss / accum
+            loss.backward()
+        loss_sum += loss.detach()
+        tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"])
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if ddp:  # the logged loss and throughput cover all ranks
+        stats = torch.tensor([float(loss_sum), tokens], device=device, dtype=torch.float64)
+        dist.all_reduce(stats)
+        loss_value, tokens = float(stats[0]) / world_size, int(stats[1])
+    else:
+        loss_value = float(loss_sum)
+    train_time += time.perf_counter() - t0
+    tokens_seen += tokens
+    history["train"].append({"step": step, "loss": loss_value, "lr": lr})
+    bar.update(1)
+    if step % tc["logging_steps"] == 0 or step == max_steps:
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / train_time:,.0f}")
+    if step % tc["eval_steps"] == 0 or step == max_steps:
+        losses = evaluate_all()
+        history["eval"].append({"step": step, **losses})
+        if master:
+            bar.write(f"step {step}: eval loss {losses['all']:.4f} (ppl {math.exp(min(losses['all'], 50)):.2f}); "
+                      f"chat {losses['chat']:.4f}, synthetic {losses['synthetic']:.4f}")
+    if step % tc["save_steps"] == 0 and master:
+        save_checkpoint(step)
+bar.close()
+
+# ----------------------------------------------------------------------------- final results
+final = {"eval_loss": history["eval"][-1] if history["eval"] else evaluate_all(),
+         "exact_match": exact_match(exact_match_set)}
+samples = (syn_eval[:2] + chat_eval[:2])[:4]
+replies = generate(samples, max_new_tokens=64)
+if args.adapter_checksum:  # lets the DDP test check that every rank holds the same adapter
+    (out_dir / f"adapter_checksum.rank{rank}.txt").write_text(adapter_digest(raw_model) + "\n")
+if device.type == "cuda":
+    peak_memory = torch.cuda.max_memory_allocated(device)
+    memory_kind = "max_memory_allocated"
+else:
+    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    memory_kind = "peak RSS"
+
+if master:
+    save_lora(raw_model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
+    export_peft(raw_model, out_dir / "peft_adapter", base_model_name_or_path=str(base_model_path))
+    tokenizer.save_pretrained(out_dir / "peft_adapter")
+    (out_dir / "train_log.json").write_text(json.dumps(history, indent=1))
+
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history["train"]], [h["loss"] for h in history["train"]], label="train", alpha=0.7)
+    ax.plot([0] + [h["step"] for h in history["eval"]],
+            [baseline["eval_loss"]["all"]] + [h["all"] for h in history["eval"]], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss", title=f"Phi-3 LoRA ({args.model})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curve.png", dpi=100)
+
+    before, after = baseline["eval_loss"]["all"], final["eval_loss"]["all"]
+    summary = {
+        "model": args.model, "steps": step, "world_size": world_size, "device": str(device),
+        "eval_loss_before": baseline["eval_loss"], "eval_loss_after": {k: final["eval_loss"][k] for k in eval_sets},
+        "eval_loss_reduction": 1 - after / before,
+        "exact_match_before": baseline["exact_match"], "exact_match_after": final["exact_match"],
+        "exact_match_prompts": len(exact_match_set),
+        "trainable_params": n_trainable, "total_params": n_total,
+        "tokens_per_second": tokens_seen / train_time if train_time else None,
+        "train_seconds_this_run": train_time, "peak_memory_bytes": peak_memory, "peak_memory_kind": memory_kind,
+        "samples": [{"prompt": c[:-1], "reply": r, "reference": c[-1]["content"]} for c, r in zip(samples, replies)],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n==== summary ====")
+    print(f"eval loss        {before:.4f} -> {after:.4f}  ({summary['eval_loss_reduction']:.1%} lower; "
+          f"ppl {math.exp(min(before, 50)):.1f} -> {math.exp(min(after, 50)):.2f})")
+    print(f"  chat / synthetic  {baseline['eval_loss']['chat']:.3f} -> {final['eval_loss']['chat']:.3f}  /  "
+          f"{baseline['eval_loss']['synthetic']:.3f} -> {final['eval_loss']['synthetic']:.3f}")
+    print(f"exact match      {baseline['exact_match']:.1%} -> {final['exact_match']:.1%}  "
+          f"(greedy, {len(exact_match_set)} held-out reversal prompts)")
+    print(f"parameters       {n_trainable:,} trainable / {n_total:,} total ({100 * n_trainable / n_total:.2f}%)")
+    print(f"throughput       {summary['tokens_per_second'] or 0:,.0f} tokens/s over {train_time:.1f} s of training")
+    print(f"peak memory      {peak_memory / 2**20:,.0f} MiB ({memory_kind}, rank 0)")
+    for c, r in zip(samples, replies):
+        print(f"--- {c[-2]['content']!r}\n    -> {r!r}  (reference {c[-1]['content']!r})")
+    print(f"outputs in {out_dir}/")
+
+if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
+    merged = merge_and_unload(raw_model)
+    merged.config.use_cache = True
+    merged.save_pretrained(out_dir / "merged")
+    tokenizer.save_pretrained(out_dir / "merged")
+    print(f"merged model saved to {out_dir / 'merged'}")
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""End-to-end tests of examples/phi3_finetune.py, run in subprocesses on the tiny offline model.
+
+One short training run (module fixture) serves the artifact, learning and resume
+tests; the DDP and bad-data tests make their own runs. Sizes are cut down with
+flags so the whole file stays well under two minutes on 2 cores.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "phi3_finetune.py"
+STEPS, SAVE_AT = 24, 12
+# Small data and eval sets; dropout on, so the resume test also covers the RNG state.
+SMALL = ["--synthetic-examples", "300", "--exact-match-prompts", "8", "--batch-size", "16",
+         "--lora-dropout", "0.1", "--max-steps", str(STEPS), "--eval-steps", str(SAVE_AT),
+         "--save-steps", str(SAVE_AT), "--logging-steps", "4"]
+
+
+def run_script(*args, launcher=(), timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, *launcher, str(SCRIPT), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    return proc
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_script("--output-dir", out, "--merge", *SMALL)
+    check_ok(proc)
+    return out, proc
+
+
+def train_losses(out):
+    return {h["step"]: h["loss"] for h in json.loads((out / "train_log.json").read_text())["train"]}
+
+
+def test_end_to_end_writes_checkpoints_exports_and_plot(first_run):
+    out, proc = first_run
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == [f"step-{SAVE_AT:06d}", f"step-{STEPS:06d}"]
+    for ckpt in ckpts:
+        assert (out / "checkpoints" / ckpt / "adapter.safetensors").stat().st_size > 0
+    assert (out / "lora_adapter.safetensors").is_file()
+    config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert set(config["target_modules"]) >= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert (out / "peft_adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and 0 < summary["trainable_params"] < summary["total_params"]
+    assert "==== summary ====" in proc.stdout and "exact match" in proc.stdout
+
+
+def test_final_artifacts_agree(first_run):
+    """base + the native adapter (lora_layers) gives the logits of the saved merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_layers.checkpoint import load_lora
+    from lora_layers.phi3 import apply_lora
+
+    out, _ = first_run
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    apply_lora(base, r=32, lora_alpha=32, use_rslora=True, lora_dtype=torch.float32)
+    load_lora(base, out / "lora_adapter.safetensors")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    ids = torch.randint(0, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted, reference = base.train(False)(ids).logits, merged.eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()(ids).logits
+    assert torch.allclose(adapted, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, reference, atol=1e-3)  # training changed something
+
+
+def test_loss_decreases_on_synthetic_task(first_run):
+    out, _ = first_run
+    losses = train_losses(out)
+    first = sum(losses[s] for s in range(1, 5)) / 4
+    last = sum(losses[s] for s in range(STEPS - 3, STEPS + 1)) / 4
+    assert last < 0.95 * first, (first, last)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_after"]["all"] < summary["eval_loss_before"]["all"]
+
+
+def test_resume_continues_exactly(first_run, tmp_path):
+    out, _ = first_run
+    resumed = tmp_path / "resumed"
+    proc = run_script("--output-dir", resumed, "--resume", out / "checkpoints" / f"step-{SAVE_AT:06d}", *SMALL)
+    check_ok(proc)
+    assert f"resumed from" in proc.stdout
+    full, again = train_losses(out), train_losses(resumed)
+    assert sorted(again) == list(range(1, STEPS + 1))  # history up to the checkpoint comes along
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        assert again[step] == full[step], (step, again[step], full[step])
+    a = json.loads((out / "summary.json").read_text())
+    b = json.loads((resumed / "summary.json").read_text())
+    assert b["eval_loss_before"] == a["eval_loss_before"]
+    assert b["eval_loss_after"] == a["eval_loss_after"]
+
+
+def test_ddp_two_gloo_processes_keep_identical_adapters(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script("--output-dir", out, "--adapter-checksum", "--synthetic-examples", "200",
+                      "--exact-match-prompts", "4", "--batch-size", "8", "--max-steps", "4", "--eval-steps", "4",
+                      "--save-steps", "4", launcher=("-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc_per_node", "2"))
+    check_ok(proc)
+    sums = [(out / f"adapter_checksum.rank{r}.txt").read_text().strip() for r in (0, 1)]
+    assert len(sums[0]) == 64 and sums[0] == sums[1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+BAD_DATA = {
+    "missing": (None, "file not found"),
+    "malformed": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                  '{"messages": [{"role": "user", "content": "oops"\n', "line 2: malformed JSON"),
+    "schema": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n\n'
+               '{"conversation": ["hi"]}\n', "line 3: wrong schema"),
+    "role": ('{"messages": [{"role": "human", "content": "hi"}]}\n', "line 1: wrong schema in messages[0]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_names_file_and_line(case, tmp_path):
+    text, expected = BAD_DATA[case]
+    path = tmp_path / "chats.jsonl"
+    if text is not None:
+        path.write_text(text)
+    proc = run_script("--data", path, "--output-dir", tmp_path / "out", timeout=60)
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
