@@ -12,10 +12,13 @@ PEFT's adapter format lives in :mod:`lora_layers.peft_format`.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import random
+import struct
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -167,12 +170,43 @@ def _to_storable(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _raw_bytes(t: Tensor) -> bytes:
+    """The bytes of a contiguous CPU tensor, without numpy (not a core dependency)."""
+    n = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
+
+
+def st_serialize(tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> bytes:
+    """safetensors bytes: 8-byte little-endian header size, JSON header, raw data.
+
+    Written here because ``safetensors.torch.save`` imports numpy.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedError("writing safetensors on a big-endian machine is not supported")
+    header, blobs, offset = {"__metadata__": dict(metadata)}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        data = _raw_bytes(t)
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
 def _checksum(tensors: Dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(_raw_bytes(t))
     return h.hexdigest()
 
 
@@ -241,12 +275,11 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
         TypeError: ``metadata`` is not a dict of str -> str.
         FileNotFoundError / PermissionError / IsADirectoryError: bad destination.
     """
-    from safetensors.torch import save as st_save
 
     user = _check_user_metadata(metadata)
     _check_destination(path, "LoRA checkpoint")
     tensors, header = _adapter_payload(model, bias)
-    data = st_save(tensors, metadata={**user, **header})
+    data = st_serialize(tensors, {**user, **header})
     atomic_write(path, lambda f: _write_bytes(f, data), "LoRA checkpoint")
 
 
@@ -556,7 +589,6 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         ValueError: bad ``bias``.
         FileNotFoundError / PermissionError: bad destination (nothing is written).
     """
-    from safetensors.torch import save as st_save
 
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {step!r}")
@@ -575,7 +607,7 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
                    META_SHA256: _checksum(tensors)})
     path = _state_file(path_or_dir, create=True)
     _check_destination(path, "training state")
-    data = st_save(tensors, metadata=header)
+    data = st_serialize(tensors, header)
     atomic_write(path, lambda f: _write_bytes(f, data), "training state")
 
 

@@ -479,3 +479,28 @@ def test_training_state_rejects_objects_and_mismatches(tmp_path):
     with pytest.raises(CheckpointError, match="not a lora_layers training state"):
         save_lora(model, tmp_path / "plain.safetensors")
         load_training_state(tmp_path / "plain.safetensors", model, opt)
+
+
+def test_numpy_free_writer_matches_the_safetensors_library():
+    # save_lora writes safetensors itself (safetensors.torch.save needs numpy,
+    # which is not a core dependency): the library must read it back exactly.
+    from safetensors.torch import load
+
+    from lora_layers.checkpoint import st_serialize
+
+    tensors = {
+        "b.f64": torch.randn(3, 2, dtype=torch.float64), "a.f32": torch.randn(5),
+        "c.f16": torch.randn(2, 3).half(), "d.bf16": torch.randn(4, 1).bfloat16(),
+        "e.i64": torch.arange(7), "f.i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "g.bool": torch.tensor([True, False, True]), "h.empty": torch.empty(0, 4),
+        "i.scalar": torch.tensor(2.5), "j.noncontig": torch.randn(4, 6).t(),
+    }
+    data = st_serialize(tensors, {"k": "v"})
+    back = load(data)
+    assert sorted(back) == sorted(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    import json
+    import struct
+    (n,) = struct.unpack("<Q", data[:8])
+    assert n % 8 == 0 and json.loads(data[8:8 + n])["__metadata__"] == {"k": "v"}
