@@ -32,11 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import phi3_data  # noqa: E402  (examples/phi3_data.py: loading, synthetic task, tokenization)
 
-import lora_layers as lora  # noqa: E402
-from lora_layers.checkpoint import load_training_state, save_lora, save_training_state  # noqa: E402
-from lora_layers.peft_format import export_peft  # noqa: E402
-from lora_layers.phi3 import apply_lora  # noqa: E402
-from lora_layers.surgery import merge_and_unload  # noqa: E402
+import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
 
 # ----------------------------------------------------------------------------- configuration
 # Defaults for a pretrained Phi-3 (cf. the model card's sample_finetune.py, which uses r=16,
@@ -127,7 +123,7 @@ explicit = {k: v for k, v in vars(args).items() if k in training_config or k in 
 for config in (training_config, lora_config):
     config.update({k: v for k, v in tiny_overrides.items() if k in config and args.model == "tiny"})
     config.update({k: v for k, v in explicit.items() if k in config})
-if args.data is None and "synthetic_examples" not in explicit and args.model != "tiny":
+if args.data is not None and "synthetic_examples" not in explicit:  # the synthetic task goes with the default data
     training_config["synthetic_examples"] = 0
 tc, lc = training_config, lora_config
 
@@ -197,9 +193,9 @@ gradient_checkpointing = tc["gradient_checkpointing"]
 if gradient_checkpointing is None:
     gradient_checkpointing = args.model != "tiny"
 lora_dtype = getattr(torch, lc["lora_dtype"]) if lc["lora_dtype"] else None
-replaced = apply_lora(model, r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"],
-                      targets=lc["targets"], qkv=lc["qkv"], use_rslora=lc["use_rslora"], lora_dtype=lora_dtype,
-                      gradient_checkpointing=gradient_checkpointing)
+replaced = lora.phi3.apply_lora(
+    model, r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"], targets=lc["targets"],
+    qkv=lc["qkv"], use_rslora=lc["use_rslora"], lora_dtype=lora_dtype, gradient_checkpointing=gradient_checkpointing)
 lora.mark_only_lora_as_trainable(model)  # (apply_lora already did; the loralib idiom, for clarity)
 n_trainable = lora.count_lora_parameters(model)
 n_total = sum(p.numel() for p in model.parameters())
@@ -214,6 +210,7 @@ def encode(conversations):
 
 train_data, eval_data = encode(train_chats), encode(eval_chats)
 eval_sets = {"all": eval_data, "chat": encode(chat_eval), "synthetic": encode(syn_eval)}
+eval_sets = {name: examples for name, examples in eval_sets.items() if examples}
 exact_match_set = syn_eval[: tc["exact_match_prompts"]]
 # DistributedSampler shards across ranks (one shard without torchrun); its order depends only on
 # (seed, epoch), so a resumed run can rebuild exactly where it was.
@@ -262,13 +259,11 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 @torch.no_grad()
 def eval_loss(examples):
     """Token-weighted mean loss over ``examples`` (eval mode merges the adapters: fast)."""
-    if not examples:
-        return float("nan")
     raw_model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), tc["batch_size"] * 4):
+    for i in range(0, len(examples), tc["batch_size"]):
         batch = {k: v.to(device) for k, v in
-                 phi3_data.collate(examples[i:i + tc["batch_size"] * 4], tokenizer.pad_token_id).items()}
+                 phi3_data.collate(examples[i:i + tc["batch_size"]], tokenizer.pad_token_id).items()}
         with autocast:
             loss = raw_model(**batch).loss
         n = int((batch["labels"][:, 1:] != phi3_data.IGNORE_INDEX).sum())
@@ -301,14 +296,22 @@ def generate(conversations, max_new_tokens):
 
 
 def exact_match(conversations):
+    """Share of greedy replies equal to the reference answer (None without synthetic data)."""
     if not conversations:
-        return float("nan")
+        return None
     replies = generate(conversations, max_new_tokens=16)
     return sum(r == c[-1]["content"] for r, c in zip(replies, conversations)) / len(conversations)
 
 
 def evaluate_all():
     return {name: eval_loss(examples) for name, examples in eval_sets.items()}
+
+
+def describe(losses):
+    """'0.3746 (ppl 1.45); chat 2.8855, synthetic 0.0524' for the log."""
+    parts = [f"{name} {value:.4f}" for name, value in losses.items() if name != "all"]
+    return f"{losses['all']:.4f} (ppl {math.exp(min(losses['all'], 50)):.2f})" + ("; " if parts else "") + \
+        ", ".join(parts)
 
 
 def adapter_digest(module):
@@ -322,7 +325,7 @@ def adapter_digest(module):
 # ----------------------------------------------------------------------------- resume or start
 step, history, baseline = 0, {"train": [], "eval": []}, None
 if args.resume:
-    state = load_training_state(args.resume, raw_model, optimizer, scheduler)
+    state = lora.load_training_state(args.resume, raw_model, optimizer, scheduler)
     step = int(state["step"])
     extra = state.get("extra") or {}
     history, baseline = extra.get("history", history), extra.get("baseline")
@@ -338,17 +341,16 @@ log(f"model: {args.model}  LoRA on {len(replaced)} modules ({', '.join(lc['targe
 log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
 log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
     f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")
-log(f"before training: eval loss {baseline['eval_loss']['all']:.4f} "
-    f"(ppl {math.exp(min(baseline['eval_loss']['all'], 50)):.1f}), synthetic exact match "
-    f"{baseline['exact_match']:.1%}")
+log(f"before training: eval loss {describe(baseline['eval_loss'])}" + (
+    f"; synthetic exact match {baseline['exact_match']:.1%}" if exact_match_set else ""))
 
 
 def save_checkpoint(step):
     """LoRA-only checkpoint + training state in checkpoints/step-N; keeps the last N folders."""
     ckpt = out_dir / "checkpoints" / f"step-{step:06d}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    save_lora(raw_model, ckpt / "adapter.safetensors", metadata={"step": str(step)})
-    save_training_state(ckpt, raw_model, optimizer, scheduler, step=step,
+    lora.save_lora(raw_model, ckpt / "adapter.safetensors", metadata={"step": str(step)})
+    lora.save_training_state(ckpt, raw_model, optimizer, scheduler, step=step,
                         extra={"history": history, "baseline": baseline, "max_steps": max_steps})
     for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
         shutil.rmtree(old)
@@ -397,8 +399,7 @@ while step < max_steps:
         losses = evaluate_all()
         history["eval"].append({"step": step, **losses})
         if master:
-            bar.write(f"step {step}: eval loss {losses['all']:.4f} (ppl {math.exp(min(losses['all'], 50)):.2f}); "
-                      f"chat {losses['chat']:.4f}, synthetic {losses['synthetic']:.4f}")
+            bar.write(f"step {step}: eval loss {describe(losses)}")
     if step % tc["save_steps"] == 0 and master:
         save_checkpoint(step)
 bar.close()
@@ -418,8 +419,8 @@ else:
     memory_kind = "peak RSS"
 
 if master:
-    save_lora(raw_model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
-    export_peft(raw_model, out_dir / "peft_adapter", base_model_name_or_path=str(base_model_path))
+    lora.save_lora(raw_model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
+    lora.export_peft(raw_model, out_dir / "peft_adapter", base_model_name_or_path=str(base_model_path))
     tokenizer.save_pretrained(out_dir / "peft_adapter")
     (out_dir / "train_log.json").write_text(json.dumps(history, indent=1))
 
@@ -452,10 +453,12 @@ if master:
     print("\n==== summary ====")
     print(f"eval loss        {before:.4f} -> {after:.4f}  ({summary['eval_loss_reduction']:.1%} lower; "
           f"ppl {math.exp(min(before, 50)):.1f} -> {math.exp(min(after, 50)):.2f})")
-    print(f"  chat / synthetic  {baseline['eval_loss']['chat']:.3f} -> {final['eval_loss']['chat']:.3f}  /  "
-          f"{baseline['eval_loss']['synthetic']:.3f} -> {final['eval_loss']['synthetic']:.3f}")
-    print(f"exact match      {baseline['exact_match']:.1%} -> {final['exact_match']:.1%}  "
-          f"(greedy, {len(exact_match_set)} held-out reversal prompts)")
+    for name in eval_sets:
+        if name != "all":
+            print(f"  {name:<15}{baseline['eval_loss'][name]:.4f} -> {final['eval_loss'][name]:.4f}")
+    if exact_match_set:
+        print(f"exact match      {baseline['exact_match']:.1%} -> {final['exact_match']:.1%}  "
+              f"(greedy, {len(exact_match_set)} held-out reversal prompts)")
     print(f"parameters       {n_trainable:,} trainable / {n_total:,} total ({100 * n_trainable / n_total:.2f}%)")
     print(f"throughput       {summary['tokens_per_second'] or 0:,.0f} tokens/s over {train_time:.1f} s of training")
     print(f"peak memory      {peak_memory / 2**20:,.0f} MiB ({memory_kind}, rank 0)")
@@ -464,7 +467,7 @@ if master:
     print(f"outputs in {out_dir}/")
 
 if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
-    merged = merge_and_unload(raw_model)
+    merged = lora.merge_and_unload(raw_model)
     merged.config.use_cache = True
     merged.save_pretrained(out_dir / "merged")
     tokenizer.save_pretrained(out_dir / "merged")

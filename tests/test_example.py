@@ -70,13 +70,12 @@ def test_final_artifacts_agree(first_run):
     """base + the native adapter (lora_layers) gives the logits of the saved merged model."""
     from transformers import AutoModelForCausalLM
 
-    from lora_layers.checkpoint import load_lora
-    from lora_layers.phi3 import apply_lora
+    import lora_layers as lora
 
     out, _ = first_run
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
-    apply_lora(base, r=32, lora_alpha=32, use_rslora=True, lora_dtype=torch.float32)
-    load_lora(base, out / "lora_adapter.safetensors")
+    lora.phi3.apply_lora(base, r=32, lora_alpha=32, use_rslora=True, lora_dtype=torch.float32)
+    lora.load_lora(base, out / "lora_adapter.safetensors")
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     ids = torch.randint(0, base.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -101,7 +100,7 @@ def test_resume_continues_exactly(first_run, tmp_path):
     resumed = tmp_path / "resumed"
     proc = run_script("--output-dir", resumed, "--resume", out / "checkpoints" / f"step-{SAVE_AT:06d}", *SMALL)
     check_ok(proc)
-    assert f"resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout
     full, again = train_losses(out), train_losses(resumed)
     assert sorted(again) == list(range(1, STEPS + 1))  # history up to the checkpoint comes along
     for step in range(SAVE_AT + 1, STEPS + 1):
