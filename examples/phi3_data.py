@@ -123,7 +123,8 @@ def build_char_tokenizer(texts: Sequence[str]):
     tok = Tokenizer(models.WordLevel(unk_token=PHI3_UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
     tok.decoder = decoders.Fuse()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    # "\n" is part of the chat template itself, so it is in the vocabulary whatever the data holds.
+    tok.train_from_iterator(list(texts) + ["\n"], trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=PHI3_BOS, eos_token=PHI3_EOS, unk_token=PHI3_UNK,
         pad_token=PHI3_EOS, extra_special_tokens=PHI3_EXTRA_TOKENS,

@@ -126,6 +126,9 @@ for config in (training_config, lora_config):
 if args.data is not None and "synthetic_examples" not in explicit:  # the synthetic task goes with the default data
     training_config["synthetic_examples"] = 0
 tc, lc = training_config, lora_config
+lora_dtype = None if lc["lora_dtype"] in (None, "", "none") else getattr(torch, lc["lora_dtype"], None)
+if not isinstance(lora_dtype, torch.dtype) and lc["lora_dtype"] not in (None, "", "none"):
+    parser.error(f"--lora-dtype: expected float32, bfloat16, float16 or none, got {lc['lora_dtype']!r}")
 
 # ----------------------------------------------------------------------------- processes and device
 ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -165,8 +168,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3Fo
 if args.model == "tiny":
     # A character-level tokenizer trained right now on the data, with Phi-3's special tokens and
     # chat template, and a small random Phi-3 with grouped-query attention (4 heads, 2 KV heads).
-    tokenizer = phi3_data.build_char_tokenizer(
-        [tokenizer_text for c in chats + synthetic for m in c for tokenizer_text in (m["content"], m["role"])])
+    tokenizer = phi3_data.build_char_tokenizer([m["content"] for c in chats + synthetic for m in c])
     model_config = Phi3Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               attn_implementation=args.attn_implementation, **tiny_model_config)
@@ -192,7 +194,6 @@ if master and args.model == "tiny":
 gradient_checkpointing = tc["gradient_checkpointing"]
 if gradient_checkpointing is None:
     gradient_checkpointing = args.model != "tiny"
-lora_dtype = getattr(torch, lc["lora_dtype"]) if lc["lora_dtype"] else None
 replaced = lora.phi3.apply_lora(
     model, r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"], targets=lc["targets"],
     qkv=lc["qkv"], use_rslora=lc["use_rslora"], lora_dtype=lora_dtype, gradient_checkpointing=gradient_checkpointing)
