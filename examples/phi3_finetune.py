@@ -352,7 +352,7 @@ def save_checkpoint(step):
     ckpt.mkdir(parents=True, exist_ok=True)
     lora.save_lora(raw_model, ckpt / "adapter.safetensors", metadata={"step": str(step)})
     lora.save_training_state(ckpt, raw_model, optimizer, scheduler, step=step,
-                        extra={"history": history, "baseline": baseline, "max_steps": max_steps})
+                             extra={"history": history, "baseline": baseline, "max_steps": max_steps})
     for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
         shutil.rmtree(old)
 
