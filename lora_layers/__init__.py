@@ -12,18 +12,12 @@ with a lean autograd (no stored dropout masks), exact merging, GQA-aware
 ``MergedLinear``, model surgery, safetensors checkpoints and PEFT interop.
 """
 from ._version import __version__
-from .checkpoint import (
-    CheckpointError,
-    LoadResult,
-    load_lora,
-    load_training_state,
-    save_lora,
-    save_training_state,
-)
+from .checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .peft_format import export_peft, import_peft
 from .surgery import inject_lora, merge_and_unload, unload
+from .training_state import load_training_state, save_training_state
 from . import phi3  # noqa: E402  (the Phi-3 preset: lora_layers.phi3.apply_lora)
 from .utils import (
     count_lora_parameters,

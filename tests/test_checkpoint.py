@@ -14,7 +14,8 @@ import torch.nn as nn
 
 import lora_layers as L
 from lora_layers import checkpoint as ckpt
-from lora_layers.checkpoint import CheckpointError, load_lora, load_training_state, save_lora, save_training_state
+from lora_layers.checkpoint import CheckpointError, load_lora, save_lora
+from lora_layers.training_state import TRAINING_STATE_FILE, load_training_state, save_training_state
 
 
 class Net(nn.Module):
@@ -459,7 +460,7 @@ def test_training_state_rejects_objects_and_mismatches(tmp_path):
     model, opt, sched = _setup()
     with pytest.raises(TypeError, match=r"extra\['f'\] is a builtin_function_or_method"):
         save_training_state(tmp_path / "a", model, opt, sched, extra={"f": len})
-    assert not (tmp_path / "a" / ckpt.TRAINING_STATE_FILE).exists()
+    assert not (tmp_path / "a" / TRAINING_STATE_FILE).exists()
     save_training_state(tmp_path / "s.safetensors", model, opt, sched, step=3)
 
     other = make(seed=0, randomize=False, r=4)
