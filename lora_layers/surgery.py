@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch.nn as nn
 
-from .layers import (ADAPTER_NAMES, Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, _check_alpha,
-                     _check_backend, _check_dropout, _check_lora_dtype)
+from .base import ADAPTER_NAMES, LoRALayer, _check_alpha, _check_backend, _check_dropout, _check_lora_dtype
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .utils import lora_modules, mark_only_lora_as_trainable
 
 __all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload"]

@@ -1,0 +1,326 @@
+"""The LoRALayer mixin: LoRA configuration, validation and the exact merge, once for every layer type.
+
+Concrete layers (:mod:`lora_layers.layers`) only say which adapter shapes they
+have, how to initialise them, what their ``ΔW`` blocks are and how their
+forward runs; everything else (construction checks, ``from_module``,
+``merge``/``unmerge`` with bitwise restore, ``train``/``eval`` semantics and the
+state_dict hooks that never write a merged weight) lives here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .functional import BACKENDS
+
+__all__ = ["LoRALayer", "ADAPTER_NAMES"]
+
+ADAPTER_NAMES = ("lora_A", "lora_B")
+
+_BITS_DTYPE = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    return int(r)
+
+
+def _check_alpha(lora_alpha) -> float:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    return lora_alpha
+
+
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_lora_dtype(lora_dtype):
+    if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point):
+        raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+    return lora_dtype
+
+
+# ----------------------------------------------------------------------------- exact merge
+
+def _bits(t: Tensor) -> Tensor:
+    return t.view(_BITS_DTYPE[t.dtype])
+
+
+def _residual(original: Tensor, restored: Tensor) -> Optional[Tensor]:
+    """What must be added, bitwise, to ``restored`` to get ``original`` back.
+
+    Integer arithmetic on the bit patterns wraps around, so
+    ``bits(restored) + residual == bits(original)`` holds exactly. The residual
+    is almost always 0 or ±1 ulp, so it is stored as int8 (one byte per weight,
+    only while merged); None when nothing needs restoring.
+    """
+    diff = _bits(original) - _bits(restored)
+    if not diff.any():
+        return None
+    if diff.min() >= -128 and diff.max() <= 127:
+        return diff.to(torch.int8)
+    return diff
+
+
+class LoRALayer:
+    """Mixin with the LoRA state and merge logic shared by every layer type.
+
+    Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
+    ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``.
+
+    Subclasses implement ``_adapter_shapes``, ``reset_lora_parameters``,
+    ``_delta_blocks`` and ``forward``.
+    """
+
+    _base_type: type = nn.Module  # the torch layer this class wraps
+
+    # -- construction --------------------------------------------------------
+    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
+                   lora_dtype=None, backend="auto") -> None:
+        self.r = _check_rank(r)
+        self.lora_alpha = _check_alpha(lora_alpha)
+        self.lora_dropout = nn.Dropout(p=_check_dropout(lora_dropout))
+        self.merge_weights = bool(merge_weights)
+        self.use_rslora = bool(use_rslora)
+        self.lora_dtype = _check_lora_dtype(lora_dtype)
+        self.backend = _check_backend(backend)
+        self.merged = False
+        self._merge_state = None
+        self.scaling = self._compute_scaling()
+        shapes = self._adapter_shapes() if self.r > 0 else None
+        if shapes is not None:
+            w = self.weight
+            dtype = self.lora_dtype or w.dtype
+            for name, shape in zip(ADAPTER_NAMES, shapes):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, device=w.device, dtype=dtype)))
+            # loralib freezes the pretrained weight as soon as adapters exist.
+            w.requires_grad_(False)
+
+    def _compute_scaling(self) -> float:
+        if self.r == 0:
+            return 0.0
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None,
+                    backend: str = "auto", **layer_kwargs):
+        """Wrap an existing torch layer without copying it.
+
+        The new module shares ``module``'s ``weight``/``bias`` Parameter objects
+        (same storage, device and dtype; nothing is re-initialised) and adds
+        freshly initialised adapters. ``layer_kwargs`` are class-specific
+        (``enable_lora``/``split_sizes`` for :class:`MergedLinear`).
+
+        Raises:
+            TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA layer).
+            ValueError: a LoRA hyper-parameter is out of range.
+        """
+        if isinstance(module, LoRALayer) or not isinstance(module, cls._base_type):
+            raise TypeError(
+                f"{cls.__name__}.from_module expects a {cls._base_type.__module__}.{cls._base_type.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        # Validate everything before touching the module (errors change nothing).
+        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
+        _check_backend(backend), _check_lora_dtype(lora_dtype)
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        for key, value in module.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                getattr(obj, key).update(value)
+            elif isinstance(value, (dict, set)):
+                obj.__dict__[key] = type(value)(value)  # hooks etc.: own copy, same contents
+            else:
+                obj.__dict__[key] = value
+        obj._validate_wrapped(**layer_kwargs)
+        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        obj.reset_lora_parameters()
+        return obj
+
+    def _validate_wrapped(self, **layer_kwargs) -> None:
+        if layer_kwargs:
+            raise TypeError(f"{type(self).__name__}.from_module got unexpected arguments {sorted(layer_kwargs)}")
+
+    # -- what subclasses provide ---------------------------------------------
+    def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def reset_lora_parameters(self) -> None:
+        """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), B zero."""
+        if self.has_adapter:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _delta_blocks(self, A: Tensor, B: Tensor) -> Iterator[Tuple[tuple, Tensor]]:
+        """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (fp32, scaled)."""
+        raise NotImplementedError
+
+    # -- common API ----------------------------------------------------------
+    @property
+    def _acc_dtype(self) -> torch.dtype:
+        # Deltas are computed in fp32 (fp64 for fp64 weights) and rounded once.
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    @property
+    def has_adapter(self) -> bool:
+        """True when this layer carries LoRA parameters (``r > 0`` and something enabled)."""
+        return "lora_A" in self._parameters
+
+    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """The adapter parameters by local name (``lora_A``, ``lora_B``); empty without adapters."""
+        return {n: self._parameters[n] for n in ADAPTER_NAMES if n in self._parameters}
+
+    def reset_parameters(self) -> None:
+        # Same call order as loralib, so a given seed gives the same numbers.
+        if self.__dict__.get("merged"):
+            # Fresh weights carry no merged delta: a later unmerge() must not
+            # subtract the old one from them.
+            self.merged, self._merge_state = False, None
+        super().reset_parameters()
+        if "lora_A" in self.__dict__.get("_parameters", {}):
+            self.reset_lora_parameters()
+
+    def _merge_blocker(self) -> Optional[str]:
+        """Why this layer cannot merge, or None."""
+        return None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            elif self._merge_blocker() is None:
+                self.merge()
+        return self
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add ``scaling · B A`` into the base weight. Idempotent.
+
+        The delta is computed in fp32 and the sum rounded once. A small residual
+        (usually int8, one byte per weight while merged) is kept so that
+        :meth:`unmerge` restores the weight bit for bit.
+
+        Args:
+            safe_merge: check the merged weight is finite first; if not, raise
+                ``ValueError`` and leave the weight untouched.
+        """
+        if self.merged or not self.has_adapter:
+            return
+        blocker = self._merge_blocker()
+        if blocker is not None:
+            raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
+        W = self.weight.data
+        if W.dtype not in _BITS_DTYPE:
+            raise TypeError(f"cannot merge into a weight of dtype {W.dtype}; expected one of {list(_BITS_DTYPE)}")
+        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        acc = torch.promote_types(W.dtype, torch.float32)
+        residuals = []
+        try:
+            for index, delta in self._delta_blocks(A, B):
+                block = W[index]
+                merged = (block.to(acc) + delta).to(W.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"safe_merge: merging the adapter into {type(self).__name__}.weight gives "
+                        f"non-finite values; the weight was left unchanged"
+                    )
+                residuals.append(_residual(block, (merged.to(acc) - delta).to(W.dtype)))
+                block.copy_(merged)
+        except BaseException:
+            self._restore_into(W, A, B, residuals)  # undo the blocks already written
+            raise
+        self._merge_state = (A, B, W.dtype, residuals)
+        self.merged = True
+
+    def _restore_into(self, W: Tensor, A: Tensor, B: Tensor, residuals) -> None:
+        """Subtract the delta of (A, B) from ``W`` block by block, then add each
+        block's bitwise residual; ``zip`` stops after the blocks in ``residuals``."""
+        acc = torch.promote_types(W.dtype, torch.float32)
+        # The saved factors stay where they were made if the module moved while merged.
+        A, B = A.to(W.device), B.to(W.device)
+        for (index, delta), residual in zip(self._delta_blocks(A, B), residuals):
+            block = W[index]
+            restored = (block.to(acc) - delta).to(W.dtype)
+            if residual is not None:
+                _bits(restored).add_(residual.to(device=W.device, dtype=_BITS_DTYPE[W.dtype]))
+            block.copy_(restored)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged delta, restoring the base weight exactly. Idempotent.
+
+        The delta removed is the one that was merged, even if the adapter
+        tensors were changed in place meanwhile.
+        """
+        if not self.merged:
+            return
+        A, B, dtype, residuals = self._merge_state
+        if self.weight.dtype != dtype:
+            # The weight was cast while merged: the residual no longer applies;
+            # subtracting the delta is exact up to the cast's rounding.
+            residuals = [None] * len(residuals)
+        self._restore_into(self.weight.data, A, B, residuals)
+        self._merge_state = None
+        self.merged = False
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight without the adapter: a restored copy if merged, else the weight itself."""
+        if not self.merged:
+            return self.weight.detach()
+        A, B, dtype, residuals = self._merge_state
+        W = self.weight.detach().clone()
+        self._restore_into(W, A, B, residuals if W.dtype == dtype else [None] * len(residuals))
+        return W
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and prefix + "weight" in destination:
+            # Never write a merged weight: reloading it next to the adapter
+            # would count the adapter twice (loralib's bug). This is a restored
+            # copy, so with keep_vars=True it is a tensor, not the Parameter.
+            destination[prefix + "weight"] = self.unmerged_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        was_merged = self.merged
+        self.unmerge()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if was_merged:
+                self.merge()
+
+    def extra_repr(self) -> str:
+        extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout.p}"
+        if self.use_rslora:
+            extra += ", use_rslora=True"
+        if self.merged:
+            extra += ", merged=True"
+        return f"{super().extra_repr()}, {extra}"
+
+    def _lora_AB(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
