@@ -254,12 +254,11 @@ class _LoRALinear(torch.autograd.Function):
 
 
 def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, blocks):
-    """Plain-op formulation for ``torch.compile`` with dropout: the regenerated
-    mask needs a ``torch.Generator``, which dynamo cannot trace, so inductor
-    traces ``F.dropout`` instead (and recomputes its mask itself)."""
+    """Plain-op formulation used under ``torch.compile``: dynamo traces it
+    without graph breaks, with ``F.dropout`` in place of the seeded mask."""
     W = weight.t() if fan_in_fan_out else weight
     y = F.linear(x, W, bias)
-    u = F.linear(F.dropout(x, dropout_p, True), lora_A.to(x.dtype))
+    u = F.linear(F.dropout(x, dropout_p, True) if dropout_p > 0.0 else x, lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
     parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
     if len(parts) == 1 and parts[0][:2] == (0, y.shape[-1]):
@@ -368,7 +367,11 @@ def lora_linear(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     )
-    if torch.compiler.is_compiling() and p > 0.0:
+    if torch.compiler.is_compiling():
+        # Under torch.compile the plain-op form traces without graph breaks
+        # (the custom Function's seeded mask needs a torch.Generator, and its
+        # per-split ``out=`` writes into column slices are not traceable);
+        # inductor then fuses and recomputes as it sees fit.
         return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
                           scaling, p, fan_in_fan_out, blocks)
     # The mask depends only on the seed, drawn the same way with or without

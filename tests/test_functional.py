@@ -210,10 +210,26 @@ def test_torch_compile_matches_eager_and_no_graph_breaks():
     torch._dynamo.reset()
 
 
-def test_merged_linear_no_graph_breaks_with_dropout():
-    layer = L.MergedLinear(8, 12, r=2, lora_dropout=0.1, enable_lora=[True, False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("enable", [[True, True, True], [True, False, True]])
+def test_merged_linear_no_graph_breaks(p, enable):
+    layer = L.MergedLinear(8, 12, r=2, lora_dropout=p, enable_lora=enable, split_sizes=[6, 3, 3])
     explanation = torch._dynamo.explain(layer)(torch.randn(3, 8, requires_grad=True))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+
+def test_compiled_merged_linear_matches_eager():
+    layer = L.MergedLinear(8, 12, r=2, enable_lora=[True, False, True], split_sizes=[6, 3, 3])
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y_c, y_e = compiled(x), layer(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    params = [x, layer.lora_A, layer.lora_B]
+    for a, b in zip(torch.autograd.grad(y_c.square().sum(), params), torch.autograd.grad(y_e.square().sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
 
