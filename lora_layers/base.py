@@ -84,6 +84,17 @@ def _residual(original: Tensor, restored: Tensor) -> Optional[Tensor]:
     return diff
 
 
+_BASE_KEYS: Dict[type, frozenset] = {}
+
+
+def _base_attribute_names(base: type) -> frozenset:
+    """The instance attribute names a ``base`` module has (learned once from a meta-device instance)."""
+    if base not in _BASE_KEYS:
+        args = (1, 1, 1) if issubclass(base, nn.modules.conv._ConvNd) else (1, 1)
+        _BASE_KEYS[base] = frozenset(base(*args, device="meta").__dict__)
+    return _BASE_KEYS[base]
+
+
 class LoRALayer:
     """Mixin with the LoRA state and merge logic shared by every layer type.
 
@@ -135,14 +146,27 @@ class LoRALayer:
         freshly initialised adapters. ``layer_kwargs`` are class-specific
         (``enable_lora``/``split_sizes`` for :class:`MergedLinear`).
 
+        The wrapped module's class and attribute names are remembered, so
+        :func:`~lora_layers.unload` / :func:`~lora_layers.merge_and_unload` give
+        back exactly that kind of module.
+
         Raises:
-            TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA layer).
+            TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA
+                layer), or it carries an instance-level ``forward`` (accelerate
+                dispatch hooks, a patched forward) that the wrapper would bypass.
             ValueError: a LoRA hyper-parameter is out of range.
         """
-        if isinstance(module, LoRALayer) or not isinstance(module, cls._base_type):
+        if isinstance(module, LoRALayer) or not cls._can_wrap(module):
             raise TypeError(
                 f"{cls.__name__}.from_module expects a {cls._base_type.__module__}.{cls._base_type.__name__}, "
                 f"got {type(module).__name__}"
+            )
+        if "forward" in module.__dict__:
+            # A copied bound forward would call the original layer and silently skip the adapter.
+            raise TypeError(
+                f"{cls.__name__}.from_module: this {type(module).__name__} has an instance-level forward "
+                f"(e.g. accelerate hooks from device_map/offload, or a patched forward); add LoRA before "
+                f"dispatching the model"
             )
         # Validate everything before touching the module (errors change nothing).
         _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
@@ -152,14 +176,40 @@ class LoRALayer:
         for key, value in module.__dict__.items():
             if key in ("_parameters", "_buffers", "_modules"):
                 getattr(obj, key).update(value)
+            elif key == "_compiled_call_impl":
+                continue  # module.compile() compiled the old forward, not this one
             elif isinstance(value, (dict, set)):
                 obj.__dict__[key] = type(value)(value)  # hooks etc.: own copy, same contents
             else:
                 obj.__dict__[key] = value
+        obj._wrapped_class = type(module)
+        obj._wrapped_keys = frozenset(module.__dict__)
         obj._validate_wrapped(**layer_kwargs)
         obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
         obj.reset_lora_parameters()
         return obj
+
+    @classmethod
+    def _can_wrap(cls, module: nn.Module) -> bool:
+        return isinstance(module, cls._base_type)
+
+    def wrapped_module(self) -> nn.Module:
+        """A plain module of the wrapped kind sharing this layer's Parameters, without LoRA state.
+
+        For a layer made by :meth:`from_module`, the original class with its own
+        attributes; for one built directly, ``_base_type``. Merging is the
+        caller's business: the weight is taken as it is now.
+        """
+        cls = self.__dict__.get("_wrapped_class", self._base_type)
+        keys = self.__dict__.get("_wrapped_keys") or _base_attribute_names(self._base_type)
+        plain = cls.__new__(cls)
+        for key, value in self.__dict__.items():
+            if key in keys:
+                plain.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
+        for name in ADAPTER_NAMES:
+            plain._parameters.pop(name, None)
+        plain._modules.pop("lora_dropout", None)
+        return plain
 
     def _validate_wrapped(self, **layer_kwargs) -> None:
         if layer_kwargs:

@@ -37,6 +37,11 @@ __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d
 
 # ----------------------------------------------------------------------------- Linear
 
+def _is_hf_conv1d(module) -> bool:
+    # Duck-typed so transformers need not be imported: GPT-2's Conv1D has ``nf`` and a 2-D weight.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
 class Linear(LoRALayer, nn.Linear):
     """``nn.Linear`` with a LoRA adapter: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
@@ -78,7 +83,15 @@ class Linear(LoRALayer, nn.Linear):
         if self.fan_in_fan_out:
             self.weight.data = self.weight.data.t().contiguous()
 
+    @classmethod
+    def _can_wrap(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
     def _validate_wrapped(self, fan_in_fan_out: bool = False) -> None:
+        if getattr(self.__dict__.get("_wrapped_class"), "__name__", "") == "Conv1D" and "nf" in self.__dict__:
+            # transformers' Conv1D (GPT-2) is a linear layer storing its weight as (in, out).
+            fan_in_fan_out = True
+            self.in_features, self.out_features = self.weight.shape
         self.fan_in_fan_out = bool(fan_in_fan_out)
         expected = (self.in_features, self.out_features) if fan_in_fan_out else (self.out_features, self.in_features)
         if tuple(self.weight.shape) != expected:
@@ -120,7 +133,8 @@ class Linear(LoRALayer, nn.Linear):
     @classmethod
     def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     merge_weights: bool = True, *, fan_in_fan_out: bool = False, **kwargs) -> "Linear":
-        """Wrap ``module`` (an ``nn.Linear``) sharing its Parameters; see :meth:`LoRALayer.from_module`."""
+        """Wrap ``module`` (an ``nn.Linear``, or transformers' GPT-2 ``Conv1D``, which
+        implies ``fan_in_fan_out=True``) sharing its Parameters; see :meth:`LoRALayer.from_module`."""
         return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights,
                                    fan_in_fan_out=fan_in_fan_out, **kwargs)
 

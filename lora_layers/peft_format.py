@@ -251,15 +251,6 @@ def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]
     return groups, sorted(unprefixed), sorted(unknown)
 
 
-def _shell_linear(conv1d: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` view of a transformers ``Conv1D`` (weight ``(in, out)``), sharing its Parameters."""
-    shell = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(shell)
-    shell.in_features, shell.out_features = conv1d.weight.shape
-    shell.weight, shell.bias = conv1d.weight, conv1d.bias
-    return shell
-
-
 def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
                  dropout: float, fan_in_fan_out: bool):
     """Validate one module; return ``(new_layer_or_None, target_layer, A, B)`` or raise ValueError."""
@@ -308,13 +299,15 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
         if not fan_in_fan_out:
             warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
-        layer = Linear.from_module(_shell_linear(module), r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                   use_rslora=rslora, fan_in_fan_out=True)
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                   fan_in_fan_out=True)
     else:
         raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
                          f"on a {type(module).__name__}")
-    A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
-    B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
+    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+        # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
+        A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
+        B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
     for label, got, want in (("lora_A", A, layer.lora_A), ("lora_B", B, layer.lora_B)):
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{label} shape mismatch, expected {tuple(want.shape)}, got {tuple(got.shape)}")

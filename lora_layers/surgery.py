@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch.nn as nn
 
-from .base import ADAPTER_NAMES, LoRALayer, _check_alpha, _check_backend, _check_dropout, _check_lora_dtype
+from .base import LoRALayer, _check_alpha, _check_backend, _check_dropout, _check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .utils import lora_modules, mark_only_lora_as_trainable
 
@@ -32,13 +32,6 @@ ALL_LINEAR = "all-linear"
 # silently drop that behaviour.
 _LORA_CLASS = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d,
                nn.Conv3d: Conv3d}
-
-# What a LoRA layer adds to the wrapped module's __dict__ (see LoRALayer._init_lora
-# and the _validate_wrapped hooks); removed again when unloading.
-_LORA_ATTRS = frozenset({
-    "r", "lora_alpha", "scaling", "lora_dropout", "merge_weights", "use_rslora", "lora_dtype", "backend",
-    "merged", "_merge_state", "fan_in_fan_out", "enable_lora", "split_sizes", "_lora_segments",
-})
 
 Targets = Union[str, Sequence[str]]
 _Matcher = Callable[[str], bool]
@@ -332,16 +325,10 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
 
 def _plain_layer(layer: LoRALayer) -> nn.Module:
     """The torch layer ``layer`` wraps, sharing its Parameters, without any LoRA state."""
-    base = layer._base_type
-    plain = base.__new__(base)
-    for key, value in layer.__dict__.items():
-        if key not in _LORA_ATTRS:
-            plain.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
-    for name in ADAPTER_NAMES:
-        plain._parameters.pop(name, None)
-    plain._modules.pop("lora_dropout", None)
-    if getattr(layer, "fan_in_fan_out", False):
-        # A plain nn.Linear stores (out, in): the only case that needs a new tensor.
+    plain = layer.wrapped_module()
+    if getattr(layer, "fan_in_fan_out", False) and "_wrapped_class" not in layer.__dict__:
+        # A hand-built fan_in_fan_out Linear stores (in, out); a plain nn.Linear
+        # stores (out, in): the only case that needs a new tensor.
         weight = layer.weight
         plain._parameters["weight"] = nn.Parameter(weight.detach().t().contiguous(),
                                                    requires_grad=weight.requires_grad)

@@ -299,3 +299,38 @@ def test_from_module_shares_and_matches_base(kind, dtype, lora_dtype):
     assert not torch.equal(layer(x), y_base)
     layer.eval()  # merging writes into the shared weight (the wrapped module sees it)
     assert torch.equal(base.weight, layer.weight)
+
+
+def test_from_module_refuses_an_instance_level_forward():
+    # accelerate's dispatch hooks (device_map/offload) replace forward on the
+    # instance; a wrapper copying it would call the old layer and skip the adapter.
+    lin = nn.Linear(4, 3)
+    original = lin.forward
+    lin.forward = lambda x: original(x)
+    with pytest.raises(TypeError, match="instance-level forward"):
+        L.Linear.from_module(lin, r=2)
+    assert lin.weight.requires_grad  # nothing changed
+
+
+def test_from_module_does_not_keep_a_compiled_forward():
+    lin = nn.Linear(4, 3)
+    lin.__dict__["_compiled_call_impl"] = lambda *a, **k: torch.zeros(1)  # what module.compile() sets
+    layer = L.Linear.from_module(lin, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 4)
+    expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    expected = expected + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t())
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_wrapped_module_restores_the_original_class_and_attributes():
+    lin = nn.Linear(5, 3)
+    layer = L.Linear.from_module(lin, r=2)
+    plain = layer.wrapped_module()
+    assert type(plain) is nn.Linear and set(plain.__dict__) == set(lin.__dict__)
+    assert plain.weight is lin.weight and plain.bias is lin.bias
+    hand = L.MergedLinear(5, 6, r=2, enable_lora=[True, False])
+    plain = hand.wrapped_module()
+    assert type(plain) is nn.Linear and set(plain.__dict__) == set(nn.Linear(1, 1).__dict__)
+    assert set(plain._parameters) == {"weight", "bias"} and not plain._modules

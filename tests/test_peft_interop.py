@@ -295,6 +295,29 @@ def test_import_fan_in_fan_out_gpt2(tmp_path):
     assert model.transformer.h[0].attn.c_attn.fan_in_fan_out
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    # Unloading gives back GPT-2's own Conv1D layout, so the merged model saves
+    # and reloads as a plain GPT-2 with the adapted logits.
+    c_attn_weight = gpt2.transformer.h[0].attn.c_attn.weight
+    L.merge_and_unload(model)
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert type(c_attn).__name__ == "Conv1D" and c_attn.weight.shape == c_attn_weight.shape
+    assert not hasattr(c_attn, "lora_A") and not hasattr(c_attn, "in_features")
+    model.save_pretrained(str(tmp_path / "merged"))
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_import_refuses_a_transposed_lora_B(base, tmp_path):
+    # Same element count, wrong layout: must not be silently reshaped.
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    weights = {f"{key}.lora_A.weight": torch.randn(2, 64), f"{key}.lora_B.weight": torch.randn(2, 64)}
+    folder = _write_adapter(tmp_path / "t", {"target_modules": ["o_proj"], "r": 2}, weights)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=r"lora_B shape mismatch, expected \(64, 2\), got \(2, 64\)"):
+        import_peft(model, folder)
+    assert_unchanged(model, before)
 
 
 def test_import_refuses_a_changed_saved_embedding_weight(base, tmp_path):
