@@ -108,9 +108,22 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
-    """Merge every LoRA layer's adapter into its weight (see :meth:`LoRALayer.merge`)."""
-    for _, module in lora_modules(model):
-        module.merge(safe_merge=safe_merge)
+    """Merge every LoRA layer's adapter into its weight (see :meth:`LoRALayer.merge`).
+
+    All or nothing: if one layer refuses (``safe_merge`` found non-finite
+    values), the layers merged by this call are unmerged again, exactly, and
+    the error is re-raised.
+    """
+    done = []
+    try:
+        for _, module in lora_modules(model):
+            if not module.merged:
+                module.merge(safe_merge=safe_merge)
+                done.append(module)
+    except BaseException:
+        for module in done:
+            module.unmerge()
+        raise
 
 
 def unmerge_lora(model: nn.Module) -> None:

@@ -139,3 +139,15 @@ def test_bias_mode_invalid(fn, bad):
         getattr(L, fn)(model, bias=bad)
     assert repr(bad) in str(info.value) and "lora_only" in str(info.value)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_merge_lora_is_all_or_nothing():
+    model = nn.Sequential(L.Linear(4, 4, r=2), L.Linear(4, 4, r=2))
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[1].lora_B.fill_(float("inf"))
+    before = [m.weight.detach().clone() for m in model]
+    with pytest.raises(ValueError, match="non-finite"):
+        L.merge_lora(model, safe_merge=True)
+    assert not any(m.merged for m in model)
+    assert all(torch.equal(m.weight, b) for m, b in zip(model, before))
