@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -197,9 +199,12 @@ class PeakRSS:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def _code_version() -> Optional[str]:
     """``git describe``-like id of the measured code: HEAD, plus ``+dirty`` when
-    ``lora_layers/`` has uncommitted changes (None outside a git checkout)."""
+    ``lora_layers/`` has uncommitted changes (None outside a git checkout). Taken
+    once, when this module is imported (the scripts import lora_layers then too),
+    so a result written at the end names the code that was loaded, not newer code."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,6 +216,9 @@ def _code_version() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+_code_version()  # pin it now, before any run starts
 
 
 def machine_info(device: str = "cpu") -> Dict[str, object]:
@@ -286,6 +294,16 @@ def atomic_write(path: str, write: Callable[[object], None], binary: bool = Fals
 def write_json(path: str, obj) -> None:
     """Write ``obj`` as JSON atomically."""
     atomic_write(path, lambda f: json.dump(obj, f, indent=1))
+
+
+def finish(payload: dict, argv: Optional[Sequence[str]], out: Optional[str], machine: dict) -> dict:
+    """Prefix ``payload`` with ``machine`` (:func:`machine_info` taken when the run
+    started) and the command line; write it to ``out`` (JSON) if given."""
+    result = {"machine": machine, "argv": list(sys.argv[1:] if argv is None else argv), **payload}
+    if out:
+        write_json(out, result)
+        print(f"\nwrote {out}")
+    return result
 
 
 def add_common_args(ap, reps: int) -> None:

@@ -150,6 +150,7 @@ def run(size: dict, device: str, dtype: torch.dtype, r: int, alpha: float, p: fl
         extra = res[name]["saved_bytes"] - floor_b
         res[name].update(step_s=times[name], step_median_s=C.median(times[name]),
                          time_ratio=C.median(times[name]) / ref_t,
+                         time_min_ratio=min(times[name]) / min(times[PEFT]),
                          saved_ratio=res[name]["saved_bytes"] / ref_b if ref_b else float("nan"),
                          adapter_saved_bytes=extra,
                          adapter_saved_ratio=extra / (ref_b - floor_b) if ref_b > floor_b else float("nan"),
@@ -162,12 +163,13 @@ def run(size: dict, device: str, dtype: torch.dtype, r: int, alpha: float, p: fl
 def table(result: dict, device: str) -> str:
     """The Markdown table of :func:`run`'s result."""
     mem = "peak GPU mem growth" if device.startswith("cuda") else "peak RSS growth (sampled)"
-    rows = [[name, f"{f['time_ratio']:.3f}", f"{f['step_median_s'] * 1e3:.0f}", C.fmt_bytes(f["saved_bytes"]),
+    rows = [[name, f"{f['time_ratio']:.3f}", f"{f['time_min_ratio']:.3f}", f"{f['step_median_s'] * 1e3:.0f}",
+             C.fmt_bytes(f["saved_bytes"]),
              f"{f['saved_ratio']:.3f}", C.fmt_bytes(f["adapter_saved_bytes"]),
              "-" if name == FLOOR else f"{f['adapter_saved_ratio']:.3f}",
              C.fmt_bytes(f["peak_growth_bytes"]), f"{f['trainable_params']:,}",
              f"{f['first_loss']:.6f}"] for name, f in result["results"].items()]
-    return C.markdown_table(["set-up", "step time / PEFT", "step ms (median)", "saved activations",
+    return C.markdown_table(["set-up", "step time / PEFT (median)", "(min)", "step ms (median)", "saved activations",
                              "saved / PEFT", "saved beyond floor", "beyond floor / PEFT's", mem,
                              "trainable params", "first loss"], rows)
 
@@ -195,21 +197,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     size.pop("dtype", None)
     C.set_threads(args.threads)
 
+    machine = C.machine_info(args.device)
     result = run(size, args.device, dtype, args.rank, args.alpha, args.dropout, args.reps, args.warmup,
                  with_phi3=not args.no_phi3)
     c = result["config"]
-    print(f"bench_phi3_step: {C.machine_info(args.device)}")
+    print(f"bench_phi3_step: {machine}")
     print(f"\nPhi-3 {args.size}: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv']} KV, "
           f"intermediate {c['inter']}, vocab {c['vocab']}, batch {c['batch']}x{c['seq']}, {c['dtype']}, "
           f"{args.device}; r={args.rank}, alpha={args.alpha:g}, dropout={args.dropout}; {args.reps} reps\n")
     print(table(result, args.device))
     first = {n: f["first_loss"] for n, f in result["results"].items()}
     print(f"\nfirst loss: {first}")
-    out = {"machine": C.machine_info(args.device), "argv": list(sys.argv[1:] if argv is None else argv), **result}
-    if args.out:
-        C.write_json(args.out, out)
-        print(f"wrote {args.out}")
-    return out
+    return C.finish(result, argv, args.out, machine)
 
 
 if __name__ == "__main__":

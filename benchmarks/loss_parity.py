@@ -107,14 +107,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="write the curves as JSON here")
     args = ap.parse_args(argv)
     C.set_threads(args.threads)
+    machine = C.machine_info()
     res = run_parity(steps=args.steps, r=args.r, lora_alpha=args.alpha, lr=args.lr)
     rows = [[i, f"{a:.7f}", f"{b:.7f}", f"{abs(a - b):.1e}"]
             for i, (a, b) in enumerate(zip(res["peft"], res["lora_layers"]))]
     print(C.markdown_table(["step", "PEFT loss", "lora_layers loss", "|diff|"], rows))
     print(f"\nmodules: {res['modules']}, trainable: {res['trainable']}, max |diff| = {res['max_abs_diff']:.2e} "
           f"(tolerance {args.tol:g})")
-    if args.out:
-        C.write_json(args.out, {"machine": C.machine_info(), **res})
+    C.finish(res, argv, args.out, machine)
     return 0 if res["max_abs_diff"] <= args.tol else 1
 
 

@@ -3,7 +3,9 @@
 Three PNGs go into ``docs/img/``:
 
 * ``ratio_vs_rank.png``: train (forward + backward) time / frozen ``nn.Linear``,
-  against the rank r = 4 … 128;
+  against the rank r = 4 … 128 (ratio of the minimum times by default: other
+  load on a shared machine inflates the many small LoRA ops more than the
+  floor's single GEMM, and only ever adds time);
 * ``ratio_vs_width.png``: the same against the layer width (square layers);
 * ``saved_vs_tokens.png``: activation bytes saved for backward beyond the input,
   against the token count, fp32 and bf16.
@@ -43,19 +45,23 @@ DEFAULT_OUTDIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 def run_sweeps(ranks: Sequence[int], widths: Sequence[int], token_counts: Sequence[int], tokens: int,
                rank_width: int, saved_width: int, p: float, reps: int) -> dict:
     """Run the three sweeps; returns JSON-ready data (train ratios, saved bytes)."""
-    def ratios(case):
-        return {n: case["results"][n]["train_ratio"] for n in IMPLS}
+    def record(key, x, case):
+        for stat, field in (("median", "train_ratio"), ("min", "train_min_ratio")):
+            data[f"{key}_{stat}"][str(x)] = {n: case["results"][n][field] for n in IMPLS}
+        print(f"{key} {x}: {data[key + '_min'][str(x)]} (min), {data[key + '_median'][str(x)]} (median)", flush=True)
 
     data = {"machine": C.machine_info(), "tokens": tokens, "dropout": p, "reps": reps, "rank_width": rank_width,
-            "saved_width": saved_width, "rank": {}, "width": {}, "saved": {"fp32": {}, "bf16": {}}}
+            "saved_width": saved_width, "rank_median": {}, "rank_min": {}, "width_median": {}, "width_min": {},
+            "saved": {"fp32": {}, "bf16": {}}}
+    # A discarded first case: the first timings of a fresh process (thread pool start-up,
+    # first-touch page faults, lazy imports) were seen to inflate the first sweep point.
+    BL.run_linear_case(rank_width, rank_width, tokens, ranks[0], 2 * ranks[0], p, torch.float32, max(1, reps // 3),
+                       do_eval=False)
     for r in ranks:
-        case = BL.run_linear_case(rank_width, rank_width, tokens, r, 2 * r, p, torch.float32, reps, do_eval=False)
-        data["rank"][str(r)] = ratios(case)
-        print(f"rank {r}: {data['rank'][str(r)]}", flush=True)
+        record("rank", r, BL.run_linear_case(rank_width, rank_width, tokens, r, 2 * r, p, torch.float32, reps,
+                                             do_eval=False))
     for w in widths:
-        case = BL.run_linear_case(w, w, tokens, 16, 32, p, torch.float32, reps, do_eval=False)
-        data["width"][str(w)] = ratios(case)
-        print(f"width {w}: {data['width'][str(w)]}", flush=True)
+        record("width", w, BL.run_linear_case(w, w, tokens, 16, 32, p, torch.float32, reps, do_eval=False))
     for dname in ("fp32", "bf16"):
         for t in token_counts:
             case = BL.run_linear_case(saved_width, saved_width, t, 16, 32, p, C.parse_dtype(dname), 0, do_eval=False)
@@ -68,10 +74,11 @@ def _save(fig, path: str) -> None:
     C.atomic_write(path, lambda f: fig.savefig(f, dpi=110, bbox_inches="tight", format="png"), binary=True)
 
 
-def _footer(data: dict, extra: str) -> str:
+def _footer(data: dict, extra: str, stat: str) -> str:
     m = data["machine"]
-    return (f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date']}; {extra}; "
-            f"median of {data['reps']} interleaved reps")
+    how = "ratio of the minimum times" if stat == "min" else "ratio of the median times"
+    return (f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date']}; {extra};\n"
+            f"{how} over {data['reps']} interleaved reps (min is robust to other load on a shared machine)")
 
 
 def _ratio_chart(plt, series: Dict[str, Dict[str, float]], xlabel: str, title: str, footer: str, path: str,
@@ -98,13 +105,19 @@ def _ratio_chart(plt, series: Dict[str, Dict[str, float]], xlabel: str, title: s
 
 def _saved_chart(plt, data: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for dname, ls in (("fp32", "-"), ("bf16", "--")):
+    for dname, ls, fill in (("fp32", "-", "full"), ("bf16", "--", "none")):
         series = data["saved"][dname]
         xs = sorted(int(k) for k in series)
         for n in IMPLS:
-            # Plotted at (bytes + 1) so zero stays on a log axis; 1 B is invisible at this scale.
             ys = [series[str(x)][n] / 2**20 for x in xs]
-            ax.plot(xs, ys, linestyle=ls, label=f"{LABEL[n]} ({dname})", linewidth=2, **STYLE[n])
+            ax.plot(xs, ys, linestyle=ls, fillstyle=fill, markersize=8 if fill == "none" else 6,
+                    label=f"{LABEL[n]} ({dname})", linewidth=2, **STYLE[n])
+    t0 = xs[len(xs) // 2]
+    if data["saved"]["bf16"][str(t0)]["peft"] == data["saved"]["fp32"][str(t0)]["peft"]:
+        ax.annotate("PEFT bf16 = PEFT fp32\n= loralib fp32 (PEFT\nruns bf16 adapters in\nfp32: an fp32 copy of x)",
+                    xy=(t0, data["saved"]["bf16"][str(t0)]["peft"] / 2**20), xytext=(xs[0] * 1.05, 0.25),
+                    fontsize=8, color=STYLE["peft"]["color"], ha="left",
+                    arrowprops=dict(arrowstyle="->", color=STYLE["peft"]["color"]))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     xs = sorted(int(k) for k in data["saved"]["fp32"])
@@ -123,8 +136,19 @@ def _saved_chart(plt, data: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_all(data: dict, outdir: str) -> List[str]:
-    """Write the three PNGs into ``outdir``; returns their paths."""
+def plot_all(data: dict, outdir: str, stat: str = "min") -> List[str]:
+    """Write the three PNGs into ``outdir``; returns their paths.
+
+    Args:
+        data: what :func:`run_sweeps` returned.
+        outdir: folder for the PNGs (created if missing).
+        stat: ``"min"`` or ``"median"``: which time ratio the two time charts show.
+
+    Raises:
+        ValueError: unknown ``stat``.
+    """
+    if stat not in ("min", "median"):
+        raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,12 +156,11 @@ def plot_all(data: dict, outdir: str) -> List[str]:
 
     paths = [os.path.join(outdir, n) for n in ("ratio_vs_rank.png", "ratio_vs_width.png", "saved_vs_tokens.png")]
     t, p, w = data["tokens"], data["dropout"], data["rank_width"]
-    _ratio_chart(plt, data["rank"], "rank r (alpha = 2r)",
-                 f"Train time vs rank, {w}→{w}, T={t}, fp32, dropout {p}",
-                 _footer(data, f"reduced T={t} (main table: T=2048) to keep the CPU sweep short"), paths[0], True)
-    _ratio_chart(plt, data["width"], "layer width (in = out)",
-                 f"Train time vs width, r=16, T={t}, fp32, dropout {p}",
-                 _footer(data, f"reduced T={t} (main table: T=2048) to keep the CPU sweep short"), paths[1], False)
+    note = f"reduced T={t} (main table: T=2048) to keep the CPU sweep short"
+    _ratio_chart(plt, data[f"rank_{stat}"], "rank r (alpha = 2r)",
+                 f"Train time vs rank, {w}→{w}, T={t}, fp32, dropout {p}", _footer(data, note, stat), paths[0], True)
+    _ratio_chart(plt, data[f"width_{stat}"], "layer width (in = out)",
+                 f"Train time vs width, r=16, T={t}, fp32, dropout {p}", _footer(data, note, stat), paths[1], False)
     _saved_chart(plt, data, paths[2])
     return paths
 
@@ -152,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stat", choices=("min", "median"), default="min",
+                    help="time ratio to chart: of the minima (default, robust to other load) or of the medians")
     ap.add_argument("--quick", action="store_true", help="tiny sweeps, 1 rep (smoke test)")
     args = ap.parse_args(argv)
     C.set_threads(args.threads)
@@ -168,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
                               args.tokens, args.rank_width, 3072, args.dropout, args.reps)
         if args.data:
             C.write_json(args.data, data)
-    paths = plot_all(data, args.outdir)
+    paths = plot_all(data, args.outdir, args.stat)
     print("\n".join(f"wrote {p}" for p in paths))
     return paths
 
