@@ -284,6 +284,7 @@ def atomic_write(path: str, write: Callable[[object], None], binary: bool = Fals
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
