@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lora_linear", "keep_mask", "keep_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
+__all__ = ["lora_linear", "drop_mask", "keep_mask", "keep_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +65,28 @@ def keep_scale(p: float) -> float:
     return _LANES / (_LANES - _drop_threshold(p))
 
 
-def keep_mask(seed: int, shape, p: float, device) -> Tensor:
-    """The boolean keep mask of the dropout for ``seed`` (True = kept).
+def drop_mask(seed: int, shape, p: float, device) -> Tensor:
+    """The boolean dropout mask for ``seed``: True where an element is dropped.
 
-    Each element draws 16 random bits: one 64-bit draw of the generator serves
-    four elements, which makes this several times faster on CPU than
-    ``bernoulli_``. An element is dropped with probability
-    ``p' = round(p·65536)/65536`` (``p=0.05`` gives ``0.0500031``), and kept
-    elements are scaled by :func:`keep_scale`. Deterministic in ``seed``, so
-    backward regenerates exactly the mask that forward used.
+    Each element gets 16 random bits: one 64-bit draw serves four elements,
+    several times cheaper on CPU than ``bernoulli_``. An element is dropped
+    with probability ``p' = round(p·65536)/65536`` (``p=0.05`` gives
+    ``0.0500031``); kept elements are scaled by :func:`keep_scale`.
+    Deterministic in ``seed``, so backward regenerates exactly the mask that
+    forward used.
     """
     n = math.prod(shape)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=gen)  # full 64-bit range
+    words.random_(-(2**63), None, generator=gen)  # all 64 bits
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= _drop_threshold(p) - _LANES // 2
+    return lanes < _drop_threshold(p) - _LANES // 2
+
+
+def keep_mask(seed: int, shape, p: float, device) -> Tensor:
+    """The complement of :func:`drop_mask`: True where an element is kept."""
+    return ~drop_mask(seed, shape, p, device)
 
 
 def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
@@ -175,7 +180,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
     B = _cast(lora_B, x2.dtype)
     if dropout_p > 0.0:
         # The keep-scale is applied to the (T, r) product, not to x.
-        u = torch.where(keep_mask(seed, x2.shape, dropout_p, x2.device), x2, 0) @ A.t()
+        u = torch.where(drop_mask(seed, x2.shape, dropout_p, x2.device), 0.0, x2) @ A.t()
         u.mul_(keep_scale(dropout_p))
     else:
         u = x2 @ A.t()
@@ -227,20 +232,20 @@ class _LoRALinear(torch.autograd.Function):
                 torch.mm(g2[:, o0:o1].t(), u[:, a0:a1], out=dB[b0:b1])
             dB = dB.mul_(s).to(lora_B.dtype)
 
-        keep = keep_mask(ctx.seed, x2.shape, p, x2.device) if p > 0.0 and (need_x or need_a) else None
+        drop = drop_mask(ctx.seed, x2.shape, p, x2.device) if p > 0.0 and (need_x or need_a) else None
         if need_a:
-            if keep is None:
+            if drop is None:
                 dA = du.t() @ x2
             else:
-                dA = (du.t() @ torch.where(keep, x2, 0)).mul_(keep_scale(p))
+                dA = (du.t() @ torch.where(drop, 0.0, x2)).mul_(keep_scale(p))
             dA = dA.to(lora_A.dtype)
         if need_x:
             W = weight.t() if ctx.fan_in_fan_out else weight
             # Seed dx with the LoRA term, then let the base GEMM accumulate into it.
-            if keep is None:
+            if drop is None:
                 dx = du @ A
             else:
-                dx = ((du * keep_scale(p)) @ A).mul_(keep)
+                dx = ((du * keep_scale(p)) @ A).masked_fill_(drop, 0)
             dx.addmm_(g2, _cast(W, dt))
             dx = dx.view(x.shape).to(x.dtype) if dx.dtype != x.dtype else dx.view(x.shape)
         if need_w:
