@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .base import LoRALayer, _check_alpha, _check_backend, _check_dropout, _check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
-from .utils import lora_modules, mark_only_lora_as_trainable
+from .utils import lora_modules, mark_only_lora_as_trainable, merge_lora
 
 __all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload"]
 
@@ -356,18 +356,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             non-finite with ``safe_merge``); every layer merged so far is
             unmerged again, so the model is left unchanged.
     """
-    layers = [layer for _, layer in lora_modules(model)]
-    merged_here = []
-    try:
-        for layer in layers:
-            if not layer.merged:
-                layer.merge(safe_merge=safe_merge)
-                merged_here.append(layer)
-    except BaseException:
-        for layer in merged_here:
-            layer.unmerge()
-        raise
-    return _swap(model, {id(layer): _plain_layer(layer) for layer in layers})
+    merge_lora(model, safe_merge=safe_merge)  # all or nothing
+    return _swap(model, {id(layer): _plain_layer(layer) for _, layer in lora_modules(model)})
 
 
 def unload(model: nn.Module) -> nn.Module:
