@@ -92,7 +92,7 @@ def keep_mask(seed: int, shape, p: float, device) -> Tensor:
 def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
     """The scaled dropout mask (``0`` or :func:`keep_scale`) for ``seed``, shaped and typed like ``like``.
 
-    A reference helper for tests; the hot path uses :func:`keep_mask` directly.
+    A reference helper for tests; the hot path uses :func:`drop_mask` directly.
     """
     keep = keep_mask(seed, like.shape, p, like.device)
     return keep.to(like.dtype).mul_(keep_scale(p))
