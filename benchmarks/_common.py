@@ -376,3 +376,13 @@ def copy_peft_init(peft_model: torch.nn.Module, model: torch.nn.Module) -> int:
 def trainable(model: torch.nn.Module) -> List[torch.nn.Parameter]:
     """The parameters that require grad, in registration order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def cuda_peak_growth(fn) -> int:
+    """Peak CUDA memory allocated while ``fn()`` runs, beyond what was in use before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

@@ -200,17 +200,6 @@ def time_runner(torch, fn, reps, warmup, cuda):
     return statistics.median(times)
 
 
-def peak_memory(torch, fn, cuda):
-    if not cuda:
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
@@ -256,7 +245,7 @@ def main(argv=None):
                 stats = {}
                 for label, fn in runners.items():
                     stats[label] = (time_runner(torch, fn, reps, warmup, cuda),
-                                    peak_memory(torch, fn, cuda))
+                                    C.cuda_peak_growth(fn) if cuda else None)
                 floor = stats["floor"][0]
                 for label, (ms, mem) in stats.items():
                     rows.append((case.name, f"{in_f}->{out_f}", p, label, f"{ms:.3f}",

@@ -112,12 +112,7 @@ def _step_fn(model, ids: torch.Tensor, losses: list) -> Callable[[], None]:
 def _peak_growth(step: Callable[[], None], device: str) -> int:
     """Peak memory growth over the memory in use before one step."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return C.cuda_peak_growth(step)
     with C.PeakRSS() as rss:
         step()
     return rss.delta
