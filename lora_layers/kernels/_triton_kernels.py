@@ -201,7 +201,12 @@ def _bwd_g_kernel(g_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, du_ptr, db_ptr
                  (du * scaling).to(du_ptr.dtype.element_ty), mask=row_ok[:, None] & q_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+# R is not specialised: with R == 1 (rank 1) triton makes it a constexpr, and
+# with dropout and dA the half-precision kernel then fails to compile for
+# sm_90 (TritonGPUReduceDataDuplication pass, triton 3.9; found by
+# tests/test_kernels_compile.py). A runtime R costs nothing: it only bounds the
+# R loop and masks.
+@triton.jit(do_not_specialize=["seed", "R"])
 def _bwd_x_kernel(g_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
                   M, N, K, R, seed, p,
                   stride_gm, stride_gn, stride_wn, stride_wk, stride_dum, stride_dur,
