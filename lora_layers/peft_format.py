@@ -95,12 +95,62 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
     raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
 
 
+def _peft_pattern_matches(key: str, name: str) -> bool:
+    """PEFT 0.21's rank/alpha_pattern test (``peft.utils.other.get_pattern_key``): ``key`` is a regex
+    that must match a dot-separated suffix of the module name, i.e. ``re.match(r"(.*\.)?(key)$", name)``."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def _pattern_key(name: str, all_names: List[str]) -> str:
-    """A rank/alpha_pattern key that PEFT (regex ``(.*\\.)?(key)$``) matches to ``name`` only."""
-    pattern = re.compile(rf"(.*\.)?({name})$")
-    if any(other != name and pattern.match(other) for other in all_names):
-        return re.escape(name)
-    return name
+    """A rank/alpha_pattern key that PEFT matches to ``name`` and to no other module.
+
+    The full name itself when, read as PEFT's regex, it selects only ``name`` (e.g.
+    ``model.layers.0.mlp.down_proj``); otherwise ``^`` + the escaped name. A bare key is a
+    suffix match ("0" also hits "1.0"); the ``^`` can only match at the start of the name, so
+    ``(.*\.)?(^0)$`` matches exactly "0".
+    """
+    try:
+        if _peft_pattern_matches(name, name) and not any(
+                other != name and _peft_pattern_matches(name, other) for other in all_names):
+            return name
+    except re.error:
+        pass
+    return "^" + re.escape(name)
+
+
+def _peft_target_matches(target: str, name: str) -> bool:
+    """PEFT's rule for a list of ``target_modules``: the exact name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def _target_modules(adapted: List[str], all_names: List[str]):
+    """``target_modules`` under which PEFT wraps exactly ``adapted`` among ``all_names``.
+
+    A list of leaf names where a leaf name belongs to adapted modules only, else full names;
+    if even a full name is a suffix of some other module's name (adapted "0", plain "2.0"), no list
+    can do it and a regex string is returned, which PEFT fullmatches against each module name.
+    """
+    adapted_set = set(adapted)
+    targets = set()
+    for name in adapted:
+        for candidate in (name.rsplit(".", 1)[-1], name):
+            if all(m in adapted_set for m in all_names if _peft_target_matches(candidate, m)):
+                targets.add(candidate)
+                break
+        else:
+            return "(?:" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
+    return sorted(targets)
+
+
+def _base_module_names(model: nn.Module) -> List[str]:
+    """The module names PEFT sees on the base model: all but the root and LoRA layers' own children."""
+    lora_names = {n for n, _ in lora_modules(model)}
+    names = []
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if name and not any(".".join(parts[:i]) in lora_names for i in range(len(parts))):
+            names.append(name)
+    return names
 
 
 def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
@@ -109,10 +159,14 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (each
     atomically). The most common rank and alpha become ``r``/``lora_alpha``;
-    modules that differ go to ``rank_pattern``/``alpha_pattern`` under their full
-    names. ``target_modules`` lists leaf names, or full names where a leaf
-    name also belongs to a module without an adapter. Each MergedLinear becomes
-    one rank-``r·n`` Linear adapter with a block-diagonal B (see module docs).
+    modules that differ go to ``rank_pattern``/``alpha_pattern``, each under a
+    key that PEFT matches to that module only (the full name, or ``^`` + the
+    escaped full name where the bare name is also a suffix of another module's).
+    ``target_modules`` makes PEFT wrap exactly the adapted modules: leaf names,
+    or full names where a leaf name also belongs to a module without an
+    adapter, or, where no list can (adapted ``0``, plain ``2.0``), a regex of
+    the full names. Each MergedLinear becomes one rank-``r·n`` Linear adapter
+    with a block-diagonal B (see module docs).
 
     Args:
         model: a module containing LoRA layers (merged or not).
@@ -141,18 +195,10 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
             per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
     r0 = Counter(v[0] for v in per_module.values()).most_common(1)[0][0]
     a0 = Counter(v[1] for v in per_module.values()).most_common(1)[0][0]
-    all_names = [n for n, _ in model.named_modules()]
+    all_names = _base_module_names(model)
     rank_pattern = {_pattern_key(n, all_names): v[0] for n, v in per_module.items() if v[0] != r0}
     alpha_pattern = {_pattern_key(n, all_names): _number(v[1]) for n, v in per_module.items() if v[1] != a0}
-
-    adapted = set(per_module)
-    leaf_users: Dict[str, List[str]] = {}
-    for n, _ in model.named_modules():
-        leaf_users.setdefault(n.rsplit(".", 1)[-1], []).append(n)
-    targets = set()
-    for n in adapted:
-        leaf = n.rsplit(".", 1)[-1]
-        targets.add(leaf if n != leaf and set(leaf_users[leaf]) <= adapted else n)
+    targets = _target_modules(list(per_module), all_names)
 
     dropouts = Counter(float(layer.lora_dropout.p) for *_, layer in per_module.values())
     fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer in per_module.values())
@@ -163,7 +209,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         "task_type": task_type,
         "r": r0,
         "lora_alpha": _number(a0),
-        "target_modules": sorted(targets),
+        "target_modules": targets,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
@@ -227,11 +273,13 @@ def _read_weights(adapter_dir: str) -> Dict[str, Tensor]:
     raise FileNotFoundError(f"{adapter_dir!r} has neither {PEFT_WEIGHTS_NAME} nor {PEFT_BIN_NAME}")
 
 
-def _pattern_value(patterns: Dict[str, Any], name: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _peft_pattern_value(patterns: Dict[str, Any], name: str, default):
+    """``name``'s value in a rank/alpha_pattern, resolved as PEFT 0.21 resolves it: the first key in
+    order that matches (:func:`_peft_pattern_matches`), else an entry under the exact name, else ``default``."""
+    for key, value in patterns.items():
+        if _peft_pattern_matches(key, name):
             return value
-    return default
+    return patterns.get(name, default)
 
 
 def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]], List[str], List[str]]:
@@ -371,8 +419,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                             f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
                             f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
             continue
-        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+        r = _peft_pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = _peft_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         try:
             plan.append((name,) + _plan_module(name, module, groups[name], int(r), alpha, rslora, dropout,
                                                bool(config.get("fan_in_fan_out", False))))

@@ -330,3 +330,95 @@ def test_import_refuses_a_changed_saved_embedding_weight(base, tmp_path):
     with pytest.raises(CheckpointError, match="replaces the base weight.*save_embedding_layers"):
         import_peft(model, folder)
     assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- pattern keys (issue 11, item 4)
+
+def _nested_issue_repro():
+    """The issue's repro: "0" and "1.0" share the leaf name "0"; only their alphas differ."""
+    return nn.Sequential(L.Linear(4, 4, r=2, lora_alpha=8), nn.Sequential(L.Linear(4, 4, r=2, lora_alpha=2)),
+                         L.Linear(4, 4, r=2, lora_alpha=2))
+
+
+def _nested_suffixes():
+    """Different ranks and alphas; "1.0" is a suffix of "2.1.0", "0" of every "*.0"; the plain
+    nn.Linear "2.0" and "1.1.1" end with the adapted names "0" and "1.1" ... so no list of names
+    can target exactly the adapted modules."""
+    return nn.Sequential(
+        L.Linear(4, 4, r=2, lora_alpha=8),                                             # 0
+        nn.Sequential(L.Linear(4, 4, r=4, lora_alpha=2),                               # 1.0
+                      nn.Sequential(L.Linear(4, 4, r=3, lora_alpha=6), nn.Linear(4, 4))),  # 1.1.0, 1.1.1 plain
+        nn.Sequential(nn.Linear(4, 4), nn.Sequential(L.Linear(4, 4, r=1, lora_alpha=3))),  # 2.0 plain, 2.1.0
+        L.Linear(4, 4, r=2, lora_alpha=2),                                             # 3
+    )
+
+
+def _many_full_names():
+    """24 adapted modules that need full names ("i.0"; the leaf "0" is also the container "0"),
+    enough for PEFT to shorten its target list (MIN_TARGET_MODULES_FOR_OPTIMIZATION)."""
+    return nn.Sequential(*[nn.Sequential(L.Linear(4, 4, r=1 + i % 3, lora_alpha=1 + i % 5), nn.Linear(4, 4))
+                           for i in range(24)])
+
+
+def _plain_copy(model):
+    """The base model PEFT loads on: every lora_layers layer back to a plain nn.Linear, same weights."""
+    base = copy.deepcopy(model)
+    for name, m in list(L.lora_modules(base)):
+        plain = nn.Linear(m.in_features, m.out_features)
+        plain.load_state_dict({"weight": m.weight.detach(), "bias": m.bias.detach()})
+        parent, _, leaf = name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, leaf, plain)
+    return base
+
+
+def _peft_lora_modules(peft_model):
+    from peft.tuners.lora import LoraLayer
+    return {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("build", [_nested_issue_repro, _nested_suffixes, _many_full_names])
+def test_export_patterns_and_targets_hit_exactly_the_adapted_modules(tmp_path, build):
+    torch.manual_seed(0)
+    model = build()
+    randomize(L.lora_parameters(model), seed=5, std=0.5)
+    base = _plain_copy(model)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = model(x)
+    export_peft(model, tmp_path / "a", task_type=None)
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    wrapped = _peft_lora_modules(peft_model)
+    ours = dict(L.lora_modules(model))
+    assert sorted(wrapped) == sorted(ours)  # no extra module wrapped, none missing
+    for name, m in wrapped.items():
+        assert (m.r["default"], m.scaling["default"]) == (ours[name].r, ours[name].scaling), name
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(base(x), expected, atol=1e-3)  # the adapters matter
+
+    back = copy.deepcopy(base)
+    assert import_peft(back, tmp_path / "a") == sorted(ours)
+    for name, m in L.lora_modules(back):
+        assert (m.r, m.lora_alpha) == (ours[name].r, ours[name].lora_alpha), name
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, rtol=0, atol=1e-6)
+
+
+def test_import_pattern_lookup_agrees_with_peft():
+    """import_peft resolves rank/alpha_pattern exactly as PEFT's get_pattern_key (first matching key
+    in order, the key a regex matched as ``(.*\\.)?(key)$``, else an exact-name lookup)."""
+    from peft.utils.other import get_pattern_key
+    from lora_layers.peft_format import _peft_pattern_value
+
+    names = ["0", "1.0", "2.1.0", "10", "a.0b", "model.layers.0.self_attn.o_proj",
+             "model.layers.10.self_attn.o_proj", "o_proj", "x+y", "lm_head"]
+    patterns = [
+        {"0": 1}, {"^0": 1}, {"1.0": 2}, {r"^1\.0": 2}, {"o_proj": 3}, {"layers.1.*o_proj": 4},
+        {"0": 1, "1.0": 2}, {"1.0": 2, "0": 1}, {"x+y": 5}, {r"x\+y": 6}, {"self_attn.o_proj": 7, "o_proj": 8},
+        {"model.layers.0.self_attn.o_proj": 9}, {".*": 10}, {"": 11},
+    ]
+    for pattern in patterns:
+        for name in names:
+            want = pattern.get(get_pattern_key(pattern.keys(), name), -1)
+            assert _peft_pattern_value(pattern, name, -1) == want, (pattern, name)
