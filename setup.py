@@ -44,6 +44,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["lora_layers", "lora_layers.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "safetensors>=0.4"],
+    # torch 2.4: torch.get_autocast_dtype and torch.amp.is_autocast_available, on the hot path.
+    install_requires=["torch>=2.4", "safetensors>=0.4"],
     extras_require=EXTRAS,
 )

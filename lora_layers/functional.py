@@ -19,12 +19,20 @@ Fused layers (qkv, gate_up) are described by ``segments``: one
 columns ``[out_start, out_end)``. The full ``ΔW`` is never built.
 
 Backends: ``"torch"`` (this file, the reference), ``"triton"`` (fused kernels
-in :mod:`lora_layers.kernels`, optional) and ``"auto"`` (Triton for CUDA
-tensors when it imports and supports the inputs, else torch). The environment
-variable ``LORA_LAYERS_BACKEND`` overrides the backend of every call.
+in :mod:`lora_layers.kernels`, optional, opt-in) and ``"auto"``. Today
+``"auto"`` always takes the torch path: it will pick Triton for CUDA tensors
+only once the kernels have been validated on a GPU (``AUTO_USES_TRITON``).
+The environment variable ``LORA_LAYERS_BACKEND`` overrides the backend of
+every call.
+
+Where a custom autograd Function does not fit (``torch.compile``,
+``torch.func`` transforms such as ``vmap``/``jacrev``, and backward with
+``create_graph=True``), the same result is computed from plain differentiable
+ops, so higher-order derivatives are exact; plain training keeps the lean path.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -130,10 +138,31 @@ def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segment
     return tuple(out)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+# The dtypes autocast lowers; it never touches float64 (or complex, or integers).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's for eligible inputs, else ``x``'s,
+    which must then equal the weight's (``nn.Linear`` refuses a mismatch too)."""
+    device = x.device.type
+    if x.dtype in _AUTOCAST_ELIGIBLE and _autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if x.dtype != weight.dtype:
+        raise RuntimeError(
+            f"lora_linear: x has dtype {x.dtype} but the weight has dtype {weight.dtype}; they must match, as for "
+            f"nn.Linear (cast the input, or run under torch.autocast)"
+        )
     return x.dtype
+
+
+def _functorch_active() -> bool:
+    """True inside torch.func transforms (vmap, grad, jacrev, ...), which need plain differentiable ops."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -197,16 +226,17 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
         y2, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative follows
+            return _LoRALinear._differentiable_backward(ctx, g)
+        x, weight, _, lora_A, lora_B, u = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, p, blocks = ctx.scaling, ctx.dropout_p, ctx.blocks
         g2 = g.reshape(-1, g.shape[-1])
@@ -257,13 +287,37 @@ class _LoRALinear(torch.autograd.Function):
             db = g2.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, dA, dB, None, None, None, None, None
 
+    @staticmethod
+    def _differentiable_backward(ctx, g):
+        """The same gradients as differentiable functions of the inputs: ``u`` is
+        rebuilt from ``x`` and ``A`` (the saved one has no graph) and the mask from
+        the seed, so double backward and gradient penalties are exact. Only runs
+        under ``create_graph=True``; plain training keeps the lean backward."""
+        x, weight, bias, lora_A, lora_B, _ = ctx.saved_tensors
+        inputs = (x, weight, bias, lora_A, lora_B)
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[:5]) if need]
+        drop = None
+        if ctx.dropout_p > 0.0:
+            dropped = drop_mask(ctx.seed, (x.numel() // x.shape[-1], x.shape[-1]), ctx.dropout_p,
+                                x.device).view(x.shape)
+            scale = keep_scale(ctx.dropout_p)
+            drop = lambda t: torch.where(dropped, 0.0, t) * scale  # noqa: E731
+        y = _composite(x, weight, bias, lora_A, lora_B, ctx.scaling, ctx.fan_in_fan_out, ctx.blocks, drop)
+        grads = torch.autograd.grad(y, [inputs[i] for i in wanted], g, create_graph=True, allow_unused=True)
+        out = [None] * 10
+        for i, grad in zip(wanted, grads):
+            out[i] = grad
+        return tuple(out)
 
-def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, blocks):
-    """Plain-op formulation used under ``torch.compile``: dynamo traces it
-    without graph breaks, with ``F.dropout`` in place of the seeded mask."""
-    W = weight.t() if fan_in_fan_out else weight
-    y = F.linear(x, W, bias)
-    u = F.linear(F.dropout(x, dropout_p, True) if dropout_p > 0.0 else x, lora_A.to(x.dtype))
+
+def _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop=None):
+    """The same result from plain differentiable ops, ``drop`` (or nothing) applied
+    to the LoRA branch's input. Used where a custom Function does not fit:
+    ``torch.compile`` (dynamo traces it without graph breaks), ``torch.func``
+    transforms, and the differentiable backward."""
+    W = _cast(weight.t() if fan_in_fan_out else weight, x.dtype)
+    y = F.linear(x, W, _cast(bias, x.dtype))
+    u = F.linear(x if drop is None else drop(x), lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
     parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
     if len(parts) == 1 and parts[0][:2] == (0, y.shape[-1]):
@@ -368,22 +422,27 @@ def lora_linear(
             fan_in_fan_out=fan_in_fan_out, segments=segments,
         )
 
-    dt = _compute_dtype(x)
+    dt = _compute_dtype(x, weight)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _functorch_active():
         # Under torch.compile the plain-op form traces without graph breaks
         # (the custom Function's seeded mask needs a torch.Generator, and its
         # per-split ``out=`` writes into column slices are not traceable);
-        # inductor then fuses and recomputes as it sees fit.
-        return _composite(_cast(x, dt), _cast(weight, dt), _cast(bias, dt), lora_A, lora_B,
-                          scaling, p, fan_in_fan_out, blocks)
+        # inductor then fuses and recomputes as it sees fit. torch.func
+        # transforms (vmap, jacrev, ...) need it too; their dropout is F.dropout's.
+        drop = (lambda t: F.dropout(t, p, True)) if p > 0.0 else None  # noqa: E731
+        return _composite(_cast(x, dt), weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop)
+    if x.is_meta:
+        p = 0.0  # shapes only: no mask to draw
     # The mask depends only on the seed, drawn the same way with or without
     # grad: reentrant checkpointing reruns a no-grad forward with grad enabled
     # and must see the same mask.
     seed = _draw_seed() if p > 0.0 else 0
-    with torch.autocast(x.device.type, enabled=False):
+    no_autocast = (torch.autocast(x.device.type, enabled=False) if _autocast_available(x.device.type)
+                   else contextlib.nullcontext())
+    with no_autocast:
         if not needs_grad:
             y2, _ = _forward(_cast(x, dt), weight, bias, lora_A, lora_B, float(scaling), p, seed,
                              fan_in_fan_out, blocks)

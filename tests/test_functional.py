@@ -349,12 +349,59 @@ def test_dropout_close_to_one_is_valid():
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
 
 
-def test_double_backward_fails_clearly():
-    # The backward is not itself differentiable (u is saved without a graph):
-    # create_graph must raise instead of silently dropping terms.
-    layer = L.Linear(4, 3, r=2)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("fifo,fused", [(False, False), (True, True)])
+def test_double_backward_gradgradcheck_float64(p, fifo, fused):
+    # create_graph=True switches to a differentiable backward (u and the mask rebuilt),
+    # so second derivatives are exact, dropout included (same seed per call).
+    inputs, segs = _gc_inputs(fifo, fused)
+
+    def fn(x, W, b, A, B):
+        torch.manual_seed(1234)
+        return lora_linear(x, W, b, A, B, 1.5, p, True, fan_in_fan_out=fifo, segments=segs)
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_gradient_penalty_matches_float64_formula():
+    # A gradient penalty (WGAN-GP style) through a layer: d/dA of ||dy/dx||^2.
+    torch.manual_seed(0)
+    layer = L.Linear(5, 3, r=2, lora_alpha=3).double()
     nn.init.normal_(layer.lora_B)
-    x = torch.randn(5, 4, requires_grad=True)
+    x = torch.randn(4, 5, dtype=F64, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|not have a grad_fn"):
-        gx.sum().backward()
+    gA, gB = torch.autograd.grad(gx.square().sum(), [layer.lora_A, layer.lora_B])
+
+    W, A, B = layer.weight.detach(), leaf64(layer.lora_A), leaf64(layer.lora_B)
+    x2 = x.detach().requires_grad_()
+    y = naive_linear(x2, W, layer.bias.detach(), A, B, layer.scaling)
+    (rx,) = torch.autograd.grad(y.square().sum(), x2, create_graph=True)
+    rA, rB = torch.autograd.grad(rx.square().sum(), [A, B])
+    torch.testing.assert_close(gA, rA)
+    torch.testing.assert_close(gB, rB)
+
+
+def test_torch_func_vmap_jacrev_and_hessian_match_float64():
+    torch.manual_seed(0)
+    layer = L.Linear(4, 3, r=2, lora_alpha=2).double()
+    nn.init.normal_(layer.lora_B)
+    W, b, A, B, s = layer.weight.detach(), layer.bias.detach(), layer.lora_A.detach(), layer.lora_B.detach(), \
+        layer.scaling
+    xs = torch.randn(6, 4, dtype=F64)
+
+    def ref(x):
+        return naive_linear(x, W, b, A, B, s)
+
+    torch.testing.assert_close(torch.func.vmap(layer)(xs), ref(xs))
+    torch.testing.assert_close(torch.func.jacrev(layer)(xs[0]), torch.func.jacrev(ref)(xs[0]))
+    params = dict(layer.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(layer, p, (xs,)).square().sum()
+
+    hess = torch.func.hessian(loss)(params)["lora_A"]["lora_B"]
+
+    def ref_loss(A_, B_):
+        return naive_linear(xs, W, b, A_, B_, s).square().sum()
+
+    torch.testing.assert_close(hess, torch.func.hessian(ref_loss, argnums=(0, 1))(A, B)[0][1])

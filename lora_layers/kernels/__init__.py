@@ -181,8 +181,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
     Raises:
         ValueError: when :func:`supports` rejects the inputs (the message says why).
     """
-    if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type in ("cpu", "cuda")
-            and torch.is_autocast_enabled(x.device.type)):
+    if (isinstance(x, torch.Tensor) and x.dtype in _DTYPES and x.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(x.device.type)):  # autocast never lowers float64
         # Triton launches are invisible to autocast: apply its cast here, once,
         # and run the Function with autocast off (cuBLAS mode calls F.linear).
         dt = torch.get_autocast_dtype(x.device.type)
