@@ -26,6 +26,7 @@ from .utils import (
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
+    merged_state_dict,
     named_lora_parameters,
     unmerge_lora,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "named_lora_parameters",
     "merge_lora",
     "unmerge_lora",
+    "merged_state_dict",
     "count_lora_parameters",
     "inject_lora",
     "merge_and_unload",

@@ -8,19 +8,24 @@ state_dict hooks that never write a merged weight) lives here.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
+import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._ties import LOADING_ATTR, SHARED_ATTR, register_weight, shared_weight_reason
 from .functional import BACKENDS
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES"]
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
+ADAPTER_PREFIX = "lora_"
 
 _BITS_DTYPE = {
     torch.float64: torch.int64,
@@ -38,10 +43,12 @@ def _check_rank(r) -> int:
     return int(r)
 
 
-def _check_alpha(lora_alpha) -> float:
+def _check_alpha(lora_alpha):
+    """A finite real number, normalised to a plain ``int`` or ``float`` (a NumPy
+    scalar would otherwise reach the JSON of checkpoint headers)."""
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    return lora_alpha
+    return int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
 
 
 def _check_dropout(p) -> float:
@@ -56,9 +63,13 @@ def _check_backend(backend) -> str:
     return backend
 
 
+# Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_lora_dtype(lora_dtype):
-    if lora_dtype is not None and (not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point):
-        raise TypeError(f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}")
+    if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
+        raise TypeError(f"lora_dtype must be None or one of {[str(d) for d in LORA_DTYPES]}, got {lora_dtype!r}")
     return lora_dtype
 
 
@@ -76,6 +87,8 @@ def _residual(original: Tensor, restored: Tensor) -> Optional[Tensor]:
     is almost always 0 or ±1 ulp, so it is stored as int8 (one byte per weight,
     only while merged); None when nothing needs restoring.
     """
+    if original.is_meta:
+        return None  # no values to restore
     diff = _bits(original) - _bits(restored)
     if not diff.any():
         return None
@@ -95,6 +108,35 @@ def _base_attribute_names(base: type) -> frozenset:
     return _BASE_KEYS[base]
 
 
+_WARNED_UNMERGED_STATE_DICT = False
+_QUIET = threading.local()
+
+
+@contextlib.contextmanager
+def quiet_state_dict():
+    """Within this block, state_dict() of a merged layer does not warn (the library's own calls)."""
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
+def _warn_unmerged_state_dict(layer: "LoRALayer") -> None:
+    """Once per process: a merged model's state_dict() holds the unmerged weight (loralib's holds the merged one)."""
+    global _WARNED_UNMERGED_STATE_DICT
+    if _WARNED_UNMERGED_STATE_DICT or getattr(_QUIET, "on", False) or not layer._merge_state[1].any():
+        return  # (B == 0: the merged and the unmerged weight agree)
+    _WARNED_UNMERGED_STATE_DICT = True
+    warnings.warn(
+        "lora_layers: state_dict() of a merged (eval-mode) LoRA layer holds the UNMERGED base weight next to "
+        "the adapter, so reloading it never counts the adapter twice. loralib wrote the merged weight here: "
+        "if you meant to export merged weights, use lora_layers.merged_state_dict(model) (or "
+        "merge_and_unload(model)). This warning is shown once per process.",
+        UserWarning, stacklevel=4)
+
+
 class LoRALayer:
     """Mixin with the LoRA state and merge logic shared by every layer type.
 
@@ -104,23 +146,47 @@ class LoRALayer:
 
     Subclasses implement ``_adapter_shapes``, ``reset_lora_parameters``,
     ``_delta_blocks`` and ``forward``.
+
+    As in loralib, a class of your own may subclass it next to a torch layer and
+    call ``LoRALayer.__init__(self, r=..., lora_alpha=..., lora_dropout=...,
+    merge_weights=...)`` after the torch layer's ``__init__``, then define its own
+    adapters, ``forward``, ``train`` and merging.
     """
 
     _base_type: type = nn.Module  # the torch layer this class wraps
 
     # -- construction --------------------------------------------------------
-    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
-                   lora_dtype=None, backend="auto") -> None:
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
+        """loralib's ``LoRALayer.__init__``: set the configuration attributes, nothing else."""
         self.r = _check_rank(r)
         self.lora_alpha = _check_alpha(lora_alpha)
-        self.lora_dropout = nn.Dropout(p=_check_dropout(lora_dropout))
+        dropout = nn.Dropout(p=_check_dropout(lora_dropout))
+        if "_modules" in self.__dict__:
+            self.lora_dropout = dropout
+        elif dropout.p == 0.0:
+            # Called before nn.Module.__init__ (loralib tolerates this at p=0):
+            # a plain attribute, which Module.__init__ leaves alone.
+            object.__setattr__(self, "lora_dropout", dropout)
+        else:
+            raise TypeError(f"{type(self).__name__}: call the torch layer's __init__ (e.g. nn.Linear.__init__) "
+                            f"before LoRALayer.__init__ when lora_dropout={lora_dropout!r} > 0")
+        self.merged = False
         self.merge_weights = bool(merge_weights)
+        self.use_rslora = False
+        self.lora_dtype = None
+        self.backend = "auto"
+        self._merge_state = None
+        self.scaling = self._compute_scaling()
+        self.__dict__[SHARED_ATTR] = None
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
+                   lora_dtype=None, backend="auto") -> None:
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
         self.use_rslora = bool(use_rslora)
         self.lora_dtype = _check_lora_dtype(lora_dtype)
         self.backend = _check_backend(backend)
-        self.merged = False
-        self._merge_state = None
         self.scaling = self._compute_scaling()
+        register_weight(self)
         shapes = self._adapter_shapes() if self.r > 0 else None
         if shapes is not None:
             w = self.weight
@@ -160,6 +226,14 @@ class LoRALayer:
             raise TypeError(
                 f"{cls.__name__}.from_module expects a {cls._base_type.__module__}.{cls._base_type.__name__}, "
                 f"got {type(module).__name__}"
+            )
+        if not isinstance(module._parameters.get("weight"), nn.Parameter):
+            # weight_norm / spectral_norm / parametrizations compute the weight on the fly.
+            raise TypeError(
+                f"{cls.__name__}.from_module: this {type(module).__name__} has no `weight` Parameter (it is "
+                f"computed on the fly by weight_norm, spectral_norm or a parametrization); remove the "
+                f"reparametrization first (torch.nn.utils.remove_weight_norm, "
+                f"torch.nn.utils.parametrize.remove_parametrizations)"
             )
         if "forward" in module.__dict__:
             # A copied bound forward would call the original layer and silently skip the adapter.
@@ -237,12 +311,17 @@ class LoRALayer:
 
     @property
     def has_adapter(self) -> bool:
-        """True when this layer carries LoRA parameters (``r > 0`` and something enabled)."""
-        return "lora_A" in self._parameters
+        """True when this layer has an adapter now: ``r > 0`` and ``lora_A`` holds a tensor.
+
+        Read at call time, as loralib does, so adapters replaced by plain
+        tensors (``torch.func.functional_call``, subspace training) are used.
+        """
+        return self.r > 0 and isinstance(getattr(self, "lora_A", None), Tensor)
 
     def adapter_parameters(self) -> Dict[str, nn.Parameter]:
-        """The adapter parameters by local name (``lora_A``, ``lora_B``); empty without adapters."""
-        return {n: self._parameters[n] for n in ADAPTER_NAMES if n in self._parameters}
+        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``);
+        empty without adapters."""
+        return {n: p for n, p in self._parameters.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
 
     def reset_parameters(self) -> None:
         # Same call order as loralib, so a given seed gives the same numbers.
@@ -255,8 +334,8 @@ class LoRALayer:
             self.reset_lora_parameters()
 
     def _merge_blocker(self) -> Optional[str]:
-        """Why this layer cannot merge, or None."""
-        return None
+        """Why this layer cannot merge, or None. A shared (tied) weight never merges."""
+        return shared_weight_reason(self)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -294,7 +373,7 @@ class LoRALayer:
             for index, delta in self._delta_blocks(A, B):
                 block = W[index]
                 merged = (block.to(acc) + delta).to(W.dtype)
-                if safe_merge and not torch.isfinite(merged).all():
+                if safe_merge and not W.is_meta and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"safe_merge: merging the adapter into {type(self).__name__}.weight gives "
                         f"non-finite values; the weight was left unchanged"
@@ -347,6 +426,17 @@ class LoRALayer:
         self._restore_into(W, A, B, residuals if W.dtype == dtype else [None] * len(residuals))
         return W
 
+    def merged_weight(self) -> Tensor:
+        """A copy of the weight with the adapter folded in, as :meth:`merge` would write it;
+        the layer is not changed."""
+        if self.merged or not self.has_adapter:
+            return self.weight.detach().clone()
+        W = self.weight.detach().clone()
+        acc = torch.promote_types(W.dtype, torch.float32)
+        for index, delta in self._delta_blocks(self.lora_A.detach(), self.lora_B.detach()):
+            W[index] = (W[index].to(acc) + delta).to(W.dtype)
+        return W
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged and prefix + "weight" in destination:
@@ -354,21 +444,31 @@ class LoRALayer:
             # would count the adapter twice (loralib's bug). This is a restored
             # copy, so with keep_vars=True it is a tensor, not the Parameter.
             destination[prefix + "weight"] = self.unmerged_weight()
+            _warn_unmerged_state_dict(self)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         was_merged = self.merged
         self.unmerge()
+        weight = self._parameters.get("weight")
+        # load_state_dict(assign=True) registers a new weight Parameter: that is not a tie.
+        self.__dict__[LOADING_ATTR] = True
         try:
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
         finally:
+            del self.__dict__[LOADING_ATTR]
+            if self._parameters.get("weight") is not weight:
+                register_weight(self)
             if was_merged:
                 self.merge()
 
     def extra_repr(self) -> str:
-        extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout.p}"
-        if self.use_rslora:
+        # A loralib-style subclass may hold any callable as lora_dropout.
+        extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={getattr(self.lora_dropout, 'p', 0.0)}"
+        if getattr(self, "use_rslora", False):
             extra += ", use_rslora=True"
-        if self.merged:
+        if getattr(self, "merged", False):
             extra += ", merged=True"
         return f"{super().extra_repr()}, {extra}"
 

@@ -210,10 +210,14 @@ class MergedLinear(Linear):
 
     @classmethod
     def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                    merge_weights: bool = True, *, enable_lora: Sequence[bool] = (True,),
+                    merge_weights: bool = True, *, enable_lora: Sequence[bool],
                     split_sizes: Optional[Sequence[int]] = None, fan_in_fan_out: bool = False,
                     **kwargs) -> "MergedLinear":
-        """Wrap a fused ``nn.Linear`` sharing its Parameters, e.g. a qkv projection."""
+        """Wrap a fused ``nn.Linear`` sharing its Parameters, e.g. a qkv projection.
+
+        ``enable_lora`` has no default here: the constructor's loralib default
+        ``(False,)`` would silently give a layer without adapters.
+        """
         return super(Linear, cls).from_module(module, r, lora_alpha, lora_dropout, merge_weights,
                                               fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
                                               split_sizes=split_sizes, **kwargs)
@@ -283,6 +287,9 @@ class Embedding(LoRALayer, nn.Embedding):
         yield (slice(None), slice(None)), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).t().mul_(self.scaling)
 
     def _merge_blocker(self) -> Optional[str]:
+        shared = super()._merge_blocker()
+        if shared is not None:
+            return shared
         if self.max_norm is not None:
             # nn.Embedding renormalises looked-up rows of the weight in place,
             # which would change a merged weight irreversibly.

@@ -11,6 +11,8 @@ from typing import Dict, Iterator, List, Tuple
 import torch.nn as nn
 from torch import Tensor
 
+from ._ties import find_shared_weights
+from .base import quiet_state_dict
 from .layers import LoRALayer
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "lora_state_dict",
     "merge_lora",
     "unmerge_lora",
+    "merged_state_dict",
     "count_lora_parameters",
 ]
 
@@ -88,6 +91,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
             (the model is left unchanged).
     """
     _check_bias(bias)
+    find_shared_weights(model)  # a tied weight must never be merged into by eval()
     trainable = {id(p) for p in lora_parameters(model)}
     trainable |= {id(p) for p in _bias_names(model, bias).values()}
     for param in model.parameters():
@@ -110,15 +114,20 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
     """Merge every LoRA layer's adapter into its weight (see :meth:`LoRALayer.merge`).
 
-    All or nothing: if one layer refuses (``safe_merge`` found non-finite
-    values), the layers merged by this call are unmerged again, exactly, and
-    the error is re-raised.
+    All or nothing: if one layer refuses (its weight is shared with another
+    module, or ``safe_merge`` found non-finite values), the layers merged by
+    this call are unmerged again, exactly, and the error is re-raised with the
+    layer's name.
     """
+    find_shared_weights(model)
     done = []
     try:
-        for _, module in lora_modules(model):
+        for name, module in lora_modules(model):
             if not module.merged:
-                module.merge(safe_merge=safe_merge)
+                try:
+                    module.merge(safe_merge=safe_merge)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{name or type(module).__name__}: {exc}") from exc
                 done.append(module)
     except BaseException:
         for module in done:
@@ -130,6 +139,34 @@ def unmerge_lora(model: nn.Module) -> None:
     """Undo :func:`merge_lora` exactly."""
     for _, module in lora_modules(model):
         module.unmerge()
+
+
+def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
+    """``model.state_dict()`` as loralib's ``eval(); state_dict()`` gave it: every
+    adapted weight with ``scaling · B A`` folded in, and no adapter keys.
+
+    The model is not changed, merged or not: the merged weights are copies. Load
+    the result into the plain model (before LoRA surgery) with ``strict=True``.
+    A merged lora_layers model's own ``state_dict()`` keeps the unmerged weight
+    and the adapters instead, so that reloading it never counts the adapter twice.
+
+    Raises:
+        ValueError: a layer cannot be merged (its weight is shared with another
+            module, e.g. tied embeddings, or an Embedding with ``max_norm``); names it.
+    """
+    find_shared_weights(model)
+    layers = [(name, layer) for name, layer in lora_modules(model) if layer.has_adapter]
+    for name, layer in layers:
+        blocker = layer._merge_blocker()
+        if blocker is not None:
+            raise ValueError(f"merged_state_dict: cannot merge {name or type(layer).__name__}: {blocker}")
+    with quiet_state_dict():
+        state = model.state_dict()
+    for name, layer in layers:
+        state[_join(name, "weight")] = layer.merged_weight()
+        for local in layer.adapter_parameters():
+            state.pop(_join(name, local), None)
+    return state
 
 
 def count_lora_parameters(model: nn.Module) -> int:

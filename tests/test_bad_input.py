@@ -77,7 +77,9 @@ def test_bad_dropout(cls, bad):
     layer_cls, make = WRAP[cls]
     base = make()
     snap = _Snapshot(base)
-    _raises((ValueError, TypeError), lambda: layer_cls.from_module(base, r=2, lora_dropout=bad), "lora_dropout")
+    kw = {"enable_lora": [True, False]} if cls == "MergedLinear" else {}
+    _raises((ValueError, TypeError), lambda: layer_cls.from_module(base, r=2, lora_dropout=bad, **kw),
+            "lora_dropout")
     snap.assert_unchanged()
 
 
@@ -86,7 +88,7 @@ def test_bad_alpha(bad):
     _raises((ValueError, TypeError), lambda: L.Linear(4, 4, r=2, lora_alpha=bad), "lora_alpha", repr(bad))
 
 
-@pytest.mark.parametrize("bad", [torch.int64, "float32", torch.bool], ids=repr)
+@pytest.mark.parametrize("bad", [torch.int64, "float32", torch.bool, torch.float8_e4m3fn, torch.complex64], ids=repr)
 def test_bad_lora_dtype(bad):
     _raises(TypeError, lambda: L.Linear(4, 4, r=2, lora_dtype=bad), "lora_dtype", repr(bad))
 
@@ -147,7 +149,8 @@ def test_equal_splits_not_dividing():
 ], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else v.__name__)
 def test_from_module_unsupported_type(cls, module):
     snap = _Snapshot(module)
-    _raises(TypeError, lambda: cls.from_module(module, r=2), cls.__name__, type(module).__name__)
+    kw = {"enable_lora": [True]} if cls is L.MergedLinear else {}
+    _raises(TypeError, lambda: cls.from_module(module, r=2, **kw), cls.__name__, type(module).__name__)
     snap.assert_unchanged()
 
 
@@ -155,6 +158,29 @@ def test_from_module_unsupported_type(cls, module):
                                         (L.Conv2d, [3])], ids=repr)
 def test_kernel_size_mismatch(cls, kernel):
     _raises(ValueError, lambda: cls(2, 3, kernel, r=2), "kernel_size", repr(kernel))
+
+
+@pytest.mark.parametrize("reparametrize", [
+    lambda m: torch.nn.utils.weight_norm(m),
+    lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+    lambda m: torch.nn.utils.parametrizations.orthogonal(m),
+], ids=["weight_norm", "parametrizations.weight_norm", "orthogonal"])
+def test_from_module_refuses_a_computed_weight(reparametrize):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        module = reparametrize(nn.Linear(4, 4))
+    snap = _Snapshot(module)
+    _raises(TypeError, lambda: L.Linear.from_module(module, r=2), "weight", "Parameter", "remove")
+    snap.assert_unchanged()
+
+
+def test_merged_linear_from_module_needs_enable_lora():
+    # The constructor keeps loralib's default enable_lora=[False]; from_module has no
+    # default rather than a second, different one.
+    _raises(TypeError, lambda: L.MergedLinear.from_module(nn.Linear(4, 6), r=2), "enable_lora")
+    assert not L.MergedLinear(4, 6, r=2).has_adapter  # loralib: nothing enabled by default
 
 
 def test_from_module_kernel_does_not_match_weight():

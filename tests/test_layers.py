@@ -334,3 +334,62 @@ def test_wrapped_module_restores_the_original_class_and_attributes():
     plain = hand.wrapped_module()
     assert type(plain) is nn.Linear and set(plain.__dict__) == set(nn.Linear(1, 1).__dict__)
     assert set(plain._parameters) == {"weight", "bias"} and not plain._modules
+
+
+# ----------------------------------------------------------------------------- dtypes, devices, numbers
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.complex64, torch.float64])
+@pytest.mark.parametrize("merged", [False, True], ids=["train", "eval"])
+def test_input_dtype_mismatch_raises_in_train_and_eval_like_nn_linear(dtype, merged):
+    layer = L.Linear(4, 3, r=2)
+    nn.init.normal_(layer.lora_B)
+    layer.train(not merged)
+    x = torch.randn(5, 4).to(dtype)
+    with pytest.raises(RuntimeError):
+        nn.Linear(4, 3)(x)
+    with pytest.raises(RuntimeError, match="dtype"):
+        layer(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_autocast_never_lowers_float64(kind):
+    torch.manual_seed(0)
+    layer = (L.Linear(4, 3, r=2) if kind == "linear" else
+             L.MergedLinear(4, 6, r=2, enable_lora=[True, False, True])).double()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_train = layer.train()(x)
+        y_eval = layer.eval()(x)
+        y_plain = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y_train.dtype == y_eval.dtype == y_plain.dtype == torch.float64
+    torch.testing.assert_close(y_train, y_eval)
+
+
+def test_meta_device_forward_train_and_eval():
+    with torch.device("meta"):
+        model = nn.Sequential(L.Linear(4, 6, r=2, lora_dropout=0.1),
+                              L.MergedLinear(6, 9, r=2, enable_lora=[True, False, True]),
+                              L.Embedding(5, 4, r=2), L.Conv1d(2, 3, 2, r=1))
+        x = torch.randn(3, 4)
+    assert model[1](model[0](x)).shape == (3, 9)
+    model.eval()
+    assert all(m.merged for m in model)
+    assert model[1](model[0](x)).shape == (3, 9)
+    model.train()
+    assert not any(m.merged for m in model)
+    y = model[0](x.requires_grad_())
+    y.sum().backward()
+    assert model[0].lora_A.grad.shape == (2, 4) and model[0].lora_A.grad.is_meta
+
+
+def test_numpy_numbers_are_normalised(tmp_path):
+    np = pytest.importorskip("numpy")
+    layer = L.MergedLinear(4, 6, r=np.int64(2), lora_alpha=np.float32(8), lora_dropout=np.float64(0.1),
+                           enable_lora=[True, True])
+    assert type(layer.r) is int and type(layer.lora_alpha) is float and type(layer.lora_dropout.p) is float
+    assert type(L.Linear(4, 4, r=2, lora_alpha=np.int32(3)).lora_alpha) is int
+    L.save_lora(layer, tmp_path / "a.safetensors")
+    opt = torch.optim.SGD(L.lora_parameters(layer), lr=0.1)
+    L.save_training_state(tmp_path / "state", layer, opt)
+    L.load_lora(layer, tmp_path / "a.safetensors")

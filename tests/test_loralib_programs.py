@@ -1,0 +1,199 @@
+"""Programs written for loralib run unchanged with ``import lora_layers as lora``.
+
+Each test is a pattern taken from public loralib code: a class of its own that
+subclasses ``LoRALayer`` and calls its ``__init__``; adapters swapped for plain
+tensors before the forward (intrinsic-dimension / subspace training,
+``torch.func.functional_call``); and ``model.eval(); torch.save(model.state_dict())``
+to export a merged model, where lora_layers deliberately differs and says so.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora_layers as L
+from _naive_lora import F64, naive_linear
+
+loralib = pytest.importorskip("loralib")
+
+
+# ----------------------------------------------------------------------------- subclassing LoRALayer
+
+def _custom_linear_class(lora):
+    """A loralib-style layer of the user's own, written against ``lora`` (loralib or lora_layers)."""
+
+    class CustomLoRALinear(nn.Linear, lora.LoRALayer):
+        def __init__(self, in_features, out_features, r=0, lora_alpha=1, lora_dropout=0.0, merge_weights=True):
+            nn.Linear.__init__(self, in_features, out_features)
+            lora.LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                    merge_weights=merge_weights)
+            if r > 0:
+                self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+                self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+                self.scaling = self.lora_alpha / self.r
+                self.weight.requires_grad = False
+                nn.init.normal_(self.lora_A)
+                nn.init.normal_(self.lora_B)
+
+        def train(self, mode=True):
+            nn.Linear.train(self, mode)
+            if self.merge_weights and self.r > 0:
+                delta = (self.lora_B @ self.lora_A) * self.scaling
+                if mode and self.merged:
+                    self.weight.data -= delta
+                    self.merged = False
+                elif not mode and not self.merged:
+                    self.weight.data += delta
+                    self.merged = True
+            return self
+
+        def forward(self, x):
+            result = F.linear(x, self.weight, self.bias)
+            if self.r > 0 and not self.merged:
+                result = result + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            return result
+
+    return CustomLoRALinear
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_subclass_calling_lora_layer_init_runs_like_loralib(p):
+    ours_cls, ref_cls = _custom_linear_class(L), _custom_linear_class(loralib)
+    torch.manual_seed(0)
+    ref = nn.Sequential(ref_cls(6, 5, r=2, lora_alpha=4, lora_dropout=p), nn.Linear(5, 3))
+    torch.manual_seed(0)
+    ours = nn.Sequential(ours_cls(6, 5, r=2, lora_alpha=4, lora_dropout=p), nn.Linear(5, 3))
+    # loralib's attribute semantics
+    layer = ours[0]
+    assert (layer.r, layer.lora_alpha, layer.merged, layer.merge_weights, layer.scaling) == (2, 4, False, True, 2.0)
+    assert callable(layer.lora_dropout) and "CustomLoRALinear" in repr(ours)
+    assert ref[0].state_dict().keys() == layer.state_dict().keys()
+
+    loralib.mark_only_lora_as_trainable(ref)
+    L.mark_only_lora_as_trainable(ours)
+    assert [n for n, q in ours.named_parameters() if q.requires_grad] == ["0.lora_A", "0.lora_B"]
+    assert L.lora_state_dict(ours).keys() == loralib.lora_state_dict(ref).keys()
+    x = torch.randn(4, 6)
+    for mode in (True, False, True):
+        ref.train(mode), ours.train(mode)
+        torch.manual_seed(1)
+        y_ref = ref(x)
+        torch.manual_seed(1)
+        y = ours(x)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_subclass_repr_with_an_identity_function_as_dropout():
+    class Mine(L.LoRALayer, nn.Linear):  # the mixin's extra_repr comes first in this order
+        def __init__(self):
+            nn.Linear.__init__(self, 4, 4)
+            self.r, self.lora_alpha, self.merged, self.merge_weights = 2, 4, False, True
+            self.lora_dropout = lambda x: x  # what loralib itself stores for p == 0
+
+    assert "r=2, lora_alpha=4, lora_dropout=0.0" in repr(Mine())
+
+
+def test_lora_layer_init_validates_like_the_layers():
+    cls = _custom_linear_class(L)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        cls(4, 4, r=2, lora_dropout=1.5)
+    with pytest.raises(ValueError, match="r must"):
+        cls(4, 4, r=-1)
+
+
+# ----------------------------------------------------------------------------- adapters as plain tensors
+
+def test_adapters_replaced_by_plain_tensors_are_used_in_forward_and_backward():
+    # Intrinsic-dimension training: the adapters are a fixed projection of a small trainable vector.
+    torch.manual_seed(0)
+    layer = L.Linear(6, 4, r=2, lora_alpha=2, lora_dropout=0.0)
+    W, b = layer.weight.detach().double(), layer.bias.detach().double()
+    theta = torch.randn(5, requires_grad=True)
+    proj_A, proj_B = torch.randn(2 * 6, 5), torch.randn(4 * 2, 5)
+    del layer.lora_A, layer.lora_B
+    layer.lora_A = (proj_A @ theta).view(2, 6)
+    layer.lora_B = (proj_B @ theta).view(4, 2)
+    assert layer.has_adapter
+    x = torch.randn(3, 6)
+    y = layer(x)
+
+    theta64 = theta.detach().double().requires_grad_()
+    ref = naive_linear(x.double(), W, b, (proj_A.double() @ theta64).view(2, 6),
+                       (proj_B.double() @ theta64).view(4, 2), layer.scaling)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(theta.grad.double(), theta64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_functional_call_with_plain_tensor_adapters():
+    torch.manual_seed(0)
+    layer = L.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True])
+    A = torch.randn_like(layer.lora_A, dtype=F64).requires_grad_()
+    B = torch.randn_like(layer.lora_B, dtype=F64).requires_grad_()
+    layer.double()
+    x = torch.randn(3, 6, dtype=F64)
+    y = torch.func.functional_call(layer, {"lora_A": A, "lora_B": B}, (x,))
+    ref = naive_linear(x, layer.weight.detach(), layer.bias.detach(), A, B, layer.scaling,
+                       split_sizes=[3, 3, 3], enable=[True, False, True])
+    torch.testing.assert_close(y, ref)
+    (gA,) = torch.autograd.grad(y.sum(), A)
+    (rA,) = torch.autograd.grad(ref.sum(), A)
+    torch.testing.assert_close(gA, rA)
+
+
+# ----------------------------------------------------------------------------- eval() then state_dict()
+
+def _trained_pair():
+    torch.manual_seed(0)
+    ref = nn.Sequential(loralib.Linear(6, 5, r=2, lora_alpha=4), nn.ReLU(),
+                        loralib.MergedLinear(5, 6, r=2, lora_alpha=2, enable_lora=[True, False, True]))
+    ours = nn.Sequential(L.Linear(6, 5, r=2, lora_alpha=4), nn.ReLU(),
+                         L.MergedLinear(5, 6, r=2, lora_alpha=2, enable_lora=[True, False, True]))
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for p_ref, p in zip(ref.parameters(), ours.parameters()):
+            p.copy_(torch.randn_like(p))
+            p_ref.copy_(p)
+    return ref, ours
+
+
+def test_eval_then_state_dict_warns_once_and_merged_state_dict_is_loralibs_export(monkeypatch):
+    monkeypatch.setattr("lora_layers.base._WARNED_UNMERGED_STATE_DICT", False)
+    ref, ours = _trained_pair()
+    ref.eval(), ours.eval()
+    exported = ref.state_dict()  # loralib: the merged weights (+ adapters)
+    with pytest.warns(UserWarning, match="merged_state_dict"):
+        ours.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.state_dict()  # once per process
+        merged = L.merged_state_dict(ours)  # and never from the library's own export
+
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 6))
+    plain.load_state_dict(merged, strict=True)
+    for key, value in merged.items():
+        torch.testing.assert_close(value, exported[key], rtol=1e-6, atol=1e-6)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(plain(x), ours(x), rtol=1e-5, atol=1e-5)
+    # the model itself is unchanged and still merged
+    assert ours[0].merged and ours[2].merged
+
+
+def test_merged_state_dict_of_an_unmerged_model_equals_the_merged_one(monkeypatch):
+    _, ours = _trained_pair()
+    unmerged = L.merged_state_dict(ours.train())
+    merged = L.merged_state_dict(ours.eval())
+    assert unmerged.keys() == merged.keys()
+    for key in merged:
+        assert torch.equal(unmerged[key], merged[key]), key
+
+
+def test_no_warning_when_adapters_are_zero(monkeypatch):
+    monkeypatch.setattr("lora_layers.base._WARNED_UNMERGED_STATE_DICT", False)
+    model = nn.Sequential(L.Linear(4, 4, r=2)).eval()  # B = 0 at init: merged == unmerged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.state_dict()
