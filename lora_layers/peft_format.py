@@ -41,10 +41,37 @@ _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
 _SAVED_BASE_KEY = "base_layer.weight"
 _CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-# Config fields whose non-default value changes the forward in ways lora_layers cannot reproduce.
-_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "target_parameters", "trainable_token_indices",
-                "layer_replication", "alora_invocation_tokens", "use_qalora", "arrow_config", "velora_config")
-
+# How import_peft treats each field of PEFT 0.21's LoraConfig (and PeftConfig). An allow-list: a
+# field in none of these groups is unknown (a later PEFT feature) and refused unless unset.
+# (a) Implemented: validated and honoured by _check_config.
+_IMPLEMENTED = frozenset({"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+                          "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights"})
+# (b) Harmless for loading: bookkeeping; which modules to wrap (the saved tensors name them);
+# settings read only by an initialisation or feature whose own switch is checked here.
+_HARMLESS = frozenset({"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                       "inference_mode", "target_modules", "exclude_modules", "layers_to_transform",
+                       "layers_pattern", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+                       "corda_config", "lora_ga_config", "runtime_config"})
+# (c) They change what the adapter computes or how it trains: refused unless unset (None, false, empty).
+_REFUSED = {
+    "use_dora": "DoRA's magnitude vector",
+    "lora_bias": "a trained bias on lora_B",
+    "modules_to_save": "full trained copies of other modules",
+    "target_parameters": "LoRA on raw parameters rather than modules",
+    "trainable_token_indices": "trained rows of the embedding",
+    "layer_replication": "replicated decoder layers",
+    "alora_invocation_tokens": "activated LoRA (the adapter acts only after the invocation tokens)",
+    "use_qalora": "QALoRA's pooled adapter input",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "velora_config": "VeLoRA's approximate backward",
+    "monteclora_config": "Monte Carlo sampled adapters",
+    "use_bdlora": "block-diagonal A/B layouts",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA's truncated base weight and singular-value diagonal",
+    "ensure_weight_tying": "adapters tied between tied layers",
+}
+# init_lora_weights values that only choose A and B's starting values (the saved tensors replace them).
+_HARMLESS_INITS = ("gaussian", "eva", "orthogonal")
 
 def _number(x: float):
     """JSON-friendly alpha: an int when it is integral (PEFT types it as int)."""
@@ -237,7 +264,93 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
 
 # ----------------------------------------------------------------------------- import
 
+def _is_unset(value) -> bool:
+    """None, false or empty: how PEFT reads a feature switched off."""
+    return value is None or value is False or (isinstance(value, (str, list, tuple, dict)) and not value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _init_problem(value) -> Optional[str]:
+    """Why an ``init_lora_weights`` value cannot be imported, or None when it only sets A/B's start."""
+    if value is True or value is False or (isinstance(value, str) and value in _HARMLESS_INITS):
+        return None
+    name = value.lower() if isinstance(value, str) else ""
+    if name.startswith(("pissa", "olora", "corda")):
+        why = ("PEFT subtracts the initial adapter from the base weight when it loads this adapter, and "
+               "lora_layers does not; convert it to a plain LoRA with PEFT's "
+               "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    elif name == "lora_ga":
+        why = ("LoRA-GA trained it on a base weight minus the initial adapter; convert it to a plain LoRA "
+               "with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    elif name == "loftq":
+        why = "LoftQ trained it on a base weight that LoftQ quantized, not on this base weight"
+    elif name == "mica":
+        why = "MiCA keeps lora_B frozen in training, which lora_layers does not"
+    else:
+        why = "unknown initialisation (lora_layers accepts true, false, 'gaussian', 'eva' and 'orthogonal')"
+    return f"init_lora_weights={value!r} is not supported: {why}"
+
+
+def _check_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """The settings import_peft uses (PEFT's default for an absent field) and every problem found."""
+    problems = []
+
+    def get(key, default, ok, expected):
+        value = config.get(key, default)
+        if not ok(value):
+            problems.append(f"{key}={value!r} is invalid: expected {expected}")
+        return value
+
+    positive_int, finite = (lambda v: _is_int(v) and v > 0), _is_finite_number
+    int_text = "a positive integer (PEFT types it as int; 2.0 is refused too)"
+    settings = {
+        "r": get("r", 8, positive_int, int_text),
+        "lora_alpha": get("lora_alpha", 8, finite, "a finite number"),
+        "use_rslora": get("use_rslora", False, lambda v: isinstance(v, bool), "true or false"),
+        "fan_in_fan_out": get("fan_in_fan_out", False, lambda v: isinstance(v, bool), "true or false"),
+        "lora_dropout": get("lora_dropout", 0.0, lambda v: _is_finite_number(v) and 0 <= v < 1,
+                            "a number in [0, 1)"),
+    }
+    for key, ok, expected in (("rank_pattern", positive_int, int_text), ("alpha_pattern", finite, "a finite number")):
+        patterns = config.get(key) or {}
+        settings[key] = patterns
+        if not isinstance(patterns, dict):
+            problems.append(f"{key}={patterns!r} is invalid: expected an object mapping module-name patterns "
+                            f"to values")
+            settings[key] = {}
+            continue
+        for pattern, value in patterns.items():
+            try:
+                _peft_pattern_matches(pattern, "")
+            except re.error as exc:
+                problems.append(f"{key} key {pattern!r} is not a valid regular expression (PEFT matches "
+                                f"keys as regexes): {exc}")
+            if not ok(value):
+                problems.append(f"{key}[{pattern!r}]={value!r} is invalid: expected {expected}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} is not supported, expected 'none' "
+                        f"(trained biases are not part of a LoRA adapter here)")
+    init = _init_problem(config.get("init_lora_weights", True))
+    if init:
+        problems.append(init)
+    for key, value in config.items():
+        if key in _REFUSED and not _is_unset(value):
+            problems.append(f"{key}={value!r} is not supported: lora_layers does not implement {_REFUSED[key]}")
+        elif key not in _REFUSED and key not in _IMPLEMENTED and key not in _HARMLESS and not _is_unset(value):
+            problems.append(f"{key}={value!r} is not supported: an unknown option (not a field of PEFT "
+                            f"0.21's LoraConfig); unknown options are refused unless null, false or empty")
+    return settings, problems
+
+
 def _read_config(adapter_dir: str) -> Dict[str, Any]:
+    """The validated settings of ``adapter_config.json`` (see :func:`_check_config`)."""
     path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
@@ -250,17 +363,11 @@ def _read_config(adapter_dir: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    for key in _UNSUPPORTED:
-        if config.get(key):
-            raise CheckpointError(f"{path!r}: {key}={config[key]!r} is not supported (lora_layers cannot "
-                                  f"represent it exactly; vLLM rejects it too)")
-    if config.get("bias", "none") != "none":
-        raise CheckpointError(f"{path!r}: bias={config['bias']!r} is not supported, expected 'none' "
-                              f"(trained biases are not part of a LoRA adapter here)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise CheckpointError(f"{path!r}: {key} must be a number, got {config.get(key)!r}")
-    return config
+    settings, problems = _check_config(config)
+    if problems:
+        raise CheckpointError(f"cannot import PEFT adapter config {path!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    return settings
 
 
 def _read_weights(adapter_dir: str) -> Dict[str, Tensor]:
@@ -369,9 +476,12 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     ``Conv1D``) modules named by the adapter are replaced by lora_layers layers
     that share their weights; existing LoRA layers of matching rank/scaling are
     loaded in place (a :class:`MergedLinear` only when PEFT's B is exactly
-    block-diagonal in its split layout). ``rank_pattern``/``alpha_pattern``,
-    ``use_rslora`` and ``fan_in_fan_out`` are honoured; adapters are cast to
-    the base weight's dtype. Everything is validated before the model changes.
+    block-diagonal in its split layout). ``rank_pattern``/``alpha_pattern``
+    (resolved exactly as PEFT resolves them), ``use_rslora`` and
+    ``fan_in_fan_out`` are honoured; other config options are accepted only
+    where they cannot change the result (an allow-list; see
+    docs/checkpoints.md). Adapters are cast to the base weight's dtype.
+    Everything is validated before the model changes.
 
     Args:
         model: the base model (plain or with some LoRA layers already).
@@ -387,9 +497,13 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
 
     Raises:
         FileNotFoundError: missing config or weights.
-        CheckpointError (a ValueError): an unsupported config (DoRA,
-            ``modules_to_save``, bias, unknown ``peft_type``), keys without the
-            ``base_model.model.`` prefix, or modules that do not fit; the model is unchanged.
+        CheckpointError (a ValueError): a config option whose meaning lora_layers
+            does not implement (DoRA, ``modules_to_save``, bias, PiSSA/OLoRA/CorDA/
+            LoftQ/LoRA-GA/MiCA ``init_lora_weights``, an unknown option that is
+            set, a ``peft_type`` other than LORA, ...), an invalid value (``r``
+            not a positive int, a non-finite alpha, ...), keys without the
+            ``base_model.model.`` prefix, or modules that do not fit; every
+            problem is named, and the model is unchanged.
     """
     adapter_dir = os.fspath(adapter_dir)
     config = _read_config(adapter_dir)
@@ -401,8 +515,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                         f"{unprefixed}")
     if unknown:
         problems.append(f"keys that are not plain LoRA A/B tensors: {unknown}")
-    rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    rslora, dropout = config["use_rslora"], float(config["lora_dropout"])
     plan = []
     # from_module freezes the weights it wraps; undo that for the planning phase so a refusal changes nothing.
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -419,11 +532,11 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                             f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
                             f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
             continue
-        r = _peft_pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        alpha = _peft_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        r = _peft_pattern_value(config["rank_pattern"], name, config["r"])
+        alpha = _peft_pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         try:
-            plan.append((name,) + _plan_module(name, module, groups[name], int(r), alpha, rslora, dropout,
-                                               bool(config.get("fan_in_fan_out", False))))
+            plan.append((name,) + _plan_module(name, module, groups[name], r, alpha, rslora, dropout,
+                                               config["fan_in_fan_out"]))
         except (ValueError, TypeError) as exc:
             problems.append(f"{name!r} ({type(module).__name__}): {exc}")
     for p, flag in flags:

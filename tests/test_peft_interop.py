@@ -422,3 +422,130 @@ def test_import_pattern_lookup_agrees_with_peft():
         for name in names:
             want = pattern.get(get_pattern_key(pattern.keys(), name), -1)
             assert _peft_pattern_value(pattern, name, -1) == want, (pattern, name)
+
+
+# ----------------------------------------------------------------------------- config options (issue 11, items 5 and 15)
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_import_refuses_real_adapters_that_transform_the_base(base, tmp_path, init):
+    """PiSSA and OLoRA move the initial adapter out of the base weight; PEFT redoes that on load."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=init, target_modules=["o_proj", "down_proj"])
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(str(tmp_path / init))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / init))
+    o_proj = loaded.base_model.model.model.layers[0].self_attn.o_proj.base_layer
+    assert not torch.equal(o_proj.weight, base.model.layers[0].self_attn.o_proj.weight)  # why it is refused
+
+    assert_config_refused(base, tmp_path / init, f"init_lora_weights='{init}' is not supported.*base weight")
+
+
+@pytest.mark.parametrize("config, text", [
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' is not supported"),
+    ({"init_lora_weights": "corda", "corda_config": {"corda_method": "kpm"}}, "init_lora_weights='corda'"),
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
+     "init_lora_weights='loftq'.*quantized"),
+    ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga'"),
+    ({"init_lora_weights": "mica"}, "init_lora_weights='mica'.*frozen"),
+    ({"init_lora_weights": "future_init"}, "init_lora_weights='future_init'"),
+    ({"init_lora_weights": 1}, "init_lora_weights=1"),
+    ({"lora_bias": True}, "lora_bias=True is not supported"),
+    ({"target_parameters": ["mlp.experts.down_proj"]}, "target_parameters="),
+    ({"trainable_token_indices": [5, 6]}, r"trainable_token_indices=\[5, 6\]"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication="),
+    ({"alora_invocation_tokens": [7, 8]}, "alora_invocation_tokens="),
+    ({"use_qalora": True}, "use_qalora=True"),
+    ({"megatron_config": {"tensor_model_parallel_size": 2}}, "megatron_config="),
+    ({"velora_config": {"rank": 1}}, "velora_config="),
+    ({"monteclora_config": {"n_samples": 4}}, "monteclora_config="),
+    ({"use_bdlora": {"lora_a_is_blockdiagonal": ["o_proj"]}}, "use_bdlora="),
+    ({"arrow_config": {"top_k": 2}}, "arrow_config="),
+    ({"kasa_config": {"beta": 0.1}}, "kasa_config="),
+    ({"ensure_weight_tying": True}, "ensure_weight_tying=True"),
+    ({"lora_future_option": {"mode": "x"}}, r"lora_future_option=\{'mode': 'x'\}.*unknown"),
+    ({"lora_future_flag": True}, "lora_future_flag=True.*unknown"),
+    ({"lora_future_scale": 0.5}, "lora_future_scale=0.5.*unknown"),
+])
+def test_import_refuses_options_it_does_not_implement(base, tmp_path, config, text):
+    assert_config_refused(base, _write_adapter(tmp_path / "opt", config), text)
+
+
+def assert_config_refused(base, folder, text):
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match=text) as info:
+        import_peft(model, folder)
+    assert str(folder) in str(info.value)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("config", [
+    {"init_lora_weights": True}, {"init_lora_weights": False}, {"init_lora_weights": "gaussian"},
+    {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}, {"init_lora_weights": "orthogonal"},
+    {"loftq_config": {"loftq_bits": 4}}, {"corda_config": None}, {"lora_ga_config": None},  # ignored by PEFT
+    {"task_type": "CAUSAL_LM", "inference_mode": False, "revision": "main", "peft_version": "0.21.2",
+     "auto_mapping": None, "base_model_name_or_path": "tiny", "megatron_core": "megatron.core",
+     "qalora_group_size": 32, "runtime_config": {"ephemeral_gpu_offload": False}},
+    {"target_modules": "model.*o_proj", "exclude_modules": ["lm_head"]},
+    {"target_modules": ["o_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    {"use_dora": False, "lora_bias": False, "modules_to_save": [], "target_parameters": None, "use_qalora": False,
+     "layer_replication": None, "ensure_weight_tying": False, "kasa_config": None, "use_bdlora": None},
+    {"lora_future_option": None, "lora_future_flag": False, "lora_future_list": [], "lora_future_dict": {}},
+    {"rank_pattern": None, "alpha_pattern": None, "lora_dropout": 0, "use_rslora": False, "fan_in_fan_out": False},
+])
+def test_import_accepts_options_harmless_for_loading(base, tmp_path, config):
+    folder = _write_adapter(tmp_path / "ok", config)
+    model = copy.deepcopy(base)
+    assert import_peft(model, folder) == ["model.layers.0.self_attn.o_proj"]
+    assert model.model.layers[0].self_attn.o_proj.scaling == 2.0
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("config, text", [
+    ({"r": 2.5}, r"r=2\.5 .*expected a positive integer"),
+    ({"r": 2.0}, r"r=2\.0 .*expected a positive integer"),
+    ({"r": 0}, "r=0 .*expected a positive integer"),
+    ({"r": -2}, "r=-2 .*expected a positive integer"),
+    ({"r": "2"}, "r='2' .*expected a positive integer"),
+    ({"r": True}, "r=True .*expected a positive integer"),
+    ({"r": None}, "r=None .*expected a positive integer"),
+    ({"lora_alpha": "4"}, "lora_alpha='4' .*expected a finite number"),
+    ({"lora_alpha": NAN}, "lora_alpha=nan .*expected a finite number"),
+    ({"lora_alpha": INF}, "lora_alpha=inf .*expected a finite number"),
+    ({"lora_alpha": True}, "lora_alpha=True .*expected a finite number"),
+    ({"rank_pattern": {"o_proj": 2.5}}, r"rank_pattern\['o_proj'\]=2\.5 .*expected a positive integer"),
+    ({"rank_pattern": {"o_proj": 0}}, r"rank_pattern\['o_proj'\]=0 .*expected a positive integer"),
+    ({"rank_pattern": ["o_proj"]}, r"rank_pattern=\['o_proj'\] .*expected an object"),
+    ({"rank_pattern": {"o_proj(": 2}}, r"rank_pattern key 'o_proj\(' .*not a valid regular expression"),
+    ({"alpha_pattern": {"o_proj": "x"}}, r"alpha_pattern\['o_proj'\]='x' .*expected a finite number"),
+    ({"alpha_pattern": {"o_proj": NAN}}, r"alpha_pattern\['o_proj'\]=nan .*expected a finite number"),
+    ({"use_rslora": "yes"}, "use_rslora='yes' .*expected true or false"),
+    ({"use_rslora": 1}, "use_rslora=1 .*expected true or false"),
+    ({"fan_in_fan_out": None}, "fan_in_fan_out=None .*expected true or false"),
+    ({"lora_dropout": 1.0}, r"lora_dropout=1\.0 .*expected a number in \[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"lora_dropout=-0\.1 .*expected a number in \[0, 1\)"),
+    ({"lora_dropout": "0.1"}, r"lora_dropout='0\.1' .*expected a number in \[0, 1\)"),
+    ({"lora_dropout": NAN}, r"lora_dropout=nan .*expected a number in \[0, 1\)"),
+])
+def test_import_validates_config_values(base, tmp_path, config, text):
+    assert_config_refused(base, _write_adapter(tmp_path / "val", config), text)
+
+
+def test_import_reports_every_config_problem_at_once(base, tmp_path):
+    folder = _write_adapter(tmp_path / "many", {"r": 2.5, "init_lora_weights": "pissa", "lora_future_flag": True})
+    with pytest.raises(CheckpointError) as info:
+        import_peft(copy.deepcopy(base), folder)
+    for text in ("r=2.5", "init_lora_weights='pissa'", "lora_future_flag=True"):
+        assert text in str(info.value)
+
+
+def test_every_lora_config_field_is_classified():
+    """Each field of the installed PEFT's LoraConfig is implemented, harmless or refused; a new
+    field shows up here (until classified it is refused whenever set, as an unknown option)."""
+    import dataclasses
+    from lora_layers import peft_format as pf
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    groups = (pf._IMPLEMENTED, pf._HARMLESS, set(pf._REFUSED))
+    assert sum(len(g) for g in groups) == len(set().union(*groups))  # disjoint
+    assert fields == set().union(*groups)
