@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import os
+import secrets
 import struct
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -59,8 +60,10 @@ META_HF_FORMAT = "format"
 _CONFIG_FIELDS = ("class", "r", "lora_alpha", "use_rslora", "scaling", "split_sizes", "enable_lora",
                   "fan_in_fan_out")
 
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, legacy pickle
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip archive
+_PICKLE_PROTOCOLS = range(2, 6)  # a legacy torch.save file is a pickle: 0x80, then its protocol
 _CHUNK = 1 << 20
+_NAME_MAX = 255  # the usual file-name limit, where the folder cannot tell its own
 
 
 class CheckpointError(ValueError):
@@ -91,38 +94,87 @@ def _write_chunk(f, chunk) -> None:
     f.write(chunk)
 
 
-def _check_destination(path: str, what: str) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {what} to {path!r}: folder {folder!r} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write {what} to {path!r}: it is a directory, expected a file path")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write {what} to {path!r}: folder {folder!r} is not writable")
+def as_path(path, arg: str = "path") -> str:
+    """``path`` as a ``str``; refuse what can name no file (the error names ``arg`` and the value)."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(path).__name__} {path!r}") from None
+    if not path:
+        raise ValueError(f"{arg} must be a file path, got ''")
+    if "\0" in path:
+        raise ValueError(f"{arg} must not contain a NUL character, got {path!r}")
     return path
 
 
-def atomic_write(path, write: Callable, what: str = "file") -> None:
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return _NAME_MAX
+
+
+def check_destination(path, what: str, arg: str = "path") -> str:
+    """Refuse a destination that cannot be written, before anything is created.
+
+    Returns the path as a ``str``. Raises TypeError / ValueError (not a usable
+    path), IsADirectoryError, FileNotFoundError (no such folder) or
+    PermissionError (folder not writable), each naming ``arg`` and the value.
+    """
+    path = as_path(path, arg)
+    folder, name = os.path.split(os.path.abspath(path))
+    if path.endswith((os.sep, os.altsep or os.sep)) or name in ("", ".", "..") or os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {what} to {arg}={path!r}: it is a directory or names a folder, "
+                                f"expected a file path")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} does not exist")
+    limit = _name_max(folder)
+    if len(os.fsencode(name)) > limit:
+        raise ValueError(f"cannot write {what} to {arg}={path!r}: the file name is {len(os.fsencode(name))} "
+                         f"bytes, longer than the {limit} this folder allows")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable")
+    return path
+
+
+def _create_temp(folder: str, name: str):
+    """A new file next to the destination, created as ``open()`` creates files (mode 0o666 less the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    stem = name[:_NAME_MAX - 30]  # the temp name must fit wherever the destination's name fits
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
+def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -> None:
     """Write a file atomically: temp file in the same folder, flush + fsync, ``os.replace``.
+
+    The file gets the mode ``open()`` would give it (0o666 less the umask).
 
     Args:
         path: destination file; its folder must exist.
         write: called with the open binary temp file.
         what: a description used in error messages.
+        arg: the caller's name for ``path``, used in error messages.
 
     Raises:
-        FileNotFoundError / PermissionError / IsADirectoryError: bad destination;
-            any previous file at ``path`` is left intact.
+        TypeError / ValueError / FileNotFoundError / PermissionError / IsADirectoryError:
+            bad destination (see :func:`check_destination`); any previous file at
+            ``path`` is left intact and nothing is created.
     """
-    path = _check_destination(path, what)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = check_destination(path, what, arg)
+    folder, name = os.path.split(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = _create_temp(folder, name)
     except PermissionError as exc:
-        raise PermissionError(f"cannot write {what} to {path!r}: folder {folder!r} is not writable ({exc})") from exc
+        raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable "
+                              f"({exc})") from exc
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {what} to {path!r}: {exc.strerror}") from exc
+        raise OSError(exc.errno, f"cannot write {what} to {arg}={path!r}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -223,10 +275,12 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
     if metadata is None:
         return {}
     if not isinstance(metadata, dict):
-        raise TypeError(f"metadata must be a dict of str -> str or None, got {type(metadata).__name__}")
+        raise TypeError(f"metadata must be a dict of str -> str or None, got {type(metadata).__name__} "
+                        f"{metadata!r}")
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str -> str, got {key!r}: {value!r}")
+            raise TypeError(f"metadata must map str -> str, got {key!r}: {value!r} "
+                            f"({type(key).__name__} -> {type(value).__name__})")
         if key.startswith(RESERVED_PREFIX) or key == META_HF_FORMAT:
             raise ValueError(f"metadata key {key!r} is reserved (keys starting with {RESERVED_PREFIX!r} "
                              f"and {META_HF_FORMAT!r} belong to lora_layers)")
@@ -237,6 +291,9 @@ def _adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Di
     """The adapter tensors and the library header fields for ``model``."""
     _check_bias(bias)
     tensors = {name: p for name, p in named_lora_parameters(model)}
+    if not tensors:
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
+                         f"merge_and_unload removes them), so there is nothing to save")
     tensors.update(_bias_names(model, bias))
     tensors = _to_storable(tensors)
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
@@ -269,13 +326,15 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
         metadata: extra ``str -> str`` header entries, returned by :func:`load_lora`.
 
     Raises:
-        ValueError: bad ``bias`` or a reserved metadata key.
-        TypeError: ``metadata`` is not a dict of str -> str.
+        ValueError: no adapters in ``model``, bad ``bias``, a reserved metadata key,
+            or a ``path`` that names no file (e.g. ``""``).
+        TypeError: ``metadata`` is not a dict of str -> str, or ``path`` is not a path.
         FileNotFoundError / PermissionError / IsADirectoryError: bad destination.
-    """
 
+    Nothing is written when any of these is raised.
+    """
     user = _check_user_metadata(metadata)
-    _check_destination(path, "LoRA checkpoint")
+    check_destination(path, "LoRA checkpoint")
     tensors, header = _adapter_payload(model, bias)
     data = st_serialize(tensors, {**user, **header})
     atomic_write(path, lambda f: _write_bytes(f, data), "LoRA checkpoint")
@@ -283,13 +342,25 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    from safetensors import safe_open
+def _safetensors_header_size(data: bytes) -> Optional[int]:
+    """The header size if ``data`` starts like a safetensors file (a length that fits, then a JSON object)."""
+    if len(data) < 10:
+        return None
+    (size,) = struct.unpack("<Q", data[:8])
+    if size < 2 or 8 + size > len(data) or data[8:9] != b"{" or not data[8:8 + size].rstrip(b" ").endswith(b"}"):
+        return None
+    return size
+
+
+def _parse_safetensors(data: bytes, size: int, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    from safetensors.torch import load
 
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(data[8:8 + size])
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ must map str -> str")
+        tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path!r} is not a valid safetensors file (truncated, corrupted or another "
                               f"format): {exc}") from exc
@@ -300,40 +371,64 @@ def _read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     return tensors, meta
 
 
-def _read_torch(path: str) -> Dict[str, Tensor]:
+def _parse_torch(data: bytes, path: str):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"cannot load {path!r} with torch.load(weights_only=True): it is truncated, corrupted, or holds "
             f"objects other than tensors and plain containers, which lora_layers refuses to unpickle "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path!r} does not hold a state_dict (a dict of str -> Tensor), "
-                              f"got {type(obj).__name__}")
-    return dict(obj)
+
+
+def read_file(path, what: str = "checkpoint") -> Tuple[Any, Dict[str, str]]:
+    """Read a safetensors or ``torch.save`` file, opening it once.
+
+    The whole file is read through one descriptor and parsed from those bytes,
+    so a concurrent ``os.replace`` of the path cannot pair one file's header
+    with another's data. The format is recognised by parsing, not by the
+    extension: a safetensors header (8-byte length that fits the file, then a
+    JSON object), else a zip archive or a pickle (``torch.load(weights_only=True)``).
+
+    Returns:
+        ``(tensors, header_metadata)`` for safetensors (the header checksum, if
+        any, verified), ``(object, {})`` for torch files.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: an unrecognised, truncated, corrupted or unsafe file (names the path).
+    """
+    path = as_path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(f"{what} {path!r} does not exist or is not a file") from None
+    size = _safetensors_header_size(data)
+    if size is not None:
+        return _parse_safetensors(data, size, path)
+    if data.startswith(_ZIP_MAGIC) or (data[:1] == b"\x80" and data[1:2] and data[1] in _PICKLE_PROTOCOLS):
+        return _parse_torch(data, path), {}
+    raise CheckpointError(f"{path!r} is not a valid safetensors file nor a torch.save file (empty, truncated, "
+                          f"corrupted or another format; it starts with {data[:8]!r})")
 
 
 def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict.
-
-    The format is detected from the file's first bytes, not its extension.
+    """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict (see :func:`read_file`).
 
     Returns:
         ``(tensors, header_metadata)``; the metadata is empty for torch files.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: unreadable, truncated, corrupted or unsafe file (names the path).
+        CheckpointError: unreadable, truncated, corrupted or unsafe file, or a
+            torch file that is not a state_dict (names the path).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA checkpoint {path!r} does not exist or is not a file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_MAGIC):
-        return _read_torch(path), {}
-    return _read_safetensors(path)
+    obj, meta = read_file(path, "LoRA checkpoint")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{os.fspath(path)!r} does not hold a state_dict (a dict of str -> Tensor), "
+                              f"got {type(obj).__name__}")
+    return dict(obj), meta
 
 
 # ----------------------------------------------------------------------------- validation
@@ -361,7 +456,8 @@ def _plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str
     all_biases = _bias_names(model, "all")
     bias_mode = meta.get(META_BIAS)
     if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
-        raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode")
+        raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
+                              f"expected 'none', 'all' or 'lora_only'")
     expected = dict(params)
     if bias_mode is not None:
         expected.update(_bias_names(model, bias_mode))

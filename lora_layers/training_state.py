@@ -24,7 +24,7 @@ from .checkpoint import (
     CheckpointError,
     _adapter_payload,
     _apply_copies,
-    _check_destination,
+    check_destination as _check_destination,
     _checksum,
     _plan_load,
     _to_storable,

@@ -1,12 +1,12 @@
-"""Native checkpoints: save_lora/load_lora validation, atomicity, loralib files, training state."""
+"""Native checkpoints: save_lora/load_lora validation, format detection, atomicity, loralib files."""
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -15,51 +15,8 @@ import torch.nn as nn
 import lora_layers as L
 from lora_layers import checkpoint as ckpt
 from lora_layers.checkpoint import CheckpointError, load_lora, save_lora
-from lora_layers.training_state import TRAINING_STATE_FILE, load_training_state, save_training_state
 
-
-class Net(nn.Module):
-    """Every adapter kind: Linear, MergedLinear (GQA-like unequal splits), Embedding, Conv2d."""
-
-    def __init__(self, r=2, alpha=4, splits=(8, 4, 4), enable=(True, False, True), dropout=0.0, lora_dtype=None):
-        super().__init__()
-        self.emb = L.Embedding(20, 8, r=r, lora_alpha=alpha, lora_dtype=lora_dtype)
-        self.qkv = L.MergedLinear(8, sum(splits), r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                  enable_lora=list(enable), split_sizes=list(splits), lora_dtype=lora_dtype)
-        self.out = L.Linear(sum(splits), 8, r=r, lora_alpha=alpha, lora_dropout=dropout, lora_dtype=lora_dtype)
-        self.conv = L.Conv2d(1, 2, 3, r=r, lora_alpha=alpha, padding=1, lora_dtype=lora_dtype)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, ids):
-        h = self.out(self.qkv(self.emb(ids)))  # (B, T, 8)
-        h = h + self.conv(h.unsqueeze(1)).mean(1)
-        return self.head(h)
-
-
-def make(seed=0, randomize=True, **kw):
-    torch.manual_seed(seed)  # same seed -> same base weights
-    net = Net(**kw)
-    if randomize:
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in L.lora_parameters(net):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return net
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()} | {
-        "__lora__" + k: p.detach().clone() for k, p in L.named_lora_parameters(model)}
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
-
-
-IDS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+from _adapter_net import IDS, assert_unchanged, make, snapshot
 
 
 @pytest.fixture
@@ -331,7 +288,7 @@ def test_read_only_destination_keeps_previous_file(saved, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(ckpt.os, "access", lambda *a, **k: True)
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(ckpt, "_create_temp", refuse)
     with pytest.raises(PermissionError, match="not writable"):
         save_lora(make(seed=3), path)
     assert path.read_bytes() == old
@@ -406,82 +363,6 @@ def test_kill_mid_save_keeps_previous_checkpoint(saved):
     assert torch.equal(model(IDS), src(IDS))
 
 
-# ----------------------------------------------------------------------------- training state
-
-def _train(model, opt, sched, steps, losses):
-    x = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(7))
-    for _ in range(steps):
-        noise = torch.randn(4, 5, 3)  # draws from the global RNG, as data shuffling would
-        loss = (model(x) - noise).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-
-
-def _setup(seed=0):
-    model = make(seed=seed, randomize=False, dropout=0.2).train()
-    L.mark_only_lora_as_trainable(model)
-    opt = torch.optim.AdamW(L.lora_parameters(model), lr=1e-2, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
-    return model, opt, sched
-
-
-def test_resume_is_bitwise_identical(tmp_path):
-    torch.manual_seed(42)
-    model, opt, sched = _setup()
-    straight = []
-    _train(model, opt, sched, 10, straight)
-    final = {k: p.detach().clone() for k, p in L.named_lora_parameters(model)}
-
-    torch.manual_seed(42)
-    model, opt, sched = _setup()
-    resumed = []
-    _train(model, opt, sched, 5, resumed)
-    random.seed(5)
-    expected_py = random.random()
-    random.seed(5)
-    save_training_state(tmp_path / "run", model, opt, sched, step=5, extra={"best": 1.5, "tags": ("a", 2)})
-
-    torch.manual_seed(999)  # scramble every RNG and build fresh objects
-    random.seed(999)
-    model, opt, sched = _setup(seed=0)
-    state = load_training_state(tmp_path / "run", model, opt, sched)
-    assert state == {"step": 5, "extra": {"best": 1.5, "tags": ("a", 2)}}
-    assert random.random() == expected_py
-    _train(model, opt, sched, 5, resumed)
-    assert resumed == straight
-    for k, p in L.named_lora_parameters(model):
-        assert torch.equal(p, final[k]), k
-
-
-def test_training_state_rejects_objects_and_mismatches(tmp_path):
-    model, opt, sched = _setup()
-    with pytest.raises(TypeError, match=r"extra\['f'\] is a builtin_function_or_method"):
-        save_training_state(tmp_path / "a", model, opt, sched, extra={"f": len})
-    assert not (tmp_path / "a" / TRAINING_STATE_FILE).exists()
-    save_training_state(tmp_path / "s.safetensors", model, opt, sched, step=3)
-
-    other = make(seed=0, randomize=False, r=4)
-    other_opt = torch.optim.AdamW(L.lora_parameters(other))
-    before = snapshot(other)
-    with pytest.raises(CheckpointError, match="r: checkpoint 2, model 4"):
-        load_training_state(tmp_path / "s.safetensors", other, other_opt)
-    assert_unchanged(other, before)
-
-    model2, _, _ = _setup()
-    split_opt = torch.optim.AdamW([{"params": L.lora_parameters(model2)[:2]},
-                                   {"params": L.lora_parameters(model2)[2:]}])
-    before = snapshot(model2)
-    with pytest.raises(CheckpointError, match="optimizer parameter groups differ"):
-        load_training_state(tmp_path / "s.safetensors", model2, split_opt)
-    assert_unchanged(model2, before)
-    with pytest.raises(CheckpointError, match="not a lora_layers training state"):
-        save_lora(model, tmp_path / "plain.safetensors")
-        load_training_state(tmp_path / "plain.safetensors", model, opt)
-
-
 def test_numpy_free_writer_matches_the_safetensors_library():
     # save_lora writes safetensors itself (safetensors.torch.save needs numpy,
     # which is not a core dependency): the library must read it back exactly.
@@ -505,3 +386,169 @@ def test_numpy_free_writer_matches_the_safetensors_library():
     import struct
     (n,) = struct.unpack("<Q", data[:8])
     assert n % 8 == 0 and json.loads(data[8:8 + n])["__metadata__"] == {"k": "v"}
+
+
+# ----------------------------------------------------------------------------- format detection
+
+def _header_lengths(src, folder, suffix):
+    """Save ``src`` with header lengths growing 8 bytes at a time: one of them starts with 0x80."""
+    for k in range(41):
+        path = folder / f"k{k}{suffix}"
+        save_lora(src, path, metadata={"n": "x" * 8 * k})
+        yield k, path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_every_header_length_is_read_as_safetensors_and_validated(tmp_path, suffix):
+    # A safetensors file starts with its header length (8 bytes, little endian):
+    # a length whose low byte is 0x80 looks like a pickle's first byte.
+    src = make(seed=0)
+    first_bytes = set()
+    for k, path in _header_lengths(src, tmp_path, suffix):
+        data = path.read_bytes()
+        first_bytes.add(data[0])
+        dst = make(seed=0, randomize=False)
+        assert load_lora(dst, path).metadata == {"n": "x" * 8 * k}, k
+        assert torch.equal(dst(IDS), src(IDS)), k
+
+        other = make(seed=0, alpha=8)
+        before = snapshot(other)
+        with pytest.raises(CheckpointError, match="lora_alpha: checkpoint 4, model 8"):
+            load_lora(other, path)
+        assert_unchanged(other, before)
+
+        damaged = tmp_path / f"damaged{suffix}"
+        damaged.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+        with pytest.raises(CheckpointError, match="SHA-256"):
+            load_lora(make(seed=0), damaged)
+    assert 0x80 in first_bytes  # the case that used to be read as a pickle was covered
+
+
+def test_legacy_pickle_and_zip_torch_files_both_load(tmp_path):
+    src = make(seed=0)
+    sd = L.lora_state_dict(src)
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "zip.pt").read_bytes()[:4] == b"PK\x03\x04"
+    assert (tmp_path / "legacy.pt").read_bytes()[:2] == b"\x80\x02"
+    for name in ("zip.pt", "legacy.pt"):
+        dst = make(seed=0, randomize=False)
+        assert load_lora(dst, tmp_path / name).missing_keys == []
+        assert torch.equal(dst(IDS), src(IDS)), name
+
+
+@pytest.mark.parametrize("content", [
+    b"\x80\x07" + b"\x00" * 30,  # pickle-like byte, unknown protocol, not safetensors either
+    b"\x80\x02garbage",  # claims to be a pickle, is not one
+    b"\xff" * 8 + b"{}",  # a header length larger than the file
+    (2).to_bytes(8, "little") + b"[]",  # a header that is not a JSON object
+    b"PK\x03\x04 not really a zip",
+])
+def test_unrecognised_content_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(content)
+    model = make(seed=1)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError) as info:
+        load_lora(model, path)
+    assert str(path) in str(info.value)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- readers racing writers
+
+_WRITER = textwrap.dedent("""
+    import os, sys, time, torch
+    import lora_layers as L
+    seed, path, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    torch.manual_seed(seed)
+    layer = L.Linear(32, 32, r=4)
+    torch.nn.init.normal_(layer.lora_B)
+    meta = {"writer": str(seed) * (40 * seed)}  # the two writers' headers differ in length
+    print("ready", flush=True)
+    while not os.path.exists(stop):
+        L.save_lora(layer, path, metadata=meta)
+""")
+
+
+def _writer_layer(seed):
+    torch.manual_seed(seed)
+    layer = L.Linear(32, 32, r=4)
+    nn.init.normal_(layer.lora_B)
+    return layer
+
+
+def test_readers_racing_two_writers_always_see_one_whole_file(tmp_path):
+    path, stop = tmp_path / "shared.safetensors", tmp_path / "stop"
+    expected = {str(s): _writer_layer(s).lora_B.detach().clone() for s in (1, 2)}
+    L.save_lora(_writer_layer(1), path, metadata={"writer": "1" * 40})
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(s), str(path), str(stop)],
+                                stdout=subprocess.PIPE, text=True) for s in (1, 2)]
+    failures, loads, seen = [], 0, set()
+    try:
+        for w in writers:
+            assert w.stdout.readline().strip() == "ready"
+        reader = L.Linear(32, 32, r=4)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                meta = load_lora(reader, path).metadata
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            loads += 1
+            who = meta["writer"][0]
+            seen.add(who)
+            if not torch.equal(reader.lora_B, expected[who]):
+                failures.append(f"load {loads}: header of writer {who}, tensors of the other")
+    finally:
+        stop.touch()
+        for w in writers:
+            w.wait(timeout=60)
+    assert failures == [], f"{len(failures)} of {loads + len(failures)} loads failed: {failures[:3]}"
+    assert loads > 50 and seen == {"1", "2"}
+
+
+# ----------------------------------------------------------------------------- refused saves
+
+def test_save_without_adapters_raises_before_touching_the_filesystem(tmp_path):
+    merged = L.merge_and_unload(make(seed=0))
+    for model in (merged, nn.Sequential(nn.Linear(4, 4)), nn.Sequential(L.Linear(4, 4, r=0))):
+        with pytest.raises(ValueError, match="has no LoRA adapters"):
+            save_lora(model, tmp_path / "empty.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad, exc, text", [
+    ("", ValueError, "path must be a file path, got ''"),
+    (None, TypeError, "path must be a str or os.PathLike, got NoneType None"),
+    (3, TypeError, "path must be a str or os.PathLike, got int 3"),
+    ("sub" + os.sep, IsADirectoryError, "names a folder"),
+    ("a\0b.safetensors", ValueError, "NUL"),
+    ("n" * 300 + ".safetensors", ValueError, "longer than"),
+])
+def test_bad_paths_are_refused_before_any_file_is_created(tmp_path, monkeypatch, bad, exc, text):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve here, so any stray file would show
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(exc, match=text):
+        save_lora(make(), bad)
+    assert sorted(os.listdir(tmp_path)) == ["sub"] and os.listdir(tmp_path / "sub") == []
+
+
+def test_a_long_but_valid_file_name_saves(tmp_path):
+    path = tmp_path / ("n" * 240 + ".safetensors")  # the temp file's name must still fit
+    save_lora(make(), path)
+    assert load_lora(make(seed=0, randomize=False), path).missing_keys == []
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_lora(make(), tmp_path / "a.safetensors")
+        torch.save({}, tmp_path / "reference.pt")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "reference.pt").stat().st_mode & 0o777
