@@ -1,82 +1,134 @@
 """Training-state checkpoints: resume a run exactly.
 
-One safetensors file holds the adapter (as :func:`~lora_layers.save_lora`
-writes it), the optimizer and scheduler state, the step, user extras and the
-RNG states (torch CPU and CUDA, Python ``random``, NumPy when installed).
-Tensors are safetensors entries; everything else is JSON in the header, so
-loading never unpickles anything. Writes are atomic.
+One ``torch.save`` file holds the adapter (tensors and header as
+:func:`~lora_layers.save_lora` writes them), the optimizer and scheduler state
+with their classes and the optimizer's parameter names, the step, user extras
+and the RNG states (torch CPU and CUDA, Python ``random``, NumPy when
+installed). It is read with ``torch.load(weights_only=True)``, so loading never
+runs code, and everything in it is covered by one SHA-256. Everything is
+validated before the model, optimizer, scheduler or RNGs are touched. Writes
+are atomic.
 """
 from __future__ import annotations
 
-import json
+import copy
+import functools
+import hashlib
+import io
 import os
 import random
-from typing import Any, Dict, Optional
+import struct
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._version import __version__
 from .checkpoint import (
-    META_FORMAT,
-    META_SHA256,
-    RESERVED_PREFIX,
     CheckpointError,
     _adapter_payload,
     _apply_copies,
-    check_destination as _check_destination,
-    _checksum,
     _plan_load,
+    _raw_bytes,
     _to_storable,
-    _write_bytes,
+    as_path,
     atomic_write,
-    read_checkpoint,
-    st_serialize,
+    check_destination,
+    read_file,
 )
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
 
 TRAINING_STATE_FORMAT = "lora_layers.training_state"
-TRAINING_STATE_FILE = "training_state.safetensors"
-META_TRAINING = RESERVED_PREFIX + "training"
-_ADAPTER_PREFIX = "adapter/"
-_STATE_PREFIX = "state/"
-_TAGS = ("__tensor__", "__tuple__", "__dict__")
+TRAINING_STATE_VERSION = "2"  # "1" was a safetensors file with a JSON header
+TRAINING_STATE_FILE = "training_state.pt"
+FILE_SUFFIX = ".pt"
+# The file holds {KEY_FORMAT, KEY_VERSION, KEY_SHA256: payload_sha256(state), KEY_STATE: state}.
+KEY_FORMAT, KEY_VERSION, KEY_SHA256, KEY_STATE = "format", "format_version", "sha256", "state"
+_WHAT = "training state"
+_ARG = "path_or_dir"
 
 
-def _encode(obj, tensors: Dict[str, Tensor], where: str):
-    """Plain containers -> JSON-able data; tensors go to ``tensors`` (no pickle anywhere)."""
-    if isinstance(obj, Tensor):
-        key = f"{_STATE_PREFIX}{len(tensors)}"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+# ----------------------------------------------------------------------------- plain data and its checksum
+
+@functools.lru_cache(maxsize=None)
+def _savable(dtype: torch.dtype) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "ComplexHalf support is experimental"
+            torch.save(torch.empty(0, dtype=dtype), io.BytesIO())
+    except Exception:  # e.g. the sub-byte placeholder dtypes (torch.uint3) have no storage type
+        return False
+    return True
+
+
+def _tensor(t: Tensor, where: str) -> Tensor:
+    if type(t) not in (Tensor, nn.Parameter) or t.layout != torch.strided or t.is_quantized or t.is_meta:
+        raise TypeError(f"{where} is a {type(t).__name__} ({t.layout}, {t.dtype}, on {t.device}); a training "
+                        f"state may hold only dense tensors with data")
+    if not _savable(t.dtype):
+        raise TypeError(f"{where} is a tensor of dtype {t.dtype}, which torch.save cannot store")
+    return _to_storable({"t": t.resolve_conj().resolve_neg()})["t"]
+
+
+def _plain(obj, where: str, h) -> Any:
+    """Check that ``obj`` is plain data, feed it to the hash ``h``, and return it with CPU, compact tensors.
+
+    Plain data is what ``torch.load(weights_only=True)`` reads back as it was:
+    None, bool, int, float, str, tensors, and lists, tuples and dicts of them.
+    Exact types are required, so that an int or tuple subclass (an enum, a
+    namedtuple), which would need unpickling, is refused when saving.
+    """
+    kind = type(obj)
+    if obj is None or kind is bool:
+        h.update(b"N" if obj is None else b"T" if obj else b"F")
         return obj
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not any(k in _TAGS for k in obj):
-            return {k: _encode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
-        return {"__dict__": [[_encode(k, tensors, f"{where} key"), _encode(v, tensors, f"{where}[{k!r}]")]
-                             for k, v in obj.items()]}
-    raise TypeError(f"{where} is a {type(obj).__name__}; training state may hold only tensors, None, bool, "
-                    f"int, float, str, lists, tuples and dicts (no pickled objects)")
+    if kind is int:
+        h.update(b"i%d;" % obj)
+        return obj
+    if kind is float:
+        h.update(b"f" + struct.pack("<d", obj))
+        return obj
+    if kind is str:
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(b"s%d;" % len(data) + data)
+        return obj
+    if kind in (list, tuple):
+        h.update(b"l%d;" % len(obj) if kind is list else b"t%d;" % len(obj))
+        return kind(_plain(v, f"{where}[{i}]", h) for i, v in enumerate(obj))
+    if kind in (dict, OrderedDict):
+        h.update(b"d%d;" % len(obj))
+        return kind((_plain(k, f"{where} key {k!r}", h), _plain(v, f"{where}[{k!r}]" if where else k, h))
+                    for k, v in obj.items())
+    if isinstance(obj, Tensor):
+        t = _tensor(obj, where)
+        h.update(f"x{t.dtype}{tuple(t.shape)};".encode())
+        h.update(_raw_bytes(t))
+        return t
+    raise TypeError(f"{where} is a {kind.__name__}; a training state may hold only tensors, None, bool, int, "
+                    f"float, str, lists, tuples and dicts (no pickled objects)")
 
 
-def _decode(obj, tensors: Dict[str, Tensor]):
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if len(obj) == 1 and "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if len(obj) == 1 and "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if len(obj) == 1 and "__dict__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    return obj
+def payload_sha256(state) -> str:
+    """The SHA-256 of ``state``'s every value, type and structure. Raises TypeError on non-plain data."""
+    h = hashlib.sha256()
+    _plain(state, "", h)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- what is saved
+
+def _class_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[List[Optional[str]]]:
+    """Each optimizer parameter's qualified name in ``model`` (found by identity), per group; None if absent."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -103,75 +155,265 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
             import numpy as np
         except ImportError:
             return
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        np.random.set_state(_numpy_state(np, state["numpy"]))
 
 
-def _state_file(path_or_dir, create: bool) -> str:
-    path = os.fspath(path_or_dir)
+def _numpy_state(np, saved):
+    name, keys, pos, has_gauss, cached = saved
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+# ----------------------------------------------------------------------------- paths
+
+def _save_destination(path_or_dir) -> Tuple[str, Optional[str]]:
+    """``(file, folder to create or None)``; refuses a bad destination before anything is created."""
+    path = as_path(path_or_dir, _ARG)
     if path.endswith(".safetensors"):
-        return path
-    if create and not os.path.isdir(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot write training state to {path!r}: folder {parent!r} does not exist")
-        os.mkdir(path)
-    return os.path.join(path, TRAINING_STATE_FILE)
+        raise ValueError(f"{_ARG}={path!r}: a training state is a torch.save file since format "
+                         f"{TRAINING_STATE_VERSION}; give a folder, or a file path ending in {FILE_SUFFIX!r}")
+    if path.endswith(FILE_SUFFIX):
+        return check_destination(path, _WHAT, _ARG), None
+    folder = path.rstrip(os.sep + (os.altsep or "")) or path
+    if os.path.isdir(folder):
+        return check_destination(os.path.join(folder, TRAINING_STATE_FILE), _WHAT, _ARG), None
+    if os.path.exists(folder):
+        raise NotADirectoryError(f"cannot write {_WHAT} to {_ARG}={path!r}: it is a file; give a folder, or a "
+                                 f"file path ending in {FILE_SUFFIX!r}")
+    check_destination(folder, _WHAT, _ARG)  # the folder to create: its parent must exist and be writable
+    return os.path.join(folder, TRAINING_STATE_FILE), folder
 
+
+def _load_source(path_or_dir) -> str:
+    path = as_path(path_or_dir, _ARG)
+    if not os.path.isdir(path):
+        return path
+    file = os.path.join(path, TRAINING_STATE_FILE)
+    if not os.path.exists(file) and os.path.exists(os.path.join(path, "training_state.safetensors")):
+        return os.path.join(path, "training_state.safetensors")  # format 1: read_state names it
+    return file
+
+
+# ----------------------------------------------------------------------------- save
 
 def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None,
                         step: int = 0, extra: Optional[Dict[str, Any]] = None, *, bias: str = "none") -> None:
-    """Save everything needed to resume training exactly, in ONE safetensors file, atomically.
+    """Save everything needed to resume training exactly, in ONE file, atomically.
 
-    Holds the adapter (as :func:`save_lora`), ``optimizer.state_dict()``,
-    ``scheduler.state_dict()``, ``step``, ``extra`` and the RNG states (torch
-    CPU, CUDA when available, Python ``random``, NumPy when installed).
-    Tensors are stored as safetensors and everything else as JSON in the
-    header: nothing is pickled, so loading can never run code.
+    Holds the adapter (as :func:`save_lora`), ``optimizer.state_dict()`` with
+    the optimizer's class and the qualified name of each of its parameters,
+    ``scheduler.state_dict()`` with its class, ``step``, ``extra`` and the RNG
+    states (torch CPU, CUDA when available, Python ``random``, NumPy when
+    installed), as a ``torch.save`` file with a SHA-256 over all of it. Only
+    plain data is accepted, so that ``torch.load(weights_only=True)`` reads it
+    back without running code.
 
     Args:
-        path_or_dir: a ``.safetensors`` file, or a folder (created if its parent
-            exists) that receives ``training_state.safetensors``.
+        path_or_dir: a file path ending in ``.pt``, or a folder (created if its
+            parent exists) that receives ``training_state.pt``.
         model, optimizer, scheduler: the objects to checkpoint (scheduler optional).
         step: the training step to resume from.
-        extra: plain data (dicts, lists, tuples, numbers, strings, tensors) to keep.
+        extra: plain data (dicts, lists, tuples, numbers, strings, tensors of
+            any dtype torch.save stores) to keep.
         bias: which biases to save with the adapter (as :func:`save_lora`).
 
     Raises:
-        TypeError: ``extra`` or a state_dict holds an object that is not plain data.
-        ValueError: bad ``bias``.
-        FileNotFoundError / PermissionError: bad destination (nothing is written).
+        TypeError: ``step`` is not an int, ``extra`` or a state_dict holds an
+            object that is not plain data, or a tensor of a dtype torch.save
+            cannot store (each named by where it sits).
+        ValueError: no adapters in ``model``, bad ``bias``, or a
+            ``path_or_dir`` that names no file (``""``, a ``.safetensors`` path).
+        FileNotFoundError / PermissionError / NotADirectoryError: bad destination.
+
+    Nothing is written, and no folder created, when any of these is raised.
     """
-
+    path, new_folder = _save_destination(path_or_dir)
     if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an int, got {step!r}")
+        raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
     adapter, header = _adapter_payload(model, bias)
-    state_tensors: Dict[str, Tensor] = {}
-    payload = {
+    state = {
+        "library_version": __version__,
         "step": step,
-        "extra": _encode(extra, state_tensors, "extra"),
-        "optimizer": _encode(optimizer.state_dict(), state_tensors, "optimizer.state_dict()"),
-        "scheduler": None if scheduler is None else _encode(scheduler.state_dict(), state_tensors,
-                                                            "scheduler.state_dict()"),
-        "rng": _encode(_rng_state(), state_tensors, "rng"),
+        "extra": extra,
+        "adapter": {"tensors": adapter, "header": header},
+        "optimizer": {"class": _class_name(optimizer), "param_names": _param_names(model, optimizer),
+                      "state_dict": optimizer.state_dict()},
+        "scheduler": None if scheduler is None else {"class": _class_name(scheduler),
+                                                     "state_dict": scheduler.state_dict()},
+        "rng": _rng_state(),
     }
-    tensors = {**{_ADAPTER_PREFIX + k: v for k, v in adapter.items()}, **_to_storable(state_tensors)}
-    header.update({META_FORMAT: TRAINING_STATE_FORMAT, META_TRAINING: json.dumps(payload),
-                   META_SHA256: _checksum(tensors)})
-    path = _state_file(path_or_dir, create=True)
-    _check_destination(path, "training state")
-    data = st_serialize(tensors, header)
-    atomic_write(path, lambda f: _write_bytes(f, data), "training state")
+    h = hashlib.sha256()
+    state = _plain(state, "", h)
+    payload = {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
+               KEY_SHA256: h.hexdigest(), KEY_STATE: state}
+    if new_folder is not None:
+        os.mkdir(new_folder)
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f), _WHAT, _ARG)
+    except BaseException:
+        if new_folder is not None:
+            os.rmdir(new_folder)
+        raise
 
+
+# ----------------------------------------------------------------------------- load: read and check the file
+
+class _Fields:
+    """Typed access to the loaded state; each error names the file and the field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.source}: field {field!r} {problem} (nothing was loaded)")
+
+    def get(self, mapping: dict, key: str, types, where: str):
+        field = f"{where}.{key}" if where else key
+        if key not in mapping:
+            raise self.error(field, "is missing")
+        value = mapping[key]
+        types = _as_tuple(types)
+        if not isinstance(value, types) or (isinstance(value, bool) and int in types and bool not in types):
+            raise self.error(field, f"must be {_type_names(types)}, got {type(value).__name__}")
+        return value
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _type_names(types) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in _as_tuple(types))
+
+
+def _read_state(path: str) -> Dict[str, Any]:
+    source = f"training state {path!r}"
+    raw, meta = read_file(path, _WHAT)
+    if meta.get("lora_layers.format") == TRAINING_STATE_FORMAT:
+        raise CheckpointError(f"{source} is in format 1 (safetensors), written by an older lora_layers; this "
+                              f"version reads format {TRAINING_STATE_VERSION} (nothing was loaded)")
+    if not isinstance(raw, dict) or raw.get(KEY_FORMAT) != TRAINING_STATE_FORMAT:
+        found = meta.get("lora_layers.format") or (raw.get(KEY_FORMAT) if isinstance(raw, dict) else None)
+        raise CheckpointError(f"{path!r} is not a lora_layers training state (format {found!r}, expected "
+                              f"{TRAINING_STATE_FORMAT!r})")
+    if raw.get(KEY_VERSION) != TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{source} has format version {raw.get(KEY_VERSION)!r}; this lora_layers reads "
+                              f"{TRAINING_STATE_VERSION!r} (nothing was loaded)")
+    state = raw.get(KEY_STATE)
+    try:
+        digest = payload_sha256(state)
+    except TypeError as exc:
+        raise CheckpointError(f"{source} holds data a training state cannot hold: {exc}") from exc
+    if not isinstance(state, dict) or raw.get(KEY_SHA256) != digest:
+        raise CheckpointError(f"{source} is corrupted: the SHA-256 of its content does not match the checksum "
+                              f"stored with it (nothing was loaded)")
+    return state
+
+
+def _check_rng(f: _Fields, rng: dict) -> None:
+    """Try each saved RNG state on a throwaway generator, so a bad one fails before anything changes."""
+    for key, probe in (("torch", lambda s: torch.Generator().set_state(s)),
+                       ("python", lambda s: random.Random().setstate(s))):
+        value = f.get(rng, key, (Tensor, tuple), "rng")
+        try:
+            probe(value)
+        except Exception as exc:
+            raise f.error(f"rng.{key}", f"is not a valid {key} RNG state ({type(exc).__name__}: {exc})") from exc
+    for t in f.get(rng, "cuda", list, "rng") if "cuda" in rng else []:
+        if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+            raise f.error("rng.cuda", "must be a list of 1-D uint8 tensors")
+    if "numpy" in rng:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        try:
+            np.random.RandomState().set_state(_numpy_state(np, f.get(rng, "numpy", list, "rng")))
+        except (TypeError, ValueError) as exc:
+            raise f.error("rng.numpy", f"is not a valid NumPy RNG state ({exc})") from exc
+
+
+def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> dict:
+    cls = f.get(saved, "class", str, "optimizer")
+    if cls != _class_name(optimizer):
+        raise f.error("optimizer.class", f"is {cls}, but the optimizer is a {_class_name(optimizer)}: its state "
+                                         f"does not fit")
+    names = f.get(saved, "param_names", list, "optimizer")
+    sd = f.get(saved, "state_dict", dict, "optimizer")
+    groups = f.get(sd, "param_groups", list, "optimizer.state_dict")
+    per_param = f.get(sd, "state", dict, "optimizer.state_dict")
+    if (len(names) != len(groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                             and isinstance(n, list) and len(n) == len(g["params"])
+                                             for n, g in zip(names, groups))):
+        raise f.error("optimizer.param_names", "does not match the saved parameter groups")
+    current = _param_names(model, optimizer)
+    if names != current:
+        raise CheckpointError(f"{f.source}: optimizer parameter groups differ (nothing was loaded): "
+                              + _first_difference(names, current))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {i for g in groups for i in g["params"]}
+    for key, value in per_param.items():
+        if key not in index or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise f.error(f"optimizer.state_dict.state[{key!r}]", "is not the state of a saved parameter")
+        live = optimizer.state.get(params[key]) if isinstance(key, int) and key < len(params) else None
+        if live and set(live) != set(value):
+            raise f.error(f"optimizer.state_dict.state[{key!r}]",
+                          f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+    return sd
+
+
+def _first_difference(saved: List[list], current: List[list]) -> str:
+    if len(saved) != len(current):
+        return (f"the file has {len(saved)} groups of sizes {[len(g) for g in saved]}, the optimizer has "
+                f"{len(current)} of sizes {[len(g) for g in current]}")
+    for i, (a, b) in enumerate(zip(saved, current)):
+        if a != b:
+            if len(a) <= 8 and len(b) <= 8:
+                return f"group {i} holds {a} in the file, {b} in the optimizer"
+            j = next(j for j, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)
+            return (f"group {i} has {len(a)} parameters in the file, {len(b)} in the optimizer; the first "
+                    f"difference is at position {j}: {a[j] if j < len(a) else None!r} in the file, "
+                    f"{b[j] if j < len(b) else None!r} in the optimizer")
+    return "they differ"
+
+
+def _check_scheduler(f: _Fields, saved, optimizer, scheduler) -> Optional[dict]:
+    if (scheduler is None) != (saved is None):
+        raise CheckpointError(f"{f.source}: scheduler {'given' if scheduler is not None else 'not given'} but "
+                              f"the file {'has none' if saved is None else 'holds one'} (nothing was loaded)")
+    if scheduler is None:
+        return None
+    cls = f.get(saved, "class", str, "scheduler")
+    if cls != _class_name(scheduler):
+        raise f.error("scheduler.class", f"is {cls}, but the scheduler is a {_class_name(scheduler)}")
+    sd = f.get(saved, "state_dict", dict, "scheduler")
+    # Load into a copy first (sharing the optimizer, which a scheduler's load does not touch): a state
+    # of another structure (e.g. SequentialLR with more schedulers) fails here, not half-way through.
+    memo = {id(optimizer): optimizer, id(getattr(scheduler, "optimizer", optimizer)): optimizer}
+    try:
+        probe = copy.deepcopy(scheduler, memo)
+    except Exception:  # a scheduler that cannot be copied is checked by class only
+        return sd
+    try:
+        probe.load_state_dict(copy.deepcopy(sd))
+    except Exception as exc:
+        raise f.error("scheduler.state_dict", f"does not fit the {type(scheduler).__name__} "
+                                              f"({type(exc).__name__}: {exc})") from exc
+    return sd
+
+
+# ----------------------------------------------------------------------------- load
 
 def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler=None) -> Dict[str, Any]:
     """Restore what :func:`save_training_state` saved, into fresh or existing objects.
 
-    The adapter is validated strictly (as :func:`load_lora`) and the optimizer's
-    parameter groups checked before anything changes; then the optimizer,
-    scheduler, adapter (copied into the existing Parameters) and RNG states are
-    restored.
+    Checked before anything changes: the file's checksum and every field's
+    type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
+    the qualified name of each parameter in each group (so a reordered or
+    regrouped optimizer is refused, even with same-shaped parameters) and the
+    per-parameter state keys; the scheduler's class, and its state loaded into
+    a copy; the RNG states. Then the optimizer, scheduler, adapter (copied
+    into the existing Parameters) and RNG states are restored.
 
     Args:
         path_or_dir: the file or folder given to :func:`save_training_state`.
@@ -182,31 +424,31 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
 
     Raises:
         FileNotFoundError: no training state there.
-        CheckpointError (a ValueError): unreadable file, or it does not fit the model/optimizer/scheduler.
+        CheckpointError (a ValueError): unreadable or corrupted file, or it does
+            not fit the model/optimizer/scheduler (what differs is named).
+            Nothing was changed.
     """
-    path = _state_file(path_or_dir, create=False)
-    tensors, meta = read_checkpoint(path)
-    if meta.get(META_FORMAT) != TRAINING_STATE_FORMAT or META_TRAINING not in meta:
-        raise CheckpointError(f"{path!r} is not a lora_layers training state (format {meta.get(META_FORMAT)!r})")
-    try:
-        payload = _decode(json.loads(meta[META_TRAINING]), tensors)
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path!r}: header field {META_TRAINING} is damaged: {exc}") from exc
-    adapter = {k[len(_ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ADAPTER_PREFIX)}
-    copies, _ = _plan_load(model, adapter, meta, True, f"training state {path!r}")
+    path = _load_source(path_or_dir)
+    state = _read_state(path)
+    f = _Fields(f"training state {path!r}")
+    step = f.get(state, "step", int, "")
+    extra = f.get(state, "extra", object, "")
+    adapter = f.get(state, "adapter", dict, "")
+    tensors = f.get(adapter, "tensors", dict, "adapter")
+    header = f.get(adapter, "header", dict, "adapter")
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
+        raise f.error("adapter.tensors", "must map str -> Tensor")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.items()):
+        raise f.error("adapter.header", "must map str -> str")
+    copies, _ = _plan_load(model, tensors, header, True, f.source)
+    opt_state = _check_optimizer(f, f.get(state, "optimizer", dict, ""), model, optimizer)
+    sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
+    rng = f.get(state, "rng", dict, "")
+    _check_rng(f, rng)
 
-    opt_state = payload["optimizer"]
-    saved_groups = [len(g["params"]) for g in opt_state["param_groups"]]
-    groups = [len(g["params"]) for g in optimizer.param_groups]
-    if saved_groups != groups:
-        raise CheckpointError(f"training state {path!r}: optimizer parameter groups differ: saved sizes "
-                              f"{saved_groups}, optimizer has {groups} (nothing was loaded)")
-    if (scheduler is None) != (payload["scheduler"] is None):
-        raise CheckpointError(f"training state {path!r}: scheduler {'given' if scheduler is not None else 'not given'}"
-                              f" but the file {'has none' if payload['scheduler'] is None else 'holds one'}")
     optimizer.load_state_dict(opt_state)
     if scheduler is not None:
-        scheduler.load_state_dict(payload["scheduler"])
+        scheduler.load_state_dict(sched_state)
     _apply_copies(copies)
-    _set_rng_state(payload["rng"])
-    return {"step": payload["step"], "extra": payload["extra"]}
+    _set_rng_state(rng)
+    return {"step": step, "extra": extra}

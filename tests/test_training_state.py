@@ -1,10 +1,15 @@
-"""Training state: exact resume, and mismatches refused before anything is changed."""
+"""Training state: exact resume, and every mismatch refused before anything is changed."""
+import copy
+import os
 import random
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 import lora_layers as L
+from lora_layers import training_state as ts
 from lora_layers.checkpoint import CheckpointError, save_lora
 from lora_layers.training_state import TRAINING_STATE_FILE, load_training_state, save_training_state
 
@@ -64,13 +69,13 @@ def test_training_state_rejects_objects_and_mismatches(tmp_path):
     with pytest.raises(TypeError, match=r"extra\['f'\] is a builtin_function_or_method"):
         save_training_state(tmp_path / "a", model, opt, sched, extra={"f": len})
     assert not (tmp_path / "a" / TRAINING_STATE_FILE).exists()
-    save_training_state(tmp_path / "s.safetensors", model, opt, sched, step=3)
+    save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
 
     other = make(seed=0, randomize=False, r=4)
     other_opt = torch.optim.AdamW(L.lora_parameters(other))
     before = snapshot(other)
     with pytest.raises(CheckpointError, match="r: checkpoint 2, model 4"):
-        load_training_state(tmp_path / "s.safetensors", other, other_opt)
+        load_training_state(tmp_path / "s.pt", other, other_opt)
     assert_unchanged(other, before)
 
     model2, _, _ = _setup()
@@ -78,8 +83,257 @@ def test_training_state_rejects_objects_and_mismatches(tmp_path):
                                    {"params": L.lora_parameters(model2)[2:]}])
     before = snapshot(model2)
     with pytest.raises(CheckpointError, match="optimizer parameter groups differ"):
-        load_training_state(tmp_path / "s.safetensors", model2, split_opt)
+        load_training_state(tmp_path / "s.pt", model2, split_opt)
     assert_unchanged(model2, before)
     with pytest.raises(CheckpointError, match="not a lora_layers training state"):
         save_lora(model, tmp_path / "plain.safetensors")
         load_training_state(tmp_path / "plain.safetensors", model, opt)
+
+
+# ----------------------------------------------------------------------------- nothing changes on a refusal
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _everything(model, opt, sched=None):
+    """All that load_training_state may change, copied."""
+    return {"model": snapshot(model), "optimizer": copy.deepcopy(opt.state_dict()),
+            "scheduler": copy.deepcopy(sched.state_dict()) if sched is not None else None,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+
+
+def _refused(path, model, opt, sched=None, match=None):
+    """Load must raise CheckpointError (matching ``match``) and leave every object as it was."""
+    before = _everything(model, opt, sched)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_training_state(path, model, opt, sched)
+    after = _everything(model, opt, sched)
+    for key in before:
+        assert _same(before[key], after[key]), f"{key} changed by a refused load"
+    return str(info.value)
+
+
+def _trained(seed=0, steps=2, **kw):
+    """_setup's objects after a few steps, so their states are non-trivial."""
+    torch.manual_seed(seed)
+    model, opt, sched = _setup(**kw)
+    _train(model, opt, sched, steps, [])
+    return model, opt, sched
+
+
+# ----------------------------------------------------------------------------- file content
+
+def test_every_header_length_loads(tmp_path):
+    model, opt, sched = _trained()
+    for k in range(41):  # in the safetensors format, one of these header lengths started with 0x80
+        save_training_state(tmp_path / f"k{k}", model, opt, sched, step=k, extra={"n": "x" * 8 * k})
+        state = load_training_state(tmp_path / f"k{k}", *_setup())
+        assert state == {"step": k, "extra": {"n": "x" * 8 * k}}, k
+    save_training_state(tmp_path / "flag.pt", model, opt, sched, extra=True)  # any plain value, a bool too
+    assert load_training_state(tmp_path / "flag.pt", *_setup())["extra"] is True
+
+
+def test_a_damaged_file_never_half_loads(tmp_path):
+    model, opt, sched = _trained()
+    path = tmp_path / "s.pt"
+    save_training_state(path, model, opt, sched, step=7, extra={"best": 0.5, "tags": ["a", "b"]})
+    data = path.read_bytes()
+    model, opt, sched = _setup()
+    clean = load_training_state(path, model, opt, sched)
+    clean_state = _everything(model, opt, sched)
+    refused = 0
+    for pos in range(0, len(data), max(1, len(data) // 150)):
+        path.write_bytes(data[:pos] + bytes([data[pos] ^ 0x01]) + data[pos + 1:])
+        model, opt, sched = _trained(seed=1, steps=1)
+        before = _everything(model, opt, sched)
+        try:
+            state = load_training_state(path, model, opt, sched)
+        except CheckpointError:
+            refused += 1
+            after = _everything(model, opt, sched)
+            assert all(_same(before[k], after[k]) for k in before), f"byte {pos}: changed by a refused load"
+            continue
+        # a byte the reader never uses (zip timestamps, padding) may change: the load is then whole
+        after = _everything(model, opt, sched)
+        assert state == clean and all(_same(clean_state[k], after[k]) for k in after), f"byte {pos}"
+    assert refused > 0
+
+
+# ----------------------------------------------------------------------------- mismatches refused up front
+
+def test_optimizer_of_another_class_is_refused(tmp_path):
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched)
+    model2, _, _ = _trained(seed=1)
+    sgd = torch.optim.SGD(L.lora_parameters(model2), lr=0.1, momentum=0.9)
+    sgd_sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0)
+    msg = _refused(tmp_path / "s.pt", model2, sgd, sgd_sched, match="optimizer")
+    assert "AdamW" in msg and "SGD" in msg
+    model2(torch.zeros(1, 2, dtype=torch.long)).sum().backward()
+    sgd.step()  # still usable
+
+
+def test_optimizer_parameters_are_matched_by_name(tmp_path):
+    def build(order):
+        torch.manual_seed(0)
+        model = nn.Sequential(L.Linear(4, 4, r=4, lora_alpha=4))  # square A and B: shapes cannot tell them apart
+        nn.init.normal_(model[0].lora_B)
+        params = [model[0].lora_A, model[0].lora_B]
+        opt = torch.optim.Adam(params if order == "AB" else params[::-1], lr=0.1)
+        model(torch.randn(3, 4)).pow(2).sum().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = build("AB")
+    save_training_state(tmp_path / "s.pt", model, opt)
+    model2, opt2 = build("BA")
+    msg = _refused(tmp_path / "s.pt", model2, opt2, match="optimizer parameter groups differ")
+    assert "['0.lora_A', '0.lora_B']" in msg and "['0.lora_B', '0.lora_A']" in msg
+
+    model3, opt3 = build("AB")
+    load_training_state(tmp_path / "s.pt", model3, opt3)
+    for saved, loaded in zip(opt.state.values(), opt3.state.values()):
+        assert torch.equal(saved["exp_avg"], loaded["exp_avg"])
+
+
+def _sequential(opt, n):
+    parts = [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2),
+             torch.optim.lr_scheduler.StepLR(opt, step_size=2)][:n]
+    return torch.optim.lr_scheduler.SequentialLR(opt, parts, milestones=[2][:n - 1])
+
+
+def test_scheduler_of_another_structure_or_class_is_refused(tmp_path):
+    model, opt, _ = _trained()
+    save_training_state(tmp_path / "two.pt", model, opt, _sequential(opt, 2))
+    save_training_state(tmp_path / "none.pt", model, opt)
+
+    model2, opt2, sched2 = _trained(seed=1)
+    _refused(tmp_path / "two.pt", model2, opt2, _sequential(opt2, 1), match="scheduler")
+    msg = _refused(tmp_path / "two.pt", model2, opt2, sched2, match="scheduler")
+    assert "SequentialLR" in msg and "LambdaLR" in msg
+    _refused(tmp_path / "two.pt", model2, opt2, None, match="scheduler")
+    _refused(tmp_path / "none.pt", model2, opt2, sched2, match="scheduler")
+
+    sched3 = _sequential(opt2, 2)
+    load_training_state(tmp_path / "two.pt", model2, opt2, sched3)
+
+
+def test_adapter_mismatch_is_refused_like_load_lora(tmp_path):
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched)
+    torch.manual_seed(0)
+    other = make(seed=0, randomize=False, alpha=8, dropout=0.2)
+    other_opt = torch.optim.AdamW(L.lora_parameters(other), lr=1e-2, weight_decay=0.01)
+    _refused(tmp_path / "s.pt", other, other_opt, match="lora_alpha: checkpoint 4, model 8")
+
+
+def _rewrite(path, edit):
+    """Edit the stored payload and write it back with a correct checksum (a forged but consistent file)."""
+    raw = torch.load(path, weights_only=True)
+    edit(raw[ts.KEY_STATE])
+    raw[ts.KEY_SHA256] = ts.payload_sha256(raw[ts.KEY_STATE])
+    torch.save(raw, path)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda s: s.update(step="3"), "step"),
+    (lambda s: s.pop("step"), "step"),
+    (lambda s: s.update(step=True), "step"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng"),
+    (lambda s: s["rng"].update(python=(3, (1, 2), None)), "rng"),
+    (lambda s: s["rng"].pop("python"), "rng"),
+    (lambda s: s.update(optimizer=[]), "optimizer"),
+    (lambda s: s["optimizer"].update(param_names="x"), "optimizer"),
+    (lambda s: s["scheduler"].update(state_dict=None), "scheduler"),
+    (lambda s: s["adapter"]["tensors"].update({"qkv.lora_A": "x"}), "adapter"),
+])
+def test_forged_fields_are_refused_by_name(tmp_path, edit, field):
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
+    _rewrite(tmp_path / "s.pt", edit)
+    msg = _refused(tmp_path / "s.pt", *_trained(seed=1), match=field)
+    assert str(tmp_path / "s.pt") in msg
+
+
+def test_the_checksum_covers_every_field(tmp_path):
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
+    raw = torch.load(tmp_path / "s.pt", weights_only=True)
+    raw[ts.KEY_STATE]["step"] = 4  # an edit without a new checksum
+    torch.save(raw, tmp_path / "s.pt")
+    _refused(tmp_path / "s.pt", *_trained(seed=1), match="SHA-256")
+
+
+# ----------------------------------------------------------------------------- extras of every dtype
+
+def _dtypes():
+    for name in dir(torch):
+        dtype = getattr(torch, name)
+        if isinstance(dtype, torch.dtype):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "ComplexHalf support is experimental", quantized deprecation
+                try:
+                    torch.zeros(2, dtype=dtype)
+                except Exception:  # quantized dtypes: no plain tensor can hold them
+                    continue
+            yield dtype
+
+
+@pytest.mark.parametrize("dtype", sorted(set(_dtypes()), key=str), ids=str)
+def test_every_dtype_in_extra_round_trips_or_is_refused_up_front(tmp_path, dtype):
+    model, opt, sched = _trained()
+    value = torch.arange(6, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 else torch.zeros(3, dtype=dtype)
+    try:
+        save_training_state(tmp_path / "run", model, opt, sched, extra={"z": value, "t": (value,)})
+    except TypeError as exc:
+        assert str(dtype) in str(exc) and "extra['z']" in str(exc)
+        assert not (tmp_path / "run").exists()
+        assert dtype not in (torch.complex64, torch.uint16, torch.float8_e4m3fn, torch.float8_e5m2)
+        return
+    extra = load_training_state(tmp_path / "run", *_setup())["extra"]
+    back = extra["z"]
+    assert back.dtype == dtype and back.shape == value.shape
+    assert torch.equal(back.view(torch.uint8), value.view(torch.uint8))
+    assert isinstance(extra["t"], tuple)
+
+
+# ----------------------------------------------------------------------------- refused saves
+
+@pytest.mark.parametrize("bad, exc, text", [
+    ("", ValueError, "path_or_dir must be"),
+    (None, TypeError, "path_or_dir must be a str or os.PathLike, got NoneType None"),
+    ("s.safetensors", ValueError, "path_or_dir"),
+    ("missing/run", FileNotFoundError, "does not exist"),
+])
+def test_bad_destinations_are_refused_before_anything_is_written(tmp_path, monkeypatch, bad, exc, text):
+    monkeypatch.chdir(tmp_path)
+    model, opt, sched = _trained()
+    with pytest.raises(exc, match=text):
+        save_training_state(bad, model, opt, sched)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_save_creates_no_folder(tmp_path):
+    model, opt, sched = _trained()
+    with pytest.raises(TypeError, match=r"extra\['f'\] is a builtin_function_or_method"):
+        save_training_state(tmp_path / "run", model, opt, sched, extra={"f": len})
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        save_training_state(tmp_path / "run", L.merge_and_unload(model), opt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_mode_follows_the_umask(tmp_path):
+    model, opt, sched = _trained()
+    old = os.umask(0o027)
+    try:
+        save_training_state(tmp_path / "run", model, opt, sched)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / TRAINING_STATE_FILE).stat().st_mode & 0o777 == 0o640
