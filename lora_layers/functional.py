@@ -13,10 +13,9 @@
   of ``dx`` in place into the base ``dx``.
 
 Fused layers (qkv, gate_up) are described by ``segments``: one
-``(out_start, out_end)`` pair per enabled split. Split ``j`` uses rows
-``[j·r, (j+1)·r)`` of ``lora_A`` and the ``j``-th block of rows of ``lora_B``
-(the enabled output slices, concatenated in order), and adds into output
-columns ``[out_start, out_end)``. The full ``ΔW`` is never built.
+``(out_start, out_end)`` pair per enabled split, or a
+:class:`~lora_layers.segments.Segments`, which knows which rows of ``lora_A``
+and ``lora_B`` each split uses. The full ``ΔW`` is never built.
 
 Backends: ``"torch"`` (this file, the reference), ``"triton"`` (fused kernels
 in :mod:`lora_layers.kernels`, optional, opt-in) and ``"auto"``. Today
@@ -42,21 +41,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lora_linear", "drop_mask", "keep_mask", "keep_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
+from .segments import Block, Segments
+
+__all__ = ["lora_linear", "lora_embedding", "lora_conv", "draw_seed", "drop_mask", "keep_mask", "keep_scale",
+           "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "LORA_LAYERS_BACKEND"
 
-Segments = Optional[Tuple[Tuple[int, int], ...]]
-
 _SEED_HIGH = 2**62
 
 
-def _draw_seed() -> int:
-    # Drawn from torch's default CPU generator, so torch.manual_seed makes
-    # dropout reproducible; a CPU draw never synchronises a GPU stream.
+def draw_seed() -> int:
+    """The seed of one forward's dropout mask (:func:`drop_mask`).
+
+    Drawn from torch's default CPU generator, so ``torch.manual_seed`` makes
+    dropout reproducible; a CPU draw never synchronises a GPU stream.
+    """
     return int(torch.randint(_SEED_HIGH, (1,)).item())
 
 
@@ -106,36 +109,10 @@ def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
     return keep.to(like.dtype).mul_(keep_scale(p))
 
 
-def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segments: Segments):
-    """Expand segments into (out0, out1, a0, a1, b0, b1) row ranges, validating shapes."""
-    if segments is None:
-        if lora_B.shape[0] != out_features:
-            raise ValueError(
-                f"lora_B must have out_features={out_features} rows, got shape {tuple(lora_B.shape)}"
-            )
-        return ((0, out_features, 0, lora_A.shape[0], 0, out_features),)
-    n = len(segments)
-    if n == 0 or lora_A.shape[0] % n:
-        raise ValueError(
-            f"lora_A rows ({lora_A.shape[0]}) must be r * len(segments) with len(segments)={n} > 0"
-        )
-    r = lora_A.shape[0] // n
-    out, b = [], 0
-    for j, (o0, o1) in enumerate(segments):
-        if not 0 <= o0 < o1 <= out_features:
-            raise ValueError(f"segments[{j}]={(o0, o1)} is not a slice of [0, {out_features})")
-    ordered = sorted(segments)
-    for (p0, p1), (q0, q1) in zip(ordered, ordered[1:]):
-        if q0 < p1:
-            raise ValueError(f"segments must not overlap, got {(p0, p1)} and {(q0, q1)} in {tuple(segments)}")
-    for j, (o0, o1) in enumerate(segments):
-        out.append((o0, o1, j * r, (j + 1) * r, b, b + o1 - o0))
-        b += o1 - o0
-    if b != lora_B.shape[0]:
-        raise ValueError(
-            f"lora_B must have {b} rows (the enabled slices {tuple(segments)}), got {lora_B.shape[0]}"
-        )
-    return tuple(out)
+def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segments) -> Tuple[Block, ...]:
+    """The adapter blocks for ``segments`` (None: the whole output), after checking the shapes."""
+    segs = Segments.of(segments, out_features)
+    return segs.blocks(segs.rank_of(lora_A, lora_B))
 
 
 # The dtypes autocast lowers; it never touches float64 (or complex, or integers).
@@ -400,18 +377,19 @@ def lora_linear(
         dropout_p: dropout probability on the LoRA branch input, in ``[0, 1)``.
         training: dropout is applied only when True.
         fan_in_fan_out: the weight is stored transposed (GPT-2 ``Conv1D`` style).
-        segments: ``(out_start, out_end)`` per enabled split of a fused layer.
+        segments: ``(out_start, out_end)`` per enabled split of a fused layer, or a
+            :class:`~lora_layers.segments.Segments`; None for one adapter over every output.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
         ``(*, out)`` in the compute dtype: ``x``'s dtype, or the autocast dtype.
     """
-    segments = None if segments is None else tuple((int(a), int(b)) for a, b in segments)
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     out_features = weight.shape[0] if not fan_in_fan_out else weight.shape[1]
     blocks = _resolve_segments(lora_A, lora_B, out_features, segments)
+    segments = None if blocks[0][:2] == (0, out_features) else tuple(b[:2] for b in blocks)
 
     choice = resolve_backend(backend)
     if choice != "torch" and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
@@ -439,7 +417,7 @@ def lora_linear(
     # The mask depends only on the seed, drawn the same way with or without
     # grad: reentrant checkpointing reruns a no-grad forward with grad enabled
     # and must see the same mask.
-    seed = _draw_seed() if p > 0.0 else 0
+    seed = draw_seed() if p > 0.0 else 0
     no_autocast = (torch.autocast(x.device.type, enabled=False) if _autocast_available(x.device.type)
                    else contextlib.nullcontext())
     with no_autocast:
@@ -451,3 +429,54 @@ def lora_linear(
             _cast(x, dt), weight, bias, lora_A, lora_B,
             float(scaling), p, seed, fan_in_fan_out, blocks,
         )
+
+
+def lora_embedding(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                   padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
+                   scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """``W[x] + scaling · Aᵀ[x] Bᵀ``: an embedding lookup plus its LoRA adapter.
+
+    Args:
+        x: integer indices ``(*)``.
+        weight: ``(num_embeddings, dim)``.
+        lora_A: ``(r, num_embeddings)``; lora_B: ``(dim, r)``.
+        scaling: the LoRA scale.
+        padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: as
+            ``F.embedding``, applied to the base lookup. The adapter lookup is
+            always dense and never renormalised (a sparse gradient of the
+            transposed ``lora_A`` cannot be formed, and ``max_norm`` would
+            renormalise ``lora_A`` in place).
+
+    Returns:
+        ``(*, dim)`` in the weight's dtype.
+    """
+    result = F.embedding(x, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    after_A = F.embedding(x, lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq, False)
+    # The lookup's backward needs only the indices, so adding into its output
+    # in place is safe and avoids a (T, dim) temporary.
+    result.view(-1, result.shape[-1]).addmm_(
+        after_A.reshape(-1, lora_A.shape[0]).to(result.dtype), lora_B.to(result.dtype).t(), alpha=scaling)
+    return result
+
+
+def lora_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+              conv, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """``conv(x, W, b) + scaling · conv(dropout(x), ΔW)`` with ``ΔW = (B A)`` in ``W``'s shape.
+
+    Args:
+        x: the input ``(N, C_in, *spatial)``.
+        weight: ``(C_out, C_in/groups, *kernel)``; bias ``(C_out,)`` or None.
+        lora_A: ``(r, C_in/groups · ∏kernel)``; lora_B: ``(C_out, r)``.
+        scaling: the LoRA scale.
+        conv: ``conv(input, weight, bias)`` with the layer's stride, padding,
+            dilation, groups and padding mode (a conv module's ``_conv_forward``).
+        dropout_p, training: dropout on the adapter's input, when training.
+
+    Without dropout this is one convolution with the patched weight (``ΔW`` is
+    kernel-sized, so building it is cheap); with dropout, two.
+    """
+    delta = (lora_B.to(weight.dtype) @ lora_A.to(weight.dtype)).view(weight.shape)
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        return conv(x, weight + delta * scaling, bias)
+    return conv(x, weight, bias) + scaling * conv(F.dropout(x, p, True), delta, None)

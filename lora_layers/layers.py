@@ -29,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LoRALayer, _check_alpha, _check_dropout, _check_rank
-from .functional import lora_linear
+from .base import LoRALayer
+from .functional import lora_conv, lora_embedding, lora_linear
+from .merging import accumulation_dtype
+from .segments import Segments
+from .validation import check_lora_args
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 
@@ -75,7 +78,7 @@ class Linear(LoRALayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
                  use_rslora: bool = False, lora_dtype=None, backend: str = "auto", **kwargs):
-        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
+        check_lora_args(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
@@ -104,19 +107,16 @@ class Linear(LoRALayer, nn.Linear):
     def _adapter_shapes(self):
         return (self.r, self.in_features), (self.out_features, self.r)
 
-    def _segments(self):
-        return None
+    #: Where the adapters add into the output (:class:`~lora_layers.segments.Segments`);
+    #: None for one adapter over every output row.
+    segments: Optional[Segments] = None
 
     def _delta_blocks(self, A, B):
-        delta = (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).mul_(self.scaling)
-        for index, d in self._weight_blocks(delta):
-            yield index, d
-
-    def _weight_blocks(self, delta_rows: Tensor, row_index=slice(None)):
-        """Place an ``(out_rows, in)`` delta into the weight's storage layout."""
-        if self.fan_in_fan_out:
-            return [((slice(None), row_index), delta_rows.t())]
-        return [((row_index, slice(None)), delta_rows)]
+        segments = self.segments or Segments.full(self.out_features)
+        for blk, delta in segments.deltas(A, B, self.scaling, accumulation_dtype(self.weight.dtype)):
+            rows = slice(blk.out0, blk.out1)
+            # The weight's storage layout: (out, in), or (in, out) with fan_in_fan_out.
+            yield ((slice(None), rows), delta.t()) if self.fan_in_fan_out else ((rows, slice(None)), delta)
 
     def _weight_t(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -127,7 +127,7 @@ class Linear(LoRALayer, nn.Linear):
         return lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             self.lora_dropout.p, self.training,
-            fan_in_fan_out=self.fan_in_fan_out, segments=self._segments(), backend=self.backend,
+            fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
         )
 
     @classmethod
@@ -196,12 +196,9 @@ class MergedLinear(Linear):
                 raise ValueError(
                     f"split_sizes must sum to out_features={out_features}, got {sizes} (sum {sum(sizes)})"
                 )
-        offsets = [0]
-        for s in sizes:
-            offsets.append(offsets[-1] + s)
         self.enable_lora = enable
         self.split_sizes = sizes
-        self._lora_segments = tuple((offsets[j], offsets[j + 1]) for j, e in enumerate(enable) if e)
+        self.segments = Segments.from_splits(sizes, enable) if any(enable) else None
 
     def _validate_wrapped(self, fan_in_fan_out: bool = False, enable_lora: Sequence[bool] = (False,),
                           split_sizes: Optional[Sequence[int]] = None) -> None:
@@ -218,25 +215,14 @@ class MergedLinear(Linear):
         ``enable_lora`` has no default here: the constructor's loralib default
         ``(False,)`` would silently give a layer without adapters.
         """
-        return super(Linear, cls).from_module(module, r, lora_alpha, lora_dropout, merge_weights,
-                                              fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
-                                              split_sizes=split_sizes, **kwargs)
+        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights,
+                                   fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+                                   split_sizes=split_sizes, **kwargs)
 
     def _adapter_shapes(self):
-        n = len(self._lora_segments)
-        if n == 0:
+        if self.segments is None:
             return None  # nothing enabled: a plain layer
-        return (self.r * n, self.in_features), (sum(o1 - o0 for o0, o1 in self._lora_segments), self.r)
-
-    def _segments(self):
-        return self._lora_segments
-
-    def _delta_blocks(self, A, B):
-        r, b = self.r, 0
-        for j, (o0, o1) in enumerate(self._lora_segments):
-            delta = (B[b:b + o1 - o0].to(self._acc_dtype) @ A[j * r:(j + 1) * r].to(self._acc_dtype)).mul_(self.scaling)
-            b += o1 - o0
-            yield from self._weight_blocks(delta, slice(o0, o1))
+        return (self.r * self.segments.count, self.in_features), (self.segments.b_rows, self.r)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, enable_lora={self.enable_lora}, split_sizes={self.split_sizes}"
@@ -264,7 +250,7 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, **kwargs):
-        _check_rank(r), _check_alpha(lora_alpha)
+        check_lora_args(r, lora_alpha)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype)
         self.reset_parameters()
@@ -284,7 +270,8 @@ class Embedding(LoRALayer, nn.Embedding):
             nn.init.normal_(self.lora_B)
 
     def _delta_blocks(self, A, B):
-        yield (slice(None), slice(None)), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).t().mul_(self.scaling)
+        acc = accumulation_dtype(self.weight.dtype)
+        yield (slice(None), slice(None)), (B.to(acc) @ A.to(acc)).t().mul_(self.scaling)
 
     def _merge_blocker(self) -> Optional[str]:
         shared = super()._merge_blocker()
@@ -297,42 +284,44 @@ class Embedding(LoRALayer, nn.Embedding):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        result = nn.Embedding.forward(self, x)
         if not self.has_adapter or self.merged:
-            return result
-        # Always a dense lookup: a sparse gradient of the transposed lora_A
-        # cannot be formed (loralib crashes in backward with sparse=True), and
-        # the adapter is small. ``sparse`` still applies to the base weight.
-        after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0,
-                              self.scale_grad_by_freq, False)
-        # The lookup's backward needs only the indices, so adding into its
-        # output in place is safe and avoids a (T, dim) temporary.
-        result.view(-1, self.embedding_dim).addmm_(
-            after_A.reshape(-1, self.r).to(result.dtype), self.lora_B.to(result.dtype).t(), alpha=self.scaling)
-        return result
+            return nn.Embedding.forward(self, x)
+        return lora_embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx,
+                              self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
 # ----------------------------------------------------------------------------- Conv
 
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
 class _ConvNd(LoRALayer):
-    """Shared LoRA logic for Conv1d/2d/3d.
+    """Shared LoRA logic for :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`.
 
     ``ΔW = B A`` reshaped to the weight's shape ``(out, in/groups, *kernel)``,
     with ``A (r, in/groups · ∏kernel)`` and ``B (out, r)``: rank ``r``
     whatever the kernel (loralib uses ``r · k`` and only square 2-D kernels).
+    The signature is loralib's: ``(in_channels, out_channels, kernel_size,
+    r=0, lora_alpha=1, lora_dropout=0., merge_weights=True, **kwargs)``; the
+    kwargs (stride, padding, dilation, groups, bias, padding_mode, device,
+    dtype) go to the torch convolution.
     """
 
-    _dims = 0
-
-    def _init_conv(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
+                 lora_dtype=None, backend: str = "auto", **kwargs):
+        check_lora_args(r, lora_alpha, lora_dropout)
+        dims = _CONV_DIMS[self._base_type]
+        if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
+            raise ValueError(f"kernel_size must be an int or {dims} ints for {self._base_type.__name__}, "
+                             f"got {kernel_size!r}")
+        self._base_type.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._validate_wrapped()
         self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
         self.reset_parameters()
 
     def _validate_wrapped(self) -> None:
         k = tuple(self.kernel_size)
-        if len(k) != self._dims:
-            raise ValueError(f"kernel_size must have {self._dims} entries for {type(self).__name__}, got {k}")
         if tuple(self.weight.shape[2:]) != k:
             raise ValueError(
                 f"kernel_size={k} does not match the weight's spatial shape {tuple(self.weight.shape[2:])}"
@@ -345,19 +334,14 @@ class _ConvNd(LoRALayer):
         return (self.r, fan_in), (self.out_channels, self.r)
 
     def _delta_blocks(self, A, B):
-        yield (slice(None),), (B.to(self._acc_dtype) @ A.to(self._acc_dtype)).mul_(self.scaling).view(self.weight.shape)
+        acc = accumulation_dtype(self.weight.dtype)
+        yield (slice(None),), (B.to(acc) @ A.to(acc)).mul_(self.scaling).view(self.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.has_adapter or self.merged:
             return self._conv_forward(x, self.weight, self.bias)
-        A, B = self._lora_AB(self.weight.dtype)
-        delta = (B @ A).view(self.weight.shape)
-        p = self.lora_dropout.p if self.training else 0.0
-        if p == 0.0:
-            # One convolution with the patched weight: ΔW is kernel-sized, cheap.
-            return self._conv_forward(x, self.weight + delta * self.scaling, self.bias)
-        return self._conv_forward(x, self.weight, self.bias) + self.scaling * self._conv_forward(
-            self.lora_dropout(x), delta, None)
+        return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self._conv_forward,
+                         self.lora_dropout.p, self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # loralib 0.1.2 stores the wrapped conv under ``conv.``: accept its base keys.
@@ -368,32 +352,34 @@ class _ConvNd(LoRALayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _make_conv(base: type, dims: int):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
-                 lora_dtype=None, backend: str = "auto", **kwargs):
-        _check_rank(r), _check_alpha(lora_alpha), _check_dropout(lora_dropout)
-        if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
-            raise ValueError(f"kernel_size must be an int or {dims} ints for {base.__name__}, got {kernel_size!r}")
-        base.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_conv(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
-
-    doc = f"""``nn.{base.__name__}`` with a rank-``r`` LoRA adapter.
-
-    Signature as loralib's ``{base.__name__}``: ``(in_channels, out_channels, kernel_size,
-    r=0, lora_alpha=1, lora_dropout=0., merge_weights=True, **kwargs)``; kwargs
-    (stride, padding, dilation, groups, bias, padding_mode, ...) go to ``nn.{base.__name__}``.
+class Conv1d(_ConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with a rank-``r`` LoRA adapter (loralib's ``Conv1d`` crashes).
 
     Attributes:
-        lora_A: ``(r, in_channels/groups · ∏kernel_size)``, kaiming-uniform init.
+        lora_A: ``(r, in_channels/groups · kernel_size)``, kaiming-uniform init.
         lora_B: ``(out_channels, r)``, zero init.
     """
-    return type(base.__name__, (_ConvNd, base), {
-        "__init__": __init__, "__doc__": doc, "_base_type": base, "_dims": dims, "__module__": __name__,
-        "__qualname__": base.__name__,
-    })
+
+    _base_type = nn.Conv1d
 
 
-Conv1d = _make_conv(nn.Conv1d, 1)
-Conv2d = _make_conv(nn.Conv2d, 2)
-Conv3d = _make_conv(nn.Conv3d, 3)
+class Conv2d(_ConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with a rank-``r`` LoRA adapter; tuple kernels and groups supported.
+
+    Attributes:
+        lora_A: ``(r, in_channels/groups · kh · kw)``, kaiming-uniform init.
+        lora_B: ``(out_channels, r)``, zero init.
+    """
+
+    _base_type = nn.Conv2d
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with a rank-``r`` LoRA adapter (loralib's ``Conv3d`` crashes).
+
+    Attributes:
+        lora_A: ``(r, in_channels/groups · kd · kh · kw)``, kaiming-uniform init.
+        lora_B: ``(out_channels, r)``, zero init.
+    """
+
+    _base_type = nn.Conv3d

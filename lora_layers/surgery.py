@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch.nn as nn
 
-from .base import LoRALayer, _check_alpha, _check_backend, _check_dropout, _check_lora_dtype
+from .base import LoRALayer
+from .validation import check_alpha, check_backend, check_dropout, check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_lora
 
@@ -187,7 +188,7 @@ def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern
         _check_positive_rank(value, f"rank_pattern[{key!r}]")
     for key, _, value in alphas:
         try:
-            _check_alpha(value)
+            check_alpha(value)
         except ValueError:
             raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {value!r}") from None
     for key, _, value in splits:
@@ -297,7 +298,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     On any error the model is left unchanged.
     """
     _check_positive_rank(r, "r")
-    _check_alpha(lora_alpha), _check_dropout(lora_dropout), _check_backend(backend), _check_lora_dtype(lora_dtype)
+    check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
     candidates = _candidates(model)
     plan = _select(model, candidates, targets, exclude)
     specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)

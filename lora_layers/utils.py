@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._ties import find_shared_weights
-from .base import quiet_state_dict
+from ._warnings import quiet_state_dict
 from .layers import LoRALayer
 
 __all__ = [

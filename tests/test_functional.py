@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_layers as L
-from lora_layers.functional import _draw_seed, dropout_mask, lora_linear
+from lora_layers.functional import draw_seed, dropout_mask, lora_linear
 from _naive_lora import F64, assert_rel_close, leaf64, naive_linear
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
@@ -63,7 +63,7 @@ def test_lora_linear_vs_float64(case):
     mask = None
     if p > 0:
         torch.manual_seed(99)
-        mask = dropout_mask(_draw_seed(), x.detach().reshape(-1, in_f), p).to(F64).view(x.shape)
+        mask = dropout_mask(draw_seed(), x.detach().reshape(-1, in_f), p).to(F64).view(x.shape)
     inputs = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
     ins64 = {id(t): leaf64(t) for t in (x, W, b, A, B) if t is not None}
     t64 = [ins64[id(t)] if t is not None else None for t in (x, W, b, A, B)]
@@ -122,7 +122,7 @@ def test_dropout_same_seed_same_result_and_mask_regenerated():
     assert not torch.equal(lora_linear(x, W, b, A, B, 2.0, 0.5, True), outs[0][0])
     # dropout actually happens (some but not all of x is dropped) and matches the regenerated mask
     torch.manual_seed(42)
-    mask = dropout_mask(_draw_seed(), x.detach().reshape(-1, 5), 0.5).view(x.shape)
+    mask = dropout_mask(draw_seed(), x.detach().reshape(-1, 5), 0.5).view(x.shape)
     assert 0 < int((mask == 0).sum()) < mask.numel()
     assert set(mask.unique().tolist()) <= {0.0, 2.0}
     y_ref = naive_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 2.0, mask=mask.double())
@@ -148,7 +148,7 @@ def test_needs_input_grad_subsets(needs, p):
     mask = None
     if p > 0:
         torch.manual_seed(5)
-        mask = dropout_mask(_draw_seed(), ts[0].reshape(-1, 5), p).to(F64).view(ts[0].shape)
+        mask = dropout_mask(draw_seed(), ts[0].reshape(-1, 5), p).to(F64).view(ts[0].shape)
     t64 = [leaf64(t) for t in ts]
     y64 = naive_linear(*t64, 0.5, mask=mask)
     grads64 = torch.autograd.grad(y64, [t64[i] for i, t in enumerate(ts) if t.requires_grad], g.to(F64))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_layers as L
-from lora_layers.functional import _draw_seed, dropout_mask
+from lora_layers.functional import draw_seed, dropout_mask
 from _naive_lora import F64, assert_rel_close, leaf64, naive_conv, naive_embedding, naive_linear
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
@@ -51,7 +51,7 @@ def _lora_mask(seed_state, x, p, dtype):
     if p == 0.0:
         return None
     torch.manual_seed(seed_state)
-    seed = _draw_seed()
+    seed = draw_seed()
     return dropout_mask(seed, x.detach().reshape(-1, x.shape[-1]).to(dtype), p).to(F64).view(x.shape)
 
 

@@ -161,7 +161,7 @@ def _trained_pair():
 
 
 def test_eval_then_state_dict_warns_once_and_merged_state_dict_is_loralibs_export(monkeypatch):
-    monkeypatch.setattr("lora_layers.base._WARNED_UNMERGED_STATE_DICT", False)
+    monkeypatch.setattr("lora_layers._warnings._WARNED_UNMERGED_STATE_DICT", False)
     ref, ours = _trained_pair()
     ref.eval(), ours.eval()
     exported = ref.state_dict()  # loralib: the merged weights (+ adapters)
@@ -192,7 +192,7 @@ def test_merged_state_dict_of_an_unmerged_model_equals_the_merged_one(monkeypatc
 
 
 def test_no_warning_when_adapters_are_zero(monkeypatch):
-    monkeypatch.setattr("lora_layers.base._WARNED_UNMERGED_STATE_DICT", False)
+    monkeypatch.setattr("lora_layers._warnings._WARNED_UNMERGED_STATE_DICT", False)
     model = nn.Sequential(L.Linear(4, 4, r=2)).eval()  # B = 0 at init: merged == unmerged
     with warnings.catch_warnings():
         warnings.simplefilter("error")

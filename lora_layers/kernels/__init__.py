@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from ..segments import Segments
+
 __all__ = ["is_available", "supports", "lora_linear", "dropout_mask", "draw_seed", "MAX_RANK"]
 
 #: Largest rank per segment the kernels accept.
@@ -58,34 +60,16 @@ def is_available():
         return False
 
 
-def _check_segments(segments, out_features, R, b_rows, b_cols):
-    """Return (r, reason); reason is '' when the segments are usable."""
-    if segments is None:
-        if b_rows != out_features or b_cols != R:
-            return 0, (f"lora_B must be (out_features={out_features}, r={R}) without segments, "
-                       f"got {(b_rows, b_cols)}")
-        return R, ""
+def _check_segments(segments, out_features, lora_A, lora_B):
+    """Return (Segments or None, r, reason); reason is '' when the segments are usable."""
     try:
-        segs = [(int(s), int(e)) for s, e in segments]
-    except (TypeError, ValueError):
-        return 0, f"segments must be a tuple of (out_start, out_end) pairs, got {segments!r}"
-    if not segs:
-        return 0, "segments must hold at least one (out_start, out_end) pair, got ()"
-    if R % len(segs):
-        return 0, f"lora_A rows ({R}) must be divisible by the number of segments ({len(segs)})"
-    prev_end = None
-    for s, e in sorted(segs):
-        if not 0 <= s < e <= out_features:
-            return 0, f"segment ({s}, {e}) must satisfy 0 <= start < end <= out_features={out_features}"
-        if prev_end is not None and s < prev_end:
-            return 0, f"segments must not overlap, got {segs}"
-        prev_end = e
-    total = sum(e - s for s, e in segs)
-    r = R // len(segs)
-    if b_rows != total or b_cols != r:
-        return 0, (f"lora_B must be (sum of segment sizes={total}, r={r}) for segments {segs}, "
-                   f"got {(b_rows, b_cols)}")
-    return r, ""
+        segs = Segments.of(segments, out_features)
+        if lora_B.dim() != 2:
+            raise ValueError(f"lora_B must be 2-D, got {tuple(lora_B.shape)}")
+        r = segs.rank_of(lora_A, lora_B)
+    except (TypeError, ValueError) as exc:
+        return None, 0, str(exc)
+    return (None if segs.is_full else segs), r, ""
 
 
 def supports(x, weight, lora_A, lora_B, dropout_p=0.0, segments=None, bias=None, fan_in_fan_out=False):
@@ -138,10 +122,9 @@ def _supports(x, weight, lora_A, lora_B, dropout_p, segments, bias, fan_in_fan_o
         return False, f"x last dim must equal in_features={in_f}, got {x.shape[-1]}"
     if bias is not None and tuple(bias.shape) != (out_f,):
         return False, f"bias must have shape ({out_f},), got {tuple(bias.shape)}"
-    R = lora_A.shape[0]
     if lora_A.shape[1] != in_f:
         return False, f"lora_A must be (R, in_features={in_f}), got {tuple(lora_A.shape)}"
-    r, why = _check_segments(segments, out_f, R, lora_B.shape[0], lora_B.shape[1])
+    _, r, why = _check_segments(segments, out_f, lora_A, lora_B)
     if why:
         return False, why
     if not 1 <= r <= MAX_RANK:
@@ -169,10 +152,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
             dropout_p > 0 (inverted, 1/(1-p)). Its Philox seed comes from
             :func:`draw_seed` (torch's default CPU generator), so
             ``torch.manual_seed`` reproduces it; backward regenerates the mask.
-        segments: None, or a tuple of (out_start, out_end) pairs, one per
-            enabled split of a fused layer. Split j uses A rows [j*r, (j+1)*r)
-            and the j-th block of B's rows, and adds into output columns
-            [out_start, out_end); other columns get only the base term.
+        segments: None, a tuple of (out_start, out_end) pairs, one per
+            enabled split of a fused layer, or a :class:`~lora_layers.segments.Segments`.
+            Split j uses A rows [j*r, (j+1)*r) and the j-th block of B's rows,
+            and adds into output columns [out_start, out_end); other columns
+            get only the base term.
 
     Gradients flow to every input that requires one (only those are computed).
     Under autocast, x, weight and bias are cast to the autocast dtype first.
@@ -197,7 +181,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
     if isinstance(scaling, torch.Tensor):
         scaling = float(scaling.item())
     p = float(dropout_p) if training else 0.0
-    segs = tuple((int(s), int(e)) for s, e in segments) if segments is not None else None
+    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    segs, _, _ = _check_segments(segments, out_f, lora_A, lora_B)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = _load_ops().LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), p,

@@ -104,17 +104,16 @@ def _launch(name, grid_fn, interp_meta, *args, **kwargs):
 _SEG_CACHE = {}
 
 
-def _segment_columns(segments, out_features, device):
-    key = (segments, out_features, str(device))
+def _segment_columns(segments, out_features, r, device):
+    """Per output column: which adapter adds into it (-1: none) and its row in the stacked lora_B."""
+    key = (segments, r, str(device))
     hit = _SEG_CACHE.get(key)
     if hit is None:
         col_seg = torch.full((out_features,), -1, dtype=torch.int32)
         col_brow = torch.zeros((out_features,), dtype=torch.int32)
-        b_row = 0
-        for j, (start, end) in enumerate(segments):
-            col_seg[start:end] = j
-            col_brow[start:end] = torch.arange(b_row, b_row + end - start, dtype=torch.int32)
-            b_row += end - start
+        for j, blk in enumerate(segments.blocks(r)):
+            col_seg[blk.out0:blk.out1] = j
+            col_brow[blk.out0:blk.out1] = torch.arange(blk.b0, blk.b1, dtype=torch.int32)
         hit = (col_seg.to(device), col_brow.to(device))
         if len(_SEG_CACHE) > 256:  # bounded: distinct layer layouts are few
             _SEG_CACHE.clear()
@@ -166,7 +165,7 @@ def forward_fused(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out,
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     R = u.shape[1]
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    col_seg, col_brow = (_segment_columns(segments, N, x.device) if segments is not None
+    col_seg, col_brow = (_segment_columns(segments, N, r, x.device) if segments is not None
                          else (u, u))  # unused placeholders when HAS_SEG=False
     swn, swk = _w_strides(weight, fan_in_fan_out)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
@@ -188,10 +187,8 @@ def forward_cublas(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out
     if segments is None:
         y.addmm_(u, b.t(), alpha=scaling)
         return y
-    row = 0
-    for j, (start, end) in enumerate(segments):
-        y[:, start:end].addmm_(u[:, j * r:(j + 1) * r], b[row:row + end - start].t(), alpha=scaling)
-        row += end - start
+    for blk in segments.blocks(r):
+        y[:, blk.out0:blk.out1].addmm_(u[:, blk.a0:blk.a1], b[blk.b0:blk.b1].t(), alpha=scaling)
     return y
 
 
@@ -203,7 +200,7 @@ def backward_g(g, u, lora_B, scaling, segments, r, need_du, need_db):
     du = torch.empty((T, R), dtype=g.dtype, device=dev) if need_du else torch.empty(1, device=dev)
     db = (torch.zeros(lora_B.shape, dtype=torch.float32, device=dev) if need_db
           else torch.zeros((1, 1), dtype=torch.float32, device=dev))
-    col_seg, col_brow = (_segment_columns(segments, N, dev) if segments is not None else (u, u))
+    col_seg, col_brow = (_segment_columns(segments, N, r, dev) if segments is not None else (u, u))
     br = _block_r(R)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), triton.cdiv(R, br))  # noqa: E731
     _launch("bwd_g", grid, dict(BLOCK_M=_INTERP["BLOCK_M"], BLOCK_N=_INTERP["BLOCK_N"]),
@@ -256,7 +253,7 @@ class LoRALinearFunction(torch.autograd.Function):
         mode = gemm_mode()
         seed = draw_seed() if p > 0 else 0
         R = lora_A.shape[0]
-        r = R // len(segments) if segments is not None else R
+        r = R // segments.count if segments is not None else R
         u = down_proj(x, lora_A, seed, p)
         fwd = forward_fused if mode == "fused" else forward_cublas
         y = fwd(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out, r)

@@ -1,0 +1,241 @@
+"""Exact merging as pure functions over tensors.
+
+A merge writes ``W' = round(W + Δ)`` block by block, in place. Floating-point
+subtraction does not give ``W`` back exactly, so :func:`merge_into` also
+returns, per block, the bitwise *residual* ``bits(W) - bits(round(W' - Δ))``:
+almost always 0 or ±1 ulp, stored as int8 (one byte per weight while merged),
+or None when nothing needs restoring. :func:`restore_from` subtracts the same
+``Δ`` and adds the residual to the bit pattern, which restores ``W`` bit for
+bit after any number of merge/restore cycles.
+
+Callers describe their ``Δ`` as *blocks*: ``(index, delta)`` pairs with
+``W[index] += delta``, ``delta`` in the accumulation dtype (fp32, or fp64 for an
+fp64 weight). The blocks come from a factory, called again on restore and on
+a failed merge, so a fused layer never holds more than one block's delta.
+A LoRA layer's blocks are ``scaling · B_j A_j`` per adapter; another variant
+(DoRA) or base plugs in as a different block factory or a different ``W``.
+
+:class:`ExactMerge` is the layer-side lifecycle over these functions:
+``train()``/``eval()``, ``merge``/``unmerge``, and state_dict hooks that never
+write a merged weight.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
+from ._warnings import warn_unmerged_state_dict
+
+__all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
+           "ExactMerge"]
+
+#: The integer view of each mergeable dtype (same width), for bitwise residuals.
+BITS_DTYPE = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+Blocks = Callable[[], Iterable[Tuple[tuple, Tensor]]]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Deltas are computed in fp32 (fp64 for fp64 weights) and rounded once into the weight."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.view(BITS_DTYPE[t.dtype])
+
+
+def _residual(original: Tensor, restored: Tensor) -> Optional[Tensor]:
+    """What must be added, bitwise, to ``restored`` to get ``original`` back (None: nothing).
+
+    Integer arithmetic on the bit patterns wraps around, so
+    ``bits(restored) + residual == bits(original)`` holds exactly.
+    """
+    if original.is_meta:
+        return None  # no values to restore
+    diff = _bits(original) - _bits(restored)
+    if not diff.any():
+        return None
+    if diff.min() >= -128 and diff.max() <= 127:
+        return diff.to(torch.int8)
+    return diff
+
+
+def check_mergeable(W: Tensor) -> None:
+    if W.dtype not in BITS_DTYPE:
+        raise TypeError(f"cannot merge into a weight of dtype {W.dtype}; expected one of {list(BITS_DTYPE)}")
+
+
+@torch.no_grad()
+def merge_into(W: Tensor, blocks: Blocks, *, check_finite: bool = False,
+               what: str = "weight") -> List[Optional[Tensor]]:
+    """Add every block's delta into ``W`` in place; return the per-block residuals.
+
+    Args:
+        W: the weight (its ``.data``), fp16/bf16/fp32/fp64.
+        blocks: returns a fresh iterable of ``(index, delta)``.
+        check_finite: refuse (ValueError) a non-finite merged block.
+        what: names the weight in error messages.
+
+    On any error, the blocks already written are restored exactly and ``W`` is
+    left as it was.
+    """
+    check_mergeable(W)
+    acc = accumulation_dtype(W.dtype)
+    residuals: List[Optional[Tensor]] = []
+    try:
+        for index, delta in blocks():
+            block = W[index]
+            merged = (block.to(acc) + delta).to(W.dtype)
+            if check_finite and not W.is_meta and not torch.isfinite(merged).all():
+                raise ValueError(f"safe_merge: merging the adapter into {what} gives non-finite values; "
+                                 f"the weight was left unchanged")
+            residuals.append(_residual(block, (merged.to(acc) - delta).to(W.dtype)))
+            block.copy_(merged)
+    except BaseException:
+        restore_from(W, blocks, residuals)
+        raise
+    return residuals
+
+
+@torch.no_grad()
+def restore_from(W: Tensor, blocks: Blocks, residuals: List[Optional[Tensor]]) -> None:
+    """Undo :func:`merge_into`: subtract each block's delta, then add its residual.
+
+    Only the first ``len(residuals)`` blocks are restored (a partial merge).
+    Pass None residuals when ``W`` changed dtype since the merge: they no longer
+    apply, and the restore is then exact up to the cast's rounding.
+    """
+    acc = accumulation_dtype(W.dtype)
+    for (index, delta), residual in zip(blocks(), residuals):
+        block = W[index]
+        restored = (block.to(acc) - delta.to(W.device)).to(W.dtype)
+        if residual is not None:
+            _bits(restored).add_(residual.to(device=W.device, dtype=BITS_DTYPE[W.dtype]))
+        block.copy_(restored)
+
+
+@torch.no_grad()
+def merged_copy(W: Tensor, blocks: Blocks) -> Tensor:
+    """A copy of ``W`` with the blocks added, exactly as :func:`merge_into` would write it."""
+    check_mergeable(W)
+    out = W.detach().clone()
+    acc = accumulation_dtype(W.dtype)
+    for index, delta in blocks():
+        out[index] = (out[index].to(acc) + delta).to(W.dtype)
+    return out
+
+
+class ExactMerge:
+    """The merge lifecycle of a LoRA layer (a mixin of :class:`~lora_layers.LoRALayer`).
+
+    The layer provides ``weight``, ``has_adapter``, ``lora_A``/``lora_B``,
+    ``merge_weights`` and ``_delta_blocks(A, B)``; ``_merge_blocker()`` says why it
+    must not merge (a tied weight; subclasses add their own reasons).
+    """
+
+    def _merge_blocker(self) -> Optional[str]:
+        """Why this layer cannot merge, or None. A shared (tied) weight never merges."""
+        return shared_weight_reason(self)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges. Returns self."""
+        super().train(mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            elif self._merge_blocker() is None:
+                self.merge()
+        return self
+
+    def _blocks(self, A: Tensor, B: Tensor):
+        return lambda: self._delta_blocks(A, B)
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add ``scaling · B A`` into the base weight. Idempotent.
+
+        The delta is computed in fp32 and the sum rounded once; a small residual
+        (usually int8, one byte per weight while merged) makes :meth:`unmerge`
+        restore the weight bit for bit (see :mod:`lora_layers.merging`).
+
+        Args:
+            safe_merge: check the merged weight is finite first; if not, raise
+                ``ValueError`` and leave the weight untouched.
+        """
+        if self.merged or not self.has_adapter:
+            return
+        blocker = self._merge_blocker()
+        if blocker is not None:
+            raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
+        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        W = self.weight.data
+        residuals = merge_into(W, self._blocks(A, B), check_finite=safe_merge,
+                                       what=f"{type(self).__name__}.weight")
+        self._merge_state = (A, B, W.dtype, residuals)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the merged delta, restoring the base weight exactly. Idempotent.
+
+        The delta removed is the one that was merged, even if the adapter
+        tensors were changed in place meanwhile.
+        """
+        if self.merged:
+            self._restore(self.weight.data)
+            self._merge_state, self.merged = None, False
+
+    def _restore(self, W: Tensor) -> None:
+        A, B, dtype, residuals = self._merge_state
+        # The saved factors stay where they were made if the module moved while
+        # merged; a residual no longer applies once the weight was cast.
+        A, B = A.to(W.device), B.to(W.device)
+        restore_from(W, self._blocks(A, B), residuals if W.dtype == dtype else [None] * len(residuals))
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight without the adapter: a restored copy if merged, else the weight itself."""
+        if not self.merged:
+            return self.weight.detach()
+        W = self.weight.detach().clone()
+        self._restore(W)
+        return W
+
+    def merged_weight(self) -> Tensor:
+        """A copy of the weight with the adapter folded in, as :meth:`merge` would write it;
+        the layer is not changed."""
+        if self.merged or not self.has_adapter:
+            return self.weight.detach().clone()
+        return merged_copy(self.weight, self._blocks(self.lora_A.detach(), self.lora_B.detach()))
+
+    # -- state_dict ------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and prefix + "weight" in destination:
+            # Never write a merged weight: reloading it next to the adapter
+            # would count the adapter twice (loralib's bug). This is a restored
+            # copy, so with keep_vars=True it is a tensor, not the Parameter.
+            destination[prefix + "weight"] = self.unmerged_weight()
+            warn_unmerged_state_dict(self._merge_state[1])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        was_merged = self.merged
+        self.unmerge()
+        weight = self._parameters.get("weight")
+        self.__dict__[LOADING_ATTR] = True  # load_state_dict(assign=True) registers a new weight: not a tie
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            del self.__dict__[LOADING_ATTR]
+            if self._parameters.get("weight") is not weight:
+                register_weight(self)
+            if was_merged:
+                self.merge()
+

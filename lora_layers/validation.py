@@ -1,0 +1,57 @@
+"""Argument checks shared by the layers, surgery and the loaders.
+
+Each check returns the value normalised (plain ``int``/``float``, so NumPy
+scalars never reach a JSON header) or raises a ``ValueError``/``TypeError``
+that names the argument, the value and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .functional import BACKENDS
+
+__all__ = ["LORA_DTYPES", "check_rank", "check_alpha", "check_dropout", "check_backend", "check_lora_dtype",
+           "check_lora_args"]
+
+# Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
+        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+    return int(r)
+
+
+def check_alpha(lora_alpha):
+    """A finite real number, as a plain ``int`` (if integral) or ``float``."""
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    return int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+
+
+def check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_lora_dtype(lora_dtype):
+    if lora_dtype is not None and lora_dtype not in LORA_DTYPES:
+        raise TypeError(f"lora_dtype must be None or one of {[str(d) for d in LORA_DTYPES]}, got {lora_dtype!r}")
+    return lora_dtype
+
+
+def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dtype=None) -> None:
+    """All the checks above at once, before anything is built or changed."""
+    check_rank(r), check_alpha(lora_alpha), check_dropout(lora_dropout)
+    check_backend(backend), check_lora_dtype(lora_dtype)
