@@ -8,16 +8,13 @@ Every key of ``training_config`` and ``lora_config`` below is also a flag
 (``--learning-rate 1e-4``, ``--r 8``, ``--no-gradient-checkpointing`` ...).
 Outputs, under ``--output-dir``: checkpoints/step-N/ (adapter + optimizer state,
 the last ``save_total_limit`` kept), lora_adapter.safetensors, peft_adapter/,
-merged/ (with ``--merge``), loss_curve.png, train_log.json and summary.json.
-See docs/phi3.md.
+merged/ (with ``--merge``), and the report: loss_curve.png, train_log.json and
+summary.json (examples/phi3_report.py). See docs/phi3.md.
 """
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -31,13 +28,18 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import phi3_data  # noqa: E402  (examples/phi3_data.py: loading, synthetic task, tokenization)
+import phi3_report  # noqa: E402  (examples/phi3_report.py: log lines, peak memory, summary, plot)
 
 import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
 
 # ----------------------------------------------------------------------------- configuration
 # Defaults for a pretrained Phi-3 (cf. the model card's sample_finetune.py, which uses r=16,
 # alpha=32, dropout 0.05 on all four projections, cosine schedule, warmup 0.2, bf16).
+# training_config is the run: optimisation, schedule, precision and memory, data and evaluation.
+# lora_config is the adapter: exactly the keyword arguments of lora.phi3.apply_lora.
+# A new option is one more key in the dict it belongs to; parse_args makes it a flag.
 training_config = {
+    # optimisation and schedule
     "learning_rate": 2e-4,
     "batch_size": 4,                   # micro-batch per process
     "gradient_accumulation_steps": 4,
@@ -48,18 +50,21 @@ training_config = {
     "min_lr_ratio": 0.0,
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
+    "seed": 42,
+    # logging, evaluation and checkpoints
     "logging_steps": 20,
     "eval_steps": 100,
     "save_steps": 100,
     "save_total_limit": 2,             # checkpoints kept
-    "seed": 42,
+    # precision, memory and threads
     "bf16": True,                      # autocast (and bf16 weights) on CUDA; CPU runs fp32
     "gradient_checkpointing": None,    # None: on for real checkpoints, off for --model tiny
+    "cpu_threads": 0,                  # torch threads on CPU; 0 keeps torch's default
+    # data
     "max_length": 2048,
     "eval_fraction": 0.05,             # held out of each data source
     "synthetic_examples": 0,           # string-reversal chats added to the data
     "exact_match_prompts": 200,        # held-out synthetic prompts scored by greedy exact match
-    "cpu_threads": 0,                  # torch threads on CPU; 0 keeps torch's default
 }
 lora_config = {
     "r": 16,
@@ -100,14 +105,13 @@ def parse_args():
     p.add_argument("--resume", default=None, help="a checkpoints/step-N folder to continue from exactly")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload)")
-    p.add_argument("--adapter-checksum", action="store_true", help="each rank writes a hash of its adapter")
     for group, config, prefix in (("training_config", training_config, ""), ("lora_config", lora_config, ""),
                                   ("tiny_model_config", tiny_model_config, "tiny_")):
         g = p.add_argument_group(group)
         for key, default in config.items():
             key = prefix + key
             flag = "--" + key.replace("_", "-")
-            if isinstance(default, bool) or key == "gradient_checkpointing":
+            if isinstance(default, bool) or default is None:  # None: decided at run time unless a flag says
                 g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
             elif isinstance(default, tuple):
                 g.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="A,B",
@@ -126,9 +130,14 @@ for config in (training_config, lora_config):
 if args.data is not None and "synthetic_examples" not in explicit:  # the synthetic task goes with the default data
     training_config["synthetic_examples"] = 0
 tc, lc = training_config, lora_config
-lora_dtype = None if lc["lora_dtype"] in (None, "", "none") else getattr(torch, lc["lora_dtype"], None)
-if not isinstance(lora_dtype, torch.dtype) and lc["lora_dtype"] not in (None, "", "none"):
+if lc["lora_dtype"] in ("", "none"):
+    lc["lora_dtype"] = None
+elif isinstance(getattr(torch, lc["lora_dtype"], None), torch.dtype):
+    lc["lora_dtype"] = getattr(torch, lc["lora_dtype"])
+else:
     parser.error(f"--lora-dtype: expected float32, bfloat16, float16 or none, got {lc['lora_dtype']!r}")
+if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model
+    tc["gradient_checkpointing"] = args.model != "tiny"
 
 # ----------------------------------------------------------------------------- processes and device
 ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -190,14 +199,9 @@ if master and args.model == "tiny":
 
 # ----------------------------------------------------------------------------- LoRA surgery
 # qkv_proj and gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]);
-# o_proj and down_proj become Linear. Everything but the adapters is frozen.
-gradient_checkpointing = tc["gradient_checkpointing"]
-if gradient_checkpointing is None:
-    gradient_checkpointing = args.model != "tiny"
-replaced = lora.phi3.apply_lora(
-    model, r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=lc["lora_dropout"], targets=lc["targets"],
-    qkv=lc["qkv"], use_rslora=lc["use_rslora"], lora_dtype=lora_dtype, gradient_checkpointing=gradient_checkpointing)
-lora.mark_only_lora_as_trainable(model)  # (apply_lora already did; the loralib idiom, for clarity)
+# o_proj and down_proj become Linear. apply_lora also freezes everything but the adapters and
+# sets up checkpointing so that gradients still reach them through the frozen base.
+replaced = lora.phi3.apply_lora(model, **lc, gradient_checkpointing=tc["gradient_checkpointing"])
 n_trainable = lora.count_lora_parameters(model)
 n_total = sum(p.numel() for p in model.parameters())
 raw_model = model
@@ -256,7 +260,7 @@ def lr_lambda(step):
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-# ----------------------------------------------------------------------------- evaluation helpers
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def eval_loss(examples):
     """Token-weighted mean loss over ``examples`` (eval mode merges the adapters: fast)."""
@@ -308,21 +312,6 @@ def evaluate_all():
     return {name: eval_loss(examples) for name, examples in eval_sets.items()}
 
 
-def describe(losses):
-    """'0.3746 (ppl 1.45); chat 2.8855, synthetic 0.0524' for the log."""
-    parts = [f"{name} {value:.4f}" for name, value in losses.items() if name != "all"]
-    return f"{losses['all']:.4f} (ppl {math.exp(min(losses['all'], 50)):.2f})" + ("; " if parts else "") + \
-        ", ".join(parts)
-
-
-def adapter_digest(module):
-    h = hashlib.sha256()
-    for name, t in sorted(lora.lora_state_dict(module).items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- resume or start
 step, history, baseline = 0, {"train": [], "eval": []}, None
 if args.resume:
@@ -342,7 +331,7 @@ log(f"model: {args.model}  LoRA on {len(replaced)} modules ({', '.join(lc['targe
 log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
 log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
     f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")
-log(f"before training: eval loss {describe(baseline['eval_loss'])}" + (
+log(f"before training: eval loss {phi3_report.describe(baseline['eval_loss'])}" + (
     f"; synthetic exact match {baseline['exact_match']:.1%}" if exact_match_set else ""))
 
 
@@ -400,72 +389,33 @@ while step < max_steps:
         losses = evaluate_all()
         history["eval"].append({"step": step, **losses})
         if master:
-            bar.write(f"step {step}: eval loss {describe(losses)}")
+            bar.write(f"step {step}: eval loss {phi3_report.describe(losses)}")
     if step % tc["save_steps"] == 0 and master:
         save_checkpoint(step)
 bar.close()
 
-# ----------------------------------------------------------------------------- final results
+# ----------------------------------------------------------------------------- final evaluation
 final = {"eval_loss": history["eval"][-1] if history["eval"] else evaluate_all(),
          "exact_match": exact_match(exact_match_set)}
 samples = (syn_eval[:2] + chat_eval[:2])[:4]
 replies = generate(samples, max_new_tokens=64)
-if args.adapter_checksum:  # lets the DDP test check that every rank holds the same adapter
-    (out_dir / f"adapter_checksum.rank{rank}.txt").write_text(adapter_digest(raw_model) + "\n")
-if device.type == "cuda":
-    peak_memory = torch.cuda.max_memory_allocated(device)
-    memory_kind = "max_memory_allocated"
-else:
-    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    memory_kind = "peak RSS"
+peak_memory = phi3_report.peak_memory(device)  # before the exports below allocate
 
+# ----------------------------------------------------------------------------- save (rank 0)
 if master:
     lora.save_lora(raw_model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
     lora.export_peft(raw_model, out_dir / "peft_adapter", base_model_name_or_path=str(base_model_path))
     tokenizer.save_pretrained(out_dir / "peft_adapter")
-    (out_dir / "train_log.json").write_text(json.dumps(history, indent=1))
 
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history["train"]], [h["loss"] for h in history["train"]], label="train", alpha=0.7)
-    ax.plot([0] + [h["step"] for h in history["eval"]],
-            [baseline["eval_loss"]["all"]] + [h["all"] for h in history["eval"]], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss", title=f"Phi-3 LoRA ({args.model})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curve.png", dpi=100)
-
-    before, after = baseline["eval_loss"]["all"], final["eval_loss"]["all"]
-    summary = {
-        "model": args.model, "steps": step, "world_size": world_size, "device": str(device),
-        "eval_loss_before": baseline["eval_loss"], "eval_loss_after": {k: final["eval_loss"][k] for k in eval_sets},
-        "eval_loss_reduction": 1 - after / before,
-        "exact_match_before": baseline["exact_match"], "exact_match_after": final["exact_match"],
-        "exact_match_prompts": len(exact_match_set),
-        "trainable_params": n_trainable, "total_params": n_total,
-        "tokens_per_second": tokens_seen / train_time if train_time else None,
-        "train_seconds_this_run": train_time, "peak_memory_bytes": peak_memory, "peak_memory_kind": memory_kind,
-        "samples": [{"prompt": c[:-1], "reply": r, "reference": c[-1]["content"]} for c, r in zip(samples, replies)],
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("\n==== summary ====")
-    print(f"eval loss        {before:.4f} -> {after:.4f}  ({summary['eval_loss_reduction']:.1%} lower; "
-          f"ppl {math.exp(min(before, 50)):.1f} -> {math.exp(min(after, 50)):.2f})")
-    for name in eval_sets:
-        if name != "all":
-            print(f"  {name:<15}{baseline['eval_loss'][name]:.4f} -> {final['eval_loss'][name]:.4f}")
-    if exact_match_set:
-        print(f"exact match      {baseline['exact_match']:.1%} -> {final['exact_match']:.1%}  "
-              f"(greedy, {len(exact_match_set)} held-out reversal prompts)")
-    print(f"parameters       {n_trainable:,} trainable / {n_total:,} total ({100 * n_trainable / n_total:.2f}%)")
-    print(f"throughput       {summary['tokens_per_second'] or 0:,.0f} tokens/s over {train_time:.1f} s of training")
-    print(f"peak memory      {peak_memory / 2**20:,.0f} MiB ({memory_kind}, rank 0)")
-    for c, r in zip(samples, replies):
-        print(f"--- {c[-2]['content']!r}\n    -> {r!r}  (reference {c[-1]['content']!r})")
-    print(f"outputs in {out_dir}/")
+# ----------------------------------------------------------------------------- report (rank 0)
+if master:
+    summary = phi3_report.summarize(
+        model=args.model, steps=step, world_size=world_size, device=device, baseline=baseline, final=final,
+        eval_names=list(eval_sets), exact_match_prompts=len(exact_match_set), trainable_params=n_trainable,
+        total_params=n_total, tokens_seen=tokens_seen, train_time=train_time, peak_memory=peak_memory,
+        samples=samples, replies=replies)
+    phi3_report.write(out_dir, history, summary)
+    phi3_report.print_summary(summary, out_dir)
 
 if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
     merged = lora.merge_and_unload(raw_model)

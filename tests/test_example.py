@@ -111,15 +111,34 @@ def test_resume_continues_exactly(first_run, tmp_path):
     assert b["eval_loss_after"] == a["eval_loss_after"]
 
 
+# Runs the script in a torchrun process, then saves that rank's adapter next to the script's
+# outputs: the script saves rank 0's only, and the test compares every rank's.
+SAVE_EVERY_RANK = """
+import runpy, sys
+import lora_layers as lora
+sys.argv = sys.argv[1:]
+run = runpy.run_path(sys.argv[0], run_name="__main__")
+lora.save_lora(run["raw_model"], run["out_dir"] / f"adapter.rank{run['rank']}.safetensors")
+"""
+
+
 def test_ddp_two_gloo_processes_keep_identical_adapters(tmp_path):
+    from safetensors.torch import load_file
+
     out = tmp_path / "ddp"
-    proc = run_script("--output-dir", out, "--adapter-checksum", "--synthetic-examples", "200",
+    wrapper = tmp_path / "save_every_rank.py"
+    wrapper.write_text(SAVE_EVERY_RANK)
+    proc = run_script("--output-dir", out, "--synthetic-examples", "200",
                       "--exact-match-prompts", "4", "--batch-size", "8", "--max-steps", "4", "--eval-steps", "4",
                       "--save-steps", "4", launcher=("-m", "torch.distributed.run", "--standalone",
-                                                     "--nproc_per_node", "2"))
+                                                     "--nproc_per_node", "2", wrapper))
     check_ok(proc)
-    sums = [(out / f"adapter_checksum.rank{r}.txt").read_text().strip() for r in (0, 1)]
-    assert len(sums[0]) == 64 and sums[0] == sums[1]
+    saved = load_file(out / "lora_adapter.safetensors")  # the script's own output (rank 0)
+    ranks = [load_file(out / f"adapter.rank{r}.safetensors") for r in (0, 1)]
+    assert saved and sorted(ranks[0]) == sorted(ranks[1]) == sorted(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(ranks[0][name], tensor) and torch.equal(ranks[1][name], tensor), name
+    assert any(t.abs().sum() > 0 for name, t in saved.items() if name.endswith("lora_B"))  # training moved B
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
 

@@ -1,0 +1,117 @@
+"""Reporting for examples/phi3_finetune.py: log lines, peak memory, and the final report.
+
+Kept out of the main script so that it reads top to bottom; nothing here trains
+or knows about LoRA. The report is what rank 0 leaves under ``--output-dir``:
+
+- ``train_log.json``: the loss and lr of every step, and every evaluation;
+- ``loss_curve.png``: train and eval loss against the step;
+- ``summary.json``: the figures before and after training, and a few sample replies;
+
+plus the summary table printed at the end of a run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+try:  # POSIX only; without it (Windows) a CPU run reports no peak memory
+    import resource
+except ImportError:
+    resource = None
+
+
+def describe(losses: Dict[str, float]) -> str:
+    """'0.3746 (ppl 1.45); chat 2.8855, synthetic 0.0524' for the log."""
+    parts = [f"{name} {value:.4f}" for name, value in losses.items() if name != "all"]
+    return f"{losses['all']:.4f} (ppl {math.exp(min(losses['all'], 50)):.2f})" + ("; " if parts else "") + \
+        ", ".join(parts)
+
+
+def peak_memory(device: torch.device) -> Tuple[Optional[int], Optional[str]]:
+    """``(bytes, kind)``: CUDA's max_memory_allocated, else this process's peak RSS.
+
+    Returns ``(None, None)`` on CPU where the ``resource`` module does not exist.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "max_memory_allocated"
+    if resource is None:
+        return None, None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"  # Linux reports KiB
+
+
+def summarize(*, model: str, steps: int, world_size: int, device: torch.device, baseline: dict, final: dict,
+              eval_names: Sequence[str], exact_match_prompts: int, trainable_params: int, total_params: int,
+              tokens_seen: int, train_time: float, peak_memory: Tuple[Optional[int], Optional[str]],
+              samples: Sequence[list], replies: Sequence[str]) -> dict:
+    """The run's figures as the JSON-ready dict written to ``summary.json``.
+
+    Args:
+        baseline, final: ``{"eval_loss": {eval set: loss}, "exact_match": share or None}``
+            before and after training.
+        eval_names: the eval sets, ``"all"`` first.
+        samples, replies: conversations and the model's greedy replies to their prompts.
+    """
+    before, after = baseline["eval_loss"]["all"], final["eval_loss"]["all"]
+    memory_bytes, memory_kind = peak_memory
+    return {
+        "model": model, "steps": steps, "world_size": world_size, "device": str(device),
+        "eval_loss_before": baseline["eval_loss"], "eval_loss_after": {k: final["eval_loss"][k] for k in eval_names},
+        "eval_loss_reduction": 1 - after / before,
+        "exact_match_before": baseline["exact_match"], "exact_match_after": final["exact_match"],
+        "exact_match_prompts": exact_match_prompts,
+        "trainable_params": trainable_params, "total_params": total_params,
+        "tokens_per_second": tokens_seen / train_time if train_time else None,
+        "train_seconds_this_run": train_time, "peak_memory_bytes": memory_bytes, "peak_memory_kind": memory_kind,
+        "samples": [{"prompt": c[:-1], "reply": r, "reference": c[-1]["content"]} for c, r in zip(samples, replies)],
+    }
+
+
+def write(out_dir: Path, history: Dict[str, List[dict]], summary: dict) -> None:
+    """Write train_log.json, loss_curve.png and summary.json into ``out_dir``."""
+    (out_dir / "train_log.json").write_text(json.dumps(history, indent=1))
+    _plot_loss_curve(out_dir / "loss_curve.png", history, summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _plot_loss_curve(path: Path, history: Dict[str, List[dict]], summary: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history["train"]], [h["loss"] for h in history["train"]], label="train", alpha=0.7)
+    ax.plot([0] + [h["step"] for h in history["eval"]],
+            [summary["eval_loss_before"]["all"]] + [h["all"] for h in history["eval"]], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss", title=f"Phi-3 LoRA ({summary['model']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    """The console table: eval loss, exact match, parameters, throughput, memory, samples."""
+    s = summary
+    before, after = s["eval_loss_before"]["all"], s["eval_loss_after"]["all"]
+    print("\n==== summary ====")
+    print(f"eval loss        {before:.4f} -> {after:.4f}  ({s['eval_loss_reduction']:.1%} lower; "
+          f"ppl {math.exp(min(before, 50)):.1f} -> {math.exp(min(after, 50)):.2f})")
+    for name, loss in s["eval_loss_after"].items():
+        if name != "all":
+            print(f"  {name:<15}{s['eval_loss_before'][name]:.4f} -> {loss:.4f}")
+    if s["exact_match_prompts"]:
+        print(f"exact match      {s['exact_match_before']:.1%} -> {s['exact_match_after']:.1%}  "
+              f"(greedy, {s['exact_match_prompts']} held-out reversal prompts)")
+    n_trainable, n_total = s["trainable_params"], s["total_params"]
+    print(f"parameters       {n_trainable:,} trainable / {n_total:,} total ({100 * n_trainable / n_total:.2f}%)")
+    print(f"throughput       {s['tokens_per_second'] or 0:,.0f} tokens/s over "
+          f"{s['train_seconds_this_run']:.1f} s of training")
+    if s["peak_memory_bytes"] is not None:
+        print(f"peak memory      {s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s['peak_memory_kind']}, rank 0)")
+    for sample in s["samples"]:
+        print(f"--- {sample['prompt'][-1]['content']!r}\n    -> {sample['reply']!r}  "
+              f"(reference {sample['reference']!r})")
+    print(f"outputs in {out_dir}/")
