@@ -48,8 +48,26 @@ def delta_merged(A, B, split_sizes, enable, r):
     return torch.cat(rows, 0)
 
 
+def splits_of_segments(segments, out_features):
+    """``(split_sizes, enable)`` of a fused layer given as the kernels' segments.
+
+    ``segments`` are the ascending ``(start, end)`` output ranges of the enabled
+    splits; each gap between them (and before/after them) becomes one disabled split.
+    """
+    flat = [0] + [bound for segment in segments for bound in segment] + [out_features]
+    assert all(a <= b for a, b in zip(flat, flat[1:])), f"segments must ascend within {out_features}: {segments}"
+    bounds = sorted(set(flat))
+    splits = list(zip(bounds[:-1], bounds[1:]))
+    enabled = {tuple(segment) for segment in segments}
+    return [end - start for start, end in splits], [split in enabled for split in splits]
+
+
 def naive_linear(x, W, b, A, B, s, fan_in_fan_out=False, mask=None, split_sizes=None, enable=None):
-    """y = x W_effᵀ + b + s · (x ⊙ mask) ΔWᵀ, with ΔW = B A (or per split for fused layers)."""
+    """y = x W_effᵀ + b + s · (x ⊙ mask) ΔWᵀ, with ΔW = B A (or per split for fused layers).
+
+    ``mask`` is dropout's scaled keep mask (0 or 1/(1-p)); ``split_sizes``/``enable``
+    describe a fused layer as ``MergedLinear`` does (see :func:`splits_of_segments`).
+    """
     W_eff = W.t() if fan_in_fan_out else W
     if split_sizes is None:
         dW = B @ A

@@ -14,6 +14,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _naive_lora import naive_linear, splits_of_segments  # noqa: E402
 
 pytest.importorskip("triton")
 pytest.importorskip("numpy")  # the interpreter needs it; triton does not declare it
@@ -21,32 +22,27 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 (set elsewhere to another value)",
                 allow_module_level=True)
 
+from lora_layers import functional  # noqa: E402
 from lora_layers import kernels as lk  # noqa: E402
 from lora_layers.kernels import _ops  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
-def naive_lora(x, weight, bias, A, B, scaling, keep=None, p=0.0, fan_in_fan_out=False,
-               segments=None):
-    """Independent float64 reference: per-split loop, explicit dropout mask."""
-    x, A, B = x.double(), A.double(), B.double()
-    w = weight.double().t() if fan_in_fan_out else weight.double()
-    y = x @ w.t()
-    if bias is not None:
-        y = y + bias.double()
-    xd = x * keep.double() / (1.0 - p) if keep is not None else x
-    if segments is None:
-        return y + scaling * (xd @ A.t()) @ B.t()
-    r = A.shape[0] // len(segments)
-    cols = [y[..., c:c + 1] for c in range(y.shape[-1])]
-    row = 0
-    for j, (start, end) in enumerate(segments):
-        d = scaling * (xd @ A[j * r:(j + 1) * r].t()) @ B[row:row + end - start].t()
-        for c in range(start, end):
-            cols[c] = cols[c] + d[..., c - start:c - start + 1]
-        row += end - start
-    return torch.cat(cols, dim=-1)
+def reference(t, scaling, keep=None, p=0.0, fan_in_fan_out=False, segments=None):
+    """The float64 formula of tests/_naive_lora.py on float64 copies of ``t``'s tensors.
+
+    Returns the output and the copies (those of tensors that require grad do too).
+    ``keep`` is the kernels' boolean keep mask for dropout probability ``p``.
+    """
+    t64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
+           for k, v in t.items()}
+    out_features = t["weight"].shape[1 if fan_in_fan_out else 0]
+    split_sizes, enable = splits_of_segments(segments, out_features) if segments is not None else (None, None)
+    mask = keep.double() / (1.0 - p) if keep is not None else None
+    y = naive_linear(t64["x"], t64["weight"], t64["bias"], t64["A"], t64["B"], scaling, fan_in_fan_out,
+                     mask=mask, split_sizes=split_sizes, enable=enable)
+    return y, t64
 
 
 def build(shape_x, in_f, out_f, R, dtype, segments=None, adapter_dtype=None, bias=True,
@@ -84,10 +80,7 @@ def check(t, dtype, scaling=0.7, p=0.0, segments=None, fan_in_fan_out=False, rng
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[1] if fan_in_fan_out else w.shape[0])
 
     leaves = {k: v for k, v in t.items() if v is not None and v.requires_grad}
-    ref_in = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
-              for k, v in t.items()}
-    ref = naive_lora(ref_in["x"], ref_in["weight"], ref_in["bias"], ref_in["A"], ref_in["B"],
-                     scaling, keep, p, fan_in_fan_out, segments)
+    ref, ref_in = reference(t, scaling, keep, p, fan_in_fan_out, segments)
     tol = TOL[dtype]
     scale = ref.abs().max().item() + 1e-6
     torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol * scale)
@@ -196,9 +189,7 @@ def test_same_seed_same_mask_and_dropout_statistics():
     assert not torch.equal(y1, y3)
     # eval mode ignores dropout entirely
     y_eval = lk.lora_linear(*args[:-1], False)
-    torch.testing.assert_close(y_eval, naive_lora(*[v for v in (t["x"], t["weight"], t["bias"],
-                                                                 t["A"], t["B"])], 1.0).float(),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_eval, reference(t, 1.0)[0].float(), rtol=1e-4, atol=1e-4)
     keep = lk.dropout_mask(11, (64, 96), 0.5)
     assert keep.dtype == torch.bool and keep.shape == (64, 96)
     assert torch.equal(keep, lk.dropout_mask(11, (64, 96), 0.5))
@@ -345,9 +336,6 @@ def test_import_without_triton():
 # --------------------------------------------------------------------------- torch path
 
 def test_agrees_with_functional_torch_path():
-    functional = pytest.importorskip("lora_layers.functional")
-    if not hasattr(functional, "lora_linear"):
-        pytest.skip("lora_layers.functional.lora_linear is not there yet")
     for segs, out_f, R in [(None, 26, 4), (((0, 10), (18, 26)), 26, 8)]:
         t = build((2, 11), 30, out_f, R, torch.float32, segments=segs)
         y = lk.lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], 0.5, 0.0, True,
@@ -407,7 +395,7 @@ def test_autocast_runs_in_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lk.lora_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], 1.0, 0.0, False)
     assert y.dtype == torch.bfloat16
-    ref = naive_lora(t["x"], t["weight"], t["bias"], t["A"], t["B"], 1.0)
+    ref, _ = reference(t, 1.0)
     torch.testing.assert_close(y.double(), ref.detach(), rtol=6e-2, atol=6e-2)
     y.float().sum().backward()
     assert t["A"].grad.dtype == torch.float32 and t["B"].grad is not None
