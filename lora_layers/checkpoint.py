@@ -1,35 +1,43 @@
-"""Adapter checkpoints: safetensors save/load with validation, and loralib files.
+"""Adapter checkpoints: what a native file holds, and loading it into a model.
 
-A LoRA checkpoint is small and is the result of the run, so:
+Here live the native format (the header fields and their constants), the
+adapter payload of a model, and the validate-then-apply load:
 
-* writes are atomic (temp file in the same folder, flush + fsync, ``os.replace``):
-  a crash mid-save leaves the previous file intact;
-* loads validate everything (keys, shapes, dtypes, rank/alpha/splits from the
-  header, a checksum of the tensor bytes) *before* touching the model;
-* nothing is ever unpickled: safetensors, or ``torch.load(weights_only=True)``.
+* :func:`save_lora` writes the adapter tensors and a header recording the
+  format, the library version and each layer's r / alpha / splits;
+* :func:`load_lora` validates everything (keys, shapes, dtypes, the header's
+  layer configuration, its checksum) *before* touching the model, then copies
+  into the existing Parameters (:func:`plan_load`, then :func:`apply_copies`);
+* loralib ``torch.save`` state_dicts load too.
+
+Writing and reading bytes (atomic writes, the safetensors writer, the checksum,
+format recognition, never unpickling) is :mod:`lora_layers.fileio`.
 
 PEFT's adapter format lives in :mod:`lora_layers.peft_format`, training state
 (adapter + optimizer + RNG) in :mod:`lora_layers.training_state`.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import io
 import json
 import os
-import secrets
-import struct
-import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ._version import __version__
+from .fileio import (
+    CheckpointError,
+    atomic_write,
+    check_destination,
+    read_file,
+    safetensors_bytes,
+    tensor_checksum,
+    to_storable,
+)
 from .layers import LoRALayer
 from .utils import _bias_names, _check_bias, lora_modules, named_lora_parameters
 
@@ -60,15 +68,6 @@ META_HF_FORMAT = "format"
 _CONFIG_FIELDS = ("class", "r", "lora_alpha", "use_rslora", "scaling", "split_sizes", "enable_lora",
                   "fan_in_fan_out")
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip archive
-_PICKLE_PROTOCOLS = range(2, 6)  # a legacy torch.save file is a pickle: 0x80, then its protocol
-_CHUNK = 1 << 20
-_NAME_MAX = 255  # the usual file-name limit, where the folder cannot tell its own
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model, or the file is unreadable. The model was not changed."""
-
 
 @dataclass
 class LoadResult:
@@ -87,178 +86,7 @@ class LoadResult:
     metadata: Dict[str, str] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-def _write_chunk(f, chunk) -> None:
-    # One indirection so a test can slow the write down and kill the process mid-save.
-    f.write(chunk)
-
-
-def as_path(path, arg: str = "path") -> str:
-    """``path`` as a ``str``; refuse what can name no file (the error names ``arg`` and the value)."""
-    try:
-        path = os.fsdecode(os.fspath(path))
-    except TypeError:
-        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(path).__name__} {path!r}") from None
-    if not path:
-        raise ValueError(f"{arg} must be a file path, got ''")
-    if "\0" in path:
-        raise ValueError(f"{arg} must not contain a NUL character, got {path!r}")
-    return path
-
-
-def _name_max(folder: str) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):
-        return _NAME_MAX
-
-
-def check_destination(path, what: str, arg: str = "path") -> str:
-    """Refuse a destination that cannot be written, before anything is created.
-
-    Returns the path as a ``str``. Raises TypeError / ValueError (not a usable
-    path), IsADirectoryError, FileNotFoundError (no such folder) or
-    PermissionError (folder not writable), each naming ``arg`` and the value.
-    """
-    path = as_path(path, arg)
-    folder, name = os.path.split(os.path.abspath(path))
-    if path.endswith((os.sep, os.altsep or os.sep)) or name in ("", ".", "..") or os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write {what} to {arg}={path!r}: it is a directory or names a folder, "
-                                f"expected a file path")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} does not exist")
-    limit = _name_max(folder)
-    if len(os.fsencode(name)) > limit:
-        raise ValueError(f"cannot write {what} to {arg}={path!r}: the file name is {len(os.fsencode(name))} "
-                         f"bytes, longer than the {limit} this folder allows")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable")
-    return path
-
-
-def _create_temp(folder: str, name: str):
-    """A new file next to the destination, created as ``open()`` creates files (mode 0o666 less the umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    stem = name[:_NAME_MAX - 30]  # the temp name must fit wherever the destination's name fits
-    for _ in range(100):
-        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in {folder!r}")
-
-
-def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -> None:
-    """Write a file atomically: temp file in the same folder, flush + fsync, ``os.replace``.
-
-    The file gets the mode ``open()`` would give it (0o666 less the umask).
-
-    Args:
-        path: destination file; its folder must exist.
-        write: called with the open binary temp file.
-        what: a description used in error messages.
-        arg: the caller's name for ``path``, used in error messages.
-
-    Raises:
-        TypeError / ValueError / FileNotFoundError / PermissionError / IsADirectoryError:
-            bad destination (see :func:`check_destination`); any previous file at
-            ``path`` is left intact and nothing is created.
-    """
-    path = check_destination(path, what, arg)
-    folder, name = os.path.split(os.path.abspath(path))
-    try:
-        fd, tmp = _create_temp(folder, name)
-    except PermissionError as exc:
-        raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable "
-                              f"({exc})") from exc
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {what} to {arg}={path!r}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform can fsync a folder
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _write_bytes(f, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        _write_chunk(f, view[start:start + _CHUNK])
-
-
-# ----------------------------------------------------------------------------- tensor helpers
-
-def _to_storable(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """CPU, contiguous tensors that own their storage (safetensors refuses shared or strided ones)."""
-    out, seen = {}, set()
-    for name, t in tensors.items():
-        t = t.detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if (not t.is_contiguous() or ptr in seen
-                or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
-            t = t.contiguous().clone()
-        if ptr is not None:
-            seen.add(ptr)
-        out[name] = t
-    return out
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def _raw_bytes(t: Tensor) -> bytes:
-    """The bytes of a contiguous CPU tensor, without numpy (not a core dependency)."""
-    n = t.numel() * t.element_size()
-    return ctypes.string_at(t.data_ptr(), n) if n else b""
-
-
-def st_serialize(tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> bytes:
-    """safetensors bytes: 8-byte little-endian header size, JSON header, raw data.
-
-    Written here because ``safetensors.torch.save`` imports numpy.
-    """
-    if sys.byteorder != "little":
-        raise NotImplementedError("writing safetensors on a big-endian machine is not supported")
-    header, blobs, offset = {"__metadata__": dict(metadata)}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        data = _raw_bytes(t)
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
-
-
-def _checksum(tensors: Dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_raw_bytes(t))
-    return h.hexdigest()
-
+# ----------------------------------------------------------------------------- saving
 
 def _module_config(layer: LoRALayer) -> Dict[str, Any]:
     cfg = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
@@ -287,7 +115,7 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
     return dict(metadata)
 
 
-def _adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """The adapter tensors and the library header fields for ``model``."""
     _check_bias(bias)
     tensors = {name: p for name, p in named_lora_parameters(model)}
@@ -295,7 +123,7 @@ def _adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Di
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
     tensors.update(_bias_names(model, bias))
-    tensors = _to_storable(tensors)
+    tensors = to_storable(tensors)
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
     header = {
         META_HF_FORMAT: "pt",
@@ -304,7 +132,7 @@ def _adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Di
         META_LIBRARY_VERSION: __version__,
         META_BIAS: bias,
         META_MODULES: json.dumps(modules, sort_keys=True),
-        META_SHA256: _checksum(tensors),
+        META_SHA256: tensor_checksum(tensors),
     }
     return tensors, header
 
@@ -335,86 +163,19 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
     """
     user = _check_user_metadata(metadata)
     check_destination(path, "LoRA checkpoint")
-    tensors, header = _adapter_payload(model, bias)
-    data = st_serialize(tensors, {**user, **header})
-    atomic_write(path, lambda f: _write_bytes(f, data), "LoRA checkpoint")
+    tensors, header = adapter_payload(model, bias)
+    data = safetensors_bytes(tensors, {**user, **header})
+    atomic_write(path, lambda f: f.write(data), "LoRA checkpoint")
 
 
 # ----------------------------------------------------------------------------- reading
 
-def _safetensors_header_size(data: bytes) -> Optional[int]:
-    """The header size if ``data`` starts like a safetensors file (a length that fits, then a JSON object)."""
-    if len(data) < 10:
-        return None
-    (size,) = struct.unpack("<Q", data[:8])
-    if size < 2 or 8 + size > len(data) or data[8:9] != b"{" or not data[8:8 + size].rstrip(b" ").endswith(b"}"):
-        return None
-    return size
-
-
-def _parse_safetensors(data: bytes, size: int, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    from safetensors.torch import load
-
-    try:
-        header = json.loads(data[8:8 + size])
-        meta = header.get("__metadata__") or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ValueError("__metadata__ must map str -> str")
-        tensors = load(data)
-    except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise CheckpointError(f"{path!r} is not a valid safetensors file (truncated, corrupted or another "
-                              f"format): {exc}") from exc
-    expected = meta.get(META_SHA256)
-    if expected is not None and _checksum(tensors) != expected:
-        raise CheckpointError(f"{path!r} is corrupted: the SHA-256 of its tensor data does not match the "
-                              f"checksum in its header")
-    return tensors, meta
-
-
-def _parse_torch(data: bytes, path: str):
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot load {path!r} with torch.load(weights_only=True): it is truncated, corrupted, or holds "
-            f"objects other than tensors and plain containers, which lora_layers refuses to unpickle "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-
-
-def read_file(path, what: str = "checkpoint") -> Tuple[Any, Dict[str, str]]:
-    """Read a safetensors or ``torch.save`` file, opening it once.
-
-    The whole file is read through one descriptor and parsed from those bytes,
-    so a concurrent ``os.replace`` of the path cannot pair one file's header
-    with another's data. The format is recognised by parsing, not by the
-    extension: a safetensors header (8-byte length that fits the file, then a
-    JSON object), else a zip archive or a pickle (``torch.load(weights_only=True)``).
-
-    Returns:
-        ``(tensors, header_metadata)`` for safetensors (the header checksum, if
-        any, verified), ``(object, {})`` for torch files.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: an unrecognised, truncated, corrupted or unsafe file (names the path).
-    """
-    path = as_path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise FileNotFoundError(f"{what} {path!r} does not exist or is not a file") from None
-    size = _safetensors_header_size(data)
-    if size is not None:
-        return _parse_safetensors(data, size, path)
-    if data.startswith(_ZIP_MAGIC) or (data[:1] == b"\x80" and data[1:2] and data[1] in _PICKLE_PROTOCOLS):
-        return _parse_torch(data, path), {}
-    raise CheckpointError(f"{path!r} is not a valid safetensors file nor a torch.save file (empty, truncated, "
-                          f"corrupted or another format; it starts with {data[:8]!r})")
-
-
 def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict (see :func:`read_file`).
+    """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict.
+
+    The file is read once and its format recognised by parsing
+    (:func:`lora_layers.fileio.read_file`); the header checksum, when there is
+    one, is verified.
 
     Returns:
         ``(tensors, header_metadata)``; the metadata is empty for torch files.
@@ -428,6 +189,10 @@ def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{os.fspath(path)!r} does not hold a state_dict (a dict of str -> Tensor), "
                               f"got {type(obj).__name__}")
+    expected = meta.get(META_SHA256)
+    if expected is not None and tensor_checksum(obj) != expected:
+        raise CheckpointError(f"{os.fspath(path)!r} is corrupted: the SHA-256 of its tensor data does not match "
+                              f"the checksum in its header")
     return dict(obj), meta
 
 
@@ -442,7 +207,7 @@ def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     return problems
 
 
-def _plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
+def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
                source: str):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
 
@@ -516,7 +281,7 @@ def _plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str
 
 
 @torch.no_grad()
-def _apply_copies(copies) -> None:
+def apply_copies(copies) -> None:
     """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge)."""
     layers = {}
     for _, layer, _, _ in copies:
@@ -569,6 +334,6 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
     version = meta.get(META_FORMAT_VERSION)
     if version is not None and version != FORMAT_VERSION:
         raise CheckpointError(f"{path!r} has format version {version!r}; this lora_layers reads {FORMAT_VERSION!r}")
-    copies, result = _plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
-    _apply_copies(copies)
+    copies, result = plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
+    apply_copies(copies)
     return result

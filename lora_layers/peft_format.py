@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .checkpoint import CheckpointError, _to_storable, _write_bytes, atomic_write, st_serialize
+from .fileio import CheckpointError, atomic_write, safetensors_bytes, to_storable
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
 
@@ -256,9 +256,9 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"cannot export PEFT adapter to {out_dir!r}: folder {parent!r} does not exist")
         os.mkdir(out_dir)
-    data = st_serialize(_to_storable(tensors), {"format": "pt"})
+    data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True).encode()
-    atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: _write_bytes(f, data), "PEFT adapter weights")
+    atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
     atomic_write(os.path.join(out_dir, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
 
 

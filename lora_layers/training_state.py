@@ -27,24 +27,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._version import __version__
-from .checkpoint import (
-    CheckpointError,
-    _adapter_payload,
-    _apply_copies,
-    _plan_load,
-    _raw_bytes,
-    _to_storable,
-    as_path,
-    atomic_write,
-    check_destination,
-    read_file,
-)
+from .checkpoint import META_FORMAT, adapter_payload, apply_copies, plan_load
+from .fileio import CheckpointError, as_path, atomic_write, check_destination, raw_bytes, read_file, to_storable
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
 
 TRAINING_STATE_FORMAT = "lora_layers.training_state"
 TRAINING_STATE_VERSION = "2"  # "1" was a safetensors file with a JSON header
 TRAINING_STATE_FILE = "training_state.pt"
+_FORMAT1_FILE = "training_state.safetensors"  # recognised only to say that format 1 is not read
 FILE_SUFFIX = ".pt"
 # The file holds {KEY_FORMAT, KEY_VERSION, KEY_SHA256: payload_sha256(state), KEY_STATE: state}.
 KEY_FORMAT, KEY_VERSION, KEY_SHA256, KEY_STATE = "format", "format_version", "sha256", "state"
@@ -71,7 +62,7 @@ def _tensor(t: Tensor, where: str) -> Tensor:
                         f"state may hold only dense tensors with data")
     if not _savable(t.dtype):
         raise TypeError(f"{where} is a tensor of dtype {t.dtype}, which torch.save cannot store")
-    return _to_storable({"t": t.resolve_conj().resolve_neg()})["t"]
+    return to_storable({"t": t.resolve_conj().resolve_neg()})["t"]
 
 
 def _plain(obj, where: str, h) -> Any:
@@ -106,7 +97,7 @@ def _plain(obj, where: str, h) -> Any:
     if isinstance(obj, Tensor):
         t = _tensor(obj, where)
         h.update(f"x{t.dtype}{tuple(t.shape)};".encode())
-        h.update(_raw_bytes(t))
+        h.update(raw_bytes(t))
         return t
     raise TypeError(f"{where} is a {kind.__name__}; a training state may hold only tensors, None, bool, int, "
                     f"float, str, lists, tuples and dicts (no pickled objects)")
@@ -188,8 +179,8 @@ def _load_source(path_or_dir) -> str:
     if not os.path.isdir(path):
         return path
     file = os.path.join(path, TRAINING_STATE_FILE)
-    if not os.path.exists(file) and os.path.exists(os.path.join(path, "training_state.safetensors")):
-        return os.path.join(path, "training_state.safetensors")  # format 1: read_state names it
+    if not os.path.exists(file) and os.path.exists(os.path.join(path, _FORMAT1_FILE)):
+        return os.path.join(path, _FORMAT1_FILE)  # _read_state then says it is format 1
     return file
 
 
@@ -229,7 +220,7 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     path, new_folder = _save_destination(path_or_dir)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
-    adapter, header = _adapter_payload(model, bias)
+    adapter, header = adapter_payload(model, bias)
     state = {
         "library_version": __version__,
         "step": step,
@@ -288,11 +279,11 @@ def _type_names(types) -> str:
 def _read_state(path: str) -> Dict[str, Any]:
     source = f"training state {path!r}"
     raw, meta = read_file(path, _WHAT)
-    if meta.get("lora_layers.format") == TRAINING_STATE_FORMAT:
+    if meta.get(META_FORMAT) == TRAINING_STATE_FORMAT:
         raise CheckpointError(f"{source} is in format 1 (safetensors), written by an older lora_layers; this "
                               f"version reads format {TRAINING_STATE_VERSION} (nothing was loaded)")
     if not isinstance(raw, dict) or raw.get(KEY_FORMAT) != TRAINING_STATE_FORMAT:
-        found = meta.get("lora_layers.format") or (raw.get(KEY_FORMAT) if isinstance(raw, dict) else None)
+        found = meta.get(META_FORMAT) or (raw.get(KEY_FORMAT) if isinstance(raw, dict) else None)
         raise CheckpointError(f"{path!r} is not a lora_layers training state (format {found!r}, expected "
                               f"{TRAINING_STATE_FORMAT!r})")
     if raw.get(KEY_VERSION) != TRAINING_STATE_VERSION:
@@ -440,7 +431,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         raise f.error("adapter.tensors", "must map str -> Tensor")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.items()):
         raise f.error("adapter.header", "must map str -> str")
-    copies, _ = _plan_load(model, tensors, header, True, f.source)
+    copies, _ = plan_load(model, tensors, header, True, f.source)
     opt_state = _check_optimizer(f, f.get(state, "optimizer", dict, ""), model, optimizer)
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = f.get(state, "rng", dict, "")
@@ -449,6 +440,6 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(sched_state)
-    _apply_copies(copies)
+    apply_copies(copies)
     _set_rng_state(rng)
     return {"step": step, "extra": extra}

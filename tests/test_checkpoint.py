@@ -1,12 +1,10 @@
-"""Native checkpoints: save_lora/load_lora validation, format detection, atomicity, loralib files."""
+"""Native checkpoints: save_lora/load_lora round trips, validation, loralib files, refused saves.
+
+The file layer under them (atomic writes, reading by parsing) is tested in tests/test_fileio.py.
+"""
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 import torch
@@ -261,53 +259,6 @@ def test_loralib_checkpoint_loads_and_matches_loralib(tmp_path):
 
 # ----------------------------------------------------------------------------- writing
 
-def test_missing_folder_raises_and_writes_nothing(tmp_path):
-    target = tmp_path / "no_such_dir" / "a.safetensors"
-    with pytest.raises(FileNotFoundError, match="no_such_dir.*does not exist"):
-        save_lora(make(), target)
-    assert not target.parent.exists()
-
-
-def test_destination_is_a_directory(tmp_path):
-    with pytest.raises(IsADirectoryError, match="is a directory"):
-        save_lora(make(), tmp_path)
-
-
-def test_read_only_destination_keeps_previous_file(saved, monkeypatch):
-    src, path = saved
-    old = path.read_bytes()
-    if os.geteuid() != 0:  # root ignores permission bits, so simulate below as well
-        os.chmod(path.parent, 0o500)
-        try:
-            with pytest.raises(PermissionError, match="not writable"):
-                save_lora(make(seed=3), path)
-        finally:
-            os.chmod(path.parent, 0o700)
-        assert path.read_bytes() == old
-
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ckpt.os, "access", lambda *a, **k: True)
-    monkeypatch.setattr(ckpt, "_create_temp", refuse)
-    with pytest.raises(PermissionError, match="not writable"):
-        save_lora(make(seed=3), path)
-    assert path.read_bytes() == old
-    assert load_lora(make(seed=1, randomize=False), path).missing_keys == []
-
-
-def test_failed_write_removes_temp_and_keeps_previous(saved, monkeypatch):
-    _, path = saved
-    old = path.read_bytes()
-
-    def boom(f, chunk):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(ckpt, "_write_chunk", boom)
-    with pytest.raises(OSError, match="No space"):
-        save_lora(make(seed=3), path)
-    assert path.read_bytes() == old
-    assert sorted(os.listdir(path.parent)) == [path.name]
-
-
 @pytest.mark.parametrize("metadata, exc, text", [
     ({"lora_layers.version": "x"}, ValueError, "reserved"),
     ({"format": "x"}, ValueError, "reserved"),
@@ -323,69 +274,6 @@ def test_bad_user_metadata(tmp_path, metadata, exc, text):
 def test_bad_bias_mode(tmp_path):
     with pytest.raises(ValueError, match="bias must be one of"):
         save_lora(make(), tmp_path / "m.safetensors", bias="some")
-
-
-_CHILD = textwrap.dedent("""
-    import sys, time, torch
-    import lora_layers as L
-    from lora_layers import checkpoint as ckpt
-    model = L.Linear(512, 512, r=64)
-    ckpt._CHUNK = 4096
-    state = {"first": True}
-    def slow(f, chunk):
-        f.write(chunk)
-        if state["first"]:
-            state["first"] = False
-            f.flush()
-            print("writing", flush=True)
-        time.sleep(0.05)
-    ckpt._write_chunk = slow
-    ckpt.save_lora(model, sys.argv[1])
-    print("finished", flush=True)
-""")
-
-
-def test_kill_mid_save_keeps_previous_checkpoint(saved):
-    src, path = saved
-    old = path.read_bytes()
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "writing"
-        temps = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
-        assert len(temps) == 1  # the new file is being written next to, not over, the old one
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
-    assert path.read_bytes() == old
-    model = make(seed=0, randomize=False).eval()
-    load_lora(model, path)
-    assert torch.equal(model(IDS), src(IDS))
-
-
-def test_numpy_free_writer_matches_the_safetensors_library():
-    # save_lora writes safetensors itself (safetensors.torch.save needs numpy,
-    # which is not a core dependency): the library must read it back exactly.
-    from safetensors.torch import load
-
-    from lora_layers.checkpoint import st_serialize
-
-    tensors = {
-        "b.f64": torch.randn(3, 2, dtype=torch.float64), "a.f32": torch.randn(5),
-        "c.f16": torch.randn(2, 3).half(), "d.bf16": torch.randn(4, 1).bfloat16(),
-        "e.i64": torch.arange(7), "f.i8": torch.tensor([-3, 4], dtype=torch.int8),
-        "g.bool": torch.tensor([True, False, True]), "h.empty": torch.empty(0, 4),
-        "i.scalar": torch.tensor(2.5), "j.noncontig": torch.randn(4, 6).t(),
-    }
-    data = st_serialize(tensors, {"k": "v"})
-    back = load(data)
-    assert sorted(back) == sorted(tensors)
-    for name, t in tensors.items():
-        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
-    import json
-    import struct
-    (n,) = struct.unpack("<Q", data[:8])
-    assert n % 8 == 0 and json.loads(data[8:8 + n])["__metadata__"] == {"k": "v"}
 
 
 # ----------------------------------------------------------------------------- format detection
@@ -437,78 +325,6 @@ def test_legacy_pickle_and_zip_torch_files_both_load(tmp_path):
         assert torch.equal(dst(IDS), src(IDS)), name
 
 
-@pytest.mark.parametrize("content", [
-    b"\x80\x07" + b"\x00" * 30,  # pickle-like byte, unknown protocol, not safetensors either
-    b"\x80\x02garbage",  # claims to be a pickle, is not one
-    b"\xff" * 8 + b"{}",  # a header length larger than the file
-    (2).to_bytes(8, "little") + b"[]",  # a header that is not a JSON object
-    b"PK\x03\x04 not really a zip",
-])
-def test_unrecognised_content_is_a_clear_error(tmp_path, content):
-    path = tmp_path / "odd.bin"
-    path.write_bytes(content)
-    model = make(seed=1)
-    before = snapshot(model)
-    with pytest.raises(CheckpointError) as info:
-        load_lora(model, path)
-    assert str(path) in str(info.value)
-    assert_unchanged(model, before)
-
-
-# ----------------------------------------------------------------------------- readers racing writers
-
-_WRITER = textwrap.dedent("""
-    import os, sys, time, torch
-    import lora_layers as L
-    seed, path, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    torch.manual_seed(seed)
-    layer = L.Linear(32, 32, r=4)
-    torch.nn.init.normal_(layer.lora_B)
-    meta = {"writer": str(seed) * (40 * seed)}  # the two writers' headers differ in length
-    print("ready", flush=True)
-    while not os.path.exists(stop):
-        L.save_lora(layer, path, metadata=meta)
-""")
-
-
-def _writer_layer(seed):
-    torch.manual_seed(seed)
-    layer = L.Linear(32, 32, r=4)
-    nn.init.normal_(layer.lora_B)
-    return layer
-
-
-def test_readers_racing_two_writers_always_see_one_whole_file(tmp_path):
-    path, stop = tmp_path / "shared.safetensors", tmp_path / "stop"
-    expected = {str(s): _writer_layer(s).lora_B.detach().clone() for s in (1, 2)}
-    L.save_lora(_writer_layer(1), path, metadata={"writer": "1" * 40})
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(s), str(path), str(stop)],
-                                stdout=subprocess.PIPE, text=True) for s in (1, 2)]
-    failures, loads, seen = [], 0, set()
-    try:
-        for w in writers:
-            assert w.stdout.readline().strip() == "ready"
-        reader = L.Linear(32, 32, r=4)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            try:
-                meta = load_lora(reader, path).metadata
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                failures.append(f"{type(exc).__name__}: {exc}")
-                continue
-            loads += 1
-            who = meta["writer"][0]
-            seen.add(who)
-            if not torch.equal(reader.lora_B, expected[who]):
-                failures.append(f"load {loads}: header of writer {who}, tensors of the other")
-    finally:
-        stop.touch()
-        for w in writers:
-            w.wait(timeout=60)
-    assert failures == [], f"{len(failures)} of {loads + len(failures)} loads failed: {failures[:3]}"
-    assert loads > 50 and seen == {"1", "2"}
-
-
 # ----------------------------------------------------------------------------- refused saves
 
 def test_save_without_adapters_raises_before_touching_the_filesystem(tmp_path):
@@ -522,27 +338,16 @@ def test_save_without_adapters_raises_before_touching_the_filesystem(tmp_path):
 @pytest.mark.parametrize("bad, exc, text", [
     ("", ValueError, "path must be a file path, got ''"),
     (None, TypeError, "path must be a str or os.PathLike, got NoneType None"),
-    (3, TypeError, "path must be a str or os.PathLike, got int 3"),
-    ("sub" + os.sep, IsADirectoryError, "names a folder"),
-    ("a\0b.safetensors", ValueError, "NUL"),
-    ("n" * 300 + ".safetensors", ValueError, "longer than"),
 ])
 def test_bad_paths_are_refused_before_any_file_is_created(tmp_path, monkeypatch, bad, exc, text):
-    monkeypatch.chdir(tmp_path)  # relative paths resolve here, so any stray file would show
-    (tmp_path / "sub").mkdir()
+    # every bad destination is refused by lora_layers.fileio (tests/test_fileio.py); "" used to leave a temp file
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(exc, match=text):
         save_lora(make(), bad)
-    assert sorted(os.listdir(tmp_path)) == ["sub"] and os.listdir(tmp_path / "sub") == []
+    assert os.listdir(tmp_path) == []
 
 
-def test_a_long_but_valid_file_name_saves(tmp_path):
-    path = tmp_path / ("n" * 240 + ".safetensors")  # the temp file's name must still fit
-    save_lora(make(), path)
-    assert load_lora(make(seed=0, randomize=False), path).missing_keys == []
-    assert os.listdir(tmp_path) == [path.name]
-
-
-@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_file_mode_follows_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
