@@ -10,17 +10,19 @@ from __future__ import annotations
 import ctypes
 import datetime
 import functools
+import io
 import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from lora_layers import fileio
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -274,22 +276,21 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
 
 
 def atomic_write(path: str, write: Callable[[object], None], binary: bool = False) -> None:
-    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync it, then rename it to ``path``,
-    so a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+    """Call ``write(file)`` and put the result at ``path`` atomically (``lora_layers.fileio.atomic_write``:
+    temp file, fsync, rename, mode from the umask), so a reader never sees a half-written file.
+    Creates ``path``'s folder; ``write`` gets a text file unless ``binary``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write_to(f) -> None:
+        if binary:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8")
+        write(text)
+        text.flush()
+        text.detach()  # the binary file stays open for the fsync
+
+    fileio.atomic_write(path, write_to, "benchmark output")
 
 
 def write_json(path: str, obj) -> None:
