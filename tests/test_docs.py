@@ -9,7 +9,10 @@ else (```text, ```bash), or preceded by the line
     <!-- docs-test: skip <reason> -->
 
 right before its fence. Skipped blocks are reported by name and reason in the
-test summary (one SKIPPED entry each), never dropped silently.
+test summary (one SKIPPED entry each), never dropped silently; they must still
+compile and name only ``lora_layers`` attributes that exist. A page runs at least
+one block unless ``PAGES_WITHOUT_PYTHON`` lists it with a reason, so a page whose
+blocks all stopped running fails instead of passing with nothing run.
 
 Also checked here: ``docs/api.md`` shows the current ``inspect.signature`` of
 every name in ``lora_layers.__all__`` (and is what ``docs/gen_api.py`` writes),
@@ -17,6 +20,8 @@ every name in ``lora_layers.__all__`` (and is what ``docs/gen_api.py`` writes),
 """
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import inspect
 import re
@@ -39,6 +44,12 @@ SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\b[\s:-]*(?P<reason>.*?)\s*-->\s
 # Spellings of Python that would silently escape the test if they were allowed.
 PYTHON_ALIASES = {"py", "python3", "py3", "pycon", "ipython", "Python"}
 PAGE_TIMEOUT_S = 300  # a generous per-page ceiling; the budget is kept by the owners of heavy pages
+# Pages that run no python block, and why. Every other page must run at least one.
+PAGES_WITHOUT_PYTHON = {
+    "docs/api.md": "generated reference: signatures and docstrings (checked below against the code)",
+    "docs/benchmarks.md": "measured tables; the benchmarks are the scripts under benchmarks/",
+    "docs/kernels.md": "its commands are shell commands: kernel tests, benchmarks and GPU runs",
+}
 
 
 @dataclass
@@ -144,16 +155,68 @@ def test_page_python_blocks_run(page, offline, capsys):
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
+    label = str(page.relative_to(ROOT))
     with capsys.disabled():
-        print(f"\n[docs] {page.relative_to(ROOT)}: {ran} block(s) ran, {skipped} skipped, "
+        print(f"\n[docs] {label}: {ran} block(s) ran, {skipped} skipped, "
               f"{time.perf_counter() - started:.1f} s", end="")
+    if label in PAGES_WITHOUT_PYTHON:
+        assert ran == 0, f"{label} now runs {ran} python block(s): take it off PAGES_WITHOUT_PYTHON"
+    else:
+        assert ran > 0, (f"{label}: no python block ran ({skipped} skipped); show runnable code or list "
+                         f"the page in PAGES_WITHOUT_PYTHON with a reason")
 
 
-@pytest.mark.parametrize("block", _skipped() or [None], ids=lambda b: b.label if b else "none")
-def test_skipped_blocks_are_reported(block):
-    """One SKIPPED entry (shown by ``-ra``) per block marked ``docs-test: skip``."""
-    if block is not None:
-        pytest.skip(f"docs block {block.label} not run: {block.skip_reason}")
+def test_pages_without_python_exist():
+    pages = {str(p.relative_to(ROOT)) for p in PAGES}
+    assert set(PAGES_WITHOUT_PYTHON) <= pages, f"stale PAGES_WITHOUT_PYTHON: {set(PAGES_WITHOUT_PYTHON) - pages}"
+
+
+def missing_lora_layers_names(code: str) -> List[str]:
+    """The ``lora_layers`` names that ``code`` imports or reads as attributes and that do not exist."""
+    import lora_layers
+
+    tree = ast.parse(code)
+    aliases = {}  # local name -> attribute path below lora_layers
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "lora_layers":  # "import lora_layers.phi3" binds lora_layers
+                    aliases[a.asname or "lora_layers"] = a.name.split(".")[1:] if a.asname else []
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lora_layers":
+            aliases.update({a.asname or a.name: node.module.split(".")[1:] + [a.name] for a in node.names})
+    paths = list(aliases.values())
+    for node in ast.walk(tree):
+        attrs = []
+        while isinstance(node, ast.Attribute):
+            attrs.insert(0, node.attr)
+            node = node.value
+        if attrs and isinstance(node, ast.Name) and node.id in aliases:
+            paths.append(aliases[node.id] + attrs)
+    missing = set()
+    for path in paths:
+        obj = lora_layers
+        for i, part in enumerate(path):
+            name = ".".join(["lora_layers", *path[:i + 1]])
+            try:
+                obj = getattr(obj, part) if hasattr(obj, part) else importlib.import_module(name)
+            except ImportError:
+                missing.add(name)
+                break
+    return sorted(missing)
+
+
+@pytest.mark.parametrize("block", _skipped(), ids=lambda b: b.label)
+def test_skipped_blocks_compile_and_are_reported(block):
+    """A block marked ``docs-test: skip`` does not run, but it must still compile and
+    name only ``lora_layers`` attributes that exist; then it gets one SKIPPED entry
+    (shown by ``-ra``)."""
+    try:
+        compile(block.code, block.label, "exec")
+    except SyntaxError as exc:
+        raise AssertionError(f"the skipped python block at {block.label} does not compile: {exc}") from exc
+    missing = missing_lora_layers_names(block.code)
+    assert not missing, f"the skipped python block at {block.label} names what lora_layers lacks: {missing}"
+    pytest.skip(f"docs block {block.label} not run: {block.skip_reason}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -182,6 +245,17 @@ def test_parser_handles_skip_markers_and_fences(tmp_path):
         parse_blocks("<!-- docs-test: skip slow -->\n\n```python\nx\n```", tmp_path / "t.md")
     with pytest.raises(ValueError, match="unclosed"):
         parse_blocks("```python\nx = 1\n", tmp_path / "t.md")
+
+
+
+def test_missing_lora_layers_names_finds_what_does_not_exist():
+    code = "\n".join([
+        "import torch", "import lora_layers as lora", "import lora_layers.phi3",
+        "from lora_layers import Linear, no_such_function", "from lora_layers.phi3 import apply_lora as al",
+        "lora.phi3.apply_lora(m); lora.load_lora(m, 'x'); lora.phi3.nope(m); lora_layers.Linear.from_module",
+        "y = lora.Linear(1, 2).not_checked; torch.nn.Linear",
+    ])
+    assert missing_lora_layers_names(code) == ["lora_layers.no_such_function", "lora_layers.phi3.nope"]
 
 
 # ----------------------------------------------------------------------------- api.md
