@@ -101,13 +101,9 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
                                       f"max_norm={layer.max_norm}, lora_layers does not")
         return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
     if isinstance(layer, MergedLinear):
-        n, r = len(layer._lora_segments), layer.r
-        full_B = B.new_zeros(layer.out_features, r * n)
-        row = 0
-        for j, (o0, o1) in enumerate(layer._lora_segments):
-            full_B[o0:o1, j * r:(j + 1) * r] = B[row:row + o1 - o0]
-            row += o1 - o0
+        n, r = layer.segments.count, layer.r
         alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
+        full_B = layer.segments.to_block_diagonal(B)
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B}, r * n, alpha
     if isinstance(layer, Linear):
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}, layer.r, layer.lora_alpha
@@ -419,21 +415,19 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
     if isinstance(module, MergedLinear):
         if embedding:
             raise ValueError("embedding keys for a MergedLinear")
-        n, lr = len(module._lora_segments), module.r
-        if not module.has_adapter or r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape) \
-                or tuple(B.shape) != (module.out_features, r):
+        segments, lr = module.segments, module.r
+        n = 0 if segments is None else segments.count
+        if not module.has_adapter or r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape):
             raise ValueError(f"PEFT rank {r} with A {tuple(A.shape)}, B {tuple(B.shape)} does not fit this "
-                             f"MergedLinear (r={lr}, {n} enabled splits, lora_A {tuple(module.lora_A.shape) if module.has_adapter else None})")
+                             f"MergedLinear (r={lr}, {n} enabled splits, lora_A "
+                             f"{tuple(module.lora_A.shape) if module.has_adapter else None})")
         if not math.isclose(scaling, module.scaling, rel_tol=1e-6):
             raise ValueError(f"PEFT scaling {scaling} differs from the layer's {module.scaling}")
-        blocks, rest = [], B.clone()
-        for j, (o0, o1) in enumerate(module._lora_segments):
-            blocks.append(B[o0:o1, j * lr:(j + 1) * lr])
-            rest[o0:o1, j * lr:(j + 1) * lr] = 0
-        if rest.any():
-            raise ValueError("lora_B is not block-diagonal in this layer's split layout "
-                             f"(splits {module.split_sizes}, enable_lora {module.enable_lora})")
-        return None, module, A, torch.cat(blocks, 0)
+        try:
+            stacked = segments.from_block_diagonal(B, lr)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
+        return None, module, A, stacked
     if isinstance(module, LoRALayer):
         if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6):
             raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}; "
