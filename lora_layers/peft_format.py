@@ -119,13 +119,13 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
 
 
 def _peft_pattern_matches(key: str, name: str) -> bool:
-    """PEFT 0.21's rank/alpha_pattern test (``peft.utils.other.get_pattern_key``): ``key`` is a regex
+    r"""PEFT 0.21's rank/alpha_pattern test (``peft.utils.other.get_pattern_key``): ``key`` is a regex
     that must match a dot-separated suffix of the module name, i.e. ``re.match(r"(.*\.)?(key)$", name)``."""
     return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
 def _pattern_key(name: str, all_names: List[str]) -> str:
-    """A rank/alpha_pattern key that PEFT matches to ``name`` and to no other module.
+    r"""A rank/alpha_pattern key that PEFT matches to ``name`` and to no other module.
 
     The full name itself when, read as PEFT's regex, it selects only ``name`` (e.g.
     ``model.layers.0.mlp.down_proj``); otherwise ``^`` + the escaped name. A bare key is a
