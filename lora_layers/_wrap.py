@@ -26,8 +26,13 @@ def _base_attribute_names(base: type) -> frozenset:
     return _BASE_KEYS[base]
 
 
-def refuse_unwrappable(cls: type, module: nn.Module) -> None:
-    """Raise TypeError when wrapping ``module`` would silently lose behaviour."""
+def refuse_unwrappable(cls: type, module: nn.Module, wrong_type: bool) -> None:
+    """Raise TypeError when ``module`` is not what ``cls`` wraps (``wrong_type``), or wrapping it
+    would silently lose behaviour."""
+    if wrong_type:
+        base = cls._base_type
+        raise TypeError(f"{cls.__name__}.from_module expects a {base.__module__}.{base.__name__}, "
+                        f"got {type(module).__name__}")
     if not isinstance(module._parameters.get("weight"), nn.Parameter):
         # weight_norm / spectral_norm / parametrizations compute the weight on the fly.
         raise TypeError(

@@ -19,11 +19,13 @@ from torch import Tensor
 from ._ties import SHARED_ATTR, register_weight
 from ._wrap import adopt, plain_module, refuse_unwrappable
 from .merging import ExactMerge
-from .validation import check_alpha, check_backend, check_dropout, check_lora_args, check_lora_dtype, check_rank
+from .validation import (check_alpha, check_backend, check_dora, check_dropout, check_init, check_lora_args,
+                         check_lora_dtype, check_rank)
 
-__all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX"]
+__all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
+MAGNITUDE_NAME = "lora_magnitude"  # DoRA's per-row magnitude (named lora_* so it is an adapter parameter)
 ADAPTER_PREFIX = "lora_"  # a layer's own Parameters with this prefix are its adapter
 
 
@@ -44,6 +46,7 @@ class LoRALayer(ExactMerge):
     """
 
     _base_type: type = nn.Module  # the torch layer this class wraps
+    _supports_dora = False
 
     # -- construction --------------------------------------------------------
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
@@ -62,35 +65,39 @@ class LoRALayer(ExactMerge):
                             f"before LoRALayer.__init__ when lora_dropout={lora_dropout!r} > 0")
         self.merged, self.merge_weights = False, bool(merge_weights)
         self.use_rslora, self.lora_dtype, self.backend = False, None, "auto"
+        self.use_dora, self.init = False, "kaiming"
         self._merge_state = None
         self.scaling = self._compute_scaling()
         self.__dict__[SHARED_ATTR] = None
 
     def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
-                   lora_dtype=None, backend="auto") -> None:
+                   lora_dtype=None, backend="auto", use_dora=False, init="kaiming") -> None:
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
         self.use_rslora = bool(use_rslora)
         self.lora_dtype = check_lora_dtype(lora_dtype)
         self.backend = check_backend(backend)
+        self.init = check_init(init)
         self.scaling = self._compute_scaling()
         register_weight(self)
         shapes = self._adapter_shapes() if self.r > 0 else None
+        check_dora(self, use_dora, shapes is not None)
+        self.use_dora = bool(use_dora)
         if shapes is not None:
             w = self.weight
-            for name, shape in zip(ADAPTER_NAMES, shapes):
+            if self.use_dora:  # one magnitude per adapted output row
+                shapes = shapes + ((shapes[1][0],),)
+            for name, shape in zip(ADAPTER_NAMES + (MAGNITUDE_NAME,), shapes):
                 self.register_parameter(name, nn.Parameter(
                     torch.empty(shape, device=w.device, dtype=self.lora_dtype or w.dtype)))
             w.requires_grad_(False)  # loralib freezes the pretrained weight as soon as adapters exist
 
     def _compute_scaling(self) -> float:
-        if self.r == 0:
-            return 0.0
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @classmethod
     def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
                     merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None,
-                    backend: str = "auto", **layer_kwargs):
+                    backend: str = "auto", use_dora: bool = False, init: str = "kaiming", **layer_kwargs):
         """Wrap an existing torch layer without copying it: the new layer shares ``module``'s
         Parameters (nothing re-initialised) and adds fresh adapters. ``layer_kwargs`` are
         class-specific (``enable_lora``/``split_sizes`` for :class:`MergedLinear`). ``unload``
@@ -102,16 +109,11 @@ class LoRALayer(ExactMerge):
                 instance-level ``forward`` (accelerate hooks) that the wrapper would bypass.
             ValueError: a LoRA hyper-parameter is out of range.
         """
-        if isinstance(module, LoRALayer) or not cls._can_wrap(module):
-            raise TypeError(
-                f"{cls.__name__}.from_module expects a {cls._base_type.__module__}.{cls._base_type.__name__}, "
-                f"got {type(module).__name__}"
-            )
-        refuse_unwrappable(cls, module)
-        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype)  # before anything changes
+        refuse_unwrappable(cls, module, isinstance(module, LoRALayer) or not cls._can_wrap(module))
+        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)  # before anything changes
         obj = adopt(cls, module)
         obj._validate_wrapped(**layer_kwargs)
-        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
         obj.reset_lora_parameters()
         return obj
 
@@ -137,10 +139,18 @@ class LoRALayer(ExactMerge):
         raise NotImplementedError
 
     def reset_lora_parameters(self) -> None:
-        """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), B zero."""
+        """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), or N(0, 1/r²) with
+        ``init="gaussian"`` (PEFT's); B zero. DoRA's magnitude starts at ``‖W‖`` per row."""
         if self.has_adapter:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            self._reset_magnitude()
+
+    def _reset_magnitude(self) -> None:
+        pass
 
     def _delta_blocks(self, A: Tensor, B: Tensor) -> Iterator[Tuple[tuple, Tensor]]:
         """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (accumulation dtype, scaled)."""

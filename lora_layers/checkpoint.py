@@ -66,7 +66,9 @@ META_HF_FORMAT = "format"
 
 # Module-config fields compared against the model's layers at load time.
 _CONFIG_FIELDS = ("class", "r", "lora_alpha", "use_rslora", "scaling", "split_sizes", "enable_lora",
-                  "fan_in_fan_out")
+                  "fan_in_fan_out", "use_dora")
+# What a field means when a checkpoint written before it existed lacks it.
+_CONFIG_DEFAULTS = {"use_dora": False}
 
 
 @dataclass
@@ -90,7 +92,8 @@ class LoadResult:
 
 def _module_config(layer: LoRALayer) -> Dict[str, Any]:
     cfg = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
-           "scaling": layer.scaling, "use_rslora": layer.use_rslora, "lora_dropout": layer.lora_dropout.p}
+           "scaling": layer.scaling, "use_rslora": getattr(layer, "use_rslora", False),
+           "lora_dropout": getattr(layer.lora_dropout, "p", 0.0), "use_dora": getattr(layer, "use_dora", False)}
     if hasattr(layer, "fan_in_fan_out"):
         cfg["fan_in_fan_out"] = layer.fan_in_fan_out
     if hasattr(layer, "split_sizes"):
@@ -201,6 +204,7 @@ def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     current = _module_config(layer)
     problems = []
+    saved = {**_CONFIG_DEFAULTS, **saved}
     for key in _CONFIG_FIELDS:
         if key in saved and key in current and saved[key] != current[key]:
             problems.append(f"{key}: checkpoint {saved[key]!r}, model {current[key]!r}")

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .segments import Block, Segments
 
-__all__ = ["lora_linear", "lora_embedding", "lora_conv", "draw_seed", "drop_mask", "keep_mask", "keep_scale",
+__all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed", "drop_mask", "keep_mask", "keep_scale",
            "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,17 @@ def _fill_bias(dst: Tensor, bias: Optional[Tensor], o0: int, o1: int) -> None:
         dst.copy_(bias[o0:o1].expand_as(dst))
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks, magnitude=None,
+             norm=None):
     """The forward math on an ``x`` already in the compute dtype; returns ``(y2, u)``
-    with ``y2`` of shape ``(T, out)`` and ``u = drop(x) Aᵀ`` of shape ``(T, R)``."""
+    with ``y2`` of shape ``(T, out)`` and ``u = drop(x) Aᵀ`` of shape ``(T, R)``.
+    With a ``magnitude`` (DoRA), ``y2 = (m / norm) ⊙ (x Wᵀ + s·uBᵀ) + b``, in place."""
+    if magnitude is not None:
+        y2, u = _forward(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks)
+        y2.mul_(_dora_scale(magnitude, norm, blocks, y2.shape[1], y2.dtype))
+        if bias is not None:
+            y2.add_(_cast(bias, y2.dtype))
+        return y2, u
     x2 = x.reshape(-1, x.shape[-1])
     W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
     A = _cast(lora_A, x2.dtype)
@@ -195,49 +203,88 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
     return y2, u
 
 
+def _dora_scale(magnitude: Tensor, norm: Tensor, blocks, out_features: int, dtype: torch.dtype) -> Tensor:
+    """The per-output factor ``m / ‖W + s·BA‖`` as an ``(out,)`` vector, 1 on rows without an adapter.
+
+    Plain differentiable ops in ``magnitude`` (``norm`` is a constant, as in the
+    DoRA paper's section 4.3).
+    """
+    ratio = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm
+    if len(blocks) == 1 and blocks[0][:2] == (0, out_features):
+        return ratio.to(dtype)
+    pieces, last = [], 0
+    for blk in sorted(blocks):
+        if blk.out0 > last:
+            pieces.append(ratio.new_ones(blk.out0 - last))
+        pieces.append(ratio[blk.b0:blk.b1])
+        last = blk.out1
+    if last < out_features:
+        pieces.append(ratio.new_ones(out_features - last))
+    return torch.cat(pieces).to(dtype)
+
+
 class _LoRALinear(torch.autograd.Function):
-    """Autograd for the torch backend. ``x`` arrives in the compute dtype; the
-    parameters keep their own dtypes and are cast here, so that only the
-    originals (already alive) are saved and every gradient gets its input's dtype."""
+    """Autograd for the torch backend, LoRA and (with a ``magnitude``) DoRA.
+
+    ``x`` arrives in the compute dtype; the parameters keep their own dtypes
+    and are cast here, so that only the originals (already alive) are saved
+    and every gradient gets its input's dtype. Saved: ``x``, ``u = drop(x)Aᵀ``
+    (``T × r``), the parameters, and for DoRA the ``(out,)`` norm; never the
+    dropout mask (regenerated from ``seed``) nor any ``T × out`` tensor.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks):
-        y2, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks)
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, fan_in_fan_out,
+                blocks):
+        y2, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks,
+                         magnitude, norm)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u, magnitude, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return y2.view(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
         if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative follows
             return _LoRALinear._differentiable_backward(ctx, g)
-        x, weight, _, lora_A, lora_B, u = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        x, weight, bias, lora_A, lora_B, u, magnitude, norm = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         s, p, blocks = ctx.scaling, ctx.dropout_p, ctx.blocks
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         dt = g2.dtype
         A = _cast(lora_A, dt)
         B = _cast(lora_B, dt)
+        W = weight.t() if ctx.fan_in_fan_out else weight
+        full = len(blocks) == 1 and blocks[0][:2] == (0, g2.shape[1])
 
-        dx = dw = db = dA = dB = None
+        dx = dw = db = dA = dB = dm = None
+        # DoRA: everything but the bias and the magnitude sees g ⊙ (m / norm).
+        scale = None if magnitude is None else _dora_scale(magnitude, norm, blocks, g2.shape[1], dt)
+        gs = g2 if scale is None else g2 * scale
         du = None
         if need_x or need_a:
-            # du = s · g B, gathered per block into (T, R)
-            if len(blocks) == 1 and blocks[0][:2] == (0, g2.shape[1]):
-                du = (g2 @ B).mul_(s)
+            # du = s · gs B, gathered per block into (T, R)
+            if full:
+                du = (gs @ B).mul_(s)
             else:
-                du = g2.new_empty(g2.shape[0], A.shape[0])
+                du = gs.new_empty(gs.shape[0], A.shape[0])
                 for o0, o1, a0, a1, b0, b1 in blocks:
-                    torch.mm(g2[:, o0:o1], B[b0:b1], out=du[:, a0:a1])
+                    torch.mm(gs[:, o0:o1], B[b0:b1], out=du[:, a0:a1])
                 du.mul_(s)
-        if need_bb:
-            dB = g2.new_empty(B.shape)
+        if need_bb or need_m:
+            H = g2.new_empty(B.shape)  # gᵀu per block: dB, and DoRA's magnitude gradient
             for o0, o1, a0, a1, b0, b1 in blocks:
-                torch.mm(g2[:, o0:o1].t(), u[:, a0:a1], out=dB[b0:b1])
-            dB = dB.mul_(s).to(lora_B.dtype)
+                torch.mm(g2[:, o0:o1].t(), u[:, a0:a1], out=H[b0:b1])
+        if need_m:
+            # dL/dm = Σ_t g ⊙ (x Wᵀ + s·uBᵀ) / norm: the base product is recomputed
+            # (one GEMM) rather than kept, so DoRA saves no T × out tensor.
+            acc = torch.promote_types(dt, torch.float32)
+            z = _gather_rows(torch.mm(x2, _cast(W, dt).t()).mul_(g2).sum(0, dtype=acc), blocks)
+            z = z + (H.to(acc) * B.to(acc)).sum(1) * s
+            dm = (z / norm).to(magnitude.dtype)
+        if need_bb:
+            dB = (H if scale is None else H.mul_(_gather_rows(scale, blocks)[:, None])).mul_(s).to(lora_B.dtype)
 
         drop = drop_mask(ctx.seed, x2.shape, p, x2.device) if p > 0.0 and (need_x or need_a) else None
         if need_a:
@@ -247,22 +294,21 @@ class _LoRALinear(torch.autograd.Function):
                 dA = (du.t() @ torch.where(drop, 0.0, x2)).mul_(keep_scale(p))
             dA = dA.to(lora_A.dtype)
         if need_x:
-            W = weight.t() if ctx.fan_in_fan_out else weight
             # Seed dx with the LoRA term, then let the base GEMM accumulate into it.
             if drop is None:
                 dx = du @ A
             else:
                 dx = ((du * keep_scale(p)) @ A).masked_fill_(drop, 0)
-            dx.addmm_(g2, _cast(W, dt))
+            dx.addmm_(gs, _cast(W, dt))
             dx = dx.view(x.shape).to(x.dtype) if dx.dtype != x.dtype else dx.view(x.shape)
         if need_w:
-            dw = g2.t() @ x2.to(dt)
+            dw = gs.t() @ x2.to(dt)
             if ctx.fan_in_fan_out:
                 dw = dw.t()
             dw = dw.to(weight.dtype)
         if need_b:
-            db = g2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, dA, dB, None, None, None, None, None
+            db = g2.sum(0).to(bias.dtype)
+        return dx, dw, db, dA, dB, dm, None, None, None, None, None, None
 
     @staticmethod
     def _differentiable_backward(ctx, g):
@@ -270,36 +316,52 @@ class _LoRALinear(torch.autograd.Function):
         rebuilt from ``x`` and ``A`` (the saved one has no graph) and the mask from
         the seed, so double backward and gradient penalties are exact. Only runs
         under ``create_graph=True``; plain training keeps the lean backward."""
-        x, weight, bias, lora_A, lora_B, _ = ctx.saved_tensors
-        inputs = (x, weight, bias, lora_A, lora_B)
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[:5]) if need]
+        x, weight, bias, lora_A, lora_B, _, magnitude, norm = ctx.saved_tensors
+        inputs = (x, weight, bias, lora_A, lora_B, magnitude)
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[:6]) if need]
         drop = None
         if ctx.dropout_p > 0.0:
             dropped = drop_mask(ctx.seed, (x.numel() // x.shape[-1], x.shape[-1]), ctx.dropout_p,
                                 x.device).view(x.shape)
             scale = keep_scale(ctx.dropout_p)
             drop = lambda t: torch.where(dropped, 0.0, t) * scale  # noqa: E731
-        y = _composite(x, weight, bias, lora_A, lora_B, ctx.scaling, ctx.fan_in_fan_out, ctx.blocks, drop)
+        y = _composite(x, weight, bias, lora_A, lora_B, ctx.scaling, ctx.fan_in_fan_out, ctx.blocks, drop,
+                       magnitude, norm)
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], g, create_graph=True, allow_unused=True)
-        out = [None] * 10
+        out = [None] * 12
         for i, grad in zip(wanted, grads):
             out[i] = grad
         return tuple(out)
 
 
-def _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop=None):
+def _gather_rows(vector: Tensor, blocks) -> Tensor:
+    """The entries of an ``(out,)`` vector on the adapted rows, in ``lora_B`` row order."""
+    if len(blocks) == 1:
+        return vector[blocks[0].out0:blocks[0].out1]
+    return torch.cat([vector[o0:o1] for o0, o1, *_ in blocks])
+
+
+def _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop=None, magnitude=None,
+               norm=None):
     """The same result from plain differentiable ops, ``drop`` (or nothing) applied
-    to the LoRA branch's input. Used where a custom Function does not fit:
-    ``torch.compile`` (dynamo traces it without graph breaks), ``torch.func``
-    transforms, and the differentiable backward."""
+    to the LoRA branch's input, DoRA's factor with a ``magnitude``. Used where a
+    custom Function does not fit: ``torch.compile`` (dynamo traces it without
+    graph breaks), ``torch.func`` transforms, and the differentiable backward."""
     W = _cast(weight.t() if fan_in_fan_out else weight, x.dtype)
-    y = F.linear(x, W, _cast(bias, x.dtype))
+    dora = magnitude is not None
+    y = F.linear(x, W, None if dora else _cast(bias, x.dtype))
     u = F.linear(x if drop is None else drop(x), lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
     parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
     if len(parts) == 1 and parts[0][:2] == (0, y.shape[-1]):
-        return y + parts[0][2]
-    return _scatter_add(y, parts)
+        y = y + parts[0][2]
+    else:
+        y = _scatter_add(y, parts)
+    if dora:
+        y = y * _dora_scale(magnitude, norm, blocks, y.shape[-1], y.dtype)
+        if bias is not None:
+            y = y + _cast(bias, y.dtype)
+    return y
 
 
 def _scatter_add(y: Tensor, parts) -> Tensor:
@@ -364,8 +426,16 @@ def lora_linear(
     fan_in_fan_out: bool = False,
     segments: Optional[Sequence[Tuple[int, int]]] = None,
     backend: str = "auto",
+    magnitude: Optional[Tensor] = None,
+    weight_norm: Optional[Tensor] = None,
 ) -> Tensor:
-    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with a lean autograd.
+    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with a lean autograd; DoRA with a ``magnitude``.
+
+    DoRA (``magnitude`` given) computes ``(m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b``
+    on the adapted rows, with the row norm a constant in backward (the paper's
+    section 4.3). The norm comes from :func:`dora_weight_norm` (``W + s·BA`` is never
+    built), and backward keeps no ``T × out`` tensor: the magnitude's gradient
+    recomputes ``x Wᵀ`` (one extra GEMM) instead.
 
     Args:
         x: input ``(*, in)``.
@@ -379,7 +449,10 @@ def lora_linear(
         fan_in_fan_out: the weight is stored transposed (GPT-2 ``Conv1D`` style).
         segments: ``(out_start, out_end)`` per enabled split of a fused layer, or a
             :class:`~lora_layers.segments.Segments`; None for one adapter over every output.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (DoRA always runs the torch path).
+        magnitude: DoRA's magnitude, one entry per adapted output row (``(out,)``, or
+            ``(Σ enabled slice sizes,)`` with ``segments``); None for plain LoRA.
+        weight_norm: ``‖W + s·BA‖`` per adapted row, if already known (else computed).
 
     Returns:
         ``(*, out)`` in the compute dtype: ``x``'s dtype, or the autocast dtype.
@@ -391,8 +464,16 @@ def lora_linear(
     blocks = _resolve_segments(lora_A, lora_B, out_features, segments)
     segments = None if blocks[0][:2] == (0, out_features) else tuple(b[:2] for b in blocks)
 
+    norm = None
+    if magnitude is not None:
+        if tuple(magnitude.shape) != (blocks[-1].b1,):
+            raise ValueError(f"magnitude must have shape ({blocks[-1].b1},) (one entry per adapted output row), "
+                             f"got {tuple(magnitude.shape)}")
+        norm = weight_norm if weight_norm is not None else dora_weight_norm(
+            weight, lora_A, lora_B, scaling, segments, fan_in_fan_out=fan_in_fan_out)
+
     choice = resolve_backend(backend)
-    if choice != "torch" and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
+    if choice != "torch" and magnitude is None and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
         from . import kernels
 
         return kernels.lora_linear(
@@ -402,7 +483,7 @@ def lora_linear(
 
     dt = _compute_dtype(x, weight)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)
     )
     if torch.compiler.is_compiling() or _functorch_active():
         # Under torch.compile the plain-op form traces without graph breaks
@@ -411,7 +492,8 @@ def lora_linear(
         # inductor then fuses and recomputes as it sees fit. torch.func
         # transforms (vmap, jacrev, ...) need it too; their dropout is F.dropout's.
         drop = (lambda t: F.dropout(t, p, True)) if p > 0.0 else None  # noqa: E731
-        return _composite(_cast(x, dt), weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop)
+        return _composite(_cast(x, dt), weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks, drop,
+                          magnitude, norm)
     if x.is_meta:
         p = 0.0  # shapes only: no mask to draw
     # The mask depends only on the seed, drawn the same way with or without
@@ -423,12 +505,51 @@ def lora_linear(
     with no_autocast:
         if not needs_grad:
             y2, _ = _forward(_cast(x, dt), weight, bias, lora_A, lora_B, float(scaling), p, seed,
-                             fan_in_fan_out, blocks)
+                             fan_in_fan_out, blocks, magnitude, norm)
             return y2.view(*x.shape[:-1], y2.shape[-1])
         return _LoRALinear.apply(
-            _cast(x, dt), weight, bias, lora_A, lora_B,
+            _cast(x, dt), weight, bias, lora_A, lora_B, magnitude, norm,
             float(scaling), p, seed, fan_in_fan_out, blocks,
         )
+
+
+def row_sq_norm(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """``‖W_o‖²`` per output row, in fp32 (fp64 for an fp64 weight): DoRA's cacheable part of the norm."""
+    W = weight.detach().t() if fan_in_fan_out else weight.detach()
+    acc = torch.promote_types(W.dtype, torch.float32)
+    return torch.linalg.vector_norm(W.to(acc), dim=1).square_()
+
+
+@torch.no_grad()
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, segments=None, *,
+                     fan_in_fan_out: bool = False, weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """DoRA's ``‖W + s·BA‖`` per adapted output row, without building ``W + s·BA``.
+
+    ``‖W_o + s·(BA)_o‖² = ‖W_o‖² + 2s·B_o·(W Aᵀ)_o + s²·B_o (A Aᵀ) B_oᵀ``: the
+    cross term needs ``W Aᵀ`` (``out × r``), the last ``A Aᵀ`` (``r × r``). Computed
+    in fp32 (fp64 for fp64 weights) whatever the weight's dtype, so a bf16 base
+    loses nothing to cancellation beyond fp32 rounding.
+
+    Args:
+        weight, lora_A, lora_B, scaling, segments, fan_in_fan_out: as :func:`lora_linear`.
+        weight_sq_norm: ``row_sq_norm(weight)`` if cached (the weight is frozen).
+
+    Returns:
+        ``(Σ adapted rows,)``, in ``lora_B``'s row order, detached.
+    """
+    W = weight.detach().t() if fan_in_fan_out else weight.detach()
+    acc = torch.promote_types(W.dtype, torch.float32)
+    blocks = _resolve_segments(lora_A, lora_B, W.shape[0], segments)
+    if weight_sq_norm is None:
+        weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
+    A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
+    pieces = []
+    for o0, o1, a0, a1, b0, b1 in blocks:
+        Aj, Bj = A[a0:a1], B[b0:b1]
+        cross = (Bj * (W[o0:o1].to(acc) @ Aj.t())).sum(1)
+        square = ((Bj @ (Aj @ Aj.t())) * Bj).sum(1)
+        pieces.append(weight_sq_norm[o0:o1].to(acc) + (2 * scaling) * cross + (scaling * scaling) * square)
+    return torch.cat(pieces).clamp_min_(0).sqrt_()
 
 
 def lora_embedding(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,

@@ -25,12 +25,13 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LoRALayer
-from .functional import lora_conv, lora_embedding, lora_linear
+from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear, row_sq_norm
 from .merging import accumulation_dtype
 from .segments import Segments
 from .validation import check_lora_args
@@ -60,11 +61,15 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: ``scaling = lora_alpha / √r`` (rank-stabilised LoRA).
         lora_dtype: dtype of the adapter parameters (default: the weight's).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`lora_layers.functional`).
+        use_dora: DoRA: ``y = (m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b`` with a
+            trainable per-row magnitude ``m`` (the norm is a constant in backward).
+        init: ``"kaiming"`` (loralib's A init) or ``"gaussian"`` (PEFT's: A ~ N(0, 1/r²)).
         **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
 
     Attributes:
         lora_A: ``(r, in_features)``, kaiming-uniform init.
         lora_B: ``(out_features, r)``, zero init, so a new adapter changes nothing.
+        lora_magnitude: ``(out_features,)`` with ``use_dora``, initialised to ``‖W‖`` per row.
 
     Example::
 
@@ -74,17 +79,21 @@ class Linear(LoRALayer, nn.Linear):
     """
 
     _base_type = nn.Linear
+    _supports_dora = True
 
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
-                 use_rslora: bool = False, lora_dtype=None, backend: str = "auto", **kwargs):
-        check_lora_args(r, lora_alpha, lora_dropout)
+                 use_rslora: bool = False, lora_dtype=None, backend: str = "auto", use_dora: bool = False,
+                 init: str = "kaiming", **kwargs):
+        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        self.fan_in_fan_out = bool(fan_in_fan_out)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        self.fan_in_fan_out = False  # the weight is (out, in) until the transpose below
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora,
+                        init)
         self.reset_parameters()
-        if self.fan_in_fan_out:
+        if fan_in_fan_out:  # loralib's order (the same seed gives the same numbers)
             self.weight.data = self.weight.data.t().contiguous()
+            self.fan_in_fan_out = True
 
     @classmethod
     def _can_wrap(cls, module: nn.Module) -> bool:
@@ -111,12 +120,44 @@ class Linear(LoRALayer, nn.Linear):
     #: None for one adapter over every output row.
     segments: Optional[Segments] = None
 
-    def _delta_blocks(self, A, B):
+    def _delta_blocks(self, A, B, row_scale=None):
+        """``s·B_j A_j`` per adapter in the weight's storage layout; with DoRA's ``row_scale``
+        (``m / ‖W + s·BA‖`` per adapted row) the merged rows are ``row_scale ⊙ (W + s·BA)``."""
         segments = self.segments or Segments.full(self.out_features)
         for blk, delta in segments.deltas(A, B, self.scaling, accumulation_dtype(self.weight.dtype)):
             rows = slice(blk.out0, blk.out1)
+            scale = None if row_scale is None else row_scale[blk.b0:blk.b1]
             # The weight's storage layout: (out, in), or (in, out) with fan_in_fan_out.
-            yield ((slice(None), rows), delta.t()) if self.fan_in_fan_out else ((rows, slice(None)), delta)
+            if self.fan_in_fan_out:
+                yield ((slice(None), rows), delta.t()) + (() if scale is None else (scale[None, :],))
+            else:
+                yield ((rows, slice(None)), delta) + (() if scale is None else (scale[:, None],))
+
+    def _merge_factors(self) -> tuple:
+        factors = super()._merge_factors()
+        if not self.use_dora:
+            return factors
+        norm = self._dora_norm().to(accumulation_dtype(self.weight.dtype))
+        return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
+
+    def _dora_norm(self) -> Tensor:
+        """``‖W + s·BA‖`` per adapted row (detached), with ``‖W‖²`` cached while the weight is unchanged."""
+        W = self.weight
+        if torch.compiler.is_compiling():
+            w_sq = None
+        else:
+            key = (W.data_ptr(), W._version, W.dtype, W.device, W.shape)
+            cached = self.__dict__.get("_dora_w_sq")
+            if cached is None or cached[0] != key:
+                cached = self.__dict__["_dora_w_sq"] = (key, row_sq_norm(W, self.fan_in_fan_out))
+            w_sq = cached[1]
+        return dora_weight_norm(W, self.lora_A, self.lora_B, self.scaling, self.segments,
+                                fan_in_fan_out=self.fan_in_fan_out, weight_sq_norm=w_sq)
+
+    @torch.no_grad()
+    def _reset_magnitude(self) -> None:
+        if self.use_dora and self.has_adapter:
+            self.lora_magnitude.copy_(self._dora_norm())
 
     def _weight_t(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -124,10 +165,12 @@ class Linear(LoRALayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.has_adapter or self.merged:
             return F.linear(x, self._weight_t(), self.bias)
+        dora = self.use_dora
         return lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             self.lora_dropout.p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
+            magnitude=self.lora_magnitude if dora else None, weight_norm=self._dora_norm() if dora else None,
         )
 
     @classmethod
@@ -157,6 +200,8 @@ class MergedLinear(Linear):
     Attributes:
         lora_A: ``(r · n_enabled, in_features)``.
         lora_B: ``(Σ enabled split sizes, r)``; for equal splits this is loralib's shape.
+        lora_magnitude: ``(Σ enabled split sizes,)`` with ``use_dora``: only the adapted
+            rows are rescaled, the rows of disabled splits stay exactly the base's.
 
     The forward computes ``u = dropout(x) Aᵀ`` once and adds ``u_j B_jᵀ`` into
     each enabled output slice in place: no full ``ΔW``, no zero padding.
@@ -166,6 +211,7 @@ class MergedLinear(Linear):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Optional[Sequence[int]] = None, **kwargs):
+        # use_dora, init, use_rslora, lora_dtype, backend and nn.Linear's kwargs go through **kwargs.
         self._set_splits(out_features, enable_lora, split_sizes)
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
                          merge_weights, **kwargs)
@@ -249,10 +295,11 @@ class Embedding(LoRALayer, nn.Embedding):
     _base_type = nn.Embedding
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
-                 merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, **kwargs):
-        check_lora_args(r, lora_alpha)
+                 merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, init: str = "kaiming",
+                 **kwargs):
+        check_lora_args(r, lora_alpha, lora_dtype=lora_dtype, init=init)
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype)
+        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype, init=init)
         self.reset_parameters()
 
     @classmethod
@@ -265,9 +312,11 @@ class Embedding(LoRALayer, nn.Embedding):
         return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
 
     def reset_lora_parameters(self) -> None:
+        """loralib's init: A zero, B normal; ``init="gaussian"`` is PEFT's other way round (A normal, B zero)."""
         if self.has_adapter:
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
+            zero, normal = (self.lora_B, self.lora_A) if self.init == "gaussian" else (self.lora_A, self.lora_B)
+            nn.init.zeros_(zero)
+            nn.init.normal_(normal)
 
     def _delta_blocks(self, A, B):
         acc = accumulation_dtype(self.weight.dtype)
@@ -309,15 +358,15 @@ class _ConvNd(LoRALayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
-                 lora_dtype=None, backend: str = "auto", **kwargs):
-        check_lora_args(r, lora_alpha, lora_dropout)
+                 lora_dtype=None, backend: str = "auto", init: str = "kaiming", **kwargs):
+        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)
         dims = _CONV_DIMS[self._base_type]
         if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
             raise ValueError(f"kernel_size must be an int or {dims} ints for {self._base_type.__name__}, "
                              f"got {kernel_size!r}")
         self._base_type.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._validate_wrapped()
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, init=init)
         self.reset_parameters()
 
     def _validate_wrapped(self) -> None:

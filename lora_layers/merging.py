@@ -8,9 +8,10 @@ or None when nothing needs restoring. :func:`restore_from` subtracts the same
 ``Δ`` and adds the residual to the bit pattern, which restores ``W`` bit for
 bit after any number of merge/restore cycles.
 
-Callers describe their ``Δ`` as *blocks*: ``(index, delta)`` pairs with
-``W[index] += delta``, ``delta`` in the accumulation dtype (fp32, or fp64 for an
-fp64 weight). The blocks come from a factory, called again on restore and on
+Callers describe their change as *blocks*: ``(index, delta)`` pairs with
+``W[index] += delta``, or ``(index, delta, row_scale)`` with
+``W[index] = (W[index] + delta) * row_scale`` (DoRA), in the accumulation
+dtype (fp32, or fp64 for an fp64 weight). The blocks come from a factory, called again on restore and on
 a failed merge, so a fused layer never holds more than one block's delta.
 A LoRA layer's blocks are ``scaling · B_j A_j`` per adapter; another variant
 (DoRA) or base plugs in as a different block factory or a different ``W``.
@@ -46,6 +47,15 @@ Blocks = Callable[[], Iterable[Tuple[tuple, Tensor]]]
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Deltas are computed in fp32 (fp64 for fp64 weights) and rounded once into the weight."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _apply(block: Tensor, delta: Tensor, row_scale: Optional[Tensor]) -> Tensor:
+    merged = block + delta
+    return merged if row_scale is None else merged.mul_(row_scale)
+
+
+def _invert(block: Tensor, delta: Tensor, row_scale: Optional[Tensor]) -> Tensor:
+    return (block if row_scale is None else block / row_scale) - delta
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -91,13 +101,14 @@ def merge_into(W: Tensor, blocks: Blocks, *, check_finite: bool = False,
     acc = accumulation_dtype(W.dtype)
     residuals: List[Optional[Tensor]] = []
     try:
-        for index, delta in blocks():
+        for index, delta, *row_scale in blocks():
+            row_scale = row_scale[0] if row_scale else None
             block = W[index]
-            merged = (block.to(acc) + delta).to(W.dtype)
+            merged = _apply(block.to(acc), delta, row_scale).to(W.dtype)
             if check_finite and not W.is_meta and not torch.isfinite(merged).all():
                 raise ValueError(f"safe_merge: merging the adapter into {what} gives non-finite values; "
                                  f"the weight was left unchanged")
-            residuals.append(_residual(block, (merged.to(acc) - delta).to(W.dtype)))
+            residuals.append(_residual(block, _invert(merged.to(acc), delta, row_scale).to(W.dtype)))
             block.copy_(merged)
     except BaseException:
         restore_from(W, blocks, residuals)
@@ -114,9 +125,10 @@ def restore_from(W: Tensor, blocks: Blocks, residuals: List[Optional[Tensor]]) -
     apply, and the restore is then exact up to the cast's rounding.
     """
     acc = accumulation_dtype(W.dtype)
-    for (index, delta), residual in zip(blocks(), residuals):
+    for (index, delta, *row_scale), residual in zip(blocks(), residuals):
+        row_scale = row_scale[0].to(W.device) if row_scale else None
         block = W[index]
-        restored = (block.to(acc) - delta.to(W.device)).to(W.dtype)
+        restored = _invert(block.to(acc), delta.to(W.device), row_scale).to(W.dtype)
         if residual is not None:
             _bits(restored).add_(residual.to(device=W.device, dtype=BITS_DTYPE[W.dtype]))
         block.copy_(restored)
@@ -128,8 +140,8 @@ def merged_copy(W: Tensor, blocks: Blocks) -> Tensor:
     check_mergeable(W)
     out = W.detach().clone()
     acc = accumulation_dtype(W.dtype)
-    for index, delta in blocks():
-        out[index] = (out[index].to(acc) + delta).to(W.dtype)
+    for index, delta, *row_scale in blocks():
+        out[index] = _apply(out[index].to(acc), delta, row_scale[0] if row_scale else None).to(W.dtype)
     return out
 
 
@@ -155,8 +167,13 @@ class ExactMerge:
                 self.merge()
         return self
 
-    def _blocks(self, A: Tensor, B: Tensor):
-        return lambda: self._delta_blocks(A, B)
+    def _blocks(self, factors):
+        return lambda: self._delta_blocks(*factors)
+
+    def _merge_factors(self) -> tuple:
+        """A snapshot of what ``_delta_blocks`` needs (``lora_A``, ``lora_B``, ...), so that
+        unmerge removes what was merged even if the adapter changed meanwhile."""
+        return self.lora_A.detach().clone(), self.lora_B.detach().clone()
 
     def merge(self, safe_merge: bool = False) -> None:
         """Add ``scaling · B A`` into the base weight. Idempotent.
@@ -174,11 +191,11 @@ class ExactMerge:
         blocker = self._merge_blocker()
         if blocker is not None:
             raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
-        A, B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        factors = self._merge_factors()
         W = self.weight.data
-        residuals = merge_into(W, self._blocks(A, B), check_finite=safe_merge,
-                                       what=f"{type(self).__name__}.weight")
-        self._merge_state = (A, B, W.dtype, residuals)
+        residuals = merge_into(W, self._blocks(factors), check_finite=safe_merge,
+                               what=f"{type(self).__name__}.weight")
+        self._merge_state = (factors, W.dtype, residuals)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -192,11 +209,11 @@ class ExactMerge:
             self._merge_state, self.merged = None, False
 
     def _restore(self, W: Tensor) -> None:
-        A, B, dtype, residuals = self._merge_state
+        factors, dtype, residuals = self._merge_state
         # The saved factors stay where they were made if the module moved while
         # merged; a residual no longer applies once the weight was cast.
-        A, B = A.to(W.device), B.to(W.device)
-        restore_from(W, self._blocks(A, B), residuals if W.dtype == dtype else [None] * len(residuals))
+        factors = tuple(f.to(W.device) for f in factors)
+        restore_from(W, self._blocks(factors), residuals if W.dtype == dtype else [None] * len(residuals))
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
@@ -211,7 +228,7 @@ class ExactMerge:
         the layer is not changed."""
         if self.merged or not self.has_adapter:
             return self.weight.detach().clone()
-        return merged_copy(self.weight, self._blocks(self.lora_A.detach(), self.lora_B.detach()))
+        return merged_copy(self.weight, self._blocks(self._merge_factors()))
 
     # -- state_dict ------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -221,7 +238,7 @@ class ExactMerge:
             # would count the adapter twice (loralib's bug). This is a restored
             # copy, so with keep_vars=True it is a tensor, not the Parameter.
             destination[prefix + "weight"] = self.unmerged_weight()
-            warn_unmerged_state_dict(self._merge_state[1])
+            warn_unmerged_state_dict(self._merge_state[0][1])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

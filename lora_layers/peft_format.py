@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .fileio import CheckpointError, atomic_write, safetensors_bytes, to_storable
+from .functional import row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
 
@@ -37,6 +38,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."
 _LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
+_MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
 _SAVED_BASE_KEY = "base_layer.weight"
@@ -45,7 +47,7 @@ _CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 # field in none of these groups is unknown (a later PEFT feature) and refused unless unset.
 # (a) Implemented: validated and honoured by _check_config.
 _IMPLEMENTED = frozenset({"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
-                          "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights"})
+                          "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights", "use_dora"})
 # (b) Harmless for loading: bookkeeping; which modules to wrap (the saved tensors name them);
 # settings read only by an initialisation or feature whose own switch is checked here.
 _HARMLESS = frozenset({"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -54,7 +56,6 @@ _HARMLESS = frozenset({"task_type", "auto_mapping", "peft_version", "base_model_
                        "corda_config", "lora_ga_config", "runtime_config"})
 # (c) They change what the adapter computes or how it trains: refused unless unset (None, false, empty).
 _REFUSED = {
-    "use_dora": "DoRA's magnitude vector",
     "lora_bias": "a trained bias on lora_B",
     "modules_to_save": "full trained copies of other modules",
     "target_parameters": "LoRA on raw parameters rather than modules",
@@ -95,6 +96,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
     """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     key = PEFT_KEY_PREFIX + name
+    extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(layer)}
     if isinstance(layer, Embedding):
         if layer.max_norm is not None:
             raise NotImplementedError(f"cannot export {name!r}: PEFT renormalises the LoRA lookup with "
@@ -104,9 +106,9 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         n, r = layer.segments.count, layer.r
         alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
         full_B = layer.segments.to_block_diagonal(B)
-        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B}, r * n, alpha
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
     if isinstance(layer, Linear):
-        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}, layer.r, layer.lora_alpha
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, layer.r, layer.lora_alpha
     if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
         why = _conv_representable(layer)
         if why:
@@ -116,6 +118,15 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         B4 = B.reshape(layer.out_channels, layer.r, *([1] * len(k)))
         return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, layer.r, layer.lora_alpha
     raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
+
+
+def _full_magnitude(layer: Linear) -> Tensor:
+    """DoRA's magnitude over every output row, as PEFT holds it. A MergedLinear's rows
+    without an adapter get ``‖W_row‖``, which makes PEFT's factor ``m / ‖W_row‖`` one."""
+    m = layer.lora_magnitude.detach()
+    if layer.segments is None:
+        return m
+    return layer.segments.to_full_rows(m, row_sq_norm(layer.weight, layer.fan_in_fan_out).sqrt().to(m.dtype))
 
 
 def _peft_pattern_matches(key: str, name: str) -> bool:
@@ -205,6 +216,10 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
     if not layers:
         raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
+    dora = {bool(getattr(m, "use_dora", False)) for _, m in layers}
+    if len(dora) > 1:
+        raise NotImplementedError("export_peft: the model mixes DoRA and plain LoRA layers; a PEFT adapter is "
+                                  "either all DoRA or all LoRA (use_dora is one flag for the whole adapter)")
     tensors: Dict[str, Tensor] = {}
     per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
     for name, layer in layers:
@@ -236,7 +251,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
-        "use_dora": False,
+        "use_dora": dora == {True},
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "lora_dropout": dropouts.most_common(1)[0][0],
@@ -311,6 +326,7 @@ def _check_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
         "lora_alpha": get("lora_alpha", 8, finite, "a finite number"),
         "use_rslora": get("use_rslora", False, lambda v: isinstance(v, bool), "true or false"),
         "fan_in_fan_out": get("fan_in_fan_out", False, lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": get("use_dora", False, lambda v: isinstance(v, bool), "true or false"),
         "lora_dropout": get("lora_dropout", 0.0, lambda v: _is_finite_number(v) and 0 <= v < 1,
                             "a number in [0, 1)"),
     }
@@ -393,7 +409,8 @@ def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]
             unprefixed.append(key)
             continue
         rest = key[len(PEFT_KEY_PREFIX):]
-        for suffix, slot in zip(_LINEAR_KEYS + _EMBEDDING_KEYS + (_SAVED_BASE_KEY,), ("A", "B", "EA", "EB", "base")):
+        for suffix, slot in zip(_LINEAR_KEYS + _EMBEDDING_KEYS + (_SAVED_BASE_KEY, _MAGNITUDE_KEY),
+                                ("A", "B", "EA", "EB", "base", "M")):
             if rest.endswith("." + suffix):
                 groups.setdefault(rest[:-len(suffix) - 1], {})[slot] = t
                 break
@@ -403,11 +420,21 @@ def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]
 
 
 def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
-                 dropout: float, fan_in_fan_out: bool):
-    """Validate one module; return ``(new_layer_or_None, target_layer, A, B)`` or raise ValueError."""
+                 dropout: float, fan_in_fan_out: bool, use_dora: bool):
+    """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
+    or raise ValueError."""
+    t = dict(t)
+    M = t.pop("M", None)
     A, B = (t.get("EA"), t.get("EB")) if "EA" in t or "EB" in t else (t.get("A"), t.get("B"))
     if A is None or B is None or len(t) != 2:
         raise ValueError(f"needs exactly one A and one B tensor, got {sorted(t)}")
+    if use_dora and M is None:
+        raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
+    if M is not None and not use_dora:
+        raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
+    if M is not None and ("EA" in t or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
+                                                                                    Conv3d))):
+        raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
     if A.dim() < 2 or A.shape[0] != r:
         raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
     scaling = alpha / (math.sqrt(r) if rslora else r)
@@ -423,15 +450,22 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
                              f"{tuple(module.lora_A.shape) if module.has_adapter else None})")
         if not math.isclose(scaling, module.scaling, rel_tol=1e-6):
             raise ValueError(f"PEFT scaling {scaling} differs from the layer's {module.scaling}")
+        if module.use_dora != use_dora:
+            raise ValueError(f"the layer has use_dora={module.use_dora}, the adapter use_dora={use_dora}")
         try:
             stacked = segments.from_block_diagonal(B, lr)
+            tensors = {"lora_A": A, "lora_B": stacked}
+            if M is not None:
+                tensors["lora_magnitude"] = _adapted_magnitude(module, M)
         except ValueError as exc:
             raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
-        return None, module, A, stacked
+        return None, module, tensors
     if isinstance(module, LoRALayer):
-        if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6):
-            raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}; "
-                             f"the adapter has r={r}, scaling={scaling}")
+        if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6) \
+                or module.use_dora != use_dora:
+            raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}, "
+                             f"use_dora={module.use_dora}; the adapter has r={r}, scaling={scaling}, "
+                             f"use_dora={use_dora}")
         layer = module
     elif isinstance(module, nn.Embedding) and embedding:
         if module.max_norm is not None:
@@ -444,12 +478,13 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         layer = _CONVS[type(module)].from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                  use_rslora=rslora)
     elif isinstance(module, nn.Linear) and not embedding:
-        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                   use_dora=use_dora)
     elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
         if not fan_in_fan_out:
             warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
         layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                                   fan_in_fan_out=True)
+                                   fan_in_fan_out=True, use_dora=use_dora)
     else:
         raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
                          f"on a {type(module).__name__}")
@@ -457,10 +492,25 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
         A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
         B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
-    for label, got, want in (("lora_A", A, layer.lora_A), ("lora_B", B, layer.lora_B)):
+    tensors = {"lora_A": A, "lora_B": B}
+    if M is not None:
+        tensors["lora_magnitude"] = M
+    for label, got in tensors.items():
+        want = getattr(layer, label)
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{label} shape mismatch, expected {tuple(want.shape)}, got {tuple(got.shape)}")
-    return (layer if layer is not module else None), layer, A, B
+    return (layer if layer is not module else None), layer, tensors
+
+
+def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
+    """The adapted rows of PEFT's full-row magnitude; the other rows must be ``‖W_row‖`` (factor one),
+    else the adapter rescales rows this layer leaves alone."""
+    adapted, other = layer.segments.from_full_rows(full)
+    norms = row_sq_norm(layer.weight, layer.fan_in_fan_out).sqrt()
+    if not torch.allclose(full[other].to(norms.dtype), norms[other], rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{_MAGNITUDE_KEY} rescales rows outside the enabled splits, which this MergedLinear "
+                         f"cannot represent")
+    return adapted
 
 
 def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
@@ -530,7 +580,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
         alpha = _peft_pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
         try:
             plan.append((name,) + _plan_module(name, module, groups[name], r, alpha, rslora, dropout,
-                                               config["fan_in_fan_out"]))
+                                               config["fan_in_fan_out"], bool(config["use_dora"])))
         except (ValueError, TypeError) as exc:
             problems.append(f"{name!r} ({type(module).__name__}): {exc}")
     for p, flag in flags:
@@ -541,15 +591,15 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     if problems:
         warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
     with torch.no_grad():
-        for name, new_layer, layer, A, B in plan:
+        for name, new_layer, layer, tensors in plan:
             if new_layer is not None:
                 parent_name, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
                 new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
             was_merged = layer.merged
             layer.unmerge()
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
+            for local, value in tensors.items():
+                getattr(layer, local).copy_(value)
             if was_merged:
                 layer.merge()
     return [name for name, *_ in plan]

@@ -132,7 +132,7 @@ def _checkpointing_kwargs(gradient_checkpointing) -> Optional[dict]:
 def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
                targets: Sequence[str] = TARGETS, qkv: Sequence[str] = QKV_PARTS, *, use_rslora: bool = False,
                lora_dtype=None, gradient_checkpointing: Union[None, bool, dict] = None,
-               backend: str = "auto") -> List[str]:
+               backend: str = "auto", use_dora: bool = False, init: str = "kaiming") -> List[str]:
     """Put LoRA adapters on a Phi-3 model's projections, in place.
 
     ``qkv_proj`` becomes a :class:`~lora_layers.MergedLinear` with splits
@@ -144,8 +144,8 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
 
     Args:
         model: a ``Phi3ForCausalLM`` or a bare ``Phi3Model`` (MHA or GQA).
-        r, lora_alpha, lora_dropout, use_rslora, lora_dtype, backend: as
-            :func:`lora_layers.inject_lora`.
+        r, lora_alpha, lora_dropout, use_rslora, lora_dtype, backend, use_dora, init: as
+            :func:`lora_layers.inject_lora` (``use_dora=True``: DoRA on every adapted projection).
         targets: which of ``("qkv_proj", "o_proj", "gate_up_proj", "down_proj")`` to adapt.
         qkv: which parts of ``qkv_proj`` get adapters, e.g. ``("q", "v")``.
         gradient_checkpointing: ``None``/``False`` leaves checkpointing as it is;
@@ -173,7 +173,7 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
     if "gate_up_proj" in targets:
         merged["gate_up_proj"] = (splits["gate_up_proj"], None)
     names = inject_lora(model, targets, r, lora_alpha, lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype,
-                        backend=backend, merged_splits=merged or None)
+                        backend=backend, merged_splits=merged or None, use_dora=use_dora, init=init)
     if checkpointing is not None:
         enable_gradient_checkpointing(model, **checkpointing)
     return names

@@ -155,6 +155,26 @@ class Segments:
             full[blk.out0:blk.out1, blk.a0:blk.a1] = lora_B[blk.b0:blk.b1]
         return full
 
+    def to_full_rows(self, values: Tensor, fill: Tensor) -> Tensor:
+        """An ``(out_features,)`` vector: ``values`` (one per adapted row, in ``lora_B`` order)
+        on the adapted rows, ``fill`` elsewhere (DoRA's magnitude in PEFT's layout)."""
+        full = fill.clone()
+        for blk in self.blocks(1):
+            full[blk.out0:blk.out1] = values[blk.b0:blk.b1]
+        return full
+
+    def from_full_rows(self, full: Tensor) -> Tuple[Tensor, Tensor]:
+        """Split an ``(out_features,)`` vector into its adapted rows (in ``lora_B`` order)
+        and a mask of the other rows."""
+        if tuple(full.shape) != (self.out_features,):
+            raise ValueError(f"expected a vector of shape ({self.out_features},), got {tuple(full.shape)}")
+        other = torch.ones(self.out_features, dtype=torch.bool, device=full.device)
+        parts = []
+        for blk in self.blocks(1):
+            parts.append(full[blk.out0:blk.out1])
+            other[blk.out0:blk.out1] = False
+        return torch.cat(parts), other
+
     def from_block_diagonal(self, full_B: Tensor, r: int) -> Tensor:
         """The stacked ``lora_B`` back from PEFT's ``(out_features, r·n)`` layout.
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch.nn as nn
 
 from .base import LoRALayer
-from .validation import check_alpha, check_backend, check_dropout, check_lora_dtype
+from .validation import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_lora
 
@@ -250,7 +250,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
                 alpha_pattern: Optional[Mapping[str, float]] = None, merge_weights: bool = True,
                 backend: str = "auto",
                 merged_splits: Optional[Mapping[str, Tuple[Sequence[int], Optional[Sequence[bool]]]]] = None,
-                ) -> List[str]:
+                use_dora: bool = False, init: str = "kaiming") -> List[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
     Each selected ``nn.Linear``, ``nn.Embedding`` or ``nn.Conv1d/2d/3d`` (exact
@@ -282,6 +282,9 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
             ``nn.Linear`` modules become :class:`~lora_layers.MergedLinear` with
             those output splits (``enable_lora=None`` enables every split).
             For several matching pattern keys, the first in dict order wins.
+        use_dora: DoRA adapters (``Linear`` and ``MergedLinear`` only; another
+            selected type raises ``TypeError``). See :class:`~lora_layers.Linear`.
+        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init.
 
     Returns:
         The qualified names of the replaced modules, in model order.
@@ -299,6 +302,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     """
     _check_positive_rank(r, "r")
     check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
+    check_init(init)
     candidates = _candidates(model)
     plan = _select(model, candidates, targets, exclude)
     specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)
@@ -312,7 +316,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
             try:
                 built[id(module)] = cls.from_module(
                     module, merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
-                    backend=backend, **kwargs)
+                    backend=backend, use_dora=use_dora, init=init, **kwargs)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"cannot put a LoRA adapter on {name}: {exc}") from exc
     except BaseException:
@@ -343,7 +347,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     weight is the merged one (the same storage: merging is in place, no copy),
     so its ``state_dict()`` keys equal the original model's and e.g.
     ``save_pretrained`` writes a plain checkpoint. ``requires_grad`` flags are
-    left as they are (base weights stay frozen).
+    left as they are (base weights stay frozen). Lean mode
+    (:func:`lora_layers.phi3.enable_lean`) is undone: norms, MLPs and forward are the plain ones again.
 
     Args:
         model: a model with LoRA layers (a model without any is returned as is).
@@ -363,7 +368,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter without merging: each LoRA layer becomes its plain torch layer
-    with the original weight, restored bit for bit if it was merged.
+    with the original weight, restored bit for bit if it was merged. Lean mode is undone too.
 
     Args:
         model: a model with LoRA layers (a model without any is returned as is).

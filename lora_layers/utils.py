@@ -6,7 +6,9 @@ named ``lora_block`` or ``flora_head`` is not mistaken for an adapter.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+import math
+import numbers
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -25,6 +27,7 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "merged_state_dict",
+    "lora_plus_param_groups",
     "count_lora_parameters",
 ]
 
@@ -167,6 +170,39 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
     return state
+
+
+def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
+                           weight_decay: float = 0.0) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): ``lora_B`` learns ``ratio`` times faster.
+
+    ``torch.optim.AdamW(lora_plus_param_groups(model, lr=2e-4))`` trains every
+    ``lora_B`` of a Linear, MergedLinear or Conv layer at ``ratio · lr`` and the
+    other adapter parameters (``lora_A``, DoRA's ``lora_magnitude``, and both
+    factors of Embedding adapters, whose roles are swapped) at ``lr``.
+
+    Returns:
+        Two groups (empty ones left out), each with ``params``, ``lr`` and ``weight_decay``.
+
+    Raises:
+        ValueError: ``lr``, ``ratio`` or ``weight_decay`` is not a finite number
+            (``lr`` and ``ratio`` positive, ``weight_decay`` non-negative), or the
+            model has no adapter parameters.
+    """
+    for arg, value, low in (("lr", lr, 0.0), ("ratio", ratio, 0.0), ("weight_decay", weight_decay, None)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (low is not None and value <= low) or (low is None and value < 0):
+            expected = "a positive finite number" if low is not None else "a non-negative finite number"
+            raise ValueError(f"{arg} must be {expected}, got {value!r}")
+    fast, base = [], []
+    for name, module in lora_modules(model):
+        for local, param in module.adapter_parameters().items():
+            (fast if local == "lora_B" and not isinstance(module, nn.Embedding) else base).append(param)
+    if not fast and not base:
+        raise ValueError("lora_plus_param_groups: the model has no adapter parameters")
+    groups = [{"params": base, "lr": float(lr), "weight_decay": float(weight_decay)},
+              {"params": fast, "lr": float(lr) * float(ratio), "weight_decay": float(weight_decay)}]
+    return [g for g in groups if g["params"]]
 
 
 def count_lora_parameters(model: nn.Module) -> int:

@@ -13,8 +13,8 @@ import torch
 
 from .functional import BACKENDS
 
-__all__ = ["LORA_DTYPES", "check_rank", "check_alpha", "check_dropout", "check_backend", "check_lora_dtype",
-           "check_lora_args"]
+__all__ = ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout", "check_backend", "check_lora_dtype",
+           "check_lora_args", "check_dora"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -51,7 +51,29 @@ def check_lora_dtype(lora_dtype):
     return lora_dtype
 
 
-def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dtype=None) -> None:
+#: Adapter initialisations: loralib's (A kaiming-uniform, B zero) and PEFT's "gaussian" (A ~ N(0, 1/r²), B zero).
+INITS = ("kaiming", "gaussian")
+
+
+def check_init(init) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    return init
+
+
+def check_dora(layer, use_dora, has_adapter: bool) -> None:
+    """DoRA needs a layer type that implements it and an adapter to decompose."""
+    if not use_dora:
+        return
+    if not getattr(layer, "_supports_dora", False):
+        raise TypeError(f"use_dora=True is not supported by {type(layer).__name__} (DoRA is implemented for "
+                        f"Linear and MergedLinear)")
+    if not has_adapter:
+        raise ValueError(f"use_dora=True needs an adapter to decompose, but this {type(layer).__name__} has "
+                         f"none (r={layer.r}{', no enabled split' if layer.r else ''}); use r > 0")
+
+
+def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dtype=None, init="kaiming") -> None:
     """All the checks above at once, before anything is built or changed."""
     check_rank(r), check_alpha(lora_alpha), check_dropout(lora_dropout)
-    check_backend(backend), check_lora_dtype(lora_dtype)
+    check_backend(backend), check_lora_dtype(lora_dtype), check_init(init)

@@ -98,3 +98,23 @@ def bits(t):
 
 def bit_equal(a, b) -> bool:
     return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def naive_dora(x, W, b, A, B, m, s, split_sizes=None, enable=None, mask=None, fan_in_fan_out=False):
+    """DoRA: (m / ‖W + s·ΔW‖_row) ⊙ (x Wᵀ + s·(x ⊙ mask) ΔWᵀ) + b on the adapted rows, the norm detached.
+
+    ``m`` holds one entry per adapted row (all rows for a plain layer, the enabled
+    splits' rows in order for a fused one); the other rows are the base's.
+    """
+    W_eff = W.t() if fan_in_fan_out else W
+    if split_sizes is None:
+        dW, rows = B @ A, torch.ones(W_eff.shape[0], dtype=torch.bool)
+    else:
+        dW = delta_merged(A, B, split_sizes, enable, A.shape[0] // sum(enable))
+        rows = torch.cat([torch.full((size,), bool(on)) for size, on in zip(split_sizes, enable)])
+    norm = (W_eff + s * dW).norm(dim=1).detach()
+    m_full = torch.ones(W_eff.shape[0], dtype=m.dtype).masked_scatter(rows, m)
+    scale = torch.where(rows, m_full / norm, torch.ones_like(norm))
+    xd = x if mask is None else x * mask
+    y = (x @ W_eff.t() + s * (xd @ dW.t())) * scale
+    return y if b is None else y + b

@@ -95,6 +95,7 @@ def _record_launches():
     import triton
 
     from lora_layers.kernels import _ops
+    from lora_layers.segments import Segments
     from lora_layers.kernels import _triton_kernels as K
 
     if _ops.INTERPRETED:
@@ -118,8 +119,8 @@ def _record_launches():
     K._dropout_mask_kernel = FakeMaskKernel()
 
     T, Kd, N, R, p, seed, scaling = 64, 96, 80, 64, 0.1, 1234, 2.0
-    segs = ((0, 40), (50, 80))
-    r = R // len(segs)
+    segs = Segments(80, ((0, 40), (50, 80)))  # the private launchers take a Segments
+    r = R // segs.count
     # Every autotune config for fp16; only the last (a small tile) for the
     # other dtype pairs, which keeps the test under a minute on 2 cores.
     for x_dt, ad_dt in [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),

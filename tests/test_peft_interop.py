@@ -239,7 +239,8 @@ def _write_adapter(folder, config=None, weights=None):
 @pytest.mark.parametrize("config, weights, text", [
     ({"drop_config": True}, None, "adapter_config.json is missing"),
     ({"peft_type": "IA3"}, None, "peft_type is 'IA3', expected 'LORA'"),
-    ({"use_dora": True}, None, "use_dora=True is not supported"),
+    ({"use_dora": True}, None, "use_dora=true but there is no lora_magnitude_vector"),
+    ({"use_dora": "yes"}, None, "use_dora='yes' is invalid"),
     ({"modules_to_save": ["lm_head"]}, None, "modules_to_save=['lm_head'] is not supported"),
     ({"bias": "all"}, None, "bias='all' is not supported"),
     ({}, {"model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
@@ -254,6 +255,13 @@ def _write_adapter(folder, config=None, weights=None):
     ({"r": 4}, None, "expected rank r=4"),
     ({}, {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
           "base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector": torch.randn(64)},
+     "needs exactly one A and one B tensor"),
+    ({}, {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
+          "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(64, 2),
+          "base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector": torch.randn(64)},
+     "but the config says use_dora=false"),
+    ({}, {"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(2, 64),
+          "base_model.model.model.layers.0.self_attn.o_proj.lora_C.weight": torch.randn(64, 2)},
      "not plain LoRA A/B tensors"),
 ])
 def test_import_refusals_change_nothing(base, tmp_path, config, weights, text):

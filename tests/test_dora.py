@@ -1,0 +1,329 @@
+"""DoRA: the float64 formula (forward, every gradient, dropout, fused GQA splits,
+fan_in_fan_out), PEFT parity both ways, exact merging, bf16 stability, what
+backward keeps, checkpoints, LoRA+ and the Gaussian init, and bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_layers as L
+from lora_layers.functional import dora_weight_norm, draw_seed, dropout_mask, lora_linear
+from _naive_lora import F64, assert_rel_close, bit_equal, leaf64, naive_dora
+
+peft = pytest.importorskip("peft")
+
+GQA = dict(split_sizes=[8, 4, 4], enable=[True, False, True])
+
+
+def _layer(kind, dtype=torch.float32, p=0.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, lora_dropout=p, use_dora=True, dtype=dtype, **kw)
+    elif kind == "fifo":
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, lora_dropout=p, use_dora=True, fan_in_fan_out=True,
+                         dtype=dtype, **kw)
+    else:
+        layer = L.MergedLinear(12, 16, r=2, lora_alpha=4, lora_dropout=p, enable_lora=GQA["enable"],
+                               split_sizes=GQA["split_sizes"], use_dora=True, dtype=dtype, **kw)
+    with torch.no_grad():  # "trained" adapters and magnitudes
+        layer.lora_B.normal_(0, 0.5)
+        layer.lora_magnitude.mul_(torch.rand_like(layer.lora_magnitude) + 0.5)
+    return layer
+
+
+def _reference(kind, layer, x, mask=None):
+    """Float64 leaves (x, A, B, m, b) and the naive DoRA output on them."""
+    leaves = [leaf64(t) for t in (x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias)]
+    fused = GQA if kind == "merged" else {}
+    y = naive_dora(leaves[0], layer.weight.detach().double(), leaves[4], *leaves[1:4], layer.scaling, mask=mask,
+                   fan_in_fan_out=kind == "fifo", **fused)
+    return leaves, y
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_forward_and_every_gradient_match_the_float64_formula(kind, p):
+    layer = _layer(kind, p=p).train()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    mask = None
+    if p > 0:
+        torch.manual_seed(7)
+        mask = dropout_mask(draw_seed(), x.detach().reshape(-1, 12), p).view(x.shape).double()
+    leaves, ref = _reference(kind, layer, x, mask)
+    assert_rel_close(y, ref, torch.float32, "forward")
+    g = torch.randn_like(y)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
+    grads = torch.autograd.grad(y, params, g)
+    for name, got, want in zip("x A B m b".split(), grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert_rel_close(got, want, torch.float32, f"d{name}")
+
+
+def test_gradcheck_float64_with_the_norm_held_constant():
+    layer = _layer("merged").double()
+    norm = dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.segments)
+    inputs = [leaf64(t) for t in (torch.randn(3, 12), layer.lora_A, layer.lora_B, layer.lora_magnitude,
+                                  layer.bias)]
+
+    def fn(x, A, B, m, b):
+        torch.manual_seed(3)
+        return lora_linear(x, layer.weight, b, A, B, layer.scaling, 0.3, True, segments=layer.segments,
+                           magnitude=m, weight_norm=norm)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_norm_from_w_a_and_a_a_equals_the_built_matrix_in_bf16(kind):
+    # The cancellation-prone formula, run in fp32 on a bf16 base, against ‖W + s·BA‖ in float64.
+    layer = _layer(kind, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 3.0)  # a large update: the cross term matters
+    norm = layer._dora_norm()
+    assert norm.dtype == torch.float32
+    W, A, B = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+    if kind == "merged":
+        from _naive_lora import delta_merged
+        dW = delta_merged(A, B, GQA["split_sizes"], GQA["enable"], 2)
+        rows = torch.tensor([True] * 8 + [False] * 4 + [True] * 4)
+    else:
+        dW, rows = B @ A, torch.ones(10, dtype=torch.bool)
+    expected = (W + layer.scaling * dW).norm(dim=1)[rows]
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_merge_is_exact_and_restores_the_weight_bit_for_bit(kind, dtype):
+    layer = _layer(kind, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 12).to(dtype)
+    y = layer.train()(x)
+    for _ in range(3):
+        layer.eval()
+        assert layer.merged
+        y_merged = layer(x)
+        layer.train()
+        assert bit_equal(layer.weight, w0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(y_merged, y, rtol=tol, atol=tol)
+    # merged weight = (m / ‖W + s·BA‖) ⊙ (W + s·BA), computed in float64
+    (_, A, B, m, _), _ = _reference(kind, layer, x)
+    W = w0.double().t() if kind == "fifo" else w0.double()
+    if kind == "merged":
+        from _naive_lora import delta_merged
+        dW = delta_merged(A.detach(), B.detach(), GQA["split_sizes"], GQA["enable"], 2)
+        rows = torch.tensor([True] * 8 + [False] * 4 + [True] * 4)
+    else:
+        dW, rows = B.detach() @ A.detach(), torch.ones(10, dtype=torch.bool)
+    V = W + layer.scaling * dW
+    scale = torch.ones(V.shape[0], dtype=F64).masked_scatter(rows, m.detach()) / V.norm(dim=1)
+    expected = torch.where(rows[:, None], V * scale[:, None], W)
+    merged = layer.merged_weight().double()
+    torch.testing.assert_close(merged.t() if kind == "fifo" else merged, expected,
+                               rtol={torch.float32: 1e-6}.get(dtype, 1e-2), atol=1e-6)
+
+
+def test_backward_keeps_x_u_and_vectors_only():
+    torch.manual_seed(0)
+    T, d, r = 512, 96, 4
+    layer = L.Linear(d, d, r=r, lora_alpha=8, lora_dropout=0.1, use_dora=True)
+    x = torch.randn(T, d, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer.train()(x)
+    beyond_x = sum(t.numel() * t.element_size() for t in saved
+                   if t.untyped_storage().data_ptr() not in {x.untyped_storage().data_ptr(),
+                                                            layer.weight.untyped_storage().data_ptr(),
+                                                            layer.lora_A.untyped_storage().data_ptr(),
+                                                            layer.lora_B.untyped_storage().data_ptr(),
+                                                            layer.lora_magnitude.untyped_storage().data_ptr(),
+                                                            layer.bias.untyped_storage().data_ptr()})
+    # u (T × r) and the (out,) norm: nothing of size T × out, no mask
+    assert beyond_x == (T * r + d) * 4, beyond_x
+    y.sum().backward()
+    assert layer.lora_magnitude.grad is not None
+
+
+# ----------------------------------------------------------------------------- PEFT, both directions
+
+def _peft_pair(p=0.0, seed=0):
+    """A two-layer MLP under PEFT's use_dora=True and the same weights in lora_layers."""
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, target_modules=["0", "2"], use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return base, theirs
+
+
+def test_export_import_round_trip_through_peft(tmp_path):
+    base, theirs = _peft_pair()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    assert L.import_peft(ours, tmp_path / "peft") == ["0", "2"]
+    assert ours[0].use_dora and ours[2].use_dora
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # and back: PEFT loads our export on a fresh base
+    L.export_peft(ours, tmp_path / "ours", task_type=None)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(again(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_twenty_steps_from_the_same_adapter_agree_with_peft(tmp_path):
+    base, theirs = _peft_pair()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    L.import_peft(ours, tmp_path / "peft")
+    theirs.train(), ours.train()
+    opt_t = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW(L.lora_parameters(ours), lr=1e-2)
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 12), torch.randn(8, 6)) for _ in range(20)]
+    losses = []
+    for model, opt in ((theirs, opt_t), (ours, opt_o)):
+        curve = []
+        for x, target in data:
+            loss = (model(x) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        losses.append(curve)
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses
+
+
+def test_fused_gqa_layer_exports_block_diagonal_with_unit_factors_elsewhere(tmp_path):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 16))
+    model = copy.deepcopy(plain)
+    model[0] = L.MergedLinear.from_module(model[0], r=2, lora_alpha=4, use_dora=True, **{
+        "enable_lora": GQA["enable"], "split_sizes": GQA["split_sizes"]})
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[0].lora_magnitude.mul_(1.3)
+    L.export_peft(model, tmp_path / "a", task_type=None)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "a")
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs(x)[:, 8:12], plain(x)[:, 8:12], rtol=1e-5, atol=1e-5)  # k rows untouched
+    back = nn.Sequential(L.MergedLinear.from_module(copy.deepcopy(plain)[0], r=2, lora_alpha=4, use_dora=True,
+                                                    enable_lora=GQA["enable"], split_sizes=GQA["split_sizes"]))
+    L.import_peft(back, tmp_path / "a")
+    torch.testing.assert_close(back(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_dora_and_lora_cannot_be_one_peft_adapter(tmp_path):
+    model = nn.Sequential(L.Linear(4, 4, r=2, use_dora=True), L.Linear(4, 4, r=2))
+    with pytest.raises(NotImplementedError, match="mixes DoRA and plain LoRA"):
+        L.export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- surgery, checkpoints, LoRA+
+
+def test_phi3_dora_trains_saves_and_merges(tmp_path, tiny_phi3_factory):
+    model = tiny_phi3_factory()
+    ids = torch.randint(0, 128, (2, 9))
+    base_logits = model(ids).logits
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"), use_dora=True)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.use_dora and qkv.lora_magnitude.shape == (64 + 32,)  # q and v rows of [64 | 32 | 32]
+    torch.testing.assert_close(model(ids).logits, base_logits, rtol=1e-5, atol=1e-5)  # at init: the base
+    opt = torch.optim.AdamW(L.lora_plus_param_groups(model, lr=1e-2, ratio=4.0))
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = model.eval()(ids).logits
+    assert not torch.allclose(trained, base_logits)
+    L.save_lora(model, tmp_path / "a.safetensors")
+    fresh = tiny_phi3_factory()
+    L.phi3.apply_lora(fresh, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"), use_dora=True)
+    L.load_lora(fresh, tmp_path / "a.safetensors")
+    torch.testing.assert_close(fresh.eval()(ids).logits, trained, rtol=1e-5, atol=1e-5)
+    plain = L.merge_and_unload(fresh)
+    assert type(plain.model.layers[0].self_attn.qkv_proj) is nn.Linear
+    torch.testing.assert_close(plain(ids).logits, trained, rtol=1e-4, atol=1e-4)
+    lora_model = tiny_phi3_factory()
+    L.phi3.apply_lora(lora_model, r=4, lora_alpha=8, qkv=("q", "v"))
+    with pytest.raises(L.CheckpointError, match="use_dora"):
+        L.load_lora(lora_model, tmp_path / "a.safetensors")
+
+
+def test_lora_plus_groups():
+    model = nn.Sequential(L.Linear(4, 4, r=2, use_dora=True), L.Embedding(5, 4, r=2),
+                          L.MergedLinear(4, 6, r=2, enable_lora=[True, False]))
+    fast, slow = model[0].lora_B, model[0].lora_A
+    groups = L.lora_plus_param_groups(model, lr=1e-3, ratio=8.0, weight_decay=0.1)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr[8e-3] == {id(model[0].lora_B), id(model[2].lora_B)} and id(fast) in by_lr[8e-3]
+    assert {id(slow), id(model[0].lora_magnitude), id(model[1].lora_A), id(model[1].lora_B)} <= by_lr[1e-3]
+    assert all(g["weight_decay"] == 0.1 for g in groups)
+    assert sum(len(g) for g in by_lr.values()) == len(L.lora_parameters(model))
+    for bad in (dict(lr=0.0), dict(lr=1e-3, ratio=-1.0), dict(lr=1e-3, weight_decay=float("nan")),
+                dict(lr=True)):
+        with pytest.raises(ValueError, match=next(iter(k for k in bad if k != "lr" or len(bad) == 1))):
+            L.lora_plus_param_groups(model, **{"lr": 1e-3, **bad})
+
+
+def test_gaussian_init_is_peft_s():
+    torch.manual_seed(0)
+    layer = L.Linear(256, 64, r=8, init="gaussian")
+    assert abs(layer.lora_A.std().item() - 1 / 8) < 0.01 and not layer.lora_B.any()
+    emb = L.Embedding(100, 16, r=4, init="gaussian")
+    assert not emb.lora_B.any() and abs(emb.lora_A.std().item() - 1.0) < 0.1
+    assert L.Linear(8, 8, r=2).lora_A.abs().max() <= 1 / (8 ** 0.5)  # kaiming-uniform(a=√5) bound stays default
+
+
+@pytest.mark.parametrize("make, exc, text", [
+    (lambda: L.Linear(4, 4, r=0, use_dora=True), ValueError, "use_dora=True needs an adapter"),
+    (lambda: L.MergedLinear(4, 6, r=2, enable_lora=[False, False], use_dora=True), ValueError, "no enabled split"),
+    (lambda: L.Conv2d.from_module(nn.Conv2d(2, 2, 1), r=2, use_dora=True), TypeError, "not supported by Conv2d"),
+    (lambda: L.Embedding.from_module(nn.Embedding(4, 4), r=2, use_dora=True), TypeError, "Embedding"),
+    (lambda: L.Linear(4, 4, r=2, init="pissa"), ValueError, "init must be one of"),
+    (lambda: L.inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4)), ["0", "1"], r=2, use_dora=True),
+     TypeError, "cannot put a LoRA adapter on 1"),
+])
+def test_bad_input(make, exc, text):
+    with pytest.raises(exc, match=text):
+        make()
+
+
+def test_refused_surgery_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4))
+    before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(TypeError):
+        L.inject_lora(model, ["0", "1"], r=2, use_dora=True)
+    assert [type(m) for m in model] == [nn.Linear, nn.Embedding]
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and torch.equal(p, before[n][1]) and p.requires_grad == before[n][2]
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_torch_compile_no_graph_breaks_and_matches_eager(kind):
+    layer = _layer(kind).train()
+    x = torch.randn(4, 12, requires_grad=True)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y_c, y_e = compiled(x), layer(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude]
+    for a, b in zip(torch.autograd.grad(y_c.sum(), params), torch.autograd.grad(y_e.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
