@@ -49,6 +49,7 @@ training_config = {
     "lr_scheduler": "cosine",          # linear warmup, then cosine decay to min_lr_ratio * lr
     "min_lr_ratio": 0.0,
     "weight_decay": 0.0,
+    "lora_plus_ratio": 0.0,            # > 0: LoRA+, every lora_B at ratio * lr (e.g. 16); 0: one lr for all
     "max_grad_norm": 1.0,
     "seed": 42,
     # logging, evaluation and checkpoints
@@ -73,6 +74,7 @@ lora_config = {
     "targets": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "qkv": ("q", "k", "v"),            # which parts of the fused qkv_proj get adapters
     "use_rslora": False,               # scaling alpha/sqrt(r) instead of alpha/r
+    "use_dora": False,                 # DoRA: a trainable magnitude per output row (docs/dora.md)
     "lora_dtype": "float32",           # fp32 adapters on a bf16 base
 }
 # The offline demo (--model tiny) trains adapters on a *random* base model: it needs a larger
@@ -136,6 +138,8 @@ elif isinstance(getattr(torch, lc["lora_dtype"], None), torch.dtype):
     lc["lora_dtype"] = getattr(torch, lc["lora_dtype"])
 else:
     parser.error(f"--lora-dtype: expected float32, bfloat16, float16 or none, got {lc['lora_dtype']!r}")
+if not (math.isfinite(tc["lora_plus_ratio"]) and tc["lora_plus_ratio"] >= 0):
+    parser.error(f"--lora-plus-ratio: expected 0 (off) or a positive number, got {tc['lora_plus_ratio']}")
 if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model
     tc["gradient_checkpointing"] = args.model != "tiny"
 
@@ -243,8 +247,13 @@ def micro_batches(start):
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
-optimizer = torch.optim.AdamW(lora.lora_parameters(raw_model), lr=tc["learning_rate"],
-                              weight_decay=tc["weight_decay"])
+# LoRA+ (Hayou et al. 2024) only changes the parameter groups: lora_B gets lora_plus_ratio * lr.
+if tc["lora_plus_ratio"] > 0:
+    param_groups = lora.lora_plus_param_groups(raw_model, tc["learning_rate"], tc["lora_plus_ratio"],
+                                               tc["weight_decay"])
+else:
+    param_groups = lora.lora_parameters(raw_model)
+optimizer = torch.optim.AdamW(param_groups, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
 warmup_steps = int(tc["warmup_ratio"] * max_steps)
 
 
@@ -327,7 +336,8 @@ if baseline is None:  # the untrained model's figures, kept in checkpoints for r
     baseline = {"eval_loss": evaluate_all(), "exact_match": exact_match(exact_match_set)}
 
 log(f"model: {args.model}  LoRA on {len(replaced)} modules ({', '.join(lc['targets'])}), r={lc['r']}, "
-    f"alpha={lc['lora_alpha']}, rsLoRA={lc['use_rslora']}")
+    f"alpha={lc['lora_alpha']}, rsLoRA={lc['use_rslora']}, DoRA={lc['use_dora']}"
+    + (f", LoRA+ ratio {tc['lora_plus_ratio']:g}" if tc["lora_plus_ratio"] > 0 else ""))
 log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
 log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
     f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")

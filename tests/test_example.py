@@ -143,6 +143,20 @@ def test_ddp_two_gloo_processes_keep_identical_adapters(tmp_path):
     assert summary["world_size"] == 2
 
 
+def test_dora_with_lora_plus_saves_magnitudes(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "dora"
+    proc = run_script("--output-dir", out, "--use-dora", "--lora-plus-ratio", "4", "--max-steps", "2",
+                      "--synthetic-examples", "100", "--exact-match-prompts", "4", "--batch-size", "8")
+    check_ok(proc)
+    assert "DoRA=True, LoRA+ ratio 4" in proc.stdout
+    with safe_open(out / "lora_adapter.safetensors", "pt") as f:
+        magnitudes = [k for k in f.keys() if k.endswith(".lora_magnitude")]
+    assert len(magnitudes) == 4 * 4  # 4 layers x qkv_proj, o_proj, gate_up_proj, down_proj
+    assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+
 BAD_DATA = {
     "missing": (None, "file not found"),
     "malformed": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
