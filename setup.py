@@ -3,6 +3,7 @@
 Core install needs only torch and safetensors. Optional extras:
   triton  fused GPU kernels (triton, numpy)
   hf      the Phi-3 example and PEFT interop (transformers, tokenizers)
+  qlora   quantized frozen bases (bitsandbytes, torchao)
   dev     everything the test suite and benchmarks need
 """
 import re
@@ -18,11 +19,13 @@ VERSION = re.search(
 EXTRAS = {
     "triton": ["triton>=3.0", "numpy"],
     "hf": ["transformers>=4.40", "tokenizers>=0.19"],
+    "qlora": ["bitsandbytes>=0.45", "torchao>=0.10"],
 }
 EXTRAS["dev"] = sorted(
     set(
         EXTRAS["triton"]
         + EXTRAS["hf"]
+        + EXTRAS["qlora"]
         + [
             "pytest>=7",
             "pytest-timeout",

@@ -15,7 +15,9 @@ from ._version import __version__
 from .checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .loss import fused_linear_cross_entropy
 from .peft_format import export_peft, import_peft
+from .quantized import quantize_base
 from .surgery import inject_lora, merge_and_unload, unload
 from .training_state import load_training_state, save_training_state
 from . import phi3  # noqa: E402  (the Phi-3 preset: lora_layers.phi3.apply_lora)
@@ -42,6 +44,7 @@ __all__ = [
     "Conv2d",
     "Conv3d",
     "lora_linear",
+    "fused_linear_cross_entropy",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "lora_modules",
@@ -60,6 +63,7 @@ __all__ = [
     "load_lora",
     "LoadResult",
     "CheckpointError",
+    "quantize_base",
     "export_peft",
     "import_peft",
     "save_training_state",

@@ -88,8 +88,12 @@ class LoRALayer(ExactMerge):
                 shapes = shapes + ((shapes[1][0],),)
             for name, shape in zip(ADAPTER_NAMES + (MAGNITUDE_NAME,), shapes):
                 self.register_parameter(name, nn.Parameter(
-                    torch.empty(shape, device=w.device, dtype=self.lora_dtype or w.dtype)))
+                    torch.empty(shape, device=w.device, dtype=self.lora_dtype or self._base_dtype())))
             w.requires_grad_(False)  # loralib freezes the pretrained weight as soon as adapters exist
+
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype the base computes in (a quantized base's is not its storage dtype)."""
+        return self.weight.dtype
 
     def _compute_scaling(self) -> float:
         return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -189,7 +189,6 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
             y2.add_(_cast(bias, y2.dtype))
         return y2, u
     x2 = x.reshape(-1, x.shape[-1])
-    W = _cast(weight.t() if fan_in_fan_out else weight, x2.dtype)
     A = _cast(lora_A, x2.dtype)
     B = _cast(lora_B, x2.dtype)
     if dropout_p > 0.0:
@@ -198,9 +197,28 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
         u.mul_(keep_scale(dropout_p))
     else:
         u = x2 @ A.t()
-    y2 = _seed_output(u, B, scaling, _cast(bias, x2.dtype), blocks, W.shape[0])
-    y2.addmm_(x2, W.t())
+    y2 = _seed_output(u, B, scaling, _cast(bias, x2.dtype), blocks, _out_features(weight, fan_in_fan_out))
+    if _is_quantized(weight):
+        y2.add_(weight.linear(x2).to(y2.dtype))  # the library's kernel writes its own output
+    else:
+        y2.addmm_(x2, _cast(weight.t() if fan_in_fan_out else weight, x2.dtype).t())
     return y2, u
+
+
+def _is_quantized(weight) -> bool:
+    """A frozen quantized base (:class:`lora_layers.quantized.QuantizedBase`) instead of a weight tensor."""
+    return not isinstance(weight, Tensor)
+
+
+def _out_features(weight, fan_in_fan_out: bool) -> int:
+    return weight.shape[1] if fan_in_fan_out else weight.shape[0]
+
+
+def _base_matmul(weight, x2: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """``x Wᵀ`` for a weight tensor or a quantized base."""
+    if _is_quantized(weight):
+        return weight.linear(x2).to(x2.dtype)
+    return torch.mm(x2, _cast(weight.t() if fan_in_fan_out else weight, x2.dtype).t())
 
 
 def _dora_scale(magnitude: Tensor, norm: Tensor, blocks, out_features: int, dtype: torch.dtype) -> Tensor:
@@ -238,7 +256,9 @@ class _LoRALinear(torch.autograd.Function):
                 blocks):
         y2, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, blocks,
                          magnitude, norm)
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u, magnitude, norm)
+        quantized = _is_quantized(weight)
+        ctx.save_for_backward(x, None if quantized else weight, bias, lora_A, lora_B, u, magnitude, norm)
+        ctx.quantized_base = weight if quantized else None  # packed tensors the layer keeps anyway
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
         return y2.view(*x.shape[:-1], y2.shape[-1])
@@ -248,6 +268,7 @@ class _LoRALinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative follows
             return _LoRALinear._differentiable_backward(ctx, g)
         x, weight, bias, lora_A, lora_B, u, magnitude, norm = ctx.saved_tensors
+        weight = ctx.quantized_base if weight is None else weight
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         s, p, blocks = ctx.scaling, ctx.dropout_p, ctx.blocks
         g2 = g.reshape(-1, g.shape[-1])
@@ -255,7 +276,6 @@ class _LoRALinear(torch.autograd.Function):
         dt = g2.dtype
         A = _cast(lora_A, dt)
         B = _cast(lora_B, dt)
-        W = weight.t() if ctx.fan_in_fan_out else weight
         full = len(blocks) == 1 and blocks[0][:2] == (0, g2.shape[1])
 
         dx = dw = db = dA = dB = dm = None
@@ -280,7 +300,7 @@ class _LoRALinear(torch.autograd.Function):
             # dL/dm = Σ_t g ⊙ (x Wᵀ + s·uBᵀ) / norm: the base product is recomputed
             # (one GEMM) rather than kept, so DoRA saves no T × out tensor.
             acc = torch.promote_types(dt, torch.float32)
-            z = _gather_rows(torch.mm(x2, _cast(W, dt).t()).mul_(g2).sum(0, dtype=acc), blocks)
+            z = _gather_rows(_base_matmul(weight, x2.to(dt), ctx.fan_in_fan_out).mul_(g2).sum(0, dtype=acc), blocks)
             z = z + (H.to(acc) * B.to(acc)).sum(1) * s
             dm = (z / norm).to(magnitude.dtype)
         if need_bb:
@@ -299,7 +319,10 @@ class _LoRALinear(torch.autograd.Function):
                 dx = du @ A
             else:
                 dx = ((du * keep_scale(p)) @ A).masked_fill_(drop, 0)
-            dx.addmm_(gs, _cast(W, dt))
+            if _is_quantized(weight):
+                dx.add_(weight.grad_input(gs))  # dequantized on the fly, never kept
+            else:
+                dx.addmm_(gs, _cast(weight.t() if ctx.fan_in_fan_out else weight, dt))
             dx = dx.view(x.shape).to(x.dtype) if dx.dtype != x.dtype else dx.view(x.shape)
         if need_w:
             dw = gs.t() @ x2.to(dt)
@@ -317,6 +340,7 @@ class _LoRALinear(torch.autograd.Function):
         the seed, so double backward and gradient penalties are exact. Only runs
         under ``create_graph=True``; plain training keeps the lean backward."""
         x, weight, bias, lora_A, lora_B, _, magnitude, norm = ctx.saved_tensors
+        weight = ctx.quantized_base if weight is None else weight
         inputs = (x, weight, bias, lora_A, lora_B, magnitude)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[:6]) if need]
         drop = None
@@ -347,9 +371,12 @@ def _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks,
     to the LoRA branch's input, DoRA's factor with a ``magnitude``. Used where a
     custom Function does not fit: ``torch.compile`` (dynamo traces it without
     graph breaks), ``torch.func`` transforms, and the differentiable backward."""
-    W = _cast(weight.t() if fan_in_fan_out else weight, x.dtype)
     dora = magnitude is not None
-    y = F.linear(x, W, None if dora else _cast(bias, x.dtype))
+    if _is_quantized(weight):  # the library's kernel, differentiable in x
+        y = weight.linear(x).to(x.dtype)
+        y = y if dora or bias is None else y + _cast(bias, x.dtype)
+    else:
+        y = F.linear(x, _cast(weight.t() if fan_in_fan_out else weight, x.dtype), None if dora else _cast(bias, x.dtype))
     u = F.linear(x if drop is None else drop(x), lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
     parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
@@ -439,7 +466,9 @@ def lora_linear(
 
     Args:
         x: input ``(*, in)``.
-        weight: ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out=True``.
+        weight: ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out=True``; or a frozen
+            quantized base (:class:`~lora_layers.quantized.QuantizedBase`), whose own kernel
+            computes ``x Wᵀ`` and whose ``g W`` in backward dequantizes on the fly (QLoRA).
         bias: ``(out,)`` or None.
         lora_A: ``(R, in)``; ``R = r`` or ``r · len(segments)``. May have its own dtype.
         lora_B: ``(out, r)``, or ``(Σ enabled slice sizes, r)`` with ``segments``.
@@ -460,7 +489,10 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    out_features = weight.shape[0] if not fan_in_fan_out else weight.shape[1]
+    quantized = _is_quantized(weight)
+    if quantized and fan_in_fan_out:
+        raise ValueError("a quantized base is stored (out, in): fan_in_fan_out must be False")
+    out_features = _out_features(weight, fan_in_fan_out)
     blocks = _resolve_segments(lora_A, lora_B, out_features, segments)
     segments = None if blocks[0][:2] == (0, out_features) else tuple(b[:2] for b in blocks)
 
@@ -470,10 +502,11 @@ def lora_linear(
             raise ValueError(f"magnitude must have shape ({blocks[-1].b1},) (one entry per adapted output row), "
                              f"got {tuple(magnitude.shape)}")
         norm = weight_norm if weight_norm is not None else dora_weight_norm(
-            weight, lora_A, lora_B, scaling, segments, fan_in_fan_out=fan_in_fan_out)
+            weight.dequantize() if quantized else weight, lora_A, lora_B, scaling, segments,
+            fan_in_fan_out=fan_in_fan_out)
 
     choice = resolve_backend(backend)
-    if choice != "torch" and magnitude is None and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
+    if choice != "torch" and magnitude is None and not quantized and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
         from . import kernels
 
         return kernels.lora_linear(
@@ -481,7 +514,8 @@ def lora_linear(
             fan_in_fan_out=fan_in_fan_out, segments=segments,
         )
 
-    dt = _compute_dtype(x, weight)
+    # A quantized base computes in its own dtype and returns x's (as bitsandbytes' layers do).
+    dt = x.dtype if quantized else _compute_dtype(x, weight)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)
     )

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from .base import LoRALayer
 from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear, row_sq_norm
-from .merging import accumulation_dtype
+from .merging import accumulation_dtype, merged_copy
+from .quantized import QuantizedBase, quantized_base
 from .segments import Segments
 from .validation import check_lora_args
 
@@ -105,6 +106,12 @@ class Linear(LoRALayer, nn.Linear):
             fan_in_fan_out = True
             self.in_features, self.out_features = self.weight.shape
         self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.quantized = quantized_base(self)
+        if self.quantized is not None:
+            if self.fan_in_fan_out:
+                raise ValueError(f"a quantized base ({self.quantized.kind}) is stored (out, in): "
+                                 f"fan_in_fan_out must be False")
+            return  # the packed weight has its own layout
         expected = (self.in_features, self.out_features) if fan_in_fan_out else (self.out_features, self.in_features)
         if tuple(self.weight.shape) != expected:
             raise ValueError(
@@ -119,12 +126,29 @@ class Linear(LoRALayer, nn.Linear):
     #: Where the adapters add into the output (:class:`~lora_layers.segments.Segments`);
     #: None for one adapter over every output row.
     segments: Optional[Segments] = None
+    #: The frozen quantized base (:class:`~lora_layers.quantized.QuantizedBase`), or None.
+    quantized: Optional[QuantizedBase] = None
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.quantized is None else self.quantized.dtype
+
+    def _merge_blocker(self) -> Optional[str]:
+        if self.quantized is not None:
+            return (f"its base weight is quantized ({self.quantized.kind}); a merge into packed weights cannot be "
+                    f"exact, so it stays unmerged in eval() (merge_and_unload gives a plain layer with the "
+                    f"dequantized weight plus the adapter)")
+        return super()._merge_blocker()
+
+    def merged_weight(self) -> Tensor:
+        if self.quantized is None or not self.has_adapter:
+            return super().merged_weight()
+        return merged_copy(self.quantized.dequantize(), self._blocks(self._merge_factors()))
 
     def _delta_blocks(self, A, B, row_scale=None):
         """``s·B_j A_j`` per adapter in the weight's storage layout; with DoRA's ``row_scale``
         (``m / ‖W + s·BA‖`` per adapted row) the merged rows are ``row_scale ⊙ (W + s·BA)``."""
         segments = self.segments or Segments.full(self.out_features)
-        for blk, delta in segments.deltas(A, B, self.scaling, accumulation_dtype(self.weight.dtype)):
+        for blk, delta in segments.deltas(A, B, self.scaling, accumulation_dtype(self._base_dtype())):
             rows = slice(blk.out0, blk.out1)
             scale = None if row_scale is None else row_scale[blk.b0:blk.b1]
             # The weight's storage layout: (out, in), or (in, out) with fan_in_fan_out.
@@ -137,13 +161,13 @@ class Linear(LoRALayer, nn.Linear):
         factors = super()._merge_factors()
         if not self.use_dora:
             return factors
-        norm = self._dora_norm().to(accumulation_dtype(self.weight.dtype))
+        norm = self._dora_norm().to(accumulation_dtype(self._base_dtype()))
         return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
 
     def _dora_norm(self) -> Tensor:
         """``‖W + s·BA‖`` per adapted row (detached), with ``‖W‖²`` cached while the weight is unchanged."""
-        W = self.weight
-        if torch.compiler.is_compiling():
+        W = self.weight if self.quantized is None else self.quantized.dequantize()
+        if torch.compiler.is_compiling() or self.quantized is not None:
             w_sq = None
         else:
             key = (W.data_ptr(), W._version, W.dtype, W.device, W.shape)
@@ -164,10 +188,14 @@ class Linear(LoRALayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.has_adapter or self.merged:
+            if self.quantized is not None:
+                y = self.quantized.linear(x).to(x.dtype)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
             return F.linear(x, self._weight_t(), self.bias)
         dora = self.use_dora
         return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            x, self.weight if self.quantized is None else self.quantized, self.bias, self.lora_A, self.lora_B,
+            self.scaling,
             self.lora_dropout.p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
             magnitude=self.lora_magnitude if dora else None, weight_norm=self._dora_norm() if dora else None,

@@ -16,12 +16,15 @@ import numbers
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from .base import LoRALayer
 from .validation import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
-from .utils import lora_modules, mark_only_lora_as_trainable, merge_lora
+from ._ties import find_shared_weights
+from .quantized import is_quantized_linear
+from .utils import lora_modules, mark_only_lora_as_trainable, merge_layers
 
 __all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload"]
 
@@ -33,6 +36,12 @@ ALL_LINEAR = "all-linear"
 # silently drop that behaviour.
 _LORA_CLASS = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d,
                nn.Conv3d: Conv3d}
+
+
+def _lora_class(module: nn.Module):
+    """The LoRA class for ``module``, or None. Quantized linears (bitsandbytes 4/8-bit, a torchao NF4
+    weight) are the exception to exact types: :class:`Linear` runs their kernels itself."""
+    return Linear if is_quantized_linear(module) else _LORA_CLASS.get(type(module))
 
 Targets = Union[str, Sequence[str]]
 _Matcher = Callable[[str], bool]
@@ -130,7 +139,7 @@ def _check_positive_rank(r, arg: str) -> int:
 
 
 def _example_names(candidates) -> str:
-    names = [n for n, m in candidates if type(m) in _LORA_CLASS][:4]
+    names = [n for n, m in candidates if _lora_class(m) is not None][:4]
     return f" (adaptable modules are named like {names})" if names else " (the model has no adaptable layer)"
 
 
@@ -148,7 +157,7 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
     def targeted(name, module):
         if targets == ALL_LINEAR:
             # LoRA Linear layers count too, so that re-injection is reported, not skipped.
-            plain = type(module) is nn.Linear or isinstance(module, Linear)
+            plain = type(module) is nn.Linear or is_quantized_linear(module) or isinstance(module, Linear)
             return plain and id(module) not in heads
         return any(match(name) for _, match in target_entries)
 
@@ -170,11 +179,12 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
             f"modules {wrapped} already carry LoRA adapters; exclude them, or call unload() or "
             f"merge_and_unload() first (a layer is never wrapped twice)"
         )
-    unsupported = [f"{n} ({type(m).__name__})" for n, m in plan if type(m) not in _LORA_CLASS]
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in plan if _lora_class(m) is None]
     if unsupported:
         raise TypeError(
             f"targets={targets!r} selects modules that cannot take a LoRA adapter: {unsupported}; "
-            f"supported types are exactly {[t.__name__ for t in _LORA_CLASS]}"
+            f"supported types are exactly {[t.__name__ for t in _LORA_CLASS]} and the quantized linears of "
+            f"bitsandbytes (Linear4bit, Linear8bitLt) and torchao (an NF4 weight)"
         )
     return plan
 
@@ -201,7 +211,7 @@ def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern
 
     specs = []
     for name, module in plan:
-        cls, kwargs = _LORA_CLASS[type(module)], {}
+        cls, kwargs = _lora_class(module), {}
         if cls is not Embedding:  # embeddings have no adapter dropout (as in loralib)
             kwargs["lora_dropout"] = lora_dropout
         key, rank = _first_match(ranks, name)
@@ -362,8 +372,28 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
             non-finite with ``safe_merge``); every layer merged so far is
             unmerged again, so the model is left unchanged.
     """
-    merge_lora(model, safe_merge=safe_merge)  # all or nothing
-    return _swap(model, {id(layer): _plain_layer(layer) for _, layer in lora_modules(model)})
+    find_shared_weights(model)  # a tied weight is refused by name
+    layers = [(name, layer) for name, layer in lora_modules(model)]
+    # A quantized base cannot take the adapter in place: it becomes a plain Linear
+    # holding the dequantized weight plus the adapter (built before anything changes).
+    replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
+                if getattr(layer, "quantized", None) is not None}
+    merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
+    replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
+    return _swap(model, replaced)
+
+
+def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
+    """A plain ``nn.Linear`` in the base's compute dtype: the dequantized weight with the adapter folded in."""
+    weight = layer.merged_weight()
+    if safe_merge and not torch.isfinite(weight).all():
+        raise ValueError(f"safe_merge: merging the adapter into {name or 'the layer'} gives non-finite values; "
+                         f"the model was left unchanged")
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=layer.bias.requires_grad)
+    return plain
 
 
 def unload(model: nn.Module) -> nn.Module:

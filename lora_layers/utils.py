@@ -123,9 +123,14 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
     layer's name.
     """
     find_shared_weights(model)
+    merge_layers(list(lora_modules(model)), safe_merge)
+
+
+def merge_layers(layers, safe_merge: bool = False) -> None:
+    """:func:`merge_lora` over ``(name, layer)`` pairs: all or nothing, errors named."""
     done = []
     try:
-        for name, module in lora_modules(model):
+        for name, module in layers:
             if not module.merged:
                 try:
                     module.merge(safe_merge=safe_merge)

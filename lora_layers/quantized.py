@@ -1,0 +1,296 @@
+"""Frozen quantized bases (QLoRA): bitsandbytes 4-bit/8-bit layers and torchao NF4 weights.
+
+A LoRA layer over a quantized base keeps the packed weight as it is (never
+copied, never dequantized at rest) and sees it through :class:`QuantizedBase`:
+
+* :meth:`~QuantizedBase.linear`: ``x Wᵀ`` by the quantization library's own
+  kernel (``bitsandbytes.matmul_4bit``, ``bitsandbytes.matmul``, torchao's
+  ``linear_nf4``);
+* :meth:`~QuantizedBase.grad_input`: ``g W``, dequantizing on the fly in
+  backward, so autograd keeps no dequantized weight;
+* :meth:`~QuantizedBase.dequantize`: ``W`` in the compute dtype, for
+  ``merge_and_unload`` and DoRA's norm.
+
+The adapter math in :mod:`lora_layers.functional` is the same as for a plain
+weight. Merging into packed weights cannot be exact, so ``eval()`` keeps these
+layers unmerged. bitsandbytes and torchao are optional: they are imported only
+when a quantized layer is used, and nothing here imports them to recognise one.
+:func:`quantize_base` turns the frozen ``nn.Linear`` weights a later
+``apply_lora`` would adapt into torchao NF4 tensors, in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "quantize_base", "SCHEMES",
+           "weight_nbytes"]
+
+#: What :func:`quantize_base` can do.
+SCHEMES = ("nf4",)
+_NF4_BLOCK = 64          # torchao's NF4 block: 64 weights share one scale
+_NF4_SCALER_BLOCK = 256  # and 256 scales share one fp32 factor (smaller when the shape needs it)
+
+
+def _class_is(obj, name: str, package: str) -> bool:
+    cls = type(obj)
+    return cls.__name__ == name and cls.__module__.split(".")[0] == package
+
+
+@contextlib.contextmanager
+def _quiet_torchao():
+    """torchao logs load failures of its CUDA-only extensions on import; they are harmless here."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _nf4():
+    with _quiet_torchao():
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    return nf4_tensor
+
+
+class QuantizedBase:
+    """A frozen quantized ``weight`` (``(out, in)`` logically) seen through three operations.
+
+    Built by :func:`quantized_base` from a layer; holds only references to the
+    layer's own packed tensors.
+    """
+
+    kind = "quantized"
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.out_features, self.in_features = module.out_features, module.in_features
+
+    @property
+    def shape(self):
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: what :meth:`linear` returns and :meth:`dequantize` gives."""
+        raise NotImplementedError
+
+    requires_grad = False  # a quantized base is frozen
+
+    def linear(self, x: Tensor) -> Tensor:
+        """``x Wᵀ`` (no bias) in the compute dtype, by the library's kernel."""
+        raise NotImplementedError
+
+    def dequantize(self) -> Tensor:
+        """``W`` as an ``(out, in)`` tensor in the compute dtype (a new tensor)."""
+        raise NotImplementedError
+
+    def grad_input(self, g: Tensor) -> Tensor:
+        """``g W`` for an upstream gradient ``g`` (``(T, out)``), dequantizing on the fly."""
+        return g @ self.dequantize().to(g.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes the packed weight takes (data plus quantization state)."""
+        raise NotImplementedError
+
+
+class _BnbBase(QuantizedBase):
+    """A bitsandbytes layer runs through its own ``forward``: a private module of the wrapped
+    class that shares the packed Parameters and has no bias (added by the LoRA layer), so
+    every code path of bitsandbytes (e.g. its CPU inference repacking) is the library's own."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        from ._wrap import plain_module
+
+        self.base = plain_module(module, ())
+        self.base._parameters["bias"] = None
+
+    def linear(self, x):
+        self.base.training = self.module.training  # bitsandbytes picks its kernel by mode
+        with torch.no_grad():
+            return self.base(x)
+
+
+class _Bnb4bit(_BnbBase):
+    kind = "bnb-4bit"
+
+    @property
+    def dtype(self):
+        return self.base.compute_dtype or torch.float32
+
+    def _state(self):
+        return self.base.weight.quant_state
+
+    def dequantize(self):
+        import bitsandbytes.functional as bf
+
+        data, state = self.base.weight.data, self._state()
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel, a layout
+            # dequantize_4bit does not read: unpack a copy (the unpacking rewrites the state it is
+            # given, and the layer keeps its format).
+            data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bf.dequantize_4bit(data, state).to(self.dtype)
+
+    def nbytes(self):
+        state = self._state()
+        extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                              if getattr(state, "nested", False) else [])
+        return _bytes([self.module.weight.data] + [t for t in extra if isinstance(t, Tensor)])
+
+
+class _Bnb8bit(_BnbBase):
+    kind = "bnb-8bit"
+
+    @property
+    def dtype(self):
+        bias = self.module.bias
+        return bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float16
+
+    def _scales(self):
+        state, weight = self.base.state, self.base.weight
+        return weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
+
+    def dequantize(self):
+        import bitsandbytes.functional as bf
+
+        weight = self.base.weight
+        CB = weight.data if weight.CB is None else weight.CB
+        return bf.int8_vectorwise_dequant(CB, self._scales()).to(self.dtype)
+
+    def nbytes(self):
+        return _bytes([self.base.weight.data, self._scales()])
+
+
+class _TorchaoNF4(QuantizedBase):
+    kind = "torchao-nf4"
+
+    @property
+    def dtype(self):
+        return self.module.weight.dtype
+
+    def linear(self, x):
+        with torch.no_grad():
+            return _nf4().linear_nf4(x.to(self.dtype), self.module.weight)
+
+    def dequantize(self):
+        return self.module.weight.get_original_weight().to(self.dtype)
+
+    def nbytes(self):
+        w = self.module.weight
+        return _bytes([getattr(w, name) for name in w.__tensor_flatten__()[0]])
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for bitsandbytes ``Linear4bit``/``Linear8bitLt`` and ``nn.Linear`` with a torchao NF4 weight."""
+    return _kind(module) is not None
+
+
+def _kind(module):
+    if _class_is(module, "Linear4bit", "bitsandbytes"):
+        return _Bnb4bit
+    if _class_is(module, "Linear8bitLt", "bitsandbytes"):
+        return _Bnb8bit
+    if isinstance(module, nn.Linear) and _class_is(module._parameters.get("weight"), "NF4Tensor", "torchao"):
+        return _TorchaoNF4
+    return None
+
+
+def quantized_base(module: nn.Module) -> Optional[QuantizedBase]:
+    """The :class:`QuantizedBase` view of a (LoRA-wrapped) quantized linear layer, or None for a plain one."""
+    wrapped = module.__dict__.get("_wrapped_class")
+    if wrapped is not None and wrapped.__module__.split(".")[0] == "bitsandbytes":
+        kind = {"Linear4bit": _Bnb4bit, "Linear8bitLt": _Bnb8bit}.get(wrapped.__name__)
+    else:
+        kind = _kind(module) or (_TorchaoNF4 if _class_is(module._parameters.get("weight"), "NF4Tensor", "torchao")
+                                 else None)
+    return None if kind is None else kind(module)
+
+
+def weight_nbytes(module: nn.Module) -> int:
+    """Bytes the layer's base weight takes: packed bytes for a quantized base."""
+    base = quantized_base(module)
+    return base.nbytes() if base is not None else _bytes([module.weight])
+
+
+# ----------------------------------------------------------------------------- quantize_base
+
+def _nf4_tensor(weight: Tensor, name: str) -> Tensor:
+    numel = weight.numel()
+    if numel % _NF4_BLOCK:
+        raise ValueError(f"quantize_base: {name}.weight has shape {tuple(weight.shape)}: NF4 needs a multiple of "
+                         f"{_NF4_BLOCK} elements, got {numel}")
+    scalers = numel // _NF4_BLOCK
+    # The largest power of two up to 256 that divides the number of scales.
+    scaler_block = math.gcd(scalers, _NF4_SCALER_BLOCK)
+    return _nf4().to_nf4(weight.detach(), _NF4_BLOCK, scaler_block)
+
+
+def quantize_base(model: nn.Module, scheme: str = "nf4",
+                  targets: Union[None, str, Sequence[str]] = None) -> List[str]:
+    """Quantize, in place, the frozen ``nn.Linear`` weights that LoRA will adapt (QLoRA with torchao).
+
+    Each selected ``nn.Linear`` keeps its class and its bias; its ``weight``
+    becomes a frozen torchao NF4 tensor (blocks of 64 weights, about 0.26× the
+    bf16 bytes). Call it before :func:`~lora_layers.phi3.apply_lora` or
+    :func:`~lora_layers.inject_lora`, which then wrap the quantized layers.
+
+    Args:
+        model: the model.
+        scheme: ``"nf4"`` (torchao's NF4, the QLoRA data type).
+        targets: as :func:`~lora_layers.inject_lora`'s ``targets``. None: what a
+            following ``apply_lora`` would take (Phi-3's four projections for a
+            Phi-3 model, else ``"all-linear"``, which leaves out the output head).
+
+    Returns:
+        The qualified names of the quantized modules, in model order.
+
+    Raises:
+        ValueError: an unknown ``scheme``, a target that matches nothing or a
+            module that is not a plain ``nn.Linear`` (already quantized, or a LoRA
+            layer), or a weight whose size NF4 cannot pack. The model is unchanged.
+        ImportError: torchao is not installed (``pip install lora_layers[qlora]``).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize_base: scheme must be one of {SCHEMES}, got {scheme!r}")
+    from .surgery import ALL_LINEAR, _candidates, _select
+
+    if targets is None:
+        from . import phi3
+
+        is_phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
+        targets = list(phi3.TARGETS) if is_phi3 else ALL_LINEAR
+    plan = _select(model, _candidates(model), targets, None)
+    wrong = [f"{n} ({type(m).__name__})" for n, m in plan
+             if type(m) is not nn.Linear or is_quantized_linear(m)]
+    if wrong:
+        raise ValueError(f"quantize_base: only plain nn.Linear layers with a float weight can be quantized, got "
+                         f"{wrong}")
+    try:
+        _nf4()
+    except ImportError as exc:
+        raise ImportError("quantize_base needs torchao: pip install 'lora_layers[qlora]'") from exc
+    packed = [(m, _nf4_tensor(m.weight, n)) for n, m in plan]  # everything packs before anything changes
+    for module, weight in packed:
+        module.weight = nn.Parameter(weight, requires_grad=False)
+    return [n for n, _ in plan]

@@ -1,0 +1,252 @@
+"""QLoRA: LoRA over frozen bitsandbytes 4-bit/8-bit layers and torchao NF4 weights.
+
+Each path is compared with a float64 formula on the dequantized weight and with
+PEFT on the same quantized base; the packed weights must stay bit-identical
+through training, and backward must keep no dequantized weight.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_layers as L
+from lora_layers.quantized import quantized_base
+from _naive_lora import assert_rel_close, leaf64, naive_linear
+
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("torchao")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+IN, OUT = 128, 64
+
+
+def _no_cpu_repacking(model):
+    """bitsandbytes repacks a 4-bit weight, lossily, for a bf16 CPU kernel the first time an eval-mode
+    layer sees an input without grad (on AVX512-BF16 CPUs): results then depend on call history. The
+    comparisons here switch that off, for PEFT's layers and ours alike."""
+    for module in model.modules():
+        if "support_avx512bf16_for_cpu" in module.__dict__:
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _quantized(kind, bias=True, seed=0, out=OUT):
+    torch.manual_seed(seed)
+    plain = nn.Linear(IN, out, bias=bias)
+    if kind in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(IN, out, bias=bias, compute_dtype=torch.float32, quant_type=kind)
+    elif kind == "int8":
+        q = bnb.nn.Linear8bitLt(IN, out, bias=bias, has_fp16_weights=False)
+    else:  # torchao NF4 through lora_layers.quantize_base
+        q = copy.deepcopy(plain)
+        L.quantize_base(nn.Sequential(q), targets=["0"])
+        return q
+    q.load_state_dict(plain.state_dict())
+    return _no_cpu_repacking(q.to("cpu"))  # bitsandbytes quantizes on the move
+
+
+def _packed(module, copy=True):
+    w = module.weight
+    inner = [getattr(w, n) for n in w.__tensor_flatten__()[0]] if type(w).__name__ == "NF4Tensor" else [w.data]
+    return [t.clone() for t in inner] if copy else inner
+
+
+KINDS = ["nf4", "fp4", "int8", "torchao-nf4"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_matches_the_float64_formula_and_keeps_the_packed_weight(kind):
+    q = _quantized(kind)
+    packed = _packed(q)
+    with torch.no_grad():
+        base_out = q(torch.ones(2, IN))
+    layer = L.Linear.from_module(q, r=4, lora_alpha=8)
+    assert layer.quantized is not None and layer.lora_A.dtype == torch.float32
+    torch.testing.assert_close(layer(torch.ones(2, IN)), base_out)  # B = 0: exactly the quantized layer
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, IN, requires_grad=True)
+    y = layer(x)
+    W = layer.quantized.dequantize().double()
+    x64, A64, B64 = leaf64(x), leaf64(layer.lora_A), leaf64(layer.lora_B)
+    lora64 = naive_linear(x64, torch.zeros_like(W), None, A64, B64, layer.scaling)
+    base = layer.quantized.linear(x.detach()).double() + layer.bias.detach().double()
+    assert_rel_close(y, base + lora64, torch.float32, "forward")  # the kernel's base plus the exact LoRA term
+    if kind != "int8":  # LLM.int8 also quantizes x; the others are x W_deq^T
+        assert_rel_close(y, x64 @ W.t() + layer.bias.double() + lora64, torch.float32, "forward vs W_deq")
+    g = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B], g)
+    g64 = g.double()
+    rx, rA, rB = torch.autograd.grad(lora64, [x64, A64, B64], g64)
+    assert_rel_close(gx, g64 @ W + rx, torch.float32, "dx")
+    assert_rel_close(gA, rA, torch.float32, "dA")
+    assert_rel_close(gB, rB, torch.float32, "dB")
+    for before, after in zip(packed, _packed(layer)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "torchao-nf4"])
+def test_backward_keeps_x_and_u_only(kind):
+    layer = L.Linear.from_module(_quantized(kind), r=4, lora_alpha=8, lora_dropout=0.1)
+    x = torch.randn(256, IN, requires_grad=True)
+    owned = {t.untyped_storage().data_ptr()
+             for t in [x, layer.lora_A, layer.lora_B, layer.bias] + _packed(layer, copy=False)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer.train()(x)
+    beyond = [t for t in saved if t.untyped_storage().data_ptr() not in owned]
+    assert sum(t.numel() * t.element_size() for t in beyond) == 256 * 4 * 4  # u: T x r, fp32
+    y.sum().backward()
+
+
+def test_merged_linear_gqa_over_a_4bit_base():
+    q = _quantized("nf4", out=96)
+    layer = L.MergedLinear.from_module(q, r=2, lora_alpha=4, enable_lora=[True, False, True],
+                                       split_sizes=[64, 16, 16])
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, IN)
+    W = layer.quantized.dequantize().double()
+    ref = naive_linear(x.double(), W, layer.bias.double(), layer.lora_A.double(), layer.lora_B.double(),
+                       layer.scaling, split_sizes=[64, 16, 16], enable=[True, False, True])
+    assert_rel_close(layer(x), ref, torch.float32, "fused forward")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-nf4"])
+def test_eval_stays_unmerged_and_merge_and_unload_dequantizes(kind):
+    reference = _quantized(kind)  # the same quantized layer, unwrapped
+    layer = L.Linear.from_module(_quantized(kind), r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model = nn.Sequential(layer)
+    x = torch.randn(3, IN)
+    lora = layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t()).detach()
+    for mode in (True, False):  # bitsandbytes may pick another kernel in eval (its CPU repacking)
+        model.train(mode), reference.train(mode)
+        assert not layer.merged
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x) + lora, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quantized"):
+        layer.merge()
+    y = model.train()(x).detach()
+    expected = layer.quantized.dequantize() + layer.scaling * (layer.lora_B @ layer.lora_A).detach()
+    plain = L.merge_and_unload(model)
+    assert type(plain[0]) is nn.Linear and plain[0].weight.dtype == torch.float32
+    torch.testing.assert_close(plain[0].weight, expected)
+    if kind != "int8":  # LLM.int8 also quantizes the input; the others are x W_deq^T
+        torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_base_then_apply_lora_trains_and_keeps_packed_weights(tiny_phi3_factory):
+    model = tiny_phi3_factory(hidden_size=64, intermediate_size=128)
+    names = L.quantize_base(model)
+    assert len(names) == 8 and all(n.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) for n in names)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert L.quantized.weight_nbytes(qkv) <= 0.3 * qkv.weight.numel() * 2  # vs bf16 bytes
+    packed = _packed(qkv)
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=True)
+    ids = torch.randint(0, 128, (2, 12))
+    opt = torch.optim.AdamW(L.lora_parameters(model), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for before, after in zip(packed, _packed(model.model.layers[0].self_attn.qkv_proj)):
+        assert torch.equal(before, after)
+
+
+def test_quantize_base_refusals_change_nothing():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3))  # 3 x 64 = 192 weights: not a multiple of 64? it is
+    model.add_module("odd", nn.Linear(10, 3))  # 30 weights: NF4 cannot pack it
+    before = [p for p in model.parameters()]
+    with pytest.raises(ValueError, match="scheme must be one of .*'int4'"):
+        L.quantize_base(model, scheme="int4")
+    with pytest.raises(ValueError, match="odd.weight has shape \\(3, 10\\)"):
+        L.quantize_base(model, targets=["0", "odd"])
+    with pytest.raises(ValueError, match="match no module"):
+        L.quantize_base(model, targets=["nope"])
+    assert list(model.parameters()) == before and all(type(p) is nn.Parameter for p in model.parameters())
+    assert L.quantize_base(model, targets=["0"]) == ["0"]
+    with pytest.raises(ValueError, match="only plain nn.Linear"):
+        L.quantize_base(model, targets=["0"])  # already quantized
+
+
+# ----------------------------------------------------------------------------- PEFT on the same quantized base
+
+@pytest.fixture(scope="module")
+def saved_phi3(tmp_path_factory):
+    from conftest import make_tiny_phi3
+
+    folder = tmp_path_factory.mktemp("phi3")
+    make_tiny_phi3(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    return folder
+
+
+def _load(folder, kind):
+    if kind == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    return _no_cpu_repacking(transformers.Phi3ForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu", dtype=torch.float32).eval())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_peft_and_lora_layers_agree_on_a_bitsandbytes_phi3(saved_phi3, tmp_path, kind):
+    ids = torch.randint(0, 128, (2, 10))
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    theirs = peft.get_peft_model(_load(saved_phi3, kind), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)).eval()  # the same mode as ours
+    ours = _load(saved_phi3, kind)
+    L.inject_lora(ours, targets, r=4, lora_alpha=8, lora_dropout=0.0)  # one adapter per module, as PEFT
+    assert isinstance(ours.model.layers[0].mlp.down_proj, L.Linear)
+    assert quantized_base(ours.model.layers[0].mlp.down_proj).kind.startswith("bnb")
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)  # at init
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path / "peft")
+    L.import_peft(ours, tmp_path / "peft")
+    # LLM.int8 also quantizes activations, which turns last-bit differences (op order) into larger ones.
+    tol = 1e-4 if kind == "int8" else 1e-5
+    torch.testing.assert_close(ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss, rtol=tol, atol=tol)
+    logits_tol = 5e-3 if kind == "int8" else 1e-4  # (a wrong adapter is off by ~1e-1 here)
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=logits_tol, atol=logits_tol)
+    # and back: our export loads into PEFT on a fresh quantized base, and into a float model alike
+    L.export_peft(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(_load(saved_phi3, kind), tmp_path / "ours")
+    torch.testing.assert_close(again(ids).logits, ours(ids).logits, rtol=logits_tol, atol=logits_tol)
+    L.save_lora(ours, tmp_path / "a.safetensors")
+    plain = transformers.Phi3ForCausalLM.from_pretrained(saved_phi3)
+    L.inject_lora(plain, targets, r=4, lora_alpha=8, lora_dropout=0.0)
+    L.load_lora(plain, tmp_path / "a.safetensors")  # the adapter file does not depend on the quantization
+    for (name, p), (_, q) in zip(L.named_lora_parameters(plain), L.named_lora_parameters(ours)):
+        assert torch.equal(p, q), name
+
+
+def test_phi3_apply_lora_on_a_4bit_base_exports_to_peft(saved_phi3, tmp_path):
+    ids = torch.randint(0, 128, (2, 10))
+    ours = _load(saved_phi3, "nf4")
+    L.phi3.apply_lora(ours, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"), gradient_checkpointing=True)
+    qkv = ours.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, L.MergedLinear) and qkv.quantized.kind == "bnb-4bit"
+    with torch.no_grad():
+        for p in L.lora_parameters(ours):
+            p.normal_(0, 0.1)
+    ours.train()
+    loss = ours(ids, labels=ids).loss
+    loss.backward()  # through checkpointing, over the packed weights
+    assert all(p.grad is not None for p in L.lora_parameters(ours))
+    ours.eval()
+    L.export_peft(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(_load(saved_phi3, "nf4"), tmp_path / "a")
+    torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
