@@ -110,21 +110,31 @@ def _select(h2: Tensor, y: Tensor, ignore_index: int, vocab: int):
 def _chunk_loss_and_grad(h, y, W, b, smoothing: float, want_grad: bool):
     """Summed loss of one chunk (fp32 or fp64) and, if ``want_grad``, ``d loss_sum / d logits``."""
     z = F.linear(h, W, b)
-    # log_softmax in fp32, as F.cross_entropy on upcast logits; one pass, one exp.
-    logp = torch.log_softmax(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=-1)
-    del z
-    picked = logp.gather(1, y.unsqueeze(1)).squeeze(1)
-    if smoothing:
-        # PyTorch's rule: (1 - ε) · nll + ε · mean over the vocabulary of -log p
-        loss = -((1.0 - smoothing) * picked + smoothing * logp.mean(-1)).sum()
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # softmax in fp32
+    picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    if want_grad:
+        # One pass gives the softmax (the gradient's main term) and, through the
+        # label's probability, the loss: -log p_y = lse - z_y.
+        dz = torch.softmax(z, dim=-1)
+        p_y = dz.gather(1, y.unsqueeze(1)).squeeze(1)
+        nll = p_y.log().neg_()
+        tiny = p_y < torch.finfo(dz.dtype).tiny
+        if bool(tiny.any()):  # p_y underflowed: take those rows' log-sum-exp from the logits
+            rows = tiny.nonzero().squeeze(1)
+            nll[rows] = torch.logsumexp(z[rows], dim=-1) - picked[rows]
     else:
-        loss = -picked.sum()
-    if not want_grad:
-        return loss, None
-    dz = logp.exp_()  # the softmax, in place
-    dz.scatter_add_(1, y.unsqueeze(1), dz.new_full((y.shape[0], 1), smoothing - 1.0))
+        dz = None
+        nll = torch.logsumexp(z, dim=-1) - picked
     if smoothing:
-        dz.sub_(smoothing / dz.shape[1])
+        # PyTorch's rule: (1 - ε) · nll + ε · mean over the vocabulary of -log p, where
+        # -log p_j = lse - z_j and lse = z_y + nll.
+        loss = (nll + smoothing * (picked - z.mean(-1))).sum()
+    else:
+        loss = nll.sum()
+    if dz is not None:
+        dz.scatter_add_(1, y.unsqueeze(1), dz.new_full((y.shape[0], 1), smoothing - 1.0))
+        if smoothing:
+            dz.sub_(smoothing / dz.shape[1])
     return loss, dz
 
 

@@ -58,6 +58,18 @@ def test_matches_float64_cross_entropy(dtype, reduction, smoothing, chunk):
         assert rel(got, 3.0 * want) <= TOL[dtype], name
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_confident_wrong_predictions_keep_full_precision(grad):
+    """Logit gaps of thousands: the label's probability underflows fp32, the loss must not."""
+    hidden, weight, labels, bias = make(ignored=0.0)
+    hidden = (hidden.detach() * 300).requires_grad_(grad)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=8)
+    ref, ref_grads = reference(hidden, weight, labels, bias)
+    assert ref.item() > 500 and rel(loss, ref) <= TOL[torch.float32]
+    if grad:
+        assert rel(torch.autograd.grad(loss, hidden)[0], ref_grads[0]) <= TOL[torch.float32]
+
+
 def test_frozen_weight_no_bias_and_ignored_rows_get_zero_gradient():
     hidden, weight, labels, _ = make(bias=False, train_weight=False, ignored=0.5)
     loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
