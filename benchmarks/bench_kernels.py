@@ -159,7 +159,7 @@ def check_correctness(torch, functional, kernels, case, dtype):
 
     p = 0.05
     torch.manual_seed(1)
-    keep = kernels.dropout_mask(kernels.draw_seed(), c.x.shape, p, c.x.device)
+    keep = kernels.keep_mask(kernels.draw_seed(), c.x.shape, p, c.x.device)
     torch.manual_seed(1)
     c.zero()
     y = functional.lora_linear(c.x, c.w, None, c.A, c.B, c.scaling, p, True,

@@ -73,7 +73,7 @@ def check(t, dtype, scaling=0.7, p=0.0, segments=None, fan_in_fan_out=False, rng
     keep = None
     if p > 0:
         torch.manual_seed(rng_seed)
-        keep = lk.dropout_mask(lk.draw_seed(), x.shape, p)
+        keep = lk.keep_mask(lk.draw_seed(), x.shape, p)
     torch.manual_seed(rng_seed)
     y = lk.lora_linear(x, w, b, A, B, scaling, p, True, fan_in_fan_out=fan_in_fan_out,
                        segments=segments)
@@ -190,13 +190,13 @@ def test_same_seed_same_mask_and_dropout_statistics():
     # eval mode ignores dropout entirely
     y_eval = lk.lora_linear(*args[:-1], False)
     torch.testing.assert_close(y_eval, reference(t, 1.0)[0].float(), rtol=1e-4, atol=1e-4)
-    keep = lk.dropout_mask(11, (64, 96), 0.5)
+    keep = lk.keep_mask(11, (64, 96), 0.5)
     assert keep.dtype == torch.bool and keep.shape == (64, 96)
-    assert torch.equal(keep, lk.dropout_mask(11, (64, 96), 0.5))
+    assert torch.equal(keep, lk.keep_mask(11, (64, 96), 0.5))
     assert 0.45 < keep.float().mean().item() < 0.55
-    assert not torch.equal(keep, lk.dropout_mask(12, (64, 96), 0.5))
+    assert not torch.equal(keep, lk.keep_mask(12, (64, 96), 0.5))
     # the mask is a function of the flat element index: a 3-D shape agrees with 2-D
-    assert torch.equal(lk.dropout_mask(11, (4, 16, 96), 0.5).reshape(64, 96), keep)
+    assert torch.equal(lk.keep_mask(11, (4, 16, 96), 0.5).reshape(64, 96), keep)
 
 
 def test_backward_regenerates_forward_mask():
@@ -206,7 +206,7 @@ def test_backward_regenerates_forward_mask():
     t = build((33,), 40, 24, 4, torch.float32, grads=("A",))
     torch.manual_seed(77)
     seed = lk.draw_seed()
-    keep = lk.dropout_mask(seed, t["x"].shape, p)
+    keep = lk.keep_mask(seed, t["x"].shape, p)
     torch.manual_seed(77)
     y = lk.lora_linear(t["x"], t["weight"], None, t["A"], t["B"], 1.5, p, True)
     gy = torch.randn_like(y)

@@ -64,7 +64,7 @@ def test_kernels_compile_for_sm90(tmp_path):
         ARCH, "\n\n".join(f"{r['kernel']} {r['config']} {r['types']}:\n{r['error']}" for r in failed))
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_down_kernel", "_fwd_kernel", "_bwd_g_kernel", "_bwd_x_kernel",
-                       "_dropout_mask_kernel"}
+                       "_keep_mask_kernel"}
     for r in results:
         assert r["cubin_bytes"] > 0 and r["ptx_has_entry"], r
         assert r["target"] == f"sm_{ARCH}" or r["target"] == f"sm_{ARCH}a", r
@@ -109,14 +109,14 @@ def _record_launches():
         configs = _ops._tuned(name).configs
         records.append((name, jit[name], args, kwargs, configs if all_configs[0] else configs[-1:]))
 
-    class FakeMaskKernel:  # dropout_keep_mask launches without autotuning
+    class FakeMaskKernel:  # keep_mask launches without autotuning
         def __getitem__(self, grid):
             return lambda *args, **kwargs: records.append(
                 ("mask", mask_fn, args, kwargs, [triton.Config({})]))
 
-    mask_fn = K._dropout_mask_kernel
+    mask_fn = K._keep_mask_kernel
     _ops._launch = fake_launch
-    K._dropout_mask_kernel = FakeMaskKernel()
+    K._keep_mask_kernel = FakeMaskKernel()
 
     T, Kd, N, R, p, seed, scaling = 64, 96, 80, 64, 0.1, 1234, 2.0
     segs = Segments(80, ((0, 40), (50, 80)))  # the private launchers take a Segments
@@ -139,7 +139,7 @@ def _record_launches():
     x, g = torch.randn(T, Kd, dtype=torch.float16), torch.randn(T, N, dtype=torch.float16)
     w, A1, du1 = (torch.randn(*shape, dtype=x.dtype) for shape in ((N, Kd), (1, Kd), (T, 1)))
     _ops.backward_x(g, w, du1, A1, x, seed, p, False, True, True, "fused")
-    _ops.dropout_keep_mask(seed, (T, Kd), p, "cpu")
+    _ops.keep_mask(seed, (T, Kd), p, "cpu")
     return records
 
 

@@ -14,7 +14,8 @@ Kernels run compiled on CUDA, or in triton's CPU interpreter when
 choice is fixed at that moment, because ``@triton.jit`` reads it).
 
 Public functions: :func:`is_available`, :func:`supports`, :func:`lora_linear`,
-:func:`dropout_mask`, :func:`draw_seed`.
+:func:`keep_mask`, :func:`draw_seed` (the same names, and meanings, as in
+:mod:`lora_layers.functional`; the random streams differ: Philox here).
 """
 import importlib
 import math
@@ -25,7 +26,7 @@ import torch
 
 from ..segments import Segments
 
-__all__ = ["is_available", "supports", "lora_linear", "dropout_mask", "draw_seed", "MAX_RANK"]
+__all__ = ["is_available", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
 
 #: Largest rank per segment the kernels accept.
 MAX_RANK = 128
@@ -190,13 +191,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
     return y.reshape(*lead, y.shape[-1])
 
 
-def dropout_mask(seed, shape, p, device="cpu"):
+def keep_mask(seed, shape, p, device="cpu"):
     """The boolean keep-mask (True = kept) that the kernels apply to an input
     of ``shape`` (*, in) for this ``seed`` and probability ``p``; the kept
     values are then scaled by 1/(1-p). Use it to build reference results."""
     if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p}")
-    return _load_ops().dropout_keep_mask(int(seed), shape, float(p), torch.device(device))
+    return _load_ops().keep_mask(int(seed), shape, float(p), torch.device(device))
 
 
 def draw_seed():

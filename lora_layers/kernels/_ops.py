@@ -124,7 +124,7 @@ def _segment_columns(segments, out_features, r, device):
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def dropout_keep_mask(seed, shape, p, device):
+def keep_mask(seed, shape, p, device):
     """Boolean keep-mask (True = kept) the kernels use for an input of ``shape``."""
     shape = tuple(shape)
     k = shape[-1]
@@ -134,7 +134,7 @@ def dropout_keep_mask(seed, shape, p, device):
     out = torch.empty((t, k), dtype=torch.int8, device=device)
     if t and k:
         grid = (triton.cdiv(t, 32), triton.cdiv(k, 64))
-        K._dropout_mask_kernel[grid](out, seed, float(p), t, k, BLOCK_M=32, BLOCK_K=64)
+        K._keep_mask_kernel[grid](out, seed, float(p), t, k, BLOCK_M=32, BLOCK_K=64)
     return out.bool().reshape(shape)
 
 

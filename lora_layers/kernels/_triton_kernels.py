@@ -82,7 +82,7 @@ def _expanded_b(b_ptr, stride_bn, stride_br, col_seg_ptr, col_brow_ptr,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(out_ptr, seed, p, T, K,
+def _keep_mask_kernel(out_ptr, seed, p, T, K,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
