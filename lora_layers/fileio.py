@@ -64,7 +64,7 @@ def as_path(path, arg: str = "path") -> str:
     except TypeError:
         raise TypeError(f"{arg} must be a str or os.PathLike, got {type(path).__name__} {path!r}") from None
     if not path:
-        raise ValueError(f"{arg} must be a file path, got ''")
+        raise ValueError(f"{arg} must be a non-empty path, got ''")
     if "\0" in path:
         raise ValueError(f"{arg} must not contain a NUL character, got {path!r}")
     return path

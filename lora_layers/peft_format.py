@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .fileio import CheckpointError, atomic_write, safetensors_bytes, to_storable
+from .fileio import CheckpointError, as_path, atomic_write, check_destination, safetensors_bytes, to_storable
 from .functional import row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
@@ -261,16 +262,29 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         "base_model_name_or_path": base_model_name_or_path,
     }
 
-    out_dir = os.fspath(out_dir)
-    if not os.path.isdir(out_dir):
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot export PEFT adapter to {out_dir!r}: folder {parent!r} does not exist")
-        os.mkdir(out_dir)
     data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True).encode()
-    atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
-    atomic_write(os.path.join(out_dir, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
+    created = _adapter_folder(out_dir)
+    try:
+        atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
+        atomic_write(os.path.join(out_dir, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
+    except BaseException:
+        if created:  # leave no half-written folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _adapter_folder(out_dir) -> bool:
+    """Check (and create, if its parent exists) the export folder; True when it was created here."""
+    path = as_path(out_dir, "out_dir")
+    if os.path.isdir(path):
+        check_destination(os.path.join(path, PEFT_CONFIG_NAME), "a PEFT adapter", "out_dir")
+        return False
+    if os.path.exists(path):
+        raise FileExistsError(f"cannot export a PEFT adapter to out_dir={path!r}: it is a file, expected a folder")
+    check_destination(path, "a PEFT adapter folder", "out_dir")  # the parent exists and is writable
+    os.mkdir(path)
+    return True
 
 
 # ----------------------------------------------------------------------------- import

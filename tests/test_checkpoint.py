@@ -336,7 +336,7 @@ def test_save_without_adapters_raises_before_touching_the_filesystem(tmp_path):
 
 
 @pytest.mark.parametrize("bad, exc, text", [
-    ("", ValueError, "path must be a file path, got ''"),
+    ("", ValueError, "path must be a non-empty path, got ''"),
     (None, TypeError, "path must be a str or os.PathLike, got NoneType None"),
 ])
 def test_bad_paths_are_refused_before_any_file_is_created(tmp_path, monkeypatch, bad, exc, text):

@@ -44,7 +44,7 @@ def test_destination_is_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize("bad, exc, text", [
-    ("", ValueError, "out must be a file path, got ''"),
+    ("", ValueError, "out must be a non-empty path, got ''"),
     (None, TypeError, "out must be a str or os.PathLike, got NoneType None"),
     (3, TypeError, "out must be a str or os.PathLike, got int 3"),
     ("sub" + os.sep, IsADirectoryError, "out='sub/'.*names a folder"),

@@ -557,3 +557,32 @@ def test_every_lora_config_field_is_classified():
     groups = (pf._IMPLEMENTED, pf._HARMLESS, set(pf._REFUSED))
     assert sum(len(g) for g in groups) == len(set().union(*groups))  # disjoint
     assert fields == set().union(*groups)
+
+
+@pytest.mark.parametrize("bad, exc", [("", ValueError), (None, TypeError), (3, TypeError),
+                                      ("/nonexistent/folder", FileNotFoundError)])
+def test_export_refuses_a_bad_folder_before_writing(tmp_path, bad, exc):
+    model = nn.Sequential(L.Linear(4, 4, r=2))
+    with pytest.raises(exc, match="out_dir"):
+        L.export_peft(model, bad)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="out_dir=.*file.*expected a folder"):
+        L.export_peft(model, tmp_path / "file")
+
+
+def test_a_failed_export_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    import lora_layers.peft_format as pf
+
+    calls = []
+
+    def failing_write(path, write, what="file", arg="path"):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, write, what, arg)
+
+    real = pf.atomic_write
+    monkeypatch.setattr(pf, "atomic_write", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        L.export_peft(nn.Sequential(L.Linear(4, 4, r=2)), tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
