@@ -39,7 +39,7 @@ from .fileio import (
     to_storable,
 )
 from .layers import LoRALayer
-from .utils import _bias_names, _check_bias, lora_modules, named_lora_parameters
+from .utils import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
 __all__ = [
     "FORMAT_NAME",
@@ -120,12 +120,12 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
 
 def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """The adapter tensors and the library header fields for ``model``."""
-    _check_bias(bias)
+    check_bias(bias)
     tensors = {name: p for name, p in named_lora_parameters(model)}
     if not tensors:
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
-    tensors.update(_bias_names(model, bias))
+    tensors.update(named_bias_parameters(model, bias))
     tensors = to_storable(tensors)
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
     header = {
@@ -222,14 +222,14 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     for name, layer in lora_modules(model):
         for local in layer.adapter_parameters():
             owner[f"{name}.{local}" if name else local] = layer
-    all_biases = _bias_names(model, "all")
+    all_biases = named_bias_parameters(model, "all")
     bias_mode = meta.get(META_BIAS)
     if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
         raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
                               f"expected 'none', 'all' or 'lora_only'")
     expected = dict(params)
     if bias_mode is not None:
-        expected.update(_bias_names(model, bias_mode))
+        expected.update(named_bias_parameters(model, bias_mode))
     else:  # loralib files carry no bias mode: accept whichever biases they hold
         expected.update({k: all_biases[k] for k in tensors if k in all_biases})
 

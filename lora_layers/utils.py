@@ -34,7 +34,7 @@ __all__ = [
 BIAS_MODES = ("none", "all", "lora_only")
 
 
-def _check_bias(bias) -> str:
+def check_bias(bias) -> str:
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     return bias
@@ -66,7 +66,7 @@ def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for _, p in named_lora_parameters(model)]
 
 
-def _bias_names(model: nn.Module, bias: str) -> Dict[str, nn.Parameter]:
+def named_bias_parameters(model: nn.Module, bias: str) -> Dict[str, nn.Parameter]:
     """Qualified names of the biases selected by ``bias``: every parameter whose
     local name is exactly ``bias`` ("all"), or the biases of LoRA layers ("lora_only")."""
     if bias == "none":
@@ -93,10 +93,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``
             (the model is left unchanged).
     """
-    _check_bias(bias)
+    check_bias(bias)
     find_shared_weights(model)  # a tied weight must never be merged into by eval()
     trainable = {id(p) for p in lora_parameters(model)}
-    trainable |= {id(p) for p in _bias_names(model, bias).values()}
+    trainable |= {id(p) for p in named_bias_parameters(model, bias).values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
 
@@ -108,9 +108,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
     validation, :func:`lora_layers.load_lora`.
     """
-    _check_bias(bias)
+    check_bias(bias)
     out = {name: p.detach() for name, p in named_lora_parameters(model)}
-    out.update({name: p.detach() for name, p in _bias_names(model, bias).items()})
+    out.update({name: p.detach() for name, p in named_bias_parameters(model, bias).items()})
     return out
 
 
