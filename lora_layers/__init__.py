@@ -17,7 +17,7 @@ from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .loss import fused_linear_cross_entropy
 from .peft_format import export_peft, import_peft
-from .quantized import quantize_base
+from .qlora import quantize_base
 from .surgery import inject_lora, merge_and_unload, unload
 from .training_state import load_training_state, save_training_state
 from . import phi3  # noqa: E402  (the Phi-3 preset: lora_layers.phi3.apply_lora)

@@ -15,28 +15,23 @@ The adapter math in :mod:`lora_layers.functional` is the same as for a plain
 weight. Merging into packed weights cannot be exact, so ``eval()`` keeps these
 layers unmerged. bitsandbytes and torchao are optional: they are imported only
 when a quantized layer is used, and nothing here imports them to recognise one.
-:func:`quantize_base` turns the frozen ``nn.Linear`` weights a later
-``apply_lora`` would adapt into torchao NF4 tensors, in place.
+(:func:`lora_layers.quantize_base`, in :mod:`lora_layers.qlora`, makes torchao
+NF4 bases.)
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-import math
-from typing import List, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "quantize_base", "SCHEMES",
-           "weight_nbytes"]
+from ._wrap import plain_module
 
-#: What :func:`quantize_base` can do.
-SCHEMES = ("nf4",)
-_NF4_BLOCK = 64          # torchao's NF4 block: 64 weights share one scale
-_NF4_SCALER_BLOCK = 256  # and 256 scales share one fp32 factor (smaller when the shape needs it)
+__all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4"]
 
 
 def _class_is(obj, name: str, package: str) -> bool:
@@ -58,7 +53,8 @@ def _quiet_torchao():
             lg.setLevel(level)
 
 
-def _nf4():
+def torchao_nf4():
+    """torchao's NF4 module (``to_nf4``, ``linear_nf4``), imported quietly."""
     with _quiet_torchao():
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     return nf4_tensor
@@ -116,8 +112,6 @@ class _BnbBase(QuantizedBase):
 
     def __init__(self, module):
         super().__init__(module)
-        from ._wrap import plain_module
-
         self.base = plain_module(module, ())
         self.base._parameters["bias"] = None
 
@@ -187,7 +181,7 @@ class _TorchaoNF4(QuantizedBase):
 
     def linear(self, x):
         with torch.no_grad():
-            return _nf4().linear_nf4(x.to(self.dtype), self.module.weight)
+            return torchao_nf4().linear_nf4(x.to(self.dtype), self.module.weight)
 
     def dequantize(self):
         return self.module.weight.get_original_weight().to(self.dtype)
@@ -231,66 +225,3 @@ def weight_nbytes(module: nn.Module) -> int:
     """Bytes the layer's base weight takes: packed bytes for a quantized base."""
     base = quantized_base(module)
     return base.nbytes() if base is not None else _bytes([module.weight])
-
-
-# ----------------------------------------------------------------------------- quantize_base
-
-def _nf4_tensor(weight: Tensor, name: str) -> Tensor:
-    numel = weight.numel()
-    if numel % _NF4_BLOCK:
-        raise ValueError(f"quantize_base: {name}.weight has shape {tuple(weight.shape)}: NF4 needs a multiple of "
-                         f"{_NF4_BLOCK} elements, got {numel}")
-    scalers = numel // _NF4_BLOCK
-    # The largest power of two up to 256 that divides the number of scales.
-    scaler_block = math.gcd(scalers, _NF4_SCALER_BLOCK)
-    return _nf4().to_nf4(weight.detach(), _NF4_BLOCK, scaler_block)
-
-
-def quantize_base(model: nn.Module, scheme: str = "nf4",
-                  targets: Union[None, str, Sequence[str]] = None) -> List[str]:
-    """Quantize, in place, the frozen ``nn.Linear`` weights that LoRA will adapt (QLoRA with torchao).
-
-    Each selected ``nn.Linear`` keeps its class and its bias; its ``weight``
-    becomes a frozen torchao NF4 tensor (blocks of 64 weights, about 0.26× the
-    bf16 bytes). Call it before :func:`~lora_layers.phi3.apply_lora` or
-    :func:`~lora_layers.inject_lora`, which then wrap the quantized layers.
-
-    Args:
-        model: the model.
-        scheme: ``"nf4"`` (torchao's NF4, the QLoRA data type).
-        targets: as :func:`~lora_layers.inject_lora`'s ``targets``. None: what a
-            following ``apply_lora`` would take (Phi-3's four projections for a
-            Phi-3 model, else ``"all-linear"``, which leaves out the output head).
-
-    Returns:
-        The qualified names of the quantized modules, in model order.
-
-    Raises:
-        ValueError: an unknown ``scheme``, a target that matches nothing or a
-            module that is not a plain ``nn.Linear`` (already quantized, or a LoRA
-            layer), or a weight whose size NF4 cannot pack. The model is unchanged.
-        ImportError: torchao is not installed (``pip install lora_layers[qlora]``).
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize_base: scheme must be one of {SCHEMES}, got {scheme!r}")
-    from .surgery import ALL_LINEAR, _candidates, _select
-
-    if targets is None:
-        from . import phi3
-
-        is_phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
-        targets = list(phi3.TARGETS) if is_phi3 else ALL_LINEAR
-    plan = _select(model, _candidates(model), targets, None)
-    wrong = [f"{n} ({type(m).__name__})" for n, m in plan
-             if type(m) is not nn.Linear or is_quantized_linear(m)]
-    if wrong:
-        raise ValueError(f"quantize_base: only plain nn.Linear layers with a float weight can be quantized, got "
-                         f"{wrong}")
-    try:
-        _nf4()
-    except ImportError as exc:
-        raise ImportError("quantize_base needs torchao: pip install 'lora_layers[qlora]'") from exc
-    packed = [(m, _nf4_tensor(m.weight, n)) for n, m in plan]  # everything packs before anything changes
-    for module, weight in packed:
-        module.weight = nn.Parameter(weight, requires_grad=False)
-    return [n for n, _ in plan]
