@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import recipes
 from .segments import Block, Segments
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed", "drop_mask", "keep_mask", "keep_scale",
@@ -541,10 +542,13 @@ def lora_linear(
             y2, _ = _forward(_cast(x, dt), weight, bias, lora_A, lora_B, float(scaling), p, seed,
                              fan_in_fan_out, blocks, magnitude, norm)
             return y2.view(*x.shape[:-1], y2.shape[-1])
-        return _LoRALinear.apply(
-            _cast(x, dt), weight, bias, lora_A, lora_B, magnitude, norm,
-            float(scaling), p, seed, fan_in_fan_out, blocks,
-        )
+        args = (weight, bias, lora_A, lora_B, magnitude, norm, float(scaling), p, seed, fan_in_fan_out, blocks)
+        recipe = recipes.find(x)
+        if recipe is not None:  # x can be rebuilt from tensors autograd keeps anyway: keep those (lora_layers.lean)
+            from .lean import apply_rebuilding_input
+
+            return apply_rebuilding_input(recipe, _LoRALinear, x, dt, args)
+        return _LoRALinear.apply(_cast(x, dt), *args)
 
 
 def row_sq_norm(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:

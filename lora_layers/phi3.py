@@ -17,9 +17,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from . import lean as _lean
 from .surgery import inject_lora
 
-__all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing"]
+__all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
+           "disable_lean"]
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QKV_PARTS = ("q", "k", "v")
@@ -132,7 +134,7 @@ def _checkpointing_kwargs(gradient_checkpointing) -> Optional[dict]:
 def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
                targets: Sequence[str] = TARGETS, qkv: Sequence[str] = QKV_PARTS, *, use_rslora: bool = False,
                lora_dtype=None, gradient_checkpointing: Union[None, bool, dict] = None,
-               backend: str = "auto", use_dora: bool = False, init: str = "kaiming") -> List[str]:
+               backend: str = "auto", use_dora: bool = False, init: str = "kaiming", lean: bool = False) -> List[str]:
     """Put LoRA adapters on a Phi-3 model's projections, in place.
 
     ``qkv_proj`` becomes a :class:`~lora_layers.MergedLinear` with splits
@@ -148,6 +150,9 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
             :func:`lora_layers.inject_lora` (``use_dora=True``: DoRA on every adapted projection).
         targets: which of ``("qkv_proj", "o_proj", "gate_up_proj", "down_proj")`` to adapt.
         qkv: which parts of ``qkv_proj`` get adapters, e.g. ``("q", "v")``.
+        lean: also call :func:`enable_lean`: the adapters keep no copy of their inputs
+            and, with labels, the forward computes the fused loss and returns ``logits=None``
+            (``model(..., labels=y, return_logits=True)`` gives the plain loss and the logits).
         gradient_checkpointing: ``None``/``False`` leaves checkpointing as it is;
             ``True`` or ``{"use_reentrant": bool}`` calls
             :func:`enable_gradient_checkpointing` after the surgery.
@@ -174,9 +179,37 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
         merged["gate_up_proj"] = (splits["gate_up_proj"], None)
     names = inject_lora(model, targets, r, lora_alpha, lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype,
                         backend=backend, merged_splits=merged or None, use_dora=use_dora, init=init)
+    if lean:
+        enable_lean(model, loss=_lean._is_causal_lm(model))
     if checkpointing is not None:
         enable_gradient_checkpointing(model, **checkpointing)
     return names
+
+
+def enable_lean(model: nn.Module, *, loss: bool = True, adapter_inputs: bool = True) -> List[str]:
+    """Lean training on a Phi-3 model: the same results with less activation memory.
+
+    ``adapter_inputs``: every LoRA ``qkv_proj``, ``gate_up_proj`` and ``down_proj``
+    rebuilds its input in backward (from the RMSNorm's input and ``rstd``, or the
+    ``gate_up`` output, which autograd keeps anyway) instead of keeping it.
+    ``loss``: with labels, ``model(...)`` computes
+    :func:`~lora_layers.fused_linear_cross_entropy` on the last hidden state and returns
+    ``logits=None``; ``return_logits=True`` in a call gives the plain loss and the logits.
+    See :mod:`lora_layers.lean`; :func:`disable_lean`, ``merge_and_unload`` and ``unload`` undo it.
+
+    Returns:
+        The qualified names of the modules made lean (``""``: the model's forward).
+
+    Raises:
+        ValueError: the model's norms or MLPs are not transformers' Phi-3 classes, or
+            ``loss=True`` on a model without an output head (a bare ``Phi3Model``).
+    """
+    return _lean.enable(model, adapter_inputs=adapter_inputs, loss=loss)
+
+
+def disable_lean(model: nn.Module) -> None:
+    """Undo :func:`enable_lean`: transformers' own norm and MLP classes and forward again."""
+    _lean.disable(model)
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:

@@ -22,6 +22,7 @@ import torch.nn as nn
 from .base import LoRALayer
 from .validation import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .lean import disable as disable_lean
 from ._ties import find_shared_weights
 from .quantized import is_quantized_linear
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_layers
@@ -379,6 +380,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
                 if getattr(layer, "quantized", None) is not None}
     merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
+    disable_lean(model)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
     return _swap(model, replaced)
 
@@ -409,4 +411,5 @@ def unload(model: nn.Module) -> nn.Module:
     layers = [layer for _, layer in lora_modules(model)]
     for layer in layers:
         layer.unmerge()
+    disable_lean(model)
     return _swap(model, {id(layer): _plain_layer(layer) for layer in layers})

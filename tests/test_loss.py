@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lora_layers
 from lora_layers.loss import default_chunk_size, fused_linear_cross_entropy
 
 F64 = torch.float64
@@ -191,3 +192,8 @@ def test_bad_input_raises_clearly_and_changes_nothing(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fused_linear_cross_entropy(*args, **kwargs)
     assert all(t is None or torch.equal(t, old) for t, old in zip(args, before))
+
+
+def test_exported_at_top_level():
+    assert lora_layers.fused_linear_cross_entropy is fused_linear_cross_entropy
+    assert "fused_linear_cross_entropy" in lora_layers.__all__
