@@ -7,10 +7,13 @@ base weights (one seeded model, deep-copied) and the same initial adapters:
 * ``lora_layers (inject_lora)``: the same structure, one plain LoRA ``Linear``
   per projection, with PEFT's initial A/B copied in;
 * ``lora_layers (phi3.apply_lora)``: ``MergedLinear`` on qkv (GQA splits) and
-  gate_up (one rank-r adapter per split, so more parameters: reported separately).
+  gate_up (one rank-r adapter per split, so more parameters: reported separately);
+* ``lora_layers lean``: a copy of the previous one after ``phi3.enable_lean``
+  (recomputed adapter inputs, fused linear cross-entropy); ``frozen lean``: a
+  copy of the floor (below) with the fused loss.
 
-B starts at zero everywhere, so the first loss is the base model's loss in all
-three (printed as a check). Reported, in one process and interleaved: the step
+B starts at zero everywhere, so the first loss is the base model's loss in
+every set-up (printed as a check). Reported, in one process and interleaved: the step
 time median as a ratio to PEFT, the bytes autograd saves for backward in one
 step (beyond parameters and inputs; also minus the same model without
 adapters, the *floor*, which isolates what the adapters add), the peak memory growth during a step
@@ -49,6 +52,7 @@ SIZES = {
 }
 FLOOR, PEFT, INJECT, PHI3 = ("frozen base (no adapters)", "peft", "lora_layers (inject_lora)",
                               "lora_layers (phi3.apply_lora)")
+FLOOR_LEAN, LEAN = "frozen lean (fused loss)", "lora_layers lean (phi3.apply_lora, lean=True)"
 
 
 def build_base(size: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -89,6 +93,11 @@ def build_models(base, r: int, alpha: float, p: float, with_phi3: bool = True) -
             helper = copy.deepcopy(base)
             phi3.apply_lora(helper, r=r, lora_alpha=alpha, lora_dropout=p)
             models[PHI3] = helper
+            # The lean rows: the same weights and adapters as the floor and the phi3 row.
+            models[FLOOR_LEAN] = copy.deepcopy(floor)
+            phi3.enable_lean(models[FLOOR_LEAN])
+            models[LEAN] = copy.deepcopy(helper)
+            phi3.enable_lean(models[LEAN])
     for m in models.values():
         m.train()
     return models

@@ -5,7 +5,9 @@ model, so their loss and gradients are compared bit for bit; the fused loss is
 compared with a float64 copy of the plain model. Saved bytes are exact.
 """
 import copy
+import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from lora_layers import lora_state_dict, merge_and_unload, phi3, unload
 from lora_layers.utils import named_lora_parameters
 
 transformers = pytest.importorskip("transformers")
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 LABELS = IDS.clone()
 LABELS[:, :3] = -100  # a masked prompt
@@ -245,3 +248,25 @@ def test_torch_compile_adds_no_graph_break():
     assert out.logits is None
     torch.testing.assert_close(out.loss, eager.loss, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_lean_loss_curve_matches_plain_curve():
+    sys.path.insert(0, BENCH)
+    import loss_parity
+
+    res = loss_parity.run_lean_parity(lambda: make_tiny_phi3(gqa=True), steps=20)
+    assert len(res["lean"]) == 20 and res["lean"][-1] < res["lean"][0]
+    assert res["max_abs_diff"] <= 1e-5, res
+
+
+def test_benchmark_rows():
+    sys.path.insert(0, BENCH)
+    import bench_phi3_step as bench
+
+    data = bench.main(["--quick", "--threads", "1", "--reps", "1"])["results"]
+    peft, lean, frozen_lean = data[bench.PEFT], data[bench.LEAN], data[bench.FLOOR_LEAN]
+    for row in (lean, frozen_lean):
+        assert abs(row["first_loss"] - peft["first_loss"]) <= 1e-5
+    assert lean["trainable_params"] == data[bench.PHI3]["trainable_params"]
+    assert lean["saved_bytes"] < data[bench.PHI3]["saved_bytes"]
+    assert frozen_lean["saved_bytes"] < data[bench.FLOOR]["saved_bytes"]
