@@ -2,6 +2,7 @@
 
     python examples/phi3_finetune.py                        # offline demo: tiny random Phi-3, bundled data
     python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --data chats.jsonl
+    python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --quantize nf4   # QLoRA
     torchrun --nproc_per_node 4 examples/phi3_finetune.py --model /path/to/Phi-3-mini ...   # DDP
 
 Every key of ``training_config`` and ``lora_config`` below is also a flag
@@ -107,6 +108,9 @@ def parse_args():
     p.add_argument("--resume", default=None, help="a checkpoints/step-N folder to continue from exactly")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload)")
+    p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
+                   help="QLoRA: a frozen 4-bit (nf4, fp4) or 8-bit base, loaded through bitsandbytes; "
+                        "--model tiny with nf4 uses lora_layers.quantize_base (torchao). Default: off")
     for group, config, prefix in (("training_config", training_config, ""), ("lora_config", lora_config, ""),
                                   ("tiny_model_config", tiny_model_config, "tiny_")):
         g = p.add_argument_group(group)
@@ -176,7 +180,17 @@ syn_train, syn_eval = phi3_data.split_eval(synthetic, tc["eval_fraction"], tc["s
 train_chats, eval_chats = chat_train + syn_train, chat_eval + syn_eval
 
 # ----------------------------------------------------------------------------- tokenizer and model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Phi3Config, Phi3ForCausalLM  # noqa: E402
+
+dtype = torch.bfloat16 if use_bf16 and args.model != "tiny" else torch.float32  # of the base's float weights
+
+
+def bnb_config(scheme):
+    """QLoRA's frozen base through bitsandbytes: 4-bit blocks computing in the run's dtype, or LLM.int8."""
+    if scheme == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=dtype)
+
 
 if args.model == "tiny":
     # A character-level tokenizer trained right now on the data, with Phi-3's special tokens and
@@ -190,8 +204,9 @@ if args.model == "tiny":
     base_model_path = out_dir / "base_model"  # saved below so the PEFT export has a base to load on
 else:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                                                 attn_implementation=args.attn_implementation)
+    quantized = {"quantization_config": bnb_config(args.quantize), "device_map": {"": device}} if args.quantize else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation,
+                                                 **quantized)
     base_model_path = args.model
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
@@ -200,6 +215,14 @@ model.to(device)
 if master and args.model == "tiny":
     model.save_pretrained(base_model_path)
     tokenizer.save_pretrained(base_model_path)
+if args.model == "tiny" and args.quantize == "nf4":  # torchao's NF4, in place, for the layers apply_lora takes
+    lora.quantize_base(model, targets=list(lc["targets"]))
+elif args.model == "tiny" and args.quantize:  # bitsandbytes quantizes while loading: reload the saved base
+    if ddp:
+        dist.barrier()  # rank 0 has written it
+    model = Phi3ForCausalLM.from_pretrained(base_model_path, dtype=dtype, quantization_config=bnb_config(args.quantize),
+                                            device_map={"": device}, attn_implementation=args.attn_implementation)
+    model.config.use_cache = False
 
 # ----------------------------------------------------------------------------- LoRA surgery
 # qkv_proj and gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]);
@@ -207,7 +230,11 @@ if master and args.model == "tiny":
 # sets up checkpointing so that gradients still reach them through the frozen base.
 replaced = lora.phi3.apply_lora(model, **lc, gradient_checkpointing=tc["gradient_checkpointing"])
 n_trainable = lora.count_lora_parameters(model)
-n_total = sum(p.numel() for p in model.parameters())
+n_total = model.num_parameters()  # counts a 4-bit weight's logical elements, not its packed bytes
+adapted = [model.get_submodule(name) for name in replaced]
+# The base weights under the adapters: packed bytes (data and scales) when quantized, next to bf16's 2 bytes each.
+base_weights = {"quantize": args.quantize, "bytes": sum(lora.quantized.weight_nbytes(m) for m in adapted),
+                "bf16_bytes": 2 * sum(m.in_features * m.out_features for m in adapted)}
 raw_model = model
 if ddp:
     model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -339,6 +366,10 @@ log(f"model: {args.model}  LoRA on {len(replaced)} modules ({', '.join(lc['targe
     f"alpha={lc['lora_alpha']}, rsLoRA={lc['use_rslora']}, DoRA={lc['use_dora']}"
     + (f", LoRA+ ratio {tc['lora_plus_ratio']:g}" if tc["lora_plus_ratio"] > 0 else ""))
 log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
+base_weights_line = (f"base weights of the adapted projections: {base_weights['bytes'] / 2**20:,.2f} MiB "
+                     f"({args.quantize or 'not quantized'}) vs {base_weights['bf16_bytes'] / 2**20:,.2f} MiB in bf16 "
+                     f"({base_weights['bytes'] / base_weights['bf16_bytes']:.2f}x)")
+log(base_weights_line)
 log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
     f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")
 log(f"before training: eval loss {phi3_report.describe(baseline['eval_loss'])}" + (
@@ -424,11 +455,21 @@ if master:
         eval_names=list(eval_sets), exact_match_prompts=len(exact_match_set), trainable_params=n_trainable,
         total_params=n_total, tokens_seen=tokens_seen, train_time=train_time, peak_memory=peak_memory,
         samples=samples, replies=replies)
+    summary["base_weights"] = base_weights
     phi3_report.write(out_dir, history, summary)
     phi3_report.print_summary(summary, out_dir)
+    print(base_weights_line)
 
 if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
-    merged = lora.merge_and_unload(raw_model)
+    merged = lora.merge_and_unload(raw_model)  # over a quantized base: the dequantized weight plus s·BA
+    if getattr(merged, "hf_quantizer", None) is not None:  # loaded with a BitsAndBytesConfig
+        # Save a plain model in the run's dtype (LLM.int8 dequantizes to fp16): dequantize the layers that took no
+        # adapter, or, with none left (transformers' dequantize fails then), only drop its record of the quantization.
+        if any(lora.quantized.is_quantized_linear(m) for m in merged.modules()):
+            merged = merged.dequantize(dtype=dtype)
+        else:
+            merged.hf_quantizer.remove_quantization_config(merged)
+        merged.to(dtype)
     merged.config.use_cache = True
     merged.save_pretrained(out_dir / "merged")
     tokenizer.save_pretrained(out_dir / "merged")

@@ -5,6 +5,7 @@ tests; the DDP and bad-data tests make their own runs. Sizes are cut down with
 flags so the whole file stays well under two minutes on 2 cores.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +178,20 @@ def test_bad_data_names_file_and_line(case, tmp_path):
     assert proc.returncode == 2
     assert str(path) in proc.stderr and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_quantized_nf4_base_trains_and_reports_its_bytes(tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "qlora"
+    proc = run_script("--output-dir", out, "--quantize", "nf4", "--max-steps", "2", "--synthetic-examples", "100",
+                      "--exact-match-prompts", "4", "--batch-size", "8")
+    check_ok(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    weights = summary["base_weights"]
+    # The tiny model's adapted projections: 4 layers x (qkv 128->256, o 128->128, gate_up 128->512, down 256->128).
+    assert weights["quantize"] == "nf4" and weights["bf16_bytes"] == 2 * 4 * 128 * (256 + 128 + 512 + 256)
+    assert 0.25 * weights["bf16_bytes"] < weights["bytes"] < 0.3 * weights["bf16_bytes"]  # 4 bits + a scale per 64
+    assert "base weights of the adapted projections" in proc.stdout and "(nf4)" in proc.stdout
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    assert math.isfinite(summary["eval_loss_after"]["all"])
