@@ -140,6 +140,10 @@ class _Bnb4bit(_BnbBase):
             # dequantize_4bit does not read: unpack a copy (the unpacking rewrites the state it is
             # given, and the layer keeps its format).
             data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+            if state.absmax.dim() == 2:
+                # bitsandbytes 0.50's inverse leaves a non-nested absmax in the packed (in/blocksize, out)
+                # table; read that way, every block would take another block's scale.
+                state.absmax = state.absmax.t().reshape(-1).float()
         return bf.dequantize_4bit(data, state).to(self.dtype)
 
     def nbytes(self):

@@ -114,6 +114,36 @@ def test_merged_linear_gqa_over_a_4bit_base():
     assert_rel_close(layer(x), ref, torch.float32, "fused forward")
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_reads_the_cpu_repacked_layout(nested):
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel in an eval pass (absmax becomes a
+    transposed (in/64, out) bf16 table); dequantize (dx, merge_and_unload) must still give each block its own
+    scale. Blocks with very different scales make a mix-up visible (a uniform init hides it)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    plain = nn.Linear(IN, OUT, bias=False)
+    with torch.no_grad():
+        plain.weight.mul_(torch.rand(OUT, IN // 64).repeat_interleave(64, dim=1) * 10 + 0.1)
+    q = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                          compress_statistics=nested)
+    q.load_state_dict(plain.state_dict())
+    layer = L.Linear.from_module(q.to("cpu"), r=4, lora_alpha=8)
+    W = layer.quantized.dequantize()
+    weight = layer.weight  # what bitsandbytes' Linear4bit.forward does to it (also where the CPU lacks the kernel)
+    weight.data, _ = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert weight.quant_state.packing_format_for_cpu
+    # The repacking rounds absmax to bf16: each weight may move by a small fraction of its own block's scale,
+    # never by another block's. Nested, absmax is requantized in 8 bits over groups of 256 blocks.
+    error = (layer.quantized.dequantize() - W).abs().view(OUT, IN // 64, 64)
+    scale = W.abs().max() if nested else W.abs().view(OUT, IN // 64, 64).amax(-1, keepdim=True)
+    assert (error <= 2 ** -7 * scale).all(), error.max()
+    g = torch.randn(3, OUT)
+    reference = g @ W
+    torch.testing.assert_close(layer.quantized.grad_input(g), reference, rtol=0, atol=1e-2 * reference.abs().max())
+    assert weight.quant_state.packing_format_for_cpu  # the layer keeps its format
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-nf4"])
 def test_eval_stays_unmerged_and_merge_and_unload_dequantizes(kind):
     reference = _quantized(kind)  # the same quantized layer, unwrapped
