@@ -12,6 +12,11 @@ base weights (one seeded model, deep-copied) and the same initial adapters:
   (recomputed adapter inputs, fused linear cross-entropy); ``frozen lean``: a
   copy of the floor (below) with the fused loss.
 
+With ``--quantize nf4`` (or ``fp4``, ``int8``) the base is QLoRA's: the random
+model is saved and reloaded with a ``BitsAndBytesConfig`` (4-bit blocks
+computing in the run's dtype), and every set-up, PEFT's included, wraps the same
+bitsandbytes layers.
+
 B starts at zero everywhere, so the first loss is the base model's loss in
 every set-up (printed as a check). Reported, in one process and interleaved: the step
 time median as a ratio to PEFT, the bytes autograd saves for backward in one
@@ -30,6 +35,7 @@ Usage::
     python benchmarks/bench_phi3_step.py
     python benchmarks/bench_phi3_step.py --device cuda --size mini --layers 4
     python benchmarks/bench_phi3_step.py --quick
+    python benchmarks/bench_phi3_step.py --quantize nf4     # QLoRA: PEFT vs lora_layers on one nf4 base
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -55,8 +62,12 @@ FLOOR, PEFT, INJECT, PHI3 = ("frozen base (no adapters)", "peft", "lora_layers (
 FLOOR_LEAN, LEAN = "frozen lean (fused loss)", "lora_layers lean (phi3.apply_lora, lean=True)"
 
 
-def build_base(size: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    """A random ``Phi3ForCausalLM`` of ``size`` on ``device`` in ``dtype``, train mode."""
+QUANTIZE = ("nf4", "fp4", "int8")
+
+
+def build_base(size: dict, device: str, dtype: torch.dtype, seed: int = 0, quantize: Optional[str] = None):
+    """A random ``Phi3ForCausalLM`` of ``size`` on ``device`` in ``dtype``, train mode; with ``quantize``
+    (one of :data:`QUANTIZE`), its projections are bitsandbytes layers (loaded as QLoRA loads a checkpoint)."""
     import transformers
 
     config = transformers.Phi3Config(
@@ -65,6 +76,16 @@ def build_base(size: dict, device: str, dtype: torch.dtype, seed: int = 0):
         max_position_embeddings=max(4096, size["seq"]), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = transformers.Phi3ForCausalLM(config).to(device=device, dtype=dtype)
+    if quantize is not None:
+        if quantize == "int8":
+            bnb = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                                                  bnb_4bit_compute_dtype=dtype)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            model = transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype,
+                                                                 device_map={"": torch.device(device)})
     return model.train()
 
 
@@ -128,9 +149,9 @@ def _peak_growth(step: Callable[[], None], device: str) -> int:
 
 
 def run(size: dict, device: str, dtype: torch.dtype, r: int, alpha: float, p: float, reps: int,
-        warmup: int = 1, seed: int = 0, with_phi3: bool = True) -> dict:
+        warmup: int = 1, seed: int = 0, with_phi3: bool = True, quantize: Optional[str] = None) -> dict:
     """Measure the three set-ups; returns ``{"config", "results"}`` (see the module doc)."""
-    base = build_base(size, device, dtype, seed)
+    base = build_base(size, device, dtype, seed, quantize)
     models = build_models(base, r, alpha, p, with_phi3)
     del base
     gen = torch.Generator().manual_seed(seed + 1)
@@ -161,7 +182,7 @@ def run(size: dict, device: str, dtype: torch.dtype, r: int, alpha: float, p: fl
                          peak_ratio=res[name]["peak_growth_bytes"] / res[PEFT]["peak_growth_bytes"]
                          if res[PEFT]["peak_growth_bytes"] else float("nan"))
     return {"config": {**size, "device": device, "dtype": str(dtype).split(".")[-1], "r": r, "alpha": alpha,
-                       "dropout": p, "reps": reps}, "results": res}
+                       "dropout": p, "reps": reps, "quantize": quantize}, "results": res}
 
 
 def table(result: dict, device: str) -> str:
@@ -186,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--dtype", default=None, help="fp32/bf16/fp16 (default: the size's)")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--no-phi3", action="store_true", help="skip the phi3.apply_lora set-up")
+    ap.add_argument("--quantize", choices=QUANTIZE, default=None,
+                    help="QLoRA: a bitsandbytes base (4-bit nf4/fp4 computing in --dtype, or int8) for every set-up")
     C.add_common_args(ap, reps=7)
     args = ap.parse_args(argv)
     if args.quick:
@@ -203,11 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     machine = C.machine_info(args.device)
     result = run(size, args.device, dtype, args.rank, args.alpha, args.dropout, args.reps, args.warmup,
-                 with_phi3=not args.no_phi3)
+                 with_phi3=not args.no_phi3, quantize=args.quantize)
     c = result["config"]
     print(f"bench_phi3_step: {machine}")
     print(f"\nPhi-3 {args.size}: hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads / {c['kv']} KV, "
-          f"intermediate {c['inter']}, vocab {c['vocab']}, batch {c['batch']}x{c['seq']}, {c['dtype']}, "
+          f"intermediate {c['inter']}, vocab {c['vocab']}, batch {c['batch']}x{c['seq']}, {c['dtype']}"
+          f"{f' over a bitsandbytes {args.quantize} base' if args.quantize else ''}, "
           f"{args.device}; r={args.rank}, alpha={args.alpha:g}, dropout={args.dropout}; {args.reps} reps\n")
     print(table(result, args.device))
     first = {n: f["first_loss"] for n, f in result["results"].items()}
