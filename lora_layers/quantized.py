@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._wrap import plain_module
+from ._wrap import adopt, plain_module
 
 __all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4"]
 
@@ -112,7 +112,9 @@ class _BnbBase(QuantizedBase):
 
     def __init__(self, module):
         super().__init__(module)
-        self.base = plain_module(module, ())
+        # A LoRA layer made by from_module, or the bitsandbytes layer itself (weight_nbytes on a loaded model).
+        wrapped = "_wrapped_class" in module.__dict__
+        self.base = plain_module(module, ()) if wrapped else adopt(type(module), module)
         self.base._parameters["bias"] = None
 
     def linear(self, x):

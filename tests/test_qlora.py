@@ -114,6 +114,16 @@ def test_merged_linear_gqa_over_a_4bit_base():
     assert_rel_close(layer(x), ref, torch.float32, "fused forward")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_nbytes_of_a_quantized_layer_before_and_after_wrapping(kind):
+    q = _quantized(kind)
+    before = L.quantized.weight_nbytes(q)  # e.g. a model just loaded with a BitsAndBytesConfig
+    bias = q.bias
+    assert 0 < before <= (0.6 if kind == "int8" else 0.35) * IN * OUT * 2  # vs bf16 (plus small code tables)
+    assert L.quantized.weight_nbytes(L.Linear.from_module(q, r=4)) == before
+    assert q.bias is bias  # looking did not touch the layer
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_dequantize_reads_the_cpu_repacked_layout(nested):
     """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel in an eval pass (absmax becomes a
