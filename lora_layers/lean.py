@@ -8,7 +8,7 @@ Two independent savings, both with exactly the plain model's results:
   to :class:`LeanRMSNorm` / :class:`LeanSwiGLUMLP` (the same object, the same
   parameters, the same ops in the same order), which register a recipe for their
   output (:mod:`lora_layers.recipes`): the norm's fp32 input and ``rstd``, or the
-  ``gate_up`` output, which their own autograd keeps anyway. The LoRA layer's
+  two factors ``up`` and ``silu(gate)``, which their own autograd keeps anyway. The LoRA layer's
   autograd then keeps those instead of ``x`` and rebuilds ``x`` in backward,
   bit for bit. The autograd graph itself is unchanged.
 * **The fused loss.** With labels, the causal LM's forward computes
@@ -131,22 +131,19 @@ class LeanRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def _swiglu(up_states: Tensor, act) -> Tensor:
-    gate, up = up_states.chunk(2, dim=-1)
-    return up * act(gate)
-
-
 class LeanSwiGLUMLP(nn.Module):
     """Phi-3's MLP (``gate_up_proj``, ``activation_fn``, ``down_proj``), same ops in the
-    same order, registering a recipe for ``down_proj``'s input: the ``gate_up`` output,
-    which the SwiGLU's own autograd keeps. Installed by :func:`enable` in place of ``Phi3MLP``."""
+    same order, registering a recipe for ``down_proj``'s input ``up * act(gate)``: its two
+    factors, which the product's own autograd keeps. Installed by :func:`enable` in place
+    of ``Phi3MLP``."""
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         up_states = self.gate_up_proj(hidden_states)
-        product = _swiglu(up_states, self.activation_fn)
+        gate, up = up_states.chunk(2, dim=-1)
+        activated = self.activation_fn(gate)
+        product = up * activated
         if recipes.recording(up_states):
-            act = self.activation_fn
-            recipes.register(product, lambda y: _swiglu(y, act), up_states)
+            recipes.register(product, torch.mul, up, activated)
         return self.down_proj(product)
 
 

@@ -190,8 +190,8 @@ def enable_lean(model: nn.Module, *, loss: bool = True, adapter_inputs: bool = T
     """Lean training on a Phi-3 model: the same results with less activation memory.
 
     ``adapter_inputs``: every LoRA ``qkv_proj``, ``gate_up_proj`` and ``down_proj``
-    rebuilds its input in backward (from the RMSNorm's input and ``rstd``, or the
-    ``gate_up`` output, which autograd keeps anyway) instead of keeping it.
+    rebuilds its input in backward (from the RMSNorm's input and ``rstd``, or from
+    ``up`` and ``silu(gate)``, which autograd keeps anyway) instead of keeping it.
     ``loss``: with labels, ``model(...)`` computes
     :func:`~lora_layers.fused_linear_cross_entropy` on the last hidden state and returns
     ``logits=None``; ``return_logits=True`` in a call gives the plain loss and the logits.

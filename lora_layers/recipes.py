@@ -3,7 +3,7 @@
 A LoRA layer must keep its input ``x`` to compute the gradient of ``A``. Inside
 a model that input is often a temporary nobody else keeps: an RMSNorm's output
 (the norm keeps its *input* and ``rstd``) or the SwiGLU product ``up ⊙ silu(gate)``
-(its factors keep the ``gate_up`` output). A producer that knows this registers
+(the product keeps its two factors). A producer that knows this registers
 a *recipe* for its output: the kept tensors and a function that rebuilds the
 output from them, with the same ops in the same order, so the rebuilt tensor is
 bit-identical. :func:`lora_layers.lora_linear` looks its input up here and, if
