@@ -76,6 +76,7 @@ lora_config = {
     "qkv": ("q", "k", "v"),            # which parts of the fused qkv_proj get adapters
     "use_rslora": False,               # scaling alpha/sqrt(r) instead of alpha/r
     "use_dora": False,                 # DoRA: a trainable magnitude per output row (docs/dora.md)
+    "lean": True,                      # fused loss, recomputed adapter inputs: same losses, less memory
     "lora_dtype": "float32",           # fp32 adapters on a bf16 base
 }
 # The offline demo (--model tiny) trains adapters on a *random* base model: it needs a larger
@@ -227,7 +228,8 @@ elif args.model == "tiny" and args.quantize:  # bitsandbytes quantizes while loa
 # ----------------------------------------------------------------------------- LoRA surgery
 # qkv_proj and gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]);
 # o_proj and down_proj become Linear. apply_lora also freezes everything but the adapters and
-# sets up checkpointing so that gradients still reach them through the frozen base.
+# sets up checkpointing so that gradients still reach them through the frozen base. With
+# lean=True, model(**batch) with labels returns the loss and logits=None (docs/phi3.md).
 replaced = lora.phi3.apply_lora(model, **lc, gradient_checkpointing=tc["gradient_checkpointing"])
 n_trainable = lora.count_lora_parameters(model)
 n_total = model.num_parameters()  # counts a 4-bit weight's logical elements, not its packed bytes
