@@ -8,9 +8,9 @@ Two independent savings, both with exactly the plain model's results:
   to :class:`LeanRMSNorm` / :class:`LeanSwiGLUMLP` (the same object, the same
   parameters, the same ops in the same order), which register a recipe for their
   output (:mod:`lora_layers.recipes`): the norm's fp32 input and ``rstd``, or the
-  two factors ``up`` and ``silu(gate)``, which their own autograd keeps anyway. The LoRA layer's
-  autograd then keeps those instead of ``x`` and rebuilds ``x`` in backward,
-  bit for bit. The autograd graph itself is unchanged.
+  two factors ``up`` and ``silu(gate)``, which their own autograd keeps anyway.
+  The LoRA layer's autograd then keeps those instead of ``x`` and rebuilds ``x``
+  in backward, bit for bit. The autograd graph itself is unchanged.
 * **The fused loss.** With labels, the causal LM's forward computes
   :func:`~lora_layers.fused_linear_cross_entropy` on the last hidden state and
   returns ``logits=None`` (pass ``return_logits=True`` for the plain loss and the
