@@ -14,6 +14,10 @@ Part 1 is ``Linear`` (default 3072→3072, T=2048, r=16, alpha 32, dropout 0.05
 and 0, fp32 and bf16). Part 2 is ``MergedLinear`` in the Phi-3 qkv shape, equal
 splits (3072→3·3072) against loralib's ``MergedLinear`` and PEFT on the fused
 layer, and GQA splits (3072→3072+1024+1024), which loralib cannot express.
+Part 3 is DoRA on ``Linear`` (default fp32, dropout 0.05): lora_layers'
+``use_dora=True`` against PEFT's, with both plain LoRA layers and the floor in
+the same interleaved run, plus a dropout-0 check that the two DoRA layers give
+the same output and gradients on the same weights.
 
 Every implementation gets the same base weight and, where the math is the same,
 the same adapter values; the script checks that their merged outputs agree.
@@ -40,6 +44,9 @@ import _common as C  # noqa: E402
 
 FLOOR = "frozen nn.Linear"
 LINEAR_IMPLS = ("loralib", "peft", "lora_layers")
+PEFT_DORA, DORA = "peft DoRA", "lora_layers DoRA"
+# Part 3: each DoRA layer is compared with the plain LoRA layer of its library.
+DORA_IMPLS = ("peft", PEFT_DORA, "lora_layers", DORA)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -61,14 +68,23 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float):
+def _dora_magnitude(base: nn.Linear, ab, scaling: float, seed: int = 0) -> torch.Tensor:
+    """Shared DoRA magnitude (fp32, ``(out,)``): ``‖W + s·BA‖`` per row times ``1 + 0.1·N(0, 1)``,
+    so the factor ``m / ‖W + s·BA‖`` is not one and the magnitude really enters the output."""
+    a, b = (t.double() for t in ab)
+    norm = (base.weight.double() + scaling * b @ a).norm(dim=1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    return (norm * (1 + 0.1 * torch.randn(norm.shape, generator=gen, dtype=torch.float64))).float()
+
+
+def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, use_dora: bool = False):
     import peft
 
     holder = nn.Sequential(OrderedDict(proj=copy.deepcopy(base)))
     # get_peft_model with its defaults: on a bf16 base PEFT keeps fp32 adapters
     # (autocast_adapter_dtype=True), which is what a PEFT user gets.
     model = peft.get_peft_model(holder, peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], bias="none"))
+        r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], bias="none", use_dora=use_dora))
     layer = model.base_model.model.proj
     return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
@@ -88,22 +104,34 @@ def build_linear(name: str, base: nn.Linear, r: int, alpha: float, p: float, ab)
         loralib.mark_only_lora_as_trainable(mod)
         _set(mod.lora_A, a), _set(mod.lora_B, b)
         return mod, [mod.lora_A, mod.lora_B], mod.eval  # loralib merges in eval()
-    if name == "peft":
-        mod, pa, pb = _peft_layer(base, r, alpha, p)
+    dora = name in (PEFT_DORA, DORA)
+    # The magnitude PEFT and lora_layers share; both use scaling alpha / r here.
+    m = _dora_magnitude(base, ab, alpha / r) if dora else None
+    if name in ("peft", PEFT_DORA):
+        mod, pa, pb = _peft_layer(base, r, alpha, p, use_dora=dora)
         _set(pa, a), _set(pb, b)
+        params = [pa, pb]
+        if dora:
+            pm = mod.lora_magnitude_vector["default"].weight
+            _set(pm, m)
+            params.append(pm)
 
         def merge():
             mod.merge()
             mod.eval()
-        return mod, [pa, pb], merge
+        return mod, params, merge
     if name.startswith("lora_layers"):
         import lora_layers
 
         lora_dtype = torch.float32 if name.endswith("(fp32 A/B)") else None
         mod = lora_layers.Linear.from_module(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=p,
-                                             lora_dtype=lora_dtype)
+                                             lora_dtype=lora_dtype, use_dora=dora)
         _set(mod.lora_A, a), _set(mod.lora_B, b)
-        return mod, [mod.lora_A, mod.lora_B], mod.eval  # merges in eval()
+        params = [mod.lora_A, mod.lora_B]
+        if dora:
+            _set(mod.lora_magnitude, m)
+            params.append(mod.lora_magnitude)
+        return mod, params, mod.eval  # merges in eval()
     raise ValueError(f"unknown implementation {name!r}")
 
 
@@ -174,12 +202,13 @@ def _eval_step(mod: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def measure(builds: Dict[str, Tuple[nn.Module, list, Callable]], in_features: int, out_features: int,
             tokens: int, dtype: torch.dtype, reps: int, warmup: int = 1, do_eval: bool = True,
-            seed: int = 0) -> Dict[str, dict]:
+            seed: int = 0, refs: Optional[Dict[str, str]] = None) -> Dict[str, dict]:
     """Time, saved bytes and merged-eval time of already-built implementations.
 
     The first entry of ``builds`` must be the floor and the last one lora_layers
-    (the reference for the output check). ``reps=0`` measures saved bytes only.
-    Returns name -> figures.
+    (the reference for the output check, unless ``refs`` maps a name to the
+    lora_layers entry computing the same function). ``reps=0`` measures saved
+    bytes only. Returns name -> figures.
     """
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, in_features, generator=gen).to(dtype).requires_grad_(True)
@@ -215,8 +244,9 @@ def measure(builds: Dict[str, Tuple[nn.Module, list, Callable]], in_features: in
                 outs[n] = builds[n][0](xe).float()
         etimes = C.interleaved_times({n: _eval_step(builds[n][0], xe) for n in names}, reps=reps, warmup=warmup)
         efloor = C.median(etimes[names[0]])
-        ref = outs[names[-1]]  # lora_layers is always last
+        refs = refs or {}
         for n in names:
+            ref = outs[refs.get(n, names[-1])]  # lora_layers is always last
             res[n]["eval_s"] = etimes[n]
             res[n]["eval_median_s"] = C.median(etimes[n])
             res[n]["eval_ratio"] = res[n]["eval_median_s"] / efloor
@@ -271,12 +301,67 @@ def run_merged_case(in_features: int, splits: Sequence[int], tokens: int, r: int
             "results": res}
 
 
+# (numerator, denominator) of the DoRA case's train-time comparisons.
+DORA_COMPARISONS = ((DORA, PEFT_DORA), (DORA, "lora_layers"), (PEFT_DORA, "peft"))
+
+
+def dora_parity(base: nn.Linear, r: int, alpha: float, ab, tokens: int, seed: int = 0) -> dict:
+    """lora_layers' and PEFT's DoRA at dropout 0 on the same weights: one training-mode forward
+    and backward each, on the same input and upstream gradient.
+
+    Returns:
+        ``{"output": max abs diff, "output_scale": max abs output, "grads": {x|A|B|m: max abs diff
+        over the largest abs gradient}}``.
+    """
+    gen = torch.Generator().manual_seed(seed + 3)
+    x = torch.randn(tokens, base.in_features, generator=gen).to(base.weight.dtype)
+    g = torch.randn(tokens, base.out_features, generator=gen).to(base.weight.dtype)
+    got = {}
+    for name in (PEFT_DORA, DORA):
+        mod, params, _ = build_linear(name, base, r, alpha, 0.0, ab)
+        xi = x.clone().requires_grad_(True)
+        y = mod.train()(xi)
+        y.backward(g)
+        got[name] = (y.detach().float(), [t.grad.float() for t in (xi, *params)])
+    (y_p, g_p), (y_o, g_o) = got[PEFT_DORA], got[DORA]
+    return {"output": float((y_p - y_o).abs().max()), "output_scale": float(y_o.abs().max()),
+            "grads": {k: float((a - b).abs().max() / b.abs().max())
+                      for k, a, b in zip(("x", "A", "B", "m"), g_p, g_o)}}
+
+
+def run_dora_case(in_features: int, out_features: int, tokens: int, r: int, alpha: float, p: float,
+                  dtype: torch.dtype, reps: int, warmup: int = 1, do_eval: bool = True, seed: int = 0) -> dict:
+    """DoRA: the floor, PEFT's and lora_layers' plain LoRA and DoRA ``Linear``, one interleaved run,
+    all with the same A, B (and the same magnitude for both DoRA layers), then :func:`dora_parity`.
+
+    Returns:
+        ``{"kind": "dora", "config": {...}, "results": {name: figures},
+        "comparisons": [{"name", "over", "min_ratio", "median_ratio"}], "parity_p0": {...}}``.
+    """
+    base = _base(in_features, out_features, dtype, seed)
+    names = [FLOOR, *DORA_IMPLS]
+    ab = _adapters(base, r, 1, seed)
+    builds = OrderedDict((n, build_linear(n, base, r, alpha, p, ab)) for n in names)
+    res = measure(builds, in_features, out_features, tokens, dtype, reps, warmup, do_eval, seed,
+                  refs={"peft": "lora_layers", "lora_layers": "lora_layers"})
+    comparisons = []
+    if reps >= 1:
+        for name, over in DORA_COMPARISONS:
+            t, u = res[name]["train_s"], res[over]["train_s"]
+            comparisons.append({"name": name, "over": over, "min_ratio": min(t) / min(u),
+                                "median_ratio": C.median(t) / C.median(u)})
+    return {"kind": "dora", "config": {"in": in_features, "out": out_features, "tokens": tokens, "r": r,
+                                       "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
+            "results": res, "comparisons": comparisons,
+            "parity_p0": dora_parity(base, r, alpha, ab, tokens, seed)}
+
+
 # ----------------------------------------------------------------------------- report
 
 def case_title(case: dict) -> str:
     """One line naming a case's configuration."""
     c = case["config"]
-    out = c["out"] if case["kind"] == "linear" else "+".join(map(str, c["splits"]))
+    out = "+".join(map(str, c["splits"])) if case["kind"] == "merged" else c["out"]
     return (f"{case['kind']} {c['in']}→{out}, T={c['tokens']}, r={c['r']}, alpha={c['alpha']:g}, "
             f"dropout={c['dropout']}, {c['dtype']}")
 
@@ -297,9 +382,19 @@ def case_table(case: dict) -> str:
             f"{f['max_abs_diff_vs_lora_layers']:.1e}" if "max_abs_diff_vs_lora_layers" in f and name != FLOOR else "-",
             f"{f['trainable_params']:,}",
         ])
-    return C.markdown_table(
+    table = C.markdown_table(
         ["implementation", "train ratio (median)", "train ratio (min)", "train ms (median)", "saved beyond x",
          "saved / x", "merged eval ratio (median)", "(min)", "max abs diff vs lora_layers", "trainable params"], rows)
+    if case["kind"] != "dora":
+        return table
+    extra = C.markdown_table(["train time", "ratio (min)", "ratio (median)"], (
+        [f"{c['name']} / {c['over']}", f"{c['min_ratio']:.3f}", f"{c['median_ratio']:.3f}"]
+        for c in case["comparisons"]))
+    par = case["parity_p0"]
+    grads = ", ".join(f"{k} {v:.1e}" for k, v in par["grads"].items())
+    return (f"{table}\n\n{extra}\n\nDropout 0, training mode, {PEFT_DORA} vs {DORA}: output max abs diff "
+            f"{par['output']:.1e} (outputs up to {par['output_scale']:.1f}); gradients, max abs diff over the "
+            f"largest gradient: {grads}.")
 
 
 def _parse_shape(text: str) -> Tuple[int, int, int]:
@@ -324,6 +419,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--merged-dtypes", default="fp32", help="dtypes for the qkv part ('' skips it)")
     ap.add_argument("--merged-dropouts", type=_floats, default=[0.05])
     ap.add_argument("--kv", type=int, default=None, help="GQA k/v split size (default IN/3)")
+    ap.add_argument("--dora-dtypes", default="fp32", help="dtypes for the DoRA part ('' skips it)")
+    ap.add_argument("--dora-dropouts", type=_floats, default=[0.05])
     ap.add_argument("--no-eval", action="store_true", help="skip the merged-eval timing")
     C.add_common_args(ap, reps=9)
     args = ap.parse_args(argv)
@@ -334,6 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     kv = args.kv or in_f // 3
     dtypes = [C.parse_dtype(d) for d in args.dtypes.split(",") if d]
     merged_dtypes = [C.parse_dtype(d) for d in args.merged_dtypes.split(",") if d]
+    dora_dtypes = [C.parse_dtype(d) for d in args.dora_dtypes.split(",") if d]
 
     cases = []
 
@@ -355,6 +453,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for splits in ([in_f] * 3, [in_f, kv, kv]):
                 report(run_merged_case(in_f, splits, tokens, args.rank, args.alpha, p, dtype, args.reps,
                                        args.warmup, not args.no_eval))
+    for dtype in dora_dtypes:
+        for p in args.dora_dropouts:
+            report(run_dora_case(in_f, out_f, tokens, args.rank, args.alpha, p, dtype, args.reps, args.warmup,
+                                 not args.no_eval))
     return C.finish({"reps": args.reps, "cases": cases}, argv, args.out, machine)
 
 

@@ -55,8 +55,8 @@ def test_bench_layers_quick(tmp_path, capsys):
     assert "| lora_layers |" in capsys.readouterr().out
     data = json.loads(out.read_text())
     cases = data["cases"]
-    assert len(cases) == 6  # fp32/bf16 x dropout 0.05/0, then qkv equal and GQA splits
-    for case in cases:
+    assert len(cases) == 7  # fp32/bf16 x dropout 0.05/0, qkv equal and GQA splits, then DoRA
+    for case in cases[:6]:
         c, res = case["config"], case["results"]
         tokens, r = c["tokens"], c["r"]
         esize = 4 if c["dtype"] == "float32" else 2
@@ -76,6 +76,19 @@ def test_bench_layers_quick(tmp_path, capsys):
             x_bytes = tokens * c["in"] * esize
             assert res["loralib"]["saved_bytes"] >= x_bytes
             assert res["peft"]["saved_bytes"] >= x_bytes
+    dora = cases[6]
+    c, res = dora["config"], dora["results"]
+    assert dora["kind"] == "dora" and c["dropout"] == 0.05 and c["dtype"] == "float32"
+    # Lean DoRA keeps u (T × r) and the (out,) norm; PEFT keeps T × out tensors and the dropped x as well.
+    assert res[bench_layers.DORA]["saved_bytes"] == (c["tokens"] * c["r"] + c["out"]) * 4
+    assert res[bench_layers.PEFT_DORA]["saved_bytes"] >= (c["tokens"] * (c["in"] + c["out"])) * 4
+    assert res[bench_layers.DORA]["trainable_params"] == res[bench_layers.PEFT_DORA]["trainable_params"]
+    for name in (bench_layers.PEFT_DORA, "peft"):  # merged outputs: each against lora_layers' same variant
+        assert res[name]["max_abs_diff_vs_lora_layers"] <= 1e-4, name
+    assert {(x["name"], x["over"]) for x in dora["comparisons"]} == set(bench_layers.DORA_COMPARISONS)
+    parity = dora["parity_p0"]
+    assert parity["output"] <= 1e-4 * parity["output_scale"]
+    assert set(parity["grads"]) == {"x", "A", "B", "m"} and max(parity["grads"].values()) <= 1e-4
 
 
 def test_bench_phi3_step_quick(tmp_path):
