@@ -17,7 +17,11 @@ layer, and GQA splits (3072→3072+1024+1024), which loralib cannot express.
 Part 3 is DoRA on ``Linear`` (default fp32, dropout 0.05): lora_layers'
 ``use_dora=True`` against PEFT's, with both plain LoRA layers and the floor in
 the same interleaved run, plus a dropout-0 check that the two DoRA layers give
-the same output and gradients on the same weights.
+the same output and gradients on the same weights. Part 4 is QLoRA on ``Linear``
+(default fp32 compute, dropout 0.05): one frozen bitsandbytes nf4 ``Linear4bit``
+(the floor), PEFT's LoRA and lora_layers' ``Linear`` over copies of it, and
+lora_layers over torchao's NF4 (``quantize_base``) of the same float weight;
+with the packed weight bytes next to bf16's and the same dropout-0 check.
 
 Every implementation gets the same base weight and, where the math is the same,
 the same adapter values; the script checks that their merged outputs agree.
@@ -47,6 +51,11 @@ LINEAR_IMPLS = ("loralib", "peft", "lora_layers")
 PEFT_DORA, DORA = "peft DoRA", "lora_layers DoRA"
 # Part 3: each DoRA layer is compared with the plain LoRA layer of its library.
 DORA_IMPLS = ("peft", PEFT_DORA, "lora_layers", DORA)
+# Part 4: QLoRA, each name built by build_linear's implementation over a bitsandbytes nf4 layer
+# (the torchao row over quantize_base's NF4 of the same float weight).
+QLORA_FLOOR, PEFT_QLORA, QLORA = "frozen nf4 Linear4bit", "peft (nf4)", "lora_layers (nf4)"
+QLORA_TORCHAO = "lora_layers (torchao NF4)"
+QLORA_AS = {QLORA_FLOOR: FLOOR, PEFT_QLORA: "peft", QLORA: "lora_layers", QLORA_TORCHAO: "lora_layers"}
 
 
 # ----------------------------------------------------------------------------- builders
@@ -81,6 +90,8 @@ def _peft_layer(base: nn.Linear, r: int, alpha: float, p: float, use_dora: bool 
     import peft
 
     holder = nn.Sequential(OrderedDict(proj=copy.deepcopy(base)))
+    # PEFT picks its bitsandbytes layer from the model's flag (what from_pretrained sets).
+    holder.is_loaded_in_4bit = type(base).__name__ == "Linear4bit"
     # get_peft_model with its defaults: on a bf16 base PEFT keeps fp32 adapters
     # (autocast_adapter_dtype=True), which is what a PEFT user gets.
     model = peft.get_peft_model(holder, peft.LoraConfig(
@@ -303,30 +314,48 @@ def run_merged_case(in_features: int, splits: Sequence[int], tokens: int, r: int
 
 # (numerator, denominator) of the DoRA case's train-time comparisons.
 DORA_COMPARISONS = ((DORA, PEFT_DORA), (DORA, "lora_layers"), (PEFT_DORA, "peft"))
+# and of the QLoRA case's.
+QLORA_COMPARISONS = ((QLORA, PEFT_QLORA), (QLORA_TORCHAO, PEFT_QLORA))
 
 
-def dora_parity(base: nn.Linear, r: int, alpha: float, ab, tokens: int, seed: int = 0) -> dict:
-    """lora_layers' and PEFT's DoRA at dropout 0 on the same weights: one training-mode forward
-    and backward each, on the same input and upstream gradient.
+def _comparisons(res: Dict[str, dict], pairs, reps: int) -> List[dict]:
+    """Train-time ratios ``name / over`` of the minima and of the medians (none when ``reps`` < 1)."""
+    if reps < 1:
+        return []
+    return [{"name": name, "over": over, "min_ratio": min(res[name]["train_s"]) / min(res[over]["train_s"]),
+             "median_ratio": C.median(res[name]["train_s"]) / C.median(res[over]["train_s"])}
+            for name, over in pairs]
+
+
+def parity_p0(build: Callable[[str], tuple], names: Tuple[str, str], in_features: int, out_features: int,
+              dtype: torch.dtype, tokens: int, seed: int = 0) -> dict:
+    """Two implementations built by ``build(name)`` (with dropout 0, the same weights): one
+    training-mode forward and backward each, on the same input and upstream gradient.
 
     Returns:
-        ``{"output": max abs diff, "output_scale": max abs output, "grads": {x|A|B|m: max abs diff
-        over the largest abs gradient}}``.
+        ``{"names": names, "output": max abs diff, "output_scale": max abs output of the second,
+        "grads": {x|A|B|m: max abs diff over the largest abs gradient}}``.
     """
     gen = torch.Generator().manual_seed(seed + 3)
-    x = torch.randn(tokens, base.in_features, generator=gen).to(base.weight.dtype)
-    g = torch.randn(tokens, base.out_features, generator=gen).to(base.weight.dtype)
-    got = {}
-    for name in (PEFT_DORA, DORA):
-        mod, params, _ = build_linear(name, base, r, alpha, 0.0, ab)
+    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
+    g = torch.randn(tokens, out_features, generator=gen).to(dtype)
+    got = []
+    for name in names:
+        mod, params, _ = build(name)
         xi = x.clone().requires_grad_(True)
         y = mod.train()(xi)
         y.backward(g)
-        got[name] = (y.detach().float(), [t.grad.float() for t in (xi, *params)])
-    (y_p, g_p), (y_o, g_o) = got[PEFT_DORA], got[DORA]
-    return {"output": float((y_p - y_o).abs().max()), "output_scale": float(y_o.abs().max()),
+        got.append((y.detach().float(), [t.grad.float() for t in (xi, *params)]))
+    (y_p, g_p), (y_o, g_o) = got
+    return {"names": list(names), "output": float((y_p - y_o).abs().max()), "output_scale": float(y_o.abs().max()),
             "grads": {k: float((a - b).abs().max() / b.abs().max())
                       for k, a, b in zip(("x", "A", "B", "m"), g_p, g_o)}}
+
+
+def dora_parity(base: nn.Linear, r: int, alpha: float, ab, tokens: int, seed: int = 0) -> dict:
+    """lora_layers' and PEFT's DoRA at dropout 0 on the same weights (:func:`parity_p0`)."""
+    return parity_p0(lambda name: build_linear(name, base, r, alpha, 0.0, ab), (PEFT_DORA, DORA),
+                     base.in_features, base.out_features, base.weight.dtype, tokens, seed)
 
 
 def run_dora_case(in_features: int, out_features: int, tokens: int, r: int, alpha: float, p: float,
@@ -344,16 +373,59 @@ def run_dora_case(in_features: int, out_features: int, tokens: int, r: int, alph
     builds = OrderedDict((n, build_linear(n, base, r, alpha, p, ab)) for n in names)
     res = measure(builds, in_features, out_features, tokens, dtype, reps, warmup, do_eval, seed,
                   refs={"peft": "lora_layers", "lora_layers": "lora_layers"})
-    comparisons = []
-    if reps >= 1:
-        for name, over in DORA_COMPARISONS:
-            t, u = res[name]["train_s"], res[over]["train_s"]
-            comparisons.append({"name": name, "over": over, "min_ratio": min(t) / min(u),
-                                "median_ratio": C.median(t) / C.median(u)})
     return {"kind": "dora", "config": {"in": in_features, "out": out_features, "tokens": tokens, "r": r,
                                        "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
-            "results": res, "comparisons": comparisons,
+            "results": res, "comparisons": _comparisons(res, DORA_COMPARISONS, reps),
             "parity_p0": dora_parity(base, r, alpha, ab, tokens, seed)}
+
+
+def build_qlora(name: str, base: nn.Linear, nf4: nn.Module, r: int, alpha: float, p: float,
+                ab) -> Tuple[nn.Module, list, Callable]:
+    """One QLoRA implementation (:data:`QLORA_AS`): over a copy of the bitsandbytes layer ``nf4``, or,
+    for :data:`QLORA_TORCHAO`, over torchao's NF4 of the float ``base``."""
+    if name != QLORA_TORCHAO:
+        return build_linear(QLORA_AS[name], nf4, r, alpha, p, ab)
+    import lora_layers
+
+    # Quantized here, not deep-copied: torchao's NF4 copies by requantizing with its default block sizes.
+    layer = copy.deepcopy(base)
+    lora_layers.quantize_base(nn.Sequential(layer), targets=["0"])
+    mod = lora_layers.Linear.from_module(layer, r=r, lora_alpha=alpha, lora_dropout=p)
+    _set(mod.lora_A, ab[0]), _set(mod.lora_B, ab[1])
+    return mod, [mod.lora_A, mod.lora_B], mod.eval
+
+
+def run_qlora_case(in_features: int, out_features: int, tokens: int, r: int, alpha: float, p: float,
+                   dtype: torch.dtype, reps: int, warmup: int = 1, seed: int = 0) -> dict:
+    """QLoRA: a frozen bitsandbytes nf4 layer computing in ``dtype`` (the floor: forward plus ``dx``),
+    PEFT's and lora_layers' LoRA over copies of it and lora_layers over torchao NF4, one interleaved
+    run with the same A and B; the packed weight bytes; then :func:`parity_p0` of PEFT and lora_layers
+    on the nf4 layer. Training mode throughout: eval() keeps a quantized base unmerged.
+
+    Returns:
+        ``{"kind": "qlora", "config": {...}, "results": {name: figures, with "weight_bytes"},
+        "bf16_weight_bytes", "comparisons": [...], "parity_p0": {...}}``.
+    """
+    import bitsandbytes as bnb
+
+    from lora_layers.quantized import weight_nbytes
+
+    base = _base(in_features, out_features, dtype, seed)
+    nf4 = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4")
+    nf4.load_state_dict(base.state_dict())
+    nf4 = nf4.to("cpu").requires_grad_(False)  # bitsandbytes quantizes on the move
+    ab = _adapters(base, r, 1, seed)
+    builds = OrderedDict((n, build_qlora(n, base, nf4, r, alpha, p, ab))
+                         for n in (QLORA_FLOOR, PEFT_QLORA, QLORA_TORCHAO, QLORA))
+    res = measure(builds, in_features, out_features, tokens, dtype, reps, warmup, do_eval=False, seed=seed)
+    for name, (mod, _, _) in builds.items():
+        res[name]["weight_bytes"] = weight_nbytes(getattr(mod, "base_layer", mod))  # PEFT's wraps the layer
+    return {"kind": "qlora", "config": {"in": in_features, "out": out_features, "tokens": tokens, "r": r,
+                                        "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
+            "results": res, "bf16_weight_bytes": 2 * in_features * out_features,
+            "comparisons": _comparisons(res, QLORA_COMPARISONS, reps),
+            "parity_p0": parity_p0(lambda name: build_qlora(name, base, nf4, r, alpha, 0.0, ab), (PEFT_QLORA, QLORA),
+                                   in_features, out_features, dtype, tokens, seed)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -385,16 +457,22 @@ def case_table(case: dict) -> str:
     table = C.markdown_table(
         ["implementation", "train ratio (median)", "train ratio (min)", "train ms (median)", "saved beyond x",
          "saved / x", "merged eval ratio (median)", "(min)", "max abs diff vs lora_layers", "trainable params"], rows)
-    if case["kind"] != "dora":
+    if case["kind"] not in ("dora", "qlora"):
         return table
-    extra = C.markdown_table(["train time", "ratio (min)", "ratio (median)"], (
+    parts = [table, C.markdown_table(["train time", "ratio (min)", "ratio (median)"], (
         [f"{c['name']} / {c['over']}", f"{c['min_ratio']:.3f}", f"{c['median_ratio']:.3f}"]
-        for c in case["comparisons"]))
+        for c in case["comparisons"]))]
+    if case["kind"] == "qlora":
+        bf16 = case["bf16_weight_bytes"]
+        parts.append(C.markdown_table(["implementation", "base weight bytes", "/ bf16"], (
+            [name, f"{f['weight_bytes']:,}", f"{f['weight_bytes'] / bf16:.3f}"]
+            for name, f in case["results"].items())) + f"\n\n(bf16: {bf16:,} bytes)")
     par = case["parity_p0"]
     grads = ", ".join(f"{k} {v:.1e}" for k, v in par["grads"].items())
-    return (f"{table}\n\n{extra}\n\nDropout 0, training mode, {PEFT_DORA} vs {DORA}: output max abs diff "
-            f"{par['output']:.1e} (outputs up to {par['output_scale']:.1f}); gradients, max abs diff over the "
-            f"largest gradient: {grads}.")
+    parts.append(f"Dropout 0, training mode, {' vs '.join(par['names'])}: output max abs diff {par['output']:.1e} "
+                 f"(outputs up to {par['output_scale']:.1f}); gradients, max abs diff over the largest gradient: "
+                 f"{grads}.")
+    return "\n\n".join(parts)
 
 
 def _parse_shape(text: str) -> Tuple[int, int, int]:
@@ -421,6 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--kv", type=int, default=None, help="GQA k/v split size (default IN/3)")
     ap.add_argument("--dora-dtypes", default="fp32", help="dtypes for the DoRA part ('' skips it)")
     ap.add_argument("--dora-dropouts", type=_floats, default=[0.05])
+    ap.add_argument("--qlora-dtypes", default="fp32", help="compute dtypes for the QLoRA part ('' skips it)")
+    ap.add_argument("--qlora-dropouts", type=_floats, default=[0.05])
     ap.add_argument("--no-eval", action="store_true", help="skip the merged-eval timing")
     C.add_common_args(ap, reps=9)
     args = ap.parse_args(argv)
@@ -432,6 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     dtypes = [C.parse_dtype(d) for d in args.dtypes.split(",") if d]
     merged_dtypes = [C.parse_dtype(d) for d in args.merged_dtypes.split(",") if d]
     dora_dtypes = [C.parse_dtype(d) for d in args.dora_dtypes.split(",") if d]
+    qlora_dtypes = [C.parse_dtype(d) for d in args.qlora_dtypes.split(",") if d]
 
     cases = []
 
@@ -457,6 +538,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for p in args.dora_dropouts:
             report(run_dora_case(in_f, out_f, tokens, args.rank, args.alpha, p, dtype, args.reps, args.warmup,
                                  not args.no_eval))
+    for dtype in qlora_dtypes:
+        for p in args.qlora_dropouts:
+            report(run_qlora_case(in_f, out_f, tokens, args.rank, args.alpha, p, dtype, args.reps, args.warmup))
     return C.finish({"reps": args.reps, "cases": cases}, argv, args.out, machine)
 
 

@@ -55,7 +55,7 @@ def test_bench_layers_quick(tmp_path, capsys):
     assert "| lora_layers |" in capsys.readouterr().out
     data = json.loads(out.read_text())
     cases = data["cases"]
-    assert len(cases) == 7  # fp32/bf16 x dropout 0.05/0, qkv equal and GQA splits, then DoRA
+    assert len(cases) == 8  # fp32/bf16 x dropout 0.05/0, qkv equal and GQA splits, then DoRA, then QLoRA
     for case in cases[:6]:
         c, res = case["config"], case["results"]
         tokens, r = c["tokens"], c["r"]
@@ -89,6 +89,19 @@ def test_bench_layers_quick(tmp_path, capsys):
     parity = dora["parity_p0"]
     assert parity["output"] <= 1e-4 * parity["output_scale"]
     assert set(parity["grads"]) == {"x", "A", "B", "m"} and max(parity["grads"].values()) <= 1e-4
+    qlora = cases[7]
+    c, res = qlora["config"], qlora["results"]
+    assert qlora["kind"] == "qlora" and c["dropout"] == 0.05 and c["dtype"] == "float32"
+    # Over a packed base too, lora_layers keeps u only; PEFT keeps the dropped copy of x.
+    for name in (bench_layers.QLORA, bench_layers.QLORA_TORCHAO):
+        assert res[name]["saved_bytes"] == c["tokens"] * c["r"] * 4, name
+        assert res[name]["weight_bytes"] < qlora["bf16_weight_bytes"], name
+    assert res[bench_layers.PEFT_QLORA]["saved_bytes"] >= c["tokens"] * c["in"] * 4
+    assert res[bench_layers.QLORA]["weight_bytes"] == res[bench_layers.PEFT_QLORA]["weight_bytes"]  # one layer
+    assert {(x["name"], x["over"]) for x in qlora["comparisons"]} == set(bench_layers.QLORA_COMPARISONS)
+    parity = qlora["parity_p0"]  # PEFT and lora_layers on the same bitsandbytes nf4 layer
+    assert parity["output"] <= 1e-5 * parity["output_scale"]
+    assert set(parity["grads"]) == {"x", "A", "B"} and max(parity["grads"].values()) <= 1e-5
 
 
 def test_bench_phi3_step_quick(tmp_path):
@@ -106,6 +119,17 @@ def test_bench_phi3_step_quick(tmp_path):
         phi3 = res[bench_phi3_step.PHI3]
         assert phi3["first_loss"] == pytest.approx(peft["first_loss"], abs=1e-6)
         assert phi3["trainable_params"] > peft["trainable_params"]  # one adapter per split
+
+
+def test_bench_phi3_step_quick_over_an_nf4_base():
+    pytest.importorskip("bitsandbytes")
+    data = bench_phi3_step.main(["--quick", "--threads", "1", "--quantize", "nf4", "--no-phi3"])
+    assert data["config"]["quantize"] == "nf4"
+    res = data["results"]
+    peft, inject = res[bench_phi3_step.PEFT], res[bench_phi3_step.INJECT]
+    # PEFT's QLoRA and lora_layers over the same bitsandbytes base: the base model's first loss.
+    assert inject["first_loss"] == peft["first_loss"] == res[bench_phi3_step.FLOOR]["first_loss"]
+    assert inject["saved_bytes"] < peft["saved_bytes"]
 
 
 @pytest.mark.parametrize("gqa", [True, False])
