@@ -35,7 +35,7 @@ from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear
 from .merging import accumulation_dtype, merged_copy
 from .quantized import QuantizedBase, quantized_base
 from .segments import Segments
-from .validation import check_lora_args
+from .validation import check_dora, check_lora_args
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 
@@ -324,8 +324,9 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, init: str = "kaiming",
-                 **kwargs):
+                 use_dora: bool = False, **kwargs):
         check_lora_args(r, lora_alpha, lora_dtype=lora_dtype, init=init)
+        check_dora(self, use_dora, r > 0)  # a clear TypeError: DoRA is Linear's
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype, init=init)
         self.reset_parameters()
@@ -386,8 +387,9 @@ class _ConvNd(LoRALayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
-                 lora_dtype=None, backend: str = "auto", init: str = "kaiming", **kwargs):
+                 lora_dtype=None, backend: str = "auto", init: str = "kaiming", use_dora: bool = False, **kwargs):
         check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)
+        check_dora(self, use_dora, r > 0)  # a clear TypeError: DoRA is Linear's
         dims = _CONV_DIMS[self._base_type]
         if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
             raise ValueError(f"kernel_size must be an int or {dims} ints for {self._base_type.__name__}, "

@@ -158,10 +158,18 @@ class _Bnb4bit(_BnbBase):
 class _Bnb8bit(_BnbBase):
     kind = "bnb-8bit"
 
+    _seen_dtype = None  # LLM.int8 computes in its input's dtype: the last one seen
+
     @property
     def dtype(self):
         bias = self.module.bias
-        return bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float16
+        if bias is not None and bias.dtype.is_floating_point:
+            return bias.dtype
+        return self._seen_dtype or torch.get_default_dtype()
+
+    def linear(self, x):
+        self._seen_dtype = x.dtype
+        return super().linear(x)
 
     def _scales(self):
         state, weight = self.base.state, self.base.weight

@@ -290,3 +290,17 @@ def test_phi3_apply_lora_on_a_4bit_base_exports_to_peft(saved_phi3, tmp_path):
     L.export_peft(ours, tmp_path / "a")
     theirs = peft.PeftModel.from_pretrained(_load(saved_phi3, "nf4"), tmp_path / "a")
     torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_without_bias_computes_and_unloads_in_its_inputs_dtype():
+    # Phi-3's projections have no bias: the compute dtype comes from the inputs, not a fp16 guess.
+    layer = L.Linear.from_module(_quantized("int8", bias=False), r=2, lora_alpha=4)
+    assert layer.lora_A.dtype == torch.get_default_dtype()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, IN)
+    y = layer(x)
+    assert y.dtype == layer.quantized.dtype == torch.float32
+    plain = L.merge_and_unload(nn.Sequential(layer))
+    assert plain[0].weight.dtype == torch.float32
+    torch.testing.assert_close(plain(x), y, rtol=5e-2, atol=5e-2)  # LLM.int8 quantizes x too
