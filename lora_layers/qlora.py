@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import phi3
 from .quantized import is_quantized_linear, torchao_nf4
-from .surgery import ALL_LINEAR, _candidates, _select
+from .surgery import ALL_LINEAR, select_modules
 
 __all__ = ["SCHEMES", "quantize_base"]
 
@@ -66,7 +66,7 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     if targets is None:
         is_phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
         targets = list(phi3.TARGETS) if is_phi3 else ALL_LINEAR
-    plan = _select(model, _candidates(model), targets, None)
+    plan = select_modules(model, targets)
     wrong = [f"{n} ({type(m).__name__})" for n, m in plan
              if type(m) is not nn.Linear or is_quantized_linear(m)]
     if wrong:

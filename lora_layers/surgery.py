@@ -27,7 +27,7 @@ from ._ties import find_shared_weights
 from .quantized import is_quantized_linear
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_layers
 
-__all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload"]
+__all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_modules"]
 
 ALL_LINEAR = "all-linear"
 
@@ -190,6 +190,12 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
     return plan
 
 
+def select_modules(model: nn.Module, targets, exclude=None) -> List[Tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``targets``/``exclude`` select, as :func:`inject_lora` reads them
+    (its errors too). Nothing is changed."""
+    return _select(model, _candidates(model), targets, exclude)
+
+
 def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits):
     """Per-module (class, kwargs). Raises if a pattern key matches no replaced module."""
     ranks = _pattern_lookup(rank_pattern, "rank_pattern")
@@ -314,8 +320,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     _check_positive_rank(r, "r")
     check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
     check_init(init)
-    candidates = _candidates(model)
-    plan = _select(model, candidates, targets, exclude)
+    plan = select_modules(model, targets, exclude)
     specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)
 
     # Build every new layer before swapping any in. from_module's only side effect
