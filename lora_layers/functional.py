@@ -44,7 +44,8 @@ from torch import Tensor
 from . import recipes
 from .segments import Block, Segments
 
-__all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed", "drop_mask", "keep_mask", "keep_scale",
+__all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed",
+           "drop_mask", "keep_mask", "keep_scale",
            "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,8 @@ def _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, blocks,
         y = weight.linear(x).to(x.dtype)
         y = y if dora or bias is None else y + _cast(bias, x.dtype)
     else:
-        y = F.linear(x, _cast(weight.t() if fan_in_fan_out else weight, x.dtype), None if dora else _cast(bias, x.dtype))
+        W = _cast(weight.t() if fan_in_fan_out else weight, x.dtype)
+        y = F.linear(x, W, None if dora else _cast(bias, x.dtype))
     u = F.linear(x if drop is None else drop(x), lora_A.to(x.dtype))
     B = lora_B.to(x.dtype)
     parts = [(o0, o1, F.linear(u[..., a0:a1], B[b0:b1]) * scaling) for o0, o1, a0, a1, b0, b1 in blocks]
@@ -507,7 +509,9 @@ def lora_linear(
             fan_in_fan_out=fan_in_fan_out)
 
     choice = resolve_backend(backend)
-    if choice != "torch" and magnitude is None and not quantized and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments, fan_in_fan_out):
+    plain = magnitude is None and not quantized  # the kernels know neither DoRA nor packed weights
+    if choice != "torch" and plain and _use_triton(choice, x, weight, bias, lora_A, lora_B, p, segments,
+                                                   fan_in_fan_out):
         from . import kernels
 
         return kernels.lora_linear(
@@ -545,9 +549,7 @@ def lora_linear(
         args = (weight, bias, lora_A, lora_B, magnitude, norm, float(scaling), p, seed, fan_in_fan_out, blocks)
         recipe = recipes.find(x)
         if recipe is not None:  # x can be rebuilt from tensors autograd keeps anyway: keep those (lora_layers.lean)
-            from .lean import apply_rebuilding_input
-
-            return apply_rebuilding_input(recipe, _LoRALinear, x, dt, args)
+            return recipes.apply_rebuilding_input(recipe, _LoRALinear, x, dt, args)
         return _LoRALinear.apply(_cast(x, dt), *args)
 
 

@@ -32,8 +32,7 @@ from torch import Tensor
 
 from . import recipes
 from .base import LoRALayer
-from .functional import _cast
-from .loss import _no_autocast, fused_linear_cross_entropy
+from .loss import fused_linear_cross_entropy
 
 __all__ = ["LeanRMSNorm", "LeanSwiGLUMLP", "LeanCausalLMForward", "enable", "disable", "is_lean"]
 
@@ -41,70 +40,6 @@ __all__ = ["LeanRMSNorm", "LeanSwiGLUMLP", "LeanCausalLMForward", "enable", "dis
 PHI3_PRODUCERS = {"input_layernorm": "self_attn.qkv_proj", "post_attention_layernorm": "mlp.gate_up_proj",
                   "mlp": "mlp.down_proj"}
 _PLAIN_CLASS = "_lean_plain_class"  # where a swapped module remembers its own class
-
-
-# ----------------------------------------------------------------------------- the LoRA autograd with a rebuilt input
-
-class _Ctx:
-    """Stands in for the autograd ctx of the Function whose forward and backward
-    :class:`_RebuiltInput` runs: records what it saves and the attributes it sets."""
-
-    def __init__(self, needs_input_grad, saved_tensors=()):
-        self.needs_input_grad = needs_input_grad
-        self.saved_tensors = saved_tensors
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def state(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k not in ("needs_input_grad", "saved_tensors")}
-
-
-class _RebuiltInput(torch.autograd.Function):
-    """Runs ``inner`` (a Function whose first input is ``x`` and whose first saved
-    tensor is that ``x``, e.g. ``functional._LoRALinear``), but keeps the recipe's
-    tensors instead of ``x`` and rebuilds ``x`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x, inner, dt, recipe, *args):
-        n = len(recipe.kept)
-        kept, args = args[:n], args[n:]
-        x_in = _cast(x, dt)
-        needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[4 + n:]
-        proxy = _Ctx(needs)
-        out = inner.forward(proxy, x_in, *args)
-        saved = proxy.saved_tensors
-        if not saved or saved[0] is not x_in:
-            raise RuntimeError(f"{inner.__name__} does not save its input first; it cannot rebuild it")
-        ctx.save_for_backward(*kept, *saved[1:])
-        ctx.inner, ctx.rebuild, ctx.n_kept, ctx.needs, ctx.state = inner, recipe.rebuild, n, needs, proxy.state()
-        ctx.x_meta, ctx.dt = (x.shape, x.dtype), dt
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("lean training does not support double backward (create_graph=True): the adapter "
-                               "input is rebuilt without a graph; apply the adapters with lean=False")
-        saved = ctx.saved_tensors
-        kept, rest = saved[:ctx.n_kept], saved[ctx.n_kept:]
-        with _no_autocast(g.device.type):
-            x = ctx.rebuild(*kept)
-        if (x.shape, x.dtype) != ctx.x_meta:
-            raise RuntimeError(f"a recipe rebuilt {tuple(x.shape)} {x.dtype}, expected {tuple(ctx.x_meta[0])} "
-                               f"{ctx.x_meta[1]}")
-        proxy = _Ctx(ctx.needs, (_cast(x, ctx.dt),) + tuple(rest))
-        vars(proxy).update(ctx.state)
-        grads = ctx.inner.backward(proxy, g)
-        dx = grads[0]
-        if dx is not None and dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
-        return (dx, None, None, None) + (None,) * ctx.n_kept + tuple(grads[1:])
-
-
-def apply_rebuilding_input(recipe: recipes.Recipe, inner, x: Tensor, dt: torch.dtype, args) -> Tensor:
-    """``inner.apply(x.to(dt), *args)``, keeping ``recipe.kept`` instead of ``x`` for backward."""
-    return _RebuiltInput.apply(x, inner, dt, recipe, *recipe.kept, *args)
 
 
 # ----------------------------------------------------------------------------- producers

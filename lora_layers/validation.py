@@ -13,8 +13,8 @@ import torch
 
 from .functional import BACKENDS
 
-__all__ = ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout", "check_backend", "check_lora_dtype",
-           "check_lora_args", "check_dora"]
+__all__ = ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout", "check_backend",
+           "check_lora_dtype", "check_lora_args", "check_dora"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

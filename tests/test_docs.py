@@ -23,10 +23,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
-import inspect
 import re
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

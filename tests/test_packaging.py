@@ -15,7 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("transformers", "peft", "loralib", "triton", "tokenizers", "numpy", "matplotlib", "hypothesis")

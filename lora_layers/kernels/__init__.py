@@ -103,7 +103,8 @@ def _supports(x, weight, lora_A, lora_B, dropout_p, segments, bias, fan_in_fan_o
     device = x.device
     if _interpreted():
         if device.type != "cpu":
-            return False, f"kernels were built for the interpreter (TRITON_INTERPRET=1); tensors must be on cpu, got {device}"
+            return False, (f"kernels were built for the interpreter (TRITON_INTERPRET=1); tensors must be on cpu, "
+                           f"got {device}")
     elif device.type != "cuda":
         return False, f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for cpu), got {device}"
     if x.dtype not in _DTYPES:
