@@ -26,33 +26,36 @@ API_MD = ROOT / "docs" / "api.md"
 
 # (section title, [(qualified name, object)]); names missing from here but in
 # lora_layers.__all__ land in "Other" so the page always covers everything.
-LAYER_METHODS = ["from_module", "merge", "unmerge", "unmerged_weight", "adapter_parameters", "has_adapter",
+LAYER_METHODS = ["from_module", "merge", "unmerge", "unmerged_weight", "merged_weight", "adapter_parameters", "has_adapter",
                  "reset_lora_parameters"]
 
 SECTIONS = [
     ("Layers", ["Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "LoRALayer"]),
     ("Model utilities", ["mark_only_lora_as_trainable", "lora_state_dict", "lora_parameters",
                          "named_lora_parameters", "lora_modules", "merge_lora", "unmerge_lora",
-                         "count_lora_parameters"]),
+                         "merged_state_dict", "lora_plus_param_groups", "count_lora_parameters"]),
     ("Model surgery", ["inject_lora", "merge_and_unload", "unload"]),
-    ("Phi-3 preset (`lora_layers.phi3`)", ["phi3", "phi3.apply_lora", "phi3.qkv_split_sizes",
-                                           "phi3.enable_gradient_checkpointing", "phi3.TARGETS",
-                                           "phi3.QKV_PARTS"]),
+    ("Quantized bases (QLoRA)", ["quantize_base"]),
+    ("Phi-3 preset (`lora_layers.phi3`)", ["phi3", "phi3.apply_lora", "phi3.enable_lean", "phi3.disable_lean",
+                                           "phi3.qkv_split_sizes", "phi3.enable_gradient_checkpointing",
+                                           "phi3.TARGETS", "phi3.QKV_PARTS"]),
     ("Checkpoints", ["save_lora", "load_lora", "LoadResult", "CheckpointError", "save_training_state",
                      "load_training_state"]),
     ("PEFT interop", ["export_peft", "import_peft"]),
-    ("The functional core", ["lora_linear"]),
+    ("The functional core", ["lora_linear", "fused_linear_cross_entropy"]),
     ("Package", ["__version__"]),
 ]
 
 _LAYER_ERRORS = (
     "- `ValueError`: `r` is not a non-negative integer; `lora_alpha` is not a finite number; "
     "`lora_dropout` is not in `[0, 1)`; `backend` is not one of `\"auto\"`, `\"torch\"`, `\"triton\"`.\n"
-    "- `TypeError`: `lora_dtype` is not a floating `torch.dtype`.\n"
+    "`init` is not `\"kaiming\"` or `\"gaussian\"`; `use_dora=True` without an adapter (`r=0`).\n"
+    "- `TypeError`: `lora_dtype` is not one of fp16, bf16, fp32, fp64.\n"
     "- Anything `nn.{base}` itself raises for its own arguments."
 )
 _CONV_ERRORS = ("**Raises** (constructor), in addition to those of `Linear`\n\n"
-                "- `ValueError`: `kernel_size` is a sequence of the wrong length for the layer's dimension.")
+                "- `ValueError`: `kernel_size` is a sequence of the wrong length for the layer's dimension.\n"
+                "- `TypeError`: `use_dora=True` (DoRA is implemented for `Linear` and `MergedLinear`).")
 EXTRA = {
     "Linear": "**Raises** (constructor)\n\n" + _LAYER_ERRORS.format(base="Linear"),
     "MergedLinear": (
