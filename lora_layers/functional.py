@@ -207,6 +207,12 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_f
     return y2, u
 
 
+def _covers_all(blocks, out_features: int) -> bool:
+    """One adapter over every output row (no per-block bookkeeping). Fields, not slices:
+    slicing a NamedTuple breaks older dynamo."""
+    return len(blocks) == 1 and blocks[0].out0 == 0 and blocks[0].out1 == out_features
+
+
 def _is_quantized(weight) -> bool:
     """A frozen quantized base (:class:`lora_layers.quantized.QuantizedBase`) instead of a weight tensor."""
     return not isinstance(weight, Tensor)
@@ -230,7 +236,7 @@ def _dora_scale(magnitude: Tensor, norm: Tensor, blocks, out_features: int, dtyp
     DoRA paper's section 4.3).
     """
     ratio = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm
-    if len(blocks) == 1 and blocks[0][:2] == (0, out_features):
+    if _covers_all(blocks, out_features):
         return ratio.to(dtype)
     pieces, last = [], 0
     for blk in sorted(blocks):
@@ -278,7 +284,7 @@ class _LoRALinear(torch.autograd.Function):
         dt = g2.dtype
         A = _cast(lora_A, dt)
         B = _cast(lora_B, dt)
-        full = len(blocks) == 1 and blocks[0][:2] == (0, g2.shape[1])
+        full = _covers_all(blocks, g2.shape[1])
 
         dx = dw = db = dA = dB = dm = None
         # DoRA: everything but the bias and the magnitude sees g ⊙ (m / norm).
@@ -497,7 +503,7 @@ def lora_linear(
         raise ValueError("a quantized base is stored (out, in): fan_in_fan_out must be False")
     out_features = _out_features(weight, fan_in_fan_out)
     blocks = _resolve_segments(lora_A, lora_B, out_features, segments)
-    segments = None if blocks[0][:2] == (0, out_features) else tuple(b[:2] for b in blocks)
+    segments = None if _covers_all(blocks, out_features) else tuple((b.out0, b.out1) for b in blocks)
 
     norm = None
     if magnitude is not None:
