@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LoRALayer
-from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear, row_sq_norm
+from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear
 from .merging import accumulation_dtype, merged_copy
 from .quantized import QuantizedBase, quantized_base
 from .segments import Segments
@@ -165,18 +165,15 @@ class Linear(LoRALayer, nn.Linear):
         return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
 
     def _dora_norm(self) -> Tensor:
-        """``‖W + s·BA‖`` per adapted row (detached), with ``‖W‖²`` cached while the weight is unchanged."""
+        """``‖W + s·BA‖`` per adapted row (detached), from the weight as it is now.
+
+        Nothing is cached: ``‖W‖²`` is one pass over W, cheap next to the step's GEMMs, and no
+        cache key is safe (``weight.data`` writes keep ``_version``; a freed weight's address and
+        version can come back with other values).
+        """
         W = self.weight if self.quantized is None else self.quantized.dequantize()
-        if torch.compiler.is_compiling() or self.quantized is not None:
-            w_sq = None
-        else:
-            key = (W.data_ptr(), W._version, W.dtype, W.device, W.shape)
-            cached = self.__dict__.get("_dora_w_sq")
-            if cached is None or cached[0] != key:
-                cached = self.__dict__["_dora_w_sq"] = (key, row_sq_norm(W, self.fan_in_fan_out))
-            w_sq = cached[1]
         return dora_weight_norm(W, self.lora_A, self.lora_B, self.scaling, self.segments,
-                                fan_in_fan_out=self.fan_in_fan_out, weight_sq_norm=w_sq)
+                                fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
     def _reset_magnitude(self) -> None:

@@ -76,6 +76,20 @@ def test_gradcheck_float64_with_the_norm_held_constant():
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_the_norm_follows_weight_data_writes(kind):
+    # ``weight.data`` writes (how pretrained weights are often loaded) keep the address and do
+    # not bump ``_version``: the norm must still be that of the weight as it is, in forward and
+    # in eval()'s merge.
+    layer = _layer(kind)
+    x = torch.randn(5, 12)
+    layer(x)  # a forward before the change, as a cache would have seen
+    layer.weight.data.mul_(2.0)
+    _, expected = _reference(kind, layer, x)
+    torch.testing.assert_close(layer(x).double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.eval()(x).double(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "merged"])
 def test_norm_from_w_a_and_a_a_equals_the_built_matrix_in_bf16(kind):
     # The cancellation-prone formula, run in fp32 on a bf16 base, against ‖W + s·BA‖ in float64.
