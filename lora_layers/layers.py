@@ -164,6 +164,11 @@ class Linear(LoRALayer, nn.Linear):
         norm = self._dora_norm().to(accumulation_dtype(self._base_dtype()))
         return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
 
+    def _dense_weight(self) -> Tensor:
+        """The frozen base weight as a dense tensor in its storage layout: ``weight`` itself, or a
+        dequantized copy over a quantized base (whose ``weight`` holds packed bytes)."""
+        return self.weight if self.quantized is None else self.quantized.dequantize()
+
     def _dora_norm(self) -> Tensor:
         """``‖W + s·BA‖`` per adapted row (detached), from the weight as it is now.
 
@@ -171,8 +176,7 @@ class Linear(LoRALayer, nn.Linear):
         cache key is safe (``weight.data`` writes keep ``_version``; a freed weight's address and
         version can come back with other values).
         """
-        W = self.weight if self.quantized is None else self.quantized.dequantize()
-        return dora_weight_norm(W, self.lora_A, self.lora_B, self.scaling, self.segments,
+        return dora_weight_norm(self._dense_weight(), self.lora_A, self.lora_B, self.scaling, self.segments,
                                 fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()

@@ -127,7 +127,7 @@ def _full_magnitude(layer: Linear) -> Tensor:
     m = layer.lora_magnitude.detach()
     if layer.segments is None:
         return m
-    return layer.segments.to_full_rows(m, row_sq_norm(layer.weight, layer.fan_in_fan_out).sqrt().to(m.dtype))
+    return layer.segments.to_full_rows(m, row_sq_norm(layer._dense_weight(), layer.fan_in_fan_out).sqrt().to(m.dtype))
 
 
 def _peft_pattern_matches(key: str, name: str) -> bool:
@@ -520,7 +520,7 @@ def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
     """The adapted rows of PEFT's full-row magnitude; the other rows must be ``‖W_row‖`` (factor one),
     else the adapter rescales rows this layer leaves alone."""
     adapted, other = layer.segments.from_full_rows(full)
-    norms = row_sq_norm(layer.weight, layer.fan_in_fan_out).sqrt()
+    norms = row_sq_norm(layer._dense_weight(), layer.fan_in_fan_out).sqrt()
     if not torch.allclose(full[other].to(norms.dtype), norms[other], rtol=1e-4, atol=1e-6):
         raise ValueError(f"{_MAGNITUDE_KEY} rescales rows outside the enabled splits, which this MergedLinear "
                          f"cannot represent")

@@ -343,3 +343,41 @@ def test_torch_compile_no_graph_breaks_and_matches_eager(kind):
     for a, b in zip(torch.autograd.grad(y_c.sum(), params), torch.autograd.grad(y_e.sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_export_over_a_bitsandbytes_base_writes_the_dequantized_row_norms(kind, tmp_path):
+    # A DoRA MergedLinear's rows without an adapter are exported as ‖W_row‖ (PEFT's factor one).
+    # Over bitsandbytes ``weight`` holds packed bytes: the norms must come from the dequantized
+    # weight, or PEFT (and import_peft) rescale the k rows or refuse the file's shape.
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    def wrapped():
+        torch.manual_seed(0)
+        plain = nn.Linear(64, 128, bias=False)
+        if kind == "int8":
+            q = bnb.nn.Linear8bitLt(64, 128, bias=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(64, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        q.load_state_dict(plain.state_dict())
+        q = q.to("cpu")
+        if "support_avx512bf16_for_cpu" in q.__dict__:
+            q.support_avx512bf16_for_cpu = False  # no lossy repacking on the first eval forward
+        return nn.Sequential(L.MergedLinear.from_module(q, r=4, lora_alpha=8, use_dora=True,
+                                                        enable_lora=[True, False, True], split_sizes=[64, 32, 32]))
+
+    model = wrapped()
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(1.5)
+    L.export_peft(model, tmp_path / "a", task_type=None)
+    (magnitude,) = [t for k, t in load_file(tmp_path / "a" / "adapter_model.safetensors").items() if "magnitude" in k]
+    W = layer.quantized.dequantize().double()
+    assert magnitude.shape == (128,)
+    torch.testing.assert_close(magnitude[64:96].double(), W[64:96].norm(dim=1), rtol=1e-6, atol=0)
+    back = wrapped()
+    L.import_peft(back, tmp_path / "a")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
