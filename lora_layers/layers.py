@@ -342,11 +342,11 @@ class Embedding(LoRALayer, nn.Embedding):
         return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
 
     def reset_lora_parameters(self) -> None:
-        """loralib's init: A zero, B normal; ``init="gaussian"`` is PEFT's other way round (A normal, B zero)."""
+        """loralib's init: A zero, B ~ N(0, 1). PEFT's ``init_lora_weights="gaussian"`` leaves an
+        embedding adapter the same way, so ``init="gaussian"`` does too."""
         if self.has_adapter:
-            zero, normal = (self.lora_B, self.lora_A) if self.init == "gaussian" else (self.lora_A, self.lora_B)
-            nn.init.zeros_(zero)
-            nn.init.normal_(normal)
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
 
     def _delta_blocks(self, A, B):
         acc = accumulation_dtype(self.weight.dtype)

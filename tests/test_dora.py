@@ -295,11 +295,26 @@ def test_lora_plus_groups():
 
 
 def test_gaussian_init_is_peft_s():
+    peft = pytest.importorskip("peft")
+
+    def peft_adapter(base, **extra):  # PEFT's own init on the same base, as (A, B)
+        torch.manual_seed(1)
+        wrapped = peft.get_peft_model(nn.Sequential(base), peft.LoraConfig(
+            r=base.weight.shape[0] // 8 if isinstance(base, nn.Linear) else 4, target_modules=["0"],
+            init_lora_weights="gaussian", **extra)).base_model.model[0]
+        if isinstance(base, nn.Embedding):
+            return wrapped.lora_embedding_A["default"].detach(), wrapped.lora_embedding_B["default"].detach()
+        return wrapped.lora_A["default"].weight.detach(), wrapped.lora_B["default"].weight.detach()
+
     torch.manual_seed(0)
     layer = L.Linear(256, 64, r=8, init="gaussian")
-    assert abs(layer.lora_A.std().item() - 1 / 8) < 0.01 and not layer.lora_B.any()
-    emb = L.Embedding(100, 16, r=4, init="gaussian")
-    assert not emb.lora_B.any() and abs(emb.lora_A.std().item() - 1.0) < 0.1
+    A, B = peft_adapter(nn.Linear(256, 64))
+    assert not layer.lora_B.any() and not B.any()
+    assert abs(layer.lora_A.std().item() - A.std().item()) < 0.01 and abs(A.std().item() - 1 / 8) < 0.01
+    emb = L.Embedding(100, 512, r=4, init="gaussian")
+    A, B = peft_adapter(nn.Embedding(100, 512))
+    assert not emb.lora_A.any() and not A.any()
+    assert abs(emb.lora_B.std().item() - 1.0) < 0.1 and abs(B.std().item() - 1.0) < 0.1
     assert L.Linear(8, 8, r=2).lora_A.abs().max() <= 1 / (8 ** 0.5)  # kaiming-uniform(a=√5) bound stays default
 
 
