@@ -211,6 +211,18 @@ def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     return problems
 
 
+def _loralib_conv_bias_keys(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """loralib 0.1.2's conv layers hold their conv as ``.conv``, so ``lora_state_dict(bias="all")``
+    writes ``<layer>.conv.bias``; here that bias is ``<layer>.bias`` (as ``load_state_dict`` maps it)."""
+    renamed = dict(tensors)
+    for name, layer in lora_modules(model):
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            old, new = (f"{name}.conv.bias", f"{name}.bias") if name else ("conv.bias", "bias")
+            if old in renamed and new not in renamed:
+                renamed[new] = renamed.pop(old)
+    return renamed
+
+
 def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
                source: str):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
@@ -231,6 +243,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     if bias_mode is not None:
         expected.update(named_bias_parameters(model, bias_mode))
     else:  # loralib files carry no bias mode: accept whichever biases they hold
+        tensors = _loralib_conv_bias_keys(model, tensors)
         expected.update({k: all_biases[k] for k in tensors if k in all_biases})
 
     missing = sorted(k for k in expected if k not in tensors)

@@ -257,6 +257,23 @@ def test_loralib_checkpoint_loads_and_matches_loralib(tmp_path):
     torch.testing.assert_close(ours(ids), ref(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_loralib_conv_checkpoint_with_biases_loads(tmp_path):
+    # loralib's Conv2d keeps its conv as ``.conv``: lora_state_dict(bias="all") writes "0.conv.bias".
+    loralib = pytest.importorskip("loralib")
+    torch.manual_seed(0)
+    ref = nn.Sequential(loralib.Conv2d(3, 4, 1, r=2, lora_alpha=4))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.add_(torch.randn_like(p))  # adapters and the bias "trained"
+    torch.save(loralib.lora_state_dict(ref, bias="all"), tmp_path / "loralib.pt")
+    ours = nn.Sequential(L.Conv2d(3, 4, 1, r=2, lora_alpha=4))
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k == "0.conv.weight"}, strict=False)
+    result = load_lora(ours, tmp_path / "loralib.pt")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- writing
 
 @pytest.mark.parametrize("metadata, exc, text", [
