@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ._wrap import adopt, plain_module
 
-__all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4"]
+__all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4",
+           "record_compute_dtype"]
 
 
 def _class_is(obj, name: str, package: str) -> bool:
@@ -108,7 +109,13 @@ class QuantizedBase:
 class _BnbBase(QuantizedBase):
     """A bitsandbytes layer runs through its own ``forward``: a private module of the wrapped
     class that shares the packed Parameters and has no bias (added by the LoRA layer), so
-    every code path of bitsandbytes (e.g. its CPU inference repacking) is the library's own."""
+    every code path of bitsandbytes (e.g. its CPU inference repacking) is the library's own.
+
+    The LoRA layer is not a bitsandbytes class, so bitsandbytes' ``_save_to_state_dict`` /
+    ``_load_from_state_dict`` would not run: state_dict hooks registered on the LoRA layer when
+    it is wrapped run them (:func:`_bnb_save_pre_hook`, :func:`_bnb_save_hook`,
+    :func:`_bnb_load_pre_hook`), so ``state_dict()`` has the same keys as the bitsandbytes layer's
+    and loads back as that layer would load them."""
 
     def __init__(self, module):
         super().__init__(module)
@@ -116,11 +123,62 @@ class _BnbBase(QuantizedBase):
         wrapped = "_wrapped_class" in module.__dict__
         self.base = plain_module(module, ()) if wrapped else adopt(type(module), module)
         self.base._parameters["bias"] = None
+        if wrapped and not module.__dict__.get("_bnb_state_hooks"):
+            module.register_state_dict_pre_hook(_bnb_save_pre_hook)
+            module.register_state_dict_post_hook(_bnb_save_hook)
+            module._register_load_state_dict_pre_hook(_bnb_load_pre_hook, with_module=True)
+            module.__dict__["_bnb_state_hooks"] = True
 
     def linear(self, x):
         self.base.training = self.module.training  # bitsandbytes picks its kernel by mode
         with torch.no_grad():
             return self.base(x)
+
+    # -- state_dict: what the bitsandbytes layer itself writes and reads -------------------------
+    def _before_save(self):
+        """Bring the packed weight to the layout bitsandbytes saves (its own save does this first)."""
+
+    def _save(self, destination, prefix, keep_vars):
+        """The keys the bitsandbytes layer writes besides ``weight`` and ``bias``, by its own code."""
+        own = {}
+        type(self.base)._save_to_state_dict(self.base, own, prefix, keep_vars)
+        for key, value in own.items():
+            if key not in (prefix + "weight", prefix + "bias"):
+                destination[key] = value
+
+    def _load(self, state_dict, prefix):
+        """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``."""
+
+
+def _bnb_base(module) -> "_BnbBase":
+    base = module.__dict__.get("quantized")
+    return base if isinstance(base, _BnbBase) else quantized_base(module)
+
+
+def _bnb_save_pre_hook(module, prefix, keep_vars):
+    module.__dict__["_bnb_keep_vars"] = keep_vars  # the post hook is not told
+    _bnb_base(module)._before_save()
+
+
+def _bnb_save_hook(module, destination, prefix, local_metadata):
+    _bnb_base(module)._save(destination, prefix, module.__dict__.pop("_bnb_keep_vars", False))
+
+
+def _bnb_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+    _bnb_base(module)._load(state_dict, prefix)
+
+
+def _unpack_cpu(data, state):
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight (rewrites ``state``)."""
+    import bitsandbytes.functional as bf
+
+    data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
+    if state.absmax.dim() == 2:
+        # bitsandbytes 0.50's inverse leaves a non-nested absmax in the packed (in/blocksize, out)
+        # table; read that way, every block would take another block's scale.
+        state.absmax = state.absmax.t().reshape(-1).float()
+    return data, state
 
 
 class _Bnb4bit(_BnbBase):
@@ -139,14 +197,16 @@ class _Bnb4bit(_BnbBase):
         data, state = self.base.weight.data, self._state()
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel, a layout
-            # dequantize_4bit does not read: unpack a copy (the unpacking rewrites the state it is
-            # given, and the layer keeps its format).
-            data, state = bf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-            if state.absmax.dim() == 2:
-                # bitsandbytes 0.50's inverse leaves a non-nested absmax in the packed (in/blocksize, out)
-                # table; read that way, every block would take another block's scale.
-                state.absmax = state.absmax.t().reshape(-1).float()
+            # dequantize_4bit does not read: unpack a copy (the layer keeps its format).
+            data, state = _unpack_cpu(data, copy.copy(state))
         return bf.dequantize_4bit(data, state).to(self.dtype)
+
+    def _before_save(self):
+        # As Linear4bit._save_to_state_dict: a CPU-repacked weight is saved unpacked, and stays so
+        # until bitsandbytes repacks it at the next eval forward.
+        weight = self.base.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
 
     def nbytes(self):
         state = self._state()
@@ -156,20 +216,41 @@ class _Bnb4bit(_BnbBase):
 
 
 class _Bnb8bit(_BnbBase):
+    """LLM.int8 (``Linear8bitLt``) has no compute dtype of its own (it returns its input's dtype).
+    Its dtype here, fixed whatever the inputs: the bias's if the layer has a floating bias; else
+    the layer's ``compute_dtype`` attribute, which :func:`record_compute_dtype` sets from the
+    model's floating dtype before wrapping, and which is otherwise recorded at wrap time as
+    torch's default dtype (``torch.get_default_dtype()``)."""
+
     kind = "bnb-8bit"
 
-    _seen_dtype = None  # LLM.int8 computes in its input's dtype: the last one seen
+    def __init__(self, module):
+        super().__init__(module)
+        if "_wrapped_class" in module.__dict__ and not isinstance(module.__dict__.get("compute_dtype"), torch.dtype):
+            module.__dict__["compute_dtype"] = torch.get_default_dtype()
 
     @property
     def dtype(self):
         bias = self.module.bias
         if bias is not None and bias.dtype.is_floating_point:
             return bias.dtype
-        return self._seen_dtype or torch.get_default_dtype()
+        recorded = self.module.__dict__.get("compute_dtype")
+        return recorded if isinstance(recorded, torch.dtype) else torch.get_default_dtype()
 
-    def linear(self, x):
-        self._seen_dtype = x.dtype
-        return super().linear(x)
+    def _load(self, state_dict, prefix):
+        # As Linear8bitLt._load_from_state_dict: the scales (SCB) are copied into the layer's own
+        # (bitsandbytes' maybe_rearrange_weight pre-hook, adopted by the LoRA layer, takes weight_format).
+        key = prefix + "SCB"
+        if key not in state_dict:
+            return
+        weight = self.base.weight
+        if getattr(weight, "SCB", None) is None:
+            raise RuntimeError("Loading a quantized checkpoint into non-quantized Linear8bitLt is "
+                               "not supported. Please call module.cuda() before module.load_state_dict()")
+        with torch.no_grad():
+            weight.SCB.copy_(state_dict.pop(key))
+        if self.base.state.SCB is not None:
+            self.base.state.SCB = weight.SCB
 
     def _scales(self):
         state, weight = self.base.state, self.base.weight
@@ -233,6 +314,32 @@ def quantized_base(module: nn.Module) -> Optional[QuantizedBase]:
         kind = _kind(module) or (_TorchaoNF4 if _class_is(module._parameters.get("weight"), "NF4Tensor", "torchao")
                                  else None)
     return None if kind is None else kind(module)
+
+
+def record_compute_dtype(model: nn.Module, modules=None) -> Optional[torch.dtype]:
+    """Record the model's floating dtype as the compute dtype of its bias-free bitsandbytes
+    ``Linear8bitLt`` layers (all of them, or those in ``modules``), before they are wrapped.
+
+    LLM.int8 layers have no dtype of their own; the LoRA layer over one creates its adapters,
+    and ``merge_and_unload`` its plain ``nn.Linear``, in this dtype. The model's floating dtype is
+    the most common one, by element count, of its floating Parameters outside quantized layers
+    (e.g. the embeddings). A layer that already has a ``compute_dtype`` keeps it. Returns the
+    dtype, or None when the model has no such Parameter (nothing is recorded then)."""
+    counts = {}
+    for module in model.modules():
+        if is_quantized_linear(module) or getattr(module, "quantized", None) is not None:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dtype.is_floating_point:
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        return None
+    dtype = max(counts, key=counts.get)
+    for module in (model.modules() if modules is None else modules):
+        if (_class_is(module, "Linear8bitLt", "bitsandbytes") and module.bias is None
+                and not isinstance(module.__dict__.get("compute_dtype"), torch.dtype)):
+            module.compute_dtype = dtype
+    return dtype
 
 
 def weight_nbytes(module: nn.Module) -> int:

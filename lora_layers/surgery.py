@@ -24,7 +24,7 @@ from .validation import check_alpha, check_backend, check_dropout, check_init, c
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .lean import disable as disable_lean
 from ._ties import find_shared_weights
-from .quantized import is_quantized_linear
+from .quantized import is_quantized_linear, record_compute_dtype
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_layers
 
 __all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_modules"]
@@ -326,6 +326,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     # Build every new layer before swapping any in. from_module's only side effect
     # on the original is freezing its weight; undo that if a later build fails.
     frozen = [(p, p.requires_grad) for _, m in plan for p in m.parameters(recurse=False)]
+    record_compute_dtype(model, [m for _, m in plan])  # LLM.int8 layers take the model's dtype
     built = {}
     try:
         for (name, module), (cls, kwargs) in zip(plan, specs):

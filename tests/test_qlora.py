@@ -292,15 +292,77 @@ def test_phi3_apply_lora_on_a_4bit_base_exports_to_peft(saved_phi3, tmp_path):
     torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_without_bias_computes_and_unloads_in_its_inputs_dtype():
-    # Phi-3's projections have no bias: the compute dtype comes from the inputs, not a fp16 guess.
+def test_int8_without_bias_has_a_fixed_dtype_recorded_at_wrap_time():
+    # Phi-3's projections have no bias and LLM.int8 has no dtype: the one recorded when wrapping
+    # (torch's default here) holds whatever inputs the layer sees, so merging needs no forward first.
     layer = L.Linear.from_module(_quantized("int8", bias=False), r=2, lora_alpha=4)
-    assert layer.lora_A.dtype == torch.get_default_dtype()
+    assert layer.lora_A.dtype == layer.quantized.dtype == torch.get_default_dtype()
     with torch.no_grad():
         layer.lora_B.normal_()
+        assert layer(torch.randn(3, IN, dtype=torch.bfloat16)).dtype == torch.bfloat16  # bnb returns x's dtype
+    assert layer.quantized.dtype == torch.float32
     x = torch.randn(3, IN)
     y = layer(x)
-    assert y.dtype == layer.quantized.dtype == torch.float32
+    assert y.dtype == torch.float32
     plain = L.merge_and_unload(nn.Sequential(layer))
     assert plain[0].weight.dtype == torch.float32
     torch.testing.assert_close(plain(x), y, rtol=5e-2, atol=5e-2)  # LLM.int8 quantizes x too
+
+
+def test_int8_takes_the_models_dtype_from_record_compute_dtype():
+    from lora_layers.quantized import record_compute_dtype
+
+    model = nn.Sequential(nn.Embedding(10, IN, dtype=torch.bfloat16), _quantized("int8", bias=False))
+    assert record_compute_dtype(model) == torch.bfloat16
+    L.inject_lora(model, ["1"], r=2, lora_alpha=4)
+    assert model[1].lora_A.dtype == model[1].quantized.dtype == torch.bfloat16
+    merged = L.merge_and_unload(model)  # no forward before
+    assert merged[1].weight.dtype == torch.bfloat16
+    assert merged(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+
+
+def _without_lora(state):
+    return {k: v for k, v in state.items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bnb_state_dict_has_the_bitsandbytes_layers_keys_and_loads_as_it_does(kind):
+    """The LoRA layer writes bitsandbytes' quantization state (absmax/quant_map/quant_state.*, SCB/
+    weight_format) under the same names, and loads it back as the bitsandbytes layer does."""
+    plain_a, plain_b = _quantized(kind, seed=0), _quantized(kind, seed=1)
+    ours_a = L.Linear.from_module(_quantized(kind, seed=0), r=2, lora_alpha=4)
+    ours_b = L.Linear.from_module(_quantized(kind, seed=1), r=2, lora_alpha=4)
+    expected, state = plain_a.state_dict(), _without_lora(ours_a.state_dict())
+    assert sorted(state) == sorted(expected)
+    assert any(k not in ("weight", "bias") for k in state)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        ours_a.lora_B.normal_()
+        plain_res = plain_b.load_state_dict(plain_a.state_dict(), strict=False)
+        ours_res = ours_b.load_state_dict(ours_a.state_dict(), strict=False)
+        assert ours_res.unexpected_keys == plain_res.unexpected_keys and not ours_res.missing_keys
+        if kind == "int8":  # Linear8bitLt loads its scales; Linear4bit leaves its quant_state keys unread
+            assert not ours_res.unexpected_keys
+            ours_b.load_state_dict(ours_a.state_dict())  # strict, as bitsandbytes' own layer
+            assert torch.equal(ours_b(x), ours_a(x)) and torch.equal(plain_b(x), plain_a(x))
+        else:
+            assert sorted(ours_res.unexpected_keys) == sorted(k for k in expected if k.startswith("weight."))
+
+
+def test_int8_phi3_state_dict_round_trip_gives_the_same_logits(saved_phi3, tmp_path):
+    from conftest import make_tiny_phi3
+
+    other = tmp_path / "other"
+    make_tiny_phi3(seed=7, hidden_size=64, intermediate_size=128).save_pretrained(other)
+    a, b = _load(saved_phi3, "int8"), _load(other, "int8")
+    for model in (a, b):
+        L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+        model.eval()
+    keys = set(a.state_dict())
+    assert "model.layers.0.self_attn.qkv_proj.SCB" in keys and "model.layers.0.mlp.down_proj.weight_format" in keys
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
