@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ._ties import SHARED_ATTR, register_weight
+from ._ties import SHARED_ATTR, check_adopted, register_weight
 from ._wrap import adopt, plain_module, refuse_unwrappable
 from .merging import ExactMerge
 from .validation import (check_alpha, check_backend, check_dora, check_dropout, check_init, check_lora_args,
@@ -118,8 +118,16 @@ class LoRALayer(ExactMerge):
         obj = adopt(cls, module)
         obj._validate_wrapped(**layer_kwargs)
         obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
+        check_adopted(obj, module)  # a weight tied before wrapping, or a module wrapped twice, never merges
         obj.reset_lora_parameters()
         return obj
+
+    def __setstate__(self, state):
+        # copy.deepcopy, pickle and torch.load restore without registering Parameters:
+        # record the weight again so a tie made to the copy later is seen.
+        super().__setstate__(state)
+        if SHARED_ATTR in self.__dict__:
+            register_weight(self)
 
     @classmethod
     def _can_wrap(cls, module: nn.Module) -> bool:

@@ -122,3 +122,91 @@ def test_tied_phi3_lm_head_and_embeddings():
     with pytest.raises(ValueError, match="lm_head|embed_tokens"):
         L.merge_and_unload(model)
     assert isinstance(model.lm_head, L.Linear) and bit_equal(shared, w0)
+
+
+# -- ties seen without a model-level call -------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["lm_head", "embed_tokens"])
+def test_tie_made_before_from_module_is_seen_by_a_plain_eval(which):
+    torch.manual_seed(0)
+    model = TinyLM()  # tied before wrapping, as a loaded model is
+    if which == "lm_head":
+        model.lm_head = L.Linear.from_module(model.lm_head, r=2, lora_alpha=4)
+    else:
+        model.embed_tokens = L.Embedding.from_module(model.embed_tokens, r=2, lora_alpha=4)
+    layer = getattr(model, which)
+    _randomise(model)
+    ids = torch.randint(0, V, (3, 5))
+    w0 = model.embed_tokens.weight.detach().clone()
+    y_train = model.train()(ids)
+    model.eval()  # no model-level call in between
+    assert not layer.merged
+    torch.testing.assert_close(model(ids), y_train, rtol=0, atol=0)
+    assert bit_equal(model.embed_tokens.weight, w0)
+    with pytest.raises(ValueError, match="cannot merge"):
+        layer.merge()
+
+
+def test_one_base_module_wrapped_twice_never_merges():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 6)
+    a = L.Linear.from_module(base, r=2, lora_alpha=4)
+    b = L.Linear.from_module(base, r=2, lora_alpha=4)
+    for m in (a, b):
+        nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 6)
+    ya, yb, w0 = a(x), b(x), base.weight.detach().clone()
+    a.eval()
+    assert not a.merged
+    torch.testing.assert_close(a(x), ya, rtol=0, atol=0)
+    torch.testing.assert_close(b(x), yb, rtol=0, atol=0)  # the other holder is unchanged
+    assert bit_equal(base.weight, w0)
+    # a model-level rescan of one model keeps the mark: the other model's layer still holds the weight
+    m1, m2 = nn.Sequential(a.train()), nn.Sequential(b)
+    L.mark_only_lora_as_trainable(m1)
+    L.mark_only_lora_as_trainable(m2)
+    m1.eval()
+    assert not a.merged
+    torch.testing.assert_close(b(x), yb, rtol=0, atol=0)
+    assert bit_equal(base.weight, w0)
+    with pytest.raises(ValueError, match="also"):
+        L.merge_lora(m1)
+
+
+def test_single_wrap_of_an_untied_module_still_merges():
+    torch.manual_seed(0)
+    layer = L.Linear.from_module(nn.Linear(6, 6), r=2, lora_alpha=4)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6)
+    y = layer(x)
+    layer.eval()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.load"])
+def test_tie_made_after_restoring_a_layer_is_seen(how):
+    import copy
+    import io
+    import pickle
+    torch.manual_seed(0)
+    head = L.Linear(D, V, r=2, lora_alpha=4, bias=False)
+    nn.init.normal_(head.lora_B)
+    if how == "deepcopy":
+        head = copy.deepcopy(head)
+    elif how == "pickle":
+        head = pickle.loads(pickle.dumps(head))
+    else:
+        buf = io.BytesIO()
+        torch.save(head, buf)
+        buf.seek(0)
+        head = torch.load(buf, weights_only=False)
+    emb = nn.Embedding(V, D)
+    emb.weight = head.weight  # tie made after the restore
+    ids = torch.arange(V)
+    e0, x = emb(ids).detach().clone(), torch.randn(3, D)
+    y = head(x)
+    head.eval()
+    assert not head.merged
+    torch.testing.assert_close(head(x), y, rtol=0, atol=0)
+    assert bit_equal(emb(ids), e0)
