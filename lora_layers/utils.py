@@ -184,7 +184,10 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
     ``torch.optim.AdamW(lora_plus_param_groups(model, lr=2e-4))`` trains every
     ``lora_B`` of a Linear, MergedLinear or Conv layer at ``ratio · lr`` and the
     other adapter parameters (``lora_A``, DoRA's ``lora_magnitude``, and both
-    factors of Embedding adapters, whose roles are swapped) at ``lr``.
+    factors of Embedding adapters, whose roles are swapped) at ``lr``, together
+    with every other parameter that requires grad (e.g. biases trained with
+    ``mark_only_lora_as_trainable(bias=...)``), so no trainable parameter is left
+    out of the optimizer.
 
     Returns:
         Two groups (empty ones left out), each with ``params``, ``lr`` and ``weight_decay``.
@@ -205,6 +208,11 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
             (fast if local == "lora_B" and not isinstance(module, nn.Embedding) else base).append(param)
     if not fast and not base:
         raise ValueError("lora_plus_param_groups: the model has no adapter parameters")
+    # Every other trainable parameter (biases from mark_only_lora_as_trainable(bias=...), a trainable
+    # head) trains at lr, as in PEFT's LoRA+ optimizer; left out, an optimizer built from these
+    # groups would silently never update it.
+    seen = {id(p) for p in fast + base}
+    base += [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     groups = [{"params": base, "lr": float(lr), "weight_decay": float(weight_decay)},
               {"params": fast, "lr": float(lr) * float(ratio), "weight_decay": float(weight_decay)}]
     return [g for g in groups if g["params"]]

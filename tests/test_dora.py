@@ -287,7 +287,17 @@ def test_lora_plus_groups():
     assert by_lr[8e-3] == {id(model[0].lora_B), id(model[2].lora_B)} and id(fast) in by_lr[8e-3]
     assert {id(slow), id(model[0].lora_magnitude), id(model[1].lora_A), id(model[1].lora_B)} <= by_lr[1e-3]
     assert all(g["weight_decay"] == 0.1 for g in groups)
-    assert sum(len(g) for g in by_lr.values()) == len(L.lora_parameters(model))
+    # Every parameter that requires grad is in exactly one group: the adapters, and the biases
+    # that mark_only_lora_as_trainable(bias="lora_only") leaves trainable (at lr, as in PEFT).
+    L.mark_only_lora_as_trainable(model, bias="lora_only")
+    groups = L.lora_plus_param_groups(model, lr=1e-3, ratio=8.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert {id(model[0].bias), id(model[2].bias)} <= {id(p) for p in groups[0]["params"]}
+    assert groups[0]["lr"] == 1e-3
+    L.mark_only_lora_as_trainable(model)
+    assert sorted(id(p) for g in L.lora_plus_param_groups(model, lr=1e-3) for p in g["params"]) == sorted(
+        id(p) for p in L.lora_parameters(model))
     for bad in (dict(lr=0.0), dict(lr=1e-3, ratio=-1.0), dict(lr=1e-3, weight_decay=float("nan")),
                 dict(lr=True)):
         with pytest.raises(ValueError, match=next(iter(k for k in bad if k != "lr" or len(bad) == 1))):
