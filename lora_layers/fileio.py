@@ -77,6 +77,13 @@ def _name_max(folder: str) -> int:
         return _NAME_MAX
 
 
+def _split(path: str):
+    """``(folder, name)`` as the OS resolves them: ``missing/../x`` needs ``missing`` (and a symlink
+    before ``..`` is followed), so the folder is not normalised lexically."""
+    folder, name = os.path.split(path)
+    return folder or os.curdir, name
+
+
 def check_destination(path, what: str, arg: str = "path") -> str:
     """Refuse a destination that cannot be written, before anything is created.
 
@@ -85,7 +92,7 @@ def check_destination(path, what: str, arg: str = "path") -> str:
     PermissionError (folder not writable), each naming ``arg`` and the value.
     """
     path = as_path(path, arg)
-    folder, name = os.path.split(os.path.abspath(path))
+    folder, name = _split(path)
     if path.endswith((os.sep, os.altsep or os.sep)) or name in ("", ".", "..") or os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {what} to {arg}={path!r}: it is a directory or names a folder, "
                                 f"expected a file path")
@@ -131,7 +138,7 @@ def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -
         Whatever ``write`` raises: the temp file is removed, the previous file kept.
     """
     path = check_destination(path, what, arg)
-    folder, name = os.path.split(os.path.abspath(path))
+    folder, name = _split(path)
     try:
         fd, tmp = _create_temp(folder, name)
     except PermissionError as exc:

@@ -38,6 +38,18 @@ def test_missing_folder_raises_and_writes_nothing(tmp_path):
     assert not target.parent.exists()
 
 
+def test_a_missing_folder_before_dot_dot_is_refused_up_front(tmp_path, monkeypatch):
+    # "missing/../a" resolves lexically to "a", but the OS needs "missing" to exist: the check
+    # must see the folder the OS will use, or the write fails late with a bare rename error.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"path='missing/\.\./a\.safetensors'.*does not exist"):
+        atomic_write("missing/../a.safetensors", _write(b"x"))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "real").mkdir()
+    atomic_write("real/../a.safetensors", _write(b"x"))
+    assert (tmp_path / "a.safetensors").read_bytes() == b"x"
+
+
 def test_destination_is_a_directory(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         atomic_write(tmp_path, _write(b"x"))
