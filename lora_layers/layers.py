@@ -162,6 +162,9 @@ class Linear(LoRALayer, nn.Linear):
         if not self.use_dora:
             return factors
         norm = self._dora_norm().to(accumulation_dtype(self._base_dtype()))
+        if self.lora_magnitude.shape != norm.shape:
+            raise ValueError(f"cannot merge: lora_magnitude must have shape {tuple(norm.shape)} (one entry per "
+                             f"adapted output row), got {tuple(self.lora_magnitude.shape)}")
         return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
 
     def _dense_weight(self) -> Tensor:

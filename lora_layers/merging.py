@@ -159,12 +159,17 @@ class ExactMerge:
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges. Returns self."""
+        was_training = self.training
         super().train(mode)
         if self.merge_weights:
-            if mode:
-                self.unmerge()
-            elif self._merge_blocker() is None:
-                self.merge()
+            try:
+                if mode:
+                    self.unmerge()
+                elif self._merge_blocker() is None:
+                    self.merge()
+            except BaseException:
+                super().train(was_training)  # a failed merge changes nothing, the mode included
+                raise
         return self
 
     def _blocks(self, factors):

@@ -63,14 +63,18 @@ def check_init(init) -> str:
 
 def check_dora(layer, use_dora, has_adapter: bool) -> None:
     """DoRA needs a layer type that implements it and an adapter to decompose."""
+    numpy_bool = type(use_dora).__module__ == "numpy" and type(use_dora).__name__ in ("bool_", "bool")
+    if not (isinstance(use_dora, bool) or numpy_bool):  # a string such as "false" would read as True
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     if not use_dora:
         return
     if not getattr(layer, "_supports_dora", False):
         raise TypeError(f"use_dora=True is not supported by {type(layer).__name__} (DoRA is implemented for "
                         f"Linear and MergedLinear)")
     if not has_adapter:
+        fix = "enable at least one split in enable_lora" if layer.r else "use r > 0"
         raise ValueError(f"use_dora=True needs an adapter to decompose, but this {type(layer).__name__} has "
-                         f"none (r={layer.r}{', no enabled split' if layer.r else ''}); use r > 0")
+                         f"none (r={layer.r}{', no enabled split' if layer.r else ''}); {fix}")
 
 
 def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dtype=None, init="kaiming") -> None:

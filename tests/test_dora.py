@@ -330,7 +330,10 @@ def test_gaussian_init_is_peft_s():
 
 @pytest.mark.parametrize("make, exc, text", [
     (lambda: L.Linear(4, 4, r=0, use_dora=True), ValueError, "use_dora=True needs an adapter"),
-    (lambda: L.MergedLinear(4, 6, r=2, enable_lora=[False, False], use_dora=True), ValueError, "no enabled split"),
+    (lambda: L.MergedLinear(4, 6, r=2, enable_lora=[False, False], use_dora=True), ValueError,
+     "no enabled split.*enable at least one split"),
+    (lambda: L.Linear(4, 4, r=2, use_dora="false"), TypeError, "use_dora must be True or False, got 'false'"),
+    (lambda: L.Linear(4, 4, r=2, use_dora=1), TypeError, "use_dora must be True or False, got 1"),
     (lambda: L.Conv2d.from_module(nn.Conv2d(2, 2, 1), r=2, use_dora=True), TypeError, "not supported by Conv2d"),
     (lambda: L.Embedding.from_module(nn.Embedding(4, 4), r=2, use_dora=True), TypeError, "Embedding"),
     (lambda: L.Linear(4, 4, r=2, init="pissa"), ValueError, "init must be one of"),
@@ -406,3 +409,13 @@ def test_export_over_a_bitsandbytes_base_writes_the_dequantized_row_norms(kind, 
     L.import_peft(back, tmp_path / "a")
     x = torch.randn(3, 64)
     torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_eval_with_a_wrongly_shaped_magnitude_raises_by_name_and_changes_nothing():
+    layer = _layer("linear")
+    weight = layer.weight.detach().clone()
+    layer.lora_magnitude = nn.Parameter(torch.ones(5))  # the layer has 10 rows
+    with pytest.raises(ValueError, match=r"lora_magnitude must have shape \(10,\).*got \(5,\)"):
+        layer.eval()
+    assert layer.training and not layer.merged and bit_equal(layer.weight, weight)
+
