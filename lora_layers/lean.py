@@ -14,7 +14,8 @@ Two independent savings, both with exactly the plain model's results:
 * **The fused loss.** With labels, the causal LM's forward computes
   :func:`~lora_layers.fused_linear_cross_entropy` on the last hidden state and
   returns ``logits=None`` (pass ``return_logits=True`` for the plain loss and the
-  logits).
+  logits). With ``return_dict=False`` the tuple keeps transformers' positions,
+  ``(loss, None, past_key_values, ...)``.
 
 :func:`enable` installs them on a transformers Phi-3 model; :func:`disable`
 (also run by :func:`~lora_layers.merge_and_unload` and :func:`~lora_layers.unload`)
@@ -146,7 +147,9 @@ class LeanCausalLMForward:
 
         out = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return out if return_dict else out.to_tuple()
+        # A tuple keeps transformers' positions, (loss, logits, cache, ...): to_tuple() drops the None
+        # logits, which would move the cache into the logits' place.
+        return out if return_dict else (loss, None) + out.to_tuple()[1:]
 
 
 # ----------------------------------------------------------------------------- install and remove

@@ -184,7 +184,9 @@ def test_forward_outputs():
     assert torch.equal(asked.logits, expected.logits) and torch.equal(asked.loss, expected.loss)
     assert torch.equal(model(IDS).logits, plain(IDS).logits)  # no labels: logits as usual
     as_tuple = model(IDS, labels=LABELS, return_dict=False)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss)
+    plain_tuple = plain(IDS, labels=LABELS, return_dict=False)  # (loss, logits, cache): the same positions
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and as_tuple[1] is None
+    assert len(as_tuple) == len(plain_tuple) and type(as_tuple[2]) is type(plain_tuple[2])
     counted = (LABELS[:, 1:] != -100).sum()
     summed = model(IDS, labels=LABELS, num_items_in_batch=2 * counted).loss  # transformers' gradient accumulation
     assert abs(summed.item() - out.loss.item() / 2) <= 1e-6
