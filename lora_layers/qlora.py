@@ -58,7 +58,8 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     Raises:
         ValueError: an unknown ``scheme``, a target that matches nothing or a
             module that is not a plain ``nn.Linear`` (already quantized, or a LoRA
-            layer), or a weight whose size NF4 cannot pack. The model is unchanged.
+            layer), a weight another module also holds (tied), or a weight whose
+            size NF4 cannot pack. The model is unchanged.
         ImportError: torchao is not installed (``pip install lora_layers[qlora]``).
     """
     if scheme not in SCHEMES:
@@ -67,11 +68,23 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
         is_phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
         targets = list(phi3.TARGETS) if is_phi3 else ALL_LINEAR
     plan = select_modules(model, targets)
-    wrong = [f"{n} ({type(m).__name__})" for n, m in plan
+    wrong = [f"{n} ({'already quantized' if is_quantized_linear(m) else type(m).__name__})" for n, m in plan
              if type(m) is not nn.Linear or is_quantized_linear(m)]
     if wrong:
         raise ValueError(f"quantize_base: only plain nn.Linear layers with a float weight can be quantized, got "
                          f"{wrong}")
+    # A weight held by another module too (tied embeddings, a shared layer) would be quantized into
+    # separate copies: the tie would be silently broken and the memory doubled.
+    holders: dict = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    tied = [f"{n}.weight (also {sorted(holders[id(m.weight)] - {n + '.weight'})})" for n, m in plan
+            if len(holders[id(m.weight)]) > 1]
+    if tied:
+        raise ValueError(f"quantize_base: these weights are shared with other modules, and quantizing them "
+                         f"would untie them: {tied}; leave them out of targets")
     try:
         torchao_nf4()
     except ImportError as exc:

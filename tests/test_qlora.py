@@ -214,8 +214,14 @@ def test_quantize_base_refusals_change_nothing():
         L.quantize_base(model, targets=["nope"])
     assert list(model.parameters()) == before and all(type(p) is nn.Parameter for p in model.parameters())
     assert L.quantize_base(model, targets=["0"]) == ["0"]
-    with pytest.raises(ValueError, match="only plain nn.Linear"):
+    with pytest.raises(ValueError, match=r"only plain nn.Linear.*'0 \(already quantized\)'"):
         L.quantize_base(model, targets=["0"])  # already quantized
+    model[1].weight = nn.Parameter(torch.randn(3, 64))
+    model.add_module("head", nn.Linear(64, 3))
+    model.head.weight = model[1].weight  # tied
+    with pytest.raises(ValueError, match=r"shared with other modules.*1\.weight \(also \['head\.weight'\]\)"):
+        L.quantize_base(model, targets=["1"])
+    assert model.head.weight is model[1].weight and type(model[1].weight) is nn.Parameter
 
 
 # ----------------------------------------------------------------------------- PEFT on the same quantized base
