@@ -123,7 +123,8 @@ def _create_temp(folder: str, name: str):
 def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -> None:
     """Write a file atomically: temp file in the same folder, flush + fsync, ``os.replace``.
 
-    The file gets the mode ``open()`` would give it (0o666 less the umask).
+    The file gets the mode ``open()`` would give it (0o666 less the umask). A
+    symlink at ``path`` is written through: the file it points to is replaced.
 
     Args:
         path: destination file; its folder must exist.
@@ -138,6 +139,11 @@ def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -
         Whatever ``write`` raises: the temp file is removed, the previous file kept.
     """
     path = check_destination(path, what, arg)
+    if os.path.islink(path):
+        # Write through a symlink (``latest.pt -> runs/7/step.pt``), as torch.save does: the file it
+        # points to is replaced atomically and the link stays. Renaming onto the link itself would
+        # turn it into a plain file and leave the target stale.
+        path = check_destination(os.path.realpath(path), what, arg)
     folder, name = _split(path)
     try:
         fd, tmp = _create_temp(folder, name)

@@ -50,6 +50,17 @@ def test_a_missing_folder_before_dot_dot_is_refused_up_front(tmp_path, monkeypat
     assert (tmp_path / "a.safetensors").read_bytes() == b"x"
 
 
+def test_a_symlink_is_written_through_and_kept(tmp_path):
+    # As torch.save: latest -> store/a is updated in store/a; the link is not replaced by a file.
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "a").write_bytes(b"old")
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "store" / "a")
+    atomic_write(link, _write(b"new"))
+    assert link.is_symlink() and (tmp_path / "store" / "a").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path / "store")) == ["a"] and sorted(os.listdir(tmp_path)) == ["latest", "store"]
+
+
 def test_destination_is_a_directory(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         atomic_write(tmp_path, _write(b"x"))
