@@ -48,3 +48,21 @@ def make_tiny_phi3(gqa: bool = True, seed: int = 0, vocab_size: int = 128, hidde
 def tiny_phi3_factory():
     """Returns :func:`make_tiny_phi3`; call it with ``gqa=True/False``."""
     return make_tiny_phi3
+
+
+def restored(module, how: str):
+    """A copy of ``module`` made the way programs make one: ``"deepcopy"``, ``"pickle"``, or a
+    whole-module ``"torch.save"`` / ``"torch.load"`` round trip."""
+    import copy
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(module)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(module))
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+

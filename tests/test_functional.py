@@ -1,9 +1,5 @@
 """functional.lora_linear: float64 reference, gradcheck, dropout determinism,
 needs_input_grad skipping, autocast, torch.compile, serialisation, saved bytes."""
-import copy
-import io
-import pickle
-
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +9,7 @@ from hypothesis import strategies as st
 import lora_layers as L
 from lora_layers.functional import draw_seed, dropout_mask, lora_linear
 from _naive_lora import F64, assert_rel_close, leaf64, naive_linear
+from conftest import restored
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -259,15 +256,7 @@ def test_copy_pickle_save(how, merged):
         m.eval()
     else:
         m.train()
-    if how == "deepcopy":
-        m2 = copy.deepcopy(m)
-    elif how == "pickle":
-        m2 = pickle.loads(pickle.dumps(m))
-    else:
-        buf = io.BytesIO()
-        torch.save(m, buf)
-        buf.seek(0)
-        m2 = torch.load(buf, weights_only=False)
+    m2 = restored(m, how)
     m.eval()
     m2.eval()
     torch.testing.assert_close(_out(m2), _out(m))

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import lora_layers as L
 from _naive_lora import bit_equal
-from conftest import make_tiny_phi3
+from conftest import make_tiny_phi3, restored
 
 V, D = 11, 6
 
@@ -186,21 +186,10 @@ def test_single_wrap_of_an_untied_module_still_merges():
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.load"])
 def test_tie_made_after_restoring_a_layer_is_seen(how):
-    import copy
-    import io
-    import pickle
     torch.manual_seed(0)
     head = L.Linear(D, V, r=2, lora_alpha=4, bias=False)
     nn.init.normal_(head.lora_B)
-    if how == "deepcopy":
-        head = copy.deepcopy(head)
-    elif how == "pickle":
-        head = pickle.loads(pickle.dumps(head))
-    else:
-        buf = io.BytesIO()
-        torch.save(head, buf)
-        buf.seek(0)
-        head = torch.load(buf, weights_only=False)
+    head = restored(head, how)
     emb = nn.Embedding(V, D)
     emb.weight = head.weight  # tie made after the restore
     ids = torch.arange(V)
