@@ -31,7 +31,6 @@ ops, so higher-order derivatives are exact; plain training keeps the lean path.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import recipes
+from ._amp import autocast_available, no_autocast
 from .segments import Block, Segments
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed",
@@ -121,15 +121,11 @@ def _resolve_segments(lora_A: Tensor, lora_B: Tensor, out_features: int, segment
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _autocast_available(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type)
-
-
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's for eligible inputs, else ``x``'s,
     which must then equal the weight's (``nn.Linear`` refuses a mismatch too)."""
     device = x.device.type
-    if x.dtype in _AUTOCAST_ELIGIBLE and _autocast_available(device) and torch.is_autocast_enabled(device):
+    if x.dtype in _AUTOCAST_ELIGIBLE and autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     if x.dtype != weight.dtype:
         raise RuntimeError(
@@ -545,9 +541,7 @@ def lora_linear(
     # grad: reentrant checkpointing reruns a no-grad forward with grad enabled
     # and must see the same mask.
     seed = draw_seed() if p > 0.0 else 0
-    no_autocast = (torch.autocast(x.device.type, enabled=False) if _autocast_available(x.device.type)
-                   else contextlib.nullcontext())
-    with no_autocast:
+    with no_autocast(x.device.type):
         if not needs_grad:
             y2, _ = _forward(_cast(x, dt), weight, bias, lora_A, lora_B, float(scaling), p, seed,
                              fan_in_fan_out, blocks, magnitude, norm)

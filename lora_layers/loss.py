@@ -12,7 +12,6 @@ prompt masked out of the loss costs no vocabulary-sized work at all.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -21,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import _autocast_available, _functorch_active
+from ._amp import autocast_available, no_autocast
+from .functional import _functorch_active
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_size", "REDUCTIONS"]
 
@@ -48,7 +48,7 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     device = hidden.device.type
-    if hidden.dtype in (torch.float16, torch.bfloat16, torch.float32) and _autocast_available(device) \
+    if hidden.dtype in (torch.float16, torch.bfloat16, torch.float32) and autocast_available(device) \
             and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     if hidden.dtype != weight.dtype:
@@ -171,20 +171,13 @@ def _run(hidden, weight, labels, bias, ignore_index, chunk_size, smoothing, dt, 
     return rows, total, n, dh, dW, db
 
 
-def _no_autocast(device_type: str):
-    # The dtypes are chosen up front; autocast must not re-cast inside (nor meet the out= GEMM).
-    if _autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and every needed gradient; backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_size, smoothing, dt):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        with _no_autocast(hidden.device.type):
+        with no_autocast(hidden.device.type):
             rows, total, n, dh, dW, db = _run(hidden, weight, labels, bias, ignore_index, chunk_size, smoothing,
                                               dt, need_h, need_w, need_b)
         if reduction == "mean":
@@ -274,7 +267,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, b
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, reduction, chunk_size,
                                               smoothing, dt)
-    with _no_autocast(hidden.device.type):
+    with no_autocast(hidden.device.type):
         _, total, n, *_ = _run(hidden, weight, labels, bias, ignore_index, chunk_size, smoothing, dt,
                                False, False, False)
     if reduction == "sum":

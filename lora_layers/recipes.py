@@ -16,12 +16,13 @@ An entry is ignored once the output has been modified in place.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+from ._amp import no_autocast
 
 __all__ = ["Recipe", "register", "find", "recording", "apply_rebuilding_input"]
 
@@ -113,9 +114,7 @@ class _RebuiltInput(torch.autograd.Function):
                                "input is rebuilt without a graph; apply the adapters with lean=False")
         saved = ctx.saved_tensors
         kept, rest = saved[:ctx.n_kept], saved[ctx.n_kept:]
-        device = g.device.type
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
-                else contextlib.nullcontext():
+        with no_autocast(g.device.type):
             x = ctx.rebuild(*kept)
         if (x.shape, x.dtype) != ctx.x_meta:
             raise RuntimeError(f"a recipe rebuilt {tuple(x.shape)} {x.dtype}, expected {tuple(ctx.x_meta[0])} "
