@@ -50,7 +50,8 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["SHARED_ATTR", "register_weight", "check_adopted", "find_shared_weights", "shared_weight_reason"]
+__all__ = ["SHARED_ATTR", "register_weight", "check_adopted", "parameter_holders", "find_shared_weights",
+           "shared_weight_reason"]
 
 #: Instance attribute of a LoRA layer: None, or a sentence saying what else holds its weight.
 SHARED_ATTR = "_shared_weight"
@@ -136,20 +137,25 @@ def _on_parameter_registered(module: nn.Module, name: str, param) -> None:
 _HOOK = nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)
 
 
-def find_shared_weights(model: nn.Module) -> Dict[str, str]:
-    """Mark every LoRA layer of ``model`` whose weight another module of ``model``
-    (or another live LoRA layer outside it) also holds, and unmark the others.
-    Returns ``{layer name: what shares it}``."""
-    # id(param) -> {(id(module), param name): a qualified name}; a module reachable
-    # under two paths (an alias) holds its weight once.
+def parameter_holders(model: nn.Module) -> Dict[int, Dict[tuple, str]]:
+    """``id(param) -> {(id(module), param name): a qualified name}`` over ``model``. A module
+    reachable under two paths (an alias) holds its parameters once, so more than one entry
+    means the parameter is shared by distinct modules or names."""
     holders: Dict[int, Dict[tuple, str]] = {}
-    inside = set()
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        inside.add(id(module))
         for p_name, p in module._parameters.items():
             if p is not None:
                 slots = holders.setdefault(id(p), {})
                 slots.setdefault((id(module), p_name), f"{mod_name}.{p_name}" if mod_name else p_name)
+    return holders
+
+
+def find_shared_weights(model: nn.Module) -> Dict[str, str]:
+    """Mark every LoRA layer of ``model`` whose weight another module of ``model``
+    (or another live LoRA layer outside it) also holds, and unmark the others.
+    Returns ``{layer name: what shares it}``."""
+    holders = parameter_holders(model)
+    inside = {id(module) for module in model.modules()}
     shared = {}
     for mod_name, module in model.named_modules():
         if not _is_lora(module) or module._parameters.get("weight") is None:

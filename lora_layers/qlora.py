@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import phi3
+from ._ties import parameter_holders
 from .quantized import is_quantized_linear, torchao_nf4
 from .surgery import ALL_LINEAR, select_modules
 
@@ -75,12 +76,8 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
                          f"{wrong}")
     # A weight held by another module too (tied embeddings, a shared layer) would be quantized into
     # separate copies: the tie would be silently broken and the memory doubled.
-    holders: dict = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), set()).add(f"{mod_name}.{p_name}" if mod_name else p_name)
-    tied = [f"{n}.weight (also {sorted(holders[id(m.weight)] - {n + '.weight'})})" for n, m in plan
+    holders = parameter_holders(model)
+    tied = [f"{n}.weight (also {sorted(set(holders[id(m.weight)].values()) - {n + '.weight'})})" for n, m in plan
             if len(holders[id(m.weight)]) > 1]
     if tied:
         raise ValueError(f"quantize_base: these weights are shared with other modules, and quantizing them "
