@@ -554,7 +554,7 @@ def lora_linear(
 
 
 def row_sq_norm(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
-    """``‖W_o‖²`` per output row, in fp32 (fp64 for an fp64 weight): DoRA's cacheable part of the norm."""
+    """``‖W_o‖²`` per output row, in fp32 (fp64 for an fp64 weight): the first term of DoRA's norm."""
     W = weight.detach().t() if fan_in_fan_out else weight.detach()
     acc = torch.promote_types(W.dtype, torch.float32)
     return torch.linalg.vector_norm(W.to(acc), dim=1).square_()
@@ -562,7 +562,7 @@ def row_sq_norm(weight: Tensor, fan_in_fan_out: bool = False) -> Tensor:
 
 @torch.no_grad()
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, segments=None, *,
-                     fan_in_fan_out: bool = False, weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+                     fan_in_fan_out: bool = False) -> Tensor:
     """DoRA's ``‖W + s·BA‖`` per adapted output row, without building ``W + s·BA``.
 
     ``‖W_o + s·(BA)_o‖² = ‖W_o‖² + 2s·B_o·(W Aᵀ)_o + s²·B_o (A Aᵀ) B_oᵀ``: the
@@ -572,7 +572,6 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
 
     Args:
         weight, lora_A, lora_B, scaling, segments, fan_in_fan_out: as :func:`lora_linear`.
-        weight_sq_norm: ``row_sq_norm(weight)`` if cached (the weight is frozen).
 
     Returns:
         ``(Σ adapted rows,)``, in ``lora_B``'s row order, detached.
@@ -580,8 +579,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
     W = weight.detach().t() if fan_in_fan_out else weight.detach()
     acc = torch.promote_types(W.dtype, torch.float32)
     blocks = _resolve_segments(lora_A, lora_B, W.shape[0], segments)
-    if weight_sq_norm is None:
-        weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
+    weight_sq_norm = row_sq_norm(weight, fan_in_fan_out)
     A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
     pieces = []
     for o0, o1, a0, a1, b0, b1 in blocks:
