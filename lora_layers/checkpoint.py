@@ -38,7 +38,7 @@ from .fileio import (
     tensor_checksum,
     to_storable,
 )
-from .layers import LoRALayer
+from .layers import LoRALayer, _ConvNd
 from .utils import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
 __all__ = [
@@ -211,15 +211,13 @@ def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     return problems
 
 
-def _loralib_conv_bias_keys(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """loralib 0.1.2's conv layers hold their conv as ``.conv``, so ``lora_state_dict(bias="all")``
-    writes ``<layer>.conv.bias``; here that bias is ``<layer>.bias`` (as ``load_state_dict`` maps it)."""
+def _loralib_conv_keys(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """loralib 0.1.2's conv layers hold their conv as ``.conv`` (``lora_state_dict(bias="all")``
+    writes ``<layer>.conv.bias``): rename those keys as the layer's ``load_state_dict`` does."""
     renamed = dict(tensors)
     for name, layer in lora_modules(model):
-        if isinstance(layer, nn.modules.conv._ConvNd):
-            old, new = (f"{name}.conv.bias", f"{name}.bias") if name else ("conv.bias", "bias")
-            if old in renamed and new not in renamed:
-                renamed[new] = renamed.pop(old)
+        if isinstance(layer, _ConvNd):
+            layer._rename_loralib_keys(renamed, f"{name}." if name else "")
     return renamed
 
 
@@ -243,7 +241,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     if bias_mode is not None:
         expected.update(named_bias_parameters(model, bias_mode))
     else:  # loralib files carry no bias mode: accept whichever biases they hold
-        tensors = _loralib_conv_bias_keys(model, tensors)
+        tensors = _loralib_conv_keys(model, tensors)
         expected.update({k: all_biases[k] for k in tensors if k in all_biases})
 
     missing = sorted(k for k in expected if k not in tensors)

@@ -426,12 +426,17 @@ class _ConvNd(LoRALayer):
         return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self._conv_forward,
                          self.lora_dropout.p, self.training)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # loralib 0.1.2 stores the wrapped conv under ``conv.``: accept its base keys.
+    @staticmethod
+    def _rename_loralib_keys(state_dict, prefix: str) -> None:
+        """loralib 0.1.2 stores the wrapped conv under ``conv.``: rename its base keys
+        (``<prefix>conv.weight``, ``<prefix>conv.bias``) to this layer's, in place."""
         for name in ("weight", "bias"):
             old = prefix + "conv." + name
             if old in state_dict and prefix + name not in state_dict:
                 state_dict[prefix + name] = state_dict.pop(old)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._rename_loralib_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
