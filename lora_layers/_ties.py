@@ -62,29 +62,16 @@ _HOLDERS = WeakIdKeyDictionary()
 LOADING_ATTR = "_lora_loading"
 
 
-def _record(module: nn.Module, name: str, param) -> None:
-    entries = _HOLDERS.get(param)
-    if entries is None:
-        entries = _HOLDERS[param] = []
-    live = []
-    for ref, n in entries:
-        m = ref()
-        if m is module and n == name:
-            continue  # re-added below
-        if m is not None and m._parameters.get(n) is param:
-            live.append((ref, n))
-    live.append((weakref.ref(module), name))
-    entries[:] = live
-
-
 def _live_holders(param) -> List[Tuple[nn.Module, str]]:
     """The recorded modules that hold ``param`` now, with the name they hold it under."""
-    out = []
-    for ref, name in _HOLDERS.get(param, ()):
-        m = ref()
-        if m is not None and m._parameters.get(name) is param:
-            out.append((m, name))
-    return out
+    live = ((ref(), name) for ref, name in _HOLDERS.get(param, ()))
+    return [(m, name) for m, name in live if m is not None and m._parameters.get(name) is param]
+
+
+def _record(module: nn.Module, name: str, param) -> None:
+    """Add ``(module, name)`` to ``param``'s holders, dropping the dead or replaced entries."""
+    kept = [(m, n) for m, n in _live_holders(param) if not (m is module and n == name)]
+    _HOLDERS[param] = [(weakref.ref(m), n) for m, n in kept] + [(weakref.ref(module), name)]
 
 
 def _lora_holders(param, exclude: nn.Module) -> List[nn.Module]:
@@ -120,7 +107,7 @@ def _is_lora(module) -> bool:
 def _on_parameter_registered(module: nn.Module, name: str, param) -> None:
     if param is None:
         return
-    owners = [m for m in _lora_holders(param, exclude=module)]
+    owners = _lora_holders(param, exclude=module)
     for owner in owners:
         owner.__dict__[SHARED_ATTR] = f"its weight was also registered as {type(module).__name__}.{name}"
     if owners:
