@@ -207,11 +207,17 @@ class ExactMerge:
         """Subtract the merged delta, restoring the base weight exactly. Idempotent.
 
         The delta removed is the one that was merged, even if the adapter
-        tensors were changed in place meanwhile.
+        tensors were changed in place meanwhile. A merge made by a subclass's
+        own code (``merged`` set without :meth:`merge`, as loralib subclasses
+        do) is left to that code.
         """
-        if self.merged:
+        if self._merged_here():
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
+
+    def _merged_here(self) -> bool:
+        # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.
+        return self.merged and getattr(self, "_merge_state", None) is not None
 
     def _restore(self, W: Tensor) -> None:
         factors, dtype, residuals = self._merge_state
@@ -222,7 +228,7 @@ class ExactMerge:
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
-        if not self.merged:
+        if not self._merged_here():
             return self.weight.detach()
         W = self.weight.detach().clone()
         self._restore(W)
@@ -238,7 +244,7 @@ class ExactMerge:
     # -- state_dict ------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged and prefix + "weight" in destination:
+        if self._merged_here() and prefix + "weight" in destination:
             # Never write a merged weight: reloading it next to the adapter
             # would count the adapter twice (loralib's bug). This is a restored
             # copy, so with keep_vars=True it is a tensor, not the Parameter.
@@ -247,7 +253,7 @@ class ExactMerge:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        was_merged = self.merged
+        was_merged = self._merged_here()
         self.unmerge()
         weight = self._parameters.get("weight")
         self.__dict__[LOADING_ATTR] = True  # load_state_dict(assign=True) registers a new weight: not a tie

@@ -197,3 +197,62 @@ def test_no_warning_when_adapters_are_zero(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.state_dict()
+
+
+# ----------------------------------------------------------------------------- subclasses that merge by themselves
+
+def _self_merging_class(lora, delete_adapters):
+    """ColossalAI's ``LoraLinear`` pattern over ``lora`` (loralib or lora_layers): its own ``train`` merges,
+    and with ``delete_adapters`` deletes the adapters once merged."""
+
+    class LoraLinear(lora.LoRALayer, nn.Module):
+        def __init__(self):
+            nn.Module.__init__(self)
+            lora.LoRALayer.__init__(self, r=2, lora_alpha=2, lora_dropout=0.0, merge_weights=False)
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.lora_A = nn.Parameter(torch.randn(2, 4))
+            self.lora_B = nn.Parameter(torch.randn(4, 2))
+
+        def train(self, mode=True):
+            self.training = mode
+            if not mode and not self.merged:
+                self.weight.data += self.lora_B @ self.lora_A
+                if delete_adapters:
+                    del self.lora_A, self.lora_B
+                self.merged = True
+            return self
+
+    return LoraLinear
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load_outcome(module, sd, strict):
+    try:
+        result = module.load_state_dict(sd, strict=strict)
+    except RuntimeError as exc:
+        return "error", str(exc).split("\n\t", 1)[-1]
+    return sorted(result.missing_keys), sorted(result.unexpected_keys)
+
+
+@pytest.mark.parametrize("delete_adapters", [True, False], ids=["del_adapters", "keep_adapters"])
+def test_subclass_merging_by_itself_saves_and_loads_as_with_loralib(delete_adapters):
+    ours_cls, ref_cls = _self_merging_class(L, delete_adapters), _self_merging_class(loralib, delete_adapters)
+    torch.manual_seed(0)
+    ref = ref_cls()
+    torch.manual_seed(0)
+    ours = ours_cls()
+    train_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert _same_state(ours.state_dict(), train_sd)
+    ref.eval(), ours.eval()
+    assert ours.merged and _same_state(ours.state_dict(), ref.state_dict())
+    eval_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    for sd in (train_sd, eval_sd):
+        for strict in (True, False):
+            # into a fresh (train-mode) layer and into the merged one, as loralib does
+            for make in (lambda c: c(), lambda c: c().eval()):
+                mine, theirs = (torch.manual_seed(1) and make(c) for c in (ours_cls, ref_cls))
+                assert _load_outcome(mine, sd, strict) == _load_outcome(theirs, sd, strict)
+                assert mine.merged == theirs.merged and _same_state(mine.state_dict(), theirs.state_dict())
