@@ -313,6 +313,26 @@ def test_merged_state_dict_without_the_adapter_is_refused_and_the_layer_left_unc
     assert not fresh[1].merged and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_merged_weight_is_refused_by_a_quantized_base(kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8)
+    if kind == "nf4":
+        q = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+    q.load_state_dict(plain.state_dict())
+    layer = L.Linear.from_module(q.to("cpu"), r=2, lora_alpha=2)
+    src = L.Linear(16, 8, r=2, lora_alpha=2)
+    nn.init.normal_(src.lora_B)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="weight was saved merged .* quantized or not floating"):
+        layer.load_state_dict(src.eval().state_dict(), strict=False)
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_merge_factors_in_the_metadata_are_validated_and_the_layer_left_unchanged():
     model = _best_model()
     sd = model.eval().state_dict()
