@@ -12,8 +12,9 @@ Differences from loralib 0.1.2 (all bug fixes; see docs/migrating-from-loralib.m
 * ``train()`` returns ``self``; modules pickle and deepcopy (no lambdas).
 * Merging is exact: after any number of ``eval()``/``train()`` cycles the base
   weight is bit-identical to the original, in every dtype.
-* ``state_dict()`` of a merged layer holds the *unmerged* base weight, so a
-  checkpoint saved in eval mode never double-counts the adapter.
+* ``state_dict()`` of a merged layer holds the merged weight, as loralib's,
+  marked in its metadata, so reloading a checkpoint saved in eval mode never
+  double-counts the adapter.
 * Conv layers have rank ``r`` (loralib uses ``r·k``), support tuple kernels,
   groups, Conv1d/Conv3d, and apply dropout.
 * ``MergedLinear`` accepts unequal ``split_sizes`` (GQA qkv, ``[gate | up]``)

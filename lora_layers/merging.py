@@ -17,21 +17,30 @@ A LoRA layer's blocks are ``scaling · B_j A_j`` per adapter; another variant
 (DoRA) or base plugs in as a different block factory or a different ``W``.
 
 :class:`ExactMerge` is the layer-side lifecycle over these functions:
-``train()``/``eval()``, ``merge``/``unmerge``, and state_dict hooks that never
-write a merged weight.
+``train()``/``eval()``, ``merge``/``unmerge``, and state_dict hooks. A merged
+layer's ``state_dict()`` holds the merged weight (loralib's export) and marks it
+in the state dict's per-module metadata, so that loading it takes the merge out
+again instead of counting the adapter twice.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
-from ._warnings import warn_unmerged_state_dict
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
-           "ExactMerge"]
+           "ExactMerge", "MERGED_MARK", "MERGED_FACTORS"]
+
+#: Set in a module's ``state_dict()._metadata`` entry when its ``weight`` has the adapter merged in.
+#: Metadata, not a key: a loralib model loads the file with ``strict=True`` as it loads its own.
+MERGED_MARK = "lora_merged"
+#: Next to the mark, only when the adapter keys alone do not say what was merged (DoRA's row
+#: scale, or an adapter changed in place while merged): the merge factors themselves.
+MERGED_FACTORS = "lora_merge_factors"
 
 #: The integer view of each mergeable dtype (same width), for bitwise residuals.
 BITS_DTYPE = {
@@ -207,22 +216,31 @@ class ExactMerge:
         """Subtract the merged delta, restoring the base weight exactly. Idempotent.
 
         The delta removed is the one that was merged, even if the adapter
-        tensors were changed in place meanwhile.
+        tensors were changed in place meanwhile. A weight loaded merged (a
+        ``state_dict()`` saved in eval mode) is restored up to one rounding.
+        A merge made by a subclass's own code (``merged`` set without
+        :meth:`merge`, as loralib subclasses do) is left to that code.
         """
-        if self.merged:
+        if self._merged_here():
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
 
+    def _merged_here(self) -> bool:
+        # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.
+        return self.merged and getattr(self, "_merge_state", None) is not None
+
     def _restore(self, W: Tensor) -> None:
         factors, dtype, residuals = self._merge_state
-        # The saved factors stay where they were made if the module moved while
-        # merged; a residual no longer applies once the weight was cast.
+        # The saved factors stay where they were made if the module moved while merged. A residual
+        # no longer applies once the weight was cast; a weight loaded merged has none (None).
         factors = tuple(f.to(W.device) for f in factors)
-        restore_from(W, self._blocks(factors), residuals if W.dtype == dtype else [None] * len(residuals))
+        if residuals is None or W.dtype != dtype:
+            residuals = itertools.repeat(None)
+        restore_from(W, self._blocks(factors), residuals)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
-        if not self.merged:
+        if not self._merged_here():
             return self.weight.detach()
         W = self.weight.detach().clone()
         self._restore(W)
@@ -238,18 +256,60 @@ class ExactMerge:
     # -- state_dict ------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged and prefix + "weight" in destination:
-            # Never write a merged weight: reloading it next to the adapter
-            # would count the adapter twice (loralib's bug). This is a restored
-            # copy, so with keep_vars=True it is a tensor, not the Parameter.
-            destination[prefix + "weight"] = self.unmerged_weight()
-            warn_unmerged_state_dict(self._merge_state[0][1])
+        metadata = getattr(destination, "_metadata", None)  # a caller's own destination may have none
+        if self._merged_here() and prefix + "weight" in destination and metadata is not None:
+            # The merged weight stays as loralib wrote it (exports that drop the adapter keys rely
+            # on it); the mark lets our own load take the merge out instead of counting it twice.
+            metadata.setdefault(prefix[:-1], {}).update(self._merged_mark())
+
+    def _merged_mark(self) -> dict:
+        factors = self._merge_state[0]
+        adapter = (getattr(self, "lora_A", None), getattr(self, "lora_B", None))
+        if len(factors) == 2 and all(isinstance(a, Tensor) and torch.equal(f, a.detach().to(f.device))
+                                     for f, a in zip(factors, adapter)):
+            return {MERGED_MARK: True}  # what was merged is the adapter saved next to the weight
+        return {MERGED_MARK: True, MERGED_FACTORS: tuple(f.detach().clone() for f in factors)}
+
+    def _merged_load_problem(self, state_dict, prefix, factors) -> Optional[str]:
+        """Why a weight marked merged cannot be loaded into this layer, or None."""
+        adapter = self.adapter_parameters()
+        missing = [prefix + name for name in adapter if prefix + name not in state_dict]
+        if missing:
+            return (f"{prefix}weight was saved merged (eval mode) but the state dict lacks {missing}: without "
+                    f"the adapter merged into it, the base weight cannot be recovered. Load the whole state "
+                    f"dict, or one saved in train mode (this layer was left unchanged)")
+        if getattr(self, "quantized", None) is not None or self.weight.dtype not in BITS_DTYPE:
+            return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
+                    f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "
+                    f"(this layer was left unchanged)")
+        shapes = [tuple(p.shape) for p in adapter.values()]  # lora_A, lora_B[, lora_magnitude]
+        if factors is not None and (not isinstance(factors, (tuple, list)) or [
+                tuple(f.shape) if isinstance(f, Tensor) and f.is_floating_point() else None
+                for f in factors] != shapes):
+            return (f"the metadata {MERGED_FACTORS!r} of {prefix}weight must hold floating tensors of shapes "
+                    f"{shapes}, got {factors!r} (this layer was left unchanged)")
+        return None
+
+    def _adopt_merged(self, factors) -> None:
+        """The weight just loaded has ``factors`` (default: the loaded adapter) merged in. Record
+        that merge, then take it out unless this layer is merged now (eval with merge_weights)."""
+        W = self.weight.data
+        factors = ExactMerge._merge_factors(self) if factors is None else tuple(f.to(W.device) for f in factors)
+        self._merge_state, self.merged = (factors, W.dtype, None), True
+        if self.training or not self.merge_weights or self._merge_blocker() is not None:
+            self.unmerge()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        was_merged = self.merged
+        marked = bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
+        factors = local_metadata.get(MERGED_FACTORS) if marked else None
+        problem = self._merged_load_problem(state_dict, prefix, factors) if marked else None
+        if problem is not None:
+            error_msgs.append(problem)
+            return
+        was_merged = self._merged_here()
         self.unmerge()
-        weight = self._parameters.get("weight")
+        weight, errors_before = self._parameters.get("weight"), len(error_msgs)
         self.__dict__[LOADING_ATTR] = True  # load_state_dict(assign=True) registers a new weight: not a tie
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -258,6 +318,7 @@ class ExactMerge:
             del self.__dict__[LOADING_ATTR]
             if self._parameters.get("weight") is not weight:
                 register_weight(self)
-            if was_merged:
+            if marked and len(error_msgs) == errors_before:
+                self._adopt_merged(factors)
+            elif was_merged:
                 self.merge()
-

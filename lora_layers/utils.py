@@ -14,8 +14,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._ties import find_shared_weights
-from ._warnings import quiet_state_dict
 from .layers import LoRALayer
+from .merging import MERGED_FACTORS, MERGED_MARK
 
 __all__ = [
     "BIAS_MODES",
@@ -155,8 +155,9 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
 
     The model is not changed, merged or not: the merged weights are copies. Load
     the result into the plain model (before LoRA surgery) with ``strict=True``.
-    A merged lora_layers model's own ``state_dict()`` keeps the unmerged weight
-    and the adapters instead, so that reloading it never counts the adapter twice.
+    It is what ``model.eval(); model.state_dict()`` gives without the adapter
+    keys, and it is a plain model's state dict: loaded into a LoRA model, its
+    weights become the base weights.
 
     Raises:
         ValueError: a layer cannot be merged (its weight is shared with another
@@ -168,12 +169,14 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         blocker = layer._merge_blocker()
         if blocker is not None:
             raise ValueError(f"merged_state_dict: cannot merge {name or type(layer).__name__}: {blocker}")
-    with quiet_state_dict():
-        state = model.state_dict()
+    state = model.state_dict()
     for name, layer in layers:
         state[_join(name, "weight")] = layer.merged_weight()
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
+        # No adapter keys: the merged mark would make a LoRA model refuse to load these weights.
+        for key in (MERGED_MARK, MERGED_FACTORS):
+            getattr(state, "_metadata", {}).get(name, {}).pop(key, None)
     return state
 
 

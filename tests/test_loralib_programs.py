@@ -3,11 +3,10 @@
 Each test is a pattern taken from public loralib code: a class of its own that
 subclasses ``LoRALayer`` and calls its ``__init__``; adapters swapped for plain
 tensors before the forward (intrinsic-dimension / subspace training,
-``torch.func.functional_call``); and ``model.eval(); torch.save(model.state_dict())``
-to export a merged model, where lora_layers deliberately differs and says so.
+``torch.func.functional_call``); ``model.eval(); model.state_dict()`` to export a
+merged model (fish-speech's ``merge_lora.py``); subclasses that merge by themselves
+(ColossalAI's ``LoraLinear``).
 """
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
@@ -160,26 +159,102 @@ def _trained_pair():
     return ref, ours
 
 
-def test_eval_then_state_dict_warns_once_and_merged_state_dict_is_loralibs_export(monkeypatch):
-    monkeypatch.setattr("lora_layers._warnings._WARNED_UNMERGED_STATE_DICT", False)
-    ref, ours = _trained_pair()
-    ref.eval(), ours.eval()
-    exported = ref.state_dict()  # loralib: the merged weights (+ adapters)
-    with pytest.warns(UserWarning, match="merged_state_dict"):
-        ours.state_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ours.state_dict()  # once per process
-        merged = L.merged_state_dict(ours)  # and never from the library's own export
+def _train_steps(model, x, steps=3):
+    """A few SGD steps on the adapters only, so that every B is non-zero."""
+    L.mark_only_lora_as_trainable(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model
 
-    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 6))
-    plain.load_state_dict(merged, strict=True)
-    for key, value in merged.items():
-        torch.testing.assert_close(value, exported[key], rtol=1e-6, atol=1e-6)
-    x = torch.randn(4, 6)
-    torch.testing.assert_close(plain(x), ours(x), rtol=1e-5, atol=1e-5)
-    # the model itself is unchanged and still merged
-    assert ours[0].merged and ours[2].merged
+
+def _exporting_model(dora=True):
+    """Embedding, Linear, MergedLinear (and a DoRA Linear), trained so that B != 0."""
+    torch.manual_seed(0)
+    layers = [L.Embedding(10, 8, r=2, lora_alpha=4), L.Linear(8, 6, r=2, lora_alpha=4), nn.ReLU(),
+              L.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True])]
+    if dora:
+        layers.append(L.Linear(9, 5, r=2, lora_alpha=2, use_dora=True))
+    model = _train_steps(nn.Sequential(*layers), IDS)
+    assert all(m.lora_B.abs().min() > 0 for m in model if isinstance(m, L.LoRALayer))
+    return model
+
+
+def _plain_model(dora=True):
+    layers = [nn.Embedding(10, 8), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 9)]
+    return nn.Sequential(*(layers + [nn.Linear(9, 5)] if dora else layers))
+
+
+IDS = torch.tensor([[1, 2, 3, 9], [0, 0, 5, 4]])
+
+
+def test_fish_speech_export_filters_lora_keys_of_the_eval_state_dict():
+    # fish-speech tools/llama/merge_lora.py: eval(), state_dict(), drop the "lora" keys, load into the plain model.
+    model = _exporting_model().eval()
+    y = model(IDS)
+    exported = {k: v for k, v in model.state_dict().items() if "lora" not in k}
+    plain = _plain_model()
+    plain.load_state_dict(exported, strict=True)
+    assert torch.equal(plain(IDS), y)
+    # the DoRA layer's export against a float64 formula: m / ||W + s BA|| (row-wise) * (W + s BA)
+    dora = model[4]
+    W = dora.unmerged_weight().double()
+    V = W + dora.scaling * dora.lora_B.double() @ dora.lora_A.double()
+    ref = dora.lora_magnitude.double()[:, None] * V / V.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(exported["4.weight"].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_state_dict_equals_loralibs_for_the_same_weights():
+    ours = _exporting_model(dora=False)
+    torch.manual_seed(0)
+    ref = nn.Sequential(loralib.Embedding(10, 8, r=2, lora_alpha=4), loralib.Linear(8, 6, r=2, lora_alpha=4),
+                        nn.ReLU(), loralib.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True]))
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    unmerged = {k: v.clone() for k, v in ours.state_dict().items()}
+    ref.eval(), ours.eval()
+    mine, theirs = ours.state_dict(), ref.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key in theirs:  # rounding once from an fp32 delta may differ from loralib's by 1 ulp
+        assert _ulps(mine[key], theirs[key]) <= 1, key
+    assert not any(torch.equal(mine[f"{i}.weight"], unmerged[f"{i}.weight"]) for i in (0, 1, 3))  # merged
+
+
+def _ulps(a, b) -> int:
+    """Largest distance in units in the last place between two fp32 tensors of the same shape."""
+    ia, ib = (t.contiguous().view(torch.int32).long() for t in (a, b))
+    ia, ib = (torch.where(i < 0, -(i & 0x7FFFFFFF), i) for i in (ia, ib))  # monotone in the float's value
+    return int((ia - ib).abs().max())
+
+
+def test_a_loralib_model_loads_our_eval_file_as_it_loads_loralibs_own():
+    ours = _exporting_model(dora=False)
+
+    def loralib_model():
+        torch.manual_seed(1)
+        return nn.Sequential(loralib.Embedding(10, 8, r=2, lora_alpha=4), loralib.Linear(8, 6, r=2, lora_alpha=4),
+                             nn.ReLU(), loralib.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True]))
+
+    ref = loralib_model()
+    ref.load_state_dict(ours.state_dict())
+    ref.eval(), ours.eval()
+    from_ours, from_ref = loralib_model(), loralib_model()
+    from_ours.load_state_dict(ours.state_dict(), strict=True)
+    from_ref.load_state_dict(ref.state_dict(), strict=True)
+    for mode in (True, False, True):  # loralib itself double-counts here after eval(): so must our file
+        from_ours.train(mode), from_ref.train(mode)
+        torch.testing.assert_close(from_ours(IDS), from_ref(IDS), rtol=1e-6, atol=1e-6)
+
+
+def test_merged_state_dict_is_the_filtered_eval_state_dict():
+    model = _exporting_model()
+    merged = L.merged_state_dict(model)  # from the unmerged model: the model is not changed
+    assert not model[1].merged
+    exported = {k: v for k, v in model.eval().state_dict().items() if "lora" not in k}
+    assert merged.keys() == exported.keys()
+    assert all(torch.equal(merged[k], exported[k]) for k in merged)
+    _plain_model().load_state_dict(merged, strict=True)
 
 
 def test_merged_state_dict_of_an_unmerged_model_equals_the_merged_one(monkeypatch):
@@ -191,9 +266,60 @@ def test_merged_state_dict_of_an_unmerged_model_equals_the_merged_one(monkeypatc
         assert torch.equal(unmerged[key], merged[key]), key
 
 
-def test_no_warning_when_adapters_are_zero(monkeypatch):
-    monkeypatch.setattr("lora_layers._warnings._WARNED_UNMERGED_STATE_DICT", False)
-    model = nn.Sequential(L.Linear(4, 4, r=2)).eval()  # B = 0 at init: merged == unmerged
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model.state_dict()
+# ----------------------------------------------------------------------------- subclasses that merge by themselves
+
+def _self_merging_class(lora, delete_adapters):
+    """ColossalAI's ``LoraLinear`` pattern over ``lora`` (loralib or lora_layers): its own ``train`` merges,
+    and with ``delete_adapters`` deletes the adapters once merged."""
+
+    class LoraLinear(lora.LoRALayer, nn.Module):
+        def __init__(self):
+            nn.Module.__init__(self)
+            lora.LoRALayer.__init__(self, r=2, lora_alpha=2, lora_dropout=0.0, merge_weights=False)
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.lora_A = nn.Parameter(torch.randn(2, 4))
+            self.lora_B = nn.Parameter(torch.randn(4, 2))
+
+        def train(self, mode=True):
+            self.training = mode
+            if not mode and not self.merged:
+                self.weight.data += self.lora_B @ self.lora_A
+                if delete_adapters:
+                    del self.lora_A, self.lora_B
+                self.merged = True
+            return self
+
+    return LoraLinear
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _load_outcome(module, sd, strict):
+    try:
+        result = module.load_state_dict(sd, strict=strict)
+    except RuntimeError as exc:
+        return "error", str(exc).split("\n\t", 1)[-1]
+    return sorted(result.missing_keys), sorted(result.unexpected_keys)
+
+
+@pytest.mark.parametrize("delete_adapters", [True, False], ids=["del_adapters", "keep_adapters"])
+def test_subclass_merging_by_itself_saves_and_loads_as_with_loralib(delete_adapters):
+    ours_cls, ref_cls = _self_merging_class(L, delete_adapters), _self_merging_class(loralib, delete_adapters)
+    torch.manual_seed(0)
+    ref = ref_cls()
+    torch.manual_seed(0)
+    ours = ours_cls()
+    train_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert _same_state(ours.state_dict(), train_sd)
+    ref.eval(), ours.eval()
+    assert ours.merged and _same_state(ours.state_dict(), ref.state_dict())
+    eval_sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    for sd in (train_sd, eval_sd):
+        for strict in (True, False):
+            # into a fresh (train-mode) layer and into the merged one, as loralib does
+            for make in (lambda c: c(), lambda c: c().eval()):
+                mine, theirs = (torch.manual_seed(1) and make(c) for c in (ours_cls, ref_cls))
+                assert _load_outcome(mine, sd, strict) == _load_outcome(theirs, sd, strict)
+                assert mine.merged == theirs.merged and _same_state(mine.state_dict(), theirs.state_dict())

@@ -211,8 +211,155 @@ def test_loralib_style_flow():
     fresh.load_state_dict(sd)
     fresh.eval()
     torch.testing.assert_close(fresh(IDX), model(IDX), rtol=1e-5, atol=1e-5)
-    for a, b in zip(fresh.train().parameters(), model.train().parameters()):
-        assert bit_equal(a.detach(), b.detach())
+    merged = [p.detach().clone() for p in fresh.parameters()]
+    for a, b, m in zip(fresh.train().parameters(), model.train().parameters(), merged):
+        # the saved weight is merged: taking the adapter out again rounds once
+        assert _close_to_base(a.detach(), b.detach(), m)
+
+
+def _best_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(L.Embedding(10, 8, r=2, lora_alpha=4), L.Linear(8, 12, r=2, lora_alpha=4),
+                         L.MergedLinear(12, 12, r=2, enable_lora=[True, False, True]),
+                         L.Linear(12, 6, r=2, lora_alpha=2, use_dora=True))
+
+
+def _sgd_step(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    model(IDX).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return [p.detach().clone() for p in params]
+
+
+def _close_to_base(loaded, base, merged):
+    """``round(W_m - delta)`` is within an ulp of ``W`` measured at the larger of ``|W|`` and ``|W_m|``
+    (the merge rounded once at ``W_m``'s magnitude)."""
+    eps = torch.finfo(base.dtype).eps
+    bound = 2 * eps * torch.maximum(base.abs(), merged.abs())
+    return bool(((loaded - base).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_best_checkpoint_saved_in_eval_reloads_without_double_counting(tmp_path, strict, mode):
+    # Validate in eval, torch.save(model.state_dict()) as the best checkpoint, reload, continue training.
+    model = _best_model()
+    L.mark_only_lora_as_trainable(model)
+    _sgd_step(model)
+    bases = [m.weight.detach().clone() for m in model]
+    y_train = model(IDX).detach()
+    model.eval()
+    y_eval = model(IDX).detach()
+    torch.save(model.state_dict(), tmp_path / "best.pt")
+    sd = torch.load(tmp_path / "best.pt", weights_only=True)
+
+    fresh = _best_model(seed=1).train(mode == "train")  # other values everywhere: each must come from sd
+    L.mark_only_lora_as_trainable(fresh)
+    fresh.load_state_dict(sd, strict=strict)
+    if mode == "eval":  # kept as loaded, bit for bit
+        assert all(m.merged and torch.equal(m.weight, sd[f"{i}.weight"]) for i, m in enumerate(fresh))
+        assert torch.equal(fresh(IDX), y_eval)
+    torch.testing.assert_close(fresh.eval()(IDX), y_eval, rtol=1e-6, atol=1e-6)
+    fresh.train()
+    for i, (m, base) in enumerate(zip(fresh, bases)):
+        assert _close_to_base(m.weight.detach(), base, sd[f"{i}.weight"]), i
+    torch.testing.assert_close(fresh(IDX), y_train, rtol=1e-5, atol=1e-6)
+    # a train -> eval -> train cycle is exact from here on, and training continues as the original would
+    weights = [m.weight.detach().clone() for m in fresh]
+    fresh.eval().train()
+    assert all(bit_equal(m.weight, w) for m, w in zip(fresh, weights))
+    torch.testing.assert_close(_sgd_step(fresh), _sgd_step(model.train()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("via", ["load_lora", "load_training_state"])
+def test_adapter_loads_into_a_model_loaded_merged_follow_the_new_adapter(tmp_path, via):
+    from lora_layers.checkpoint import load_lora, save_lora
+    from lora_layers.training_state import load_training_state, save_training_state
+
+    model, other = _best_model(), _best_model()
+    L.mark_only_lora_as_trainable(other)
+    _sgd_step(other)  # the same base, another adapter
+    base = [m.weight.detach().clone() for m in model]
+    fresh = _best_model(seed=1).eval()
+    fresh.load_state_dict(model.eval().state_dict())  # merged with model's adapter, as loaded
+    L.mark_only_lora_as_trainable(fresh)
+    if via == "load_lora":
+        save_lora(other, tmp_path / "a.safetensors")
+        load_lora(fresh, tmp_path / "a.safetensors")
+    else:
+        save_training_state(tmp_path / "s", other, torch.optim.SGD(L.lora_parameters(other), lr=0.1))
+        load_training_state(tmp_path / "s", fresh, torch.optim.SGD(L.lora_parameters(fresh), lr=0.1))
+    assert all(m.merged for m in fresh)
+    torch.testing.assert_close(fresh(IDX), other.eval()(IDX), rtol=1e-5, atol=1e-6)
+    fresh.train()
+    merged = model.state_dict()
+    assert all(_close_to_base(m.weight.detach(), b, merged[f"{i}.weight"])
+               for i, (m, b) in enumerate(zip(fresh, base)))
+
+
+def test_merged_state_dict_without_the_adapter_is_refused_and_the_layer_left_unchanged():
+    model = _best_model()
+    with torch.no_grad():
+        model[1].lora_B.normal_()
+    sd = model.eval().state_dict()
+    del sd["1.lora_A"]  # a partial load: the merged weight cannot be told from a base weight
+    fresh = _best_model(seed=1)
+    before = {k: v.clone() for k, v in fresh[1].state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"1.weight was saved merged .*1.lora_A"):
+        fresh.load_state_dict(sd, strict=False)
+    after = fresh[1].state_dict()
+    assert not fresh[1].merged and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_merged_weight_is_refused_by_a_quantized_base(kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8)
+    if kind == "nf4":
+        q = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+    q.load_state_dict(plain.state_dict())
+    layer = L.Linear.from_module(q.to("cpu"), r=2, lora_alpha=2)
+    src = L.Linear(16, 8, r=2, lora_alpha=2)
+    nn.init.normal_(src.lora_B)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="weight was saved merged .* quantized or not floating"):
+        layer.load_state_dict(src.eval().state_dict(), strict=False)
+    after = layer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_merge_factors_in_the_metadata_are_validated_and_the_layer_left_unchanged():
+    model = _best_model()
+    sd = model.eval().state_dict()
+    assert sd._metadata["3"]["lora_merge_factors"]  # DoRA: the row scale is not in the adapter keys
+    sd._metadata["3"]["lora_merge_factors"] = (torch.ones(2, 12), torch.ones(6, 2), torch.ones(5))
+    fresh = _best_model(seed=1)
+    before = {k: v.clone() for k, v in fresh[3].state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"lora_merge_factors.* of 3.weight must hold floating tensors of "
+                                           r"shapes \[\(2, 12\), \(6, 2\), \(6,\)\]"):
+        fresh.load_state_dict(sd)
+    assert all(torch.equal(fresh[3].state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_changed_in_place_while_merged_reloads_to_the_base(dora):
+    torch.manual_seed(0)
+    layer = L.Linear(8, 6, r=2, lora_alpha=2, use_dora=dora)
+    base = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.eval()
+        layer.lora_B.normal_()  # the weight still holds the first B: the saved adapter alone does not say so
+    sd = layer.state_dict()
+    fresh = L.Linear(8, 6, r=2, lora_alpha=2, use_dora=dora)
+    fresh.load_state_dict(sd)
+    assert _close_to_base(fresh.weight.detach(), base, sd["weight"])
+    assert torch.equal(fresh.lora_B, layer.lora_B)
 
 
 @pytest.mark.parametrize("via", ["full", "lora_state_dict"])
