@@ -5,9 +5,10 @@ import contextlib
 import threading
 import warnings
 
-__all__ = ["quiet_state_dict", "warn_unmerged_state_dict"]
+__all__ = ["quiet_state_dict", "warn_unmerged_state_dict", "warn_wrapper_keys"]
 
 _WARNED_UNMERGED_STATE_DICT = False
+_WARNED_WRAPPER_KEYS = False
 _QUIET = threading.local()
 
 
@@ -37,3 +38,19 @@ def warn_unmerged_state_dict(adapter_B) -> None:
         "if you meant to export merged weights, use lora_layers.merged_state_dict(model) (or "
         "merge_and_unload(model)). This warning is shown once per process.",
         UserWarning, stacklevel=5)
+
+
+def warn_wrapper_keys(wrapper) -> None:
+    """lora_state_dict of a compiled or DDP model is keyed by the bare model's names, where loralib kept
+    the wrapper's prefix. Warned once per process."""
+    global _WARNED_WRAPPER_KEYS
+    if _WARNED_WRAPPER_KEYS:
+        return
+    _WARNED_WRAPPER_KEYS = True
+    warnings.warn(
+        f"lora_layers: lora_state_dict of a {type(wrapper).__name__} is keyed by the bare model's names "
+        f"(no '_orig_mod.' or 'module.' prefix), where loralib kept the wrapper's prefix. The wrapper's own "
+        f"load_state_dict(sd, strict=False) would silently load none of these keys: load them with "
+        f"lora_layers.load_lora, or into the bare model (compiled._orig_mod, ddp.module). This warning is "
+        f"shown once per process.",
+        UserWarning, stacklevel=3)
