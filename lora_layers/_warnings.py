@@ -48,9 +48,9 @@ def warn_wrapper_keys(wrapper) -> None:
         return
     _WARNED_WRAPPER_KEYS = True
     warnings.warn(
-        f"lora_layers: lora_state_dict of a {type(wrapper).__name__} is keyed by the bare model's names "
-        f"(no '_orig_mod.' or 'module.' prefix), where loralib kept the wrapper's prefix. The wrapper's own "
-        f"load_state_dict(sd, strict=False) would silently load none of these keys: load them with "
-        f"lora_layers.load_lora, or into the bare model (compiled._orig_mod, ddp.module). This warning is "
-        f"shown once per process.",
+        f"lora_layers: lora_state_dict of a wrapped model ({type(wrapper).__name__}) is keyed by the bare "
+        f"model's names (no '_orig_mod.' or 'module.' prefix), where loralib kept the wrapper's prefix. The "
+        f"wrapper's own load_state_dict(sd, strict=False) would silently load none of these keys: load them "
+        f"with lora_layers.load_lora, or into the bare model (compiled._orig_mod, ddp.module). This warning "
+        f"is shown once per process.",
         UserWarning, stacklevel=3)
