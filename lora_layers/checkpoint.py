@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from ._version import __version__
 from .fileio import (
     CheckpointError,
@@ -120,6 +121,7 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
 
 def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """The adapter tensors and the library header fields for ``model``."""
+    model = unwrap_model(model)
     check_bias(bias)
     tensors = {name: p for name, p in named_lora_parameters(model)}
     if not tensors:
@@ -143,7 +145,8 @@ def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dic
 def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dict[str, str]] = None) -> None:
     """Save the adapter tensors of ``model`` (and biases per ``bias``) as safetensors, atomically.
 
-    Keys are exactly those of ``model.state_dict()`` (as :func:`lora_layers.lora_state_dict`).
+    Keys are exactly those of ``model.state_dict()`` (as :func:`lora_layers.lora_state_dict`; of the
+    bare model inside a ``torch.compile`` or DDP wrapper).
     The header records the format, the library version, the bias mode, a
     SHA-256 of the tensor bytes and, per LoRA module, ``r``, ``lora_alpha``,
     ``scaling``, ``use_rslora``, the layer class and (MergedLinear)
@@ -211,6 +214,25 @@ def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     return problems
 
 
+def canonical_payload(model: nn.Module, tensors: Dict[str, Tensor],
+                      meta: Dict[str, str]) -> Tuple[Dict[str, Tensor], Dict[str, str], str]:
+    """``(tensors, meta, prefix)``: a file written from a compiled or DDP model by older versions, or by
+    loralib's ``lora_state_dict``, carries the wrapper's prefix in every key and header module name;
+    strip it where that makes the keys match ``model`` (see :func:`lora_layers._unwrap.wrapper_prefix`)."""
+    model = unwrap_model(model)
+    prefix = wrapper_prefix(tensors, [n for n, _ in model.named_parameters(remove_duplicate=False)])
+    if not prefix:
+        return tensors, meta, prefix
+    tensors = {strip_prefix(k, prefix): v for k, v in tensors.items()}
+    try:
+        modules = json.loads(meta[META_MODULES]) if META_MODULES in meta else None
+    except ValueError:
+        modules = None  # plan_load reports the malformed field
+    if isinstance(modules, dict):
+        meta = {**meta, META_MODULES: json.dumps({strip_prefix(k, prefix): v for k, v in modules.items()})}
+    return tensors, meta, prefix
+
+
 def _loralib_conv_keys(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """loralib 0.1.2's conv layers hold their conv as ``.conv`` (``lora_state_dict(bias="all")``
     writes ``<layer>.conv.bias``): rename those keys as the layer's ``load_state_dict`` does."""
@@ -227,6 +249,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
 
     Touches nothing. Raises CheckpointError listing every problem when ``strict``.
     """
+    model = unwrap_model(model)
     params = dict(named_lora_parameters(model))
     owner = {}  # key -> LoRA layer whose merge state must be handled
     for name, layer in lora_modules(model):
@@ -318,6 +341,8 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
     Reads a :func:`save_lora` safetensors file, any safetensors file keyed like
     ``model.state_dict()``, or a loralib ``torch.save(lora_state_dict(model))``
     file (via ``torch.load(weights_only=True)`` only: nothing is unpickled).
+    Keys that all carry a ``torch.compile`` or DDP wrapper's prefix
+    (``_orig_mod.``, ``module.``) load too, where the bare names match the model.
 
     Checked before anything is touched: the key sets (missing and unexpected
     keys by name), shapes (name, expected, got), floating dtypes, the header's
@@ -349,6 +374,7 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
     version = meta.get(META_FORMAT_VERSION)
     if version is not None and version != FORMAT_VERSION:
         raise CheckpointError(f"{path!r} has format version {version!r}; this lora_layers reads {FORMAT_VERSION!r}")
+    tensors, meta, _ = canonical_payload(model, tensors, meta)
     copies, result = plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
     apply_copies(copies)
     return result

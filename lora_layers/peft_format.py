@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, safetensors_bytes, to_storable
 from .functional import row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -214,6 +215,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         NotImplementedError: a layer PEFT cannot represent exactly (named).
         FileNotFoundError / PermissionError: bad destination.
     """
+    model = unwrap_model(model)
     layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
     if not layers:
         raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
@@ -433,6 +435,24 @@ def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]
     return groups, sorted(unprefixed), sorted(unknown)
 
 
+def _strip_wrapper_prefix(model: nn.Module, groups: Dict[str, Dict[str, Tensor]], config: Dict[str, Any]):
+    """``(groups, config)`` in ``model``'s names: exports from a compiled or DDP model by older versions name
+    every module under the wrapper's prefix, in the keys and in rank/alpha_pattern keys (full names, plain
+    or ``^`` + escaped, which stay exact full-name matches)."""
+    prefix = wrapper_prefix(groups, [n for n, _ in model.named_modules()])
+    if not prefix:
+        return groups, config
+    escaped = "^" + re.escape(prefix)
+
+    def pattern_key(key: str) -> str:
+        if key.startswith(prefix):
+            return "^" + re.escape(key[len(prefix):])
+        return "^" + key[len(escaped):] if key.startswith(escaped) else key
+
+    patterns = {p: {pattern_key(k): v for k, v in config[p].items()} for p in ("rank_pattern", "alpha_pattern")}
+    return {strip_prefix(k, prefix): v for k, v in groups.items()}, {**config, **patterns}
+
+
 def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
                  dropout: float, fan_in_fan_out: bool, use_dora: bool):
     """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
@@ -563,10 +583,12 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             ``base_model.model.`` prefix, or modules that do not fit; every
             problem is named, and the model is unchanged.
     """
+    model = unwrap_model(model, changes_parameters="import_peft")
     adapter_dir = os.fspath(adapter_dir)
     config = _read_config(adapter_dir)
     weights = _read_weights(adapter_dir)
     groups, unprefixed, unknown = _group_keys(weights)
+    groups, config = _strip_wrapper_prefix(model, groups, config)
     problems = []
     if unprefixed:
         problems.append(f"keys without the {PEFT_KEY_PREFIX!r} prefix (PEFT would silently ignore them): "

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch.nn as nn
 
 from . import lean as _lean
+from ._unwrap import unwrap_model
 from .surgery import inject_lora
 
 __all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
@@ -166,6 +167,7 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
             an unknown part, or any error of :func:`~lora_layers.inject_lora`
             (e.g. the model already has adapters). The model is left unchanged.
     """
+    model = unwrap_model(model, changes_parameters="phi3.apply_lora")
     targets = _check_targets(targets)
     enable_qkv = _check_qkv(qkv)
     checkpointing = _checkpointing_kwargs(gradient_checkpointing)
@@ -204,12 +206,12 @@ def enable_lean(model: nn.Module, *, loss: bool = True, adapter_inputs: bool = T
         ValueError: the model's norms or MLPs are not transformers' Phi-3 classes, or
             ``loss=True`` on a model without an output head (a bare ``Phi3Model``).
     """
-    return _lean.enable(model, adapter_inputs=adapter_inputs, loss=loss)
+    return _lean.enable(unwrap_model(model), adapter_inputs=adapter_inputs, loss=loss)
 
 
 def disable_lean(model: nn.Module) -> None:
     """Undo :func:`enable_lean`: transformers' own norm and MLP classes and forward again."""
-    _lean.disable(model)
+    _lean.disable(unwrap_model(model))
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
@@ -232,6 +234,7 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     Raises:
         TypeError: ``model`` has neither checkpointing method.
     """
+    model = unwrap_model(model)
     kwargs = {"use_reentrant": bool(use_reentrant)}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

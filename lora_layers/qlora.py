@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import phi3
 from ._ties import parameter_holders
+from ._unwrap import unwrap_model
 from .quantized import is_quantized_linear, torchao_nf4
 from .surgery import ALL_LINEAR, select_modules
 
@@ -63,6 +64,7 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
             size NF4 cannot pack. The model is unchanged.
         ImportError: torchao is not installed (``pip install lora_layers[qlora]``).
     """
+    model = unwrap_model(model, changes_parameters="quantize_base")
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_base: scheme must be one of {SCHEMES}, got {scheme!r}")
     if targets is None:

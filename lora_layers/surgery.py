@@ -24,6 +24,7 @@ from .validation import check_alpha, check_backend, check_dropout, check_init, c
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .lean import disable as disable_lean
 from ._ties import find_shared_weights
+from ._unwrap import unwrap_model
 from .quantized import is_quantized_linear, record_compute_dtype
 from .utils import lora_modules, mark_only_lora_as_trainable, merge_layers
 
@@ -193,6 +194,7 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
 def select_modules(model: nn.Module, targets, exclude=None) -> List[Tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs ``targets``/``exclude`` select, as :func:`inject_lora` reads them
     (its errors too). Nothing is changed."""
+    model = unwrap_model(model)
     return _select(model, _candidates(model), targets, exclude)
 
 
@@ -317,6 +319,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
 
     On any error the model is left unchanged.
     """
+    model = unwrap_model(model, changes_parameters="inject_lora")
     _check_positive_rank(r, "r")
     check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
     check_init(init)
@@ -373,12 +376,16 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     Returns:
         ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
+        For a ``torch.compile``/DDP-wrapped model, the bare model inside: the
+        wrapper's compiled graphs and DDP's gradient buckets were built for the
+        LoRA layers, so wrap the result again if you need a wrapper.
 
     Raises:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
             non-finite with ``safe_merge``); every layer merged so far is
             unmerged again, so the model is left unchanged.
     """
+    model = unwrap_model(model)
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
     # A quantized base cannot take the adapter in place: it becomes a plain Linear
@@ -412,8 +419,10 @@ def unload(model: nn.Module) -> nn.Module:
         model: a model with LoRA layers (a model without any is returned as is).
 
     Returns:
-        ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
+        ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer;
+        for a wrapped model, the bare model inside (as :func:`merge_and_unload`).
     """
+    model = unwrap_model(model)
     layers = [layer for _, layer in lora_modules(model)]
     for layer in layers:
         layer.unmerge()

@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._unwrap import strip_prefix, unwrap_model
 from ._version import __version__
-from .checkpoint import META_FORMAT, adapter_payload, apply_copies, plan_load
+from .checkpoint import META_FORMAT, adapter_payload, apply_copies, canonical_payload, plan_load
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, raw_bytes, read_file, to_storable
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
@@ -217,6 +218,7 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
 
     Nothing is written, and no folder created, when any of these is raised.
     """
+    model = unwrap_model(model)
     path, new_folder = _save_destination(path_or_dir)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
@@ -352,6 +354,17 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> di
     return sd
 
 
+def _strip_param_names(saved: dict, prefix: str) -> dict:
+    """``saved`` with ``prefix`` (the adapter keys' wrapper prefix, in states written from a compiled or DDP
+    model by older versions) stripped from its parameter names; malformed names are left to the checks."""
+    names = saved.get("param_names")
+    if not prefix or not isinstance(names, list):
+        return saved
+    names = [[strip_prefix(n, prefix) if isinstance(n, str) else n for n in group] if isinstance(group, list)
+             else group for group in names]
+    return {**saved, "param_names": names}
+
+
 def _first_difference(saved: List[list], current: List[list]) -> str:
     if len(saved) != len(current):
         return (f"the file has {len(saved)} groups of sizes {[len(g) for g in saved]}, the optimizer has "
@@ -419,6 +432,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
             not fit the model/optimizer/scheduler (what differs is named).
             Nothing was changed.
     """
+    model = unwrap_model(model)
     path = _load_source(path_or_dir)
     state = _read_state(path)
     f = _Fields(f"training state {path!r}")
@@ -431,8 +445,10 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         raise f.error("adapter.tensors", "must map str -> Tensor")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.items()):
         raise f.error("adapter.header", "must map str -> str")
+    tensors, header, prefix = canonical_payload(model, tensors, header)
     copies, _ = plan_load(model, tensors, header, True, f.source)
-    opt_state = _check_optimizer(f, f.get(state, "optimizer", dict, ""), model, optimizer)
+    opt_state = _check_optimizer(f, _strip_param_names(f.get(state, "optimizer", dict, ""), prefix), model,
+                                 optimizer)
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = f.get(state, "rng", dict, "")
     _check_rng(f, rng)

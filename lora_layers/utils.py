@@ -14,6 +14,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._ties import find_shared_weights
+from ._unwrap import unwrap_model
+from ._warnings import warn_wrapper_keys
 from .layers import LoRALayer
 from .merging import MERGED_FACTORS, MERGED_MARK
 
@@ -45,7 +47,12 @@ def _join(prefix: str, name: str) -> str:
 
 
 def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
-    """Yield ``(qualified_name, module)`` for every LoRA layer in ``model`` (itself included)."""
+    """Yield ``(qualified_name, module)`` for every LoRA layer in ``model`` (itself included).
+
+    Here and in every model-level function, a ``torch.compile``, DDP or
+    ``DataParallel`` wrapper is seen through: names are the bare model's.
+    """
+    model = unwrap_model(model)
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             yield name, module
@@ -69,6 +76,7 @@ def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
 def named_bias_parameters(model: nn.Module, bias: str) -> Dict[str, nn.Parameter]:
     """Qualified names of the biases selected by ``bias``: every parameter whose
     local name is exactly ``bias`` ("all"), or the biases of LoRA layers ("lora_only")."""
+    model = unwrap_model(model)
     if bias == "none":
         return {}
     out = {}
@@ -93,6 +101,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``
             (the model is left unchanged).
     """
+    model = unwrap_model(model)
     check_bias(bias)
     find_shared_weights(model)  # a tied weight must never be merged into by eval()
     trainable = {id(p) for p in lora_parameters(model)}
@@ -106,9 +115,13 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
 
     Works whether or not the model is merged (adapters are never merged away).
     Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
-    validation, :func:`lora_layers.load_lora`.
+    validation, :func:`lora_layers.load_lora`. For a ``torch.compile`` or DDP
+    wrapper, the keys are the bare model's (loralib kept the wrapper's prefix;
+    this warns once).
     """
     check_bias(bias)
+    if unwrap_model(model) is not model:
+        warn_wrapper_keys(model)
     out = {name: p.detach() for name, p in named_lora_parameters(model)}
     out.update({name: p.detach() for name, p in named_bias_parameters(model, bias).items()})
     return out
@@ -122,6 +135,7 @@ def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
     this call are unmerged again, exactly, and the error is re-raised with the
     layer's name.
     """
+    model = unwrap_model(model)
     find_shared_weights(model)
     merge_layers(list(lora_modules(model)), safe_merge)
 
@@ -163,6 +177,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         ValueError: a layer cannot be merged (its weight is shared with another
             module, e.g. tied embeddings, or an Embedding with ``max_norm``); names it.
     """
+    model = unwrap_model(model)
     find_shared_weights(model)
     layers = [(name, layer) for name, layer in lora_modules(model) if layer.has_adapter]
     for name, layer in layers:
