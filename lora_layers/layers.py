@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import MutableMapping
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._wrap import _base_attribute_names
 from .base import LoRALayer
 from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear
 from .merging import accumulation_dtype, merged_copy
@@ -375,6 +377,85 @@ class Embedding(LoRALayer, nn.Embedding):
 # ----------------------------------------------------------------------------- Conv
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_PARAMS = ("weight", "bias")
+# A plain conv's own attributes (in_channels, kernel_size, stride, padding, ...), not nn.Module's.
+_CONV_ATTRS = _base_attribute_names(nn.Conv2d) - frozenset(nn.Module().__dict__)
+
+
+class _ConvParameters(MutableMapping):
+    """The ``weight`` and ``bias`` entries of a layer's ``_parameters``, as a ``_parameters`` of
+    their own: a view's reads, registrations and deletions act on the layer's dict."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def _check(self, name):
+        if name not in _CONV_PARAMS:
+            raise KeyError(f"{name!r}: loralib's .conv holds only {_CONV_PARAMS}")
+
+    def __getitem__(self, name):
+        self._check(name)
+        return self.params[name]
+
+    def __setitem__(self, name, value):
+        self._check(name)
+        self.params[name] = value
+
+    def __delitem__(self, name):
+        self._check(name)
+        del self.params[name]
+
+    def __iter__(self):
+        return (name for name in _CONV_PARAMS if name in self.params)
+
+    def __len__(self):
+        return sum(name in self.params for name in _CONV_PARAMS)
+
+
+class _ConvView:
+    """What ``layer.conv`` returns: the layer seen as the plain torch conv loralib wraps.
+
+    Its ``weight``, ``bias`` and geometry (``kernel_size``, ``stride``, ``padding``, ...)
+    are the layer's, for reading and writing; calling it runs the base conv alone.
+    It is built on each access and never registered, so the layer's ``state_dict``
+    keys and ``named_modules()`` stay those of a plain conv with an adapter.
+    """
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> nn.Module:
+        view = cls.__new__(cls)
+        nn.Module.__init__(view)
+        view.__dict__.update(_parameters=_ConvParameters(layer._parameters), _layer=layer, training=layer.training)
+        return view
+
+    def __getattr__(self, name):
+        if name in _CONV_ATTRS:
+            return getattr(self.__dict__["_layer"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in _CONV_ATTRS or name in _CONV_PARAMS:
+            setattr(self.__dict__["_layer"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return nn.modules.conv._ConvNd.extra_repr(self.__dict__["_layer"])  # it formats from __dict__
+
+
+class _Conv1dView(_ConvView, nn.Conv1d):
+    pass
+
+
+class _Conv2dView(_ConvView, nn.Conv2d):
+    pass
+
+
+class _Conv3dView(_ConvView, nn.Conv3d):
+    pass
+
+
+_CONV_VIEWS = {nn.Conv1d: _Conv1dView, nn.Conv2d: _Conv2dView, nn.Conv3d: _Conv3dView}
 
 
 class _ConvNd(LoRALayer):
@@ -425,6 +506,26 @@ class _ConvNd(LoRALayer):
             return self._conv_forward(x, self.weight, self.bias)
         return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self._conv_forward,
                          self.lora_dropout.p, self.training)
+
+    @property
+    def conv(self) -> nn.Module:
+        """loralib's ``.conv``: this layer as a plain ``nn.Conv{1,2,3}d`` without the adapter.
+
+        ``layer.conv.weight`` *is* ``layer.weight`` (so ``layer.conv.weight.data.copy_(w)``
+        and ``layer.conv.weight = nn.Parameter(w)`` change the layer), likewise ``bias``,
+        ``kernel_size``, ``stride``, ``padding`` and the other conv attributes;
+        ``layer.conv(x)`` is the base convolution alone (with the merged weight while merged,
+        as loralib's). It is not a submodule: the state_dict keys stay ``weight``/``bias``.
+        """
+        return _CONV_VIEWS[self._base_type].of(self)
+
+    def __setattr__(self, name, value):
+        if name == "conv":
+            raise TypeError(
+                f"{type(self).__name__}.conv cannot be replaced: this layer is its own conv (loralib wraps one). "
+                f"Copy the tensors instead (layer.conv.load_state_dict(conv.state_dict())), or wrap the conv "
+                f"itself with {type(self).__name__}.from_module(conv, r=...)")
+        super().__setattr__(name, value)
 
     @staticmethod
     def _rename_loralib_keys(state_dict, prefix: str) -> None:
