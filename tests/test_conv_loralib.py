@@ -5,6 +5,7 @@ The reference is the installed loralib itself: same weights in, same outputs out
 """
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -114,3 +115,225 @@ def test_conv_survives_pickle_deepcopy_and_utilities():
     L.mark_only_lora_as_trainable(model)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B"]
     assert sorted(L.lora_state_dict(model, bias="all")) == ["0.bias", "0.lora_A", "0.lora_B"]
+
+
+# ----------------------------------------------------------------------------- item 8: loralib's layout
+
+LORALIB_CASES = {  # loralib 0.1.2's conv works for Conv2d (int kernel), and for Conv1d/Conv3d with kernel 1
+    "conv2d_k3": (lambda m, **kw: m.Conv2d(3, 6, 3, r=2, lora_alpha=4, padding=1, **kw), (2, 3, 7, 7)),
+    "conv2d_k3_groups2": (lambda m, **kw: m.Conv2d(4, 6, 3, r=1, lora_alpha=3, groups=2, stride=2, **kw),
+                          (2, 4, 9, 9)),
+    "conv2d_k2": (lambda m, **kw: m.Conv2d(2, 3, 2, r=3, lora_alpha=2, bias=False, **kw), (1, 2, 5, 5)),
+    "conv1d_k1": (lambda m, **kw: m.Conv1d(4, 6, 1, r=2, lora_alpha=4, groups=2, **kw), (2, 4, 7)),
+    "conv3d_k1": (lambda m, **kw: m.Conv3d(3, 5, 1, r=2, lora_alpha=4, **kw), (1, 3, 3, 4, 5)),
+}
+
+
+def _loralib_pair(case, seed=0, **kw):
+    make, shape = LORALIB_CASES[case]
+    torch.manual_seed(seed)
+    ref = make(loralib)
+    torch.manual_seed(seed)
+    ours = make(L, layout="loralib", **kw)
+    return ref, ours, torch.randn(shape)
+
+
+@pytest.mark.parametrize("case", list(LORALIB_CASES))
+def test_loralib_layout_same_seed_same_init(case):
+    ref, ours, _ = _loralib_pair(case)
+    mine = dict(ours.named_parameters())
+    theirs = {k.replace("conv.", ""): v for k, v in ref.named_parameters()}
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+        assert mine[name].requires_grad == theirs[name].requires_grad, name
+    assert ours.layout == "loralib" and "layout='loralib'" in repr(ours)
+
+
+def _run(module, x):
+    """The output and the gradients of x and of each trainable parameter (by loralib-free name)."""
+    y = module(x)
+    params = {n.replace("conv.", ""): p for n, p in module.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(y, [x] + list(params.values()), torch.linspace(-1, 1, y.numel()).view_as(y),
+                                allow_unused=True)
+    return {"y": y.detach(), "x": grads[0], **dict(zip(params, grads[1:]))}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", list(LORALIB_CASES))
+def test_loralib_layout_matches_loralib_outputs_and_grads(case, mode):
+    ref, ours, x = _loralib_pair(case, seed=1)
+    _randomize(ref.lora_A, ref.lora_B)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.train(mode == "train"), ours.train(mode == "train")
+    x.requires_grad_(True)
+    got, want = _run(ours, x), _run(ref, x)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert (got[name] is None and want[name] is None) or torch.equal(got[name], want[name]), name
+
+
+def test_loralib_layout_ignores_dropout_as_loralib_and_says_so():
+    with pytest.warns(UserWarning, match=r"lora_dropout=0\.5.*not applied"):
+        ref, ours, x = _loralib_pair("conv2d_k3", lora_dropout=0.5)
+    ref = LORALIB_CASES["conv2d_k3"][0](loralib, lora_dropout=0.5)
+    _randomize(ref.lora_A, ref.lora_B)
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ours(x), ref(x)) and ours.training
+
+
+@pytest.mark.parametrize("make, text", [
+    (lambda: L.Conv2d(3, 4, 3, r=2, layout="LoRAlib"), ["layout", "'LoRAlib'", "'lora_layers'", "'loralib'"]),
+    (lambda: L.Conv2d(3, 4, 3, r=2, layout=None), ["layout", "None"]),
+    (lambda: L.Conv2d(3, 4, (3, 1), r=2, layout="loralib"), ["layout='loralib'", "kernel_size=(3, 1)", "square"]),
+    (lambda: L.Conv1d(3, 4, 3, r=2, layout="loralib"), ["layout='loralib'", "Conv1d", "kernel_size=(3,)"]),
+    (lambda: L.Conv3d(3, 4, 2, r=2, layout="loralib"), ["layout='loralib'", "Conv3d", "kernel_size=(2, 2, 2)"]),
+], ids=["unknown", "none", "non_square", "conv1d_k3", "conv3d_k2"])
+def test_bad_layout_is_refused(make, text):
+    with pytest.raises(ValueError) as info:
+        make()
+    for t in text:
+        assert t in str(info.value)
+
+
+def test_bad_layout_in_from_module_changes_nothing():
+    conv = nn.Conv2d(3, 4, 3)
+    before = copy.deepcopy(conv.__dict__)
+    with pytest.raises(ValueError, match="layout"):
+        L.Conv2d.from_module(conv, r=2, layout="peft")
+    assert conv.__dict__.keys() == before.keys() and conv.weight.requires_grad
+    wrapped = L.Conv2d.from_module(conv, r=2, layout="loralib")
+    assert wrapped.weight is conv.weight and wrapped.lora_A.shape == (6, 9)
+
+
+# -- a checkpoint of a model fine-tuned with loralib
+
+def _net(lora, **kw):
+    return nn.Sequential(lora.Conv2d(3, 6, 3, r=2, lora_alpha=4, padding=1, **kw), nn.ReLU(),
+                         lora.Conv2d(6, 4, 3, r=1, lora_alpha=2, groups=2, **kw))
+
+
+def _trained_loralib_net(steps=3):
+    torch.manual_seed(0)
+    ref = _net(loralib)
+    loralib.mark_only_lora_as_trainable(ref)
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        ref(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        opt.step()
+    assert all(m.lora_B.any() for m in (ref[0], ref[2]))
+    return ref
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+    monkeypatch.setattr("lora_layers._warnings._WARNED_CONV_LAYOUT", False)
+
+
+def _load(how, ours, ref, tmp_path):
+    state = ref.state_dict()
+    base = {k: v for k, v in state.items() if "lora_" not in k}
+    if how == "strict":
+        ours.load_state_dict(state, strict=True)
+    elif how == "base_then_adapter":
+        ours.load_state_dict(base, strict=False)
+        ours.load_state_dict(loralib.lora_state_dict(ref), strict=False)
+    else:
+        torch.save(loralib.lora_state_dict(ref), tmp_path / "loralib.pt")
+        ours.load_state_dict(base, strict=False)
+        assert L.load_lora(ours, tmp_path / "loralib.pt").missing_keys == []
+
+
+def _layout_warnings(record):
+    return [w for w in record if "layout='loralib'" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["strict", "base_then_adapter", "load_lora"])
+def test_loralib_checkpoint_switches_a_fresh_layer(how, tmp_path, fresh_warning):
+    ref = _trained_loralib_net()
+    state = copy.deepcopy(ref.state_dict())  # loralib's eval() below writes merged weights into it
+    ours = _net(L)
+    A = ours[0].lora_A
+    with pytest.warns(UserWarning) as record:
+        _load(how, ours, ref, tmp_path)
+    assert len(_layout_warnings(record)) == 1  # two layers switched, one warning
+    assert ours[0].layout == ours[2].layout == "loralib"
+    assert ours[0].lora_A is A  # the same Parameter, so an optimizer made before the load still holds it
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(ours(x), ref(x))
+    weights = [m.weight.detach().clone() for m in (ours[0], ours[2])]
+    ref.eval(), ours.eval()
+    assert ours[0].merged and torch.equal(ours(x), ref(x))
+    for _ in range(3):
+        ours.train(), ours.eval()
+    ours.train()
+    assert all(torch.equal(m.weight, w) for m, w in zip((ours[0], ours[2]), weights))  # exact unmerge
+    L.mark_only_lora_as_trainable(ours)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        [n for n, p in ref.named_parameters() if p.requires_grad]
+    assert {k: v.shape for k, v in L.lora_state_dict(ours).items()} == \
+        {k: v.shape for k, v in loralib.lora_state_dict(ref).items()}
+
+    other = _net(L)  # the warning is shown once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.load_state_dict(state)
+    assert torch.equal(other(x), ours(x))
+
+
+def test_save_lora_of_a_switched_model_loads_into_a_fresh_one(tmp_path, fresh_warning):
+    ref = _trained_loralib_net()
+    ours = _net(L, layout="loralib")
+    ours.load_state_dict(ref.state_dict())
+    L.save_lora(ours, tmp_path / "a.safetensors")
+    fresh = _net(L)
+    fresh.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" not in k}, strict=False)
+    with pytest.warns(UserWarning, match="layout='loralib'"):
+        L.load_lora(fresh, tmp_path / "a.safetensors")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fresh(x), ref(x))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "load_lora"])
+def test_a_trained_layer_is_not_switched_and_the_error_names_layout(how, tmp_path, fresh_warning):
+    ref = _trained_loralib_net()
+    ours = _net(L)
+    _randomize(ours[0].lora_B)  # a trained lora_layers adapter: switching would throw it away
+    before = _snapshot(ours)
+    torch.save(loralib.lora_state_dict(ref), tmp_path / "loralib.pt")
+    load = {"load_state_dict": lambda: ours.load_state_dict(loralib.lora_state_dict(ref), strict=False),
+            "load_lora": lambda: L.load_lora(ours, tmp_path / "loralib.pt")}[how]
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        load()
+    message = str(info.value)
+    assert "0.lora_A" in message or "lora_A" in message
+    assert "layout='loralib'" in message and "(6, 9)" in message and "(2, 27)" in message
+    if how == "load_lora":
+        assert _unchanged(ours, before) and ours[0].layout == ours[2].layout == "lora_layers"
+
+
+def test_our_layout_into_a_loralib_layout_layer_names_layout():
+    ours = L.Conv2d(3, 6, 3, r=2)
+    target = L.Conv2d(3, 6, 3, r=2, layout="loralib")
+    with pytest.raises(RuntimeError, match=r"layout='lora_layers'"):
+        target.load_state_dict(ours.state_dict())
+    assert target.layout == "loralib"
+
+
+def test_loralib_conv1d_kernel3_checkpoint_is_explained():
+    # loralib's Conv1d builds these shapes for kernel 3 but its forward fails on them.
+    state = {"lora_A": torch.randn(6, 12), "lora_B": torch.randn(15, 6)}
+    ours = L.Conv1d(4, 5, 3, r=2)
+    with pytest.raises(RuntimeError, match=r"loralib.*Conv1d.*kernel_size=\(3,\)"):
+        ours.load_state_dict(state, strict=False)
+    assert ours.layout == "lora_layers" and ours.lora_A.shape == (2, 12)
