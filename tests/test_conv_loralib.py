@@ -337,3 +337,24 @@ def test_loralib_conv1d_kernel3_checkpoint_is_explained():
     with pytest.raises(RuntimeError, match=r"loralib.*Conv1d.*kernel_size=\(3,\)"):
         ours.load_state_dict(state, strict=False)
     assert ours.layout == "lora_layers" and ours.lora_A.shape == (2, 12)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_export_peft_of_a_loralib_layout_conv_is_exact(tmp_path, rslora):
+    peft = pytest.importorskip("peft")
+    ref = _trained_loralib_net()
+    plain = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    ours = copy.deepcopy(plain)
+    ours[0] = L.Conv2d.from_module(ours[0], r=2, lora_alpha=4, layout="loralib", use_rslora=rslora)
+    ours[0].load_state_dict({k[2:]: v for k, v in loralib.lora_state_dict(ref).items() if k.startswith("0.")},
+                            strict=False)
+    L.export_peft(ours, tmp_path / "peft", task_type=None)
+    config = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["rank_pattern"].get("0", config["r"]) == 2 * 3 * 3  # rank r·k²: exact
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "peft")).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.base_model.model(x), ours(x), rtol=0, atol=1e-5)
+        back = copy.deepcopy(plain)
+        L.import_peft(back, tmp_path / "peft")
+        torch.testing.assert_close(back(x), ours(x), rtol=0, atol=1e-5)
