@@ -282,6 +282,24 @@ def test_loralib_checkpoint_switches_a_fresh_layer(how, tmp_path, fresh_warning)
     assert torch.equal(other(x), ours(x))
 
 
+def test_a_merged_fresh_layer_switches_and_an_earlier_optimizer_trains_it(fresh_warning):
+    ref = _trained_loralib_net()
+    state = copy.deepcopy(ref.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    ours = _net(L).eval()  # merged (a zero delta) before the load
+    opt = torch.optim.SGD(L.lora_parameters(ours), lr=0.1)
+    with pytest.warns(UserWarning, match="layout='loralib'"):
+        ours.load_state_dict(state)
+    ref.eval()
+    assert ours[0].merged and torch.equal(ours(x), ref(x))
+    ref.train(), ours.train()
+    ours(x).square().mean().backward()
+    opt.step()
+    assert not torch.equal(ours[0].lora_A, state["0.lora_A"])  # the optimizer holds the loaded Parameters
+    merged = L.merge_and_unload(copy.deepcopy(ours))
+    torch.testing.assert_close(merged(x), ours(x), rtol=1e-6, atol=1e-6)
+
+
 def test_save_lora_of_a_switched_model_loads_into_a_fresh_one(tmp_path, fresh_warning):
     ref = _trained_loralib_net()
     ours = _net(L, layout="loralib")
