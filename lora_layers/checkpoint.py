@@ -233,8 +233,8 @@ def _conv_layouts(model: nn.Module, tensors: Dict[str, Tensor]) -> Tuple[Dict[st
         shapes = tuple(tuple(tensors[k].shape) if k in tensors else None for k in keys)
         if layer._switches_layout_for(shapes):
             targets.update(zip(keys, shapes))
-        elif None not in shapes and layer._layout_hint(shapes):
-            hints.update(dict.fromkeys(keys, layer._layout_hint(shapes)))
+        elif None not in shapes and (hint := layer._layout_hint(shapes)):
+            hints.update(dict.fromkeys(keys, hint))
     return targets, hints
 
 
