@@ -54,7 +54,9 @@ _LAYER_ERRORS = (
     "- Anything `nn.{base}` itself raises for its own arguments."
 )
 _CONV_ERRORS = ("**Raises** (constructor), in addition to those of `Linear`\n\n"
-                "- `ValueError`: `kernel_size` is a sequence of the wrong length for the layer's dimension.\n"
+                "- `ValueError`: `kernel_size` is a sequence of the wrong length for the layer's dimension; "
+                "`layout` is not `\"lora_layers\"` or `\"loralib\"`; `layout=\"loralib\"` with a non-square "
+                "kernel, or with a kernel other than 1 on Conv1d/Conv3d.\n"
                 "- `TypeError`: `use_dora=True` (DoRA is implemented for `Linear` and `MergedLinear`).")
 EXTRA = {
     "Linear": "**Raises** (constructor)\n\n" + _LAYER_ERRORS.format(base="Linear"),

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["warn_wrapper_keys"]
+__all__ = ["warn_wrapper_keys", "warn_conv_layout_switch"]
 
 _WARNED_WRAPPER_KEYS = False
+_WARNED_CONV_LAYOUT = False
 
 
 def warn_wrapper_keys(wrapper) -> None:
@@ -22,3 +23,22 @@ def warn_wrapper_keys(wrapper) -> None:
         f"with lora_layers.load_lora, or into the bare model (compiled._orig_mod, ddp.module). This warning "
         f"is shown once per process.",
         UserWarning, stacklevel=3)
+
+
+def warn_conv_layout_switch(layer_class: str, shapes, dropout: float) -> None:
+    """A loralib-shaped adapter loaded into a fresh conv layer switched it to loralib's layout.
+
+    Warned once per process: a model's conv layers switch together on one load.
+    """
+    global _WARNED_CONV_LAYOUT
+    if _WARNED_CONV_LAYOUT:
+        return
+    _WARNED_CONV_LAYOUT = True
+    warnings.warn(
+        f"lora_layers: a loralib conv adapter (lora_A {shapes[0]}, lora_B {shapes[1]}: rank r·k) was loaded into "
+        f"a fresh {layer_class} built with the default layout='lora_layers' (rank r), so that layer switched to "
+        f"layout='loralib' and now gives loralib's outputs: ΔW = (B A).view(weight.shape), and lora_dropout "
+        f"is not applied{f' (this layer has lora_dropout={dropout})' if dropout else ''}, as in loralib. "
+        f"Other conv layers loading such adapters switch too; build them with layout='loralib' to say so in "
+        f"the code. This warning is shown once per process.",
+        UserWarning, stacklevel=4)

@@ -39,6 +39,7 @@ from .fileio import (
     tensor_checksum,
     to_storable,
 )
+from .base import ADAPTER_NAMES
 from .layers import LoRALayer, _ConvNd
 from .utils import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
@@ -243,6 +244,22 @@ def _loralib_conv_keys(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str
     return renamed
 
 
+def _conv_layouts(model: nn.Module, tensors: Dict[str, Tensor]) -> Tuple[Dict[str, tuple], Dict[str, str]]:
+    """For conv layers: the shapes their adapter keys take once a loralib-shaped adapter switches
+    a fresh layer to loralib's layout, and, per key, how a layout explains a shape mismatch."""
+    targets, hints = {}, {}
+    for name, layer in lora_modules(model):
+        if not isinstance(layer, _ConvNd):
+            continue
+        keys = [f"{name}.{local}" if name else local for local in ADAPTER_NAMES]
+        shapes = tuple(tuple(tensors[k].shape) if k in tensors else None for k in keys)
+        if layer._switches_layout_for(shapes):
+            targets.update(zip(keys, shapes))
+        elif None not in shapes and (hint := layer._layout_hint(shapes)):
+            hints.update(dict.fromkeys(keys, hint))
+    return targets, hints
+
+
 def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
                source: str):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
@@ -289,13 +306,15 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
             mismatched.update(k for k in tensors if owner.get(k) is layer)
 
     copies = []
+    layout_shapes, layout_hints = _conv_layouts(model, tensors)
     for key in sorted(tensors):
         if key not in expected or key in mismatched:
             continue
         t, p = tensors[key], expected[key]
-        if tuple(t.shape) != tuple(p.shape):
+        if tuple(t.shape) != layout_shapes.get(key, tuple(p.shape)):
+            hint = f" ({layout_hints[key]})" if key in layout_hints else ""
             problems.append(f"{key}: shape mismatch, expected {tuple(p.shape)} (model), got {tuple(t.shape)} "
-                            f"(checkpoint)")
+                            f"(checkpoint){hint}")
             mismatched.add(key)
         elif not t.is_floating_point():
             problems.append(f"{key}: dtype {t.dtype} is not a floating dtype (model has {p.dtype})")
@@ -320,13 +339,17 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
 
 @torch.no_grad()
 def apply_copies(copies) -> None:
-    """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge)."""
+    """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge).
+    A conv layer whose planned adapter has another shape switches to loralib's layout first."""
     layers = {}
     for _, layer, _, _ in copies:
         if layer is not None and layer.merged:
             layers[id(layer)] = layer
     for layer in layers.values():
         layer.unmerge()
+    switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
+    for layer in switching.values():
+        layer._use_loralib_layout()
     try:
         for _, _, param, tensor in copies:
             param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity

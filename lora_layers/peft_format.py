@@ -115,10 +115,16 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         why = _conv_representable(layer)
         if why:
             raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
-        k = tuple(layer.kernel_size)
-        A4 = A.reshape(layer.r, layer.in_channels, *k)
-        B4 = B.reshape(layer.out_channels, layer.r, *([1] * len(k)))
-        return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, layer.r, layer.lora_alpha
+        k, r, alpha = tuple(layer.kernel_size), layer.r, layer.lora_alpha
+        if layer.layout == "loralib":
+            # Row o of ΔW = (B A).view(W.shape) is rows o·k..o·k+k-1 of B A side by side: B viewed as
+            # (out, k·r·k) times k copies of A on a block diagonal, a rank r·k² adapter with the same ΔW.
+            n = k[0]
+            A, B, r = torch.block_diag(*[A] * n), B.reshape(layer.out_channels, -1), r * n * n
+            alpha = alpha * (n if layer.use_rslora else n * n)
+        A4 = A.reshape(r, layer.in_channels, *k)
+        B4 = B.reshape(layer.out_channels, r, *([1] * len(k)))
+        return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, r, alpha
     raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
 
 
