@@ -419,3 +419,156 @@ def test_eval_with_a_wrongly_shaped_magnitude_raises_by_name_and_changes_nothing
         layer.eval()
     assert layer.training and not layer.merged and bit_equal(layer.weight, weight)
 
+
+
+# ----------------------------------------------------------------------------- the magnitude follows a loaded weight
+
+def _pretrained_state(kind, seed=1):
+    """A plain pretrained layer for ``kind`` and its state_dict in that layer's storage layout."""
+    torch.manual_seed(seed)
+    pre = nn.Linear(12, 16 if kind == "merged" else 10)
+    state = {"weight": pre.weight.detach().clone(), "bias": pre.bias.detach().clone()}
+    if kind == "fifo":  # GPT-2 Conv1D checkpoints store (in, out)
+        state["weight"] = state["weight"].t().contiguous()
+    return pre, state
+
+
+def _fresh(kind, **kw):
+    layer = _layer(kind, **kw)
+    layer.reset_lora_parameters()  # B = 0 and m = ‖W‖: a new layer
+    return layer
+
+
+@pytest.mark.parametrize("how", ["strict_false", "assign", "whole_model", "merged"])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_loading_a_pretrained_weight_gives_the_pretrained_output(kind, how):
+    # issue #20 item 1: the loralib workflow (build, then load the base with strict=False).
+    pre, state = _pretrained_state(kind)
+    layer = _fresh(kind)
+    model = nn.Sequential(layer)
+    if how == "merged":
+        model.eval()
+        assert layer.merged
+    if how == "whole_model":
+        model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    else:
+        layer.load_state_dict(state, strict=False, assign=how == "assign")
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(model(x), pre(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.train()(x), pre(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude.double(), _row_norms(kind, pre.weight), rtol=1e-6, atol=0)
+
+
+def _row_norms(kind, weight, delta=None):
+    """‖W + ΔW‖ per adapted row in float64 (``weight`` in (out, in) layout)."""
+    V = weight.detach().double() + (0 if delta is None else delta)
+    rows = torch.tensor([True] * 8 + [False] * 4 + [True] * 4) if kind == "merged" else slice(None)
+    return V.norm(dim=1)[rows]
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_loaded_weight_without_magnitude_gets_peft_s_init_from_the_loaded_adapter(kind):
+    # PEFT initialises m to ‖W + s·BA‖ with the adapter it has: a load that brings W, A and B
+    # but no magnitude gives the same, so the layer returns base + LoRA (factor one).
+    pre, state = _pretrained_state(kind)
+    donor = _layer(kind, seed=5)
+    state.update(lora_A=donor.lora_A.detach(), lora_B=donor.lora_B.detach())
+    layer = _fresh(kind)
+    layer.load_state_dict(state, strict=False)
+    A, B = donor.lora_A.detach().double(), donor.lora_B.detach().double()
+    if kind == "merged":
+        from _naive_lora import delta_merged
+        dW = delta_merged(A, B, GQA["split_sizes"], GQA["enable"], 2)
+    else:
+        dW = B @ A
+    expected = _row_norms(kind, pre.weight, layer.scaling * dW)
+    torch.testing.assert_close(layer.lora_magnitude.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_magnitude_in_the_loaded_state_wins(kind):
+    _, state = _pretrained_state(kind)
+    trained = _layer(kind, seed=3)
+    state.update({k: v for k, v in trained.state_dict().items() if k.startswith("lora_")})
+    layer = _fresh(kind)
+    layer.load_state_dict(state, strict=True)
+    assert bit_equal(layer.lora_magnitude, trained.lora_magnitude)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_reset_parameters_derives_the_magnitude_from_the_new_weight(kind):
+    layer = _layer(kind).eval()  # merged, trained adapter and magnitude
+    layer.reset_parameters()
+    x = torch.randn(5, 12)
+    W = layer.weight.t() if kind == "fifo" else layer.weight
+    torch.testing.assert_close(layer.train()(x), x @ W.t() + layer.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude.double(), _row_norms(kind, W), rtol=1e-6, atol=0)
+
+
+def test_from_module_then_loading_the_model_gives_the_pretrained_output():
+    # The quickstart's order: inject into a randomly initialised model, then load the base.
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    L.inject_lora(model, ["0", "2"], r=4, lora_alpha=8, use_dora=True)
+    result = model.load_state_dict(pretrained.state_dict(), strict=False)
+    assert all(k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in result.missing_keys)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(model(x), pretrained(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_trained_magnitude_is_kept_when_the_base_is_loaded_after_it(tmp_path):
+    # Adapter first, base second: the magnitude is learned state, never re-derived (loudly).
+    pre, state = _pretrained_state("linear")
+    trained = _layer("linear", seed=3)
+    L.save_lora(nn.Sequential(trained), tmp_path / "a.safetensors")
+    model = nn.Sequential(_fresh("linear"))
+    L.load_lora(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match=r"kept lora_magnitude.*reset_magnitude\(\)"):
+        model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    assert bit_equal(model[0].lora_magnitude, trained.lora_magnitude)
+    # and in the usual order the adapter's magnitude replaces the derived one
+    model = nn.Sequential(_fresh("linear"))
+    model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    L.load_lora(model, tmp_path / "a.safetensors")
+    assert bit_equal(model[0].lora_magnitude, trained.lora_magnitude)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_reset_magnitude_resyncs_after_a_weight_written_by_hand(kind):
+    # weight.data writes cannot be seen cheaply: reset_magnitude() is the documented re-sync.
+    pre, state = _pretrained_state(kind)
+    layer = _fresh(kind).eval()
+    layer.train()
+    layer.weight.data.copy_(state["weight"])
+    layer.bias.data.copy_(state["bias"])
+    layer.eval()
+    layer.reset_magnitude()  # merged: re-derived from the unmerged weight, and merged again
+    assert layer.merged
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+    layer.train()
+    assert bit_equal(layer.weight, state["weight"])
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+
+
+def test_reset_magnitude_without_dora_raises_by_name():
+    layer = L.Linear(4, 4, r=2)
+    with pytest.raises(ValueError, match=r"reset_magnitude.*use_dora=False"):
+        layer.reset_magnitude()
+
+
+def test_loading_a_bitsandbytes_int8_base_derives_the_magnitude_from_the_dequantized_weight():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def int8(seed):
+        torch.manual_seed(seed)
+        q = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+        q.load_state_dict(nn.Linear(64, 32, bias=False).state_dict())
+        return q.to("cpu")
+
+    layer = L.Linear.from_module(int8(0), r=4, lora_alpha=8, use_dora=True)
+    pretrained = int8(1)
+    layer.load_state_dict(pretrained.state_dict(), strict=False)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), pretrained(x), rtol=1e-6, atol=1e-6)
