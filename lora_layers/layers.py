@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MAGNITUDE_NAME, LoRALayer
-from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear
+from .functional import dora_row_scale, dora_weight_norm, lora_conv, lora_embedding, lora_linear
 from .merging import accumulation_dtype, merged_copy
 from .quantized import QuantizedBase, quantized_base
 from .segments import Segments
@@ -66,7 +66,8 @@ class Linear(LoRALayer, nn.Linear):
         lora_dtype: dtype of the adapter parameters (default: the weight's).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`lora_layers.functional`).
         use_dora: DoRA: ``y = (m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b`` with a
-            trainable per-row magnitude ``m`` (the norm is a constant in backward).
+            trainable per-row magnitude ``m`` (the norm is a constant in backward; on a row whose
+            norm is 0 the factor is 1, where PEFT gives NaN: docs/dora.md).
         init: ``"kaiming"`` (loralib's A init) or ``"gaussian"`` (PEFT's: A ~ N(0, 1/r²)).
         **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
 
@@ -170,7 +171,7 @@ class Linear(LoRALayer, nn.Linear):
         if self.lora_magnitude.shape != norm.shape:
             raise ValueError(f"cannot merge: lora_magnitude must have shape {tuple(norm.shape)} (one entry per "
                              f"adapted output row), got {tuple(self.lora_magnitude.shape)}")
-        return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
+        return factors + (dora_row_scale(self.lora_magnitude.detach().to(norm.dtype), norm),)
 
     def _dense_weight(self) -> Tensor:
         """The frozen base weight as a dense tensor in its storage layout: ``weight`` itself, or a

@@ -41,18 +41,23 @@ def _reference(kind, layer, x, mask=None):
     return leaves, y
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
-def test_forward_and_every_gradient_match_the_float64_formula(kind, p):
-    layer = _layer(kind, p=p).train()
-    x = torch.randn(2, 5, 12, requires_grad=True)
+def _forward_and_reference(kind, layer, x, p):
+    """The layer's output on ``x`` and the float64 reference with the same dropout mask."""
     torch.manual_seed(7)
     y = layer(x)
     mask = None
     if p > 0:
         torch.manual_seed(7)
         mask = dropout_mask(draw_seed(), x.detach().reshape(-1, 12), p).view(x.shape).double()
-    leaves, ref = _reference(kind, layer, x, mask)
+    return (y,) + _reference(kind, layer, x, mask)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_forward_and_every_gradient_match_the_float64_formula(kind, p):
+    layer = _layer(kind, p=p).train()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y, leaves, ref = _forward_and_reference(kind, layer, x, p)
     assert_rel_close(y, ref, torch.float32, "forward")
     g = torch.randn_like(y)
     params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
@@ -572,3 +577,80 @@ def test_loading_a_bitsandbytes_int8_base_derives_the_magnitude_from_the_dequant
     layer.load_state_dict(pretrained.state_dict(), strict=False)
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), pretrained(x), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a zero row (a pruned neuron)
+
+# (output row, lora_B row): for "merged", row 13 is in the adapted v split (B row 9), and row 9 in the
+# k split has no adapter at all.
+PRUNED = {"linear": [(0, 0), (3, 3)], "fifo": [(0, 0), (3, 3)], "merged": [(0, 0), (13, 9)]}
+
+
+def _pruned(kind, p=0.0):
+    """A trained DoRA layer with zero weight rows and zero B rows: ‖W + s·BA‖ = 0 there. The first
+    pruned row keeps a trained magnitude, the second has the derived one (‖0‖ = 0)."""
+    layer = _layer(kind, p=p)
+    with torch.no_grad():
+        for out_row, b_row in PRUNED[kind] + ([(9, None)] if kind == "merged" else []):
+            (layer.weight[:, out_row] if kind == "fifo" else layer.weight[out_row]).zero_()
+            if b_row is not None:
+                layer.lora_B[b_row].zero_()
+        layer.lora_magnitude[PRUNED[kind][1][1]] = 0.0
+    return layer
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_a_zero_row_keeps_the_base_output_with_finite_gradients(kind, p, create_graph):
+    # issue #20 item 10: PEFT computes 0/0 there; lora_layers takes the factor as 1.
+    layer = _pruned(kind, p=p).train()
+    assert (layer._dora_norm()[[b for _, b in PRUNED[kind]]] == 0).all()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y, leaves, ref = _forward_and_reference(kind, layer, x, p)
+    for out_row, _ in PRUNED[kind]:
+        assert torch.equal(y[..., out_row], layer.bias[out_row].expand(2, 5))  # the base output: 0·x + b
+    assert_rel_close(y, ref, torch.float32, "forward")
+    g = torch.randn_like(y)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
+    grads = torch.autograd.grad(y, params, g, create_graph=create_graph)
+    for name, got, want in zip("x A B m b".split(), grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert torch.isfinite(got).all(), f"d{name}"
+        assert_rel_close(got, want, torch.float32, f"d{name}")
+    assert not grads[3][[b for _, b in PRUNED[kind]]].any()  # the factor does not depend on m there
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_a_zero_row_merges_and_unmerges_exactly(kind):
+    layer = _pruned(kind)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 12)
+    y = layer.train()(x)
+    layer.eval()
+    assert layer.merged and torch.isfinite(layer.weight).all()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert bit_equal(layer.weight, w0)
+
+
+def test_a_zero_magnitude_on_a_nonzero_row_merges_and_unmerges_exactly():
+    # m = 0 with ‖W + s·BA‖ > 0 merges a zero row: restoring it must not divide by the zero factor.
+    layer = _layer("linear")
+    with torch.no_grad():
+        layer.lora_magnitude[[1, 4]] = 0.0
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 12)
+    y = layer.train()(x)
+    for _ in range(2):
+        layer.eval()
+        assert torch.isfinite(layer.weight).all() and not layer.weight[[1, 4]].any()
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.train()
+        assert bit_equal(layer.weight, w0)
+
+
+def test_export_to_peft_refuses_a_zero_row_by_name(tmp_path):
+    model = nn.Sequential(_pruned("merged"))
+    with pytest.raises(ValueError, match=r"'0'.*rows \[0, 9, 13\].*NaN"):
+        L.export_peft(model, tmp_path / "a", task_type=None)
+    assert not (tmp_path / "a").exists()
