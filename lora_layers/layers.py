@@ -220,9 +220,11 @@ class Linear(LoRALayer, nn.Linear):
                 self.merge()
 
     def _magnitude_is_derived(self) -> bool:
-        """True while ``lora_magnitude`` holds the values :meth:`_reset_magnitude` last gave it."""
+        """True while ``lora_magnitude`` holds the values :meth:`_reset_magnitude` last gave it
+        (never for one derived on the meta device: it had no values)."""
         derived, m = self.__dict__.get(_DERIVED_MAGNITUDE), self.lora_magnitude.detach()
-        return derived is not None and derived.shape == m.shape and torch.equal(derived.to(m.device, m.dtype), m)
+        return derived is not None and not derived.is_meta and derived.shape == m.shape \
+            and torch.equal(derived.to(m.device, m.dtype), m)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -654,3 +654,21 @@ def test_export_to_peft_refuses_a_zero_row_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"'0'.*rows \[0, 9, 13\].*NaN"):
         L.export_peft(model, tmp_path / "a", task_type=None)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_layer_built_on_meta_then_materialised_keeps_its_magnitude_loudly():
+    # to_empty() leaves a magnitude with unknown values and nothing to compare it with: the load keeps it,
+    # warns, and reset_magnitude() (or reset_lora_parameters()) derives it.
+    pre, state = _pretrained_state("linear")
+    with torch.device("meta"):
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, use_dora=True)
+    layer = layer.to_empty(device="cpu")
+    layer.reset_lora_parameters()
+    layer.load_state_dict(state, strict=False)  # derived after to_empty: follows
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+    with torch.device("meta"):
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, use_dora=True)
+    layer = layer.to_empty(device="cpu")
+    with pytest.warns(UserWarning, match="kept lora_magnitude"):
+        layer.load_state_dict(state, strict=False)
