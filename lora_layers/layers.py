@@ -202,8 +202,8 @@ class Linear(LoRALayer, nn.Linear):
 
         ``load_state_dict`` does this by itself when it replaces the weight without bringing a
         magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
-        changing the weight any other way: ``weight.data.copy_(...)``, or a load through the module
-        that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
+        changing the weight any other way: ``weight.data.copy_(...)``, assigning a new ``weight``
+        Parameter, or a load through the module that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
 
         Raises:
             ValueError: the layer has no magnitude (``use_dora=False`` or ``r=0``); nothing changes.
