@@ -262,6 +262,9 @@ def render() -> str:
         for name in names:
             obj = _resolve(name)
             doc.append(_entry(_qualified(name), name, obj))
+            if name == "Linear":  # DoRA's re-sync, Linear's own (MergedLinear inherits it)
+                doc.append(_entry("lora_layers.Linear.reset_magnitude", "Linear.reset_magnitude",
+                                  obj.reset_magnitude, 4))
             if name == "LoRALayer":
                 for method in LAYER_METHODS:
                     member = inspect.getattr_static(obj, method)

@@ -45,7 +45,7 @@ from ._amp import autocast_available, no_autocast
 from .segments import Block, Segments
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed",
-           "drop_mask", "keep_mask", "keep_scale",
+           "drop_mask", "keep_mask", "keep_scale", "dora_row_scale",
            "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 log = logging.getLogger(__name__)
@@ -225,13 +225,27 @@ def _base_matmul(weight, x2: Tensor, fan_in_fan_out: bool) -> Tensor:
     return torch.mm(x2, _cast(weight.t() if fan_in_fan_out else weight, x2.dtype).t())
 
 
+def dora_row_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """DoRA's factor ``m / ‖W + s·BA‖`` per adapted row, and 1 where the norm is 0.
+
+    A zero norm (a pruned neuron: its weight row and ``B`` row are zero) would give
+    ``0/0``; the factor 1 keeps that row's base output, and its gradient in ``m`` is 0,
+    so nothing turns NaN (PEFT gives NaN there). Differentiable in ``magnitude``;
+    ``norm`` is a constant. In the promoted dtype of the two.
+    """
+    zero = norm == 0
+    ratio = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm.masked_fill(zero, 1)
+    return ratio.masked_fill(zero, 1)
+
+
 def _dora_scale(magnitude: Tensor, norm: Tensor, blocks, out_features: int, dtype: torch.dtype) -> Tensor:
-    """The per-output factor ``m / ‖W + s·BA‖`` as an ``(out,)`` vector, 1 on rows without an adapter.
+    """The per-output factor ``m / ‖W + s·BA‖`` (:func:`dora_row_scale`) as an ``(out,)`` vector,
+    1 on rows without an adapter.
 
     Plain differentiable ops in ``magnitude`` (``norm`` is a constant, as in the
     DoRA paper's section 4.3).
     """
-    ratio = magnitude.to(torch.promote_types(magnitude.dtype, norm.dtype)) / norm
+    ratio = dora_row_scale(magnitude, norm)
     if _covers_all(blocks, out_features):
         return ratio.to(dtype)
     pieces, last = [], 0
@@ -306,7 +320,8 @@ class _LoRALinear(torch.autograd.Function):
             acc = torch.promote_types(dt, torch.float32)
             z = _gather_rows(_base_matmul(weight, x2.to(dt), ctx.fan_in_fan_out).mul_(g2).sum(0, dtype=acc), blocks)
             z = z + (H.to(acc) * B.to(acc)).sum(1) * s
-            dm = (z / norm).to(magnitude.dtype)
+            zero = norm == 0  # dora_row_scale's factor is 1 there, whatever m
+            dm = (z / norm.masked_fill(zero, 1)).masked_fill_(zero, 0).to(magnitude.dtype)
         if need_bb:
             dB = (H if scale is None else H.mul_(_gather_rows(scale, blocks)[:, None])).mul_(s).to(lora_B.dtype)
 
@@ -465,7 +480,7 @@ def lora_linear(
 
     DoRA (``magnitude`` given) computes ``(m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b``
     on the adapted rows, with the row norm a constant in backward (the paper's
-    section 4.3). The norm comes from :func:`dora_weight_norm` (``W + s·BA`` is never
+    section 4.3), and the factor 1 on a row whose norm is 0 (:func:`dora_row_scale`). The norm comes from :func:`dora_weight_norm` (``W + s·BA`` is never
     built), and backward keeps no ``T × out`` tensor: the magnitude's gradient
     recomputes ``x Wᵀ`` (one extra GEMM) instead.
 

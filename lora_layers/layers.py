@@ -37,14 +37,16 @@ from torch import Tensor
 
 from ._wrap import _base_attribute_names
 from ._warnings import warn_conv_layout_switch
-from .base import ADAPTER_NAMES, LoRALayer
-from .functional import dora_weight_norm, lora_conv, lora_embedding, lora_linear
+from .base import ADAPTER_NAMES, MAGNITUDE_NAME, LoRALayer
+from .functional import dora_row_scale, dora_weight_norm, lora_conv, lora_embedding, lora_linear
 from .merging import accumulation_dtype, merged_copy
 from .quantized import QuantizedBase, quantized_base
 from .segments import Segments
 from .validation import check_dora, check_lora_args
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
+
+_DERIVED_MAGNITUDE = "_derived_magnitude"  # the magnitude as last derived from the weight (not state)
 
 
 # ----------------------------------------------------------------------------- Linear
@@ -70,14 +72,17 @@ class Linear(LoRALayer, nn.Linear):
         lora_dtype: dtype of the adapter parameters (default: the weight's).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`lora_layers.functional`).
         use_dora: DoRA: ``y = (m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b`` with a
-            trainable per-row magnitude ``m`` (the norm is a constant in backward).
+            trainable per-row magnitude ``m`` (the norm is a constant in backward; on a row whose
+            norm is 0 the factor is 1, where PEFT gives NaN: docs/dora.md).
         init: ``"kaiming"`` (loralib's A init) or ``"gaussian"`` (PEFT's: A ~ N(0, 1/r²)).
         **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
 
     Attributes:
         lora_A: ``(r, in_features)``, kaiming-uniform init.
         lora_B: ``(out_features, r)``, zero init, so a new adapter changes nothing.
-        lora_magnitude: ``(out_features,)`` with ``use_dora``, initialised to ``‖W‖`` per row.
+        lora_magnitude: ``(out_features,)`` with ``use_dora``, initialised to ``‖W‖`` per row; a
+            ``load_state_dict`` that replaces the weight without it derives it again
+            (:meth:`reset_magnitude`, docs/dora.md).
 
     Example::
 
@@ -172,7 +177,7 @@ class Linear(LoRALayer, nn.Linear):
         if self.lora_magnitude.shape != norm.shape:
             raise ValueError(f"cannot merge: lora_magnitude must have shape {tuple(norm.shape)} (one entry per "
                              f"adapted output row), got {tuple(self.lora_magnitude.shape)}")
-        return factors + (self.lora_magnitude.detach().to(norm.dtype) / norm,)
+        return factors + (dora_row_scale(self.lora_magnitude.detach().to(norm.dtype), norm),)
 
     def _dense_weight(self) -> Tensor:
         """The frozen base weight as a dense tensor in its storage layout: ``weight`` itself, or a
@@ -193,6 +198,70 @@ class Linear(LoRALayer, nn.Linear):
     def _reset_magnitude(self) -> None:
         if self.use_dora and self.has_adapter:
             self.lora_magnitude.copy_(self._dora_norm())
+            # A copy, not a flag: training, load_lora and .data writes all change the values, and
+            # only a magnitude still equal to it may follow a newly loaded weight.
+            self.__dict__[_DERIVED_MAGNITUDE] = self.lora_magnitude.detach().clone()
+
+    def reset_magnitude(self) -> None:
+        """Set DoRA's magnitude to ``‖W + s·BA‖`` per adapted row (PEFT's init) from the weight as
+        it is now, so that the layer returns the base output plus the LoRA update.
+
+        ``load_state_dict`` does this by itself when it replaces the weight without bringing a
+        magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
+        changing the weight any other way: ``weight.data.copy_(...)``, assigning a new ``weight``
+        Parameter, or a load through the module that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
+
+        Raises:
+            ValueError: the layer has no magnitude (``use_dora=False`` or ``r=0``); nothing changes.
+        """
+        if not (self.use_dora and self.has_adapter):
+            raise ValueError(f"reset_magnitude: this {type(self).__name__} has no DoRA magnitude "
+                             f"(use_dora={self.use_dora}, r={self.r}); expected a layer built with use_dora=True")
+        was_merged = self.merged
+        self.unmerge()  # the norm is that of the base weight, not of a merged one
+        try:
+            self._reset_magnitude()
+        finally:
+            if was_merged:
+                self.merge()
+
+    def _magnitude_is_derived(self) -> bool:
+        """True while ``lora_magnitude`` holds the values :meth:`_reset_magnitude` last gave it
+        (never for one derived on the meta device: it had no values)."""
+        derived, m = self.__dict__.get(_DERIVED_MAGNITUDE), self.lora_magnitude.detach()
+        return derived is not None and not derived.is_meta and derived.shape == m.shape \
+            and torch.equal(derived.to(m.device, m.dtype), m)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        follow = self.use_dora and self.has_adapter and prefix + "weight" in state_dict \
+            and prefix + MAGNITUDE_NAME not in state_dict
+        if not follow:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        # Unmerged here rather than by ExactMerge, so that the merge after the load uses the new magnitude.
+        was_merged, errors = self.merged, len(error_msgs)
+        self.unmerge()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if len(error_msgs) == errors:
+                self._follow_loaded_weight(prefix)
+        finally:
+            if was_merged:
+                self.merge()
+
+    def _follow_loaded_weight(self, prefix: str) -> None:
+        if any(t.is_meta for t in (self.weight, self.lora_A, self.lora_B, self.lora_magnitude)):
+            return  # no values to derive from or into (a meta-device model being materialised)
+        if self._magnitude_is_derived():
+            self._reset_magnitude()
+            return
+        warnings.warn(
+            f"lora_layers: load_state_dict gave {type(self).__name__} '{prefix.rstrip('.') or '<root>'}' a new "
+            f"weight without a lora_magnitude and kept lora_magnitude as it is, because it was trained, loaded or "
+            f"set since it was derived from the old weight. Call reset_magnitude() on the layer to derive it "
+            f"from the new weight instead (‖W + s·BA‖ per row).", UserWarning, stacklevel=4)
 
     def _weight_t(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight

@@ -64,7 +64,11 @@ def _apply(block: Tensor, delta: Tensor, row_scale: Optional[Tensor]) -> Tensor:
 
 
 def _invert(block: Tensor, delta: Tensor, row_scale: Optional[Tensor]) -> Tensor:
-    return (block if row_scale is None else block / row_scale) - delta
+    if row_scale is None:
+        return block - delta
+    # A zero factor (DoRA's m = 0) merged its rows to 0: nothing to divide back. Dividing by 1 there
+    # gives -delta, and the bitwise residual restores the row exactly.
+    return block / row_scale.masked_fill(row_scale == 0, 1) - delta
 
 
 def _bits(t: Tensor) -> Tensor:

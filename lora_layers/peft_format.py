@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, safetensors_bytes, to_storable
-from .functional import row_sq_norm
+from .functional import dora_weight_norm, row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
 
@@ -98,7 +98,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
     """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     key = PEFT_KEY_PREFIX + name
-    extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(layer)}
+    extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(name, layer)}
     if isinstance(layer, Embedding):
         if layer.max_norm is not None:
             raise NotImplementedError(f"cannot export {name!r}: PEFT renormalises the LoRA lookup with "
@@ -128,13 +128,25 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
     raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
 
 
-def _full_magnitude(layer: Linear) -> Tensor:
+def _full_magnitude(name: str, layer: Linear) -> Tensor:
     """DoRA's magnitude over every output row, as PEFT holds it. A MergedLinear's rows
-    without an adapter get ``‖W_row‖``, which makes PEFT's factor ``m / ‖W_row‖`` one."""
+    without an adapter get ``‖W_row‖``, which makes PEFT's factor ``m / ‖W_row‖`` one.
+
+    Raises ValueError for a row whose norm is 0 (a pruned neuron), which PEFT turns into NaN."""
     m = layer.lora_magnitude.detach()
-    if layer.segments is None:
-        return m
-    return layer.segments.to_full_rows(m, row_sq_norm(layer._dense_weight(), layer.fan_in_fan_out).sqrt().to(m.dtype))
+    W = layer.unmerged_weight() if layer.merged else layer._dense_weight()
+    norm = dora_weight_norm(W, layer.lora_A, layer.lora_B, layer.scaling, layer.segments,
+                            fan_in_fan_out=layer.fan_in_fan_out)
+    if layer.segments is not None:
+        row_norms = row_sq_norm(W, layer.fan_in_fan_out).sqrt()
+        m = layer.segments.to_full_rows(m, row_norms.to(m.dtype))
+        norm = layer.segments.to_full_rows(norm, row_norms.to(norm.dtype))
+    zero = (norm == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"export_peft: cannot export {name!r}: rows {zero} have ‖W + s·BA‖ = 0 (pruned neurons). "
+                         f"lora_layers keeps their base output (factor 1), PEFT's DoRA divides by that norm and "
+                         f"gives NaN; merge_and_unload gives plain weights instead")
+    return m
 
 
 def _peft_pattern_matches(key: str, name: str) -> bool:

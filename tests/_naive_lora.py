@@ -104,7 +104,9 @@ def naive_dora(x, W, b, A, B, m, s, split_sizes=None, enable=None, mask=None, fa
     """DoRA: (m / ‖W + s·ΔW‖_row) ⊙ (x Wᵀ + s·(x ⊙ mask) ΔWᵀ) + b on the adapted rows, the norm detached.
 
     ``m`` holds one entry per adapted row (all rows for a plain layer, the enabled
-    splits' rows in order for a fused one); the other rows are the base's.
+    splits' rows in order for a fused one); the other rows are the base's. A row whose
+    norm is 0 (a pruned neuron) has the factor 1, whatever ``m`` (lora_layers' convention;
+    PEFT gives 0/0 = NaN there).
     """
     W_eff = W.t() if fan_in_fan_out else W
     if split_sizes is None:
@@ -114,7 +116,9 @@ def naive_dora(x, W, b, A, B, m, s, split_sizes=None, enable=None, mask=None, fa
         rows = torch.cat([torch.full((size,), bool(on)) for size, on in zip(split_sizes, enable)])
     norm = (W_eff + s * dW).norm(dim=1).detach()
     m_full = torch.ones(W_eff.shape[0], dtype=m.dtype).masked_scatter(rows, m)
-    scale = torch.where(rows, m_full / norm, torch.ones_like(norm))
+    zero = norm == 0
+    # The denominator is made safe on zero rows so that where()'s unused branch has no 0/0 in backward.
+    scale = torch.where(rows & ~zero, m_full / norm.masked_fill(zero, 1), torch.ones_like(norm))
     xd = x if mask is None else x * mask
     y = (x @ W_eff.t() + s * (xd @ dW.t())) * scale
     return y if b is None else y + b

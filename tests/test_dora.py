@@ -41,18 +41,23 @@ def _reference(kind, layer, x, mask=None):
     return leaves, y
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
-def test_forward_and_every_gradient_match_the_float64_formula(kind, p):
-    layer = _layer(kind, p=p).train()
-    x = torch.randn(2, 5, 12, requires_grad=True)
+def _forward_and_reference(kind, layer, x, p):
+    """The layer's output on ``x`` and the float64 reference with the same dropout mask."""
     torch.manual_seed(7)
     y = layer(x)
     mask = None
     if p > 0:
         torch.manual_seed(7)
         mask = dropout_mask(draw_seed(), x.detach().reshape(-1, 12), p).view(x.shape).double()
-    leaves, ref = _reference(kind, layer, x, mask)
+    return (y,) + _reference(kind, layer, x, mask)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_forward_and_every_gradient_match_the_float64_formula(kind, p):
+    layer = _layer(kind, p=p).train()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y, leaves, ref = _forward_and_reference(kind, layer, x, p)
     assert_rel_close(y, ref, torch.float32, "forward")
     g = torch.randn_like(y)
     params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
@@ -419,3 +424,251 @@ def test_eval_with_a_wrongly_shaped_magnitude_raises_by_name_and_changes_nothing
         layer.eval()
     assert layer.training and not layer.merged and bit_equal(layer.weight, weight)
 
+
+
+# ----------------------------------------------------------------------------- the magnitude follows a loaded weight
+
+def _pretrained_state(kind, seed=1):
+    """A plain pretrained layer for ``kind`` and its state_dict in that layer's storage layout."""
+    torch.manual_seed(seed)
+    pre = nn.Linear(12, 16 if kind == "merged" else 10)
+    state = {"weight": pre.weight.detach().clone(), "bias": pre.bias.detach().clone()}
+    if kind == "fifo":  # GPT-2 Conv1D checkpoints store (in, out)
+        state["weight"] = state["weight"].t().contiguous()
+    return pre, state
+
+
+def _fresh(kind, **kw):
+    layer = _layer(kind, **kw)
+    layer.reset_lora_parameters()  # B = 0 and m = ‖W‖: a new layer
+    return layer
+
+
+@pytest.mark.parametrize("how", ["strict_false", "assign", "whole_model", "merged"])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_loading_a_pretrained_weight_gives_the_pretrained_output(kind, how):
+    # issue #20 item 1: the loralib workflow (build, then load the base with strict=False).
+    pre, state = _pretrained_state(kind)
+    layer = _fresh(kind)
+    model = nn.Sequential(layer)
+    if how == "merged":
+        model.eval()
+        assert layer.merged
+    if how == "whole_model":
+        model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    else:
+        layer.load_state_dict(state, strict=False, assign=how == "assign")
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(model(x), pre(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.train()(x), pre(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude.double(), _row_norms(kind, pre.weight), rtol=1e-6, atol=0)
+
+
+def _row_norms(kind, weight, delta=None):
+    """‖W + ΔW‖ per adapted row in float64 (``weight`` in (out, in) layout)."""
+    V = weight.detach().double() + (0 if delta is None else delta)
+    rows = torch.tensor([True] * 8 + [False] * 4 + [True] * 4) if kind == "merged" else slice(None)
+    return V.norm(dim=1)[rows]
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_loaded_weight_without_magnitude_gets_peft_s_init_from_the_loaded_adapter(kind):
+    # PEFT initialises m to ‖W + s·BA‖ with the adapter it has: a load that brings W, A and B
+    # but no magnitude gives the same, so the layer returns base + LoRA (factor one).
+    pre, state = _pretrained_state(kind)
+    donor = _layer(kind, seed=5)
+    state.update(lora_A=donor.lora_A.detach(), lora_B=donor.lora_B.detach())
+    layer = _fresh(kind)
+    layer.load_state_dict(state, strict=False)
+    A, B = donor.lora_A.detach().double(), donor.lora_B.detach().double()
+    if kind == "merged":
+        from _naive_lora import delta_merged
+        dW = delta_merged(A, B, GQA["split_sizes"], GQA["enable"], 2)
+    else:
+        dW = B @ A
+    expected = _row_norms(kind, pre.weight, layer.scaling * dW)
+    torch.testing.assert_close(layer.lora_magnitude.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_magnitude_in_the_loaded_state_wins(kind):
+    _, state = _pretrained_state(kind)
+    trained = _layer(kind, seed=3)
+    state.update({k: v for k, v in trained.state_dict().items() if k.startswith("lora_")})
+    layer = _fresh(kind)
+    layer.load_state_dict(state, strict=True)
+    assert bit_equal(layer.lora_magnitude, trained.lora_magnitude)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_reset_parameters_derives_the_magnitude_from_the_new_weight(kind):
+    layer = _layer(kind).eval()  # merged, trained adapter and magnitude
+    layer.reset_parameters()
+    x = torch.randn(5, 12)
+    W = layer.weight.t() if kind == "fifo" else layer.weight
+    torch.testing.assert_close(layer.train()(x), x @ W.t() + layer.bias, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.lora_magnitude.double(), _row_norms(kind, W), rtol=1e-6, atol=0)
+
+
+def test_from_module_then_loading_the_model_gives_the_pretrained_output():
+    # The quickstart's order: inject into a randomly initialised model, then load the base.
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6))
+    L.inject_lora(model, ["0", "2"], r=4, lora_alpha=8, use_dora=True)
+    result = model.load_state_dict(pretrained.state_dict(), strict=False)
+    assert all(k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in result.missing_keys)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(model(x), pretrained(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_trained_magnitude_is_kept_when_the_base_is_loaded_after_it(tmp_path):
+    # Adapter first, base second: the magnitude is learned state, never re-derived (loudly).
+    pre, state = _pretrained_state("linear")
+    trained = _layer("linear", seed=3)
+    L.save_lora(nn.Sequential(trained), tmp_path / "a.safetensors")
+    model = nn.Sequential(_fresh("linear"))
+    L.load_lora(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match=r"kept lora_magnitude.*reset_magnitude\(\)"):
+        model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    assert bit_equal(model[0].lora_magnitude, trained.lora_magnitude)
+    # and in the usual order the adapter's magnitude replaces the derived one
+    model = nn.Sequential(_fresh("linear"))
+    model.load_state_dict({"0." + k: v for k, v in state.items()}, strict=False)
+    L.load_lora(model, tmp_path / "a.safetensors")
+    assert bit_equal(model[0].lora_magnitude, trained.lora_magnitude)
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_reset_magnitude_resyncs_after_a_weight_written_by_hand(kind):
+    # weight.data writes cannot be seen cheaply: reset_magnitude() is the documented re-sync.
+    pre, state = _pretrained_state(kind)
+    layer = _fresh(kind).eval()
+    layer.train()
+    layer.weight.data.copy_(state["weight"])
+    layer.bias.data.copy_(state["bias"])
+    layer.eval()
+    layer.reset_magnitude()  # merged: re-derived from the unmerged weight, and merged again
+    assert layer.merged
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+    layer.train()
+    assert bit_equal(layer.weight, state["weight"])
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+
+
+def test_reset_magnitude_without_dora_raises_by_name():
+    layer = L.Linear(4, 4, r=2)
+    with pytest.raises(ValueError, match=r"reset_magnitude.*use_dora=False"):
+        layer.reset_magnitude()
+
+
+def test_loading_a_bitsandbytes_int8_base_derives_the_magnitude_from_the_dequantized_weight():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def int8(seed):
+        torch.manual_seed(seed)
+        q = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+        q.load_state_dict(nn.Linear(64, 32, bias=False).state_dict())
+        return q.to("cpu")
+
+    layer = L.Linear.from_module(int8(0), r=4, lora_alpha=8, use_dora=True)
+    pretrained = int8(1)
+    layer.load_state_dict(pretrained.state_dict(), strict=False)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), pretrained(x), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a zero row (a pruned neuron)
+
+# (output row, lora_B row): for "merged", row 13 is in the adapted v split (B row 9), and row 9 in the
+# k split has no adapter at all.
+PRUNED = {"linear": [(0, 0), (3, 3)], "fifo": [(0, 0), (3, 3)], "merged": [(0, 0), (13, 9)]}
+
+
+def _pruned(kind, p=0.0):
+    """A trained DoRA layer with zero weight rows and zero B rows: ‖W + s·BA‖ = 0 there. The first
+    pruned row keeps a trained magnitude, the second has the derived one (‖0‖ = 0)."""
+    layer = _layer(kind, p=p)
+    with torch.no_grad():
+        for out_row, b_row in PRUNED[kind] + ([(9, None)] if kind == "merged" else []):
+            (layer.weight[:, out_row] if kind == "fifo" else layer.weight[out_row]).zero_()
+            if b_row is not None:
+                layer.lora_B[b_row].zero_()
+        layer.lora_magnitude[PRUNED[kind][1][1]] = 0.0
+    return layer
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_a_zero_row_keeps_the_base_output_with_finite_gradients(kind, p, create_graph):
+    # issue #20 item 10: PEFT computes 0/0 there; lora_layers takes the factor as 1.
+    layer = _pruned(kind, p=p).train()
+    assert (layer._dora_norm()[[b for _, b in PRUNED[kind]]] == 0).all()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y, leaves, ref = _forward_and_reference(kind, layer, x, p)
+    for out_row, _ in PRUNED[kind]:
+        assert torch.equal(y[..., out_row], layer.bias[out_row].expand(2, 5))  # the base output: 0·x + b
+    assert_rel_close(y, ref, torch.float32, "forward")
+    g = torch.randn_like(y)
+    params = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.bias]
+    grads = torch.autograd.grad(y, params, g, create_graph=create_graph)
+    for name, got, want in zip("x A B m b".split(), grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert torch.isfinite(got).all(), f"d{name}"
+        assert_rel_close(got, want, torch.float32, f"d{name}")
+    assert not grads[3][[b for _, b in PRUNED[kind]]].any()  # the factor does not depend on m there
+
+
+@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
+def test_a_zero_row_merges_and_unmerges_exactly(kind):
+    layer = _pruned(kind)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 12)
+    y = layer.train()(x)
+    layer.eval()
+    assert layer.merged and torch.isfinite(layer.weight).all()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert bit_equal(layer.weight, w0)
+
+
+def test_a_zero_magnitude_on_a_nonzero_row_merges_and_unmerges_exactly():
+    # m = 0 with ‖W + s·BA‖ > 0 merges a zero row: restoring it must not divide by the zero factor.
+    layer = _layer("linear")
+    with torch.no_grad():
+        layer.lora_magnitude[[1, 4]] = 0.0
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 12)
+    y = layer.train()(x)
+    for _ in range(2):
+        layer.eval()
+        assert torch.isfinite(layer.weight).all() and not layer.weight[[1, 4]].any()
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        layer.train()
+        assert bit_equal(layer.weight, w0)
+
+
+def test_export_to_peft_refuses_a_zero_row_by_name(tmp_path):
+    model = nn.Sequential(_pruned("merged"))
+    with pytest.raises(ValueError, match=r"'0'.*rows \[0, 9, 13\].*NaN"):
+        L.export_peft(model, tmp_path / "a", task_type=None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_layer_built_on_meta_then_materialised_keeps_its_magnitude_loudly():
+    # to_empty() leaves a magnitude with unknown values and nothing to compare it with: the load keeps it,
+    # warns, and reset_magnitude() (or reset_lora_parameters()) derives it.
+    pre, state = _pretrained_state("linear")
+    with torch.device("meta"):
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, use_dora=True)
+    layer = layer.to_empty(device="cpu")
+    layer.reset_lora_parameters()
+    layer.load_state_dict(state, strict=False)  # derived after to_empty: follows
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+    with torch.device("meta"):
+        layer = L.Linear(12, 10, r=3, lora_alpha=6, use_dora=True)
+    layer = layer.to_empty(device="cpu")
+    with pytest.warns(UserWarning, match="kept lora_magnitude"):
+        layer.load_state_dict(state, strict=False)

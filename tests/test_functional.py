@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import lora_layers as L
 from lora_layers.functional import draw_seed, dropout_mask, lora_linear
-from _naive_lora import F64, assert_rel_close, leaf64, naive_linear
+from _naive_lora import F64, assert_rel_close, leaf64, naive_dora, naive_linear
 from conftest import restored
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
@@ -368,6 +368,54 @@ def test_gradient_penalty_matches_float64_formula():
     rA, rB = torch.autograd.grad(rx.square().sum(), [A, B])
     torch.testing.assert_close(gA, rA)
     torch.testing.assert_close(gB, rB)
+
+
+def _dropout_layer(kind, dora):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = L.Linear(6, 5, r=2, lora_alpha=3, lora_dropout=0.3, use_dora=dora)
+    else:
+        layer = L.MergedLinear(6, 8, r=2, lora_alpha=3, lora_dropout=0.3, enable_lora=[True, False, True],
+                               split_sizes=[4, 2, 2], use_dora=dora)
+    nn.init.normal_(layer.lora_B)
+    return layer.double().train()
+
+
+def _float64_reference(layer, x, mask):
+    """The layer's formula on float64 leaves (x, A, B[, m]) with the given dropout mask."""
+    leaves = [x.detach().requires_grad_()] + [leaf64(t) for t in layer.adapter_parameters().values()]
+    fused = {} if layer.segments is None else dict(split_sizes=layer.split_sizes, enable=layer.enable_lora)
+    W, b = layer.weight.detach(), layer.bias.detach()
+    if layer.use_dora:
+        return leaves, naive_dora(leaves[0], W, b, *leaves[1:], layer.scaling, mask=mask, **fused)
+    return leaves, naive_linear(leaves[0], W, b, *leaves[1:], layer.scaling, mask=mask, **fused)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_create_graph_backward_with_dropout_uses_the_forward_s_mask(kind, dora):
+    # issue #20 item 14: create_graph=True rebuilds the dropout mask in backward; it must be the
+    # forward's, so the first-order gradients equal the plain backward's and the float64 formula's
+    # with that mask, and the second-order ones (a gradient penalty) the formula's too.
+    layer = _dropout_layer(kind, dora)
+    x = torch.randn(2, 3, 6, dtype=F64, requires_grad=True)
+    params = [x] + list(layer.adapter_parameters().values())
+    g = torch.randn(2, 3, layer.out_features, dtype=F64)
+    torch.manual_seed(5)
+    plain = torch.autograd.grad(layer(x), params, g)
+    torch.manual_seed(5)
+    graph = torch.autograd.grad(layer(x), params, g, create_graph=True)
+    torch.manual_seed(5)
+    mask = dropout_mask(draw_seed(), x.detach().reshape(-1, 6), 0.3).view(x.shape)
+    leaves, y = _float64_reference(layer, x, mask)
+    (gx_ref, *_) = ref = torch.autograd.grad(y, leaves, g, create_graph=True)
+    for name, a, b, want in zip(["x", *layer.adapter_parameters()], plain, graph, ref):
+        torch.testing.assert_close(b, a, msg=f"d{name}: create_graph=True differs from the plain backward")
+        torch.testing.assert_close(b, want, msg=f"d{name}: differs from the float64 formula with the mask")
+    second = torch.autograd.grad(graph[0].square().sum(), params[1:])
+    for name, got, want in zip(layer.adapter_parameters(), second,
+                               torch.autograd.grad(gx_ref.square().sum(), leaves[1:], allow_unused=True)):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, msg=f"d²/d{name}")
 
 
 def test_torch_func_vmap_jacrev_and_hessian_match_float64():
