@@ -39,6 +39,8 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."
 _PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_BIN_NAME)  # what a re-export replaces
+# PEFT 0.21's TaskType values; the string, not the enum, so that peft is not imported.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
 _MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
@@ -189,8 +191,32 @@ def _base_module_names(model: nn.Module) -> List[str]:
     return names
 
 
+def _infer_task_type(model: nn.Module) -> Optional[str]:
+    """``"CAUSAL_LM"`` for a transformers causal LM, else None (PEFT's plain ``PeftModel``).
+
+    PEFT's CAUSAL_LM model calls the base's ``prepare_inputs_for_generation``, which only a
+    model that generates has: one with transformers' ``GenerationMixin`` (found by name, so
+    transformers is not imported) that is not an encoder-decoder (T5 is SEQ_2_SEQ_LM).
+    """
+    generates = any(cls.__name__ == "GenerationMixin" for cls in type(model).__mro__)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    return "CAUSAL_LM" if generates and not encoder_decoder else None
+
+
+def _task_type(task_type, model: nn.Module) -> Optional[str]:
+    """The ``task_type`` to write: inferred for ``"auto"``, else validated (a PEFT TaskType enum becomes its string)."""
+    if isinstance(task_type, str) and task_type == "auto":
+        return _infer_task_type(model)
+    if task_type is None:
+        return None
+    if not isinstance(task_type, str) or task_type not in _TASK_TYPES:
+        raise ValueError(f"task_type must be 'auto', None or one of PEFT's task types {list(_TASK_TYPES)}, "
+                         f"got {task_type!r}")
+    return _TASK_TYPES[_TASK_TYPES.index(task_type)]
+
+
 def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
-                task_type: Optional[str] = "CAUSAL_LM") -> None:
+                task_type: Optional[str] = "auto") -> None:
     """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` together:
@@ -212,10 +238,16 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         model: a module containing LoRA layers (merged or not).
         out_dir: the adapter folder; created if its parent exists, replaced whole if it exists.
         base_model_name_or_path: recorded in the config (default: ``model.name_or_path`` if any).
-        task_type: PEFT task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
+        task_type: PEFT's task type. ``"auto"`` (the default): ``"CAUSAL_LM"`` for a
+            transformers causal LM (a ``GenerationMixin`` model that is not an
+            encoder-decoder), else ``None``, which PEFT loads as a plain ``PeftModel``
+            (``"CAUSAL_LM"`` on another model fails in PEFT for want of
+            ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
+            or ``None``, to override.
 
     Raises:
-        ValueError: the model has no adapters.
+        ValueError: the model has no adapters, or ``task_type`` is not ``"auto"``,
+            ``None`` or a PEFT task type (nothing is written).
         NotImplementedError: a layer PEFT cannot represent exactly (named).
         FileNotFoundError / PermissionError: bad destination.
     """
@@ -250,7 +282,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     config = {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": _task_type(task_type, model),
         "r": r0,
         "lora_alpha": _number(a0),
         "target_modules": targets,

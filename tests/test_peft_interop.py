@@ -733,3 +733,60 @@ def test_import_peft_racing_re_exports_loads_one_whole_export(tmp_path):
         stop.touch()
         writer.wait(timeout=60)
     assert failures == [] and loads > 20 and seen == {"old", "new"}, (failures[:3], loads, seen)
+
+
+# ----------------------------------------------------------------------------- task_type (issue #20 item 13)
+
+def test_a_plain_module_exports_without_a_task_type_and_loads_in_peft(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = copy.deepcopy(base)
+    model[2] = L.Linear.from_module(model[2], r=2, lora_alpha=4)
+    randomize(L.lora_parameters(model))
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] is None
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    assert type(peft_model) is peft.PeftModel
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_causal_lm_exports_as_causal_lm_and_generates_in_peft(base, tmp_path):
+    model = inject(copy.deepcopy(base), "merged_qv")
+    randomize(L.lora_parameters(model))
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] == "CAUSAL_LM"
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    assert isinstance(peft_model, peft.PeftModelForCausalLM)
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+        theirs = peft_model.generate(input_ids=IDS[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_an_encoder_decoder_gets_no_causal_lm_task_type():
+    transformers = pytest.importorskip("transformers")
+    from lora_layers.peft_format import _infer_task_type
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2))
+    assert _infer_task_type(t5) is None and _infer_task_type(gpt2) == "CAUSAL_LM"
+    assert _infer_task_type(gpt2.transformer) is None  # the bare decoder does not generate
+
+
+def test_task_type_override_is_written_and_validated(tmp_path):
+    model = nn.Sequential(L.Linear(4, 4, r=2))
+    export_peft(model, tmp_path / "a", task_type="FEATURE_EXTRACTION")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] == "FEATURE_EXTRACTION"
+    export_peft(model, tmp_path / "b", task_type=peft.TaskType.SEQ_CLS)  # PEFT's enum is written as its string
+    assert json.loads((tmp_path / "b" / PEFT_CONFIG_NAME).read_text())["task_type"] == "SEQ_CLS"
+    before = _folder_bytes(tmp_path / "a")
+    for bad in ("causal_lm", "CAUSAL-LM", 3):
+        with pytest.raises(ValueError, match=rf"task_type must be 'auto', None or one of PEFT's task types "
+                                             rf"\['SEQ_CLS', .*'CAUSAL_LM', .*\], got {bad!r}"):
+            export_peft(model, tmp_path / "a", task_type=bad)
+    assert _folder_bytes(tmp_path / "a") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
