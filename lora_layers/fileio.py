@@ -6,9 +6,10 @@
 * Atomic writes (:func:`atomic_write`): a temp file in the same folder, created
   with the mode ``open()`` gives (0o666 less the umask), flushed, fsynced and
   renamed over the destination, so a crash leaves the previous file intact.
-* Atomic folders (:func:`atomic_folder`, :func:`read_folder`): a folder of
-  several files is built beside the destination and swapped in whole, so a
-  crash leaves the old folder or the new one, never a mix of their files.
+* Atomic folders (:func:`atomic_folder`, :func:`read_folder`,
+  :func:`remove_folder`): a folder of several files is built beside the
+  destination and swapped in whole, so a crash leaves the old folder or the new
+  one, never a mix of their files, and is never seen half-deleted.
 * The safetensors writer (:func:`safetensors_bytes`), numpy-free, and the
   tensor checksum (:func:`tensor_checksum`).
 * Reading (:func:`read_file`): the file is opened once and parsed from those
@@ -46,6 +47,7 @@ __all__ = [
     "atomic_write",
     "atomic_folder",
     "read_folder",
+    "remove_folder",
     "to_storable",
     "raw_bytes",
     "safetensors_bytes",
@@ -221,6 +223,24 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, f"cannot swap {a!r} and {b!r}: {os.strerror(err)}")
 
 
+def _move_aside(path: str, suffix: str) -> str:
+    """Rename the folder ``path`` to a new ``.<name>.<random><suffix>`` beside it, in one step; return that."""
+    _, aside = _create_temp(*_split(path), create=os.mkdir, suffix=suffix)
+    os.rename(path, aside)  # over the empty placeholder, which reserved a fresh name
+    return aside
+
+
+def remove_folder(path, arg: str = "path") -> None:
+    """Delete a folder so that it is never seen half-deleted: renamed aside in one step, then removed.
+
+    A crash during the removal leaves a ``.<name>.<random>.tmp`` folder, safe to delete.
+    """
+    path = as_path(path, arg)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise NotADirectoryError(f"cannot remove {arg}={path!r}: it is not a folder")
+    shutil.rmtree(_move_aside(path, ".tmp"))
+
+
 def _swap_in(new: str, path: str, exists: bool) -> Optional[str]:
     """Put the folder ``new`` at ``path``; return where the old folder went (to delete), if there was one."""
     if not exists:
@@ -230,8 +250,7 @@ def _swap_in(new: str, path: str, exists: bool) -> Optional[str]:
         return new
     # No exchange here: the old folder steps aside first, so ``path`` is missing for an instant, and a
     # crash in that instant leaves the old folder whole under ``.<name>.<random>.old`` beside it.
-    _, backup = _create_temp(*_split(path), create=os.mkdir, suffix=".old")
-    os.rename(path, backup)  # over the empty placeholder, which reserved a fresh name
+    backup = _move_aside(path, ".old")
     try:
         os.rename(new, path)
     except BaseException:

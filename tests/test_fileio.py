@@ -524,3 +524,21 @@ def test_a_reader_racing_a_folder_writer_always_sees_one_version(tmp_path):
         stop.touch()
         writer.wait(timeout=60)
     assert mixes == [] and reads > 50 and len(seen) > 10
+
+
+def test_remove_folder_never_leaves_a_half_deleted_folder(old_folder, monkeypatch):
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the deletion cut short
+    monkeypatch.setattr(fileio.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.remove_folder(old_folder)
+    leftovers = os.listdir(old_folder.parent)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.") and leftovers[0].endswith(".tmp")
+    monkeypatch.undo()
+    (old_folder.parent / "file").write_bytes(b"keep")
+    (old_folder.parent / "link").symlink_to(old_folder.parent / leftovers[0])
+    for bad in ("file", "link"):
+        with pytest.raises(NotADirectoryError, match=rf"cannot remove folder='.*{bad}': it is not a folder"):
+            fileio.remove_folder(old_folder.parent / bad, arg="folder")
+    fileio.remove_folder(old_folder.parent / leftovers[0])
+    assert sorted(os.listdir(old_folder.parent)) == ["file", "link"]
