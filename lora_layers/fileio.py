@@ -48,6 +48,7 @@ __all__ = [
     "atomic_folder",
     "read_folder",
     "remove_folder",
+    "dir_opener",
     "to_storable",
     "raw_bytes",
     "safetensors_bytes",
@@ -337,12 +338,15 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
             its parent is missing or not writable. Nothing is created then.
         Whatever the block raises: the temp folder is removed, the old folder kept.
     """
+    if isinstance(owned, (str, bytes)):  # iterated, "*.bin" would be "*", ".", ... and "*" matches everything
+        raise TypeError(f"owned must be a collection of glob patterns, e.g. ({owned!r},), got the string {owned!r}")
+    owned = tuple(owned)
     path, exists = _folder_destination(path, what, arg)
     _, tmp = _create_temp(*_split(path), create=os.mkdir)
     try:
         yield tmp
         if exists:
-            _carry_over(path, tmp, tuple(owned))
+            _carry_over(path, tmp, owned)
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # keep the permissions the user gave the folder
         _fsync_tree(tmp)
         old = _swap_in(tmp, path, exists)
@@ -357,8 +361,8 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
 def read_folder(path, read: Callable[[int], _T], what: str = "folder") -> _T:
     """``read(dir_fd)`` on the folder at ``path``, opened once.
 
-    Files that ``read`` opens relative to ``dir_fd`` (``os.open(name, flags,
-    dir_fd=dir_fd)``, :func:`read_file` with ``dir_fd``) all come from one version
+    Files that ``read`` opens relative to ``dir_fd`` (``open(name,
+    opener=dir_opener(dir_fd))``, :func:`read_file` with ``dir_fd``) all come from one version
     of the folder, even while :func:`atomic_folder` swaps a new one in. When
     that version is deleted under the reader (a FileNotFoundError while another
     folder now stands at ``path``), ``read`` runs again on the new one.
@@ -481,8 +485,9 @@ def _parse_torch(data: bytes, path: str):
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
-def _opener(dir_fd: Optional[int]):
-    """An ``open(opener=)`` that opens names in the folder ``dir_fd``; None (the default) for no folder."""
+def dir_opener(dir_fd: Optional[int]):
+    """An ``open(..., opener=)`` that opens names in the folder ``dir_fd`` (see :func:`read_folder`);
+    None, ``open()``'s default, for ``dir_fd=None``."""
     return None if dir_fd is None else (lambda name, flags: os.open(name, flags, dir_fd=dir_fd))
 
 
@@ -506,7 +511,7 @@ def read_file(path, what: str = "checkpoint", dir_fd: Optional[int] = None) -> T
     """
     path = as_path(path)
     try:
-        with open(path if dir_fd is None else os.path.basename(path), "rb", opener=_opener(dir_fd)) as f:
+        with open(path if dir_fd is None else os.path.basename(path), "rb", opener=dir_opener(dir_fd)) as f:
             data = f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a file") from None

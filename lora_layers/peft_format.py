@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .fileio import CheckpointError, atomic_folder, atomic_write, read_folder, safetensors_bytes, to_storable
+from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
+                     to_storable)
 from .functional import row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
@@ -409,7 +410,7 @@ def _read_config(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
     if not _is_file_in(dir_fd, PEFT_CONFIG_NAME):
         raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
     try:
-        with open(PEFT_CONFIG_NAME, encoding="utf-8", opener=lambda n, flags: os.open(n, flags, dir_fd=dir_fd)) as f:
+        with open(PEFT_CONFIG_NAME, encoding="utf-8", opener=dir_opener(dir_fd)) as f:
             config = json.load(f)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path!r} is not valid JSON: {exc}") from exc

@@ -432,6 +432,15 @@ def test_bad_folder_destinations_are_refused_before_anything_is_created(tmp_path
     assert (tmp_path / "file").read_bytes() == b"keep"
 
 
+def test_owned_must_be_patterns_not_one_string(old_folder):
+    before = _tree(old_folder)
+    with pytest.raises(TypeError, match=r"owned must be a collection of glob patterns, e.g. \('\*\.bin',\), "
+                                        r"got the string '\*\.bin'"):
+        with atomic_folder(old_folder, owned="*.bin"):
+            pytest.fail("the block must not run")
+    assert _tree(old_folder) == before and os.listdir(old_folder.parent) == ["out"]
+
+
 def test_a_trailing_separator_names_the_folder(tmp_path):
     with atomic_folder(str(tmp_path / "out") + os.sep) as tmp:
         _build(tmp, {"f": b"x"})
@@ -503,7 +512,7 @@ def test_a_reader_racing_a_folder_writer_always_sees_one_version(tmp_path):
     def read(dir_fd):
         out = []
         for name in ("config.json", "weights.bin"):
-            with open(name, opener=lambda n, flags: os.open(n, flags, dir_fd=dir_fd)) as f:
+            with open(name, opener=fileio.dir_opener(dir_fd)) as f:
                 out.append(f.read())
                 time.sleep(0.0005)  # widen the window between the two files
         return out
