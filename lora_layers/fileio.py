@@ -358,6 +358,20 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _left_aside(path: str) -> str:
+    """Where the rename-aside swap left the old folder of ``path``, when a crash came between its renames."""
+    folder, name = _split(path.rstrip(os.sep + (os.altsep or "")) or path)
+    prefix = f".{name[:_NAME_MAX - 30]}."
+    try:
+        found = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".old"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return (f"; a folder swap was interrupted and left the previous version at "
+            f"{os.path.join(folder, found[-1])!r}: rename it to {path!r}")
+
+
 def read_folder(path, read: Callable[[int], _T], what: str = "folder") -> _T:
     """``read(dir_fd)`` on the folder at ``path``, opened once.
 
@@ -368,14 +382,15 @@ def read_folder(path, read: Callable[[int], _T], what: str = "folder") -> _T:
     folder now stands at ``path``), ``read`` runs again on the new one.
 
     Raises:
-        FileNotFoundError: ``path`` is not a folder; or what ``read`` raises.
+        FileNotFoundError: ``path`` is not a folder (naming the old version, if a
+            crash during a rename-aside swap left one beside it); or what ``read`` raises.
     """
     path = as_path(path)
     while True:
         try:
             dir_fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(f"{what} {path!r} does not exist or is not a folder") from None
+            raise FileNotFoundError(f"{what} {path!r} does not exist or is not a folder{_left_aside(path)}") from None
         try:
             return read(dir_fd)
         except FileNotFoundError:

@@ -551,3 +551,32 @@ def test_remove_folder_never_leaves_a_half_deleted_folder(old_folder, monkeypatc
             fileio.remove_folder(old_folder.parent / bad, arg="folder")
     fileio.remove_folder(old_folder.parent / leftovers[0])
     assert sorted(os.listdir(old_folder.parent)) == ["file", "link"]
+
+
+_ASIDE_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from lora_layers import fileio
+    fileio._exchange = lambda a, b: False  # an OS that cannot exchange two folders
+    real_rename, calls = os.rename, []
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rename(src, dst)
+    fileio.os.rename = rename
+    with fileio.atomic_folder(sys.argv[1]) as tmp:
+        open(os.path.join(tmp, "a.bin"), "wb").write(b"new a")
+""")
+
+
+def test_a_crash_inside_the_rename_aside_swap_leaves_the_old_folder_whole_and_named(old_folder):
+    before = _tree(old_folder)
+    child = subprocess.run([sys.executable, "-c", _ASIDE_CHILD, str(old_folder)], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    aside = [n for n in os.listdir(old_folder.parent) if n.endswith(".old")]
+    assert not old_folder.exists() and len(aside) == 1 and aside[0].startswith(".out.")
+    assert _tree(old_folder.parent / aside[0]) == before
+    with pytest.raises(FileNotFoundError, match=rf"does not exist.*interrupted.*previous version at "
+                                                rf"'.*{aside[0]}': rename it to '.*out'"):
+        read_folder(old_folder, lambda fd: None)
