@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,13 @@ import phi3_data  # noqa: E402  (examples/phi3_data.py: loading, synthetic task,
 import phi3_report  # noqa: E402  (examples/phi3_report.py: log lines, peak memory, summary, plot)
 
 import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
+from lora_layers.fileio import atomic_folder, remove_folder  # noqa: E402
+
+# Each output folder is written whole (built beside it, then swapped in): a run killed while saving leaves
+# the previous folder or the new one, never new weights beside an old config or tokenizer. These are the
+# names save_pretrained, export_peft and save_checkpoint write; a re-run replaces them, stale or not, and
+# keeps anything else found in the folder (a README).
+SAVED_FILES = ("*.safetensors", "*.bin", "*.json", "*.jinja", "*.model", "*.txt", "*.pt")
 
 # ----------------------------------------------------------------------------- configuration
 # Defaults for a pretrained Phi-3 (cf. the model card's sample_finetune.py, which uses r=16,
@@ -214,8 +220,9 @@ if tokenizer.pad_token is None:
 model.config.use_cache = False
 model.to(device)
 if master and args.model == "tiny":
-    model.save_pretrained(base_model_path)
-    tokenizer.save_pretrained(base_model_path)
+    with atomic_folder(base_model_path, "the base model", owned=SAVED_FILES) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 if args.model == "tiny" and args.quantize == "nf4":  # torchao's NF4, in place, for the layers apply_lora takes
     lora.quantize_base(model, targets=list(lc["targets"]))
 elif args.model == "tiny" and args.quantize:  # bitsandbytes quantizes while loading: reload the saved base
@@ -379,14 +386,14 @@ log(f"before training: eval loss {phi3_report.describe(baseline['eval_loss'])}" 
 
 
 def save_checkpoint(step):
-    """LoRA-only checkpoint + training state in checkpoints/step-N; keeps the last N folders."""
-    ckpt = out_dir / "checkpoints" / f"step-{step:06d}"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    lora.save_lora(raw_model, ckpt / "adapter.safetensors", metadata={"step": str(step)})
-    lora.save_training_state(ckpt, raw_model, optimizer, scheduler, step=step,
-                             extra={"history": history, "baseline": baseline, "max_steps": max_steps})
+    """LoRA-only checkpoint + training state in checkpoints/step-N, written whole; keeps the last N folders."""
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    with atomic_folder(out_dir / "checkpoints" / f"step-{step:06d}", "a checkpoint", owned=SAVED_FILES) as tmp:
+        lora.save_lora(raw_model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
+        lora.save_training_state(tmp, raw_model, optimizer, scheduler, step=step,
+                                 extra={"history": history, "baseline": baseline, "max_steps": max_steps})
     for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
-        shutil.rmtree(old)
+        remove_folder(old)  # never left half-deleted, where --resume could still find a training_state.pt
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -447,8 +454,9 @@ peak_memory = phi3_report.peak_memory(device)  # before the exports below alloca
 # ----------------------------------------------------------------------------- save (rank 0)
 if master:
     lora.save_lora(raw_model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
-    lora.export_peft(raw_model, out_dir / "peft_adapter", base_model_name_or_path=str(base_model_path))
-    tokenizer.save_pretrained(out_dir / "peft_adapter")
+    with atomic_folder(out_dir / "peft_adapter", "the PEFT adapter", owned=SAVED_FILES) as tmp:
+        lora.export_peft(raw_model, tmp, base_model_name_or_path=str(base_model_path))
+        tokenizer.save_pretrained(tmp)
 
 # ----------------------------------------------------------------------------- report (rank 0)
 if master:
@@ -473,8 +481,9 @@ if args.merge and master:  # last: merge_and_unload turns the LoRA layers back i
             merged.hf_quantizer.remove_quantization_config(merged)
         merged.to(dtype)
     merged.config.use_cache = True
-    merged.save_pretrained(out_dir / "merged")
-    tokenizer.save_pretrained(out_dir / "merged")
+    with atomic_folder(out_dir / "merged", "the merged model", owned=SAVED_FILES) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"merged model saved to {out_dir / 'merged'}")
 if ddp:
     dist.barrier()

@@ -177,12 +177,13 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
 
 # ----------------------------------------------------------------------------- reading
 
-def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+def read_checkpoint(path, dir_fd: Optional[int] = None) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """Read a native/safetensors checkpoint or a loralib ``torch.save`` state_dict.
 
     The file is read once and its format recognised by parsing
     (:func:`lora_layers.fileio.read_file`); the header checksum, when there is
     one, is verified.
+    With ``dir_fd``, the file is opened in that folder (see :func:`lora_layers.fileio.read_folder`).
 
     Returns:
         ``(tensors, header_metadata)``; the metadata is empty for torch files.
@@ -192,7 +193,7 @@ def read_checkpoint(path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         CheckpointError: unreadable, truncated, corrupted or unsafe file, or a
             torch file that is not a state_dict (names the path).
     """
-    obj, meta = read_file(path, "LoRA checkpoint")
+    obj, meta = read_file(path, "LoRA checkpoint", dir_fd)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{os.fspath(path)!r} does not hold a state_dict (a dict of str -> Tensor), "
                               f"got {type(obj).__name__}")

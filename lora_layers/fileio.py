@@ -6,6 +6,10 @@
 * Atomic writes (:func:`atomic_write`): a temp file in the same folder, created
   with the mode ``open()`` gives (0o666 less the umask), flushed, fsynced and
   renamed over the destination, so a crash leaves the previous file intact.
+* Atomic folders (:func:`atomic_folder`, :func:`read_folder`,
+  :func:`remove_folder`): a folder of several files is built beside the
+  destination and swapped in whole, so a crash leaves the old folder or the new
+  one, never a mix of their files, and is never seen half-deleted.
 * The safetensors writer (:func:`safetensors_bytes`), numpy-free, and the
   tensor checksum (:func:`tensor_checksum`).
 * Reading (:func:`read_file`): the file is opened once and parsed from those
@@ -18,15 +22,20 @@ What the files mean (header schema, validation against a model) lives in
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import fnmatch
 import hashlib
 import io
 import json
 import os
 import secrets
+import shutil
+import stat
 import struct
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +45,10 @@ __all__ = [
     "as_path",
     "check_destination",
     "atomic_write",
+    "atomic_folder",
+    "read_folder",
+    "remove_folder",
+    "dir_opener",
     "to_storable",
     "raw_bytes",
     "safetensors_bytes",
@@ -96,6 +109,12 @@ def check_destination(path, what: str, arg: str = "path") -> str:
     if path.endswith((os.sep, os.altsep or os.sep)) or name in ("", ".", "..") or os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {what} to {arg}={path!r}: it is a directory or names a folder, "
                                 f"expected a file path")
+    _check_parent(path, folder, name, what, arg)
+    return path
+
+
+def _check_parent(path: str, folder: str, name: str, what: str, arg: str) -> None:
+    """Refuse a destination whose folder is missing or not writable, or whose name is too long."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} does not exist")
     limit = _name_max(folder)
@@ -104,20 +123,36 @@ def check_destination(path, what: str, arg: str = "path") -> str:
                          f"bytes, longer than the {limit} this folder allows")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable")
-    return path
 
 
-def _create_temp(folder: str, name: str):
-    """A new file next to the destination, created as ``open()`` creates files (mode 0o666 less the umask)."""
+def _open_new(tmp: str) -> int:
+    """Create a file as ``open()`` creates files (mode 0o666 less the umask)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    return os.open(tmp, flags, 0o666)
+
+
+def _create_temp(folder: str, name: str, create: Callable[[str], Any] = _open_new, suffix: str = ".tmp"):
+    """``(create(tmp), tmp)`` for a new name ``.<name>.<random><suffix>`` next to the destination."""
     stem = name[:_NAME_MAX - 30]  # the temp name must fit wherever the destination's name fits
     for _ in range(100):
-        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}{suffix}")
         try:
-            return os.open(tmp, flags, 0o666), tmp
+            return create(tmp), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make renames in ``folder`` durable; not every platform can fsync a folder."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -> None:
@@ -164,14 +199,209 @@ def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -
         except OSError:
             pass
         raise
-    try:  # make the rename itself durable; not every platform can fsync a folder
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    _fsync_folder(folder)
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+_AT_FDCWD = -100  # Linux: paths relative to the current directory
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15, glibc >= 2.28): swap two paths in one step
+_T = TypeVar("_T")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the folders at ``a`` and ``b`` in one atomic step; False where the OS or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):  # no such libc function (not Linux, or an old glibc)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # an old kernel or filesystem
+        return False
+    raise OSError(err, f"cannot swap {a!r} and {b!r}: {os.strerror(err)}")
+
+
+def _move_aside(path: str, suffix: str) -> str:
+    """Rename the folder ``path`` to a new ``.<name>.<random><suffix>`` beside it, in one step; return that."""
+    _, aside = _create_temp(*_split(path), create=os.mkdir, suffix=suffix)
+    os.rename(path, aside)  # over the empty placeholder, which reserved a fresh name
+    return aside
+
+
+def remove_folder(path, arg: str = "path") -> None:
+    """Delete a folder so that it is never seen half-deleted: renamed aside in one step, then removed.
+
+    A crash during the removal leaves a ``.<name>.<random>.tmp`` folder, safe to delete.
+    """
+    path = as_path(path, arg)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise NotADirectoryError(f"cannot remove {arg}={path!r}: it is not a folder")
+    shutil.rmtree(_move_aside(path, ".tmp"))
+
+
+def _swap_in(new: str, path: str, exists: bool) -> Optional[str]:
+    """Put the folder ``new`` at ``path``; return where the old folder went (to delete), if there was one."""
+    if not exists:
+        os.rename(new, path)
+        return None
+    if _exchange(new, path):
+        return new
+    # No exchange here: the old folder steps aside first, so ``path`` is missing for an instant, and a
+    # crash in that instant leaves the old folder whole under ``.<name>.<random>.old`` beside it.
+    backup = _move_aside(path, ".old")
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(backup, path)
+        raise
+    return backup
+
+
+def _folder_destination(path, what: str, arg: str) -> Tuple[str, bool]:
+    """``(folder to replace, whether it exists)``, refusing what cannot be swapped before anything is created.
+    A symlink is resolved: the folder it points to is replaced and the link stays."""
+    given = as_path(path, arg)
+    target = os.path.realpath(given) if os.path.islink(given) else given
+    folder, name = _split(target.rstrip(os.sep + (os.altsep or "")) or target)
+    if name in ("", ".", ".."):
+        raise ValueError(f"cannot write {what} to {arg}={given!r}: expected a path ending in the folder's own "
+                         f"name (e.g. 'out/adapter'), so that the folder can be replaced whole")
+    target = os.path.join(folder, name)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"cannot write {what} to {arg}={given!r}: it is a file, expected a folder")
+    _check_parent(given, folder, name, what, arg)
+    return target, os.path.isdir(target)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no data copied, and the old folder is deleted right after anyway
     except OSError:
-        pass
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: str, new: str, owned: Tuple[str, ...]) -> None:
+    """Bring into ``new`` the entries of ``old`` that it lacks, except the writer's own (``owned``)."""
+    with os.scandir(old) as entries:
+        for entry in entries:
+            dst = os.path.join(new, entry.name)
+            if os.path.lexists(dst) or any(fnmatch.fnmatchcase(entry.name, p) for p in owned):
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), dst)
+            elif entry.is_dir():
+                shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.path, dst)
+
+
+def _fsync_tree(folder: str) -> None:
+    """fsync every file and folder under ``folder``: the swap must not publish data still in the page cache."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_folder(root)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable[str] = ()) -> Iterator[str]:
+    """Write a folder of several files atomically: build it beside ``path``, then swap it in whole.
+
+    Yields a new empty folder ``.<name>.<random>.tmp`` next to ``path`` to write
+    into. When the block succeeds: entries of the old folder that the block did
+    not write are carried over (hard links, or copies), except names matching an
+    ``owned`` glob pattern (the writer's stale files); every file is fsynced; the
+    folder takes the old one's permission bits (a new one gets 0o777 less the
+    umask); and it replaces the old folder in one step (``renameat2`` with
+    ``RENAME_EXCHANGE``), which is then deleted. Where the OS cannot exchange two
+    folders, the old one is renamed aside first, leaving ``path`` missing for an
+    instant. A symlink at ``path`` is written through: its target is replaced.
+
+    A crash or an exception at any point leaves the old folder or the new one at
+    ``path``, never a mix; a crash leaves a ``.<name>.<random>.tmp`` folder
+    beside it, safe to delete. Readers that open several files of the folder
+    should use :func:`read_folder` to see one version.
+
+    Raises:
+        TypeError / ValueError: not a usable path, or one that does not end in a
+            folder name (``.``, ``..``, ``/``).
+        FileExistsError: ``path`` is a file. FileNotFoundError / PermissionError:
+            its parent is missing or not writable. Nothing is created then.
+        Whatever the block raises: the temp folder is removed, the old folder kept.
+    """
+    if isinstance(owned, (str, bytes)):  # iterated, "*.bin" would be "*", ".", ... and "*" matches everything
+        raise TypeError(f"owned must be a collection of glob patterns, e.g. ({owned!r},), got the string {owned!r}")
+    owned = tuple(owned)
+    path, exists = _folder_destination(path, what, arg)
+    _, tmp = _create_temp(*_split(path), create=os.mkdir)
+    try:
+        yield tmp
+        if exists:
+            _carry_over(path, tmp, owned)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # keep the permissions the user gave the folder
+        _fsync_tree(tmp)
+        old = _swap_in(tmp, path, exists)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(_split(path)[0])
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _left_aside(path: str) -> str:
+    """Where the rename-aside swap left the old folder of ``path``, when a crash came between its renames."""
+    folder, name = _split(path.rstrip(os.sep + (os.altsep or "")) or path)
+    prefix = f".{name[:_NAME_MAX - 30]}."
+    try:
+        found = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".old"))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return (f"; a folder swap was interrupted and left the previous version at "
+            f"{os.path.join(folder, found[-1])!r}: rename it to {path!r}")
+
+
+def read_folder(path, read: Callable[[int], _T], what: str = "folder") -> _T:
+    """``read(dir_fd)`` on the folder at ``path``, opened once.
+
+    Files that ``read`` opens relative to ``dir_fd`` (``open(name,
+    opener=dir_opener(dir_fd))``, :func:`read_file` with ``dir_fd``) all come from one version
+    of the folder, even while :func:`atomic_folder` swaps a new one in. When
+    that version is deleted under the reader (a FileNotFoundError while another
+    folder now stands at ``path``), ``read`` runs again on the new one.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder (naming the old version, if a
+            crash during a rename-aside swap left one beside it); or what ``read`` raises.
+    """
+    path = as_path(path)
+    while True:
+        try:
+            dir_fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"{what} {path!r} does not exist or is not a folder{_left_aside(path)}") from None
+        try:
+            return read(dir_fd)
+        except FileNotFoundError:
+            try:
+                swapped = not os.path.samestat(os.fstat(dir_fd), os.stat(path))
+            except FileNotFoundError:
+                swapped = True
+            if not swapped:
+                raise
+        finally:
+            os.close(dir_fd)
 
 
 # ----------------------------------------------------------------------------- tensors to bytes
@@ -270,7 +500,13 @@ def _parse_torch(data: bytes, path: str):
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
-def read_file(path, what: str = "checkpoint") -> Tuple[Any, Dict[str, str]]:
+def dir_opener(dir_fd: Optional[int]):
+    """An ``open(..., opener=)`` that opens names in the folder ``dir_fd`` (see :func:`read_folder`);
+    None, ``open()``'s default, for ``dir_fd=None``."""
+    return None if dir_fd is None else (lambda name, flags: os.open(name, flags, dir_fd=dir_fd))
+
+
+def read_file(path, what: str = "checkpoint", dir_fd: Optional[int] = None) -> Tuple[Any, Dict[str, str]]:
     """Read a safetensors or ``torch.save`` file, opening it once.
 
     The whole file is read through one descriptor and parsed from those bytes,
@@ -278,6 +514,8 @@ def read_file(path, what: str = "checkpoint") -> Tuple[Any, Dict[str, str]]:
     with another's data. The format is recognised by parsing, not by the
     extension: a safetensors header (8-byte length that fits the file, then a
     JSON object), else a zip archive or a pickle (``torch.load(weights_only=True)``).
+    With ``dir_fd`` (see :func:`read_folder`), the file named ``basename(path)``
+    is opened in that folder; ``path`` names it in messages.
 
     Returns:
         ``(tensors, header_metadata)`` for safetensors, ``(object, {})`` for torch files.
@@ -288,7 +526,7 @@ def read_file(path, what: str = "checkpoint") -> Tuple[Any, Dict[str, str]]:
     """
     path = as_path(path)
     try:
-        with open(path, "rb") as f:
+        with open(path if dir_fd is None else os.path.basename(path), "rb", opener=dir_opener(dir_fd)) as f:
             data = f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a file") from None

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-import shutil
+import stat
 import warnings
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,7 +28,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
-from .fileio import CheckpointError, as_path, atomic_write, check_destination, safetensors_bytes, to_storable
+from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
+                     to_storable)
 from .functional import dora_weight_norm, row_sq_norm
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_modules
@@ -39,6 +40,9 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 PEFT_KEY_PREFIX = "base_model.model."
+_PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_BIN_NAME)  # what a re-export replaces
+# PEFT 0.21's TaskType values; the string, not the enum, so that peft is not imported.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
 _MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
@@ -207,12 +211,40 @@ def _base_module_names(model: nn.Module) -> List[str]:
     return names
 
 
+def _infer_task_type(model: nn.Module) -> Optional[str]:
+    """``"CAUSAL_LM"`` for a transformers causal LM, else None (PEFT's plain ``PeftModel``).
+
+    PEFT's CAUSAL_LM model calls the base's ``prepare_inputs_for_generation``, which only a
+    model that generates has: one with transformers' ``GenerationMixin`` (found by name, so
+    transformers is not imported) that is not an encoder-decoder (T5 is SEQ_2_SEQ_LM).
+    """
+    generates = any(cls.__name__ == "GenerationMixin" for cls in type(model).__mro__)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    return "CAUSAL_LM" if generates and not encoder_decoder else None
+
+
+def _task_type(task_type, model: nn.Module) -> Optional[str]:
+    """The ``task_type`` to write: inferred for ``"auto"``, else validated (a PEFT TaskType enum becomes its string)."""
+    if isinstance(task_type, str) and task_type == "auto":
+        return _infer_task_type(model)
+    if task_type is None:
+        return None
+    if not isinstance(task_type, str) or task_type not in _TASK_TYPES:
+        raise ValueError(f"task_type must be 'auto', None or one of PEFT's task types {list(_TASK_TYPES)}, "
+                         f"got {task_type!r}")
+    return _TASK_TYPES[_TASK_TYPES.index(task_type)]
+
+
 def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
-                task_type: Optional[str] = "CAUSAL_LM") -> None:
+                task_type: Optional[str] = "auto") -> None:
     """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
 
-    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (each
-    atomically). The most common rank and alpha become ``r``/``lora_alpha``;
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` together:
+    the folder is built beside ``out_dir`` and swapped in whole
+    (:func:`~lora_layers.fileio.atomic_folder`), so an interrupted re-export
+    leaves the previous export, never new weights with an old config. Other
+    files already in ``out_dir`` (a tokenizer, a README) are kept; a stale
+    ``adapter_model.bin`` is removed. The most common rank and alpha become ``r``/``lora_alpha``;
     modules that differ go to ``rank_pattern``/``alpha_pattern``, each under a
     key that PEFT matches to that module only (the full name, or ``^`` + the
     escaped full name where the bare name is also a suffix of another module's).
@@ -224,12 +256,18 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
 
     Args:
         model: a module containing LoRA layers (merged or not).
-        out_dir: the adapter folder; created if its parent exists.
+        out_dir: the adapter folder; created if its parent exists, replaced whole if it exists.
         base_model_name_or_path: recorded in the config (default: ``model.name_or_path`` if any).
-        task_type: PEFT task type, e.g. ``"CAUSAL_LM"``; ``None`` for a plain ``PeftModel``.
+        task_type: PEFT's task type. ``"auto"`` (the default): ``"CAUSAL_LM"`` for a
+            transformers causal LM (a ``GenerationMixin`` model that is not an
+            encoder-decoder), else ``None``, which PEFT loads as a plain ``PeftModel``
+            (``"CAUSAL_LM"`` on another model fails in PEFT for want of
+            ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
+            or ``None``, to override.
 
     Raises:
-        ValueError: the model has no adapters.
+        ValueError: the model has no adapters, or ``task_type`` is not ``"auto"``,
+            ``None`` or a PEFT task type (nothing is written).
         NotImplementedError: a layer PEFT cannot represent exactly (named).
         FileNotFoundError / PermissionError: bad destination.
     """
@@ -265,7 +303,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     config = {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": _task_type(task_type, model),
         "r": r0,
         "lora_alpha": _number(a0),
         "target_modules": targets,
@@ -284,27 +322,11 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
 
     data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True).encode()
-    created = _adapter_folder(out_dir)
-    try:
-        atomic_write(os.path.join(out_dir, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
-        atomic_write(os.path.join(out_dir, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
-    except BaseException:
-        if created:  # leave no half-written folder behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-
-
-def _adapter_folder(out_dir) -> bool:
-    """Check (and create, if its parent exists) the export folder; True when it was created here."""
-    path = as_path(out_dir, "out_dir")
-    if os.path.isdir(path):
-        check_destination(os.path.join(path, PEFT_CONFIG_NAME), "a PEFT adapter", "out_dir")
-        return False
-    if os.path.exists(path):
-        raise FileExistsError(f"cannot export a PEFT adapter to out_dir={path!r}: it is a file, expected a folder")
-    check_destination(path, "a PEFT adapter folder", "out_dir")  # the parent exists and is writable
-    os.mkdir(path)
-    return True
+    # Both files change together or not at all: new weights beside an old config (another alpha) would
+    # load in PEFT and vLLM without complaint. An old adapter_model.bin would shadow nothing but mislead.
+    with atomic_folder(out_dir, "a PEFT adapter", "out_dir", owned=_PEFT_FILES) as tmp:
+        atomic_write(os.path.join(tmp, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
+        atomic_write(os.path.join(tmp, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
 
 
 # ----------------------------------------------------------------------------- import
@@ -395,13 +417,20 @@ def _check_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     return settings, problems
 
 
-def _read_config(adapter_dir: str) -> Dict[str, Any]:
+def _is_file_in(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _read_config(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
     """The validated settings of ``adapter_config.json`` (see :func:`_check_config`)."""
     path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
-    if not os.path.isfile(path):
+    if not _is_file_in(dir_fd, PEFT_CONFIG_NAME):
         raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(PEFT_CONFIG_NAME, encoding="utf-8", opener=dir_opener(dir_fd)) as f:
             config = json.load(f)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path!r} is not valid JSON: {exc}") from exc
@@ -416,13 +445,12 @@ def _read_config(adapter_dir: str) -> Dict[str, Any]:
     return settings
 
 
-def _read_weights(adapter_dir: str) -> Dict[str, Tensor]:
+def _read_weights(adapter_dir: str, dir_fd: int) -> Dict[str, Tensor]:
     from .checkpoint import read_checkpoint
 
     for name in (PEFT_WEIGHTS_NAME, PEFT_BIN_NAME):
-        path = os.path.join(adapter_dir, name)
-        if os.path.isfile(path):
-            return read_checkpoint(path)[0]
+        if _is_file_in(dir_fd, name):
+            return read_checkpoint(os.path.join(adapter_dir, name), dir_fd=dir_fd)[0]
     raise FileNotFoundError(f"{adapter_dir!r} has neither {PEFT_WEIGHTS_NAME} nor {PEFT_BIN_NAME}")
 
 
@@ -603,8 +631,10 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     """
     model = unwrap_model(model, changes_parameters="import_peft")
     adapter_dir = os.fspath(adapter_dir)
-    config = _read_config(adapter_dir)
-    weights = _read_weights(adapter_dir)
+    # One version of the folder, even while export_peft swaps in another: never one's config with the
+    # other's weights.
+    config, weights = read_folder(
+        adapter_dir, lambda fd: (_read_config(adapter_dir, fd), _read_weights(adapter_dir, fd)), "PEFT adapter folder")
     groups, unprefixed, unknown = _group_keys(weights)
     groups, config = _strip_wrapper_prefix(model, groups, config)
     problems = []

@@ -28,7 +28,9 @@ SMALL = ["--synthetic-examples", "300", "--exact-match-prompts", "8", "--batch-s
 
 
 def run_script(*args, launcher=(), timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               # this checkout's lora_layers, not whichever one is installed (a git worktree's tests ran main's)
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([sys.executable, *launcher, str(SCRIPT), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
     return proc
@@ -65,6 +67,7 @@ def test_end_to_end_writes_checkpoints_exports_and_plot(first_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and 0 < summary["trainable_params"] < summary["total_params"]
     assert "==== summary ====" in proc.stdout and "exact match" in proc.stdout
+    assert list(out.rglob(".*.tmp")) == []  # each folder was built aside and swapped in, leaving nothing
 
 
 def test_final_artifacts_agree(first_run):
@@ -195,3 +198,47 @@ def test_quantized_nf4_base_trains_and_reports_its_bytes(tmp_path):
     losses = train_losses(out)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     assert math.isfinite(summary["eval_loss_after"]["all"])
+
+
+# ----------------------------------------------------------------------------- folders written whole (issue #20 item 3)
+
+# Runs the script with one function made to SIGKILL the process on its n-th call: a save cut short.
+KILL_AT = """
+import os, runpy, signal, sys
+import lora_layers, transformers
+owner, attr = {"save_training_state": (lora_layers, "save_training_state"),
+               "tokenizer.save_pretrained": (transformers.PreTrainedTokenizerFast, "save_pretrained")}[sys.argv[1]]
+nth, real, calls = int(sys.argv[2]), getattr(owner, sys.argv[1].rsplit(".", 1)[-1]), []
+def killing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, attr, killing)
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+TWO_STEPS = ["--synthetic-examples", "40", "--exact-match-prompts", "2", "--batch-size", "4", "--max-steps", "2",
+             "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--merge"]
+
+
+@pytest.mark.parametrize("folder, kill, nth", [
+    ("checkpoints/step-000002", "save_training_state", 1),  # after the adapter, before the training state
+    ("peft_adapter", "tokenizer.save_pretrained", 2),        # after the PEFT files, before the tokenizer
+    ("merged", "tokenizer.save_pretrained", 3),              # after the merged weights, before the tokenizer
+])
+def test_a_run_killed_while_saving_a_folder_leaves_the_previous_folder(tmp_path, folder, kill, nth):
+    import signal
+
+    out = tmp_path / "out"
+    old = out / folder
+    old.mkdir(parents=True)
+    for name in ("adapter.safetensors", "training_state.pt", "adapter_config.json", "adapter_model.safetensors",
+                 "model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        (old / name).write_bytes(f"previous run's {name}".encode())
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    wrapper = tmp_path / "kill_at.py"
+    wrapper.write_text(KILL_AT)
+    proc = run_script("--output-dir", out, *TWO_STEPS, launcher=(str(wrapper), kill, str(nth)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

@@ -297,3 +297,286 @@ def test_readers_racing_two_writers_always_see_one_whole_file(tmp_path):
             w.wait(timeout=60)
     assert failures == [], f"{len(failures)} of {loads + len(failures)} loads failed: {failures[:3]}"
     assert loads > 50 and seen == {"1", "2"}
+
+
+# ----------------------------------------------------------------------------- atomic folders (issue #20 item 3)
+
+from lora_layers.fileio import atomic_folder, read_folder  # noqa: E402
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes, and every symlink with its target."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            out[rel] = ("->", os.readlink(path)) if os.path.islink(path) else open(path, "rb").read()
+    return out
+
+
+def _build(tmp, files):
+    for name, data in files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+
+
+@pytest.fixture
+def old_folder(tmp_path):
+    """A folder with two files of ours, a stale one of ours and the user's own files."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _build(folder, {"a.bin": b"old a", "b.json": b"old b", "stale.bin": b"old stale", "README.md": b"notes"})
+    (folder / "sub").mkdir()
+    (folder / "sub" / "vocab.txt").write_bytes(b"vocab")
+    (folder / "link").symlink_to("README.md")
+    return folder
+
+
+def test_atomic_folder_swaps_in_the_new_files_and_carries_over_the_users(old_folder):
+    inode = os.stat(old_folder / "README.md").st_ino
+    with atomic_folder(old_folder, owned=("*.bin", "*.json")) as tmp:
+        assert os.path.dirname(tmp) == str(old_folder.parent) and os.listdir(tmp) == []
+        _build(tmp, {"a.bin": b"new a", "b.json": b"new b"})
+    assert _tree(old_folder) == {"a.bin": b"new a", "b.json": b"new b", "README.md": b"notes",
+                                 os.path.join("sub", "vocab.txt"): b"vocab", "link": ("->", "README.md")}
+    assert os.stat(old_folder / "README.md").st_ino == inode  # a hard link: nothing copied
+    assert os.listdir(old_folder.parent) == ["out"]  # the old folder is gone, no temp left
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_a_failed_build_leaves_the_old_folder_and_no_temp(old_folder, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    before = _tree(old_folder)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        with atomic_folder(old_folder) as tmp:
+            _build(tmp, {"a.bin": b"new a"})
+            raise RuntimeError("mid-build")
+    assert _tree(old_folder) == before and os.listdir(old_folder.parent) == ["out"]
+    with atomic_folder(old_folder) as tmp:  # and without the failure, the same path swaps
+        _build(tmp, {"a.bin": b"new a"})
+    assert _tree(old_folder)["a.bin"] == b"new a" and os.listdir(old_folder.parent) == ["out"]
+
+
+def test_the_rename_aside_fallback_restores_the_old_folder_when_the_second_rename_fails(old_folder, monkeypatch):
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    before, real, calls = _tree(old_folder), os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output"):
+        with atomic_folder(old_folder) as tmp:
+            _build(tmp, {"a.bin": b"new a"})
+    monkeypatch.undo()
+    assert _tree(old_folder) == before and os.listdir(old_folder.parent) == ["out"]
+
+
+def test_renameat2_exchange_works_here(tmp_path):
+    # Linux >= 3.15 on ext4, tmpfs, xfs, btrfs: the atomic path is the one used on this machine.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_bytes(b"")
+    assert fileio._exchange(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert os.listdir(tmp_path / "b") == ["x"] and os.listdir(tmp_path / "a") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_new_folder_follows_the_umask_and_an_old_one_keeps_its_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_folder(tmp_path / "new") as tmp:
+            _build(tmp, {"f": b"x"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "new" / "f").stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "new").chmod(0o700)
+    with atomic_folder(tmp_path / "new") as tmp:
+        _build(tmp, {"f": b"y"})
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_symlinked_folder_is_written_through_and_the_link_kept(tmp_path):
+    (tmp_path / "runs" / "7").mkdir(parents=True)
+    (tmp_path / "runs" / "7" / "f").write_bytes(b"old")
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "runs" / "7")
+    with atomic_folder(link) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path / "runs")
+        _build(tmp, {"f": b"new"})
+    assert link.is_symlink() and (tmp_path / "runs" / "7" / "f").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["7"]
+
+
+@pytest.mark.parametrize("bad, exc, text", [
+    ("file", FileExistsError, r"path='.*file': it is a file, expected a folder"),
+    ("missing/out", FileNotFoundError, r"path='.*missing/out'.*folder '.*missing' does not exist"),
+    (".", ValueError, r"path='\.': expected a path ending in the folder's own name"),
+    ("out/..", ValueError, r"path='out/\.\.': expected a path ending in the folder's own name"),
+    ("x" * 300, ValueError, "the file name is 300 bytes"),
+])
+def test_bad_folder_destinations_are_refused_before_anything_is_created(tmp_path, monkeypatch, bad, exc, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_bytes(b"keep")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(exc, match=text):
+        with atomic_folder(bad):
+            pytest.fail("the block must not run")
+    assert sorted(os.listdir(tmp_path)) == ["file", "out"] and os.listdir(tmp_path / "out") == []
+    assert (tmp_path / "file").read_bytes() == b"keep"
+
+
+def test_owned_must_be_patterns_not_one_string(old_folder):
+    before = _tree(old_folder)
+    with pytest.raises(TypeError, match=r"owned must be a collection of glob patterns, e.g. \('\*\.bin',\), "
+                                        r"got the string '\*\.bin'"):
+        with atomic_folder(old_folder, owned="*.bin"):
+            pytest.fail("the block must not run")
+    assert _tree(old_folder) == before and os.listdir(old_folder.parent) == ["out"]
+
+
+def test_a_trailing_separator_names_the_folder(tmp_path):
+    with atomic_folder(str(tmp_path / "out") + os.sep) as tmp:
+        _build(tmp, {"f": b"x"})
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "f").read_bytes() == b"x"
+
+
+_FOLDER_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from lora_layers import fileio
+    folder, stage = sys.argv[1], sys.argv[2]
+    real_rmtree = fileio.shutil.rmtree
+    def rmtree(path, *args, **kwargs):  # called on the old folder once the new one is in place
+        if stage == "swapped":
+            print("ready", flush=True)
+            time.sleep(60)
+        return real_rmtree(path, *args, **kwargs)
+    fileio.shutil.rmtree = rmtree
+    with fileio.atomic_folder(folder, owned=("*.bin", "*.json")) as tmp:
+        open(os.path.join(tmp, "a.bin"), "wb").write(b"new a")
+        if stage == "building":
+            print("ready", flush=True)
+            time.sleep(60)
+        open(os.path.join(tmp, "b.json"), "wb").write(b"new b")
+""")
+
+
+@pytest.mark.parametrize("stage", ["building", "swapped"])
+def test_a_process_killed_while_writing_a_folder_leaves_the_old_or_the_new_one(old_folder, stage):
+    before = _tree(old_folder)
+    child = subprocess.Popen([sys.executable, "-c", _FOLDER_CHILD, str(old_folder), stage], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    after = _tree(old_folder)
+    if stage == "building":
+        assert after == before
+    else:
+        assert after == {**{k: v for k, v in before.items() if k not in ("a.bin", "b.json", "stale.bin")},
+                         "a.bin": b"new a", "b.json": b"new b"}
+    leftovers = [n for n in os.listdir(old_folder.parent) if n != "out"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.") and leftovers[0].endswith(".tmp")
+
+
+_FOLDER_WRITER = textwrap.dedent("""
+    import os, sys
+    from lora_layers import fileio
+    folder, stop = sys.argv[1], sys.argv[2]
+    n = 0
+    print("ready", flush=True)
+    while not os.path.exists(stop):
+        n += 1
+        with fileio.atomic_folder(folder) as tmp:
+            for name in ("config.json", "weights.bin"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(str(n) * (1 + n % 7))
+""")
+
+
+def test_a_reader_racing_a_folder_writer_always_sees_one_version(tmp_path):
+    folder, stop = tmp_path / "adapter", tmp_path / "stop"
+    folder.mkdir()
+    for name in ("config.json", "weights.bin"):
+        (folder / name).write_text("0")
+
+    def read(dir_fd):
+        out = []
+        for name in ("config.json", "weights.bin"):
+            with open(name, opener=fileio.dir_opener(dir_fd)) as f:
+                out.append(f.read())
+                time.sleep(0.0005)  # widen the window between the two files
+        return out
+
+    writer = subprocess.Popen([sys.executable, "-c", _FOLDER_WRITER, str(folder), str(stop)], stdout=subprocess.PIPE,
+                              text=True)
+    mixes, reads, seen = [], 0, set()
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            config, weights = read_folder(folder, read)
+            reads += 1
+            seen.add(config)
+            if config != weights:
+                mixes.append((config, weights))
+    finally:
+        stop.touch()
+        writer.wait(timeout=60)
+    assert mixes == [] and reads > 50 and len(seen) > 10
+
+
+def test_remove_folder_never_leaves_a_half_deleted_folder(old_folder, monkeypatch):
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the deletion cut short
+    monkeypatch.setattr(fileio.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.remove_folder(old_folder)
+    leftovers = os.listdir(old_folder.parent)
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.") and leftovers[0].endswith(".tmp")
+    monkeypatch.undo()
+    (old_folder.parent / "file").write_bytes(b"keep")
+    (old_folder.parent / "link").symlink_to(old_folder.parent / leftovers[0])
+    for bad in ("file", "link"):
+        with pytest.raises(NotADirectoryError, match=rf"cannot remove folder='.*{bad}': it is not a folder"):
+            fileio.remove_folder(old_folder.parent / bad, arg="folder")
+    fileio.remove_folder(old_folder.parent / leftovers[0])
+    assert sorted(os.listdir(old_folder.parent)) == ["file", "link"]
+
+
+_ASIDE_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from lora_layers import fileio
+    fileio._exchange = lambda a, b: False  # an OS that cannot exchange two folders
+    real_rename, calls = os.rename, []
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rename(src, dst)
+    fileio.os.rename = rename
+    with fileio.atomic_folder(sys.argv[1]) as tmp:
+        open(os.path.join(tmp, "a.bin"), "wb").write(b"new a")
+""")
+
+
+def test_a_crash_inside_the_rename_aside_swap_leaves_the_old_folder_whole_and_named(old_folder):
+    before = _tree(old_folder)
+    child = subprocess.run([sys.executable, "-c", _ASIDE_CHILD, str(old_folder)], capture_output=True, text=True,
+                           timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    aside = [n for n in os.listdir(old_folder.parent) if n.endswith(".old")]
+    assert not old_folder.exists() and len(aside) == 1 and aside[0].startswith(".out.")
+    assert _tree(old_folder.parent / aside[0]) == before
+    with pytest.raises(FileNotFoundError, match=rf"does not exist.*interrupted.*previous version at "
+                                                rf"'.*{aside[0]}': rename it to '.*out'"):
+        read_folder(old_folder, lambda fd: None)

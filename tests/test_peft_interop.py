@@ -586,3 +586,207 @@ def test_a_failed_export_leaves_no_half_written_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         L.export_peft(nn.Sequential(L.Linear(4, 4, r=2)), tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+# ----------------------------------------------------------------------------- interrupted re-exports (issue #20 item 3)
+
+def _two_exports(tmp_path):
+    """An existing export (alpha 2) in ``adapter`` plus a README of the user's, and a model whose
+    re-export (alpha 8, other weights) is about to be interrupted."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    old, new = copy.deepcopy(base), copy.deepcopy(base)
+    old[0] = L.Linear.from_module(old[0], r=2, lora_alpha=2)
+    new[0] = L.Linear.from_module(new[0], r=2, lora_alpha=8)
+    randomize(L.lora_parameters(old), seed=1)
+    randomize(L.lora_parameters(new), seed=2)
+    folder = tmp_path / "adapter"
+    export_peft(old, folder, task_type=None)
+    (folder / "README.md").write_text("my notes")
+    return base, old, new, folder
+
+
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _peft_output(base, folder, x):
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()(x)
+
+
+def test_an_export_failing_between_its_two_files_leaves_the_old_export(tmp_path, monkeypatch):
+    import lora_layers.peft_format as pf
+
+    base, old, new, folder = _two_exports(tmp_path)
+    before = _folder_bytes(folder)
+    real, calls = pf.atomic_write, []
+
+    def fail_on_the_config(path, write, what="file", arg="path"):
+        calls.append(path)
+        if str(path).endswith(PEFT_CONFIG_NAME):
+            raise OSError(28, "No space left on device")
+        return real(path, write, what, arg)
+
+    monkeypatch.setattr(pf, "atomic_write", fail_on_the_config)
+    with pytest.raises(OSError, match="No space"):
+        export_peft(new, folder, task_type=None)
+    assert len(calls) == 2  # the weights were written, then the config failed
+    assert _folder_bytes(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(_peft_output(base, folder, x), old(x), rtol=0, atol=1e-6)
+
+
+_KILLED_EXPORT = """
+import os, signal, sys, torch
+import lora_layers as L
+import lora_layers.peft_format as pf
+model = torch.load(sys.argv[1], weights_only=False)
+real = pf.atomic_write
+def write(path, *args, **kwargs):
+    if str(path).endswith(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *args, **kwargs)
+pf.atomic_write = write
+L.export_peft(model, sys.argv[2], task_type=None)
+"""
+
+
+@pytest.mark.parametrize("killed_at", [PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME])
+def test_a_killed_re_export_leaves_the_old_export(tmp_path, killed_at):
+    import signal
+    import subprocess
+    import sys
+
+    base, old, new, folder = _two_exports(tmp_path)
+    before = _folder_bytes(folder)
+    torch.save(new, tmp_path / "new.pt")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(tmp_path / "new.pt"), str(folder), killed_at],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _folder_bytes(folder) == before
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(_peft_output(base, folder, x), old(x), rtol=0, atol=1e-6)
+    export_peft(new, folder, task_type=None)  # the next export succeeds, keeps the README, loads as new
+    assert (folder / "README.md").read_text() == "my notes"
+    torch.testing.assert_close(_peft_output(base, folder, x), new(x), rtol=0, atol=1e-6)
+
+
+def test_a_re_export_replaces_a_stale_bin_and_keeps_unrelated_files(tmp_path):
+    base, old, new, folder = _two_exports(tmp_path)
+    (folder / "adapter_model.bin").write_bytes(b"stale weights of another export")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text("{}")
+    export_peft(new, folder, task_type=None)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, "README.md",
+                                                                "tokenizer"])
+    assert (folder / "tokenizer" / "vocab.json").read_text() == "{}"
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(_peft_output(base, folder, x), new(x), rtol=0, atol=1e-6)
+
+
+_EXPORT_LOOP = """
+import os, sys, torch
+import lora_layers as L
+models = [torch.load(p, weights_only=False) for p in sys.argv[1:3]]
+folder, stop = sys.argv[3], sys.argv[4]
+print("ready", flush=True)
+i = 0
+while not os.path.exists(stop):
+    L.export_peft(models[i % 2], folder, task_type=None)
+    i += 1
+"""
+
+
+def test_import_peft_racing_re_exports_loads_one_whole_export(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    base, old, new, folder = _two_exports(tmp_path)
+    torch.save(old, tmp_path / "old.pt")
+    torch.save(new, tmp_path / "new.pt")
+    stop, x = tmp_path / "stop", torch.randn(4, 6)
+    expected = {"old": old(x).detach(), "new": new(x).detach()}
+    writer = subprocess.Popen([sys.executable, "-c", _EXPORT_LOOP, str(tmp_path / "old.pt"), str(tmp_path / "new.pt"),
+                               str(folder), str(stop)], stdout=subprocess.PIPE, text=True)
+    failures, seen, loads = [], set(), 0
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            model = copy.deepcopy(base)
+            try:
+                import_peft(model, folder)
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            loads += 1
+            with torch.no_grad():
+                got = model(x)
+            match = [k for k, v in expected.items() if torch.allclose(got, v, rtol=0, atol=1e-6)]
+            seen.update(match)
+            if not match:
+                failures.append("one export's config with the other's weights")
+    finally:
+        stop.touch()
+        writer.wait(timeout=60)
+    assert failures == [] and loads > 20 and seen == {"old", "new"}, (failures[:3], loads, seen)
+
+
+# ----------------------------------------------------------------------------- task_type (issue #20 item 13)
+
+def test_a_plain_module_exports_without_a_task_type_and_loads_in_peft(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = copy.deepcopy(base)
+    model[2] = L.Linear.from_module(model[2], r=2, lora_alpha=4)
+    randomize(L.lora_parameters(model))
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] is None
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    assert type(peft_model) is peft.PeftModel
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_causal_lm_exports_as_causal_lm_and_generates_in_peft(base, tmp_path):
+    model = inject(copy.deepcopy(base), "merged_qv")
+    randomize(L.lora_parameters(model))
+    export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] == "CAUSAL_LM"
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    assert isinstance(peft_model, peft.PeftModelForCausalLM)
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ours = model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+        theirs = peft_model.generate(input_ids=IDS[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_an_encoder_decoder_gets_no_causal_lm_task_type():
+    transformers = pytest.importorskip("transformers")
+    from lora_layers.peft_format import _infer_task_type
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, decoder_start_token_id=0))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2))
+    assert _infer_task_type(t5) is None and _infer_task_type(gpt2) == "CAUSAL_LM"
+    assert _infer_task_type(gpt2.transformer) is None  # the bare decoder does not generate
+
+
+def test_task_type_override_is_written_and_validated(tmp_path):
+    model = nn.Sequential(L.Linear(4, 4, r=2))
+    export_peft(model, tmp_path / "a", task_type="FEATURE_EXTRACTION")
+    assert json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())["task_type"] == "FEATURE_EXTRACTION"
+    export_peft(model, tmp_path / "b", task_type=peft.TaskType.SEQ_CLS)  # PEFT's enum is written as its string
+    assert json.loads((tmp_path / "b" / PEFT_CONFIG_NAME).read_text())["task_type"] == "SEQ_CLS"
+    before = _folder_bytes(tmp_path / "a")
+    for bad in ("causal_lm", "CAUSAL-LM", 3):
+        with pytest.raises(ValueError, match=rf"task_type must be 'auto', None or one of PEFT's task types "
+                                             rf"\['SEQ_CLS', .*'CAUSAL_LM', .*\], got {bad!r}"):
+            export_peft(model, tmp_path / "a", task_type=bad)
+    assert _folder_bytes(tmp_path / "a") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
