@@ -5,10 +5,17 @@ import contextlib
 import threading
 import warnings
 
-__all__ = ["quiet_state_dict", "warn_unmerged_state_dict"]
+__all__ = ["name_some", "quiet_state_dict", "warn_unmerged_state_dict"]
 
 _WARNED_UNMERGED_STATE_DICT = False
 _QUIET = threading.local()
+
+
+def name_some(names, limit: int = 5) -> str:
+    """``'a', 'b', 'c' and 4 more``: a warning names a few, so that a large model does not flood the log."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Training-state checkpoints: resume a run exactly.
 
 One ``torch.save`` file holds the adapter (tensors and header as
-:func:`~lora_layers.save_lora` writes them), the optimizer and scheduler state
+:func:`~lora_layers.save_lora` writes them), every other parameter the
+optimizer updates, the optimizer and scheduler state
 with their classes and the optimizer's parameter names, the step, user extras
 and the RNG states (torch CPU and CUDA, Python ``random``, NumPy when
 installed). It is read with ``torch.load(weights_only=True)``, so loading never
@@ -27,8 +28,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._version import __version__
-from .checkpoint import META_FORMAT, adapter_payload, apply_copies, plan_load
+from ._warnings import name_some
+from .checkpoint import META_BIAS, META_FORMAT, adapter_payload, apply_copies, plan_load
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, raw_bytes, read_file, to_storable
+from .utils import lora_modules, named_bias_parameters, named_lora_parameters
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
 
@@ -39,6 +42,7 @@ _FORMAT1_FILE = "training_state.safetensors"  # recognised only to say that form
 FILE_SUFFIX = ".pt"
 # The file holds {KEY_FORMAT, KEY_VERSION, KEY_SHA256: payload_sha256(state), KEY_STATE: state}.
 KEY_FORMAT, KEY_VERSION, KEY_SHA256, KEY_STATE = "format", "format_version", "sha256", "state"
+KEY_TRAINED = "trained_params"  # state[KEY_TRAINED]: {name: value} of the optimizer's non-adapter parameters
 _WHAT = "training state"
 _ARG = "path_or_dir"
 
@@ -122,6 +126,44 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Lis
     return [[names.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
 
 
+def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tuple]:
+    """``{label: (parameter, owner)}`` for each optimizer parameter that the adapter saved with ``bias`` lacks.
+
+    The label is the parameter's qualified name in ``model``, or where it sits in
+    the optimizer (``param_groups[g]['params'][i]``) when ``model`` does not hold
+    it. ``owner`` is the merged LoRA layer whose base weight it is, else None: its
+    value is the unmerged weight, and a load must unmerge, copy and merge again.
+    """
+    held = {id(p) for _, p in named_lora_parameters(model)}
+    held |= {id(p) for p in named_bias_parameters(model, bias).values()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    merged = {id(m.weight): m for _, m in lora_modules(model) if m.merged}
+    out = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in held:
+                out[names.get(id(p), f"param_groups[{g}]['params'][{i}]")] = (p, merged.get(id(p)))
+    return out
+
+
+def _trained_values(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tensor]:
+    """The values of the parameters the optimizer updates beyond the adapter (biases, a head, a norm...).
+
+    Raises:
+        ValueError: the optimizer updates a parameter that ``model`` does not hold,
+            which a load could not find again.
+    """
+    params = _optimizer_params(model, optimizer, bias)
+    foreign = [label for label in params if label.startswith("param_groups[")]
+    if foreign:
+        raise ValueError(f"optimizer: {', '.join(foreign)} is not a parameter of the model "
+                         f"({type(model).__name__}); a training state restores parameters by their name in the "
+                         f"model, so it could not restore this one. Register it on the model, or keep it out "
+                         f"of the optimizer")
+    return {label: p.detach() if owner is None else owner.unmerged_weight()
+            for label, (p, owner) in params.items()}
+
+
 def _rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -190,7 +232,9 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
                         step: int = 0, extra: Optional[Dict[str, Any]] = None, *, bias: str = "none") -> None:
     """Save everything needed to resume training exactly, in ONE file, atomically.
 
-    Holds the adapter (as :func:`save_lora`), ``optimizer.state_dict()`` with
+    Holds the adapter (as :func:`save_lora`), the value of every other
+    parameter the optimizer updates (trained biases, an unfrozen head or
+    LayerNorm, whatever ``bias`` says), ``optimizer.state_dict()`` with
     the optimizer's class and the qualified name of each of its parameters,
     ``scheduler.state_dict()`` with its class, ``step``, ``extra`` and the RNG
     states (torch CPU, CUDA when available, Python ``random``, NumPy when
@@ -205,14 +249,17 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         step: the training step to resume from.
         extra: plain data (dicts, lists, tuples, numbers, strings, tensors of
             any dtype torch.save stores) to keep.
-        bias: which biases to save with the adapter (as :func:`save_lora`).
+        bias: which biases to save with the adapter (as :func:`save_lora`); a bias
+            the optimizer updates is saved in any case.
 
     Raises:
         TypeError: ``step`` is not an int, ``extra`` or a state_dict holds an
             object that is not plain data, or a tensor of a dtype torch.save
             cannot store (each named by where it sits).
-        ValueError: no adapters in ``model``, bad ``bias``, or a
-            ``path_or_dir`` that names no file (``""``, a ``.safetensors`` path).
+        ValueError: no adapters in ``model``, bad ``bias``, an optimizer
+            parameter that ``model`` does not hold (named by its place in the
+            optimizer), or a ``path_or_dir`` that names no file (``""``, a
+            ``.safetensors`` path).
         FileNotFoundError / PermissionError / NotADirectoryError: bad destination.
 
     Nothing is written, and no folder created, when any of these is raised.
@@ -226,6 +273,7 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         "step": step,
         "extra": extra,
         "adapter": {"tensors": adapter, "header": header},
+        KEY_TRAINED: _trained_values(model, optimizer, bias),
         "optimizer": {"class": _class_name(optimizer), "param_names": _param_names(model, optimizer),
                       "state_dict": optimizer.state_dict()},
         "scheduler": None if scheduler is None else {"class": _class_name(scheduler),
@@ -367,6 +415,35 @@ def _first_difference(saved: List[list], current: List[list]) -> str:
     return "they differ"
 
 
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__} {value!r}"
+
+
+def _check_trained(f: _Fields, state: dict, model: nn.Module, optimizer, bias: str) -> list:
+    """Check the saved values of the optimizer's parameters beyond the adapter; return the copies to make."""
+    expected = _optimizer_params(model, optimizer, bias)
+    if KEY_TRAINED not in state:
+        if expected:  # a file from before the field existed: it lost these, say so rather than resume inexactly
+            warnings.warn(f"{f.source} does not hold the optimizer's parameters beyond the adapter (it was "
+                          f"written before training states saved them): {name_some(sorted(expected))} keep "
+                          f"their current values, so the resume is not exact", UserWarning, stacklevel=3)
+        return []
+    saved = f.get(state, KEY_TRAINED, dict, "")
+    if set(saved) != set(expected):
+        raise f.error(KEY_TRAINED, f"holds {sorted(map(str, saved))}, but the optimizer updates "
+                                   f"{sorted(expected)} beyond the adapter")
+    copies = []
+    for name, value in saved.items():
+        param, owner = expected[name]
+        if not isinstance(value, Tensor) or value.shape != param.shape or not value.is_floating_point():
+            raise f.error(f"{KEY_TRAINED}[{name!r}]", f"is {_describe(value)}; expected a floating tensor of "
+                                                      f"the parameter's shape {tuple(param.shape)}")
+        copies.append((name, owner, param, value))
+    return copies
+
+
 def _check_scheduler(f: _Fields, saved, optimizer, scheduler) -> Optional[dict]:
     if (scheduler is None) != (saved is None):
         raise CheckpointError(f"{f.source}: scheduler {'given' if scheduler is not None else 'not given'} but "
@@ -402,9 +479,11 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
     the qualified name of each parameter in each group (so a reordered or
     regrouped optimizer is refused, even with same-shaped parameters) and the
-    per-parameter state keys; the scheduler's class, and its state loaded into
-    a copy; the RNG states. Then the optimizer, scheduler, adapter (copied
-    into the existing Parameters) and RNG states are restored.
+    per-parameter state keys; the saved values of the optimizer's other
+    parameters (names and shapes); the scheduler's class, and its state loaded
+    into a copy; the RNG states. Then the optimizer, scheduler, adapter and
+    other trained parameters (copied into the existing Parameters) and RNG
+    states are restored.
 
     Args:
         path_or_dir: the file or folder given to :func:`save_training_state`.
@@ -418,6 +497,10 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         CheckpointError (a ValueError): unreadable or corrupted file, or it does
             not fit the model/optimizer/scheduler (what differs is named).
             Nothing was changed.
+
+    Warns (UserWarning) when the file was written before training states held
+    the optimizer's parameters beyond the adapter and the optimizer has some:
+    those keep their current values.
     """
     path = _load_source(path_or_dir)
     state = _read_state(path)
@@ -433,6 +516,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         raise f.error("adapter.header", "must map str -> str")
     copies, _ = plan_load(model, tensors, header, True, f.source)
     opt_state = _check_optimizer(f, f.get(state, "optimizer", dict, ""), model, optimizer)
+    copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = f.get(state, "rng", dict, "")
     _check_rng(f, rng)

@@ -337,3 +337,122 @@ def test_file_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "run" / TRAINING_STATE_FILE).stat().st_mode & 0o777 == 0o640
+
+
+# ----------------------------------------------------------------------------- every trained parameter is saved
+
+class _Trained(nn.Module):
+    """Adapters next to a LoRA layer's bias, a LayerNorm and a head whose bias has one element."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = L.Linear(6, 8, r=2, lora_alpha=4, lora_dropout=0.1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def _trained_setup(bias, groups, norm_weight=False, optimizer=torch.optim.AdamW, **opt_kw):
+    torch.manual_seed(0)
+    model = _Trained().train()
+    nn.init.normal_(model.lin.lora_B)
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    model.norm.weight.requires_grad_(norm_weight)
+    if groups == "lora_plus":
+        params = L.lora_plus_param_groups(model, lr=1e-2)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return model, optimizer(params, **(opt_kw or {"lr": 1e-2}))
+
+
+def _steps(model, opt, n, closure=False):
+    for _ in range(n):
+        x, y = torch.randn(5, 6), torch.randn(5, 1)  # from the global RNG, restored by the load
+
+        def loss():
+            opt.zero_grad()
+            out = (model(x) - y).pow(2).mean()
+            out.backward()
+            return out
+        opt.step(loss) if closure else (loss(), opt.step())
+
+
+def _assert_same_run(model, opt, ref_model, ref_opt):
+    ref = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+    assert _same(opt.state_dict(), ref_opt.state_dict())
+
+
+@pytest.mark.parametrize("bias, groups, norm_weight", [
+    ("lora_only", "plain", False), ("all", "plain", False), ("lora_only", "lora_plus", False),
+    ("all", "lora_plus", False), ("none", "plain", True), ("all", "lora_plus", True)])
+def test_resume_restores_every_parameter_the_optimizer_updates(tmp_path, bias, groups, norm_weight):
+    torch.manual_seed(1)
+    ref_model, ref_opt = _trained_setup(bias, groups, norm_weight)
+    _steps(ref_model, ref_opt, 6)
+
+    torch.manual_seed(1)
+    model, opt = _trained_setup(bias, groups, norm_weight)
+    _steps(model, opt, 3)
+    save_training_state(tmp_path / "s.pt", model, opt)  # the default bias="none"
+    torch.manual_seed(999)
+    model, opt = _trained_setup(bias, groups, norm_weight)
+    with torch.no_grad():  # a fresh model whose trained parameters are all wrong: the load must set them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape))
+    load_training_state(tmp_path / "s.pt", model, opt)
+    _steps(model, opt, 3)
+    _assert_same_run(model, opt, ref_model, ref_opt)
+
+
+def test_a_parameter_outside_the_model_is_refused_on_save(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    outside = nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [outside]})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is not a parameter of the model"):
+        save_training_state(tmp_path / "run", model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merged_trained_weight_is_saved_unmerged(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    model.lin.weight.requires_grad_(True)
+    opt.add_param_group({"params": [model.lin.weight]})
+    _steps(model, opt, 2)
+    trained = model.lin.weight.detach().clone()
+    model.eval()  # merges the adapter into the trained weight
+    save_training_state(tmp_path / "s.pt", model, opt)
+    fresh, fresh_opt = _trained_setup("all", "plain")
+    fresh.lin.weight.requires_grad_(True)
+    fresh_opt.add_param_group({"params": [fresh.lin.weight]})
+    load_training_state(tmp_path / "s.pt", fresh.eval(), fresh_opt)  # into a merged layer
+    assert torch.equal(fresh.train().lin.weight, trained)
+    _assert_same_run(fresh, fresh_opt, model.train(), opt)
+
+
+def test_trained_parameters_are_checked_before_anything_changes(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _rewrite(tmp_path / "s.pt", lambda s: s[ts.KEY_TRAINED].update({"head.bias": torch.zeros(2)}))
+    fresh = _trained_setup("all", "plain")
+    msg = _refused(tmp_path / "s.pt", *fresh, match=r"trained_params\['head.bias'\]")
+    assert "shape (2,)" in msg and "shape (1,)" in msg
+    _rewrite(tmp_path / "s.pt", lambda s: s[ts.KEY_TRAINED].pop("head.bias"))
+    msg = _refused(tmp_path / "s.pt", *fresh, match="trained_params")
+    assert "head.bias" in msg
+
+
+def test_a_file_without_trained_parameters_warns_naming_them(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt, bias="lora_only")
+    _rewrite(tmp_path / "s.pt", lambda s: s.pop(ts.KEY_TRAINED))  # as written before the field existed
+    fresh, fresh_opt = _trained_setup("all", "plain")
+    with pytest.warns(UserWarning, match=r"'head.bias', 'norm.bias' keep their current values"):
+        load_training_state(tmp_path / "s.pt", fresh, fresh_opt)
+    assert torch.equal(fresh.lin.bias, model.lin.bias)  # the adapter's bias (bias="lora_only") is restored
