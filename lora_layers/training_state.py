@@ -382,22 +382,76 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> di
     per_param = f.get(sd, "state", dict, "optimizer.state_dict")
     if (len(names) != len(groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                              and isinstance(n, list) and len(n) == len(g["params"])
+                                             and all(type(i) is int for i in g["params"])
                                              for n, g in zip(names, groups))):
         raise f.error("optimizer.param_names", "does not match the saved parameter groups")
     current = _param_names(model, optimizer)
     if names != current:
         raise CheckpointError(f"{f.source}: optimizer parameter groups differ (nothing was loaded): "
                               + _first_difference(names, current))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {i for g in groups for i in g["params"]}
+    # optimizer.load_state_dict pairs the saved ids with the parameters position by position
+    saved_ids = [i for g in groups for i in g["params"]]
+    params = dict(zip(saved_ids, (p for g in optimizer.param_groups for p in g["params"])))
+    param_names = dict(zip(saved_ids, (n for group in names for n in group)))
     for key, value in per_param.items():
-        if key not in index or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise f.error(f"optimizer.state_dict.state[{key!r}]", "is not the state of a saved parameter")
-        live = optimizer.state.get(params[key]) if isinstance(key, int) and key < len(params) else None
+        field = f"optimizer.state_dict.state[{key!r}]"
+        if key not in params or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise f.error(field, "is not the state of a saved parameter")
+        live = optimizer.state.get(params[key])
         if live and set(live) != set(value):
-            raise f.error(f"optimizer.state_dict.state[{key!r}]",
-                          f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+            raise f.error(field, f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+        for state_key, state_value in value.items():
+            expected = _state_problem(optimizer, state_key, state_value, params[key])
+            if expected is not None:
+                raise f.error(f"{field}[{state_key!r}]", f"(state of parameter {param_names[key]!r}, shape "
+                                                         f"{tuple(params[key].shape)}) is {_describe(state_value)}; "
+                                                         f"expected {expected}")
     return sd
+
+
+# Per-parameter state of torch.optim's optimizers: one value per element of the parameter, or one number.
+# LBFGS is left out: it keeps flat vectors over all parameters in the state of the first one.
+_TORCH_OPTIMIZERS = tuple(cls for cls in vars(torch.optim).values() if isinstance(cls, type)
+                          and issubclass(cls, torch.optim.Optimizer) and cls not in (torch.optim.Optimizer,
+                                                                                     torch.optim.LBFGS))
+_ELEMENTWISE_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg",
+                                "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size", "variance"})
+_SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _state_shape(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+    """The shape of torch.optim's state ``key`` for a parameter of ``shape``; None for a key it does not keep."""
+    if key in _ELEMENTWISE_STATE:
+        return shape
+    if key in ("row_var", "col_var") and len(shape) >= 2:  # Adafactor's factored second moment
+        return shape[:-1] + (1,) if key == "row_var" else shape[:-2] + (1,) + shape[-1:]
+    return None
+
+
+def _state_problem(optimizer, key: str, value, param: Tensor) -> Optional[str]:
+    """What ``value`` should be as ``optimizer``'s state ``key`` for ``param``, or None if it fits.
+
+    Checked so that a wrong value is refused before the optimizer is overwritten,
+    not met by ``step()`` afterwards. Another class's keys are not known: there a
+    tensor with as many elements as the parameter must have its shape, and
+    ``step`` must be a number.
+    """
+    known = isinstance(optimizer, _TORCH_OPTIMIZERS)
+    if key in (_SCALAR_STATE if known else ("step",)):
+        number = (type(value) in (int, float) or isinstance(value, Tensor) and value.dim() == 0
+                  and (value.is_floating_point() or value.dtype in _INTEGER_DTYPES))
+        return None if number else "a number (an int, a float or a 0-dim tensor)"
+    shape = tuple(param.shape)
+    if not known:
+        wrong = isinstance(value, Tensor) and value.dim() > 0 and value.numel() == param.numel()
+        return f"a tensor of the parameter's shape {shape}" if wrong and value.shape != param.shape else None
+    expected = _state_shape(key, shape)
+    if expected is None:
+        return None
+    fits = (isinstance(value, Tensor) and tuple(value.shape) == expected
+            and (value.is_complex() if param.is_complex() else value.is_floating_point()))
+    return None if fits else f"a {'complex' if param.is_complex() else 'floating'} tensor of shape {expected}"
 
 
 def _first_difference(saved: List[list], current: List[list]) -> str:
@@ -479,7 +533,8 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
     the qualified name of each parameter in each group (so a reordered or
     regrouped optimizer is refused, even with same-shaped parameters) and the
-    per-parameter state keys; the saved values of the optimizer's other
+    per-parameter state (its keys, where the optimizer already holds state, and
+    each value's shape and dtype against its parameter); the saved values of the optimizer's other
     parameters (names and shapes); the scheduler's class, and its state loaded
     into a copy; the RNG states. Then the optimizer, scheduler, adapter and
     other trained parameters (copied into the existing Parameters) and RNG

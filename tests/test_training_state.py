@@ -251,6 +251,7 @@ def _rewrite(path, edit):
     (lambda s: s["rng"].pop("python"), "rng"),
     (lambda s: s.update(optimizer=[]), "optimizer"),
     (lambda s: s["optimizer"].update(param_names="x"), "optimizer"),
+    (lambda s: s["optimizer"]["state_dict"]["param_groups"][0]["params"].__setitem__(0, [0]), "optimizer"),
     (lambda s: s["scheduler"].update(state_dict=None), "scheduler"),
     (lambda s: s["adapter"]["tensors"].update({"qkv.lora_A": "x"}), "adapter"),
 ])
@@ -456,3 +457,124 @@ def test_a_file_without_trained_parameters_warns_naming_them(tmp_path):
     with pytest.warns(UserWarning, match=r"'head.bias', 'norm.bias' keep their current values"):
         load_training_state(tmp_path / "s.pt", fresh, fresh_opt)
     assert torch.equal(fresh.lin.bias, model.lin.bias)  # the adapter's bias (bias="lora_only") is restored
+
+
+# ----------------------------------------------------------------------------- forged optimizer state
+
+_OPTIMIZERS = {  # every torch optimizer that steps without a closure or sparse gradients
+    "SGD": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    "Adam": (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
+    "AdamW": (torch.optim.AdamW, {"lr": 1e-2}),
+    "Adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "RMSprop": (torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.9, "centered": True}),
+    "Adadelta": (torch.optim.Adadelta, {}),
+    "Adamax": (torch.optim.Adamax, {}),
+    "NAdam": (torch.optim.NAdam, {}),
+    "RAdam": (torch.optim.RAdam, {}),
+    "ASGD": (torch.optim.ASGD, {}),
+    "Rprop": (torch.optim.Rprop, {}),
+    "Adafactor": (torch.optim.Adafactor, {}),
+}
+
+
+def _stepped(name, steps=2):
+    optimizer, kw = _OPTIMIZERS[name]
+    model, opt = _trained_setup("all", "plain", optimizer=optimizer, **kw)
+    _steps(model, opt, steps)
+    return model, opt
+
+
+@pytest.mark.parametrize("name", sorted(_OPTIMIZERS) + ["LBFGS"])
+def test_every_optimizers_state_resumes_exactly(tmp_path, name):
+    def setup():
+        if name == "LBFGS":  # its state is flat vectors over all parameters, kept on the first one
+            return _trained_setup("all", "plain", optimizer=torch.optim.LBFGS, lr=0.1, history_size=3)
+        optimizer, kw = _OPTIMIZERS[name]
+        return _trained_setup("all", "plain", optimizer=optimizer, **kw)
+
+    torch.manual_seed(1)
+    ref_model, ref_opt = setup()
+    _steps(ref_model, ref_opt, 4, closure=name == "LBFGS")
+    torch.manual_seed(1)
+    model, opt = setup()
+    _steps(model, opt, 2, closure=name == "LBFGS")
+    save_training_state(tmp_path / "s.pt", model, opt)
+    model, opt = setup()
+    load_training_state(tmp_path / "s.pt", model, opt)
+    _steps(model, opt, 2, closure=name == "LBFGS")
+    _assert_same_run(model, opt, ref_model, ref_opt)
+
+
+def _forge_state(path, param, key, value):
+    """Replace ``key`` in the saved optimizer state of the parameter named ``param``."""
+    def edit(state):
+        names = [n for group in state["optimizer"]["param_names"] for n in group]
+        state["optimizer"]["state_dict"]["state"][names.index(param)][key] = value
+    _rewrite(path, edit)
+
+
+A, BIAS = "lin.lora_A", "head.bias"  # shapes (2, 6) and (1,)
+
+
+@pytest.mark.parametrize("name, param, key, value, expected", [
+    ("AdamW", A, "exp_avg", torch.zeros(6, 2), "(2, 6)"),  # the same number of elements, transposed
+    ("AdamW", A, "exp_avg_sq", torch.zeros(12), "(2, 6)"),
+    ("AdamW", A, "exp_avg", torch.zeros(2, 6, dtype=torch.int64), "floating"),
+    ("AdamW", BIAS, "exp_avg", torch.zeros(()), "(1,)"),  # a scalar where the (1,)-shaped bias needs a vector
+    ("AdamW", BIAS, "step", torch.zeros(2), "a number"),
+    ("Adam", A, "max_exp_avg_sq", torch.zeros(3, 4), "(2, 6)"),
+    ("SGD", A, "momentum_buffer", torch.zeros(6, 2), "(2, 6)"),
+    ("Adagrad", BIAS, "sum", torch.zeros(2), "(1,)"),
+    ("RMSprop", A, "grad_avg", torch.zeros(6, 2), "(2, 6)"),
+    ("RMSprop", A, "square_avg", torch.zeros(2, 6, dtype=torch.complex64), "floating"),
+    ("NAdam", BIAS, "mu_product", torch.zeros(2), "a number"),
+    ("Rprop", A, "step_size", torch.zeros(6, 2), "(2, 6)"),
+    ("Adafactor", A, "row_var", torch.zeros(1, 6), "(2, 1)"),
+    ("Adafactor", BIAS, "variance", torch.zeros(()), "(1,)"),
+])
+def test_wrong_shaped_optimizer_state_is_refused_before_anything_changes(tmp_path, name, param, key, value,
+                                                                         expected):
+    model, opt = _stepped(name)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _forge_state(tmp_path / "s.pt", param, key, value)
+    for fresh in (_stepped(name, 0), _stepped(name, 1)):  # a fresh optimizer, and one that holds state
+        msg = _refused(tmp_path / "s.pt", *fresh, match=f"'{key}'")
+        assert param in msg and expected in msg and str(tuple(value.shape)) in msg and str(value.dtype) in msg
+    _steps(*fresh, 1)  # still usable
+
+
+class _Momentum(torch.optim.Optimizer):
+    """An optimizer from outside torch.optim, whose state keys the library cannot know."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                state["table"] = torch.arange(5.0)  # shaped like no parameter
+                velocity = state.setdefault("velocity", torch.zeros_like(p)).mul_(0.9).add_(p.grad)
+                p.sub_(group["lr"] * velocity)
+
+
+def test_another_optimizers_state_is_checked_by_element_count(tmp_path):
+    torch.manual_seed(1)
+    ref_model, ref_opt = _trained_setup("all", "plain", optimizer=_Momentum)
+    _steps(ref_model, ref_opt, 4)
+    torch.manual_seed(1)
+    model, opt = _trained_setup("all", "plain", optimizer=_Momentum)
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    fresh = _trained_setup("all", "plain", optimizer=_Momentum)
+    load_training_state(tmp_path / "s.pt", *fresh)
+    _steps(*fresh, 2)
+    _assert_same_run(*fresh, ref_model, ref_opt)
+
+    _forge_state(tmp_path / "s.pt", A, "velocity", torch.zeros(6, 2))
+    msg = _refused(tmp_path / "s.pt", *_trained_setup("all", "plain", optimizer=_Momentum), match="'velocity'")
+    assert A in msg and "the parameter's shape (2, 6)" in msg and "(6, 2)" in msg
+    _forge_state(tmp_path / "s.pt", A, "step", torch.zeros(2))
+    _refused(tmp_path / "s.pt", *_trained_setup("all", "plain", optimizer=_Momentum), match="'step'.*a number")
