@@ -423,3 +423,56 @@ def test_never_marked_model_warns_naming_a_few_and_counting_the_rest(tmp_path):
         model.add_module(f"extra{i}", nn.Linear(2, 2))
     msg = _unsaved_warning(model, tmp_path / "b.safetensors")
     assert "13 trainable parameters" in msg and "and 8 more" in msg
+
+
+# ----------------------------------------------------------------------------- square adapters
+
+class _Square(nn.Module):
+    """Every adapter square (r equal to both of its other dimensions), so a transposed one keeps its shape."""
+
+    def __init__(self, lora=True):
+        super().__init__()
+        kw = {"lora_alpha": 8} if lora else {}
+        self.lin = L.Linear(4, 4, r=4, **kw) if lora else nn.Linear(4, 4)  # A (4, 4), B (4, 4)
+        self.conv = L.Conv2d(2, 8, 2, r=8, **kw) if lora else nn.Conv2d(2, 8, 2)  # A (8, 2·2·2), B (8, 8)
+        self.emb = L.Embedding(6, 6, r=6, **kw) if lora else nn.Embedding(6, 6)  # A (6, 6), B (6, 6)
+
+
+def _square(seed, lora=True):
+    torch.manual_seed(0)  # the same base weights every time
+    model = _Square(lora)
+    if lora:
+        L.mark_only_lora_as_trainable(model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in L.lora_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g))
+                assert p.shape[0] == p.shape[1] and not torch.equal(p, p.t())
+    return model
+
+
+def _round_trip(how, src, folder):
+    if how == "native":
+        save_lora(src, folder / "a.safetensors")
+        dst = _square(seed=2)
+        load_lora(dst, folder / "a.safetensors")
+    elif how == "training_state":
+        opt = torch.optim.AdamW(L.lora_parameters(src))
+        L.save_training_state(folder / "s.pt", src, opt)
+        dst = _square(seed=2)
+        L.load_training_state(folder / "s.pt", dst, torch.optim.AdamW(L.lora_parameters(dst)))
+    else:
+        L.export_peft(src, folder / "peft", task_type=None)
+        dst = _square(seed=2) if how == "peft_in_place" else _square(seed=2, lora=False)
+        L.import_peft(dst, folder / "peft")
+    return dst
+
+
+@pytest.mark.parametrize("how", ["native", "training_state", "peft_in_place", "peft_into_plain_layers"])
+def test_square_adapters_round_trip_untransposed(tmp_path, how):
+    src = _square(seed=1)
+    dst = _round_trip(how, src, tmp_path)
+    expected, got = L.lora_state_dict(src), L.lora_state_dict(dst)
+    assert sorted(got) == sorted(expected)
+    differ = [k for k, v in expected.items() if got[k].dtype != v.dtype or not torch.equal(got[k], v)]
+    assert differ == []
