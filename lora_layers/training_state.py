@@ -447,7 +447,7 @@ def _state_problem(optimizer, key: str, value, param: Tensor) -> Optional[str]:
         wrong = isinstance(value, Tensor) and value.dim() > 0 and value.numel() == param.numel()
         return f"a tensor of the parameter's shape {shape}" if wrong and value.shape != param.shape else None
     expected = _state_shape(key, shape)
-    if expected is None:
+    if expected is None or value is None and key == "momentum_buffer":  # torch <= 2.1 SGD without momentum
         return None
     fits = (isinstance(value, Tensor) and tuple(value.shape) == expected
             and (value.is_complex() if param.is_complex() else value.is_floating_point()))

@@ -578,3 +578,14 @@ def test_another_optimizers_state_is_checked_by_element_count(tmp_path):
     assert A in msg and "the parameter's shape (2, 6)" in msg and "(6, 2)" in msg
     _forge_state(tmp_path / "s.pt", A, "step", torch.zeros(2))
     _refused(tmp_path / "s.pt", *_trained_setup("all", "plain", optimizer=_Momentum), match="'step'.*a number")
+
+
+def test_sgd_state_without_momentum_buffer_loads(tmp_path):
+    """torch 2.1 and earlier stored ``momentum_buffer: None`` for SGD without momentum; SGD accepts it."""
+    model, opt = _stepped("SGD")
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _forge_state(tmp_path / "s.pt", A, "momentum_buffer", None)
+    fresh = _stepped("SGD", 0)
+    load_training_state(tmp_path / "s.pt", *fresh)
+    assert fresh[1].state[fresh[0].lin.lora_A]["momentum_buffer"] is None
+    _steps(*fresh, 1)
