@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["warn_wrapper_keys", "warn_conv_layout_switch"]
+__all__ = ["name_some", "warn_conv_layout_switch", "warn_wrapper_keys"]
 
 _WARNED_WRAPPER_KEYS = False
 _WARNED_CONV_LAYOUT = False
+
+
+def name_some(names, limit: int = 5) -> str:
+    """``'a', 'b', 'c' and 4 more``: a warning names a few, so that a large model does not flood the log."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def warn_wrapper_keys(wrapper) -> None:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from ._version import __version__
+from ._warnings import name_some
 from .fileio import (
     CheckpointError,
     atomic_write,
@@ -143,6 +144,30 @@ def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dic
     return tensors, header
 
 
+def _warn_unsaved_trainable(model: nn.Module, bias: str) -> None:
+    """Warn, naming a few, when trainable parameters are left out of a ``save_lora(model, bias=bias)`` file:
+    training them was lost work, e.g. biases left trainable because mark_only_lora_as_trainable was not called."""
+    saved = {id(p) for _, p in named_lora_parameters(model)}
+    saved |= {id(p) for p in named_bias_parameters(model, bias).values()}
+    unsaved = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
+    if not unsaved:
+        return
+    biases = {id(p) for p in named_bias_parameters(model, "all").values()}
+    lora_biases = {id(p) for p in named_bias_parameters(model, "lora_only").values()}
+    hints = []
+    if any(id(p) in biases for _, p in unsaved):
+        keeps = "lora_only" if all(id(p) in lora_biases for _, p in unsaved if id(p) in biases) else "all"
+        them = "them" if all(id(p) in biases for _, p in unsaved) else "the biases"
+        hints.append(f"bias={keeps!r} saves {them}")
+    if not all(id(p) in biases for _, p in unsaved):
+        hints.append("save_lora never saves other parameters: save them yourself (e.g. from model.state_dict())")
+    count = "1 trainable parameter is" if len(unsaved) == 1 else f"{len(unsaved)} trainable parameters are"
+    warnings.warn(f"save_lora: {count} not saved: "
+                  f"{name_some(n for n, _ in unsaved)}. {'; '.join(hints)}; or, if they were not meant to "
+                  f"train, freeze them with mark_only_lora_as_trainable(model) before training",
+                  UserWarning, stacklevel=3)
+
+
 def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dict[str, str]] = None) -> None:
     """Save the adapter tensors of ``model`` (and biases per ``bias``) as safetensors, atomically.
 
@@ -167,10 +192,16 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
         FileNotFoundError / PermissionError / IsADirectoryError: bad destination.
 
     Nothing is written when any of these is raised.
+
+    Warns (UserWarning) when trainable parameters are not saved (biases left
+    out by ``bias``, or a head, a norm... left trainable because
+    :func:`mark_only_lora_as_trainable` was not called), naming a few of them
+    and the ``bias`` that keeps the biases. The file is written all the same.
     """
     user = _check_user_metadata(metadata)
     check_destination(path, "LoRA checkpoint")
     tensors, header = adapter_payload(model, bias)
+    _warn_unsaved_trainable(model, bias)
     data = safetensors_bytes(tensors, {**user, **header})
     atomic_write(path, lambda f: f.write(data), "LoRA checkpoint")
 

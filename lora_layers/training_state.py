@@ -1,7 +1,8 @@
 """Training-state checkpoints: resume a run exactly.
 
 One ``torch.save`` file holds the adapter (tensors and header as
-:func:`~lora_layers.save_lora` writes them), the optimizer and scheduler state
+:func:`~lora_layers.save_lora` writes them), every other parameter the
+optimizer updates, the optimizer and scheduler state
 with their classes and the optimizer's parameter names, the step, user extras
 and the RNG states (torch CPU and CUDA, Python ``random``, NumPy when
 installed). It is read with ``torch.load(weights_only=True)``, so loading never
@@ -28,8 +29,10 @@ from torch import Tensor
 
 from ._unwrap import strip_prefix, unwrap_model
 from ._version import __version__
-from .checkpoint import META_FORMAT, adapter_payload, apply_copies, canonical_payload, plan_load
+from ._warnings import name_some
+from .checkpoint import META_BIAS, META_FORMAT, adapter_payload, apply_copies, canonical_payload, plan_load
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, raw_bytes, read_file, to_storable
+from .utils import lora_modules, named_bias_parameters, named_lora_parameters
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
 
@@ -40,6 +43,7 @@ _FORMAT1_FILE = "training_state.safetensors"  # recognised only to say that form
 FILE_SUFFIX = ".pt"
 # The file holds {KEY_FORMAT, KEY_VERSION, KEY_SHA256: payload_sha256(state), KEY_STATE: state}.
 KEY_FORMAT, KEY_VERSION, KEY_SHA256, KEY_STATE = "format", "format_version", "sha256", "state"
+KEY_TRAINED = "trained_params"  # state[KEY_TRAINED]: {name: value} of the optimizer's non-adapter parameters
 _WHAT = "training state"
 _ARG = "path_or_dir"
 
@@ -123,6 +127,44 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Lis
     return [[names.get(id(p)) for p in group["params"]] for group in optimizer.param_groups]
 
 
+def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tuple]:
+    """``{label: (parameter, owner)}`` for each optimizer parameter that the adapter saved with ``bias`` lacks.
+
+    The label is the parameter's qualified name in ``model``, or where it sits in
+    the optimizer (``param_groups[g]['params'][i]``) when ``model`` does not hold
+    it. ``owner`` is the merged LoRA layer whose base weight it is, else None: its
+    value is the unmerged weight, and a load must unmerge, copy and merge again.
+    """
+    held = {id(p) for _, p in named_lora_parameters(model)}
+    held |= {id(p) for p in named_bias_parameters(model, bias).values()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    merged = {id(m.weight): m for _, m in lora_modules(model) if m.merged}
+    out = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in held:
+                out[names.get(id(p), f"param_groups[{g}]['params'][{i}]")] = (p, merged.get(id(p)))
+    return out
+
+
+def _trained_values(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tensor]:
+    """The values of the parameters the optimizer updates beyond the adapter (biases, a head, a norm...).
+
+    Raises:
+        ValueError: the optimizer updates a parameter that ``model`` does not hold,
+            which a load could not find again.
+    """
+    params = _optimizer_params(model, optimizer, bias)
+    foreign = [label for label in params if label.startswith("param_groups[")]
+    if foreign:
+        raise ValueError(f"optimizer: {', '.join(foreign)} is not a parameter of the model "
+                         f"({type(model).__name__}); a training state restores parameters by their name in the "
+                         f"model, so it could not restore this one. Register it on the model, or keep it out "
+                         f"of the optimizer")
+    return {label: p.detach() if owner is None else owner.unmerged_weight()
+            for label, (p, owner) in params.items()}
+
+
 def _rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -191,7 +233,9 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
                         step: int = 0, extra: Optional[Dict[str, Any]] = None, *, bias: str = "none") -> None:
     """Save everything needed to resume training exactly, in ONE file, atomically.
 
-    Holds the adapter (as :func:`save_lora`), ``optimizer.state_dict()`` with
+    Holds the adapter (as :func:`save_lora`), the value of every other
+    parameter the optimizer updates (trained biases, an unfrozen head or
+    LayerNorm, whatever ``bias`` says), ``optimizer.state_dict()`` with
     the optimizer's class and the qualified name of each of its parameters,
     ``scheduler.state_dict()`` with its class, ``step``, ``extra`` and the RNG
     states (torch CPU, CUDA when available, Python ``random``, NumPy when
@@ -206,14 +250,17 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         step: the training step to resume from.
         extra: plain data (dicts, lists, tuples, numbers, strings, tensors of
             any dtype torch.save stores) to keep.
-        bias: which biases to save with the adapter (as :func:`save_lora`).
+        bias: which biases to save with the adapter (as :func:`save_lora`); a bias
+            the optimizer updates is saved in any case.
 
     Raises:
         TypeError: ``step`` is not an int, ``extra`` or a state_dict holds an
             object that is not plain data, or a tensor of a dtype torch.save
             cannot store (each named by where it sits).
-        ValueError: no adapters in ``model``, bad ``bias``, or a
-            ``path_or_dir`` that names no file (``""``, a ``.safetensors`` path).
+        ValueError: no adapters in ``model``, bad ``bias``, an optimizer
+            parameter that ``model`` does not hold (named by its place in the
+            optimizer), or a ``path_or_dir`` that names no file (``""``, a
+            ``.safetensors`` path).
         FileNotFoundError / PermissionError / NotADirectoryError: bad destination.
 
     Nothing is written, and no folder created, when any of these is raised.
@@ -228,6 +275,7 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         "step": step,
         "extra": extra,
         "adapter": {"tensors": adapter, "header": header},
+        KEY_TRAINED: _trained_values(model, optimizer, bias),
         "optimizer": {"class": _class_name(optimizer), "param_names": _param_names(model, optimizer),
                       "state_dict": optimizer.state_dict()},
         "scheduler": None if scheduler is None else {"class": _class_name(scheduler),
@@ -336,21 +384,30 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> di
     per_param = f.get(sd, "state", dict, "optimizer.state_dict")
     if (len(names) != len(groups) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                              and isinstance(n, list) and len(n) == len(g["params"])
+                                             and all(type(i) is int for i in g["params"])
                                              for n, g in zip(names, groups))):
         raise f.error("optimizer.param_names", "does not match the saved parameter groups")
     current = _param_names(model, optimizer)
     if names != current:
         raise CheckpointError(f"{f.source}: optimizer parameter groups differ (nothing was loaded): "
                               + _first_difference(names, current))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {i for g in groups for i in g["params"]}
+    # optimizer.load_state_dict pairs the saved ids with the parameters position by position
+    saved_ids = [i for g in groups for i in g["params"]]
+    params = dict(zip(saved_ids, (p for g in optimizer.param_groups for p in g["params"])))
+    param_names = dict(zip(saved_ids, (n for group in names for n in group)))
     for key, value in per_param.items():
-        if key not in index or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise f.error(f"optimizer.state_dict.state[{key!r}]", "is not the state of a saved parameter")
-        live = optimizer.state.get(params[key]) if isinstance(key, int) and key < len(params) else None
+        field = f"optimizer.state_dict.state[{key!r}]"
+        if key not in params or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise f.error(field, "is not the state of a saved parameter")
+        live = optimizer.state.get(params[key])
         if live and set(live) != set(value):
-            raise f.error(f"optimizer.state_dict.state[{key!r}]",
-                          f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+            raise f.error(field, f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+        for state_key, state_value in value.items():
+            expected = _state_problem(optimizer, state_key, state_value, params[key])
+            if expected is not None:
+                raise f.error(f"{field}[{state_key!r}]", f"(state of parameter {param_names[key]!r}, shape "
+                                                         f"{tuple(params[key].shape)}) is {_describe(state_value)}; "
+                                                         f"expected {expected}")
     return sd
 
 
@@ -363,6 +420,51 @@ def _strip_param_names(saved: dict, prefix: str) -> dict:
     names = [[strip_prefix(n, prefix) if isinstance(n, str) else n for n in group] if isinstance(group, list)
              else group for group in names]
     return {**saved, "param_names": names}
+
+
+# Per-parameter state of torch.optim's optimizers: one value per element of the parameter, or one number.
+# LBFGS is left out: it keeps flat vectors over all parameters in the state of the first one.
+_TORCH_OPTIMIZERS = tuple(cls for cls in vars(torch.optim).values() if isinstance(cls, type)
+                          and issubclass(cls, torch.optim.Optimizer) and cls not in (torch.optim.Optimizer,
+                                                                                     torch.optim.LBFGS))
+_ELEMENTWISE_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sum", "square_avg",
+                                "grad_avg", "acc_delta", "exp_inf", "ax", "prev", "step_size", "variance"})
+_SCALAR_STATE = frozenset({"step", "mu_product", "eta", "mu"})
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _state_shape(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+    """The shape of torch.optim's state ``key`` for a parameter of ``shape``; None for a key it does not keep."""
+    if key in _ELEMENTWISE_STATE:
+        return shape
+    if key in ("row_var", "col_var") and len(shape) >= 2:  # Adafactor's factored second moment
+        return shape[:-1] + (1,) if key == "row_var" else shape[:-2] + (1,) + shape[-1:]
+    return None
+
+
+def _state_problem(optimizer, key: str, value, param: Tensor) -> Optional[str]:
+    """What ``value`` should be as ``optimizer``'s state ``key`` for ``param``, or None if it fits.
+
+    Checked so that a wrong value is refused before the optimizer is overwritten,
+    not met by ``step()`` afterwards. Another class's keys are not known: there a
+    tensor with as many elements as the parameter must have its shape, and
+    ``step`` must be a number.
+    """
+    known = isinstance(optimizer, _TORCH_OPTIMIZERS)
+    if key in (_SCALAR_STATE if known else ("step",)):
+        number = (type(value) in (int, float) or isinstance(value, Tensor) and value.dim() == 0
+                  and (value.is_floating_point() or value.dtype in _INTEGER_DTYPES))
+        return None if number else "a number (an int, a float or a 0-dim tensor)"
+    shape = tuple(param.shape)
+    if not known:
+        wrong = isinstance(value, Tensor) and value.dim() > 0 and value.numel() == param.numel()
+        return f"a tensor of the parameter's shape {shape}" if wrong and value.shape != param.shape else None
+    expected = _state_shape(key, shape)
+    if expected is None or value is None and key == "momentum_buffer":  # torch <= 2.1 SGD without momentum
+        return None
+    fits = (isinstance(value, Tensor) and tuple(value.shape) == expected
+            and (value.is_complex() if param.is_complex() else value.is_floating_point()))
+    return None if fits else f"a {'complex' if param.is_complex() else 'floating'} tensor of shape {expected}"
 
 
 def _first_difference(saved: List[list], current: List[list]) -> str:
@@ -378,6 +480,35 @@ def _first_difference(saved: List[list], current: List[list]) -> str:
                     f"difference is at position {j}: {a[j] if j < len(a) else None!r} in the file, "
                     f"{b[j] if j < len(b) else None!r} in the optimizer")
     return "they differ"
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__} {value!r}"
+
+
+def _check_trained(f: _Fields, state: dict, model: nn.Module, optimizer, bias: str) -> list:
+    """Check the saved values of the optimizer's parameters beyond the adapter; return the copies to make."""
+    expected = _optimizer_params(model, optimizer, bias)
+    if KEY_TRAINED not in state:
+        if expected:  # a file from before the field existed: it lost these, say so rather than resume inexactly
+            warnings.warn(f"{f.source} does not hold the optimizer's parameters beyond the adapter (it was "
+                          f"written before training states saved them): {name_some(sorted(expected))} keep "
+                          f"their current values, so the resume is not exact", UserWarning, stacklevel=3)
+        return []
+    saved = f.get(state, KEY_TRAINED, dict, "")
+    if set(saved) != set(expected):
+        raise f.error(KEY_TRAINED, f"holds {sorted(map(str, saved))}, but the optimizer updates "
+                                   f"{sorted(expected)} beyond the adapter")
+    copies = []
+    for name, value in saved.items():
+        param, owner = expected[name]
+        if not isinstance(value, Tensor) or value.shape != param.shape or not value.is_floating_point():
+            raise f.error(f"{KEY_TRAINED}[{name!r}]", f"is {_describe(value)}; expected a floating tensor of "
+                                                      f"the parameter's shape {tuple(param.shape)}")
+        copies.append((name, owner, param, value))
+    return copies
 
 
 def _check_scheduler(f: _Fields, saved, optimizer, scheduler) -> Optional[dict]:
@@ -415,9 +546,12 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
     the qualified name of each parameter in each group (so a reordered or
     regrouped optimizer is refused, even with same-shaped parameters) and the
-    per-parameter state keys; the scheduler's class, and its state loaded into
-    a copy; the RNG states. Then the optimizer, scheduler, adapter (copied
-    into the existing Parameters) and RNG states are restored.
+    per-parameter state (its keys, where the optimizer already holds state,
+    and each value's shape and dtype against its parameter); the saved values
+    of the optimizer's other parameters (names and shapes); the scheduler's
+    class, and its state loaded into a copy; the RNG states. Then the
+    optimizer, scheduler, adapter and other trained parameters (copied into
+    the existing Parameters) and RNG states are restored.
 
     Args:
         path_or_dir: the file or folder given to :func:`save_training_state`.
@@ -431,6 +565,10 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         CheckpointError (a ValueError): unreadable or corrupted file, or it does
             not fit the model/optimizer/scheduler (what differs is named).
             Nothing was changed.
+
+    Warns (UserWarning) when the file was written before training states held
+    the optimizer's parameters beyond the adapter and the optimizer has some:
+    those keep their current values.
     """
     model = unwrap_model(model)
     path = _load_source(path_or_dir)
@@ -449,6 +587,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     copies, _ = plan_load(model, tensors, header, True, f.source)
     opt_state = _check_optimizer(f, _strip_param_names(f.get(state, "optimizer", dict, ""), prefix), model,
                                  optimizer)
+    copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = f.get(state, "rng", dict, "")
     _check_rng(f, rng)

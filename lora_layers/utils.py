@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch.nn as nn
@@ -100,11 +101,20 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     Raises:
         ValueError: ``bias`` is not one of ``"none"``, ``"all"``, ``"lora_only"``
             (the model is left unchanged).
+
+    Warns (UserWarning) when ``model`` has no adapter parameters (e.g. only
+    ``r=0`` layers, loralib's default): everything but the chosen biases is
+    then frozen, as loralib does silently.
     """
     model = unwrap_model(model)
     check_bias(bias)
     find_shared_weights(model)  # a tied weight must never be merged into by eval()
     trainable = {id(p) for p in lora_parameters(model)}
+    if not trainable:
+        warnings.warn(f"mark_only_lora_as_trainable: {type(model).__name__} has no adapter parameters (no LoRA "
+                      f"layer with r > 0; loralib's layers default to r=0), so every parameter "
+                      f"{'is now frozen' if bias == 'none' else f'but the biases of bias={bias!r} is now frozen'}. "
+                      f"Give the LoRA layers r > 0, or use inject_lora", UserWarning, stacklevel=2)
     trainable |= {id(p) for p in named_bias_parameters(model, bias).values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)

@@ -23,9 +23,12 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def make(seed=0, randomize=True, **kw):
+def make(seed=0, randomize=True, marked=True, **kw):
+    """A Net; ``marked``: only the adapters train (mark_only_lora_as_trainable), as save_lora expects."""
     torch.manual_seed(seed)  # same seed -> same base weights
     net = Net(**kw)
+    if marked:
+        L.mark_only_lora_as_trainable(net)
     if randomize:
         g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():

@@ -5,6 +5,7 @@ The file layer under them (atomic writes, reading by parsing) is tested in tests
 import json
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -374,3 +375,104 @@ def test_file_mode_follows_the_umask(tmp_path, umask):
         os.umask(old)
     mode = (tmp_path / "a.safetensors").stat().st_mode & 0o777
     assert mode == 0o666 & ~umask == (tmp_path / "reference.pt").stat().st_mode & 0o777
+
+
+# ----------------------------------------------------------------------------- trainable parameters left out
+
+def _unsaved_warning(model, path, bias="none"):
+    """The message of save_lora's warning, or None; the file is written either way."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_lora(model, path, bias=bias)
+    assert path.exists()
+    messages = [str(w.message) for w in caught if "not saved" in str(w.message)]
+    assert len(messages) <= 1 and all(w.filename == __file__ for w in caught), messages
+    return messages[0] if messages else None
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_no_warning_when_only_saved_parameters_are_trainable(tmp_path, bias):
+    model = make(seed=0)
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_lora(model, tmp_path / "a.safetensors", bias=bias)
+        save_lora(model, tmp_path / "b.safetensors", bias="all")  # saving more than is trained is fine
+
+
+@pytest.mark.parametrize("trained, saved, named, hint", [
+    ("lora_only", "none", ["qkv.bias", "out.bias", "conv.bias"], "bias='lora_only' saves them"),
+    ("all", "none", ["qkv.bias", "out.bias", "conv.bias", "head.bias"], "bias='all' saves them"),
+    ("all", "lora_only", ["head.bias"], "bias='all' saves them"),
+])
+def test_trained_biases_left_out_are_named_with_the_bias_that_keeps_them(tmp_path, trained, saved, named, hint):
+    model = make(seed=0)
+    L.mark_only_lora_as_trainable(model, bias=trained)
+    msg = _unsaved_warning(model, tmp_path / "a.safetensors", bias=saved)
+    assert msg is not None and f"save_lora: {len(named)} trainable parameter" in msg and hint in msg
+    assert all(repr(name) in msg for name in named)
+
+
+def test_never_marked_model_warns_naming_a_few_and_counting_the_rest(tmp_path):
+    model = make(seed=0, marked=False)  # biases and the head stay trainable
+    msg = _unsaved_warning(model, tmp_path / "a.safetensors")
+    assert msg.startswith("save_lora: 5 trainable parameters are not saved: 'qkv.bias', 'out.bias'")
+    assert "'head.weight'" in msg and "mark_only_lora_as_trainable" in msg and "bias='all'" in msg
+
+    for i in range(4):  # more of them: a few are named, the rest counted
+        model.add_module(f"extra{i}", nn.Linear(2, 2))
+    msg = _unsaved_warning(model, tmp_path / "b.safetensors")
+    assert "13 trainable parameters" in msg and "and 8 more" in msg
+
+
+# ----------------------------------------------------------------------------- square adapters
+
+class _Square(nn.Module):
+    """Every adapter square (r equal to both of its other dimensions), so a transposed one keeps its shape."""
+
+    def __init__(self, lora=True):
+        super().__init__()
+        kw = {"lora_alpha": 8} if lora else {}
+        self.lin = L.Linear(4, 4, r=4, **kw) if lora else nn.Linear(4, 4)  # A (4, 4), B (4, 4)
+        self.conv = L.Conv2d(2, 8, 2, r=8, **kw) if lora else nn.Conv2d(2, 8, 2)  # A (8, 2·2·2), B (8, 8)
+        self.emb = L.Embedding(6, 6, r=6, **kw) if lora else nn.Embedding(6, 6)  # A (6, 6), B (6, 6)
+
+
+def _square(seed, lora=True):
+    torch.manual_seed(0)  # the same base weights every time
+    model = _Square(lora)
+    if lora:
+        L.mark_only_lora_as_trainable(model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in L.lora_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g))
+                assert p.shape[0] == p.shape[1] and not torch.equal(p, p.t())
+    return model
+
+
+def _round_trip(how, src, folder):
+    if how == "native":
+        save_lora(src, folder / "a.safetensors")
+        dst = _square(seed=2)
+        load_lora(dst, folder / "a.safetensors")
+    elif how == "training_state":
+        opt = torch.optim.AdamW(L.lora_parameters(src))
+        L.save_training_state(folder / "s.pt", src, opt)
+        dst = _square(seed=2)
+        L.load_training_state(folder / "s.pt", dst, torch.optim.AdamW(L.lora_parameters(dst)))
+    else:
+        L.export_peft(src, folder / "peft", task_type=None)
+        dst = _square(seed=2) if how == "peft_in_place" else _square(seed=2, lora=False)
+        L.import_peft(dst, folder / "peft")
+    return dst
+
+
+@pytest.mark.parametrize("how", ["native", "training_state", "peft_in_place", "peft_into_plain_layers"])
+def test_square_adapters_round_trip_untransposed(tmp_path, how):
+    src = _square(seed=1)
+    dst = _round_trip(how, src, tmp_path)
+    expected, got = L.lora_state_dict(src), L.lora_state_dict(dst)
+    assert sorted(got) == sorted(expected)
+    differ = [k for k, v in expected.items() if got[k].dtype != v.dtype or not torch.equal(got[k], v)]
+    assert differ == []

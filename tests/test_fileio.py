@@ -254,6 +254,7 @@ _WRITER = textwrap.dedent("""
     torch.manual_seed(seed)
     layer = L.Linear(32, 32, r=4)
     torch.nn.init.normal_(layer.lora_B)
+    L.mark_only_lora_as_trainable(layer)
     meta = {"writer": str(seed) * (40 * seed)}  # the two writers' headers differ in length
     print("ready", flush=True)
     while not os.path.exists(stop):
@@ -265,6 +266,7 @@ def _writer_layer(seed):
     torch.manual_seed(seed)
     layer = L.Linear(32, 32, r=4)
     nn.init.normal_(layer.lora_B)
+    L.mark_only_lora_as_trainable(layer)
     return layer
 
 

@@ -389,6 +389,7 @@ def test_numpy_numbers_are_normalised(tmp_path):
                            enable_lora=[True, True])
     assert type(layer.r) is int and type(layer.lora_alpha) is float and type(layer.lora_dropout.p) is float
     assert type(L.Linear(4, 4, r=2, lora_alpha=np.int32(3)).lora_alpha) is int
+    L.mark_only_lora_as_trainable(layer)
     L.save_lora(layer, tmp_path / "a.safetensors")
     opt = torch.optim.SGD(L.lora_parameters(layer), lr=0.1)
     L.save_training_state(tmp_path / "state", layer, opt)

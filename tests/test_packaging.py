@@ -106,6 +106,7 @@ def test_save_load_round_trip_needs_only_torch_and_safetensors(tmp_path):
             )
 
         model = build()
+        lora.mark_only_lora_as_trainable(model)
         with torch.no_grad():
             for p in lora.lora_parameters(model):
                 p.normal_(0, 0.1)

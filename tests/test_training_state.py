@@ -251,6 +251,7 @@ def _rewrite(path, edit):
     (lambda s: s["rng"].pop("python"), "rng"),
     (lambda s: s.update(optimizer=[]), "optimizer"),
     (lambda s: s["optimizer"].update(param_names="x"), "optimizer"),
+    (lambda s: s["optimizer"]["state_dict"]["param_groups"][0]["params"].__setitem__(0, [0]), "optimizer"),
     (lambda s: s["scheduler"].update(state_dict=None), "scheduler"),
     (lambda s: s["adapter"]["tensors"].update({"qkv.lora_A": "x"}), "adapter"),
 ])
@@ -337,3 +338,254 @@ def test_file_mode_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "run" / TRAINING_STATE_FILE).stat().st_mode & 0o777 == 0o640
+
+
+# ----------------------------------------------------------------------------- every trained parameter is saved
+
+class _Trained(nn.Module):
+    """Adapters next to a LoRA layer's bias, a LayerNorm and a head whose bias has one element."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = L.Linear(6, 8, r=2, lora_alpha=4, lora_dropout=0.1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lin(x)))
+
+
+def _trained_setup(bias, groups, norm_weight=False, optimizer=torch.optim.AdamW, **opt_kw):
+    torch.manual_seed(0)
+    model = _Trained().train()
+    nn.init.normal_(model.lin.lora_B)
+    L.mark_only_lora_as_trainable(model, bias=bias)
+    model.norm.weight.requires_grad_(norm_weight)
+    if groups == "lora_plus":
+        params = L.lora_plus_param_groups(model, lr=1e-2)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    return model, optimizer(params, **(opt_kw or {"lr": 1e-2}))
+
+
+def _steps(model, opt, n, closure=False):
+    for _ in range(n):
+        x, y = torch.randn(5, 6), torch.randn(5, 1)  # from the global RNG, restored by the load
+
+        def loss():
+            opt.zero_grad()
+            out = (model(x) - y).pow(2).mean()
+            out.backward()
+            return out
+        opt.step(loss) if closure else (loss(), opt.step())
+
+
+def _assert_same_run(model, opt, ref_model, ref_opt):
+    ref = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+    assert _same(opt.state_dict(), ref_opt.state_dict())
+
+
+@pytest.mark.parametrize("bias, groups, norm_weight", [
+    ("lora_only", "plain", False), ("all", "plain", False), ("lora_only", "lora_plus", False),
+    ("all", "lora_plus", False), ("none", "plain", True), ("all", "lora_plus", True)])
+def test_resume_restores_every_parameter_the_optimizer_updates(tmp_path, bias, groups, norm_weight):
+    torch.manual_seed(1)
+    ref_model, ref_opt = _trained_setup(bias, groups, norm_weight)
+    _steps(ref_model, ref_opt, 6)
+
+    torch.manual_seed(1)
+    model, opt = _trained_setup(bias, groups, norm_weight)
+    _steps(model, opt, 3)
+    save_training_state(tmp_path / "s.pt", model, opt)  # the default bias="none"
+    torch.manual_seed(999)
+    model, opt = _trained_setup(bias, groups, norm_weight)
+    with torch.no_grad():  # a fresh model whose trained parameters are all wrong: the load must set them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape))
+    load_training_state(tmp_path / "s.pt", model, opt)
+    _steps(model, opt, 3)
+    _assert_same_run(model, opt, ref_model, ref_opt)
+
+
+def test_a_parameter_outside_the_model_is_refused_on_save(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    outside = nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [outside]})
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] is not a parameter of the model"):
+        save_training_state(tmp_path / "run", model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merged_trained_weight_is_saved_unmerged(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    model.lin.weight.requires_grad_(True)
+    opt.add_param_group({"params": [model.lin.weight]})
+    _steps(model, opt, 2)
+    trained = model.lin.weight.detach().clone()
+    model.eval()  # merges the adapter into the trained weight
+    save_training_state(tmp_path / "s.pt", model, opt)
+    fresh, fresh_opt = _trained_setup("all", "plain")
+    fresh.lin.weight.requires_grad_(True)
+    fresh_opt.add_param_group({"params": [fresh.lin.weight]})
+    load_training_state(tmp_path / "s.pt", fresh.eval(), fresh_opt)  # into a merged layer
+    assert torch.equal(fresh.train().lin.weight, trained)
+    _assert_same_run(fresh, fresh_opt, model.train(), opt)
+
+
+def test_trained_parameters_are_checked_before_anything_changes(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _rewrite(tmp_path / "s.pt", lambda s: s[ts.KEY_TRAINED].update({"head.bias": torch.zeros(2)}))
+    fresh = _trained_setup("all", "plain")
+    msg = _refused(tmp_path / "s.pt", *fresh, match=r"trained_params\['head.bias'\]")
+    assert "shape (2,)" in msg and "shape (1,)" in msg
+    _rewrite(tmp_path / "s.pt", lambda s: s[ts.KEY_TRAINED].pop("head.bias"))
+    msg = _refused(tmp_path / "s.pt", *fresh, match="trained_params")
+    assert "head.bias" in msg
+
+
+def test_a_file_without_trained_parameters_warns_naming_them(tmp_path):
+    model, opt = _trained_setup("all", "plain")
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt, bias="lora_only")
+    _rewrite(tmp_path / "s.pt", lambda s: s.pop(ts.KEY_TRAINED))  # as written before the field existed
+    fresh, fresh_opt = _trained_setup("all", "plain")
+    with pytest.warns(UserWarning, match=r"'head.bias', 'norm.bias' keep their current values"):
+        load_training_state(tmp_path / "s.pt", fresh, fresh_opt)
+    assert torch.equal(fresh.lin.bias, model.lin.bias)  # the adapter's bias (bias="lora_only") is restored
+
+
+# ----------------------------------------------------------------------------- forged optimizer state
+
+_OPTIMIZERS = {  # every torch optimizer that steps without a closure or sparse gradients
+    "SGD": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9}),
+    "Adam": (torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
+    "AdamW": (torch.optim.AdamW, {"lr": 1e-2}),
+    "Adagrad": (torch.optim.Adagrad, {"lr": 1e-2}),
+    "RMSprop": (torch.optim.RMSprop, {"lr": 1e-2, "momentum": 0.9, "centered": True}),
+    "Adadelta": (torch.optim.Adadelta, {}),
+    "Adamax": (torch.optim.Adamax, {}),
+    "NAdam": (torch.optim.NAdam, {}),
+    "RAdam": (torch.optim.RAdam, {}),
+    "ASGD": (torch.optim.ASGD, {}),
+    "Rprop": (torch.optim.Rprop, {}),
+    "Adafactor": (torch.optim.Adafactor, {}),
+}
+
+
+def _stepped(name, steps=2):
+    optimizer, kw = _OPTIMIZERS[name]
+    model, opt = _trained_setup("all", "plain", optimizer=optimizer, **kw)
+    _steps(model, opt, steps)
+    return model, opt
+
+
+@pytest.mark.parametrize("name", sorted(_OPTIMIZERS) + ["LBFGS"])
+def test_every_optimizers_state_resumes_exactly(tmp_path, name):
+    def setup():
+        if name == "LBFGS":  # its state is flat vectors over all parameters, kept on the first one
+            return _trained_setup("all", "plain", optimizer=torch.optim.LBFGS, lr=0.1, history_size=3)
+        optimizer, kw = _OPTIMIZERS[name]
+        return _trained_setup("all", "plain", optimizer=optimizer, **kw)
+
+    torch.manual_seed(1)
+    ref_model, ref_opt = setup()
+    _steps(ref_model, ref_opt, 4, closure=name == "LBFGS")
+    torch.manual_seed(1)
+    model, opt = setup()
+    _steps(model, opt, 2, closure=name == "LBFGS")
+    save_training_state(tmp_path / "s.pt", model, opt)
+    model, opt = setup()
+    load_training_state(tmp_path / "s.pt", model, opt)
+    _steps(model, opt, 2, closure=name == "LBFGS")
+    _assert_same_run(model, opt, ref_model, ref_opt)
+
+
+def _forge_state(path, param, key, value):
+    """Replace ``key`` in the saved optimizer state of the parameter named ``param``."""
+    def edit(state):
+        names = [n for group in state["optimizer"]["param_names"] for n in group]
+        state["optimizer"]["state_dict"]["state"][names.index(param)][key] = value
+    _rewrite(path, edit)
+
+
+A, BIAS = "lin.lora_A", "head.bias"  # shapes (2, 6) and (1,)
+
+
+@pytest.mark.parametrize("name, param, key, value, expected", [
+    ("AdamW", A, "exp_avg", torch.zeros(6, 2), "(2, 6)"),  # the same number of elements, transposed
+    ("AdamW", A, "exp_avg_sq", torch.zeros(12), "(2, 6)"),
+    ("AdamW", A, "exp_avg", torch.zeros(2, 6, dtype=torch.int64), "floating"),
+    ("AdamW", BIAS, "exp_avg", torch.zeros(()), "(1,)"),  # a scalar where the (1,)-shaped bias needs a vector
+    ("AdamW", BIAS, "step", torch.zeros(2), "a number"),
+    ("Adam", A, "max_exp_avg_sq", torch.zeros(3, 4), "(2, 6)"),
+    ("SGD", A, "momentum_buffer", torch.zeros(6, 2), "(2, 6)"),
+    ("Adagrad", BIAS, "sum", torch.zeros(2), "(1,)"),
+    ("RMSprop", A, "grad_avg", torch.zeros(6, 2), "(2, 6)"),
+    ("RMSprop", A, "square_avg", torch.zeros(2, 6, dtype=torch.complex64), "floating"),
+    ("NAdam", BIAS, "mu_product", torch.zeros(2), "a number"),
+    ("Rprop", A, "step_size", torch.zeros(6, 2), "(2, 6)"),
+    ("Adafactor", A, "row_var", torch.zeros(1, 6), "(2, 1)"),
+    ("Adafactor", BIAS, "variance", torch.zeros(()), "(1,)"),
+])
+def test_wrong_shaped_optimizer_state_is_refused_before_anything_changes(tmp_path, name, param, key, value,
+                                                                         expected):
+    model, opt = _stepped(name)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _forge_state(tmp_path / "s.pt", param, key, value)
+    for fresh in (_stepped(name, 0), _stepped(name, 1)):  # a fresh optimizer, and one that holds state
+        msg = _refused(tmp_path / "s.pt", *fresh, match=f"'{key}'")
+        assert param in msg and expected in msg and str(tuple(value.shape)) in msg and str(value.dtype) in msg
+    _steps(*fresh, 1)  # still usable
+
+
+class _Momentum(torch.optim.Optimizer):
+    """An optimizer from outside torch.optim, whose state keys the library cannot know."""
+
+    def __init__(self, params, lr=1e-2):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                state["table"] = torch.arange(5.0)  # shaped like no parameter
+                velocity = state.setdefault("velocity", torch.zeros_like(p)).mul_(0.9).add_(p.grad)
+                p.sub_(group["lr"] * velocity)
+
+
+def test_another_optimizers_state_is_checked_by_element_count(tmp_path):
+    torch.manual_seed(1)
+    ref_model, ref_opt = _trained_setup("all", "plain", optimizer=_Momentum)
+    _steps(ref_model, ref_opt, 4)
+    torch.manual_seed(1)
+    model, opt = _trained_setup("all", "plain", optimizer=_Momentum)
+    _steps(model, opt, 2)
+    save_training_state(tmp_path / "s.pt", model, opt)
+    fresh = _trained_setup("all", "plain", optimizer=_Momentum)
+    load_training_state(tmp_path / "s.pt", *fresh)
+    _steps(*fresh, 2)
+    _assert_same_run(*fresh, ref_model, ref_opt)
+
+    _forge_state(tmp_path / "s.pt", A, "velocity", torch.zeros(6, 2))
+    msg = _refused(tmp_path / "s.pt", *_trained_setup("all", "plain", optimizer=_Momentum), match="'velocity'")
+    assert A in msg and "the parameter's shape (2, 6)" in msg and "(6, 2)" in msg
+    _forge_state(tmp_path / "s.pt", A, "step", torch.zeros(2))
+    _refused(tmp_path / "s.pt", *_trained_setup("all", "plain", optimizer=_Momentum), match="'step'.*a number")
+
+
+def test_sgd_state_without_momentum_buffer_loads(tmp_path):
+    """torch 2.1 and earlier stored ``momentum_buffer: None`` for SGD without momentum; SGD accepts it."""
+    model, opt = _stepped("SGD")
+    save_training_state(tmp_path / "s.pt", model, opt)
+    _forge_state(tmp_path / "s.pt", A, "momentum_buffer", None)
+    fresh = _stepped("SGD", 0)
+    load_training_state(tmp_path / "s.pt", *fresh)
+    assert fresh[1].state[fresh[0].lin.lora_A]["momentum_buffer"] is None
+    _steps(*fresh, 1)

@@ -1,4 +1,6 @@
 """utils: trainable-parameter selection by identity, lora_state_dict, counting, merge helpers."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -151,3 +153,22 @@ def test_merge_lora_is_all_or_nothing():
         L.merge_lora(model, safe_merge=True)
     assert not any(m.merged for m in model)
     assert all(torch.equal(m.weight, b) for m, b in zip(model, before))
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_mark_only_lora_as_trainable_warns_on_a_model_without_adapters(bias):
+    model = nn.Sequential(L.Linear(16, 32), nn.LayerNorm(32))  # loralib's default r=0: no adapter
+    with pytest.warns(UserWarning, match=r"no adapter parameters.*r=0") as caught:
+        L.mark_only_lora_as_trainable(model, bias=bias)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert _trainable(model) == {"none": set(), "lora_only": {"0.bias"}, "all": {"0.bias", "1.bias"}}[bias]
+    ref = nn.Sequential(loralib.Linear(16, 32), nn.LayerNorm(32))
+    loralib.mark_only_lora_as_trainable(ref, bias=bias)
+    assert _trainable(model) == _trainable(ref)  # loralib's semantics are kept, only made loud
+
+
+def test_mark_only_lora_as_trainable_is_quiet_with_adapters():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.mark_only_lora_as_trainable(_model())
+        L.mark_only_lora_as_trainable(nn.Sequential(L.Linear(4, 4), L.Linear(4, 4, r=2)))
