@@ -5,7 +5,8 @@ copied, never dequantized at rest) and sees it through :class:`QuantizedBase`:
 
 * :meth:`~QuantizedBase.linear`: ``x Wᵀ`` by the quantization library's own
   kernel (``bitsandbytes.matmul_4bit``, ``bitsandbytes.matmul``, torchao's
-  ``linear_nf4``);
+  ``linear_nf4``), the same function in every mode, never writing the packed
+  weight or its quantization state;
 * :meth:`~QuantizedBase.grad_input`: ``g W``, dequantizing on the fly in
   backward, so autograd keeps no dequantized weight;
 * :meth:`~QuantizedBase.dequantize`: ``W`` in the compute dtype, for
