@@ -2,28 +2,44 @@
 
 Each path is compared with a float64 formula on the dequantized weight and with
 PEFT on the same quantized base; the packed weights must stay bit-identical
-through training, and backward must keep no dequantized weight.
+through training, and backward must keep no dequantized weight. Each test skips when a library it
+needs is missing; the torch-only base below runs with none of them.
 """
 import contextlib
 import copy
+import importlib
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lora_layers as L
-from lora_layers.quantized import quantized_base
+from lora_layers.quantized import QuantizedBase, quantized_base
 from _naive_lora import assert_rel_close, leaf64, naive_dora, naive_linear
 
-bnb = pytest.importorskip("bitsandbytes")
-pytest.importorskip("torchao")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+
+
+def _library(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+bnb, peft, transformers = _library("bitsandbytes"), _library("peft"), _library("transformers")
+
+
+def _needs(*names):
+    """Skip the calling test unless the optional libraries ``names`` are installed."""
+    for name in names:
+        pytest.importorskip(name)
+
 
 IN, OUT = 128, 64
 
 
 def _quantized(kind, bias=True, seed=0, out=OUT):
+    _needs("torchao" if kind == "torchao-nf4" else "bitsandbytes")
     torch.manual_seed(seed)
     plain = nn.Linear(IN, out, bias=bias)
     if kind in ("nf4", "fp4"):
@@ -47,9 +63,10 @@ def _packed(module, copy=True):
 KINDS = ["nf4", "fp4", "int8", "torchao-nf4"]
 
 
+@pytest.mark.parametrize("out", [OUT, IN], ids=["non-square", "square"])  # square: W and Wᵀ fit alike
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_matches_the_float64_formula_and_keeps_the_packed_weight(kind):
-    q = _quantized(kind)
+def test_layer_matches_the_float64_formula_and_keeps_the_packed_weight(kind, out):
+    q = _quantized(kind, out=out)
     packed = _packed(q)
     with torch.no_grad():
         base_out = q(torch.ones(2, IN))
@@ -105,6 +122,46 @@ def test_merged_linear_gqa_over_a_4bit_base():
     assert_rel_close(layer(x), ref, torch.float32, "fused forward")
 
 
+class _RowInt8(QuantizedBase):
+    """A quantized base in plain torch (int8 codes, one fp32 scale per row): the functional core's QLoRA
+    path, checked with no quantization library installed."""
+
+    kind = "test-row-int8"
+    dtype = torch.float32
+
+    def __init__(self, weight):
+        self.out_features, self.in_features = weight.shape
+        self.scale = weight.abs().amax(1, keepdim=True) / 127
+        self.codes = torch.round(weight / self.scale).to(torch.int8)
+
+    @property
+    def device(self):
+        return self.codes.device
+
+    def linear(self, x):
+        return x.to(self.dtype) @ self.dequantize().t()
+
+    def dequantize(self):
+        return self.codes.to(self.dtype) * self.scale
+
+
+@pytest.mark.parametrize("out", [OUT, IN], ids=["non-square", "square"])
+def test_functional_over_a_torch_only_quantized_base_matches_the_float64_formula(out):
+    torch.manual_seed(0)
+    base = _RowInt8(torch.randn(out, IN))
+    bias = torch.randn(out)
+    A, B = (torch.randn(4, IN) * 0.1).requires_grad_(), torch.randn(out, 4).requires_grad_()
+    x = torch.randn(6, IN, requires_grad=True)
+    y = L.functional.lora_linear(x, base, bias, A, B, 2.0, 0.0, True)
+    x64, A64, B64 = leaf64(x), leaf64(A), leaf64(B)
+    reference = naive_linear(x64, base.dequantize().double(), bias.double(), A64, B64, 2.0)
+    assert_rel_close(y, reference, torch.float32, "forward")
+    g = torch.randn_like(y)
+    for name, got, expected in zip(["dx", "dA", "dB"], torch.autograd.grad(y, [x, A, B], g),
+                                   torch.autograd.grad(reference, [x64, A64, B64], g.double())):
+        assert_rel_close(got, expected, torch.float32, name)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_weight_nbytes_of_a_quantized_layer_before_and_after_wrapping(kind):
     q = _quantized(kind)
@@ -120,6 +177,7 @@ def test_dequantize_reads_the_cpu_repacked_layout(nested):
     """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel in an eval pass (absmax becomes a
     transposed (in/64, out) bf16 table); dequantize (dx, merge_and_unload) must still give each block its own
     scale. Blocks with very different scales make a mix-up visible (a uniform init hides it)."""
+    _needs("bitsandbytes")
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
     torch.manual_seed(0)
@@ -148,6 +206,7 @@ def test_dequantize_reads_the_cpu_repacked_layout(nested):
 def _bnb_layer(kind, seed=0):
     """A bitsandbytes layer as bitsandbytes sets it up, CPU repacking on (forced, so that the path is taken
     on any CPU: the repacking itself is plain PyTorch; only its kernel wants AVX512-BF16)."""
+    _needs("bitsandbytes")
     torch.manual_seed(seed)
     plain = nn.Linear(IN, OUT)
     if kind == "int8":
@@ -299,6 +358,7 @@ def test_eval_stays_unmerged_and_merge_and_unload_dequantizes(kind):
 
 
 def test_quantize_base_then_apply_lora_trains_and_keeps_packed_weights(tiny_phi3_factory):
+    _needs("torchao", "transformers")
     model = tiny_phi3_factory(hidden_size=64, intermediate_size=128)
     names = L.quantize_base(model)
     assert len(names) == 8 and all(n.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) for n in names)
@@ -322,6 +382,7 @@ def test_quantize_base_then_apply_lora_trains_and_keeps_packed_weights(tiny_phi3
 
 
 def test_quantize_base_refusals_change_nothing():
+    _needs("torchao")
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 3))  # 3 x 64 = 192 weights: not a multiple of 64? it is
     model.add_module("odd", nn.Linear(10, 3))  # 30 weights: NF4 cannot pack it
     before = [p for p in model.parameters()]
@@ -347,6 +408,7 @@ def test_quantize_base_refusals_change_nothing():
 
 @pytest.fixture(scope="module")
 def saved_phi3(tmp_path_factory):
+    _needs("bitsandbytes", "transformers")
     from conftest import make_tiny_phi3
 
     folder = tmp_path_factory.mktemp("phi3")
@@ -366,6 +428,7 @@ def _load(folder, kind):
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_peft_and_lora_layers_agree_on_a_bitsandbytes_phi3(saved_phi3, tmp_path, kind):
+    _needs("peft")
     ids = torch.randint(0, 128, (2, 10))
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     theirs = peft.get_peft_model(_load(saved_phi3, kind), peft.LoraConfig(
@@ -399,6 +462,7 @@ def test_peft_and_lora_layers_agree_on_a_bitsandbytes_phi3(saved_phi3, tmp_path,
 
 
 def test_phi3_apply_lora_on_a_4bit_base_exports_to_peft(saved_phi3, tmp_path):
+    _needs("peft")
     ids = torch.randint(0, 128, (2, 10))
     ours = _load(saved_phi3, "nf4")
     L.phi3.apply_lora(ours, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"), gradient_checkpointing=True)
