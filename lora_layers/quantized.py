@@ -92,7 +92,12 @@ class QuantizedBase:
     requires_grad = False  # a quantized base is frozen
 
     def linear(self, x: Tensor) -> Tensor:
-        """``x Wᵀ`` (no bias) in the compute dtype, by the library's kernel."""
+        """``x Wᵀ`` (no bias) in the compute dtype, by the library's kernel; differentiable in ``x``
+        (by :meth:`grad_input`), as torch.func and torch.compile need it."""
+        return _BaseLinear.apply(x, self)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        """``x Wᵀ`` by the library's kernel, outside autograd."""
         raise NotImplementedError
 
     def dequantize(self) -> Tensor:
@@ -106,6 +111,25 @@ class QuantizedBase:
     def nbytes(self) -> int:
         """Bytes the packed weight takes (data plus quantization state)."""
         raise NotImplementedError
+
+
+class _BaseLinear(torch.autograd.Function):
+    """A quantized base's ``x Wᵀ`` with ``g W`` as its gradient in x. The libraries' own autograd
+    Functions would keep state between forward and backward, and under torch.func they refuse to run
+    (no ``setup_context``)."""
+
+    @staticmethod
+    def forward(x, base):
+        return base._kernel(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.base = inputs
+        ctx.x_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.base.grad_input(g).to(ctx.x_dtype), None
 
 
 class _BnbBase(QuantizedBase):
@@ -222,11 +246,11 @@ class _Bnb4bit(_BnbBase):
             weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
         return weight
 
-    def linear(self, x):
+    def _kernel(self, x):
         import bitsandbytes as bnb
 
         weight = self._standard_layout()
-        with torch.no_grad():  # bitsandbytes' kernel, not its autograd; grad_input gives g W
+        with torch.no_grad():  # bitsandbytes' kernel, not its autograd
             return bnb.matmul_4bit(x.to(self.dtype), weight, quant_state=weight.quant_state)
 
     def _state(self):
@@ -301,7 +325,7 @@ class _Bnb8bit(_BnbBase):
         weight = self.base.weight
         return weight.data if weight.CB is None else weight.CB
 
-    def linear(self, x):
+    def _kernel(self, x):
         import bitsandbytes as bnb
 
         # A state of its own, never the layer's (whose forward moves CB/SCB off the weight), and always
@@ -328,7 +352,7 @@ class _TorchaoNF4(QuantizedBase):
     def dtype(self):
         return self.module.weight.dtype
 
-    def linear(self, x):
+    def _kernel(self, x):
         with torch.no_grad():
             return torchao_nf4().linear_nf4(x.to(self.dtype), self.module.weight)
 

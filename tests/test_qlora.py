@@ -138,7 +138,7 @@ class _RowInt8(QuantizedBase):
     def device(self):
         return self.codes.device
 
-    def linear(self, x):
+    def _kernel(self, x):
         return x.to(self.dtype) @ self.dequantize().t()
 
     def dequantize(self):
@@ -160,6 +160,21 @@ def test_functional_over_a_torch_only_quantized_base_matches_the_float64_formula
     for name, got, expected in zip(["dx", "dA", "dB"], torch.autograd.grad(y, [x, A, B], g),
                                    torch.autograd.grad(reference, [x64, A64, B64], g.double())):
         assert_rel_close(got, expected, torch.float32, name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dx_under_torch_func_goes_through_the_quantized_base(kind):
+    """torch.func (and torch.compile) take lora_linear's plain-op path, where the base's x Wᵀ must be
+    differentiable in x: a detached base term would drop g W from dx, silently."""
+    layer = L.Linear.from_module(_quantized(kind, out=IN), r=4, lora_alpha=8)  # square: W and Wᵀ fit alike
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base, A, B, bias = layer.quantized, layer.lora_A.detach(), layer.lora_B.detach(), layer.bias.detach()
+    x, g = torch.randn(6, IN), torch.randn(6, IN)
+    dx = torch.func.grad(
+        lambda x: (L.functional.lora_linear(x, base, bias, A, B, layer.scaling, 0.0, True) * g).sum())(x)
+    expected = g.double() @ (base.dequantize().double() + layer.scaling * B.double() @ A.double())
+    assert_rel_close(dx, expected, torch.float32, "dx under torch.func")
 
 
 @pytest.mark.parametrize("kind", KINDS)
