@@ -441,6 +441,28 @@ def _load(folder, kind):
                                                         dtype=torch.float32).eval()
 
 
+def test_apply_lora_after_an_eval_pass_of_the_loaded_4bit_model_warns_and_unpacks(saved_phi3):
+    """from_pretrained, evaluate, then apply_lora: bitsandbytes has repacked every projection already."""
+    model = _load(saved_phi3, "nf4")
+    for module in model.modules():
+        if "support_avx512bf16_for_cpu" in module.__dict__:
+            module.support_avx512bf16_for_cpu = True  # bitsandbytes' CPU repacking, on any CPU
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        model(ids)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.quant_state.packing_format_for_cpu
+    with pytest.warns(UserWarning, match="repacked in place") as caught:
+        L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    assert all("repacked in place" in str(w.message) for w in caught)
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, L.Linear)]
+    assert len(states) == 8 and not any(s.packing_format_for_cpu for s in states)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.normal_(0, 0.1)
+        assert torch.equal(model.eval()(ids).logits, model.train()(ids).logits)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_peft_and_lora_layers_agree_on_a_bitsandbytes_phi3(saved_phi3, tmp_path, kind):
     _needs("peft")
@@ -510,7 +532,7 @@ def test_int8_without_bias_has_a_fixed_dtype_recorded_at_wrap_time():
     assert y.dtype == torch.float32
     plain = L.merge_and_unload(nn.Sequential(layer))
     assert plain[0].weight.dtype == torch.float32
-    torch.testing.assert_close(plain(x), y, rtol=5e-2, atol=5e-2)  # LLM.int8 quantizes x too
+    torch.testing.assert_close(plain(x), y, rtol=1e-5, atol=1e-5)  # on CPU, LLM.int8 trains on x W_deq^T
 
 
 def test_int8_takes_the_models_dtype_from_record_compute_dtype():
