@@ -267,11 +267,9 @@ class _Bnb4bit(_BnbBase):
         return bf.dequantize_4bit(data, state).to(self.dtype)
 
     def _before_save(self):
-        # As Linear4bit._save_to_state_dict: a CPU-repacked weight is saved unpacked, and stays so
-        # until bitsandbytes repacks it at the next eval forward.
-        weight = self.base.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
+        # As Linear4bit._save_to_state_dict, a CPU-repacked weight (the bitsandbytes layer ran since
+        # wrapping) is saved unpacked; here exactly, and it stays so.
+        self._standard_layout()
 
     def nbytes(self):
         state = self._state()

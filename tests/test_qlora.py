@@ -347,6 +347,26 @@ def test_a_layer_bitsandbytes_repacked_before_wrapping_is_unpacked_exactly_with_
     assert_rel_close(y, reference, torch.float32, "forward on the unpacked weight")
 
 
+@pytest.mark.parametrize("use", ["state_dict", "forward"])
+def test_a_weight_the_bitsandbytes_layer_repacks_after_wrapping_is_unpacked_before_use(use):
+    """The bitsandbytes layer still shares the weight: its own eval forward repacks it under the LoRA layer."""
+    q = _bnb_layer("nf4-nested")
+    layer = L.Linear.from_module(q, r=4, lora_alpha=8)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        q.eval()(x)
+    W = layer.quantized.dequantize()  # read from the repacked layout, on a copy
+    assert q.weight.quant_state.packing_format_for_cpu
+    with pytest.warns(UserWarning, match="repacked in place"):
+        out = layer.state_dict() if use == "state_dict" else layer(x)
+    assert not q.weight.quant_state.packing_format_for_cpu
+    assert torch.equal(layer.quantized.dequantize(), W)
+    if use == "state_dict":  # bitsandbytes reads the same weight back from it
+        stats = {k[len("weight."):]: v for k, v in out.items() if k.startswith("weight.")}
+        loaded = bnb.nn.Params4bit.from_prequantized(out["weight"], stats, device="cpu")
+        assert torch.equal(bnb.functional.dequantize_4bit(loaded.data, loaded.quant_state), W)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-nf4"])
 def test_eval_stays_unmerged_and_merge_and_unload_dequantizes(kind):
     reference = _quantized(kind)  # the same quantized layer, unwrapped
