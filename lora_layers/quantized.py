@@ -237,18 +237,17 @@ class _Bnb4bit(_BnbBase):
     def _standard_layout(self):
         """The weight, in bitsandbytes' standard layout: a weight repacked for its CPU inference kernel
         (before wrapping, or by the bitsandbytes layer since) is unpacked in place, with a warning."""
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(self.base)  # as its forward: FSDP may drop the quant_state
         weight = self.base.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
             warnings.warn(_REPACKED, UserWarning, stacklevel=2)
             weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
         return weight
 
     def _kernel(self, x):
         import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+        fix_4bit_weight_quant_state_from_module(self.base)  # as its forward: FSDP may drop the quant_state
         weight = self._standard_layout()
         with torch.no_grad():  # bitsandbytes' kernel, not its autograd
             return bnb.matmul_4bit(x.to(self.dtype), weight, quant_state=weight.quant_state)
