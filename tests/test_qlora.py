@@ -162,19 +162,27 @@ def test_functional_over_a_torch_only_quantized_base_matches_the_float64_formula
         assert_rel_close(got, expected, torch.float32, name)
 
 
+@pytest.mark.parametrize("transform", ["torch.func", "torch.compile"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_dx_under_torch_func_goes_through_the_quantized_base(kind):
-    """torch.func (and torch.compile) take lora_linear's plain-op path, where the base's x Wᵀ must be
+def test_dx_under_torch_func_and_torch_compile_goes_through_the_quantized_base(kind, transform):
+    """torch.func and torch.compile take lora_linear's plain-op path, where the base's x Wᵀ must be
     differentiable in x: a detached base term would drop g W from dx, silently."""
     layer = L.Linear.from_module(_quantized(kind, out=IN), r=4, lora_alpha=8)  # square: W and Wᵀ fit alike
     with torch.no_grad():
         layer.lora_B.normal_()
     base, A, B, bias = layer.quantized, layer.lora_A.detach(), layer.lora_B.detach(), layer.bias.detach()
     x, g = torch.randn(6, IN), torch.randn(6, IN)
-    dx = torch.func.grad(
-        lambda x: (L.functional.lora_linear(x, base, bias, A, B, layer.scaling, 0.0, True) * g).sum())(x)
+
+    def f(x):
+        return L.functional.lora_linear(x, base, bias, A, B, layer.scaling, 0.0, True)
+
+    if transform == "torch.func":
+        dx = torch.func.grad(lambda x: (f(x) * g).sum())(x)
+    else:
+        (dx,) = torch.autograd.grad(torch.compile(f, backend="aot_eager")(x.requires_grad_()), x, g)
+        torch._dynamo.reset()
     expected = g.double() @ (base.dequantize().double() + layer.scaling * B.double() @ A.double())
-    assert_rel_close(dx, expected, torch.float32, "dx under torch.func")
+    assert_rel_close(dx, expected, torch.float32, f"dx under {transform}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
