@@ -5,7 +5,8 @@ copied, never dequantized at rest) and sees it through :class:`QuantizedBase`:
 
 * :meth:`~QuantizedBase.linear`: ``x Wᵀ`` by the quantization library's own
   kernel (``bitsandbytes.matmul_4bit``, ``bitsandbytes.matmul``, torchao's
-  ``linear_nf4``);
+  ``linear_nf4``), the same function in every mode, never writing the packed
+  weight or its quantization state;
 * :meth:`~QuantizedBase.grad_input`: ``g W``, dequantizing on the fly in
   backward, so autograd keeps no dequantized weight;
 * :meth:`~QuantizedBase.dequantize`: ``W`` in the compute dtype, for
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -90,7 +92,12 @@ class QuantizedBase:
     requires_grad = False  # a quantized base is frozen
 
     def linear(self, x: Tensor) -> Tensor:
-        """``x Wᵀ`` (no bias) in the compute dtype, by the library's kernel."""
+        """``x Wᵀ`` (no bias) in the compute dtype, by the library's kernel; differentiable in ``x``
+        (by :meth:`grad_input`), as torch.func and torch.compile need it."""
+        return _BaseLinear.apply(x, self)
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        """``x Wᵀ`` by the library's kernel, outside autograd."""
         raise NotImplementedError
 
     def dequantize(self) -> Tensor:
@@ -106,10 +113,34 @@ class QuantizedBase:
         raise NotImplementedError
 
 
+class _BaseLinear(torch.autograd.Function):
+    """A quantized base's ``x Wᵀ`` with ``g W`` as its gradient in x. The libraries' own autograd
+    Functions would keep state between forward and backward, and under torch.func they refuse to run
+    (no ``setup_context``)."""
+
+    @staticmethod
+    def forward(x, base):
+        return base._kernel(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.base = inputs
+        ctx.x_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.base.grad_input(g).to(ctx.x_dtype), None
+
+
 class _BnbBase(QuantizedBase):
-    """A bitsandbytes layer runs through its own ``forward``: a private module of the wrapped
-    class that shares the packed Parameters and has no bias (added by the LoRA layer), so
-    every code path of bitsandbytes (e.g. its CPU inference repacking) is the library's own.
+    """A bitsandbytes layer, seen through a private module of the wrapped class that shares the
+    packed Parameters and has no bias (added by the LoRA layer).
+
+    ``linear`` calls bitsandbytes' matmul (its kernels) directly, on one path whatever the mode,
+    grad mode or inference mode, and never the layer's own ``forward``: on CPU that forward
+    repacks a 4-bit weight in place, lossily, in eval mode, and computes LLM.int8 by another
+    function in eval (x quantized) than in training (W dequantized). The packed bytes and the
+    quantization state are never written, so eval computes the function that was trained.
 
     The LoRA layer is not a bitsandbytes class, so bitsandbytes' ``_save_to_state_dict`` /
     ``_load_from_state_dict`` would not run: state_dict hooks registered on the LoRA layer when
@@ -128,11 +159,6 @@ class _BnbBase(QuantizedBase):
             module.register_state_dict_post_hook(_bnb_save_hook)
             module._register_load_state_dict_pre_hook(_bnb_load_pre_hook, with_module=True)
             module.__dict__["_bnb_state_hooks"] = True
-
-    def linear(self, x):
-        self.base.training = self.module.training  # bitsandbytes picks its kernel by mode
-        with torch.no_grad():
-            return self.base(x)
 
     # -- state_dict: what the bitsandbytes layer itself writes and reads -------------------------
     def _before_save(self):
@@ -170,23 +196,61 @@ def _bnb_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missi
 
 
 def _unpack_cpu(data, state):
-    """Undo bitsandbytes' CPU repacking of a 4-bit weight (rewrites ``state``)."""
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight exactly (rewrites ``state``): the same
+    4-bit codes in bitsandbytes' standard layout, and the block scales the repacked weight holds
+    (bf16 values, kept in fp32, one per block, not double-quantized). The repacking rounded the
+    original scales to bf16; nothing brings those back."""
     import bitsandbytes.functional as bf
 
+    # Its inverse would requantize the scales of a double-quantized weight: a second rounding.
+    state.original_nested = False
     data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
-    if state.absmax.dim() == 2:
-        # bitsandbytes 0.50's inverse leaves a non-nested absmax in the packed (in/blocksize, out)
-        # table; read that way, every block would take another block's scale.
-        state.absmax = state.absmax.t().reshape(-1).float()
+    # bitsandbytes 0.50's inverse leaves the scales in the packed (in/blocksize, out) table; read
+    # that way, every block would take another block's scale.
+    state.absmax = state.absmax.t().reshape(-1).float()
+    state.offset = None
     return data, state
+
+
+_REPACKED = (
+    "lora_layers: this bitsandbytes 4-bit weight was repacked in place by bitsandbytes' CPU inference path "
+    "(an eval-mode forward of the bitsandbytes layer itself, e.g. evaluating the model before adding LoRA), "
+    "which rounded its block scales to bf16 for good: the scales as loaded cannot be recovered. The LoRA layer "
+    "puts it back in bitsandbytes' standard layout with the values it holds now (codes unchanged, bf16-rounded "
+    "scales in fp32, not double-quantized) and computes with those. To train on the weights as loaded, add "
+    "LoRA before any eval-mode forward, or reload the model. (lora_layers itself never repacks a weight.)")
 
 
 class _Bnb4bit(_BnbBase):
     kind = "bnb-4bit"
 
+    def __init__(self, module):
+        super().__init__(module)
+        if "_wrapped_class" in module.__dict__:
+            self._standard_layout()
+
     @property
     def dtype(self):
+        """The layer's ``compute_dtype`` (fp32 if it has none; bitsandbytes would take the first input's)."""
         return self.base.compute_dtype or torch.float32
+
+    def _standard_layout(self):
+        """The weight, in bitsandbytes' standard layout: a weight repacked for its CPU inference kernel
+        (before wrapping, or by the bitsandbytes layer since) is unpacked in place, with a warning."""
+        weight = self.base.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            warnings.warn(_REPACKED, UserWarning, stacklevel=2)
+            weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
+        return weight
+
+    def _kernel(self, x):
+        import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(self.base)  # as its forward: FSDP may drop the quant_state
+        weight = self._standard_layout()
+        with torch.no_grad():  # bitsandbytes' kernel, not its autograd
+            return bnb.matmul_4bit(x.to(self.dtype), weight, quant_state=weight.quant_state)
 
     def _state(self):
         return self.base.weight.quant_state
@@ -202,11 +266,9 @@ class _Bnb4bit(_BnbBase):
         return bf.dequantize_4bit(data, state).to(self.dtype)
 
     def _before_save(self):
-        # As Linear4bit._save_to_state_dict: a CPU-repacked weight is saved unpacked, and stays so
-        # until bitsandbytes repacks it at the next eval forward.
-        weight = self.base.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _unpack_cpu(weight.data, weight.quant_state)
+        # As Linear4bit._save_to_state_dict, a CPU-repacked weight (the bitsandbytes layer ran since
+        # wrapping) is saved unpacked; here exactly, and it stays so.
+        self._standard_layout()
 
     def nbytes(self):
         state = self._state()
@@ -256,12 +318,25 @@ class _Bnb8bit(_BnbBase):
         state, weight = self.base.state, self.base.weight
         return weight.SCB if getattr(weight, "SCB", None) is not None else state.SCB
 
+    def _codes(self):
+        weight = self.base.weight
+        return weight.data if weight.CB is None else weight.CB
+
+    def _kernel(self, x):
+        import bitsandbytes as bnb
+
+        # A state of its own, never the layer's (whose forward moves CB/SCB off the weight), and always
+        # a training one: on CPU, bitsandbytes' eval path quantizes x and its training path does not.
+        state = bnb.MatmulLtState()
+        state.CB, state.SCB, state.has_fp16_weights = self._codes(), self._scales(), False
+        state.threshold, state.is_training = self.base.state.threshold, True
+        with torch.no_grad():
+            return bnb.matmul(x, self.base.weight, state=state)
+
     def dequantize(self):
         import bitsandbytes.functional as bf
 
-        weight = self.base.weight
-        CB = weight.data if weight.CB is None else weight.CB
-        return bf.int8_vectorwise_dequant(CB, self._scales()).to(self.dtype)
+        return bf.int8_vectorwise_dequant(self._codes(), self._scales()).to(self.dtype)
 
     def nbytes(self):
         return _bytes([self.base.weight.data, self._scales()])
@@ -274,7 +349,7 @@ class _TorchaoNF4(QuantizedBase):
     def dtype(self):
         return self.module.weight.dtype
 
-    def linear(self, x):
+    def _kernel(self, x):
         with torch.no_grad():
             return torchao_nf4().linear_nf4(x.to(self.dtype), self.module.weight)
 
