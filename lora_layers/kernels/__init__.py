@@ -13,9 +13,10 @@ Kernels run compiled on CUDA, or in triton's CPU interpreter when
 ``TRITON_INTERPRET=1`` is set *before* this package first imports triton (the
 choice is fixed at that moment, because ``@triton.jit`` reads it).
 
-Public functions: :func:`is_available`, :func:`supports`, :func:`lora_linear`,
-:func:`keep_mask`, :func:`draw_seed` (the same names, and meanings, as in
-:mod:`lora_layers.functional`; the random streams differ: Philox here).
+Public functions: :func:`is_available`, :func:`unavailable_reason`, :func:`supports`,
+:func:`lora_linear`, :func:`keep_mask`, :func:`draw_seed` (the last three have the same
+names, and meanings, as in :mod:`lora_layers.functional`; the random streams differ:
+Philox here).
 """
 import importlib
 import math
@@ -26,7 +27,7 @@ import torch
 
 from ..segments import Segments
 
-__all__ = ["is_available", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
+__all__ = ["is_available", "unavailable_reason", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
 
 #: Largest rank per segment the kernels accept.
 MAX_RANK = 128
