@@ -19,7 +19,8 @@ Runs on one CUDA GPU (sized for an H100: under 5 minutes including autotuning)::
    inputs (``torch.cuda.max_memory_allocated``), printed and written to --out.
 
 Without CUDA it prints a message and exits 0. ``--smoke`` runs the same code on
-CPU in triton's interpreter at toy sizes (checks the script, not the speed).
+CPU in triton's interpreter at toy sizes (checks the script, not the speed);
+``--smoke --quick`` only one of those shapes, with dropout, once (benchmarks/gpu_check.sh's quick dry run).
 """
 import argparse
 import os
@@ -50,7 +51,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions (default 5)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU + TRITON_INTERPRET=1 at toy sizes: checks the script only")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --smoke: one layer shape (plain and merged), dropout 0.05 only, one timed repetition")
     args = ap.parse_args(argv)
+    if args.quick and not args.smoke:
+        ap.error("--quick only shrinks --smoke")
     for name in ("tokens", "rank", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -220,9 +225,9 @@ def main(argv=None):
         return 0
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = PHI3_MINI if cuda else SMOKE
+    shapes = PHI3_MINI if cuda else SMOKE[:1] if args.quick else SMOKE
     T = args.tokens if cuda else 40
-    reps, warmup = (args.reps, args.warmup) if cuda else (2, 1)
+    reps, warmup = (args.reps, args.warmup) if cuda else (1, 0) if args.quick else (2, 1)
     card = torch.cuda.get_device_name() if cuda else "CPU (triton interpreter, --smoke)"
     print(f"# bench_kernels on {card}: T={T}, r={args.rank}, {str(dtype)[6:]}")
 
@@ -237,7 +242,7 @@ def main(argv=None):
             if not ok:
                 failures.append((case.name, errs))
                 continue
-            for p in (0.05, 0.0):
+            for p in ((0.05,) if args.quick else (0.05, 0.0)):
                 peft_layer, why = build_peft(torch, case, p, dtype, device)
                 if peft_layer is None and why not in notes:
                     notes.append(why)

@@ -442,15 +442,14 @@ AUTO_USES_TRITON = False
 def _use_triton(backend, x, weight, bias, lora_A, lora_B, dropout_p, segments, fan_in_fan_out) -> bool:
     if backend == "torch" or (backend == "auto" and not (AUTO_USES_TRITON and x.is_cuda)):
         return False
-    if torch.compiler.is_compiling():
-        return False  # the kernels would break the graph; inductor fuses the torch path
+    if torch.compiler.is_compiling() or _functorch_active():
+        return False  # the kernels would break the graph / lack functorch rules; the torch path fits
     from . import kernels  # lazy: importing the package never needs triton
 
     if not kernels.is_available():
         if backend == "triton":
             raise RuntimeError(
-                "backend='triton' was requested but triton is not usable here "
-                "(install lora_layers[triton]; on CPU set TRITON_INTERPRET=1)"
+                f"backend='triton' was requested but the kernels cannot run here: {kernels.unavailable_reason()}"
             )
         return False
     ok, why = kernels.supports(x, weight, lora_A, lora_B, dropout_p, segments, bias=bias,

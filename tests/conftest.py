@@ -14,6 +14,24 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device for the tests marked 'cuda' (tests/test_device.py): cpu (default) or cuda[:N]")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on the device given by --device (cpu by default)")
+
+
+@pytest.fixture
+def device(request):
+    """The ``--device`` of this run, as a torch.device; a CUDA one that is missing is an error, not a skip."""
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"--device {dev}: torch {torch.__version__} sees no CUDA device")
+    return dev
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

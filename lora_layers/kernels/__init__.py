@@ -13,9 +13,10 @@ Kernels run compiled on CUDA, or in triton's CPU interpreter when
 ``TRITON_INTERPRET=1`` is set *before* this package first imports triton (the
 choice is fixed at that moment, because ``@triton.jit`` reads it).
 
-Public functions: :func:`is_available`, :func:`supports`, :func:`lora_linear`,
-:func:`keep_mask`, :func:`draw_seed` (the same names, and meanings, as in
-:mod:`lora_layers.functional`; the random streams differ: Philox here).
+Public functions: :func:`is_available`, :func:`unavailable_reason`, :func:`supports`,
+:func:`lora_linear`, :func:`keep_mask`, :func:`draw_seed` (the last three have the same
+names, and meanings, as in :mod:`lora_layers.functional`; the random streams differ:
+Philox here).
 """
 import importlib
 import math
@@ -26,7 +27,7 @@ import torch
 
 from ..segments import Segments
 
-__all__ = ["is_available", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
+__all__ = ["is_available", "unavailable_reason", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
 
 #: Largest rank per segment the kernels accept.
 MAX_RANK = 128
@@ -42,6 +43,33 @@ def _interpreted():
     """Whether the kernels run (or, once imported, will run) in the interpreter."""
     ops = sys.modules.get(_OPS_NAME)
     return ops.INTERPRETED if ops is not None else _interpret_requested()
+
+
+def _interpret_set_too_late():
+    """TRITON_INTERPRET asks for the interpreter, but the kernels were already built compiled."""
+    ops = sys.modules.get(_OPS_NAME)
+    return ops is not None and not ops.INTERPRETED and _interpret_requested()
+
+
+_TOO_LATE = ("TRITON_INTERPRET=1 is set, but only after lora_layers.kernels first imported the kernels, "
+             "which were then built for CUDA; it must be set before that first import (at the top of the "
+             "program, before importing lora_layers or triton)")
+
+
+def unavailable_reason():
+    """Why the kernels cannot run in this process ('' when :func:`is_available`)."""
+    if is_available():
+        return ""
+    if _interpret_set_too_late():
+        return _TOO_LATE
+    return ("triton is not importable, or there is no CUDA device and TRITON_INTERPRET was not 1 "
+            "before the first import of the kernels")
+
+
+def _functorch_active():
+    # torch.func transforms (grad, vmap, jacrev, ...) need setup_context and vmap rules
+    # that the kernels' Function lacks; lora_layers.functional takes the torch path there.
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _load_ops():
@@ -90,7 +118,10 @@ def supports(x, weight, lora_A, lora_B, dropout_p=0.0, segments=None, bias=None,
 
 def _supports(x, weight, lora_A, lora_B, dropout_p, segments, bias, fan_in_fan_out):
     if not is_available():
-        return False, "triton is not importable, or there is no CUDA device and TRITON_INTERPRET is not 1"
+        return False, unavailable_reason()
+    if _functorch_active():
+        return False, ("a torch.func transform (grad, vmap, jacrev, ...) is active; the kernels do not support "
+                       "them (lora_layers.functional.lora_linear takes the torch path there)")
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
@@ -106,7 +137,8 @@ def _supports(x, weight, lora_A, lora_B, dropout_p, segments, bias, fan_in_fan_o
             return False, (f"kernels were built for the interpreter (TRITON_INTERPRET=1); tensors must be on cpu, "
                            f"got {device}")
     elif device.type != "cuda":
-        return False, f"tensors must be on a CUDA device (or set TRITON_INTERPRET=1 for cpu), got {device}"
+        hint = _TOO_LATE if _interpret_set_too_late() else "or set TRITON_INTERPRET=1 for cpu before the first import"
+        return False, f"tensors must be on a CUDA device ({hint}), got {device}"
     if x.dtype not in _DTYPES:
         return False, f"x dtype must be one of fp16/bf16/fp32, got {x.dtype}"
     if weight.dtype != x.dtype:

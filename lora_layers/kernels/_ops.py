@@ -69,24 +69,33 @@ def _tuned(name):
     if name in _TUNED:
         return _TUNED[name]
     if name == "fwd":
-        fn = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R"])(K._fwd_kernel)
+        fn = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"])(K._fwd_kernel)
     elif name == "bwd_x":
         # dx may be accumulated in place (DX_MODE=2) and dA is atomically
         # accumulated, so every tuning run must start from the same buffers.
-        fn = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R"],
+        fn = triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R"],
                              reset_to_zero=["da_ptr"], restore_value=["dx_ptr"])(K._bwd_x_kernel)
     elif name == "down":
         cfgs = [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_stages=s, num_warps=w)
                 for bm, bk, s, w in [(64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 3, 4), (32, 128, 4, 4)]]
-        fn = triton.autotune(cfgs, key=["T", "K", "R"])(K._down_kernel)
+        fn = triton.autotune(cfgs, key=["T_BUCKET", "K", "R"])(K._down_kernel)
     elif name == "bwd_g":
         cfgs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_stages=s, num_warps=w)
                 for bm, bn, s, w in [(64, 64, 4, 4), (64, 128, 3, 4), (32, 128, 4, 4), (128, 64, 3, 8)]]
-        fn = triton.autotune(cfgs, key=["M", "N", "R"], reset_to_zero=["db_ptr"])(K._bwd_g_kernel)
+        fn = triton.autotune(cfgs, key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr"])(K._bwd_g_kernel)
     else:  # pragma: no cover - internal misuse
         raise KeyError(name)
     _TUNED[name] = fn
     return fn
+
+
+def _bucket(tokens):
+    """The autotune key for a token count: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(int(tokens)))
+
+
+def _keep_scale(p):
+    return 1.0 / (1.0 - p) if p > 0 else 1.0
 
 
 def _launch(name, grid_fn, interp_meta, *args, **kwargs):
@@ -105,16 +114,19 @@ _SEG_CACHE = {}
 
 
 def _segment_columns(segments, out_features, r, device):
-    """Per output column: which adapter adds into it (-1: none) and its row in the stacked lora_B."""
+    """Per output column: which adapter adds into it (-1: none) and its row in the
+    stacked lora_B; per split: its (out_start, out_end), flattened."""
     key = (segments, r, str(device))
     hit = _SEG_CACHE.get(key)
     if hit is None:
         col_seg = torch.full((out_features,), -1, dtype=torch.int32)
         col_brow = torch.zeros((out_features,), dtype=torch.int32)
+        bounds = torch.zeros((2 * segments.count,), dtype=torch.int32)
         for j, blk in enumerate(segments.blocks(r)):
             col_seg[blk.out0:blk.out1] = j
             col_brow[blk.out0:blk.out1] = torch.arange(blk.b0, blk.b1, dtype=torch.int32)
-        hit = (col_seg.to(device), col_brow.to(device))
+            bounds[2 * j], bounds[2 * j + 1] = blk.out0, blk.out1
+        hit = (col_seg.to(device), col_brow.to(device), bounds.to(device))
         if len(_SEG_CACHE) > 256:  # bounded: distinct layer layouts are few
             _SEG_CACHE.clear()
         _SEG_CACHE[key] = hit
@@ -146,8 +158,8 @@ def down_proj(x, lora_A, seed, p):
     br = _block_r(R)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), triton.cdiv(R, br))  # noqa: E731
     _launch("down", grid, dict(BLOCK_M=_INTERP["BLOCK_M"], BLOCK_K=_INTERP["BLOCK_K"]),
-            x, lora_A, u, T, Kdim, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            u.stride(0), u.stride(1), seed, float(p),
+            x, lora_A, u, T, Kdim, R, _bucket(T), x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            u.stride(0), u.stride(1), seed, float(p), _keep_scale(p),
             HAS_DROPOUT=p > 0, BLOCK_R=br, **_dot_flags(x.dtype))
     return u
 
@@ -165,13 +177,13 @@ def forward_fused(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out,
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     R = u.shape[1]
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    col_seg, col_brow = (_segment_columns(segments, N, r, x.device) if segments is not None
-                         else (u, u))  # unused placeholders when HAS_SEG=False
+    col_seg, col_brow, _ = (_segment_columns(segments, N, r, x.device) if segments is not None
+                            else (u, u, u))  # unused placeholders when HAS_SEG=False
     swn, swk = _w_strides(weight, fan_in_fan_out)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
     _launch("fwd", grid, dict(_INTERP),
             x, weight, bias if bias is not None else y, u, lora_B, col_seg, col_brow, y,
-            T, N, Kdim, R, r, float(scaling),
+            T, N, Kdim, R, r, _bucket(T), float(scaling),
             x.stride(0), x.stride(1), swn, swk, u.stride(0), u.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, HAS_SEG=segments is not None,
@@ -182,7 +194,7 @@ def forward_fused(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out,
 def forward_cublas(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out, r):
     """cuBLAS base GEMM, then the LoRA term added in place (no T x out temporary)."""
     w = weight.t() if fan_in_fan_out else weight
-    y = F.linear(x, w, bias)
+    y = F.linear(x, w, bias if bias is None else bias.to(x.dtype))  # supports() lets the bias dtype differ
     b = lora_B.to(x.dtype)
     if segments is None:
         y.addmm_(u, b.t(), alpha=scaling)
@@ -200,11 +212,12 @@ def backward_g(g, u, lora_B, scaling, segments, r, need_du, need_db):
     du = torch.empty((T, R), dtype=g.dtype, device=dev) if need_du else torch.empty(1, device=dev)
     db = (torch.zeros(lora_B.shape, dtype=torch.float32, device=dev) if need_db
           else torch.zeros((1, 1), dtype=torch.float32, device=dev))
-    col_seg, col_brow = (_segment_columns(segments, N, r, dev) if segments is not None else (u, u))
+    col_seg, col_brow, bounds = (_segment_columns(segments, N, r, dev) if segments is not None
+                                 else (u, u, u))  # unused placeholders when HAS_SEG=False
     br = _block_r(R)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), triton.cdiv(R, br))  # noqa: E731
     _launch("bwd_g", grid, dict(BLOCK_M=_INTERP["BLOCK_M"], BLOCK_N=_INTERP["BLOCK_N"]),
-            g, u, lora_B, col_seg, col_brow, du, db, T, N, R, r, float(scaling),
+            g, u, lora_B, col_seg, col_brow, bounds, du, db, T, N, R, r, _bucket(T), float(scaling),
             g.stride(0), g.stride(1), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
             du.stride(0) if need_du else 0, du.stride(1) if need_du else 0, db.stride(0), db.stride(1),
             HAS_SEG=segments is not None, COMPUTE_DU=need_du, COMPUTE_DB=need_db,
@@ -233,7 +246,7 @@ def backward_x(g, weight, du, lora_A, x, seed, p, fan_in_fan_out, need_dx, need_
     swn, swk = _w_strides(weight, fan_in_fan_out)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(Kdim, m["BLOCK_K"]),)  # noqa: E731
     _launch("bwd_x", grid, dict(_INTERP),
-            g, weight, du, lora_A, x, dx, da, T, N, Kdim, R, seed, float(p),
+            g, weight, du, lora_A, x, dx, da, T, N, Kdim, R, _bucket(T), seed, float(p), _keep_scale(p),
             g.stride(0), g.stride(1), swn, swk, du.stride(0), du.stride(1),
             lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
             dx.stride(0), dx.stride(1), da.stride(0), da.stride(1),
@@ -245,7 +258,7 @@ def backward_x(g, weight, du, lora_A, x, seed, p, fan_in_fan_out, need_dx, need_
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd wrapper over the kernels; x is already flattened to (T, in).
 
-    Saves x (already alive), u (T x R) and the integer seed: never the mask.
+    Saves x (already alive), u (T x R), the parameters and the integer seed: never the mask.
     """
 
     @staticmethod
@@ -257,14 +270,17 @@ class LoRALinearFunction(torch.autograd.Function):
         u = down_proj(x, lora_A, seed, p)
         fwd = forward_fused if mode == "fused" else forward_cublas
         y = fwd(x, weight, bias, u, lora_B, scaling, segments, fan_in_fan_out, r)
-        ctx.save_for_backward(x, u, weight, lora_A, lora_B)
+        # bias (a parameter, alive anyway) is read only by a double backward
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B, bias)
         ctx.conf = (scaling, p, seed, fan_in_fan_out, segments, r, mode)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, u, weight, lora_A, lora_B = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' results would have no graph
+            return _differentiable_backward(ctx, g)
+        x, u, weight, lora_A, lora_B, _ = ctx.saved_tensors
         scaling, p, seed, fan_in_fan_out, segments, r, mode = ctx.conf
         need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
         g = g.to(x.dtype)
@@ -284,3 +300,26 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_db:
             dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dbias, da, dB, None, None, None, None
+
+
+def _differentiable_backward(ctx, g):
+    """The gradients as differentiable functions of the inputs (the torch path's
+    plain-op form, with this forward's Philox mask), so double backward is exact."""
+    from ..functional import _composite  # lazy: functional imports this package lazily too
+    from ..segments import Segments
+
+    x, _, weight, lora_A, lora_B, bias = ctx.saved_tensors
+    scaling, p, seed, fan_in_fan_out, segments, r, _ = ctx.conf
+    segs = segments if segments is not None else Segments.full(g.shape[1])
+    drop = None
+    if p > 0:
+        keep = keep_mask(seed, x.shape, p, x.device)
+        drop = lambda t: torch.where(keep, t, 0.0) * _keep_scale(p)  # noqa: E731
+    inputs = (x, weight, bias, lora_A, lora_B)
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[:5]) if need]
+    y = _composite(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, segs.blocks(r), drop)
+    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], g, create_graph=True, allow_unused=True)
+    out = [None] * 9
+    for i, grad in zip(wanted, grads):
+        out[i] = grad
+    return tuple(out)

@@ -11,16 +11,24 @@ just a transposed view), A is (R, K), u = drop(x) A^T is (T, R), B is
 
 Segments (MergedLinear splits) are described per output column by two int32
 vectors: ``col_seg[c]`` is the index j of the split that owns column c (-1 when
-the split has no adapter) and ``col_brow[c]`` is the row of B that feeds it.
-Split j reads u columns [j*r, (j+1)*r). Instead of one GEMM per split, the
-kernels gather an "expanded" B tile of shape (BLOCK_N, BLOCK_R) that is zero
-outside each column's own r-block, so one ``tl.dot`` over the whole of R does
-every split at once (R is tiny, so the wasted multiply-adds cost nothing
-measurable next to the K loop).
+the split has no adapter) and ``col_brow[c]`` is the row of B that feeds it,
+and per split by ``seg_bounds[2j], seg_bounds[2j+1]``, its column range.
+Split j reads u columns [j*r, (j+1)*r). The LoRA dots run one split at a
+time over the splits a tile touches (usually one) and each split's result is
+selected onto its own columns with ``tl.where``: a single dot against a B tile
+that is zero outside each split would be cheaper to write but turns an Inf or
+NaN of one split into NaN in every other column (Inf * 0), which the torch
+path does not.
 
 The dropout mask is ``tl.rand(seed, t * K + k) >= p`` for element (t, k) of the
 flattened x; it is a pure function of (seed, index), so backward regenerates
-it instead of storing it.
+it instead of storing it. Kept values are scaled by ``keep_scale``, 1/(1-p)
+computed by the launcher in float64: compiled kernels receive float arguments
+as fp32, and 1/(1-p) from an fp32 p is off by about 1e-6 relative at p=0.99.
+
+``T_BUCKET``/``M_BUCKET`` are unused in the kernel bodies: they exist as the
+autotune key in place of the token count (which changes with every batch of
+variable-length sequences), so a new length reuses the tuning of its bucket.
 """
 import triton
 import triton.language as tl
@@ -92,10 +100,10 @@ def _keep_mask_kernel(out_ptr, seed, p, T, K,
     tl.store(ptrs, keep.to(tl.int8), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
+@triton.jit(do_not_specialize=["seed", "T_BUCKET"])
+def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R, T_BUCKET,
                  stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
-                 seed, p,
+                 seed, p, keep_scale,
                  HAS_DROPOUT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[T, R] = drop(x) A^T, one pass over x, mask generated in registers."""
@@ -115,14 +123,14 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, T, K, R,
                     mask=q_ok[None, :] & k_ok[:, None], other=0.0).to(x.dtype)
         acc += _mm(x, a, DOT_F32, PREC)
     if HAS_DROPOUT:
-        acc = acc * (1.0 / (1.0 - p))
+        acc = acc * keep_scale
     tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + qs[None, :] * stride_ur,
              acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & q_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, y_ptr,
-                M, N, K, R, r, scaling,
+                M, N, K, R, r, M_BUCKET, scaling,
                 stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
                 stride_bn, stride_br, stride_ym, stride_yn,
                 HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
@@ -138,15 +146,35 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr,
     col_ok = cols < N
     rows64 = rows.to(tl.int64)
 
+    # One dot per split present in the tile (the whole of R without segments),
+    # each kept only on its own columns: a dot against a B tile that is zero
+    # outside a split would turn an Inf/NaN in u into NaN everywhere (Inf * 0).
+    if HAS_SEG:
+        seg = tl.load(col_seg_ptr + cols, mask=col_ok, other=-1)
+        brow = tl.load(col_brow_ptr + cols, mask=col_ok, other=0)
+        j_first = tl.min(tl.where(seg >= 0, seg, 2147483647), axis=0)
+        j_last = tl.max(seg, axis=0)
+        width = r
+    else:
+        seg = tl.zeros_like(cols)
+        brow = cols
+        j_first = 0
+        j_last = 0
+        width = R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for q0 in range(0, R, BLOCK_R):
-        qs = q0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows64[:, None] * stride_um + qs[None, :] * stride_ur,
-                    mask=row_ok[:, None] & (qs < R)[None, :], other=0.0)
-        e, _, _, _ = _expanded_b(b_ptr, stride_bn, stride_br, col_seg_ptr, col_brow_ptr,
-                                 cols, qs, N, r, HAS_SEG)
-        e = e.to(u.dtype)
-        acc += _mm(u, tl.trans(e), DOT_F32, PREC)
+    for j in range(j_first, j_last + 1):
+        mine = (seg == j) & col_ok
+        for q0 in range(0, width, BLOCK_R):
+            qk = q0 + tl.arange(0, BLOCK_R)
+            qk_ok = qk < width
+            u = tl.load(u_ptr + rows64[:, None] * stride_um + (j * width + qk)[None, :] * stride_ur,
+                        mask=row_ok[:, None] & qk_ok[None, :], other=0.0)
+            e = tl.load(b_ptr + brow[:, None].to(tl.int64) * stride_bn + qk[None, :] * stride_br,
+                        mask=mine[:, None] & qk_ok[None, :], other=0.0).to(u.dtype)
+            part = _mm(u, tl.trans(e), DOT_F32, PREC)
+            if HAS_SEG:
+                part = tl.where(mine[None, :], part, 0.0)
+            acc += part
     acc = acc * scaling
 
     for k0 in range(0, K, BLOCK_K):
@@ -164,9 +192,9 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _bwd_g_kernel(g_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, du_ptr, db_ptr,
-                  M, N, R, r, scaling,
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _bwd_g_kernel(g_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, seg_bounds_ptr, du_ptr, db_ptr,
+                  M, N, R, r, M_BUCKET, scaling,
                   stride_gm, stride_gn, stride_um, stride_ur, stride_bn, stride_br,
                   stride_dum, stride_dur, stride_dbn, stride_dbr,
                   HAS_SEG: tl.constexpr, COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -182,20 +210,40 @@ def _bwd_g_kernel(g_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, du_ptr, db_ptr
     if COMPUTE_DB:
         u = tl.load(u_ptr + rows64[:, None] * stride_um + qs[None, :] * stride_ur,
                     mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+    # Only the columns of the splits that own this program's R columns are read,
+    # one split at a time, and each split's du is kept only on its own R columns:
+    # as in the forward, a zero B entry must not meet an Inf/NaN of g.
+    if HAS_SEG:
+        j_first = (tl.program_id(1) * BLOCK_R) // r
+        j_last = (tl.minimum(tl.program_id(1) * BLOCK_R + BLOCK_R, R) - 1) // r
+    else:
+        j_first = 0
+        j_last = 0
     du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gn,
-                    mask=row_ok[:, None] & (cols < N)[None, :], other=0.0)
-        e, ok, brow, k = _expanded_b(b_ptr, stride_bn, stride_br, col_seg_ptr, col_brow_ptr,
-                                     cols, qs, N, r, HAS_SEG)
-        if COMPUTE_DU:
-            e = e.to(g.dtype)
-            du += _mm(g, e, DOT_F32, PREC)
-        if COMPUTE_DB:
-            part = _mm(tl.trans(g), u.to(g.dtype), DOT_F32, PREC)
-            tl.atomic_add(db_ptr + brow[:, None].to(tl.int64) * stride_dbn + k * stride_dbr,
-                          part * scaling, mask=ok & q_ok[None, :])
+    for j in range(j_first, j_last + 1):
+        if HAS_SEG:
+            c0 = tl.load(seg_bounds_ptr + 2 * j)
+            c1 = tl.load(seg_bounds_ptr + 2 * j + 1)
+        else:
+            c0 = 0
+            c1 = N
+        part_du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range((c0 // BLOCK_N) * BLOCK_N, c1, BLOCK_N):
+            cols = tl.multiple_of(n0, BLOCK_N) + tl.arange(0, BLOCK_N)
+            in_j = (cols >= c0) & (cols < c1)
+            g = tl.load(g_ptr + rows64[:, None] * stride_gm + cols[None, :] * stride_gn,
+                        mask=row_ok[:, None] & in_j[None, :], other=0.0)
+            e, ok, brow, k = _expanded_b(b_ptr, stride_bn, stride_br, col_seg_ptr, col_brow_ptr,
+                                         cols, qs, N, r, HAS_SEG)
+            if COMPUTE_DU:
+                part_du += _mm(g, e.to(g.dtype), DOT_F32, PREC)
+            if COMPUTE_DB:
+                part = _mm(tl.trans(g), u.to(g.dtype), DOT_F32, PREC)
+                tl.atomic_add(db_ptr + brow[:, None].to(tl.int64) * stride_dbn + k * stride_dbr,
+                              part * scaling, mask=ok & in_j[:, None] & q_ok[None, :])
+        if HAS_SEG:
+            part_du = tl.where((qs // r == j)[None, :], part_du, 0.0)
+        du += part_du
     if COMPUTE_DU:
         tl.store(du_ptr + rows64[:, None] * stride_dum + qs[None, :] * stride_dur,
                  (du * scaling).to(du_ptr.dtype.element_ty), mask=row_ok[:, None] & q_ok[None, :])
@@ -206,9 +254,9 @@ def _bwd_g_kernel(g_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr, du_ptr, db_ptr
 # sm_90 (TritonGPUReduceDataDuplication pass, triton 3.9; found by
 # tests/test_kernels_compile.py). A runtime R costs nothing: it only bounds the
 # R loop and masks.
-@triton.jit(do_not_specialize=["seed", "R"])
+@triton.jit(do_not_specialize=["seed", "R", "M_BUCKET"])
 def _bwd_x_kernel(g_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
-                  M, N, K, R, seed, p,
+                  M, N, K, R, M_BUCKET, seed, p, keep_scale,
                   stride_gm, stride_gn, stride_wn, stride_wk, stride_dum, stride_dur,
                   stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
                   stride_dar, stride_dak,
@@ -243,7 +291,7 @@ def _bwd_x_kernel(g_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     inv_keep = 1.0
     if HAS_DROPOUT:
         keep = _keep_mask(seed, rows, ks, K, p)
-        inv_keep = 1.0 / (1.0 - p)
+        inv_keep = keep_scale
     if COMPUTE_DA:
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=tile_ok, other=0.0)
