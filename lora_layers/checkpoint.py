@@ -198,6 +198,7 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
     :func:`mark_only_lora_as_trainable` was not called), naming a few of them
     and the ``bias`` that keeps the biases. The file is written all the same.
     """
+    model = unwrap_model(model)
     user = _check_user_metadata(metadata)
     check_destination(path, "LoRA checkpoint")
     tensors, header = adapter_payload(model, bias)

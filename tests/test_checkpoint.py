@@ -425,6 +425,13 @@ def test_never_marked_model_warns_naming_a_few_and_counting_the_rest(tmp_path):
     assert "13 trainable parameters" in msg and "and 8 more" in msg
 
 
+def test_unsaved_warning_names_the_bare_models_parameters_through_a_wrapper(tmp_path):
+    model = make(seed=0, marked=False)
+    msg = _unsaved_warning(torch.compile(model, backend="eager"), tmp_path / "a.safetensors")
+    assert msg.startswith("save_lora: 5 trainable parameters are not saved: 'qkv.bias', 'out.bias'")
+    assert "_orig_mod" not in msg
+
+
 # ----------------------------------------------------------------------------- square adapters
 
 class _Square(nn.Module):
