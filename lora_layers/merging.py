@@ -178,10 +178,13 @@ def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
     """
     if W.is_meta:
         return None
+    flat = W.detach().reshape(-1)
     s1 = s2 = torch.zeros((), dtype=torch.float64, device=W.device)
-    for chunk in W.detach().reshape(-1).split(_SUMS_CHUNK):
-        chunk = chunk.double()
-        s1, s2 = s1 + chunk.sum(), s2 + chunk.dot(chunk)
+    buffer = torch.empty(min(flat.numel(), _SUMS_CHUNK), dtype=torch.float64, device=W.device)
+    for chunk in flat.split(_SUMS_CHUNK):
+        # One buffer for every chunk: a fresh 8 MiB temporary per chunk costs more than the sums.
+        x = buffer[:chunk.numel()].copy_(chunk)
+        s1, s2 = s1 + x.sum(), s2 + x.dot(x)
     return float(s1), float(s2)
 
 
