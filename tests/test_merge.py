@@ -457,6 +457,20 @@ def test_eval_state_dict_saved_after_train_reloads_as_the_base(tmp_path, kind, d
 
 
 @pytest.mark.parametrize("kind", ["linear", "dora"])
+def test_a_model_loaded_merged_then_saved_in_eval_and_unmerged_reloads_as_its_base(kind):
+    # Kept merged as loaded (no residual): the base that train() gives back is the one to recognise.
+    src = _mark_model(kind, torch.float32)
+    model = _mark_model(kind, torch.float32, seed=1).eval()
+    model.load_state_dict(src.eval().state_dict())
+    sd = model.state_dict()
+    assert "lora_base_check" in sd._metadata["1"]
+    model.train()
+    fresh = _mark_model(kind, torch.float32, seed=2)
+    fresh.load_state_dict(sd)
+    assert all(bit_equal(a, b) for a, b in zip(_state(fresh), _state(model)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "dora"])
 def test_eval_state_dict_changed_otherwise_is_refused_and_the_layer_left_unchanged(tmp_path, kind):
     model = _mark_model(kind, torch.float32)
     sd = model.eval().state_dict()
