@@ -425,6 +425,30 @@ def test_best_state_dict_kept_in_memory_across_training_loads_the_model_as_it_is
         assert all(bit_equal(a, b) for a, b in zip(_state(fresh), before))
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_fingerprint_is_exact_up_to_summation_order_and_sees_a_small_merge(dt):
+    import math
+
+    from lora_layers.merging import same_sums, weight_sums
+
+    torch.manual_seed(0)
+    W = torch.randn(1500, 1000).to(dt)  # more than one chunk
+    values = W.double().flatten().tolist()
+    exact = (math.fsum(values), math.fsum(v * v for v in values))  # correctly rounded reference
+    got = weight_sums(W)
+    assert same_sums(got, exact, W.numel()) and same_sums(weight_sums(W.flip(0, 1)), exact, W.numel())
+    assert abs(got[1] - exact[1]) <= 1e-13 * exact[1]
+    # A rank-2 update of about 1e-3 of |W|, rounded into W: most bf16 elements do not even move.
+    delta = 1e-3 * torch.randn(1500, 2) @ torch.randn(2, 1000) / 2 ** 0.5
+    merged = (W.float() + delta).to(dt)
+    assert 0 < (merged != W).float().mean() < (0.5 if dt == torch.bfloat16 else 1.0)
+    assert not same_sums(weight_sums(merged), got, W.numel())
+    nan = W.clone()
+    nan[3, 4] = float("nan")
+    assert same_sums(weight_sums(nan), weight_sums(nan.clone()), W.numel()) and not same_sums(
+        weight_sums(nan), got, W.numel())
+
+
 @pytest.mark.parametrize("kind", list(MARK_KINDS))
 def test_eval_model_loading_its_own_state_dict_is_unchanged(kind):
     model = _mark_model(kind, torch.float32)
