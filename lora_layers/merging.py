@@ -37,7 +37,7 @@ from torch import Tensor
 from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
-           "weight_sums", "ExactMerge", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK", "BASE_CHECK"]
+           "weight_sums", "same_sums", "ExactMerge", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK", "BASE_CHECK"]
 
 #: Set in a module's ``state_dict()._metadata`` entry when its ``weight`` has the adapter merged in.
 #: Metadata, not a key: a loralib model loads the file with ``strict=True`` as it loads its own.
@@ -348,15 +348,15 @@ class ExactMerge:
                 or _shares_memory(W, self.weight):
             return False, None
         problem = self._mark_format_problem(prefix, metadata)
-        checks = [metadata.get(MERGED_CHECK), metadata.get(BASE_CHECK)]
-        if problem is not None or checks[0] is None:
-            return problem is None, problem  # no check (deleted on purpose): the mark is trusted
-        sums = weight_sums(W)
-        if sums is None:
+        if problem is not None:
+            return False, problem
+        merged_check, base_check = metadata.get(MERGED_CHECK), metadata.get(BASE_CHECK)
+        sums = None if merged_check is None else weight_sums(W)
+        if sums is None:  # no check (deleted on purpose), or a weight without values: the mark is trusted
             return True, None
-        if checks[1] is not None and same_sums(sums, checks[1], W.numel()):
+        if base_check is not None and same_sums(sums, base_check, W.numel()):
             return False, None  # the base weight: a train() unmerged it after state_dict()
-        if same_sums(sums, checks[0], W.numel()):
+        if same_sums(sums, merged_check, W.numel()):
             return True, None
         name = prefix[:-1]
         return False, (f"{prefix}weight is marked merged (saved in eval mode) but is neither the merged weight "
