@@ -20,11 +20,15 @@ A LoRA layer's blocks are ``scaling · B_j A_j`` per adapter; another variant
 ``train()``/``eval()``, ``merge``/``unmerge``, and state_dict hooks. A merged
 layer's ``state_dict()`` holds the merged weight (loralib's export) and marks it
 in the state dict's per-module metadata, so that loading it takes the merge out
-again instead of counting the adapter twice.
+again instead of counting the adapter twice. The state dict's tensors are the
+layer's own, so a later ``train()`` unmerges them in place: the mark carries
+fingerprints of the merged weight and of the base under it, and a weight that is
+the base loads as such.
 """
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -33,7 +37,7 @@ from torch import Tensor
 from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
-           "ExactMerge", "MERGED_MARK", "MERGED_FACTORS"]
+           "weight_sums", "same_sums", "ExactMerge", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK", "BASE_CHECK"]
 
 #: Set in a module's ``state_dict()._metadata`` entry when its ``weight`` has the adapter merged in.
 #: Metadata, not a key: a loralib model loads the file with ``strict=True`` as it loads its own.
@@ -41,6 +45,13 @@ MERGED_MARK = "lora_merged"
 #: Next to the mark, only when the adapter keys alone do not say what was merged (DoRA's row
 #: scale, or an adapter changed in place while merged): the merge factors themselves.
 MERGED_FACTORS = "lora_merge_factors"
+#: Next to the mark: :func:`weight_sums` of the merged weight at ``state_dict()`` time. The state
+#: dict's tensors are the layer's own, so a later ``train()`` unmerges them in place; the check
+#: tells a weight still merged from one changed since.
+MERGED_CHECK = "lora_merged_check"
+#: Next to the check, when known: :func:`weight_sums` of the base weight that ``train()`` restores
+#: (bit for bit), so a weight unmerged in place after ``state_dict()`` loads as the base it is.
+BASE_CHECK = "lora_base_check"
 
 #: The integer view of each mergeable dtype (same width), for bitwise residuals.
 BITS_DTYPE = {
@@ -158,6 +169,50 @@ def merged_copy(W: Tensor, blocks: Blocks) -> Tensor:
     return out
 
 
+#: Elements summed at once by :func:`weight_sums`: bounds its float64 temporary (8 MiB).
+_SUMS_CHUNK = 1 << 20
+
+
+@torch.no_grad()
+def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
+    """``(Σ w, Σ w²)`` of ``W`` in float64: a fingerprint that changes when any element does.
+
+    Plain floats, so a state dict's metadata holding it loads with ``torch.load(weights_only=True)``.
+    Two fingerprints are compared with :func:`same_sums`. None for a weight without values (meta).
+    """
+    if W.is_meta:
+        return None
+    flat = W.detach().reshape(-1)
+    s1 = s2 = torch.zeros((), dtype=torch.float64, device=W.device)
+    buffer = torch.empty(min(flat.numel(), _SUMS_CHUNK), dtype=torch.float64, device=W.device)
+    for chunk in flat.split(_SUMS_CHUNK):
+        # One buffer for every chunk: a fresh 8 MiB temporary per chunk costs more than the sums.
+        x = buffer[:chunk.numel()].copy_(chunk)
+        s1, s2 = s1 + x.sum(), s2 + x.dot(x)
+    return float(s1), float(s2)
+
+
+def same_sums(a: Tuple[float, float], b: Tuple[float, float], numel: int) -> bool:
+    """Whether two :func:`weight_sums` are of the same weight, up to the float64 summation order
+    (another device or thread count): 1e-10 relative, where changing one element of a bf16 weight
+    of 10⁷ by an ulp moves ``Σ w²`` by about 1e-9 and an adapter merged in moves it far more."""
+    (a1, a2), (b1, b2) = a, b
+    if not all(math.isfinite(v) for v in (a1, a2, b1, b2)):  # a weight with inf or nan: alike or not
+        return all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in ((a1, b1), (a2, b2)))
+    scale = max(a2, b2)
+    # Σ|w| <= sqrt(n Σw²) bounds the rounding of Σ w, which sums terms of both signs.
+    return abs(a2 - b2) <= 1e-10 * scale and abs(a1 - b1) <= 1e-10 * math.sqrt(numel * scale)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` is a view of ``b``'s storage (a state dict's tensor of the layer's own weight)."""
+    try:
+        return (a.device == b.device and not a.is_meta and a.numel() > 0
+                and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
+        return False
+
+
 class ExactMerge:
     """The merge lifecycle of a LoRA layer (a mixin of :class:`~lora_layers.LoRALayer`).
 
@@ -211,9 +266,11 @@ class ExactMerge:
             raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
         factors = self._merge_factors()
         W = self.weight.data
+        base_sums = weight_sums(W)
         residuals = merge_into(W, self._blocks(factors), check_finite=safe_merge,
                                what=f"{type(self).__name__}.weight")
         self._merge_state = (factors, W.dtype, residuals)
+        self._merge_sums = (base_sums, weight_sums(W))  # unmerge restores this base bit for bit
         self.merged = True
 
     def unmerge(self) -> None:
@@ -267,14 +324,55 @@ class ExactMerge:
             metadata.setdefault(prefix[:-1], {}).update(self._merged_mark())
 
     def _merged_mark(self) -> dict:
+        mark = {MERGED_MARK: True}
+        sums = weight_sums(self.weight)
+        if sums is not None:
+            mark[MERGED_CHECK] = sums
+            base_sums, merged_sums = getattr(self, "_merge_sums", None) or (None, None)
+            if base_sums is not None and merged_sums is not None and same_sums(sums, merged_sums,
+                                                                               self.weight.numel()):
+                mark[BASE_CHECK] = base_sums  # the weight is as merged: train() gives that base back
         factors = self._merge_state[0]
         adapter = (getattr(self, "lora_A", None), getattr(self, "lora_B", None))
         if len(factors) == 2 and all(isinstance(a, Tensor) and torch.equal(f, a.detach().to(f.device))
                                      for f, a in zip(factors, adapter)):
-            return {MERGED_MARK: True}  # what was merged is the adapter saved next to the weight
-        return {MERGED_MARK: True, MERGED_FACTORS: tuple(f.detach().clone() for f in factors)}
+            return mark  # what was merged is the adapter saved next to the weight
+        return {**mark, MERGED_FACTORS: tuple(f.detach().clone() for f in factors)}
 
-    def _merged_load_problem(self, state_dict, prefix, factors) -> Optional[str]:
+    def _read_mark(self, state_dict, prefix, metadata) -> Tuple[bool, Optional[str]]:
+        """Whether ``<prefix>weight`` is to be loaded as merged, and why it cannot be loaded at all.
+
+        Unmarked, or the layer's own weight (its merge state says what it holds): not merged. With
+        a check, the weight must still be the one ``state_dict()`` returned (merged), or the base
+        under it (a ``train()`` unmerged it in place since); anything else changed it in a way
+        that this layer cannot tell, so it is refused rather than guessed.
+        """
+        W = state_dict.get(prefix + "weight")
+        if not (metadata.get(MERGED_MARK) and isinstance(W, Tensor) and self.has_adapter) \
+                or _shares_memory(W, self.weight):
+            return False, None
+        problem = self._mark_format_problem(prefix, metadata)
+        if problem is not None:
+            return False, problem
+        merged_check, base_check = metadata.get(MERGED_CHECK), metadata.get(BASE_CHECK)
+        sums = None if merged_check is None else weight_sums(W)
+        if sums is None:  # no check (deleted on purpose), or a weight without values: the mark is trusted
+            return True, None
+        if base_check is not None and same_sums(sums, base_check, W.numel()):
+            return False, None  # the base weight: a train() unmerged it after state_dict()
+        if same_sums(sums, merged_check, W.numel()):
+            return True, None
+        name = prefix[:-1]
+        return False, (f"{prefix}weight is marked merged (saved in eval mode) but is neither the merged weight "
+                       f"that state_dict() returned nor the base weight under it: it changed after "
+                       f"state_dict() (whose tensors are the model's own, so eval() with a newer adapter, an "
+                       f"optimizer step or a cast changes them). Loading it as merged or as base could both "
+                       f"be wrong, so this layer was left unchanged. Save or copy.deepcopy the state dict "
+                       f"right after state_dict(). If you know it holds the merged weight of the adapter saved "
+                       f"with it, delete sd._metadata[{name!r}][{MERGED_CHECK!r}]; if it holds the base "
+                       f"weight, delete sd._metadata[{name!r}][{MERGED_MARK!r}]")
+
+    def _merged_load_problem(self, state_dict, prefix) -> Optional[str]:
         """Why a weight marked merged cannot be loaded into this layer, or None."""
         adapter = self.adapter_parameters()
         missing = [prefix + name for name in adapter if prefix + name not in state_dict]
@@ -286,7 +384,18 @@ class ExactMerge:
             return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
                     f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "
                     f"(this layer was left unchanged)")
-        shapes = [tuple(p.shape) for p in adapter.values()]  # lora_A, lora_B[, lora_magnitude]
+        return None
+
+    def _mark_format_problem(self, prefix, metadata) -> Optional[str]:
+        """Why the metadata next to a weight marked merged is malformed, or None."""
+        for name in (MERGED_CHECK, BASE_CHECK):
+            check = metadata.get(name)
+            if check is not None and not (isinstance(check, (tuple, list)) and len(check) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in check)):
+                return (f"the metadata {name!r} of {prefix}weight must be two numbers (Σw, Σw²), got "
+                        f"{check!r} (this layer was left unchanged)")
+        factors = metadata.get(MERGED_FACTORS)
+        shapes = [tuple(p.shape) for p in self.adapter_parameters().values()]  # lora_A, lora_B[, lora_magnitude]
         if factors is not None and (not isinstance(factors, (tuple, list)) or [
                 tuple(f.shape) if isinstance(f, Tensor) and f.is_floating_point() else None
                 for f in factors] != shapes):
@@ -302,12 +411,15 @@ class ExactMerge:
         self._merge_state, self.merged = (factors, W.dtype, None), True
         if self.training or not self.merge_weights or self._merge_blocker() is not None:
             self.unmerge()
+        else:  # the base that train() will restore is this one rounding, not the saved base
+            self._merge_sums = (weight_sums(self.unmerged_weight()), weight_sums(W))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        marked = bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
+        marked, problem = self._read_mark(state_dict, prefix, local_metadata)
         factors = local_metadata.get(MERGED_FACTORS) if marked else None
-        problem = self._merged_load_problem(state_dict, prefix, factors) if marked else None
+        if marked:
+            problem = self._merged_load_problem(state_dict, prefix)
         if problem is not None:
             error_msgs.append(problem)
             return

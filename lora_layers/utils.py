@@ -18,7 +18,7 @@ from ._ties import find_shared_weights
 from ._unwrap import unwrap_model
 from ._warnings import warn_wrapper_keys
 from .layers import LoRALayer
-from .merging import MERGED_FACTORS, MERGED_MARK
+from .merging import BASE_CHECK, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK
 
 __all__ = [
     "BIAS_MODES",
@@ -200,7 +200,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
         # No adapter keys: the merged mark would make a LoRA model refuse to load these weights.
-        for key in (MERGED_MARK, MERGED_FACTORS):
+        for key in (MERGED_MARK, MERGED_FACTORS, MERGED_CHECK, BASE_CHECK):
             getattr(state, "_metadata", {}).get(name, {}).pop(key, None)
     return state
 

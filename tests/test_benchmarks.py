@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import lora_layers as L
+
 pytest.importorskip("peft")
 pytest.importorskip("loralib")
 pytest.importorskip("transformers")
@@ -20,6 +22,7 @@ sys.path.insert(0, BENCH)
 
 import _common  # noqa: E402
 import bench_layers  # noqa: E402
+import bench_merged_mark  # noqa: E402
 import bench_phi3_step  # noqa: E402
 import loss_parity  # noqa: E402
 import plot  # noqa: E402
@@ -37,6 +40,19 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
 
     got = _common.saved_bytes(fn, exclude=[x, w])
     assert got == {"bytes": 2 * h.numel() * 4, "tensors": 2, "excluded": 2}
+
+
+def test_bench_merged_mark_quick_times_both_and_restores_the_fingerprints(tmp_path, capsys):
+    from lora_layers import merging
+
+    real = merging.weight_sums
+    bench_merged_mark.main(["--quick", "--threads", "1", "--out", str(tmp_path / "m.json")])
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert sorted(res["fp32"]["median_ms"]) == ["cycle", "cycle_without", "state_dict", "state_dict_without"]
+    assert merging.weight_sums is real
+    with bench_merged_mark._no_sums():  # "without" is the mark alone
+        sd = L.Linear(4, 4, r=2).eval().state_dict()
+    assert sd._metadata[""]["lora_merged"] and "lora_merged_check" not in sd._metadata[""]
 
 
 def test_interleaved_times_runs_every_callable_reps_times():

@@ -362,6 +362,195 @@ def test_adapter_changed_in_place_while_merged_reloads_to_the_base(dora):
     assert torch.equal(fresh.lora_B, layer.lora_B)
 
 
+# ------------------------------------------------- an eval-mode state dict whose tensors change afterwards
+MARK_KINDS = {  # one layer of each kind, fed by the same token ids through an embedding
+    "linear": lambda dt: L.Linear(8, 12, r=2, lora_alpha=4, dtype=dt),
+    "merged": lambda dt: L.MergedLinear(8, 12, r=2, enable_lora=[True, False, True], dtype=dt),
+    "embedding": lambda dt: L.Embedding(10, 8, r=2, lora_alpha=4, dtype=dt),
+    "dora": lambda dt: L.Linear(8, 12, r=2, lora_alpha=4, use_dora=True, dtype=dt),
+}
+
+
+def _mark_model(kind, dt, seed=0):
+    torch.manual_seed(seed)
+    first = MARK_KINDS["embedding"](dt) if kind == "embedding" else nn.Embedding(10, 8, dtype=dt)
+    model = nn.Sequential(first, MARK_KINDS[kind](dt)) if kind != "embedding" else nn.Sequential(first)
+    L.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, L.LoRALayer):  # as if trained (an Embedding's zero factor is lora_A)
+                m.lora_A.normal_()
+                m.lora_B.normal_()
+    return model
+
+
+def _steps(model, n=3):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(n):
+        model(IDX).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _state(model):
+    return [p.detach().clone() for p in model.state_dict(keep_vars=True).values()]
+
+
+def _lora(model):
+    return [m for m in model if isinstance(m, L.LoRALayer)]
+
+
+@pytest.mark.parametrize("kind", list(MARK_KINDS))
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("load_in", ["train", "eval"])
+def test_best_state_dict_kept_in_memory_across_training_loads_the_model_as_it_is(kind, dt, load_in):
+    # best = model.state_dict() while validating, training goes on, later model.load_state_dict(best).
+    model = _mark_model(kind, dt)
+    bases = [m.weight.detach().clone() for m in _lora(model)]
+    best = model.eval().state_dict()
+    model.train()
+    _steps(model)
+    model.train(load_in == "train")  # eval(): merged again, with the adapter trained since
+    before = _state(model)
+    assert torch.equal(best[f"{len(model) - 1}.lora_B"], _lora(model)[-1].lora_B)  # torch's: the live tensors
+    model.load_state_dict(best)
+    # The state dict holds the model's own tensors, so loading it changes nothing (as in torch and loralib).
+    assert all(bit_equal(a, b) for a, b in zip(_state(model), before))
+    model.train()
+    assert all(bit_equal(m.weight, base) for m, base in zip(_lora(model), bases))
+    # Into another model, the weight is recognised as the base under the mark.
+    if load_in == "train":
+        fresh = _mark_model(kind, dt, seed=1).train()
+        fresh.load_state_dict(best)
+        assert all(bit_equal(a, b) for a, b in zip(_state(fresh), before))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_fingerprint_is_exact_up_to_summation_order_and_sees_a_small_merge(dt):
+    import math
+
+    from lora_layers.merging import same_sums, weight_sums
+
+    torch.manual_seed(0)
+    W = torch.randn(1500, 1000).to(dt)  # more than one chunk
+    values = W.double().flatten().tolist()
+    exact = (math.fsum(values), math.fsum(v * v for v in values))  # correctly rounded reference
+    got = weight_sums(W)
+    assert same_sums(got, exact, W.numel()) and same_sums(weight_sums(W.flip(0, 1)), exact, W.numel())
+    assert abs(got[1] - exact[1]) <= 1e-13 * exact[1]
+    # A rank-2 update of about 1e-3 of |W|, rounded into W: most bf16 elements do not even move.
+    delta = 1e-3 * torch.randn(1500, 2) @ torch.randn(2, 1000) / 2 ** 0.5
+    merged = (W.float() + delta).to(dt)
+    assert 0 < (merged != W).float().mean() < (0.5 if dt == torch.bfloat16 else 1.0)
+    assert not same_sums(weight_sums(merged), got, W.numel())
+    nan = W.clone()
+    nan[3, 4] = float("nan")
+    assert same_sums(weight_sums(nan), weight_sums(nan.clone()), W.numel()) and not same_sums(
+        weight_sums(nan), got, W.numel())
+
+
+@pytest.mark.parametrize("kind", list(MARK_KINDS))
+def test_eval_model_loading_its_own_state_dict_is_unchanged(kind):
+    model = _mark_model(kind, torch.float32)
+    bases = [m.weight.detach().clone() for m in _lora(model)]
+    before = _state(model.eval())
+    model.load_state_dict(model.state_dict())  # the weight is the layer's own: its merge state says what it is
+    assert all(bit_equal(a, b) for a, b in zip(_state(model), before))
+    assert all(bit_equal(m.weight, base) for m, base in zip(_lora(model.train()), bases))
+
+
+@pytest.mark.parametrize("kind", list(MARK_KINDS))
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("load_in", ["train", "eval"])
+def test_eval_state_dict_saved_after_train_reloads_as_the_base(tmp_path, kind, dt, load_in):
+    # sd = model.eval().state_dict(); model.train(); torch.save(sd, f): the file holds the base weight.
+    model = _mark_model(kind, dt)
+    bases = [m.weight.detach().clone() for m in _lora(model)]
+    sd = model.eval().state_dict()
+    y_eval = model(IDX)
+    model.train()
+    torch.save(sd, tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert loaded._metadata[str(len(model) - 1)]["lora_merged"]  # still marked merged
+    fresh = _mark_model(kind, dt, seed=1).train(load_in == "train")
+    fresh.load_state_dict(loaded)
+    torch.testing.assert_close(fresh.eval()(IDX), y_eval, rtol=0, atol=0 if load_in == "eval" else TOL[dt])
+    fresh.train()
+    assert all(bit_equal(m.weight, base) for m, base in zip(_lora(fresh), bases))
+    assert all(bit_equal(a, b) for a, b in zip(_state(fresh), _state(model)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "dora"])
+def test_a_model_loaded_merged_then_saved_in_eval_and_unmerged_reloads_as_its_base(kind):
+    # Kept merged as loaded (no residual): the base that train() gives back is the one to recognise.
+    src = _mark_model(kind, torch.float32)
+    model = _mark_model(kind, torch.float32, seed=1).eval()
+    model.load_state_dict(src.eval().state_dict())
+    sd = model.state_dict()
+    assert "lora_base_check" in sd._metadata["1"]
+    model.train()
+    fresh = _mark_model(kind, torch.float32, seed=2)
+    fresh.load_state_dict(sd)
+    assert all(bit_equal(a, b) for a, b in zip(_state(fresh), _state(model)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "dora"])
+def test_eval_state_dict_changed_otherwise_is_refused_and_the_layer_left_unchanged(tmp_path, kind):
+    model = _mark_model(kind, torch.float32)
+    sd = model.eval().state_dict()
+    model.train()
+    _steps(model)
+    model.eval()  # sd's weight: merged with the adapter trained since, its check that of the first merge
+    y_eval = model(IDX)
+    torch.save(sd, tmp_path / "sd.pt")
+    fresh = _mark_model(kind, torch.float32, seed=1)
+    before = _state(fresh[1])
+    with pytest.raises(RuntimeError, match=r"1.weight is marked merged .* neither the merged weight .* "
+                                           r"delete sd._metadata\['1'\]\['lora_merged_check'\]"):
+        fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert all(bit_equal(a, b) for a, b in zip(_state(fresh[1]), before)) and not fresh[1].merged
+    # The caller who knows what the weight holds says so: merged with the adapter saved next to it.
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    del loaded._metadata["1"]["lora_merged_check"]
+    if kind == "dora":  # the factors saved are those of the first merge: the new row scale is not known
+        del loaded._metadata["1"]["lora_merge_factors"]
+        return
+    fresh.load_state_dict(loaded)
+    torch.testing.assert_close(fresh.eval()(IDX), y_eval, rtol=0, atol=1e-6)
+
+
+def test_eval_state_dict_cast_in_place_is_refused_unless_the_cast_is_exact():
+    model = _mark_model("linear", torch.bfloat16)
+    base = model[1].weight.detach().clone()
+    sd = model.eval().state_dict()
+    for key in list(sd):
+        sd[key] = sd[key].float()  # bf16 -> fp32 is exact: still the merged weight, the merge taken out
+    fresh = _mark_model("linear", torch.bfloat16, seed=1)
+    fresh.load_state_dict(sd)
+    assert _close_to_base(fresh[1].weight.detach(), base, model[1].weight.detach())
+    assert not torch.equal(fresh[1].weight, model[1].weight)
+    sd = _mark_model("linear", torch.float32).eval().state_dict()
+    sd["1.weight"] = sd["1.weight"].bfloat16()  # rounds: neither the merged weight nor the base
+    with pytest.raises(RuntimeError, match="1.weight is marked merged .* neither"):
+        _mark_model("linear", torch.bfloat16, seed=1).load_state_dict(sd)
+
+
+def test_merged_state_dict_carries_no_merged_mark():
+    # A plain model's state dict: loaded into a LoRA model, its weights are base weights.
+    sd = L.merged_state_dict(_mark_model("linear", torch.float32).eval())
+    assert not [k for entry in sd._metadata.values() for k in entry if k.startswith("lora_")]
+
+
+def test_malformed_merged_check_is_refused_and_the_layer_left_unchanged():
+    sd = _mark_model("linear", torch.float32).eval().state_dict()
+    sd._metadata["1"]["lora_base_check"] = ("1", 2.0)
+    fresh = _mark_model("linear", torch.float32, seed=1)
+    before = _state(fresh[1])
+    with pytest.raises(RuntimeError, match=r"metadata 'lora_base_check' of 1.weight must be two numbers .*'1'"):
+        fresh.load_state_dict(sd)
+    assert all(bit_equal(a, b) for a, b in zip(_state(fresh[1]), before))
+
+
 @pytest.mark.parametrize("via", ["full", "lora_state_dict"])
 def test_loading_new_adapter_into_merged_layer(via):
     layer = _make("merged_gqa").eval()
