@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 RESULTS_JS = """JSON.stringify({
   meta: (document.querySelector('.md-search-result__meta') || {}).textContent || '',
@@ -86,14 +87,14 @@ def search(site: str, query: str, screenshot: str | None, timeout_s: float = 30.
     os.close(to_r), os.close(from_w)
     try:
         cdp = Pipe(to_w, from_r)
-        url = f"http://127.0.0.1:{server.server_address[1]}/?q={query}"
+        url = f"http://127.0.0.1:{server.server_address[1]}/?q={urllib.parse.quote(query)}"
         target = cdp.call("Target.createTarget", url=url)["targetId"]
         session = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         deadline = time.monotonic() + timeout_s
         while True:
             value = cdp.call("Runtime.evaluate", session, expression=RESULTS_JS)["result"].get("value", "{}")
             found = json.loads(value)
-            if found["meta"] and "Initializing" not in found["meta"] or time.monotonic() > deadline:
+            if (found["meta"] and "Initializing" not in found["meta"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
         if screenshot:

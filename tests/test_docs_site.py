@@ -84,6 +84,7 @@ def test_search_finds_every_heading_of_the_phi3_guide(site):
     assert not missing, f"the search index lacks these headings of docs/phi3.md: {missing}"
 
 
+@pytest.mark.timeout(120)
 def test_search_box_in_headless_chromium_finds_the_api_entry(site, tmp_path):
     """The browser side of the search (docs/search_check.py); runs where Chromium is installed."""
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
