@@ -5,6 +5,7 @@ Core install needs only torch and safetensors. Optional extras:
   hf      the Phi-3 example and PEFT interop (transformers, tokenizers)
   qlora   quantized frozen bases (bitsandbytes, torchao)
   dev     everything the test suite and benchmarks need
+  docs    the docs site: mkdocs build --strict (tests/test_docs_site.py runs it when installed)
 """
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ EXTRAS = {
     "triton": ["triton>=3.0", "numpy"],
     "hf": ["transformers>=4.40", "tokenizers>=0.19"],
     "qlora": ["bitsandbytes>=0.45", "torchao>=0.10"],
+    # mkdocs 1.6 validates anchors (mkdocs.yml turns that on); the other two bounds are the tested versions.
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.8", "mkdocstrings-python>=2.0"],
 }
 EXTRAS["dev"] = sorted(
     set(

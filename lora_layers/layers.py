@@ -303,7 +303,8 @@ class MergedLinear(Linear):
         enable_lora: one bool per split, e.g. ``[True, False, True]`` for q and v.
         split_sizes: output size of each split; must sum to ``out_features``.
             GQA qkv: ``[H·d, KV·d, KV·d]``; Phi-3 gate_up: ``[I, I]``.
-        (other arguments as :class:`Linear`)
+        in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, **kwargs:
+            as :class:`Linear`.
 
     Attributes:
         lora_A: ``(r · n_enabled, in_features)``.
@@ -389,8 +390,7 @@ class Embedding(LoRALayer, nn.Embedding):
 
     Args:
         num_embeddings, embedding_dim, **kwargs: as ``nn.Embedding``.
-        r, lora_alpha, merge_weights, use_rslora, lora_dtype: as :class:`Linear`.
-        (No dropout, as in loralib.)
+        r, lora_alpha, merge_weights, use_rslora, lora_dtype: as :class:`Linear` (no dropout, as in loralib).
 
     Attributes:
         lora_A: ``(r, num_embeddings)``, zero init.
@@ -719,7 +719,7 @@ class Conv1d(_ConvNd, nn.Conv1d):
     Attributes:
         lora_A: ``(r, in_channels/groups · kernel_size)``, kaiming-uniform init.
         lora_B: ``(out_channels, r)``, zero init.
-        (``layout="loralib"``, kernel 1 only: ``(r, in_channels)`` and ``(out_channels/groups, r)``.)
+            (``layout="loralib"``, kernel 1 only: ``(r, in_channels)`` and ``(out_channels/groups, r)``.)
         conv, layout: as :class:`Conv2d`.
     """
 
@@ -732,8 +732,8 @@ class Conv2d(_ConvNd, nn.Conv2d):
     Attributes:
         lora_A: ``(r, in_channels/groups · kh · kw)``, kaiming-uniform init.
         lora_B: ``(out_channels, r)``, zero init.
-        (``layout="loralib"``, square kernel ``k``: ``(r·k, in_channels·k)`` and
-        ``(out_channels/groups·k, r·k)``, as loralib.)
+            (``layout="loralib"``, square kernel ``k``: ``(r·k, in_channels·k)`` and
+            ``(out_channels/groups·k, r·k)``, as loralib.)
         conv: loralib's wrapped conv, a view of this layer (same ``weight``/``bias``, base conv only).
 
     Args:
@@ -752,7 +752,7 @@ class Conv3d(_ConvNd, nn.Conv3d):
     Attributes:
         lora_A: ``(r, in_channels/groups · kd · kh · kw)``, kaiming-uniform init.
         lora_B: ``(out_channels, r)``, zero init.
-        (``layout="loralib"``, kernel 1 only: ``(r, in_channels)`` and ``(out_channels/groups, r)``.)
+            (``layout="loralib"``, kernel 1 only: ``(r, in_channels)`` and ``(out_channels/groups, r)``.)
         conv, layout: as :class:`Conv2d`.
     """
 

@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("transformers", "peft", "loralib", "triton", "tokenizers", "numpy", "matplotlib", "hypothesis")
@@ -174,9 +176,35 @@ def test_ci_pins_torch_and_runs_the_readme_test_command():
     ci = _ci_commands()
     assert ci[-1] == pytest_step, f".ci/run must end with the README's test command {pytest_step!r}, got {ci[-1]!r}"
     torch_pin = [i for i, c in enumerate(ci) if re.search(r"pip install .*\btorch==2\.13\.0\b", c)]
-    project = [i for i, c in enumerate(ci) if re.search(r"pip install .*-e [\"']?\.\[dev\]", c)]
+    project = [i for i, c in enumerate(ci) if re.search(r"pip install .*-e [\"']?\.\[dev[],]", c)]
     assert torch_pin, ".ci/run must pin torch==2.13.0"
     assert project, ".ci/run must install the project with its dev extra (pip install -e \".[dev]\")"
     assert torch_pin[0] < project[0], ".ci/run must pin torch before installing the project"
     # The README's install steps are the same ones.
     assert any("torch==2.13.0" in s for s in steps[:-1]) and any(".[dev]" in s for s in steps[:-1]), tests[0]
+
+
+def _extras_require():
+    """``extras_require`` as setup.py passes it to ``setup()`` (run with ``setup`` replaced)."""
+    import runpy
+    from unittest import mock
+
+    import setuptools
+
+    with mock.patch.object(setuptools, "setup") as setup:
+        runpy.run_path(str(ROOT / "setup.py"))
+    return setup.call_args.kwargs["extras_require"]
+
+
+def test_docs_extra_provides_what_the_site_build_imports_and_ci_installs_it():
+    from importlib.metadata import packages_distributions
+
+    docs = {re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower() for req in _extras_require()["docs"]}
+    # the modules tests/test_docs_site.py needs: mkdocs, the material theme, the mkdocstrings python handler
+    providers = packages_distributions()
+    for module in ("mkdocs", "material", "mkdocstrings_handlers"):
+        if module not in providers:
+            pytest.skip(f"the [docs] extra is not installed here ({module})")
+        assert {d.lower() for d in providers[module]} & docs, f"no distribution of the [docs] extra provides {module}"
+    installs = [c for c in _ci_commands() if re.search(r"pip install .*-e [\"']?\.\[[\w,]*\bdocs\b", c)]
+    assert installs, ".ci/run must install the docs extra, or tests/test_docs_site.py skips in CI"
