@@ -229,15 +229,6 @@ class ExactMerge:
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
 
-    def register_parameter(self, name: str, param) -> None:
-        # ``layer.weight = nn.Parameter(w)`` (or ``layer.conv.weight = ...``) on a merged layer: the merge
-        # was made into the old Parameter, which gets its base weight back before it leaves the layer; the
-        # new one is the base weight, as load_state_dict(assign=True) makes it.
-        if name == "weight" and self.__dict__.get("merged") and self.__dict__.get("_merge_state") is not None \
-                and param is not self._parameters.get("weight"):
-            self.unmerge()
-        super().register_parameter(name, param)
-
     def _merged_here(self) -> bool:
         # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.
         return self.merged and getattr(self, "_merge_state", None) is not None
@@ -250,6 +241,15 @@ class ExactMerge:
         if residuals is None or W.dtype != dtype:
             residuals = itertools.repeat(None)
         restore_from(W, self._blocks(factors), residuals)
+
+    def register_parameter(self, name: str, param) -> None:
+        # ``layer.weight = nn.Parameter(w)`` (or ``layer.conv.weight = ...``) on a merged layer: the merge
+        # was made into the old Parameter, which gets its base weight back before it leaves the layer; the
+        # new one is the base weight, as load_state_dict(assign=True) makes it.
+        if name == "weight" and self.__dict__.get("merged") and self.__dict__.get("_merge_state") is not None \
+                and param is not self._parameters.get("weight"):
+            self.unmerge()
+        super().register_parameter(name, param)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
