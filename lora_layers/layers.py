@@ -210,6 +210,8 @@ class Linear(LoRALayer, nn.Linear):
         magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
         changing the weight any other way: ``weight.data.copy_(...)``, assigning a new ``weight``
         Parameter, or a load through the module that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
+        An in-place write into a merged (eval-mode) layer's weight is taken as a merged weight, as
+        loralib takes it, so make such writes in train mode (an assigned Parameter is the base weight).
 
         Raises:
             ValueError: the layer has no magnitude (``use_dora=False`` or ``r=0``); nothing changes.
