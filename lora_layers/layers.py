@@ -676,8 +676,7 @@ class _ConvNd(LoRALayer):
         """loralib's ``.conv``: this layer as a plain ``nn.Conv{1,2,3}d`` without the adapter.
 
         ``layer.conv.weight`` *is* ``layer.weight`` (so ``layer.conv.weight.data.copy_(w)``
-        and ``layer.conv.weight = nn.Parameter(w)`` change the layer; a Parameter assigned to a
-        merged layer is its base weight, the old one being unmerged first), likewise ``bias``,
+        and ``layer.conv.weight = nn.Parameter(w)`` change the layer), likewise ``bias``,
         ``kernel_size``, ``stride``, ``padding`` and the other conv attributes;
         ``layer.conv(x)`` is the base convolution alone (with the merged weight while merged,
         as loralib's). It is not a submodule: the state_dict keys stay ``weight``/``bias``.

@@ -242,15 +242,6 @@ class ExactMerge:
             residuals = itertools.repeat(None)
         restore_from(W, self._blocks(factors), residuals)
 
-    def register_parameter(self, name: str, param) -> None:
-        # ``layer.weight = nn.Parameter(w)`` (or ``layer.conv.weight = ...``) on a merged layer: the merge
-        # was made into the old Parameter, which gets its base weight back before it leaves the layer; the
-        # new one is the base weight, as load_state_dict(assign=True) makes it.
-        if name == "weight" and self.__dict__.get("merged") and self.__dict__.get("_merge_state") is not None \
-                and param is not self._parameters.get("weight"):
-            self.unmerge()
-        super().register_parameter(name, param)
-
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
         if not self._merged_here():

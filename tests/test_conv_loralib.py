@@ -96,24 +96,6 @@ def test_conv_writes_reach_the_layer():
     assert layer.lora_A.requires_grad and not layer.bias.requires_grad
 
 
-def test_conv_weight_assigned_on_a_merged_layer_is_the_base_weight():
-    # issue #20 review: the merge belongs to the old Parameter (restored exactly before it leaves the layer);
-    # the new one is the base weight, as loading it with load_state_dict(assign=True) would make it.
-    layer = L.Conv2d(3, 4, 3, r=2, lora_alpha=4)
-    _randomize(layer.lora_B)
-    old_weight = layer.weight.detach().clone()
-    old = layer.weight
-    layer.eval()
-    new_weight = torch.randn(4, 3, 3, 3)
-    layer.conv.weight = nn.Parameter(new_weight.clone())
-    assert torch.equal(old, old_weight) and not layer.merged
-    x = torch.randn(1, 3, 5, 5)
-    delta = layer.scaling * (layer.lora_B @ layer.lora_A).view(4, 3, 3, 3)
-    torch.testing.assert_close(layer(x), F.conv2d(x, new_weight + delta, layer.bias), rtol=1e-5, atol=1e-5)
-    layer.train()
-    assert torch.equal(layer.weight, new_weight)
-
-
 def test_replacing_conv_is_refused_and_changes_nothing():
     layer = L.Conv2d(3, 4, 3, r=2)
     before = copy.deepcopy(layer.state_dict())

@@ -557,28 +557,6 @@ def test_reset_magnitude_resyncs_after_a_weight_written_by_hand(kind):
     torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["linear", "fifo", "merged"])
-def test_reset_magnitude_after_assigning_a_weight_parameter_to_a_merged_layer(kind):
-    # issue #20 review: the documented re-sync after `layer.weight = nn.Parameter(...)`, on a merged (eval)
-    # layer. The merge belongs to the old Parameter, which gets its base weight back; the new one is the
-    # base weight, as in train mode (it used to be unmerged as if merged, and reset_magnitude raised).
-    pre, state = _pretrained_state(kind)
-    ref = _layer(kind)
-    layer = copy.deepcopy(ref).eval()
-    old, w_old = layer.weight, ref.weight.detach().clone()
-    assert layer.merged
-    layer.weight = nn.Parameter(state["weight"].clone(), requires_grad=False)
-    assert bit_equal(old, w_old) and not layer.merged
-    layer.reset_magnitude()
-    ref.weight.data.copy_(state["weight"])
-    ref.reset_magnitude()
-    x = torch.randn(5, 12)
-    assert bit_equal(layer.lora_magnitude, ref.lora_magnitude)
-    torch.testing.assert_close(layer(x), ref(x), rtol=1e-6, atol=1e-6)
-    layer.train()
-    assert bit_equal(layer.weight, state["weight"])
-
-
 def test_reset_magnitude_without_dora_raises_by_name():
     layer = L.Linear(4, 4, r=2)
     with pytest.raises(ValueError, match=r"reset_magnitude.*use_dora=False"):
