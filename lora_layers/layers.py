@@ -210,6 +210,9 @@ class Linear(LoRALayer, nn.Linear):
         magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
         changing the weight any other way: ``weight.data.copy_(...)``, assigning a new ``weight``
         Parameter, or a load through the module that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
+        Make such changes in train mode: a weight written into, or assigned to, a merged (eval-mode)
+        layer is taken as a merged weight, as loralib takes it. A merged layer that can no longer
+        merge (its weight was assigned or tied since) stays unmerged, as ``eval()`` leaves it.
 
         Raises:
             ValueError: the layer has no magnitude (``use_dora=False`` or ``r=0``); nothing changes.
@@ -222,7 +225,7 @@ class Linear(LoRALayer, nn.Linear):
         try:
             self._reset_magnitude()
         finally:
-            if was_merged:
+            if was_merged and self._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 self.merge()
 
     def _magnitude_is_derived(self) -> bool:
@@ -248,7 +251,7 @@ class Linear(LoRALayer, nn.Linear):
             if len(error_msgs) == errors:
                 self._follow_loaded_weight(prefix)
         finally:
-            if was_merged:
+            if was_merged and self._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 self.merge()
 
     def _follow_loaded_weight(self, prefix: str) -> None:

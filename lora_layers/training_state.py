@@ -16,6 +16,7 @@ import copy
 import functools
 import hashlib
 import io
+import math
 import os
 import random
 import struct
@@ -373,7 +374,8 @@ def _check_rng(f: _Fields, rng: dict) -> None:
             raise f.error("rng.numpy", f"is not a valid NumPy RNG state ({exc})") from exc
 
 
-def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> dict:
+def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer, shapes: Dict[int, tuple]) -> dict:
+    """The saved optimizer state, checked; ``shapes``: a parameter's shape once loaded, by ``id``."""
     cls = f.get(saved, "class", str, "optimizer")
     if cls != _class_name(optimizer):
         raise f.error("optimizer.class", f"is {cls}, but the optimizer is a {_class_name(optimizer)}: its state "
@@ -402,11 +404,12 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> di
         live = optimizer.state.get(params[key])
         if live and set(live) != set(value):
             raise f.error(field, f"holds {sorted(value)}, but the optimizer keeps {sorted(live)} for that parameter")
+        shape = shapes.get(id(params[key]), tuple(params[key].shape))
         for state_key, state_value in value.items():
-            expected = _state_problem(optimizer, state_key, state_value, params[key])
+            expected = _state_problem(optimizer, state_key, state_value, params[key], shape)
             if expected is not None:
                 raise f.error(f"{field}[{state_key!r}]", f"(state of parameter {param_names[key]!r}, shape "
-                                                         f"{tuple(params[key].shape)}) is {_describe(state_value)}; "
+                                                         f"{shape}) is {_describe(state_value)}; "
                                                          f"expected {expected}")
     return sd
 
@@ -442,8 +445,9 @@ def _state_shape(key: str, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
     return None
 
 
-def _state_problem(optimizer, key: str, value, param: Tensor) -> Optional[str]:
-    """What ``value`` should be as ``optimizer``'s state ``key`` for ``param``, or None if it fits.
+def _state_problem(optimizer, key: str, value, param: Tensor, shape: Tuple[int, ...]) -> Optional[str]:
+    """What ``value`` should be as ``optimizer``'s state ``key`` for ``param`` (of ``shape`` once
+    loaded), or None if it fits.
 
     Checked so that a wrong value is refused before the optimizer is overwritten,
     not met by ``step()`` afterwards. Another class's keys are not known: there a
@@ -455,9 +459,8 @@ def _state_problem(optimizer, key: str, value, param: Tensor) -> Optional[str]:
         number = (type(value) in (int, float) or isinstance(value, Tensor) and value.dim() == 0
                   and (value.is_floating_point() or value.dtype in _INTEGER_DTYPES))
         return None if number else "a number (an int, a float or a 0-dim tensor)"
-    shape = tuple(param.shape)
     if not known:
-        wrong = isinstance(value, Tensor) and value.dim() > 0 and value.numel() == param.numel()
+        wrong = isinstance(value, Tensor) and value.dim() > 0 and value.numel() == math.prod(shape)
         return f"a tensor of the parameter's shape {shape}" if wrong and value.shape != param.shape else None
     expected = _state_shape(key, shape)
     if expected is None or value is None and key == "momentum_buffer":  # torch <= 2.1 SGD without momentum
@@ -585,8 +588,10 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         raise f.error("adapter.header", "must map str -> str")
     tensors, header, prefix = canonical_payload(model, tensors, header)
     copies, _ = plan_load(model, tensors, header, True, f.source)
+    # A fresh conv layer that the adapter switches to loralib's layout gets the saved shapes.
+    shapes = {id(param): tuple(tensor.shape) for _, _, param, tensor in copies}
     opt_state = _check_optimizer(f, _strip_param_names(f.get(state, "optimizer", dict, ""), prefix), model,
-                                 optimizer)
+                                 optimizer, shapes)
     copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = f.get(state, "rng", dict, "")

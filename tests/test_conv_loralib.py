@@ -376,3 +376,36 @@ def test_export_peft_of_a_loralib_layout_conv_is_exact(tmp_path, rslora):
         back = copy.deepcopy(plain)
         L.import_peft(back, tmp_path / "peft")
         torch.testing.assert_close(back(x), ours(x), rtol=0, atol=1e-5)
+
+
+def test_a_training_state_of_a_switched_model_resumes_into_a_fresh_one(tmp_path, fresh_warning, monkeypatch):
+    # issue #20 review: the resume builds the model as the first run did (default layout) and an optimizer
+    # over its fresh adapters; the training state's adapter switches the layers, so the saved optimizer state
+    # has loralib's shapes and must be checked against those, not against the fresh layout's.
+    ref = _trained_loralib_net()
+    x = torch.randn(2, 3, 8, 8)
+
+    def run():
+        model = _net(L)
+        L.mark_only_lora_as_trainable(model)
+        return model, torch.optim.AdamW(L.lora_parameters(model), lr=1e-2)
+
+    model, opt = run()
+    with pytest.warns(UserWarning, match="layout='loralib'"):
+        model.load_state_dict(ref.state_dict())
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    L.save_training_state(tmp_path / "state", model, opt, step=2)
+    resumed, resumed_opt = run()
+    resumed.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" not in k}, strict=False)
+    monkeypatch.setattr("lora_layers._warnings._WARNED_CONV_LAYOUT", False)
+    with pytest.warns(UserWarning, match="layout='loralib'"):
+        assert L.load_training_state(tmp_path / "state", resumed, resumed_opt)["step"] == 2
+    assert resumed[0].layout == resumed[2].layout == "loralib"
+    for m, o in ((model, opt), (resumed, resumed_opt)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(L.lora_parameters(model), L.lora_parameters(resumed)))

@@ -557,6 +557,29 @@ def test_reset_magnitude_resyncs_after_a_weight_written_by_hand(kind):
     torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
 
 
+def test_reset_magnitude_of_a_merged_layer_that_can_no_longer_merge_does_not_raise():
+    # issue #20 review: a weight assigned to a merged layer marks it as possibly tied (it never merges
+    # again until a model-level call rescans it); reset_magnitude() used to unmerge, re-derive, then
+    # raise in merge() with the layer already changed. It now leaves it unmerged, as eval() would.
+    layer = _layer("linear").eval()
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)  # same values
+    assert layer.merged and layer._merge_blocker() is not None
+    layer.reset_magnitude()
+    assert not layer.merged
+    ref = _layer("linear")
+    ref.reset_magnitude()
+    x = torch.randn(5, 12)
+    assert bit_equal(layer.lora_magnitude, ref.lora_magnitude)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-6, atol=1e-6)
+    # the same for a load of the base weight that the magnitude follows
+    pre, state = _pretrained_state("linear")
+    layer = _fresh("linear").eval()
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    layer.load_state_dict(state, strict=False)
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), pre(x), rtol=1e-6, atol=1e-6)
+
+
 def test_reset_magnitude_without_dora_raises_by_name():
     layer = L.Linear(4, 4, r=2)
     with pytest.raises(ValueError, match=r"reset_magnitude.*use_dora=False"):
