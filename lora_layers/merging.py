@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -182,6 +183,8 @@ def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
     """
     if W.is_meta:
         return None
+    if _is_dtensor(W):
+        return _sharded_weight_sums(W)
     flat = W.detach().reshape(-1)
     s1 = s2 = torch.zeros((), dtype=torch.float64, device=W.device)
     buffer = torch.empty(min(flat.numel(), _SUMS_CHUNK), dtype=torch.float64, device=W.device)
@@ -190,6 +193,25 @@ def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
         x = buffer[:chunk.numel()].copy_(chunk)
         s1, s2 = s1 + x.sum(), s2 + x.dot(x)
     return float(s1), float(s2)
+
+
+def _is_dtensor(W: Tensor) -> bool:
+    # FSDP2 (fully_shard) holds parameters as DTensors outside its forward; torch.distributed.tensor is
+    # only looked up when already imported, so plain use never imports it.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(W, dtensor.DTensor)
+
+
+def _sharded_weight_sums(W: Tensor) -> Tuple[float, float]:
+    """:func:`weight_sums` of a DTensor: the local shard's sums, added over the mesh dimensions that
+    shard it (a collective: every rank calls it, as every rank calls ``eval()`` or ``state_dict()``)."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    local = weight_sums(W.to_local())
+    sums = torch.tensor(local, dtype=torch.float64, device=W.to_local().device)
+    placements = [Partial() if p.is_shard() else Replicate() for p in W.placements]
+    total = type(W).from_local(sums, W.device_mesh, placements).full_tensor()
+    return float(total[0]), float(total[1])
 
 
 def same_sums(a: Tuple[float, float], b: Tuple[float, float], numel: int) -> bool:

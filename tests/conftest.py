@@ -84,3 +84,13 @@ def restored(module, how: str):
     buf.seek(0)
     return torch.load(buf, weights_only=False)
 
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, for DDP and FSDP2 wrappers in a single test process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg")
+    yield
+    dist.destroy_process_group()

@@ -637,3 +637,25 @@ def test_embedding_with_max_norm_refuses_to_merge():
     assert not emb.merged and torch.equal(emb.weight, before)
     emb.eval()  # eval() keeps it unmerged instead of raising
     assert not emb.merged
+
+
+def test_fingerprint_of_an_fsdp2_sharded_weight_is_the_full_weights_and_eval_merges(process_group):
+    """Under fully_shard the weight is a DTensor outside forward: eval()'s merge fingerprints it through
+    the mesh instead of crashing on a DTensor/Tensor mix (unmerge under FSDP2 is the FSDP2 issue's)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from lora_layers.merging import weight_sums
+
+    torch.manual_seed(0)
+    model = nn.Sequential(L.Linear(12, 4, r=2))
+    nn.init.normal_(model[0].lora_B)
+    x = torch.randn(3, 12)
+    expected = model(x).detach()
+    full_sums = weight_sums(model[0].weight.detach().double())
+    fully_shard(model)
+    assert isinstance(model[0].weight, DTensor)
+    assert weight_sums(model[0].weight) == pytest.approx(full_sums, rel=1e-12)
+    model.eval()
+    assert model[0].merged
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)

@@ -37,14 +37,6 @@ ADAPTER_KEYS = ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
 PREFIXES = ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."]
 
 
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    dist.init_process_group("gloo", rank=0, world_size=1,
-                            init_method=f"file://{tmp_path_factory.mktemp('pg')}/pg")
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.fixture
 def wrap(process_group):
     def wrap(model, kind):
