@@ -388,7 +388,8 @@ def apply_copies(copies) -> None:
             param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity
     finally:
         for layer in layers.values():
-            layer.merge()
+            if layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
+                layer.merge()
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:

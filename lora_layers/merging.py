@@ -458,5 +458,5 @@ class ExactMerge:
                 register_weight(self)
             if marked and len(error_msgs) == errors_before:
                 self._adopt_merged(factors)
-            elif was_merged:
+            elif was_merged and self._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 self.merge()

@@ -684,6 +684,6 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             layer.unmerge()
             for local, value in tensors.items():
                 getattr(layer, local).copy_(value)
-            if was_merged:
+            if was_merged and layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 layer.merge()
     return [name for name, *_ in plan]

@@ -659,3 +659,30 @@ def test_fingerprint_of_an_fsdp2_sharded_weight_is_the_full_weights_and_eval_mer
     model.eval()
     assert model[0].merged
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "load_lora", "import_peft"])
+def test_a_merged_layer_whose_weight_was_reassigned_loads_and_stays_unmerged(tmp_path, how):
+    """A weight Parameter assigned to a merged layer may be shared, so the layer must not merge again;
+    a load re-merging it raised half-way through the load."""
+    torch.manual_seed(0)
+    source = nn.Sequential(L.Linear(8, 6, r=2, lora_alpha=4))
+    nn.init.normal_(source[0].lora_B)
+    model = nn.Sequential(L.Linear(8, 6, r=2, lora_alpha=4))
+    model[0].weight.data.copy_(source[0].weight.data)
+    model[0].bias.data.copy_(source[0].bias.data)
+    model.eval()
+    assert model[0].merged
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone(), requires_grad=False)
+    if how == "load_state_dict":
+        model.load_state_dict(L.lora_state_dict(source), strict=False)
+    elif how == "load_lora":
+        L.save_lora(source, tmp_path / "a.safetensors")
+        L.load_lora(model, tmp_path / "a.safetensors")
+    else:
+        L.export_peft(source, tmp_path / "peft")
+        L.import_peft(model, tmp_path / "peft")
+    assert not model[0].merged
+    torch.testing.assert_close(L.lora_state_dict(model), L.lora_state_dict(source), rtol=0, atol=0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=1e-6)
