@@ -608,11 +608,14 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     Checked before anything changes: the file's checksum and every field's
     type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
     the qualified name of each parameter in each group (so a reordered or
-    regrouped optimizer is refused, even with same-shaped parameters) and the
-    per-parameter state (its keys, where the optimizer already holds state,
-    and each value's shape and dtype against its parameter); the saved values
-    of the optimizer's other parameters (names and shapes); the scheduler's
-    class, and its state loaded into a copy; the RNG states. Then the
+    regrouped optimizer is refused, even with same-shaped parameters), each
+    group's settings (none missing, each of the kind the optimizer holds: a
+    number, a flag, a tuple of as many items) and the per-parameter state
+    (its keys, where the optimizer already holds state, and each value's
+    shape and dtype against its parameter); the saved values of the
+    optimizer's other parameters (names and shapes); the scheduler's class,
+    each entry of its state against the scheduler's, and its state loaded
+    into a copy; the RNG states. Then the
     optimizer, scheduler, adapter and other trained parameters (copied into
     the existing Parameters) and RNG states are restored.
 
