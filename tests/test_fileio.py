@@ -490,6 +490,62 @@ def test_a_process_killed_while_writing_a_folder_leaves_the_old_or_the_new_one(o
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.") and leftovers[0].endswith(".tmp")
 
 
+def _kill_when_ready(args):
+    child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() in ("ready", "writing")
+    return child
+
+
+def _temps(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+def test_a_killed_writers_temp_folder_is_removed_by_the_next_write_and_a_live_writers_is_not(old_folder):
+    """issue #20 review: each SIGKILLed export left its .tmp folder (a whole model's worth, for a merged
+    model) and repeated runs piled them up; a temp is now flock-ed by its live writer, and swept otherwise."""
+    killed = []
+    for _ in range(3):
+        child = _kill_when_ready([_FOLDER_CHILD, str(old_folder), "building"])
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        killed = _temps(old_folder.parent)
+    assert len(killed) == 1  # each write swept the previous one's leftover
+    live = _kill_when_ready([_FOLDER_CHILD, str(old_folder), "building"])
+    try:
+        (alive,) = set(_temps(old_folder.parent)) - set(killed)
+        with atomic_folder(old_folder, owned=("*.bin",)) as tmp:
+            _build(tmp, {"a.bin": b"mine"})
+        assert _temps(old_folder.parent) == [alive]  # the killed writer's is gone, the live one's kept
+        assert _tree(old_folder.parent / alive) == {"a.bin": b"new a"}
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait(timeout=60)
+    with atomic_folder(old_folder, owned=("*.bin",)) as tmp:
+        _build(tmp, {"a.bin": b"again"})
+    assert _temps(old_folder.parent) == [] and (old_folder / "a.bin").read_bytes() == b"again"
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(previous):
+    for _ in range(2):
+        child = _kill_when_ready([_CHILD, str(previous)])
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        assert len(_temps(previous.parent)) == 1
+    atomic_write(previous, _write(b"new"))
+    assert os.listdir(previous.parent) == [previous.name] and previous.read_bytes() == b"new"
+
+
+def test_a_folder_another_writer_created_meanwhile_is_replaced(tmp_path):
+    """issue #20 review: two first exports to one path raced: the later swap failed with
+    'Directory not empty', as the folder was missing when it was checked."""
+    dest = tmp_path / "adapter"
+    with atomic_folder(dest) as tmp:
+        dest.mkdir()
+        (dest / "x.bin").write_bytes(b"the other writer's")
+        _build(tmp, {"x.bin": b"mine"})
+    assert _tree(dest) == {"x.bin": b"mine"} and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
 _FOLDER_WRITER = textwrap.dedent("""
     import os, sys
     from lora_layers import fileio
