@@ -629,7 +629,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             ``base_model.model.`` prefix, or modules that do not fit; every
             problem is named, and the model is unchanged.
     """
-    model = unwrap_model(model, changes_parameters="import_peft")
+    wrapped, model = model, unwrap_model(model)
     adapter_dir = os.fspath(adapter_dir)
     # One version of the folder, even while export_peft swaps in another: never one's config with the
     # other's weights.
@@ -674,6 +674,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                               + "\n  - ".join(problems))
     if problems:
         warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
+    if any(new_layer is not None for _, new_layer, _, _ in plan):
+        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
     with torch.no_grad():
         for name, new_layer, layer, tensors in plan:
             if new_layer is not None:
