@@ -390,13 +390,15 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer) -> di
                                              and all(type(i) is int for i in g["params"])
                                              for n, g in zip(names, groups))):
         raise f.error("optimizer.param_names", "does not match the saved parameter groups")
+    saved_ids = [i for g in groups for i in g["params"]]
+    if len(set(saved_ids)) != len(saved_ids):  # torch would pair one id's state with two parameters
+        raise f.error("optimizer.state_dict.param_groups", f"repeats parameter ids: {saved_ids}")
     current = _param_names(model, optimizer)
     if names != current:
         raise CheckpointError(f"{f.source}: optimizer parameter groups differ (nothing was loaded): "
                               + _first_difference(names, current))
     _check_groups(f, groups, optimizer)
     # optimizer.load_state_dict pairs the saved ids with the parameters position by position
-    saved_ids = [i for g in groups for i in g["params"]]
     params = dict(zip(saved_ids, (p for g in optimizer.param_groups for p in g["params"])))
     param_names = dict(zip(saved_ids, (n for group in names for n in group)))
     for key, value in per_param.items():

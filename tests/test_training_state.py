@@ -276,6 +276,7 @@ _SCHED = lambda s: s["scheduler"]["state_dict"]
     (lambda s: _SCHED(s).update(base_lrs=[0.1, 0.1]), "state_dict['base_lrs'] is a list"),
     (lambda s: _SCHED(s).update(optimizer=3), "state_dict['optimizer'] is not part of a scheduler's state"),
     (lambda s: s["rng"].update(numpy=["MT19937", [1, 2], 0, 0, 0.0]), "rng.numpy"),
+    (lambda s: _GROUP(s)["params"].__setitem__(1, _GROUP(s)["params"][0]), "param_groups' repeats parameter ids: [0, 0"),
 ])
 def test_forged_settings_that_step_could_not_use_are_refused(tmp_path, edit, field):
     """issue #20 review: optimizer.load_state_dict takes a group's settings, and a scheduler's load its
