@@ -420,6 +420,10 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
     ``RENAME_EXCHANGE``), which is then deleted. Where the OS cannot exchange two
     folders, the old one is renamed aside first, leaving ``path`` missing for an
     instant. A symlink at ``path`` is written through: its target is replaced.
+    A folder that is a mount point (a Docker or Kubernetes volume) cannot be
+    renamed: the block's files are built in a temp folder inside it and renamed
+    into place one by one, each whole, so a crash there may leave a mix of old
+    and new files.
 
     A crash or an exception at any point leaves the old folder or the new one at
     ``path``, never a mix; a crash leaves a ``.<name>.<random>.tmp`` folder
@@ -438,6 +442,10 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
         raise TypeError(f"owned must be a collection of glob patterns, e.g. ({owned!r},), got the string {owned!r}")
     owned = tuple(owned)
     path, exists = _folder_destination(path, what, arg)
+    if exists and os.path.ismount(path):
+        with _into_mount_point(path, owned) as tmp:
+            yield tmp
+        return
     _sweep_temps(*_split(path))
     lock, tmp = _create_locked_temp(*_split(path), directory=True)
     try:
@@ -455,6 +463,43 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
     _fsync_folder(_split(path)[0])
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _into_mount_point(path: str, owned: Tuple[str, ...]) -> Iterator[str]:
+    """:func:`atomic_folder` for a folder that is a mount point (a Docker volume, a Kubernetes volume), which
+    cannot be renamed or swapped (EBUSY): the new files are built in a temp folder inside it, then each is
+    renamed into place whole, one after the other, and the owned entries the build did not write are
+    removed. Each file is old or new, never partial; the folder may briefly hold a mix of the two versions."""
+    name = os.path.basename(path)
+    _sweep_temps(path, name)
+    lock, tmp = _create_locked_temp(path, name, directory=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        written = set(os.listdir(tmp))
+        for entry in sorted(written):
+            src, dst = os.path.join(tmp, entry), os.path.join(path, entry)
+            if os.path.isdir(src) and not os.path.islink(src) and os.path.isdir(dst) and not os.path.islink(dst):
+                if not _exchange(src, dst):
+                    shutil.rmtree(_move_aside(dst, ".tmp"))
+                    os.rename(src, dst)
+            else:
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    shutil.rmtree(_move_aside(dst, ".tmp"))
+                os.replace(src, dst)
+        for entry in os.listdir(path):
+            if (entry not in written and entry != os.path.basename(tmp)
+                    and any(fnmatch.fnmatchcase(entry, p) for p in owned)):
+                stale = os.path.join(path, entry)
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(_move_aside(stale, ".tmp"))
+                else:
+                    os.unlink(stale)
+        _fsync_folder(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # empty once its entries are in place; the build, on failure
+        os.close(lock)
 
 
 def _left_aside(path: str) -> str:

@@ -546,6 +546,53 @@ def test_a_folder_another_writer_created_meanwhile_is_replaced(tmp_path):
     assert _tree(dest) == {"x.bin": b"mine"} and sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
+def _check_written_in_place(folder, before):
+    inode = os.stat(folder).st_ino
+    with atomic_folder(folder, owned=("*.bin", "*.json")) as tmp:
+        _build(tmp, {"a.bin": b"new a", "b.json": b"new b"})
+        os.mkdir(os.path.join(tmp, "sub"))
+        _build(os.path.join(tmp, "sub"), {"vocab.txt": b"new vocab"})
+    assert os.stat(folder).st_ino == inode  # the same folder: a mount point cannot be swapped
+    assert _tree(folder) == {**{k: v for k, v in before.items() if k not in ("stale.bin", "sub/vocab.txt")},
+                             "a.bin": b"new a", "b.json": b"new b", "sub/vocab.txt": b"new vocab"}
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(folder, owned=("*.bin",)) as tmp:
+            _build(tmp, {"a.bin": b"never"})
+            raise RuntimeError("boom")
+    assert (folder / "a.bin").read_bytes() == b"new a"
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_a_folder_that_is_a_mount_point_is_written_in_place(old_folder, monkeypatch):
+    """issue #20 review: export_peft into a mount point (a Docker or Kubernetes volume) failed with EBUSY
+    (a mount point cannot be renamed or exchanged); its files are now replaced one by one, each whole."""
+    before = _tree(old_folder)
+    real = os.path.ismount
+    monkeypatch.setattr(fileio.os.path, "ismount", lambda p: os.fspath(p) == str(old_folder) or real(p))
+    _check_written_in_place(old_folder, before)
+
+
+def test_export_peft_into_a_real_mount_point(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (mnt / "README.md").write_bytes(b"notes")
+        model = nn.Sequential(L.Linear(4, 4, r=2))
+        for value in (1.0, 2.0):
+            with torch.no_grad():
+                model[0].lora_B.fill_(value)
+            L.export_peft(model, mnt)
+        fresh = nn.Sequential(nn.Linear(4, 4))
+        L.import_peft(fresh, mnt)
+        assert torch.equal(fresh[0].lora_B, model[0].lora_B)
+        assert sorted(os.listdir(mnt)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(tmp_path)) == ["mnt"]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 _FOLDER_WRITER = textwrap.dedent("""
     import os, sys
     from lora_layers import fileio
