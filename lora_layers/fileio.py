@@ -163,8 +163,9 @@ def _lock(fd: int, block: bool) -> bool:
     return True
 
 
-def _create_locked_temp(folder: str, name: str, directory: bool) -> Tuple[int, str]:
-    """``(fd, tmp)``: a new temp file (or folder) beside the destination, opened and ``flock``-ed.
+def _create_locked_temp(folder: str, name: str, directory: bool) -> Tuple[Optional[int], str]:
+    """``(fd, tmp)``: a new temp file (or folder) beside the destination, opened and ``flock``-ed
+    (a folder is not opened, ``fd`` None, where there are no locks: Windows cannot open folders).
 
     The lock, held until the descriptor is closed (by the kernel when the process dies), tells
     :func:`_sweep_temps` that the temp belongs to a live writer. A temp that a sweep removed before it
@@ -172,6 +173,8 @@ def _create_locked_temp(folder: str, name: str, directory: bool) -> Tuple[int, s
     for _ in range(100):
         if directory:
             _, tmp = _create_temp(folder, name, create=os.mkdir)
+            if fcntl is None:
+                return None, tmp
             try:
                 fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             except FileNotFoundError:
@@ -459,7 +462,8 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
     _fsync_folder(_split(path)[0])
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -499,7 +503,8 @@ def _into_mount_point(path: str, owned: Tuple[str, ...]) -> Iterator[str]:
         _fsync_folder(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # empty once its entries are in place; the build, on failure
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def _left_aside(path: str) -> str:

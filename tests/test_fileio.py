@@ -535,6 +535,20 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(previous):
     assert os.listdir(previous.parent) == [previous.name] and previous.read_bytes() == b"new"
 
 
+def test_without_locks_writes_work_and_nothing_is_swept(tmp_path, monkeypatch):
+    """Where there is no flock (Windows), a temp cannot be told from a live writer's: none is removed,
+    and a folder is never opened (Windows cannot open one)."""
+    monkeypatch.setattr(fileio, "fcntl", None)
+    stale = tmp_path / ".out.0123456789ab.tmp"
+    stale.mkdir()
+    for n in range(2):
+        with atomic_folder(tmp_path / "out") as tmp:
+            _build(tmp, {"a.bin": b"%d" % n})
+        atomic_write(tmp_path / "x.bin", _write(b"%d" % n))
+    assert sorted(os.listdir(tmp_path)) == [stale.name, "out", "x.bin"]
+    assert (tmp_path / "out" / "a.bin").read_bytes() == (tmp_path / "x.bin").read_bytes() == b"1"
+
+
 def test_a_folder_another_writer_created_meanwhile_is_replaced(tmp_path):
     """issue #20 review: two first exports to one path raced: the later swap failed with
     'Directory not empty', as the folder was missing when it was checked."""
