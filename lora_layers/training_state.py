@@ -443,7 +443,8 @@ def _check_groups(f: _Fields, groups: list, optimizer) -> None:
     """Each saved parameter group's settings against the optimizer's, as its ``load_state_dict`` would take
     them (on a probe, so that defaults it fills in for older files count): ``optimizer.load_state_dict``
     takes a group's settings wholesale, and a missing ``lr`` or a three-item ``betas`` would otherwise fail
-    in ``step()``, after the model was overwritten. Extra settings are left alone."""
+    in ``step()``, after the model was overwritten. Extra settings are left alone, and so are missing ones
+    that are not the optimizer's own (``initial_lr``, which a scheduler adds)."""
     probe = object.__new__(type(optimizer))
     probe.__dict__.update(optimizer.__dict__)
     probe.defaults = dict(optimizer.defaults)
@@ -459,6 +460,8 @@ def _check_groups(f: _Fields, groups: list, optimizer) -> None:
             if key in ("params", "param_names"):
                 continue
             if key not in saved:
+                if key not in optimizer.defaults:  # added by others (a scheduler's initial_lr): torch drops it
+                    continue
                 raise f.error(f"{field}[{g}][{key!r}]", f"is missing (the optimizer has {value!r})")
             if not _fits(saved[key], value):
                 raise f.error(f"{field}[{g}][{key!r}]", f"is {_describe(saved[key])}, where the optimizer holds "

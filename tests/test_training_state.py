@@ -295,6 +295,7 @@ def test_settings_of_older_files_and_other_values_still_load(tmp_path):
     model, opt, sched = _trained()
     save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
     _rewrite(tmp_path / "s.pt", lambda s: (_GROUP(s).pop("foreach"), _GROUP(s).pop("maximize"),
+                                           _GROUP(s).pop("initial_lr"),
                                            _GROUP(s).update(lr=torch.tensor(0.5), weight_decay=0, extra=1)))
     model2, opt2, sched2 = _trained(seed=1)
     load_training_state(tmp_path / "s.pt", model2, opt2, sched2)
