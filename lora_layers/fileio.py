@@ -37,6 +37,11 @@ import struct
 import sys
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, TypeVar
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: temp files are not locked, and a crash's leftovers are not swept
+    fcntl = None
+
 import torch
 from torch import Tensor
 
@@ -131,9 +136,13 @@ def _open_new(tmp: str) -> int:
     return os.open(tmp, flags, 0o666)
 
 
+def _temp_stem(name: str) -> str:
+    return name[:_NAME_MAX - 30]  # the temp name must fit wherever the destination's name fits
+
+
 def _create_temp(folder: str, name: str, create: Callable[[str], Any] = _open_new, suffix: str = ".tmp"):
     """``(create(tmp), tmp)`` for a new name ``.<name>.<random><suffix>`` next to the destination."""
-    stem = name[:_NAME_MAX - 30]  # the temp name must fit wherever the destination's name fits
+    stem = _temp_stem(name)
     for _ in range(100):
         tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}{suffix}")
         try:
@@ -141,6 +150,79 @@ def _create_temp(folder: str, name: str, create: Callable[[str], Any] = _open_ne
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
+def _lock(fd: int, block: bool) -> bool:
+    """Take the exclusive ``flock`` on ``fd``; False where it is held (``block=False``) or not supported."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def _create_locked_temp(folder: str, name: str, directory: bool) -> Tuple[Optional[int], str]:
+    """``(fd, tmp)``: a new temp file (or folder) beside the destination, opened and ``flock``-ed
+    (a folder is not opened, ``fd`` None, where there are no locks: Windows cannot open folders).
+
+    The lock, held until the descriptor is closed (by the kernel when the process dies), tells
+    :func:`_sweep_temps` that the temp belongs to a live writer. A temp that a sweep removed before it
+    was locked is replaced by another."""
+    for _ in range(100):
+        if directory:
+            _, tmp = _create_temp(folder, name, create=os.mkdir)
+            if fcntl is None:
+                return None, tmp
+            try:
+                fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                continue
+        else:
+            fd, tmp = _create_temp(folder, name)
+        if not _lock(fd, block=True):
+            return fd, tmp  # no locks here: nothing is swept either
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # swept between its creation and the lock
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
+
+
+def _sweep_temps(folder: str, name: str) -> None:
+    """Remove the ``.<name>.<random>.tmp`` files and folders that killed writers of ``name`` left in ``folder``.
+
+    Only a temp whose ``flock`` can be taken is removed: a live writer holds its own. Where locks are not
+    supported, nothing is removed. Errors are ignored: this is housekeeping."""
+    if fcntl is None:
+        return
+    prefix = f".{_temp_stem(name)}."
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")
+                 and len(n) == len(prefix) + 16 and all(c in "0123456789abcdef" for c in n[len(prefix):-4])]
+    except OSError:
+        return
+    for entry in names:
+        path = os.path.join(folder, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not _lock(fd, block=False) or not os.path.samestat(st, os.lstat(path)):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            elif stat.S_ISREG(st.st_mode):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -180,13 +262,15 @@ def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -
         # turn it into a plain file and leave the target stale.
         path = check_destination(os.path.realpath(path), what, arg)
     folder, name = _split(path)
+    _sweep_temps(folder, name)
     try:
-        fd, tmp = _create_temp(folder, name)
+        fd, tmp = _create_locked_temp(folder, name, directory=False)
     except PermissionError as exc:
         raise PermissionError(f"cannot write {what} to {arg}={path!r}: folder {folder!r} is not writable "
                               f"({exc})") from exc
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {what} to {arg}={path!r}: {exc.strerror}") from exc
+    lock = os.dup(fd)  # holds the temp's lock until it is renamed into place
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -199,6 +283,8 @@ def atomic_write(path, write: Callable, what: str = "file", arg: str = "path") -
         except OSError:
             pass
         raise
+    finally:
+        os.close(lock)
     _fsync_folder(folder)
 
 
@@ -234,19 +320,31 @@ def _move_aside(path: str, suffix: str) -> str:
 def remove_folder(path, arg: str = "path") -> None:
     """Delete a folder so that it is never seen half-deleted: renamed aside in one step, then removed.
 
-    A crash during the removal leaves a ``.<name>.<random>.tmp`` folder, safe to delete.
+    A crash during the removal leaves a ``.<name>.<random>.tmp`` folder, which the next atomic write
+    of ``path`` removes.
     """
     path = as_path(path, arg)
     if os.path.islink(path) or not os.path.isdir(path):
         raise NotADirectoryError(f"cannot remove {arg}={path!r}: it is not a folder")
-    shutil.rmtree(_move_aside(path, ".tmp"))
+    aside = _move_aside(path, ".tmp")
+    while True:
+        try:
+            shutil.rmtree(aside)
+            return
+        except FileNotFoundError:  # another process's sweep (see _sweep_temps) is removing it too
+            if not os.path.lexists(aside):
+                return
 
 
 def _swap_in(new: str, path: str, exists: bool) -> Optional[str]:
     """Put the folder ``new`` at ``path``; return where the old folder went (to delete), if there was one."""
     if not exists:
-        os.rename(new, path)
-        return None
+        try:
+            os.rename(new, path)
+            return None
+        except OSError as exc:  # another writer created the folder since it was checked: replace it
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(path):
+                raise
     if _exchange(new, path):
         return new
     # No exchange here: the old folder steps aside first, so ``path`` is missing for an instant, and a
@@ -325,10 +423,15 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
     ``RENAME_EXCHANGE``), which is then deleted. Where the OS cannot exchange two
     folders, the old one is renamed aside first, leaving ``path`` missing for an
     instant. A symlink at ``path`` is written through: its target is replaced.
+    A folder that is a mount point (a Docker or Kubernetes volume) cannot be
+    renamed: the block's files are built in a temp folder inside it and renamed
+    into place one by one, each whole, so a crash there may leave a mix of old
+    and new files.
 
     A crash or an exception at any point leaves the old folder or the new one at
     ``path``, never a mix; a crash leaves a ``.<name>.<random>.tmp`` folder
-    beside it, safe to delete. Readers that open several files of the folder
+    beside it, which the next write to ``path`` removes (a temp is ``flock``-ed
+    while its writer lives, so a concurrent writer's is never touched). Readers that open several files of the folder
     should use :func:`read_folder` to see one version.
 
     Raises:
@@ -342,7 +445,12 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
         raise TypeError(f"owned must be a collection of glob patterns, e.g. ({owned!r},), got the string {owned!r}")
     owned = tuple(owned)
     path, exists = _folder_destination(path, what, arg)
-    _, tmp = _create_temp(*_split(path), create=os.mkdir)
+    if exists and os.path.ismount(path):
+        with _into_mount_point(path, owned) as tmp:
+            yield tmp
+        return
+    _sweep_temps(*_split(path))
+    lock, tmp = _create_locked_temp(*_split(path), directory=True)
     try:
         yield tmp
         if exists:
@@ -353,9 +461,50 @@ def atomic_folder(path, what: str = "folder", arg: str = "path", owned: Iterable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     _fsync_folder(_split(path)[0])
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _into_mount_point(path: str, owned: Tuple[str, ...]) -> Iterator[str]:
+    """:func:`atomic_folder` for a folder that is a mount point (a Docker volume, a Kubernetes volume), which
+    cannot be renamed or swapped (EBUSY): the new files are built in a temp folder inside it, then each is
+    renamed into place whole, one after the other, and the owned entries the build did not write are
+    removed. Each file is old or new, never partial; the folder may briefly hold a mix of the two versions."""
+    name = os.path.basename(path)
+    _sweep_temps(path, name)
+    lock, tmp = _create_locked_temp(path, name, directory=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        written = set(os.listdir(tmp))
+        for entry in sorted(written):
+            src, dst = os.path.join(tmp, entry), os.path.join(path, entry)
+            if os.path.isdir(src) and not os.path.islink(src) and os.path.isdir(dst) and not os.path.islink(dst):
+                if not _exchange(src, dst):
+                    shutil.rmtree(_move_aside(dst, ".tmp"))
+                    os.rename(src, dst)
+            else:
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    shutil.rmtree(_move_aside(dst, ".tmp"))
+                os.replace(src, dst)
+        for entry in os.listdir(path):
+            if (entry not in written and entry != os.path.basename(tmp)
+                    and any(fnmatch.fnmatchcase(entry, p) for p in owned)):
+                stale = os.path.join(path, entry)
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(_move_aside(stale, ".tmp"))
+                else:
+                    os.unlink(stale)
+        _fsync_folder(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # empty once its entries are in place; the build, on failure
+        if lock is not None:
+            os.close(lock)
 
 
 def _left_aside(path: str) -> str:

@@ -540,6 +540,10 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         except ValueError as exc:
             raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
         return None, module, tensors
+    if (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
+            and not embedding and M is None and module.kernel_size[0] > 1
+            and r == module.r * module.kernel_size[0] ** 2 and math.isclose(scaling, module.scaling, rel_tol=1e-6)):
+        return None, module, _loralib_conv_tensors(module, A, B)
     if isinstance(module, LoRALayer):
         if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6) \
                 or module.use_dora != use_dora:
@@ -582,6 +586,23 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
     return (layer if layer is not module else None), layer, tensors
 
 
+def _loralib_conv_tensors(layer, A: Tensor, B: Tensor) -> Dict[str, Tensor]:
+    """A loralib-layout conv layer's ``lora_A``/``lora_B`` from the rank-``r·k²`` PEFT adapter that
+    :func:`export_peft` writes for it (``k`` copies of ``lora_A`` on a block diagonal, ``lora_B`` viewed
+    as ``(out, r·k²)``). Raises ValueError for an adapter of another structure, which this layer cannot hold."""
+    n = layer.kernel_size[0]
+    (ra, ia), (ob, rb) = layer._adapter_shapes()
+    what = (f"a rank-{n * n * layer.r} adapter fits this {type(layer).__name__}(layout='loralib', r={layer.r}, "
+            f"kernel {n}) only as export_peft writes it")
+    if A.numel() != n * ra * n * ia or B.numel() != ob * rb:
+        raise ValueError(f"{what}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} have other sizes")
+    A2 = A.reshape(n * ra, n * ia)
+    block = A2[:ra, :ia]
+    if not torch.equal(A2, torch.block_diag(*[block] * n)):
+        raise ValueError(f"{what}, with lora_A {n} copies of one ({ra}, {ia}) block on a diagonal; this one is not")
+    return {"lora_A": block, "lora_B": B.reshape(ob, rb)}
+
+
 def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
     """The adapted rows of PEFT's full-row magnitude; the other rows must be ``‖W_row‖`` (factor one),
     else the adapter rescales rows this layer leaves alone."""
@@ -600,7 +621,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     ``Conv1D``) modules named by the adapter are replaced by lora_layers layers
     that share their weights; existing LoRA layers of matching rank/scaling are
     loaded in place (a :class:`MergedLinear` only when PEFT's B is exactly
-    block-diagonal in its split layout). ``rank_pattern``/``alpha_pattern``
+    block-diagonal in its split layout; a ``layout="loralib"`` conv layer of
+    rank ``r`` from the rank-``r·k²`` adapter :func:`export_peft` writes for it). ``rank_pattern``/``alpha_pattern``
     (resolved exactly as PEFT resolves them), ``use_rslora`` and
     ``fan_in_fan_out`` are honoured; other config options are accepted only
     where they cannot change the result (an allow-list; see
@@ -629,7 +651,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             ``base_model.model.`` prefix, or modules that do not fit; every
             problem is named, and the model is unchanged.
     """
-    model = unwrap_model(model, changes_parameters="import_peft")
+    wrapped, model = model, unwrap_model(model)
     adapter_dir = os.fspath(adapter_dir)
     # One version of the folder, even while export_peft swaps in another: never one's config with the
     # other's weights.
@@ -674,6 +696,8 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                               + "\n  - ".join(problems))
     if problems:
         warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
+    if any(new_layer is not None for _, new_layer, _, _ in plan):
+        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
     with torch.no_grad():
         for name, new_layer, layer, tensors in plan:
             if new_layer is not None:

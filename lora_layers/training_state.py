@@ -12,6 +12,7 @@ are atomic.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import hashlib
@@ -21,7 +22,7 @@ import os
 import random
 import struct
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -75,7 +76,8 @@ def _plain(obj, where: str, h) -> Any:
     """Check that ``obj`` is plain data, feed it to the hash ``h``, and return it with CPU, compact tensors.
 
     Plain data is what ``torch.load(weights_only=True)`` reads back as it was:
-    None, bool, int, float, str, tensors, and lists, tuples and dicts of them.
+    None, bool, int, float, str, tensors, and lists, tuples and dicts (and
+    ``collections.Counter``, which ``MultiStepLR`` keeps) of them.
     Exact types are required, so that an int or tuple subclass (an enum, a
     namedtuple), which would need unpickling, is refused when saving.
     """
@@ -96,10 +98,11 @@ def _plain(obj, where: str, h) -> Any:
     if kind in (list, tuple):
         h.update(b"l%d;" % len(obj) if kind is list else b"t%d;" % len(obj))
         return kind(_plain(v, f"{where}[{i}]", h) for i, v in enumerate(obj))
-    if kind in (dict, OrderedDict):
-        h.update(b"d%d;" % len(obj))
-        return kind((_plain(k, f"{where} key {k!r}", h), _plain(v, f"{where}[{k!r}]" if where else k, h))
-                    for k, v in obj.items())
+    if kind in (dict, OrderedDict, Counter):  # MultiStepLR keeps its milestones in a Counter
+        h.update(b"d%d;" % len(obj) if kind is not Counter else b"c%d;" % len(obj))
+        items = [(_plain(k, f"{where} key {k!r}", h), _plain(v, f"{where}[{k!r}]" if where else k, h))
+                 for k, v in obj.items()]
+        return kind(dict(items)) if kind is Counter else kind(items)
     if isinstance(obj, Tensor):
         t = _tensor(obj, where)
         h.update(f"x{t.dtype}{tuple(t.shape)};".encode())
@@ -370,8 +373,8 @@ def _check_rng(f: _Fields, rng: dict) -> None:
             return
         try:
             np.random.RandomState().set_state(_numpy_state(np, f.get(rng, "numpy", list, "rng")))
-        except (TypeError, ValueError) as exc:
-            raise f.error("rng.numpy", f"is not a valid NumPy RNG state ({exc})") from exc
+        except (TypeError, ValueError, IndexError) as exc:
+            raise f.error("rng.numpy", f"is not a valid NumPy RNG state ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer, shapes: Dict[int, tuple]) -> dict:
@@ -389,12 +392,15 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer, shape
                                              and all(type(i) is int for i in g["params"])
                                              for n, g in zip(names, groups))):
         raise f.error("optimizer.param_names", "does not match the saved parameter groups")
+    saved_ids = [i for g in groups for i in g["params"]]
+    if len(set(saved_ids)) != len(saved_ids):  # torch would pair one id's state with two parameters
+        raise f.error("optimizer.state_dict.param_groups", f"repeats parameter ids: {saved_ids}")
     current = _param_names(model, optimizer)
     if names != current:
         raise CheckpointError(f"{f.source}: optimizer parameter groups differ (nothing was loaded): "
                               + _first_difference(names, current))
+    _check_groups(f, groups, optimizer)
     # optimizer.load_state_dict pairs the saved ids with the parameters position by position
-    saved_ids = [i for g in groups for i in g["params"]]
     params = dict(zip(saved_ids, (p for g in optimizer.param_groups for p in g["params"])))
     param_names = dict(zip(saved_ids, (n for group in names for n in group)))
     for key, value in per_param.items():
@@ -412,6 +418,57 @@ def _check_optimizer(f: _Fields, saved: dict, model: nn.Module, optimizer, shape
                                                          f"{shape}) is {_describe(state_value)}; "
                                                          f"expected {expected}")
     return sd
+
+
+def _fits(saved, live) -> bool:
+    """Whether the saved setting ``saved`` can stand where the live object has ``live``: the same kind
+    (a number, a bool, a string, a sequence of as many fitting items...); None fits anything either way
+    (``foreach=None``, Adafactor's ``eps=(None, 1e-3)``, LBFGS's ``line_search_fn``)."""
+    if saved is None or live is None:
+        return True
+    if type(saved) in (list, tuple) or type(live) in (list, tuple):
+        return (type(saved) in (list, tuple) and type(live) in (list, tuple) and len(saved) == len(live)
+                and all(_fits(a, b) for a, b in zip(saved, live)))
+    if isinstance(saved, dict) or isinstance(live, dict):
+        return isinstance(saved, dict) and isinstance(live, dict)
+    if type(saved) is bool or type(live) is bool:
+        return type(saved) is type(live)
+    number = lambda v: type(v) in (int, float) or (isinstance(v, Tensor) and v.dim() == 0 and not v.is_complex()
+                                                   and v.dtype != torch.bool)
+    if number(saved) or number(live):
+        return number(saved) and number(live)
+    if isinstance(saved, Tensor) or isinstance(live, Tensor):
+        return isinstance(saved, Tensor) and isinstance(live, Tensor) and saved.shape == live.shape
+    return type(saved) is type(live)
+
+
+def _check_groups(f: _Fields, groups: list, optimizer) -> None:
+    """Each saved parameter group's settings against the optimizer's, as its ``load_state_dict`` would take
+    them (on a probe, so that defaults it fills in for older files count): ``optimizer.load_state_dict``
+    takes a group's settings wholesale, and a missing ``lr`` or a three-item ``betas`` would otherwise fail
+    in ``step()``, after the model was overwritten. Extra settings are left alone, and so are missing ones
+    that are not the optimizer's own (``initial_lr``, which a scheduler adds)."""
+    probe = object.__new__(type(optimizer))
+    probe.__dict__.update(optimizer.__dict__)
+    probe.defaults = dict(optimizer.defaults)
+    probe.state = collections.defaultdict(dict)
+    probe.param_groups = [dict(g) for g in optimizer.param_groups]
+    field = "optimizer.state_dict.param_groups"
+    try:
+        probe.load_state_dict({"state": {}, "param_groups": copy.deepcopy(groups)})
+    except Exception as exc:
+        raise f.error(field, f"does not fit the {type(optimizer).__name__} ({type(exc).__name__}: {exc})") from exc
+    for g, (saved, live) in enumerate(zip(probe.param_groups, optimizer.param_groups)):
+        for key, value in live.items():
+            if key in ("params", "param_names"):
+                continue
+            if key not in saved:
+                if key not in optimizer.defaults:  # added by others (a scheduler's initial_lr): torch drops it
+                    continue
+                raise f.error(f"{field}[{g}][{key!r}]", f"is missing (the optimizer has {value!r})")
+            if not _fits(saved[key], value):
+                raise f.error(f"{field}[{g}][{key!r}]", f"is {_describe(saved[key])}, where the optimizer holds "
+                                                        f"{_describe(value)}: step() could not use it")
 
 
 def _strip_param_names(saved: dict, prefix: str) -> dict:
@@ -488,7 +545,8 @@ def _first_difference(saved: List[list], current: List[list]) -> str:
 def _describe(value) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return f"a {type(value).__name__} {value!r}"
+    kind = type(value).__name__
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} {value!r}"
 
 
 def _check_trained(f: _Fields, state: dict, model: nn.Module, optimizer, bias: str) -> list:
@@ -524,6 +582,16 @@ def _check_scheduler(f: _Fields, saved, optimizer, scheduler) -> Optional[dict]:
     if cls != _class_name(scheduler):
         raise f.error("scheduler.class", f"is {cls}, but the scheduler is a {_class_name(scheduler)}")
     sd = f.get(saved, "state_dict", dict, "scheduler")
+    # An LRScheduler's load_state_dict takes every entry as an attribute: check each against the live one.
+    live = scheduler.state_dict()
+    for key, value in sd.items():
+        field = f"scheduler.state_dict[{key!r}]"
+        if key in live and not _fits(value, live[key]):
+            raise f.error(field, f"is {_describe(value)}, where the {type(scheduler).__name__} holds "
+                                 f"{_describe(live[key])}: step() could not use it")
+        if key not in live and isinstance(key, str) and key in vars(scheduler):
+            raise f.error(field, f"is not part of a scheduler's state: loading it would replace the "
+                                 f"{type(scheduler).__name__}'s {key} (a {type(vars(scheduler)[key]).__name__})")
     # Load into a copy first (sharing the optimizer, which a scheduler's load does not touch): a state
     # of another structure (e.g. SequentialLR with more schedulers) fails here, not half-way through.
     memo = {id(optimizer): optimizer, id(getattr(scheduler, "optimizer", optimizer)): optimizer}
@@ -548,11 +616,14 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     Checked before anything changes: the file's checksum and every field's
     type; the adapter, strictly (as :func:`load_lora`); the optimizer's class,
     the qualified name of each parameter in each group (so a reordered or
-    regrouped optimizer is refused, even with same-shaped parameters) and the
-    per-parameter state (its keys, where the optimizer already holds state,
-    and each value's shape and dtype against its parameter); the saved values
-    of the optimizer's other parameters (names and shapes); the scheduler's
-    class, and its state loaded into a copy; the RNG states. Then the
+    regrouped optimizer is refused, even with same-shaped parameters), each
+    group's settings (none missing, each of the kind the optimizer holds: a
+    number, a flag, a tuple of as many items) and the per-parameter state
+    (its keys, where the optimizer already holds state, and each value's
+    shape and dtype against its parameter); the saved values of the
+    optimizer's other parameters (names and shapes); the scheduler's class,
+    each entry of its state against the scheduler's, and its state loaded
+    into a copy; the RNG states. Then the
     optimizer, scheduler, adapter and other trained parameters (copied into
     the existing Parameters) and RNG states are restored.
 

@@ -409,3 +409,36 @@ def test_a_training_state_of_a_switched_model_resumes_into_a_fresh_one(tmp_path,
         m(x).square().mean().backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(L.lora_parameters(model), L.lora_parameters(resumed)))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_export_peft_of_a_loralib_layout_conv_imports_back_into_that_layout(tmp_path, rslora):
+    """issue #20 review: the rank-r·k² adapter export_peft writes for a loralib-layout conv was refused
+    by import_peft into a model built the same way ('already a Conv2d with r=2 ... the adapter has r=18')."""
+    def build(seed):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3))
+        model[0] = L.Conv2d.from_module(model[0], r=2, lora_alpha=4, layout="loralib", use_rslora=rslora)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in L.lora_parameters(model):
+                p.normal_()
+        return model
+
+    src, dst = build(1), build(2)
+    L.export_peft(src, tmp_path / "peft", task_type=None)
+    assert L.import_peft(dst, tmp_path / "peft") == ["0"]
+    for name in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(dst[0], name), getattr(src[0], name)), name
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(dst(x), src(x))
+
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    key = "base_model.model.0.lora_A.weight"
+    weights[key] = weights[key] + 1  # rank r·k², but not k copies of one block
+    save_file(weights, tmp_path / "peft" / "adapter_model.safetensors")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(L.CheckpointError, match=r"only as export_peft writes it.*block on a diagonal"):
+        L.import_peft(dst, tmp_path / "peft")
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())

@@ -490,6 +490,123 @@ def test_a_process_killed_while_writing_a_folder_leaves_the_old_or_the_new_one(o
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.") and leftovers[0].endswith(".tmp")
 
 
+def _kill_when_ready(args):
+    child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() in ("ready", "writing")
+    return child
+
+
+def _temps(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+def test_a_killed_writers_temp_folder_is_removed_by_the_next_write_and_a_live_writers_is_not(old_folder):
+    """issue #20 review: each SIGKILLed export left its .tmp folder (a whole model's worth, for a merged
+    model) and repeated runs piled them up; a temp is now flock-ed by its live writer, and swept otherwise."""
+    killed = []
+    for _ in range(3):
+        child = _kill_when_ready([_FOLDER_CHILD, str(old_folder), "building"])
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        killed = _temps(old_folder.parent)
+    assert len(killed) == 1  # each write swept the previous one's leftover
+    live = _kill_when_ready([_FOLDER_CHILD, str(old_folder), "building"])
+    try:
+        (alive,) = set(_temps(old_folder.parent)) - set(killed)
+        with atomic_folder(old_folder, owned=("*.bin",)) as tmp:
+            _build(tmp, {"a.bin": b"mine"})
+        assert _temps(old_folder.parent) == [alive]  # the killed writer's is gone, the live one's kept
+        assert _tree(old_folder.parent / alive) == {"a.bin": b"new a"}
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait(timeout=60)
+    with atomic_folder(old_folder, owned=("*.bin",)) as tmp:
+        _build(tmp, {"a.bin": b"again"})
+    assert _temps(old_folder.parent) == [] and (old_folder / "a.bin").read_bytes() == b"again"
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(previous):
+    for _ in range(2):
+        child = _kill_when_ready([_CHILD, str(previous)])
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        assert len(_temps(previous.parent)) == 1
+    atomic_write(previous, _write(b"new"))
+    assert os.listdir(previous.parent) == [previous.name] and previous.read_bytes() == b"new"
+
+
+def test_without_locks_writes_work_and_nothing_is_swept(tmp_path, monkeypatch):
+    """Where there is no flock (Windows), a temp cannot be told from a live writer's: none is removed,
+    and a folder is never opened (Windows cannot open one)."""
+    monkeypatch.setattr(fileio, "fcntl", None)
+    stale = tmp_path / ".out.0123456789ab.tmp"
+    stale.mkdir()
+    for n in range(2):
+        with atomic_folder(tmp_path / "out") as tmp:
+            _build(tmp, {"a.bin": b"%d" % n})
+        atomic_write(tmp_path / "x.bin", _write(b"%d" % n))
+    assert sorted(os.listdir(tmp_path)) == [stale.name, "out", "x.bin"]
+    assert (tmp_path / "out" / "a.bin").read_bytes() == (tmp_path / "x.bin").read_bytes() == b"1"
+
+
+def test_a_folder_another_writer_created_meanwhile_is_replaced(tmp_path):
+    """issue #20 review: two first exports to one path raced: the later swap failed with
+    'Directory not empty', as the folder was missing when it was checked."""
+    dest = tmp_path / "adapter"
+    with atomic_folder(dest) as tmp:
+        dest.mkdir()
+        (dest / "x.bin").write_bytes(b"the other writer's")
+        _build(tmp, {"x.bin": b"mine"})
+    assert _tree(dest) == {"x.bin": b"mine"} and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def _check_written_in_place(folder, before):
+    inode = os.stat(folder).st_ino
+    with atomic_folder(folder, owned=("*.bin", "*.json")) as tmp:
+        _build(tmp, {"a.bin": b"new a", "b.json": b"new b"})
+        os.mkdir(os.path.join(tmp, "sub"))
+        _build(os.path.join(tmp, "sub"), {"vocab.txt": b"new vocab"})
+    assert os.stat(folder).st_ino == inode  # the same folder: a mount point cannot be swapped
+    assert _tree(folder) == {**{k: v for k, v in before.items() if k not in ("stale.bin", "sub/vocab.txt")},
+                             "a.bin": b"new a", "b.json": b"new b", "sub/vocab.txt": b"new vocab"}
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(folder, owned=("*.bin",)) as tmp:
+            _build(tmp, {"a.bin": b"never"})
+            raise RuntimeError("boom")
+    assert (folder / "a.bin").read_bytes() == b"new a"
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_a_folder_that_is_a_mount_point_is_written_in_place(old_folder, monkeypatch):
+    """issue #20 review: export_peft into a mount point (a Docker or Kubernetes volume) failed with EBUSY
+    (a mount point cannot be renamed or exchanged); its files are now replaced one by one, each whole."""
+    before = _tree(old_folder)
+    real = os.path.ismount
+    monkeypatch.setattr(fileio.os.path, "ismount", lambda p: os.fspath(p) == str(old_folder) or real(p))
+    _check_written_in_place(old_folder, before)
+
+
+def test_export_peft_into_a_real_mount_point(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (mnt / "README.md").write_bytes(b"notes")
+        model = nn.Sequential(L.Linear(4, 4, r=2))
+        for value in (1.0, 2.0):
+            with torch.no_grad():
+                model[0].lora_B.fill_(value)
+            L.export_peft(model, mnt)
+        fresh = nn.Sequential(nn.Linear(4, 4))
+        L.import_peft(fresh, mnt)
+        assert torch.equal(fresh[0].lora_B, model[0].lora_B)
+        assert sorted(os.listdir(mnt)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(tmp_path)) == ["mnt"]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 _FOLDER_WRITER = textwrap.dedent("""
     import os, sys
     from lora_layers import fileio

@@ -263,6 +263,68 @@ def test_forged_fields_are_refused_by_name(tmp_path, edit, field):
     assert str(tmp_path / "s.pt") in msg
 
 
+_GROUP = lambda s: s["optimizer"]["state_dict"]["param_groups"][0]
+_SCHED = lambda s: s["scheduler"]["state_dict"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda s: _GROUP(s).pop("lr"), "param_groups[0]['lr'] is missing"),
+    (lambda s: _GROUP(s).update(lr="0.1"), "param_groups[0]['lr'] is a str"),
+    (lambda s: _GROUP(s).update(betas=(0.9, 0.99, 0.5)), "param_groups[0]['betas'] is a tuple"),
+    (lambda s: _GROUP(s).update(weight_decay=[0.01]), "param_groups[0]['weight_decay'] is a list"),
+    (lambda s: _SCHED(s).update(last_epoch="2"), "state_dict['last_epoch'] is a str"),
+    (lambda s: _SCHED(s).update(base_lrs=[0.1, 0.1]), "state_dict['base_lrs'] is a list"),
+    (lambda s: _SCHED(s).update(optimizer=3), "state_dict['optimizer'] is not part of a scheduler's state"),
+    (lambda s: s["rng"].update(numpy=["MT19937", [1, 2], 0, 0, 0.0]), "rng.numpy"),
+    (lambda s: _GROUP(s)["params"].__setitem__(1, _GROUP(s)["params"][0]), "param_groups' repeats parameter ids: [0, 0"),
+])
+def test_forged_settings_that_step_could_not_use_are_refused(tmp_path, edit, field):
+    """issue #20 review: optimizer.load_state_dict takes a group's settings, and a scheduler's load its
+    entries, wholesale; forged ones used to load, then fail in step() after the model was overwritten."""
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
+    _rewrite(tmp_path / "s.pt", edit)
+    model2, opt2, sched2 = _trained(seed=1)
+    msg = _refused(tmp_path / "s.pt", model2, opt2, sched2)
+    assert field in msg.replace('"', ""), msg
+    _train(model2, opt2, sched2, 1, [])  # still usable
+
+
+def test_settings_of_older_files_and_other_values_still_load(tmp_path):
+    """Settings torch fills in for older files, a changed value of the same kind, and extra settings load."""
+    model, opt, sched = _trained()
+    save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)
+    _rewrite(tmp_path / "s.pt", lambda s: (_GROUP(s).pop("foreach"), _GROUP(s).pop("maximize"),
+                                           _GROUP(s).pop("initial_lr"),
+                                           _GROUP(s).update(lr=torch.tensor(0.5), weight_decay=0, extra=1)))
+    model2, opt2, sched2 = _trained(seed=1)
+    load_training_state(tmp_path / "s.pt", model2, opt2, sched2)
+    assert opt2.param_groups[0]["foreach"] is None and opt2.param_groups[0]["maximize"] is False
+    _train(model2, opt2, sched2, 1, [])
+
+
+def test_a_multistep_scheduler_round_trips(tmp_path):
+    """issue #20 review: MultiStepLR keeps its milestones in a collections.Counter, which torch.load
+    (weights_only=True) reads; save_training_state refused it as 'not plain data'."""
+    def setup():
+        torch.manual_seed(0)
+        model, opt, _ = _setup()
+        return model, opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 3, 3], gamma=0.5)
+
+    torch.manual_seed(1)
+    ref = setup()
+    _train(*ref, 4, [])
+    torch.manual_seed(1)
+    run = setup()
+    _train(*run, 2, [])
+    save_training_state(tmp_path / "s.pt", *run)
+    fresh = setup()
+    load_training_state(tmp_path / "s.pt", *fresh)
+    assert fresh[2].milestones == run[2].milestones and type(fresh[2].milestones) is type(run[2].milestones)
+    _train(*fresh, 2, [])
+    assert _same(snapshot(fresh[0]), snapshot(ref[0])) and fresh[2].get_last_lr() == ref[2].get_last_lr()
+
+
 def test_the_checksum_covers_every_field(tmp_path):
     model, opt, sched = _trained()
     save_training_state(tmp_path / "s.pt", model, opt, sched, step=3)

@@ -249,6 +249,21 @@ def test_calls_that_add_parameters_warn_under_ddp(process_group):
         L.inject_lora(torch.compile(model, backend="eager"), ["2"], r=2)  # nothing to synchronise
 
 
+def test_import_peft_warns_under_ddp_only_when_it_replaces_layers(process_group, tmp_path):
+    """issue #20 review: import_peft into a DDP model whose LoRA layers exist copies values in place (no
+    Parameter added), yet warned that the parameters it adds are not synchronised."""
+    plain, src = make_model(1)
+    export_peft(src, tmp_path / "a", task_type=None)
+    with pytest.warns(UserWarning, match=r"import_peft: .*DistributedDataParallel.*not synchronised"):
+        import_peft(DDP(copy.deepcopy(plain)), tmp_path / "a")
+    _, dst = make_model(2)
+    ddp = DDP(dst)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert import_peft(ddp, tmp_path / "a") == ["0", "2"]
+    assert_bitwise(L.lora_state_dict(dst), L.lora_state_dict(src))
+
+
 def test_phi3_apply_lora_on_a_compiled_model_names_canonical_modules():
     model = make_tiny_phi3(num_hidden_layers=1)
     names = L.phi3.apply_lora(torch.compile(model, backend="eager"), r=2, targets=("o_proj",))
