@@ -170,6 +170,10 @@ class ExactMerge:
         """Why this layer cannot merge, or None. A shared (tied) weight never merges."""
         return shared_weight_reason(self)
 
+    def _knows_its_delta(self) -> bool:
+        """False for a loralib-style subclass without ``_delta_blocks``: its merges are its own code's."""
+        return True
+
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges. Returns self."""
         was_training = self.training
@@ -282,6 +286,10 @@ class ExactMerge:
             return (f"{prefix}weight was saved merged (eval mode) but the state dict lacks {missing}: without "
                     f"the adapter merged into it, the base weight cannot be recovered. Load the whole state "
                     f"dict, or one saved in train mode (this layer was left unchanged)")
+        if not self._knows_its_delta():
+            return (f"{prefix}weight was saved merged (eval mode), and {type(self).__name__} defines no "
+                    f"_delta_blocks: lora_layers cannot take the merge out of it. Load a state dict saved in "
+                    f"train mode (this layer was left unchanged)")
         if getattr(self, "quantized", None) is not None or self.weight.dtype not in BITS_DTYPE:
             return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
                     f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "

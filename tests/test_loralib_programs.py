@@ -323,3 +323,67 @@ def test_subclass_merging_by_itself_saves_and_loads_as_with_loralib(delete_adapt
                 mine, theirs = (torch.manual_seed(1) and make(c) for c in (ours_cls, ref_cls))
                 assert _load_outcome(mine, sd, strict) == _load_outcome(theirs, sd, strict)
                 assert mine.merged == theirs.merged and _same_state(mine.state_dict(), theirs.state_dict())
+
+
+# ----------------------------------------------------------------------------- LoRALayer first in the bases
+
+def _mixin_first_class(lora, own_train):
+    """A loralib-style layer with ``LoRALayer`` first among its bases, so that ``nn.Module.train``
+    (``model.eval()``), or its own ``train`` through ``super()``, reaches lora_layers' merging first."""
+
+    class MixinFirst(lora.LoRALayer, nn.Linear):
+        def __init__(self, n_in, n_out, r=2):
+            nn.Linear.__init__(self, n_in, n_out)
+            lora.LoRALayer.__init__(self, r=r, lora_alpha=2, lora_dropout=0.0, merge_weights=True)
+            self.lora_A = nn.Parameter(torch.randn(r, n_in))
+            self.lora_B = nn.Parameter(torch.randn(n_out, r))
+            self.scaling = self.lora_alpha / self.r
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    if own_train:
+        def train(self, mode=True):
+            super(MixinFirst, self).train(mode)
+            return self
+
+        MixinFirst.train = train
+    return MixinFirst
+
+
+@pytest.mark.parametrize("own_train", [False, True], ids=["inherited_train", "super_train"])
+def test_subclass_with_lora_layer_first_evaluates_like_loralib(own_train):
+    # issue #20 review: eval() reached lora_layers' merge, which cannot know the subclass's delta
+    # (NotImplementedError); loralib's LoRALayer has no train(), so the weight is left alone.
+    ours_cls, ref_cls = _mixin_first_class(L, own_train), _mixin_first_class(loralib, own_train)
+    torch.manual_seed(0)
+    ref = nn.Sequential(ref_cls(4, 3))
+    torch.manual_seed(0)
+    ours = nn.Sequential(ours_cls(4, 3))
+    x = torch.randn(5, 4)
+    for mode in (False, True, False):
+        ref.train(mode), ours.train(mode)
+        assert not ours[0].merged
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+        assert _same_state(ours.state_dict(), ref.state_dict())
+    with pytest.raises(ValueError, match="cannot merge this MixinFirst: its class subclasses LoRALayer without defining _delta_blocks"):
+        ours[0].merge()
+    with pytest.raises(ValueError, match="0: cannot merge this MixinFirst"):
+        L.merge_lora(ours)
+    with pytest.raises(ValueError, match="merged_state_dict: cannot merge 0"):
+        L.merged_state_dict(ours)
+    assert _same_state(ours.state_dict(), ref.state_dict())  # nothing changed
+
+
+def test_weight_saved_merged_into_a_subclass_without_delta_is_refused():
+    torch.manual_seed(0)
+    layer = L.Linear(4, 3, r=2, lora_alpha=2)
+    nn.init.normal_(layer.lora_B)
+    marked = layer.eval().state_dict()
+    mine = _mixin_first_class(L, own_train=False)(4, 3)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    with pytest.raises(RuntimeError, match="MixinFirst defines no _delta_blocks"):
+        mine.load_state_dict(marked)
+    assert _same_state(mine.state_dict(), before) and not mine.merged
+    mine.load_state_dict(layer.train().state_dict())  # saved in train mode: loads as with loralib
+    assert torch.equal(mine.weight, layer.weight)
