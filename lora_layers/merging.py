@@ -181,6 +181,7 @@ class ExactMerge:
         if self.merge_weights:
             try:
                 if mode:
+                    self._adopt_hand_merge()
                     self.unmerge()
                 elif self._merge_blocker() is None:
                     self.merge()
@@ -232,6 +233,18 @@ class ExactMerge:
         if self._merged_here():
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
+
+    def _adopt_hand_merge(self) -> None:
+        """``merged`` set by the user's own code (``weight.data += scaling · B A; merged = True``, as
+        export scripts write it) on a layer whose delta lora_layers knows: loralib's ``train()``
+        subtracts the adapter's delta then, so record that merge for :meth:`unmerge` to take out
+        (up to one rounding). A subclass without ``_delta_blocks`` keeps its merges to itself."""
+        if not self.merged or self._merged_here() or not self._knows_its_delta():
+            return
+        if not self.has_adapter:
+            self.merged = False  # as loralib: nothing to subtract
+        elif getattr(self, "quantized", None) is None and self.weight.dtype in BITS_DTYPE:
+            self._merge_state = (ExactMerge._merge_factors(self), self.weight.dtype, None)
 
     def _merged_here(self) -> bool:
         # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.

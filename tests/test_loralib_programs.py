@@ -387,3 +387,61 @@ def test_weight_saved_merged_into_a_subclass_without_delta_is_refused():
     assert _same_state(mine.state_dict(), before) and not mine.merged
     mine.load_state_dict(layer.train().state_dict())  # saved in train mode: loads as with loralib
     assert torch.equal(mine.weight, layer.weight)
+
+
+# ----------------------------------------------------------------------------- merged by hand
+
+def _hand_merged_run(lora):
+    """An export script's own merge (``weight.data += scaling · B A; merged = True``), then training
+    resumes: loralib's ``train()`` subtracts the adapter's delta again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Embedding(10, 4, r=2, lora_alpha=2), lora.Linear(4, 4, r=2, lora_alpha=2),
+                          nn.ReLU(), lora.Linear(4, 3, r=2, lora_alpha=4))
+    nn.init.normal_(model[1].lora_B), nn.init.normal_(model[3].lora_B)
+    lora.mark_only_lora_as_trainable(model)
+    y_before = model(IDS)
+    with torch.no_grad():
+        model[0].weight.data += (model[0].lora_B @ model[0].lora_A).t() * model[0].scaling
+        for layer in model[1], model[3]:
+            layer.weight.data += (layer.lora_B @ layer.lora_A) * layer.scaling
+        for layer in model[0], model[1], model[3]:
+            layer.merged = True
+    y_merged = model(IDS)
+    exported = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    y_after = model(IDS)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(IDS).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return [y_before, y_merged, y_after], exported, losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_merge_by_hand_is_taken_out_by_train_as_with_loralib():
+    # issue #20 review: train() ignored merged=True set by the user's code, so the adapter stayed out of
+    # the forward and training crashed (no grad) or left the adapters untrained.
+    outs, exported, losses, final = _hand_merged_run(L)
+    ref_outs, ref_exported, ref_losses, ref_final = _hand_merged_run(loralib)
+    for ours, ref in zip(outs, ref_outs):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert _same_state(exported, ref_exported)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-6, atol=1e-6)
+    assert final.keys() == ref_final.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], ref_final[key], rtol=1e-6, atol=1e-6)
+
+
+def test_a_merge_by_hand_is_left_alone_without_merge_weights():
+    # loralib's train() subtracts only with merge_weights=True
+    layer = L.Linear(4, 3, r=2, merge_weights=False)
+    nn.init.normal_(layer.lora_B)
+    with torch.no_grad():
+        layer.weight.data += (layer.lora_B @ layer.lora_A) * layer.scaling
+    merged = layer.weight.detach().clone()
+    layer.merged = True
+    layer.train()
+    assert layer.merged and torch.equal(layer.weight, merged)
