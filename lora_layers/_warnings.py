@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["name_some", "warn_conv_layout_switch", "warn_wrapper_keys"]
+__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_wrapper_keys"]
 
 _WARNED_WRAPPER_KEYS = False
 _WARNED_CONV_LAYOUT = False
+_WARNED_CONV_LORA_ONLY = False
 
 
 def name_some(names, limit: int = 5) -> str:
@@ -49,3 +50,19 @@ def warn_conv_layout_switch(layer_class: str, shapes, dropout: float) -> None:
         f"Other conv layers loading such adapters switch too; build them with layout='loralib' to say so in "
         f"the code. This warning is shown once per process.",
         UserWarning, stacklevel=4)
+
+
+def warn_conv_lora_only_biases(names) -> None:
+    """mark_only_lora_as_trainable(bias="lora_only") trains conv LoRA layers' biases, which loralib's
+    conv layers (the bias is their wrapped ``conv.bias``) leave frozen. Warned once per process."""
+    global _WARNED_CONV_LORA_ONLY
+    if _WARNED_CONV_LORA_ONLY:
+        return
+    _WARNED_CONV_LORA_ONLY = True
+    warnings.warn(
+        f"lora_layers: mark_only_lora_as_trainable(bias='lora_only') trains the biases of the LoRA conv layers "
+        f"({name_some(names)}), as of every LoRA layer. loralib leaves them frozen (its conv layers keep the "
+        f"bias in their wrapped conv, which its 'lora_only' does not look at), so training differs from "
+        f"loralib's: to train as loralib did, set requires_grad_(False) on these biases after the call. This "
+        f"warning is shown once per process.",
+        UserWarning, stacklevel=3)

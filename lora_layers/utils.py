@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ._ties import find_shared_weights
 from ._unwrap import unwrap_model
-from ._warnings import warn_wrapper_keys
-from .layers import LoRALayer
+from ._warnings import warn_conv_lora_only_biases, warn_wrapper_keys
+from .layers import LoRALayer, _ConvNd
 from .merging import MERGED_FACTORS, MERGED_MARK
 
 __all__ = [
@@ -105,6 +105,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     Warns (UserWarning) when ``model`` has no adapter parameters (e.g. only
     ``r=0`` layers, loralib's default): everything but the chosen biases is
     then frozen, as loralib does silently.
+    With ``bias="lora_only"``, warns once per process when it trains the bias of
+    a conv LoRA layer: loralib's ``"lora_only"`` leaves conv biases frozen.
     """
     model = unwrap_model(model)
     check_bias(bias)
@@ -115,9 +117,15 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                       f"layer with r > 0; loralib's layers default to r=0), so every parameter "
                       f"{'is now frozen' if bias == 'none' else f'but the biases of bias={bias!r} is now frozen'}. "
                       f"Give the LoRA layers r > 0, or use inject_lora", UserWarning, stacklevel=2)
-    trainable |= {id(p) for p in named_bias_parameters(model, bias).values()}
+    biases = named_bias_parameters(model, bias)
+    trainable |= {id(p) for p in biases.values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
+    if bias == "lora_only":
+        conv_biases = [_join(name, "bias") for name, module in model.named_modules()
+                       if isinstance(module, _ConvNd) and _join(name, "bias") in biases]
+        if conv_biases:
+            warn_conv_lora_only_biases(conv_biases)
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:

@@ -445,3 +445,61 @@ def test_a_merge_by_hand_is_left_alone_without_merge_weights():
     layer.merged = True
     layer.train()
     assert layer.merged and torch.equal(layer.weight, merged)
+
+
+# ----------------------------------------------------------------------------- conv injection (RNAformer)
+
+def _conv_program(lora, freeze_conv_biases=False):
+    """RNAformer's injection: plain layers replaced under no_grad, the conv's weights copied through
+    ``.conv``; then ``bias="lora_only"`` training. Kernel 1, so both libraries' adapters have the same shapes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 9, 3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, old in list(model.named_children()):
+            if isinstance(old, nn.Conv2d):
+                new = lora.Conv2d(old.in_channels, old.out_channels, old.kernel_size[0], r=2, lora_alpha=4)
+                new.conv.weight.copy_(old.weight)
+                new.conv.bias.copy_(old.bias)
+            else:
+                if not isinstance(old, nn.Linear):
+                    continue
+                new = lora.Linear(old.in_features, old.out_features, r=2, lora_alpha=4)
+                new.weight.copy_(old.weight)
+                new.bias.copy_(old.bias)
+            setattr(model, name, new)
+    lora.mark_only_lora_as_trainable(model, bias="lora_only")
+    if freeze_conv_biases:
+        model[0].bias.requires_grad_(False), model[2].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    x, losses = torch.randn(2, 3, 3, 3), []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_only_training_conv_biases_warns_and_is_loralibs_once_frozen(monkeypatch):
+    # issue #20 review: loralib's 'lora_only' leaves conv biases frozen (its conv layers keep the bias in
+    # their wrapped conv); ours trains them, which was silent.
+    monkeypatch.setattr("lora_layers._warnings._WARNED_CONV_LORA_ONLY", False)
+    ref_losses, ref_count = _conv_program(loralib)
+    with pytest.warns(UserWarning, match=r"bias='lora_only'\) trains the biases of the LoRA conv layers "
+                                         r"\('0.bias', '2.bias'\)"):
+        losses, count = _conv_program(L)
+    assert count == ref_count + 6 + 4 and not torch.equal(losses, ref_losses)
+    losses, count = _conv_program(L, freeze_conv_biases=True)  # once per process: no second warning
+    assert count == ref_count
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_only_without_conv_layers_does_not_warn(monkeypatch, recwarn):
+    monkeypatch.setattr("lora_layers._warnings._WARNED_CONV_LORA_ONLY", False)
+    model = nn.Sequential(L.Linear(4, 4, r=2), nn.Conv2d(3, 3, 1), L.Conv2d(3, 3, 1, r=2, bias=False))
+    L.mark_only_lora_as_trainable(model, bias="lora_only")
+    assert not [w for w in recwarn if "lora_only" in str(w.message)]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "0.bias", "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
