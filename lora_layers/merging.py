@@ -326,7 +326,13 @@ class ExactMerge:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        marked = bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
+        adapter = list(self.adapter_parameters())
+        # Every adapter key dropped (fish-speech's export pops the 'lora' keys of the eval state dict in
+        # place, keeping the mark): a plain merged model, whose weight loads as the base weight, as the
+        # same weights from merged_state_dict do. Only some missing is a partial load: refused below.
+        dropped = bool(adapter) and not any(prefix + name in state_dict for name in adapter)
+        marked = (bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
+                  and not dropped)
         factors = local_metadata.get(MERGED_FACTORS) if marked else None
         problem = self._merged_load_problem(state_dict, prefix, factors) if marked else None
         if problem is not None:

@@ -207,7 +207,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         state[_join(name, "weight")] = layer.merged_weight()
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
-        # No adapter keys: the merged mark would make a LoRA model refuse to load these weights.
+        # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
         for key in (MERGED_MARK, MERGED_FACTORS):
             getattr(state, "_metadata", {}).get(name, {}).pop(key, None)
     return state

@@ -7,6 +7,8 @@ tensors before the forward (intrinsic-dimension / subspace training,
 merged model (fish-speech's ``merge_lora.py``); subclasses that merge by themselves
 (ColossalAI's ``LoraLinear``).
 """
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -503,3 +505,54 @@ def test_lora_only_without_conv_layers_does_not_warn(monkeypatch, recwarn):
     assert not [w for w in recwarn if "lora_only" in str(w.message)]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         "0.bias", "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+
+
+# ----------------------------------------------------------------------------- a merged export as a new base
+
+def _fresh_exporting_model(lora, dora):
+    torch.manual_seed(5)
+    layers = [lora.Embedding(10, 8, r=2, lora_alpha=4), lora.Linear(8, 6, r=2, lora_alpha=4), nn.ReLU(),
+              lora.MergedLinear(6, 9, r=2, lora_alpha=2, enable_lora=[True, False, True])]
+    if dora:
+        layers.append(lora.Linear(9, 5, r=2, lora_alpha=2, use_dora=True))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_an_export_with_the_lora_keys_popped_in_place_loads_as_base_weights(dora):
+    # issue #20 review: fish-speech's save_pretrained(drop_lora=True) pops the 'lora' keys of the eval
+    # state dict in place, so the merged mark stays, and from_pretrained(merged, lora_config=...) loads the
+    # file into a fresh LoRA model with strict=False to train a new adapter on it. That load was refused.
+    model = _exporting_model(dora=dora).eval()
+    y = model(IDS)
+    exported = model.state_dict()
+    for key in list(exported):
+        if "lora" in key:
+            exported.pop(key)
+    buf = io.BytesIO()
+    torch.save(exported, buf)
+    buf.seek(0)
+    exported = torch.load(buf, weights_only=True)
+    assert exported._metadata["1"]["lora_merged"]  # the mark travelled with the file
+    assert exported.keys() == L.merged_state_dict(model).keys()
+
+    fresh = _fresh_exporting_model(L, dora)
+    result = fresh.load_state_dict(exported, strict=False, assign=True)
+    assert not result.unexpected_keys and all("lora" in k for k in result.missing_keys)
+    loaded = fresh.state_dict()
+    assert all(torch.equal(loaded[k], exported[k]) for k in exported)  # the merged weights are the base
+    for mode in (True, False, True):  # B = 0: the fresh adapters add nothing
+        torch.testing.assert_close(fresh.train(mode)(IDS), y, rtol=1e-6, atol=1e-6)
+    if not dora:  # and as loralib loads it
+        ref = _fresh_exporting_model(loralib, dora)
+        ref.load_state_dict(exported, strict=False)
+        assert _same_state(ref.state_dict(), fresh.state_dict())
+
+
+def test_an_export_missing_only_part_of_a_layers_adapter_is_still_refused():
+    model = _exporting_model(dora=False).eval()
+    exported = model.state_dict()
+    exported.pop("1.lora_B")  # a partial load: the merged weight cannot be told from a base weight
+    fresh = _fresh_exporting_model(L, False)
+    with pytest.raises(RuntimeError, match=r"1.weight was saved merged .*1.lora_B"):
+        fresh.load_state_dict(exported, strict=False)
