@@ -7,6 +7,7 @@ tensors before the forward (intrinsic-dimension / subspace training,
 merged model (fish-speech's ``merge_lora.py``); subclasses that merge by themselves
 (ColossalAI's ``LoraLinear``).
 """
+import copy
 import io
 
 import pytest
@@ -556,3 +557,162 @@ def test_an_export_missing_only_part_of_a_layers_adapter_is_still_refused():
     fresh = _fresh_exporting_model(L, False)
     with pytest.raises(RuntimeError, match=r"1.weight was saved merged .*1.lora_B"):
         fresh.load_state_dict(exported, strict=False)
+
+
+# ----------------------------------------------------------------------------- whole programs, run under both imports
+
+def _gpt2_nlg_program(lora):
+    """microsoft/LoRA's NLG example: a fan_in_fan_out ``MergedLinear`` c_attn (q and v adapted,
+    merge_weights=False) over GPT-2 ``Conv1D`` weights loaded by ``load_weight`` (a deepcopy, the model's
+    own missing parameters filled in, strict=False); AdamW on the adapters; eval between steps; the
+    adapters saved as ``{'model_state_dict': lora_state_dict(model)}`` and loaded into a fresh model."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = lora.MergedLinear(8, 24, r=2, lora_alpha=4, lora_dropout=0.0,
+                                            enable_lora=[True, False, True], fan_in_fan_out=True,
+                                            merge_weights=False)
+            self.c_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            q, k, v = self.c_attn(x).split(8, dim=-1)
+            return x + self.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(20, 8)
+            self.h = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids):
+            x = self.wte(ids)
+            for block in self.h:
+                x = block(x)
+            return self.head(x)
+
+        def load_weight(self, state_dict):
+            state_dict = copy.deepcopy(state_dict.get("model_state_dict", state_dict))
+            for name, param in self.named_parameters():
+                if name not in state_dict:
+                    state_dict[name] = param
+            self.load_state_dict(state_dict, strict=False)
+            self.head.weight = self.wte.weight
+
+    gen = torch.Generator().manual_seed(0)
+    pretrained = {"wte.weight": torch.randn(20, 8, generator=gen)}
+    for i in range(2):  # Conv1D layout: (in, out)
+        pretrained[f"h.{i}.c_attn.weight"] = torch.randn(8, 24, generator=gen) * 0.3
+        pretrained[f"h.{i}.c_attn.bias"] = torch.randn(24, generator=gen) * 0.1
+        pretrained[f"h.{i}.c_proj.weight"] = torch.randn(8, 8, generator=gen) * 0.3
+        pretrained[f"h.{i}.c_proj.bias"] = torch.randn(8, generator=gen) * 0.1
+    torch.manual_seed(5)
+    model = LM()
+    model.load_weight(pretrained)
+    lora.mark_only_lora_as_trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    ids = torch.randint(0, 20, (2, 5), generator=gen)
+    losses = []
+    for _ in range(4):
+        model.train()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(ids)
+    buf = io.BytesIO()
+    torch.save({"model_state_dict": lora.lora_state_dict(model)}, buf)
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)
+    torch.manual_seed(5)
+    reloaded = LM()
+    reloaded.load_weight(pretrained)
+    reloaded.load_weight(checkpoint)
+    return dict(losses=torch.stack(losses), evaluated=evaluated, reloaded=reloaded.eval()(ids),
+                saved=checkpoint["model_state_dict"])
+
+
+def _sublora_program(lora):
+    """SubLoRA: a nanoGPT with a ``MergedLinear`` c_attn and a LoRA lm_head whose weight the token
+    embedding shares; the adapters are deleted from the model and set, before every forward, to their
+    initial values plus a fixed projection of a few trainable subspace parameters."""
+
+    def parent_and_name(root, path):
+        *parents, name = path.split(".")
+        for part in parents:
+            root = getattr(root, part)
+        return root, name
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(20, 8)
+            self.c_attn = nn.ModuleList([lora.MergedLinear(8, 24, r=2, enable_lora=[True, False, True])
+                                         for _ in range(2)])
+            self.lm_head = lora.Linear(8, 20, r=2, bias=False, lora_alpha=32, lora_dropout=0.0)
+            self.wte.weight = self.lm_head.weight
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=0.02)
+
+        def forward(self, ids):
+            x = self.wte(ids)
+            for c_attn in self.c_attn:
+                q, k, v = c_attn(x).split(8, dim=2)
+                x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.lm_head(x)
+
+    class IntrinsicDimension(nn.Module):
+        def __init__(self, net, d=6):
+            super().__init__()
+            self._net = [net]  # not a submodule
+            init = copy.deepcopy(net)
+            for name, param in init.named_parameters():
+                if param.requires_grad:
+                    delattr(*parent_and_name(net, name))
+            self.names, self.init = zip(*[(n, p.detach()) for n, p in init.named_parameters() if p.requires_grad])
+            D = sum(p.numel() for p in self.init)
+            self.P = torch.randn(D, d, generator=torch.Generator().manual_seed(137)) / D ** 0.5
+            self.subspace_params = nn.Parameter(torch.zeros(d))
+
+        def forward(self, ids):
+            flat, i = self.P @ self.subspace_params, 0
+            for name, init in zip(self.names, self.init):
+                setattr(*parent_and_name(self._net[0], name), init + flat[i:i + init.numel()].view(init.shape))
+                i += init.numel()
+            return self._net[0](ids)
+
+    torch.manual_seed(0)
+    net = GPT()
+    lora.mark_only_lora_as_trainable(net)
+    model = IntrinsicDimension(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return dict(names=list(model.names), losses=torch.stack(losses), subspace=model.subspace_params.detach())
+
+
+@pytest.mark.parametrize("program", [_gpt2_nlg_program, _sublora_program], ids=["gpt2_nlg", "sublora"])
+def test_program_runs_as_under_loralib(program):
+    ours, ref = program(L), program(loralib)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        if isinstance(ref[key], dict):
+            assert ours[key].keys() == ref[key].keys(), key
+            for name in ref[key]:
+                torch.testing.assert_close(ours[key][name], ref[key][name], rtol=1e-5, atol=1e-6)
+        elif isinstance(ref[key], list):
+            assert ours[key] == ref[key], key
+        else:
+            torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6)
