@@ -716,3 +716,24 @@ def test_program_runs_as_under_loralib(program):
             assert ours[key] == ref[key], key
         else:
             torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("enable", [[True, False, True], [False, True], [True, True, True, True]])
+def test_merged_linear_has_loralibs_helpers(enable, fan_in_fan_out):
+    # issue #20 review: code written against loralib.MergedLinear (a subclass's own train() or export)
+    # calls lora_ind, zero_pad and merge_AB; they were missing (AttributeError).
+    torch.manual_seed(0)
+    ref = loralib.MergedLinear(6, 12, r=2, lora_alpha=4, enable_lora=enable, fan_in_fan_out=fan_in_fan_out)
+    nn.init.normal_(ref.lora_B)
+    ours = L.MergedLinear(6, 12, r=2, lora_alpha=4, enable_lora=enable, fan_in_fan_out=fan_in_fan_out)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert torch.equal(ours.lora_ind, ref.lora_ind)
+    assert torch.equal(ours.zero_pad(ours.lora_B.detach()), ref.zero_pad(ref.lora_B.detach()))
+    torch.testing.assert_close(ours.merge_AB(), ref.merge_AB(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.weight + ours.merge_AB() * ours.scaling, ours.merged_weight(),
+                               rtol=1e-6, atol=1e-6)
+    ours.merge_AB().square().sum().backward()  # differentiable, as loralib's
+    ref.merge_AB().square().sum().backward()
+    torch.testing.assert_close(ours.lora_A.grad, ref.lora_A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.lora_B.grad, ref.lora_B.grad, rtol=1e-5, atol=1e-5)
