@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_wrapper_keys"]
+__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_merged_export_as_base",
+           "warn_wrapper_keys"]
 
 _WARNED_WRAPPER_KEYS = False
 _WARNED_CONV_LAYOUT = False
 _WARNED_CONV_LORA_ONLY = False
+_WARNED_MERGED_EXPORT = False
 
 
 def name_some(names, limit: int = 5) -> str:
@@ -66,3 +68,18 @@ def warn_conv_lora_only_biases(names) -> None:
         f"loralib's: to train as loralib did, set requires_grad_(False) on these biases after the call. This "
         f"warning is shown once per process.",
         UserWarning, stacklevel=3)
+
+
+def warn_merged_export_as_base(weight_key: str) -> None:
+    """A weight saved merged (eval mode) whose adapter keys were all removed from the state dict loaded as
+    a base weight. Warned once per process: a model's layers load together."""
+    global _WARNED_MERGED_EXPORT
+    if _WARNED_MERGED_EXPORT:
+        return
+    _WARNED_MERGED_EXPORT = True
+    warnings.warn(
+        f"lora_layers: {weight_key} was saved merged (eval mode) and the state dict holds none of its layer's "
+        f"adapter keys, so it is loaded as a base weight (a merged export, as with loralib), with the adapter "
+        f"merged into it. Loading that same adapter afterwards would count it twice. This warning is shown "
+        f"once per process.",
+        UserWarning, stacklevel=6)

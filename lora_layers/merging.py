@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
+from ._warnings import warn_merged_export_as_base
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
            "ExactMerge", "MERGED_MARK", "MERGED_FACTORS"]
@@ -331,8 +332,10 @@ class ExactMerge:
         # place, keeping the mark): a plain merged model, whose weight loads as the base weight, as the
         # same weights from merged_state_dict do. Only some missing is a partial load: refused below.
         dropped = bool(adapter) and not any(prefix + name in state_dict for name in adapter)
-        marked = (bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
-                  and not dropped)
+        marked = bool(local_metadata.get(MERGED_MARK)) and prefix + "weight" in state_dict and self.has_adapter
+        if marked and dropped:
+            warn_merged_export_as_base(prefix + "weight")
+            marked = False
         factors = local_metadata.get(MERGED_FACTORS) if marked else None
         problem = self._merged_load_problem(state_dict, prefix, factors) if marked else None
         if problem is not None:

@@ -520,7 +520,7 @@ def _fresh_exporting_model(lora, dora):
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_an_export_with_the_lora_keys_popped_in_place_loads_as_base_weights(dora):
+def test_an_export_with_the_lora_keys_popped_in_place_loads_as_base_weights(dora, monkeypatch):
     # issue #20 review: fish-speech's save_pretrained(drop_lora=True) pops the 'lora' keys of the eval
     # state dict in place, so the merged mark stays, and from_pretrained(merged, lora_config=...) loads the
     # file into a fresh LoRA model with strict=False to train a new adapter on it. That load was refused.
@@ -538,7 +538,9 @@ def test_an_export_with_the_lora_keys_popped_in_place_loads_as_base_weights(dora
     assert exported.keys() == L.merged_state_dict(model).keys()
 
     fresh = _fresh_exporting_model(L, dora)
-    result = fresh.load_state_dict(exported, strict=False, assign=True)
+    monkeypatch.setattr("lora_layers._warnings._WARNED_MERGED_EXPORT", False)
+    with pytest.warns(UserWarning, match=r"0.weight was saved merged .* loaded as a base weight"):
+        result = fresh.load_state_dict(exported, strict=False, assign=True)
     assert not result.unexpected_keys and all("lora" in k for k in result.missing_keys)
     loaded = fresh.state_dict()
     assert all(torch.equal(loaded[k], exported[k]) for k in exported)  # the merged weights are the base
