@@ -739,3 +739,24 @@ def test_merged_linear_has_loralibs_helpers(enable, fan_in_fan_out):
     ref.merge_AB().square().sum().backward()
     torch.testing.assert_close(ours.lora_A.grad, ref.lora_A.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.lora_B.grad, ref.lora_B.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unmarked_state_dict_loaded_into_an_eval_model_is_taken_as_base_weights():
+    # The documented side of the ambiguity: a train-mode file into a model in eval mode is right (loralib
+    # drops the adapter); loralib's own eval-mode file, unmarked, counts the adapter twice (loralib: right).
+    torch.manual_seed(0)
+    src = loralib.Linear(8, 8, r=2, lora_alpha=4)
+    nn.init.normal_(src.lora_B)
+    x = torch.randn(3, 8)
+    train_sd = {k: v.clone() for k, v in src.state_dict().items()}
+    src.eval()  # loralib's eval() returns None
+    y, eval_sd = src(x), src.state_dict()
+    outcomes = {}
+    for lib in (loralib, L):
+        for name, sd in (("train file", train_sd), ("eval file", eval_sd)):
+            model = lib.Linear(8, 8, r=2, lora_alpha=4)
+            model.eval()
+            model.load_state_dict(sd)
+            outcomes[lib.__name__, name] = torch.allclose(model(x), y, atol=1e-5)
+    assert outcomes == {("loralib", "train file"): False, ("loralib", "eval file"): True,
+                        ("lora_layers", "train file"): True, ("lora_layers", "eval file"): False}
