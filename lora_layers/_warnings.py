@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_merged_export_as_base",
-           "warn_wrapper_keys"]
+__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_lora_named_parameters",
+           "warn_merged_export_as_base", "warn_wrapper_keys"]
 
 _WARNED_WRAPPER_KEYS = False
 _WARNED_CONV_LAYOUT = False
 _WARNED_CONV_LORA_ONLY = False
 _WARNED_MERGED_EXPORT = False
+_WARNED_LORA_NAMED = set()  # the functions that warned about 'lora_'-named non-adapter parameters
 
 
 def name_some(names, limit: int = 5) -> str:
@@ -83,3 +84,21 @@ def warn_merged_export_as_base(weight_key: str) -> None:
         f"merged into it. Loading that same adapter afterwards would count it twice. This warning is shown "
         f"once per process.",
         UserWarning, stacklevel=6)
+
+
+def warn_lora_named_parameters(function: str, names) -> None:
+    """Parameters whose names contain ``lora_`` but that are no LoRA layer's adapter: loralib's name test
+    would have trained (``mark_only_lora_as_trainable``) or saved (``lora_state_dict``) them. Warned once
+    per process and function."""
+    if function in _WARNED_LORA_NAMED:
+        return
+    _WARNED_LORA_NAMED.add(function)
+    done = {"mark_only_lora_as_trainable": "froze", "lora_state_dict": "left out the trainable parameters"}[function]
+    warnings.warn(
+        f"lora_layers: {function} {done} {name_some(names)}: their names contain 'lora_', so loralib's "
+        f"{function} would have {'trained' if function.startswith('mark') else 'saved'} them, but they are no "
+        f"LoRA layer's adapter (lora_layers finds adapters by identity: the lora_* Parameters of its LoRA "
+        f"layers and of LoRALayer subclasses). If they are adapters of your own, make them subclass "
+        f"lora_layers.LoRALayer, or set requires_grad and save them yourself. This warning is shown once per "
+        f"process.",
+        UserWarning, stacklevel=3)

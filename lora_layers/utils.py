@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._ties import find_shared_weights
 from ._unwrap import unwrap_model
-from ._warnings import warn_conv_lora_only_biases, warn_wrapper_keys
+from ._warnings import warn_conv_lora_only_biases, warn_lora_named_parameters, warn_wrapper_keys
 from .layers import LoRALayer, _ConvNd
 from .merging import MERGED_FACTORS, MERGED_MARK
 
@@ -107,6 +107,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     then frozen, as loralib does silently.
     With ``bias="lora_only"``, warns once per process when it trains the bias of
     a conv LoRA layer: loralib's ``"lora_only"`` leaves conv biases frozen.
+    Warns once per process when it freezes parameters whose names contain
+    ``lora_`` but that are no LoRA layer's adapter (loralib's name test trains them).
     """
     model = unwrap_model(model)
     check_bias(bias)
@@ -126,6 +128,15 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                        if isinstance(module, _ConvNd) and _join(name, "bias") in biases]
         if conv_biases:
             warn_conv_lora_only_biases(conv_biases)
+    named_only = [n for n, p in _lora_named_non_adapters(model) if not p.requires_grad]
+    if named_only:
+        warn_lora_named_parameters("mark_only_lora_as_trainable", named_only)
+
+
+def _lora_named_non_adapters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """Parameters that loralib's name test (``'lora_' in name``) takes for adapters and lora_layers does not."""
+    adapters = {id(p) for p in lora_parameters(model)}
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and id(p) not in adapters]
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
@@ -135,13 +146,18 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
     validation, :func:`lora_layers.load_lora`. For a ``torch.compile`` or DDP
     wrapper, the keys are the bare model's (loralib kept the wrapper's prefix;
-    this warns once).
+    this warns once). Trainable parameters whose names contain ``lora_`` but that
+    are no LoRA layer's adapter are left out, with a warning (once per process):
+    loralib's name test saves them.
     """
     check_bias(bias)
     if unwrap_model(model) is not model:
         warn_wrapper_keys(model)
     out = {name: p.detach() for name, p in named_lora_parameters(model)}
     out.update({name: p.detach() for name, p in named_bias_parameters(model, bias).items()})
+    left_out = [n for n, p in _lora_named_non_adapters(unwrap_model(model)) if p.requires_grad and n not in out]
+    if left_out:
+        warn_lora_named_parameters("lora_state_dict", left_out)
     return out
 
 

@@ -760,3 +760,49 @@ def test_an_unmarked_state_dict_loaded_into_an_eval_model_is_taken_as_base_weigh
             outcomes[lib.__name__, name] = torch.allclose(model(x), y, atol=1e-5)
     assert outcomes == {("loralib", "train file"): False, ("loralib", "eval file"): True,
                         ("lora_layers", "train file"): True, ("lora_layers", "eval file"): False}
+
+
+def _with_adapters_of_its_own(lora):
+    """A model mixing the library's layers with a LoRA module of the program's own that does not subclass
+    LoRALayer (kohya-style lora_down / lora_up), which loralib's name test trains and saves."""
+
+    class OwnLoRA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(4, 4)
+            self.lora_down = nn.Linear(4, 2, bias=False)
+            self.lora_up = nn.Linear(2, 4, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_up(self.lora_down(x))
+
+    torch.manual_seed(0)
+    return nn.Sequential(lora.Linear(4, 4, r=2), OwnLoRA())
+
+
+def test_lora_named_parameters_that_are_no_adapter_warn(monkeypatch):
+    # issue #20 review: lora_layers finds adapters by identity, so a program's own lora_* modules were
+    # frozen and left out of lora_state_dict without a word, where loralib trains and saves them.
+    monkeypatch.setattr("lora_layers._warnings._WARNED_LORA_NAMED", set())
+    ref = _with_adapters_of_its_own(loralib)
+    loralib.mark_only_lora_as_trainable(ref)
+    ours = _with_adapters_of_its_own(L)
+    with pytest.warns(UserWarning, match=r"mark_only_lora_as_trainable froze '1.lora_down.weight', "
+                                         r"'1.lora_up.weight': their names contain 'lora_'"):
+        L.mark_only_lora_as_trainable(ours)
+    assert [n for n, p in ref.named_parameters() if p.requires_grad] == [
+        "0.lora_A", "0.lora_B", "1.lora_down.weight", "1.lora_up.weight"]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B"]
+    ours[1].lora_down.weight.requires_grad_(True)  # trained anyway, by the program's own choice
+    with pytest.warns(UserWarning, match=r"lora_state_dict left out the trainable parameters '1.lora_down.weight'"):
+        assert sorted(L.lora_state_dict(ours)) == ["0.lora_A", "0.lora_B"]
+
+
+def test_lora_named_parameters_warn_once_and_not_for_adapters(monkeypatch, recwarn):
+    monkeypatch.setattr("lora_layers._warnings._WARNED_LORA_NAMED", set())
+    cls = _custom_linear_class(L)  # a LoRALayer subclass: its lora_* Parameters are adapters
+    L.mark_only_lora_as_trainable(nn.Sequential(cls(4, 4, r=2), L.Linear(4, 4, r=2, use_dora=True)))
+    assert not [w for w in recwarn if "names contain 'lora_'" in str(w.message)]
+    for _ in range(2):
+        L.mark_only_lora_as_trainable(_with_adapters_of_its_own(L))
+    assert len([w for w in recwarn if "names contain 'lora_'" in str(w.message)]) == 1
