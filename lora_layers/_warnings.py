@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["name_some", "warn_conv_layout_switch", "warn_wrapper_keys"]
+__all__ = ["name_some", "warn_conv_layout_switch", "warn_conv_lora_only_biases", "warn_lora_named_parameters",
+           "warn_merged_export_as_base", "warn_wrapper_keys"]
 
 _WARNED_WRAPPER_KEYS = False
 _WARNED_CONV_LAYOUT = False
+_WARNED_CONV_LORA_ONLY = False
+_WARNED_MERGED_EXPORT = False
+_WARNED_LORA_NAMED = set()  # the functions that warned about 'lora_'-named non-adapter parameters
 
 
 def name_some(names, limit: int = 5) -> str:
@@ -49,3 +53,52 @@ def warn_conv_layout_switch(layer_class: str, shapes, dropout: float) -> None:
         f"Other conv layers loading such adapters switch too; build them with layout='loralib' to say so in "
         f"the code. This warning is shown once per process.",
         UserWarning, stacklevel=4)
+
+
+def warn_conv_lora_only_biases(names) -> None:
+    """mark_only_lora_as_trainable(bias="lora_only") trains conv LoRA layers' biases, which loralib's
+    conv layers (the bias is their wrapped ``conv.bias``) leave frozen. Warned once per process."""
+    global _WARNED_CONV_LORA_ONLY
+    if _WARNED_CONV_LORA_ONLY:
+        return
+    _WARNED_CONV_LORA_ONLY = True
+    warnings.warn(
+        f"lora_layers: mark_only_lora_as_trainable(bias='lora_only') trains the biases of the LoRA conv layers "
+        f"({name_some(names)}), as of every LoRA layer. loralib leaves them frozen (its conv layers keep the "
+        f"bias in their wrapped conv, which its 'lora_only' does not look at), so training differs from "
+        f"loralib's: to train as loralib did, set requires_grad_(False) on these biases after the call. This "
+        f"warning is shown once per process.",
+        UserWarning, stacklevel=3)
+
+
+def warn_merged_export_as_base(weight_key: str) -> None:
+    """A weight saved merged (eval mode) whose adapter keys were all removed from the state dict loaded as
+    a base weight. Warned once per process: a model's layers load together."""
+    global _WARNED_MERGED_EXPORT
+    if _WARNED_MERGED_EXPORT:
+        return
+    _WARNED_MERGED_EXPORT = True
+    warnings.warn(
+        f"lora_layers: {weight_key} was saved merged (eval mode) and the state dict holds none of its layer's "
+        f"adapter keys, so it is loaded as a base weight (a merged export, as with loralib), with the adapter "
+        f"merged into it. Loading that same adapter afterwards would count it twice. This warning is shown "
+        f"once per process.",
+        UserWarning, stacklevel=6)
+
+
+def warn_lora_named_parameters(function: str, names) -> None:
+    """Parameters whose names contain ``lora_`` but that are no LoRA layer's adapter: loralib's name test
+    would have trained (``mark_only_lora_as_trainable``) or saved (``lora_state_dict``) them. Warned once
+    per process and function."""
+    if function in _WARNED_LORA_NAMED:
+        return
+    _WARNED_LORA_NAMED.add(function)
+    done = {"mark_only_lora_as_trainable": "froze", "lora_state_dict": "left out the trainable parameters"}[function]
+    warnings.warn(
+        f"lora_layers: {function} {done} {name_some(names)}: their names contain 'lora_', so loralib's "
+        f"{function} would have {'trained' if function.startswith('mark') else 'saved'} them, but they are no "
+        f"LoRA layer's adapter (lora_layers finds adapters by identity: the lora_* Parameters of its LoRA "
+        f"layers and of LoRALayer subclasses). If they are adapters of your own, make them subclass "
+        f"lora_layers.LoRALayer, or set requires_grad and save them yourself. This warning is shown once per "
+        f"process.",
+        UserWarning, stacklevel=3)

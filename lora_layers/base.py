@@ -168,6 +168,18 @@ class LoRALayer(ExactMerge):
         """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (accumulation dtype, scaled)."""
         raise NotImplementedError(f"{type(self).__name__} defines no _delta_blocks: lora_layers cannot merge it")
 
+    def _knows_its_delta(self) -> bool:
+        return type(self)._delta_blocks is not LoRALayer._delta_blocks
+
+    def _merge_blocker(self) -> Optional[str]:
+        # A class of the user's own (loralib style) defines no _delta_blocks: as with loralib's
+        # LoRALayer, eval() and train() (reached through super().train) leave its weight alone,
+        # and an explicit merge says why it cannot.
+        if not self.merged and not self._knows_its_delta():
+            return ("its class subclasses LoRALayer without defining _delta_blocks, so lora_layers does not "
+                    "know its delta (merge it with the class's own code)")
+        return super()._merge_blocker()
+
     # -- common API ----------------------------------------------------------
     @property
     def has_adapter(self) -> bool:

@@ -385,6 +385,28 @@ class MergedLinear(Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, enable_lora={self.enable_lora}, split_sizes={self.split_sizes}"
 
+    # -- loralib's helpers, for code written against loralib.MergedLinear (the forward uses neither) --
+    @property
+    def lora_ind(self) -> Tensor:
+        """loralib's mask of the output rows that carry an adapter: ``(out_features,)`` bool."""
+        enabled = torch.tensor([on for size, on in zip(self.split_sizes, self.enable_lora) for _ in range(size)])
+        return enabled.to(self.weight.device)
+
+    def zero_pad(self, x: Tensor) -> Tensor:
+        """loralib's: the adapted rows ``x`` (``(Σ enabled split sizes, *)``) placed in ``out_features``
+        rows, zeros elsewhere."""
+        result = x.new_zeros((self.out_features, *x.shape[1:]))
+        result[self.lora_ind] = x
+        return result
+
+    def merge_AB(self) -> Tensor:
+        """loralib's: ``B_j A_j`` of every enabled split, zero-padded to the weight's shape and in its
+        storage layout (transposed with ``fan_in_fan_out``), without ``scaling``. Differentiable."""
+        sizes = [size for size, on in zip(self.split_sizes, self.enable_lora) if on]
+        delta = torch.cat([b @ a for a, b in zip(self.lora_A.split(self.r), self.lora_B.split(sizes))])
+        delta = self.zero_pad(delta)
+        return delta.t() if self.fan_in_fan_out else delta
+
 
 # ----------------------------------------------------------------------------- Embedding
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._ties import LOADING_ATTR, register_weight, shared_weight_reason
+from ._warnings import warn_merged_export_as_base
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
            "weight_sums", "same_sums", "ExactMerge", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK", "BASE_CHECK"]
@@ -247,6 +248,10 @@ class ExactMerge:
         """Why this layer cannot merge, or None. A shared (tied) weight never merges."""
         return shared_weight_reason(self)
 
+    def _knows_its_delta(self) -> bool:
+        """False for a loralib-style subclass without ``_delta_blocks``: its merges are its own code's."""
+        return True
+
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges. Returns self."""
         was_training = self.training
@@ -254,6 +259,7 @@ class ExactMerge:
         if self.merge_weights:
             try:
                 if mode:
+                    self._adopt_hand_merge()
                     self.unmerge()
                 elif self._merge_blocker() is None:
                     self.merge()
@@ -307,6 +313,18 @@ class ExactMerge:
         if self._merged_here():
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
+
+    def _adopt_hand_merge(self) -> None:
+        """``merged`` set by the user's own code (``weight.data += scaling · B A; merged = True``, as
+        export scripts write it) on a layer whose delta lora_layers knows: loralib's ``train()``
+        subtracts the adapter's delta then, so record that merge for :meth:`unmerge` to take out
+        (up to one rounding). A subclass without ``_delta_blocks`` keeps its merges to itself."""
+        if not self.merged or self._merged_here() or not self._knows_its_delta():
+            return
+        if not self.has_adapter:
+            self.merged = False  # as loralib: nothing to subtract
+        elif getattr(self, "quantized", None) is None and self.weight.dtype in BITS_DTYPE:
+            self._merge_state = (ExactMerge._merge_factors(self), self.weight.dtype, None)
 
     def _merged_here(self) -> bool:
         # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.
@@ -402,6 +420,10 @@ class ExactMerge:
             return (f"{prefix}weight was saved merged (eval mode) but the state dict lacks {missing}: without "
                     f"the adapter merged into it, the base weight cannot be recovered. Load the whole state "
                     f"dict, or one saved in train mode (this layer was left unchanged)")
+        if not self._knows_its_delta():
+            return (f"{prefix}weight was saved merged (eval mode), and {type(self).__name__} defines no "
+                    f"_delta_blocks: lora_layers cannot take the merge out of it. Load a state dict saved in "
+                    f"train mode (this layer was left unchanged)")
         if getattr(self, "quantized", None) is not None or self.weight.dtype not in BITS_DTYPE:
             return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
                     f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "
@@ -439,6 +461,13 @@ class ExactMerge:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         marked, problem = self._read_mark(state_dict, prefix, local_metadata)
+        adapter = list(self.adapter_parameters())
+        if marked and adapter and not any(prefix + name in state_dict for name in adapter):
+            # Every adapter key dropped (fish-speech's export pops the 'lora' keys of the eval state dict in
+            # place, keeping the mark): a plain merged model, whose weight loads as the base weight, as the
+            # same weights from merged_state_dict do. Only some missing is a partial load: refused below.
+            warn_merged_export_as_base(prefix + "weight")
+            marked = False
         factors = local_metadata.get(MERGED_FACTORS) if marked else None
         if marked:
             problem = self._merged_load_problem(state_dict, prefix)

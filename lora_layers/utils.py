@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ._ties import find_shared_weights
 from ._unwrap import unwrap_model
-from ._warnings import warn_wrapper_keys
-from .layers import LoRALayer
+from ._warnings import warn_conv_lora_only_biases, warn_lora_named_parameters, warn_wrapper_keys
+from .layers import LoRALayer, _ConvNd
 from .merging import BASE_CHECK, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK
 
 __all__ = [
@@ -105,6 +105,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     Warns (UserWarning) when ``model`` has no adapter parameters (e.g. only
     ``r=0`` layers, loralib's default): everything but the chosen biases is
     then frozen, as loralib does silently.
+    With ``bias="lora_only"``, warns once per process when it trains the bias of
+    a conv LoRA layer: loralib's ``"lora_only"`` leaves conv biases frozen.
+    Warns once per process when it freezes parameters whose names contain
+    ``lora_`` but that are no LoRA layer's adapter (loralib's name test trains them).
     """
     model = unwrap_model(model)
     check_bias(bias)
@@ -115,9 +119,24 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                       f"layer with r > 0; loralib's layers default to r=0), so every parameter "
                       f"{'is now frozen' if bias == 'none' else f'but the biases of bias={bias!r} is now frozen'}. "
                       f"Give the LoRA layers r > 0, or use inject_lora", UserWarning, stacklevel=2)
-    trainable |= {id(p) for p in named_bias_parameters(model, bias).values()}
+    biases = named_bias_parameters(model, bias)
+    trainable |= {id(p) for p in biases.values()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
+    if bias == "lora_only":
+        conv_biases = [_join(name, "bias") for name, module in model.named_modules()
+                       if isinstance(module, _ConvNd) and _join(name, "bias") in biases]
+        if conv_biases:
+            warn_conv_lora_only_biases(conv_biases)
+    named_only = [n for n, p in _lora_named_non_adapters(model) if not p.requires_grad]
+    if named_only:
+        warn_lora_named_parameters("mark_only_lora_as_trainable", named_only)
+
+
+def _lora_named_non_adapters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """Parameters that loralib's name test (``'lora_' in name``) takes for adapters and lora_layers does not."""
+    adapters = {id(p) for p in lora_parameters(model)}
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and id(p) not in adapters]
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
@@ -127,13 +146,18 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
     validation, :func:`lora_layers.load_lora`. For a ``torch.compile`` or DDP
     wrapper, the keys are the bare model's (loralib kept the wrapper's prefix;
-    this warns once).
+    this warns once). Trainable parameters whose names contain ``lora_`` but that
+    are no LoRA layer's adapter are left out, with a warning (once per process):
+    loralib's name test saves them.
     """
     check_bias(bias)
     if unwrap_model(model) is not model:
         warn_wrapper_keys(model)
     out = {name: p.detach() for name, p in named_lora_parameters(model)}
     out.update({name: p.detach() for name, p in named_bias_parameters(model, bias).items()})
+    left_out = [n for n, p in _lora_named_non_adapters(unwrap_model(model)) if p.requires_grad and n not in out]
+    if left_out:
+        warn_lora_named_parameters("lora_state_dict", left_out)
     return out
 
 
@@ -199,7 +223,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         state[_join(name, "weight")] = layer.merged_weight()
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
-        # No adapter keys: the merged mark would make a LoRA model refuse to load these weights.
+        # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
         for key in (MERGED_MARK, MERGED_FACTORS, MERGED_CHECK, BASE_CHECK):
             getattr(state, "_metadata", {}).get(name, {}).pop(key, None)
     return state
