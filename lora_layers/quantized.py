@@ -172,8 +172,9 @@ class _BnbBase(QuantizedBase):
             if key not in (prefix + "weight", prefix + "bias"):
                 destination[key] = value
 
-    def _load(self, state_dict, prefix):
-        """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``."""
+    def _load(self, state_dict, prefix, error_msgs):
+        """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``; a
+        problem is appended to ``error_msgs``, the layer unchanged."""
 
 
 def _bnb_base(module) -> "_BnbBase":
@@ -192,7 +193,7 @@ def _bnb_save_hook(module, destination, prefix, local_metadata):
 
 def _bnb_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
-    _bnb_base(module)._load(state_dict, prefix)
+    _bnb_base(module)._load(state_dict, prefix, error_msgs)
 
 
 def _unpack_cpu(data, state):
@@ -270,6 +271,42 @@ class _Bnb4bit(_BnbBase):
         # wrapping) is saved unpacked; here exactly, and it stays so.
         self._standard_layout()
 
+    def _load(self, state_dict, prefix, error_msgs):
+        # Packed bytes saved with their quantization state (weight.absmax, weight.quant_map,
+        # weight.quant_state.bitsandbytes__*, ...): the bytes are read with that state, as transformers
+        # loads them (Params4bit.from_prequantized). Linear4bit itself copies the bytes and leaves the
+        # state keys unexpected, so that the bytes would be read with the old scales.
+        import bitsandbytes.functional as bf
+
+        key = prefix + "weight"
+        names = [k for k in state_dict if k.startswith(key + ".")]
+        if key not in state_dict or not names:
+            return
+        weight = self._standard_layout()
+        packed = state_dict[key]
+        try:
+            state = bf.QuantState.from_dict({k[len(key) + 1:]: state_dict[k].clone() if isinstance(state_dict[k], Tensor)
+                                             else state_dict[k] for k in names}, device=weight.device)
+        except (ValueError, KeyError, AssertionError, TypeError) as exc:
+            error_msgs.append(f"{names}: not a bitsandbytes 4-bit quantization state ({exc}) "
+                              f"(this layer was left unchanged)")
+            return
+        if state.shape != self.shape or not isinstance(packed, Tensor) or packed.shape != weight.shape \
+                or packed.dtype != weight.dtype:
+            got = (tuple(packed.shape), packed.dtype) if isinstance(packed, Tensor) else type(packed).__name__
+            error_msgs.append(f"{key}: a 4-bit weight of logical shape {tuple(state.shape or ())} packed as {got}, "
+                              f"expected shape {tuple(self.shape)} packed as {(tuple(weight.shape), weight.dtype)} "
+                              f"(this layer was left unchanged)")
+            for k in names + [key]:  # the whole weight is refused, its bytes not copied
+                state_dict.pop(k)
+            return
+        for k in names:
+            state_dict.pop(k)
+        weight.quant_state = state
+        for module in (self.base, self.module):  # where bitsandbytes recovers a dropped quant_state from
+            if isinstance(module.__dict__.get("quant_state"), bf.QuantState):
+                module.__dict__["quant_state"] = state
+
     def nbytes(self):
         state = self._state()
         extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
@@ -299,7 +336,7 @@ class _Bnb8bit(_BnbBase):
         recorded = self.module.__dict__.get("compute_dtype")
         return recorded if isinstance(recorded, torch.dtype) else torch.get_default_dtype()
 
-    def _load(self, state_dict, prefix):
+    def _load(self, state_dict, prefix, error_msgs):
         # As Linear8bitLt._load_from_state_dict: the scales (SCB) are copied into the layer's own
         # (bitsandbytes' maybe_rearrange_weight pre-hook, adopted by the LoRA layer, takes weight_format).
         key = prefix + "SCB"
@@ -309,8 +346,15 @@ class _Bnb8bit(_BnbBase):
         if getattr(weight, "SCB", None) is None:
             raise RuntimeError("Loading a quantized checkpoint into non-quantized Linear8bitLt is "
                                "not supported. Please call module.cuda() before module.load_state_dict()")
+        scb = state_dict.pop(key)
+        if not isinstance(scb, Tensor) or scb.shape != weight.SCB.shape:
+            got = tuple(scb.shape) if isinstance(scb, Tensor) else type(scb).__name__
+            error_msgs.append(f"{key}: size mismatch, got scales of shape {got}, expected {tuple(weight.SCB.shape)} "
+                              f"(this layer was left unchanged)")
+            state_dict.pop(prefix + "weight", None)
+            return
         with torch.no_grad():
-            weight.SCB.copy_(state_dict.pop(key))
+            weight.SCB.copy_(scb)
         if self.base.state.SCB is not None:
             self.base.state.SCB = weight.SCB
 
