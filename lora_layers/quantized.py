@@ -152,13 +152,20 @@ class _BnbBase(QuantizedBase):
         super().__init__(module)
         # A LoRA layer made by from_module, or the bitsandbytes layer itself (weight_nbytes on a loaded model).
         wrapped = "_wrapped_class" in module.__dict__
-        self.base = plain_module(module, ()) if wrapped else adopt(type(module), module)
-        self.base._parameters["bias"] = None
+        self._base = plain_module(module, ()) if wrapped else adopt(type(module), module)
+        self._base._parameters["bias"] = None
         if wrapped and not module.__dict__.get("_bnb_state_hooks"):
             module.register_state_dict_pre_hook(_bnb_save_pre_hook)
             module.register_state_dict_post_hook(_bnb_save_hook)
             module._register_load_state_dict_pre_hook(_bnb_load_pre_hook, with_module=True)
             module.__dict__["_bnb_state_hooks"] = True
+
+    @property
+    def base(self) -> nn.Module:
+        """The private module, holding the layer's ``weight`` as it is now (an assignment or a
+        ``load_state_dict(assign=True)`` registers a new one)."""
+        self._base._parameters["weight"] = self.module._parameters["weight"]
+        return self._base
 
     # -- state_dict: what the bitsandbytes layer itself writes and reads -------------------------
     def _before_save(self):
@@ -172,9 +179,11 @@ class _BnbBase(QuantizedBase):
             if key not in (prefix + "weight", prefix + "bias"):
                 destination[key] = value
 
-    def _load(self, state_dict, prefix, error_msgs):
+    def _load(self, state_dict, prefix, assign, error_msgs):
         """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``; a
-        problem is appended to ``error_msgs``, the layer unchanged."""
+        problem is appended to ``error_msgs``, the layer unchanged. With ``assign``
+        (``load_state_dict(assign=True)``), the ``weight`` given becomes a bitsandbytes Parameter
+        holding its quantization state, as the one it replaces."""
 
 
 def _bnb_base(module) -> "_BnbBase":
@@ -193,7 +202,7 @@ def _bnb_save_hook(module, destination, prefix, local_metadata):
 
 def _bnb_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
-    _bnb_base(module)._load(state_dict, prefix, error_msgs)
+    _bnb_base(module)._load(state_dict, prefix, bool(local_metadata.get("assign_to_params_buffers")), error_msgs)
 
 
 def _unpack_cpu(data, state):
@@ -271,7 +280,7 @@ class _Bnb4bit(_BnbBase):
         # wrapping) is saved unpacked; here exactly, and it stays so.
         self._standard_layout()
 
-    def _load(self, state_dict, prefix, error_msgs):
+    def _load(self, state_dict, prefix, assign, error_msgs):
         # Packed bytes saved with their quantization state (weight.absmax, weight.quant_map,
         # weight.quant_state.bitsandbytes__*, ...): the bytes are read with that state, as transformers
         # loads them (Params4bit.from_prequantized). Linear4bit itself copies the bytes and leaves the
@@ -302,7 +311,15 @@ class _Bnb4bit(_BnbBase):
             return
         for k in names:
             state_dict.pop(k)
-        weight.quant_state = state
+        if assign:
+            import bitsandbytes as bnb
+
+            state_dict[key] = bnb.nn.Params4bit(
+                packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=packed.dtype,
+                module=getattr(weight, "module", None), bnb_quantized=True)
+        else:
+            weight.quant_state = state
         for module in (self.base, self.module):  # where bitsandbytes recovers a dropped quant_state from
             if isinstance(module.__dict__.get("quant_state"), bf.QuantState):
                 module.__dict__["quant_state"] = state
@@ -336,7 +353,7 @@ class _Bnb8bit(_BnbBase):
         recorded = self.module.__dict__.get("compute_dtype")
         return recorded if isinstance(recorded, torch.dtype) else torch.get_default_dtype()
 
-    def _load(self, state_dict, prefix, error_msgs):
+    def _load(self, state_dict, prefix, assign, error_msgs):
         # As Linear8bitLt._load_from_state_dict: the scales (SCB) are copied into the layer's own
         # (bitsandbytes' maybe_rearrange_weight pre-hook, adopted by the LoRA layer, takes weight_format).
         key = prefix + "SCB"
@@ -353,10 +370,19 @@ class _Bnb8bit(_BnbBase):
                               f"(this layer was left unchanged)")
             state_dict.pop(prefix + "weight", None)
             return
-        with torch.no_grad():
-            weight.SCB.copy_(scb)
+        if assign and isinstance(state_dict.get(prefix + "weight"), Tensor):
+            import bitsandbytes as bnb
+
+            packed = state_dict[prefix + "weight"]
+            weight = state_dict[prefix + "weight"] = bnb.nn.Int8Params(
+                packed, requires_grad=False, has_fp16_weights=False, CB=packed, SCB=scb)
+        else:
+            with torch.no_grad():
+                weight.SCB.copy_(scb)
         if self.base.state.SCB is not None:
             self.base.state.SCB = weight.SCB
+        if self.base.state.CB is not None and assign:
+            self.base.state.CB = weight.CB
 
     def _scales(self):
         state, weight = self.base.state, self.base.weight

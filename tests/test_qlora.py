@@ -663,3 +663,31 @@ def test_bnb_phi3_state_dict_round_trip_gives_the_same_logits(saved_phi3, tmp_pa
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-nested", "int8"])
+def test_bnb_load_with_assign_and_a_new_weight_parameter_are_what_the_layer_computes_with(kind):
+    """The LoRA layer computes over the weight it holds now: one load_state_dict(assign=True) gave it (a
+    bitsandbytes Parameter with its quantization state), or one assigned to it; before, it went on with
+    the bitsandbytes view's old weight, silently (issue #20 review)."""
+    def quantized(seed):
+        return _bnb_layer(kind, seed=seed) if kind.endswith("nested") else _quantized(kind, seed=seed)
+
+    source = L.Linear.from_module(quantized(0), r=2, lora_alpha=4)
+    with torch.no_grad():
+        source.lora_B.normal_()
+    x = torch.randn(3, IN)
+    layer = L.Linear.from_module(quantized(1), r=2, lora_alpha=4)
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert type(layer.weight) is type(source.weight) and not layer.weight.requires_grad
+    assert torch.equal(layer(x), source(x))
+    assert torch.equal(layer.quantized.dequantize(), source.quantized.dequantize())
+    layer = L.Linear.from_module(quantized(1), r=2, lora_alpha=4)
+    other = quantized(0)
+    layer.weight = other.weight
+    with torch.no_grad():
+        layer.bias.copy_(source.bias)
+        layer.lora_A.copy_(source.lora_A)
+        layer.lora_B.copy_(source.lora_B)
+    assert torch.equal(layer(x), source(x))
+    assert torch.equal(layer.quantized.dequantize(), source.quantized.dequantize())
