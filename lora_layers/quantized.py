@@ -359,14 +359,14 @@ class _Bnb8bit(_BnbBase):
         key = prefix + "SCB"
         if key not in state_dict:
             return
-        weight = self.base.weight
-        if getattr(weight, "SCB", None) is None:
+        weight, scales = self.base.weight, self._scales()  # the state's once bitsandbytes' forward ran
+        if scales is None:
             raise RuntimeError("Loading a quantized checkpoint into non-quantized Linear8bitLt is "
                                "not supported. Please call module.cuda() before module.load_state_dict()")
         scb = state_dict.pop(key)
-        if not isinstance(scb, Tensor) or scb.shape != weight.SCB.shape:
+        if not isinstance(scb, Tensor) or scb.shape != scales.shape:
             got = tuple(scb.shape) if isinstance(scb, Tensor) else type(scb).__name__
-            error_msgs.append(f"{key}: size mismatch, got scales of shape {got}, expected {tuple(weight.SCB.shape)} "
+            error_msgs.append(f"{key}: size mismatch, got scales of shape {got}, expected {tuple(scales.shape)} "
                               f"(this layer was left unchanged)")
             state_dict.pop(prefix + "weight", None)
             return
@@ -378,8 +378,8 @@ class _Bnb8bit(_BnbBase):
                 packed, requires_grad=False, has_fp16_weights=False, CB=packed, SCB=scb)
         else:
             with torch.no_grad():
-                weight.SCB.copy_(scb)
-        if self.base.state.SCB is not None:
+                scales.copy_(scb)
+        if self.base.state.SCB is not None and weight.SCB is not None:
             self.base.state.SCB = weight.SCB
         if self.base.state.CB is not None and assign:
             self.base.state.CB = weight.CB

@@ -8,6 +8,7 @@ needs is missing; the torch-only base below runs with none of them.
 import contextlib
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -691,3 +692,21 @@ def test_bnb_load_with_assign_and_a_new_weight_parameter_are_what_the_layer_comp
         layer.lora_B.copy_(source.lora_B)
     assert torch.equal(layer(x), source(x))
     assert torch.equal(layer.quantized.dequantize(), source.quantized.dequantize())
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
+def test_int8_layer_bitsandbytes_ran_before_wrapping_loads_a_state_dict(assign):
+    """A model evaluated before LoRA: Linear8bitLt's forward moved the scales off the weight into its state.
+    load_state_dict raised 'Loading a quantized checkpoint into non-quantized Linear8bitLt' (issue #20 review)."""
+    source = L.Linear.from_module(_quantized("int8", seed=0), r=2, lora_alpha=4)
+    with torch.no_grad():
+        source.lora_B.normal_()
+    evaluated = _quantized("int8", seed=1)
+    x = torch.randn(3, IN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes: inputs cast to float16
+        evaluated.eval()(x)
+    assert evaluated.weight.SCB is None and evaluated.state.SCB is not None
+    layer = L.Linear.from_module(evaluated, r=2, lora_alpha=4)
+    layer.load_state_dict(source.state_dict(), assign=assign)
+    assert torch.equal(layer(x), source(x))
