@@ -320,7 +320,7 @@ class _Bnb4bit(_BnbBase):
                 module=getattr(weight, "module", None), bnb_quantized=True)
         else:
             weight.quant_state = state
-        for module in (self.base, self.module):  # where bitsandbytes recovers a dropped quant_state from
+        for module in (self._base, self.module):  # where bitsandbytes recovers a dropped quant_state from
             if isinstance(module.__dict__.get("quant_state"), bf.QuantState):
                 module.__dict__["quant_state"] = state
 
