@@ -282,10 +282,11 @@ class ExactMerge:
             return (f"{prefix}weight was saved merged (eval mode) but the state dict lacks {missing}: without "
                     f"the adapter merged into it, the base weight cannot be recovered. Load the whole state "
                     f"dict, or one saved in train mode (this layer was left unchanged)")
-        if getattr(self, "quantized", None) is not None or self.weight.dtype not in BITS_DTYPE:
-            return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
-                    f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "
-                    f"(this layer was left unchanged)")
+        quantized = getattr(self, "quantized", None)
+        if quantized is not None or self.weight.dtype not in BITS_DTYPE:
+            what = f"quantized ({quantized.kind})" if quantized is not None else f"not floating ({self.weight.dtype})"
+            return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight is {what}: "
+                    f"the merge cannot be taken out of it (this layer was left unchanged)")
         shapes = [tuple(p.shape) for p in adapter.values()]  # lora_A, lora_B[, lora_magnitude]
         if factors is not None and (not isinstance(factors, (tuple, list)) or [
                 tuple(f.shape) if isinstance(f, Tensor) and f.is_floating_point() else None

@@ -294,8 +294,9 @@ class _Bnb4bit(_BnbBase):
         weight = self._standard_layout()
         packed = state_dict[key]
         try:
-            state = bf.QuantState.from_dict({k[len(key) + 1:]: state_dict[k].clone() if isinstance(state_dict[k], Tensor)
-                                             else state_dict[k] for k in names}, device=weight.device)
+            saved = {k[len(key) + 1:]: state_dict[k] for k in names}
+            state = bf.QuantState.from_dict({k: v.clone() if isinstance(v, Tensor) else v for k, v in saved.items()},
+                                            device=weight.device)
         except (ValueError, KeyError, AssertionError, TypeError) as exc:
             error_msgs.append(f"{names}: not a bitsandbytes 4-bit quantization state ({exc}) "
                               f"(this layer was left unchanged)")
