@@ -164,8 +164,9 @@ class _BnbBase(QuantizedBase):
     def base(self) -> nn.Module:
         """The private module, holding the layer's ``weight`` as it is now (an assignment or a
         ``load_state_dict(assign=True)`` registers a new one)."""
-        self._base._parameters["weight"] = self.module._parameters["weight"]
-        return self._base
+        base = self.__dict__.get("_base") or self.__dict__["base"]  # "base": pickled by an earlier version
+        base._parameters["weight"] = self.module._parameters["weight"]
+        return base
 
     # -- state_dict: what the bitsandbytes layer itself writes and reads -------------------------
     def _before_save(self):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import lora_layers as L
+from lora_layers._ties import shared_weight_reason
 from lora_layers.quantized import QuantizedBase, quantized_base
 from _naive_lora import assert_rel_close, leaf64, naive_dora, naive_linear
 
@@ -712,3 +713,27 @@ def test_int8_layer_bitsandbytes_ran_before_wrapping_loads_a_state_dict(assign):
     layer = L.Linear.from_module(evaluated, r=2, lora_alpha=4)
     layer.load_state_dict(source.state_dict(), assign=assign)
     assert torch.equal(layer(x), source(x))
+
+
+def test_a_torchao_nf4_model_moves_and_casts_with_lora_layers_imported():
+    """Module.to/.float of a tensor-subclass Parameter swaps tensors, which torch refuses for a tensor with a
+    weak reference: the tied-weight record held one to every Parameter registered after lora_layers was imported,
+    so quantize_base's model (or any torchao model) raised "_apply(): Couldn't swap" (issue #20 review)."""
+    _needs("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, OUT))
+    L.quantize_base(model)
+    L.inject_lora(model, ["0"], r=2, lora_alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, IN)
+    with torch.no_grad():  # (a graph holding a weight would keep it from being swapped, as in torch)
+        y = model(x)
+    weights = [model[0].weight, model[1].weight]
+    assert model.to("cpu") is model and model.float() is model
+    assert [model[0].weight, model[1].weight] == weights  # swapped in place: the same Parameters
+    assert torch.equal(model(x), y)
+    assert shared_weight_reason(model[0]) is None
+    model.add_module("head", nn.Linear(IN, OUT))
+    model.head.weight = model[0].weight  # a tie made by assignment is still seen
+    assert "also registered as Linear.weight" in shared_weight_reason(model[0])
