@@ -343,6 +343,12 @@ class _Bnb8bit(_BnbBase):
     kind = "bnb-8bit"
 
     def __init__(self, module):
+        if "_wrapped_class" in module.__dict__ and getattr(module.__dict__.get("state"), "has_fp16_weights", False):
+            # Its weight is a trainable float matrix, quantized on the fly in each call: no int8 base to freeze.
+            raise ValueError(f"a bitsandbytes Linear8bitLt with has_fp16_weights=True holds a trainable "
+                             f"{module.weight.dtype} weight, not frozen int8 codes: LoRA over it is not supported; "
+                             f"build it with has_fp16_weights=False (BitsAndBytesConfig(load_in_8bit=True)'s "
+                             f"default, llm_int8_has_fp16_weight=False)")
         super().__init__(module)
         if "_wrapped_class" in module.__dict__ and not isinstance(module.__dict__.get("compute_dtype"), torch.dtype):
             module.__dict__["compute_dtype"] = torch.get_default_dtype()

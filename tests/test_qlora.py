@@ -737,3 +737,16 @@ def test_a_torchao_nf4_model_moves_and_casts_with_lora_layers_imported():
     model.add_module("head", nn.Linear(IN, OUT))
     model.head.weight = model[0].weight  # a tie made by assignment is still seen
     assert "also registered as Linear.weight" in shared_weight_reason(model[0])
+
+
+def test_int8_with_fp16_weights_is_refused_when_wrapped_and_nothing_changes():
+    """Linear8bitLt(has_fp16_weights=True) trains a float weight it quantizes in each call: the LoRA layer
+    crashed in its first forward ('NoneType' object has no attribute 'unsqueeze') (issue #20 review)."""
+    _needs("bitsandbytes")
+    q = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=True).to("cpu")
+    with pytest.raises(ValueError, match=r"has_fp16_weights=True holds a trainable torch.float32 weight"):
+        L.Linear.from_module(q, r=2, lora_alpha=4)
+    model = nn.Sequential(nn.Linear(IN, IN), q)
+    with pytest.raises(ValueError, match="has_fp16_weights=True"):
+        L.inject_lora(model, ["0", "1"], r=2, lora_alpha=4)
+    assert type(model[0]) is nn.Linear and model[1] is q
