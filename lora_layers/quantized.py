@@ -187,6 +187,15 @@ class _BnbBase(QuantizedBase):
         holding its quantization state, as the one it replaces."""
 
 
+def _refuse(state_dict, prefix: str) -> None:
+    """Take every key of the layer itself out of ``state_dict`` (its quantization state included), so
+    that a refused load leaves the layer unchanged (the refusal is in ``error_msgs``: the load raises)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if "." not in rest or rest.startswith("weight."):
+            del state_dict[key]
+
+
 def _bnb_base(module) -> "_BnbBase":
     base = module.__dict__.get("quantized")
     return base if isinstance(base, _BnbBase) else quantized_base(module)
@@ -301,6 +310,7 @@ class _Bnb4bit(_BnbBase):
         except (ValueError, KeyError, AssertionError, TypeError) as exc:
             error_msgs.append(f"{names}: not a bitsandbytes 4-bit quantization state ({exc}) "
                               f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
             return
         if state.shape != self.shape or not isinstance(packed, Tensor) or packed.shape != weight.shape \
                 or packed.dtype != weight.dtype:
@@ -308,8 +318,7 @@ class _Bnb4bit(_BnbBase):
             error_msgs.append(f"{key}: a 4-bit weight of logical shape {tuple(state.shape or ())} packed as {got}, "
                               f"expected shape {tuple(self.shape)} packed as {(tuple(weight.shape), weight.dtype)} "
                               f"(this layer was left unchanged)")
-            for k in names + [key]:  # the whole weight is refused, its bytes not copied
-                state_dict.pop(k)
+            _refuse(state_dict, prefix)
             return
         for k in names:
             state_dict.pop(k)
@@ -364,6 +373,15 @@ class _Bnb8bit(_BnbBase):
     def _load(self, state_dict, prefix, assign, error_msgs):
         # As Linear8bitLt._load_from_state_dict: the scales (SCB) are copied into the layer's own
         # (bitsandbytes' maybe_rearrange_weight pre-hook, adopted by the LoRA layer, takes weight_format).
+        saved = state_dict.get(prefix + "weight")
+        if isinstance(saved, Tensor) and saved.dtype != torch.int8:
+            # Linear8bitLt would cast it to int8 codes (truncating, not quantizing), read with the old scales.
+            error_msgs.append(f"{prefix}weight: LLM.int8 holds int8 codes, got a {saved.dtype} weight, which would be "
+                              f"cast to codes, not quantized; load a state dict saved from a Linear8bitLt, or "
+                              f"quantize the float weights with bitsandbytes (BitsAndBytesConfig(load_in_8bit=True)) "
+                              f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
+            return
         key = prefix + "SCB"
         if key not in state_dict:
             return
@@ -376,7 +394,7 @@ class _Bnb8bit(_BnbBase):
             got = tuple(scb.shape) if isinstance(scb, Tensor) else type(scb).__name__
             error_msgs.append(f"{key}: size mismatch, got scales of shape {got}, expected {tuple(scales.shape)} "
                               f"(this layer was left unchanged)")
-            state_dict.pop(prefix + "weight", None)
+            _refuse(state_dict, prefix)
             return
         if assign and isinstance(state_dict.get(prefix + "weight"), Tensor):
             import bitsandbytes as bnb

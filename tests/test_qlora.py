@@ -637,12 +637,29 @@ def test_bnb_load_state_dict_refuses_a_weight_of_another_shape_and_changes_nothi
     other.load_state_dict(nn.Linear(OUT, IN).state_dict())
     source = L.Linear.from_module(other.to("cpu"), r=2, lora_alpha=4).state_dict()
     layer = L.Linear.from_module(_quantized(kind, seed=1), r=2, lora_alpha=4)
-    before = _bnb_snapshot(layer)
+    before = _bnb_snapshot(layer), {k: v.clone() for k, v in layer.state_dict().items()}
     expected = (r"SCB: size mismatch, got scales of shape \(128,\), expected \(64,\)" if kind == "int8"
                 else r"weight: a 4-bit weight of logical shape \(128, 64\).*expected shape \(64, 128\)")
     with pytest.raises(RuntimeError, match=expected):
-        layer.load_state_dict({k: v for k, v in source.items() if "lora" not in k and k != "bias"}, strict=False)
-    _assert_same_snapshot(before, _bnb_snapshot(layer))
+        layer.load_state_dict(source, strict=False)
+    _assert_same_snapshot(before[0], _bnb_snapshot(layer))
+    assert all(torch.equal(v, before[1][k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bnb_load_state_dict_refuses_a_float_weight_and_changes_nothing(kind):
+    """A float checkpoint (the model before quantization) loaded into LLM.int8 codes of the same shape was cast
+    to int8, truncated, not quantized, and read with the old scales: silently wrong (issue #20 review)."""
+    layer = L.Linear.from_module(_quantized(kind), r=2, lora_alpha=4)
+    before = _bnb_snapshot(layer), {k: v.clone() for k, v in layer.state_dict().items()}
+    torch.manual_seed(3)
+    plain = nn.Linear(IN, OUT).state_dict()
+    expected = "weight: LLM.int8 holds int8 codes, got a torch.float32 weight" if kind == "int8" else "size mismatch"
+    with pytest.raises(RuntimeError, match=expected):
+        layer.load_state_dict(plain, strict=False)
+    _assert_same_snapshot(before[0], _bnb_snapshot(layer))
+    if kind == "int8":  # (a size mismatch is torch's own: it loads the layer's other keys, as for any module)
+        assert all(torch.equal(v, before[1][k]) for k, v in layer.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
