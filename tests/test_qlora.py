@@ -767,3 +767,24 @@ def test_int8_with_fp16_weights_is_refused_when_wrapped_and_nothing_changes():
     with pytest.raises(ValueError, match="has_fp16_weights=True"):
         L.inject_lora(model, ["0", "1"], r=2, lora_alpha=4)
     assert type(model[0]) is nn.Linear and model[1] is q
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_and_unload_of_a_bitsandbytes_phi3_saves_and_reloads_as_a_plain_model(saved_phi3, tmp_path, kind):
+    """transformers' record of the quantization stayed on the merged model, so save_pretrained wrote a
+    checkpoint that from_pretrained reloaded as a bitsandbytes one and crashed in its forward (issue #20 review)."""
+    model = _load(saved_phi3, kind)
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    merged = L.merge_and_unload(model)
+    assert getattr(merged, "hf_quantizer", None) is None and "quantization_config" not in merged.config.to_dict()
+    merged.save_pretrained(tmp_path / "merged")
+    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in again.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
