@@ -471,14 +471,13 @@ if master:
     print(base_weights_line)
 
 if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
+    bnb_loaded = getattr(raw_model, "hf_quantizer", None) is not None  # loaded with a BitsAndBytesConfig
     merged = lora.merge_and_unload(raw_model)  # over a quantized base: the dequantized weight plus s·BA
-    if getattr(merged, "hf_quantizer", None) is not None:  # loaded with a BitsAndBytesConfig
+    if bnb_loaded:
         # Save a plain model in the run's dtype (LLM.int8 dequantizes to fp16): dequantize the layers that took no
-        # adapter, or, with none left (transformers' dequantize fails then), only drop its record of the quantization.
-        if any(lora.quantized.is_quantized_linear(m) for m in merged.modules()):
+        # adapter (with none left, merge_and_unload has dropped transformers' record of the quantization).
+        if getattr(merged, "hf_quantizer", None) is not None:
             merged = merged.dequantize(dtype=dtype)
-        else:
-            merged.hf_quantizer.remove_quantization_config(merged)
         merged.to(dtype)
     merged.config.use_cache = True
     with atomic_folder(out_dir / "merged", "the merged model", owned=SAVED_FILES) as tmp:

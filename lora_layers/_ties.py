@@ -48,30 +48,48 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["SHARED_ATTR", "register_weight", "check_adopted", "parameter_holders", "find_shared_weights",
            "shared_weight_reason"]
 
 #: Instance attribute of a LoRA layer: None, or a sentence saying what else holds its weight.
 SHARED_ATTR = "_shared_weight"
-# Parameter -> [(weakref to a module, name)] that registered it (LoRA layers' weights
-# included); weak on both sides, pruned of dead or replaced entries as it grows.
-_HOLDERS = WeakIdKeyDictionary()
+# id(Parameter) -> [(weakref to a module, name)] that registered it (LoRA layers' weights
+# included). Keyed by id, not by a weak reference to the Parameter: torch refuses to swap a
+# tensor that has a weak reference (Module.to/.float/.cuda of a tensor-subclass Parameter such
+# as torchao's NF4 or a DTensor). A holder counts only while it still holds a Parameter of that
+# id (which keeps it alive, so the id is not reused); entries that no longer do are pruned as the
+# record grows.
+_HOLDERS: Dict[int, List[Tuple[weakref.ref, str]]] = {}
+_PRUNE_AT = [1024]
 # Set while a layer loads a state_dict with assign=True, whose new weight is not a tie.
 LOADING_ATTR = "_lora_loading"
 
 
 def _live_holders(param) -> List[Tuple[nn.Module, str]]:
     """The recorded modules that hold ``param`` now, with the name they hold it under."""
-    live = ((ref(), name) for ref, name in _HOLDERS.get(param, ()))
+    live = ((ref(), name) for ref, name in _HOLDERS.get(id(param), ()))
     return [(m, name) for m, name in live if m is not None and m._parameters.get(name) is param]
+
+
+def _prune() -> None:
+    """Drop the holders that are dead or hold another Parameter now, and the ids left with none."""
+    for key, holders in list(_HOLDERS.items()):
+        live = [(ref, name) for ref, name in holders
+                if ref() is not None and id(ref()._parameters.get(name)) == key]
+        if live:
+            _HOLDERS[key] = live
+        else:
+            del _HOLDERS[key]
+    _PRUNE_AT[0] = max(1024, 2 * len(_HOLDERS))
 
 
 def _record(module: nn.Module, name: str, param) -> None:
     """Add ``(module, name)`` to ``param``'s holders, dropping the dead or replaced entries."""
     kept = [(m, n) for m, n in _live_holders(param) if not (m is module and n == name)]
-    _HOLDERS[param] = [(weakref.ref(m), n) for m, n in kept] + [(weakref.ref(module), name)]
+    _HOLDERS[id(param)] = [(weakref.ref(m), n) for m, n in kept] + [(weakref.ref(module), name)]
+    if len(_HOLDERS) > _PRUNE_AT[0]:
+        _prune()
 
 
 def _lora_holders(param, exclude: nn.Module) -> List[nn.Module]:

@@ -424,10 +424,11 @@ class ExactMerge:
             return (f"{prefix}weight was saved merged (eval mode), and {type(self).__name__} defines no "
                     f"_delta_blocks: lora_layers cannot take the merge out of it. Load a state dict saved in "
                     f"train mode (this layer was left unchanged)")
-        if getattr(self, "quantized", None) is not None or self.weight.dtype not in BITS_DTYPE:
-            return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight "
-                    f"({self.weight.dtype}) is quantized or not floating: the merge cannot be taken out of it "
-                    f"(this layer was left unchanged)")
+        quantized = getattr(self, "quantized", None)
+        if quantized is not None or self.weight.dtype not in BITS_DTYPE:
+            what = f"quantized ({quantized.kind})" if quantized is not None else f"not floating ({self.weight.dtype})"
+            return (f"{prefix}weight was saved merged (eval mode), and this layer's base weight is {what}: "
+                    f"the merge cannot be taken out of it (this layer was left unchanged)")
         return None
 
     def _mark_format_problem(self, prefix, metadata) -> Optional[str]:

@@ -152,13 +152,21 @@ class _BnbBase(QuantizedBase):
         super().__init__(module)
         # A LoRA layer made by from_module, or the bitsandbytes layer itself (weight_nbytes on a loaded model).
         wrapped = "_wrapped_class" in module.__dict__
-        self.base = plain_module(module, ()) if wrapped else adopt(type(module), module)
-        self.base._parameters["bias"] = None
+        self._base = plain_module(module, ()) if wrapped else adopt(type(module), module)
+        self._base._parameters["bias"] = None
         if wrapped and not module.__dict__.get("_bnb_state_hooks"):
             module.register_state_dict_pre_hook(_bnb_save_pre_hook)
             module.register_state_dict_post_hook(_bnb_save_hook)
             module._register_load_state_dict_pre_hook(_bnb_load_pre_hook, with_module=True)
             module.__dict__["_bnb_state_hooks"] = True
+
+    @property
+    def base(self) -> nn.Module:
+        """The private module, holding the layer's ``weight`` as it is now (an assignment or a
+        ``load_state_dict(assign=True)`` registers a new one)."""
+        base = self.__dict__.get("_base") or self.__dict__["base"]  # "base": pickled by an earlier version
+        base._parameters["weight"] = self.module._parameters["weight"]
+        return base
 
     # -- state_dict: what the bitsandbytes layer itself writes and reads -------------------------
     def _before_save(self):
@@ -172,8 +180,20 @@ class _BnbBase(QuantizedBase):
             if key not in (prefix + "weight", prefix + "bias"):
                 destination[key] = value
 
-    def _load(self, state_dict, prefix):
-        """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``."""
+    def _load(self, state_dict, prefix, assign, error_msgs):
+        """Take (pop) the keys the bitsandbytes layer reads besides ``weight`` and ``bias``; a
+        problem is appended to ``error_msgs``, the layer unchanged. With ``assign``
+        (``load_state_dict(assign=True)``), the ``weight`` given becomes a bitsandbytes Parameter
+        holding its quantization state, as the one it replaces."""
+
+
+def _refuse(state_dict, prefix: str) -> None:
+    """Take every key of the layer itself out of ``state_dict`` (its quantization state included), so
+    that a refused load leaves the layer unchanged (the refusal is in ``error_msgs``: the load raises)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if "." not in rest or rest.startswith("weight."):
+            del state_dict[key]
 
 
 def _bnb_base(module) -> "_BnbBase":
@@ -192,7 +212,7 @@ def _bnb_save_hook(module, destination, prefix, local_metadata):
 
 def _bnb_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
-    _bnb_base(module)._load(state_dict, prefix)
+    _bnb_base(module)._load(state_dict, prefix, bool(local_metadata.get("assign_to_params_buffers")), error_msgs)
 
 
 def _unpack_cpu(data, state):
@@ -270,6 +290,51 @@ class _Bnb4bit(_BnbBase):
         # wrapping) is saved unpacked; here exactly, and it stays so.
         self._standard_layout()
 
+    def _load(self, state_dict, prefix, assign, error_msgs):
+        # Packed bytes saved with their quantization state (weight.absmax, weight.quant_map,
+        # weight.quant_state.bitsandbytes__*, ...): the bytes are read with that state, as transformers
+        # loads them (Params4bit.from_prequantized). Linear4bit itself copies the bytes and leaves the
+        # state keys unexpected, so that the bytes would be read with the old scales.
+        import bitsandbytes.functional as bf
+
+        key = prefix + "weight"
+        names = [k for k in state_dict if k.startswith(key + ".")]
+        if key not in state_dict or not names:
+            return
+        weight = self._standard_layout()
+        packed = state_dict[key]
+        try:
+            saved = {k[len(key) + 1:]: state_dict[k] for k in names}
+            state = bf.QuantState.from_dict({k: v.clone() if isinstance(v, Tensor) else v for k, v in saved.items()},
+                                            device=weight.device)
+        except (ValueError, KeyError, AssertionError, TypeError) as exc:
+            error_msgs.append(f"{names}: not a bitsandbytes 4-bit quantization state ({exc}) "
+                              f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
+            return
+        if state.shape != self.shape or not isinstance(packed, Tensor) or packed.shape != weight.shape \
+                or packed.dtype != weight.dtype:
+            got = (tuple(packed.shape), packed.dtype) if isinstance(packed, Tensor) else type(packed).__name__
+            error_msgs.append(f"{key}: a 4-bit weight of logical shape {tuple(state.shape or ())} packed as {got}, "
+                              f"expected shape {tuple(self.shape)} packed as {(tuple(weight.shape), weight.dtype)} "
+                              f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
+            return
+        for k in names:
+            state_dict.pop(k)
+        if assign:
+            import bitsandbytes as bnb
+
+            state_dict[key] = bnb.nn.Params4bit(
+                packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=packed.dtype,
+                module=getattr(weight, "module", None), bnb_quantized=True)
+        else:
+            weight.quant_state = state
+        for module in (self._base, self.module):  # where bitsandbytes recovers a dropped quant_state from
+            if isinstance(module.__dict__.get("quant_state"), bf.QuantState):
+                module.__dict__["quant_state"] = state
+
     def nbytes(self):
         state = self._state()
         extra = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
@@ -287,6 +352,12 @@ class _Bnb8bit(_BnbBase):
     kind = "bnb-8bit"
 
     def __init__(self, module):
+        if "_wrapped_class" in module.__dict__ and getattr(module.__dict__.get("state"), "has_fp16_weights", False):
+            # Its weight is a trainable float matrix, quantized on the fly in each call: no int8 base to freeze.
+            raise ValueError(f"a bitsandbytes Linear8bitLt with has_fp16_weights=True holds a trainable "
+                             f"{module.weight.dtype} weight, not frozen int8 codes: LoRA over it is not supported; "
+                             f"build it with has_fp16_weights=False (BitsAndBytesConfig(load_in_8bit=True)'s "
+                             f"default, llm_int8_has_fp16_weight=False)")
         super().__init__(module)
         if "_wrapped_class" in module.__dict__ and not isinstance(module.__dict__.get("compute_dtype"), torch.dtype):
             module.__dict__["compute_dtype"] = torch.get_default_dtype()
@@ -299,20 +370,45 @@ class _Bnb8bit(_BnbBase):
         recorded = self.module.__dict__.get("compute_dtype")
         return recorded if isinstance(recorded, torch.dtype) else torch.get_default_dtype()
 
-    def _load(self, state_dict, prefix):
+    def _load(self, state_dict, prefix, assign, error_msgs):
         # As Linear8bitLt._load_from_state_dict: the scales (SCB) are copied into the layer's own
         # (bitsandbytes' maybe_rearrange_weight pre-hook, adopted by the LoRA layer, takes weight_format).
+        saved = state_dict.get(prefix + "weight")
+        if isinstance(saved, Tensor) and saved.dtype != torch.int8:
+            # Linear8bitLt would cast it to int8 codes (truncating, not quantizing), read with the old scales.
+            error_msgs.append(f"{prefix}weight: LLM.int8 holds int8 codes, got a {saved.dtype} weight, which would be "
+                              f"cast to codes, not quantized; load a state dict saved from a Linear8bitLt, or "
+                              f"quantize the float weights with bitsandbytes (BitsAndBytesConfig(load_in_8bit=True)) "
+                              f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
+            return
         key = prefix + "SCB"
         if key not in state_dict:
             return
-        weight = self.base.weight
-        if getattr(weight, "SCB", None) is None:
+        weight, scales = self.base.weight, self._scales()  # the state's once bitsandbytes' forward ran
+        if scales is None:
             raise RuntimeError("Loading a quantized checkpoint into non-quantized Linear8bitLt is "
                                "not supported. Please call module.cuda() before module.load_state_dict()")
-        with torch.no_grad():
-            weight.SCB.copy_(state_dict.pop(key))
-        if self.base.state.SCB is not None:
+        scb = state_dict.pop(key)
+        if not isinstance(scb, Tensor) or scb.shape != scales.shape:
+            got = tuple(scb.shape) if isinstance(scb, Tensor) else type(scb).__name__
+            error_msgs.append(f"{key}: size mismatch, got scales of shape {got}, expected {tuple(scales.shape)} "
+                              f"(this layer was left unchanged)")
+            _refuse(state_dict, prefix)
+            return
+        if assign and isinstance(state_dict.get(prefix + "weight"), Tensor):
+            import bitsandbytes as bnb
+
+            packed = state_dict[prefix + "weight"]
+            weight = state_dict[prefix + "weight"] = bnb.nn.Int8Params(
+                packed, requires_grad=False, has_fp16_weights=False, CB=packed, SCB=scb)
+        else:
+            with torch.no_grad():
+                scales.copy_(scb)
+        if self.base.state.SCB is not None and weight.SCB is not None:
             self.base.state.SCB = weight.SCB
+        if self.base.state.CB is not None and assign:
+            self.base.state.CB = weight.CB
 
     def _scales(self):
         state, weight = self.base.state, self.base.weight

@@ -378,7 +378,11 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
         For a ``torch.compile``/DDP-wrapped model, the bare model inside: the
         wrapper's compiled graphs and DDP's gradient buckets were built for the
-        LoRA layers, so wrap the result again if you need a wrapper.
+        LoRA layers, so wrap the result again if you need a wrapper. A transformers
+        model loaded with a ``BitsAndBytesConfig`` whose quantized layers all had
+        adapters holds none afterwards: its record of the quantization is removed too
+        (``hf_quantizer.remove_quantization_config``), so ``save_pretrained`` writes a
+        plain model (with quantized layers left, the record stays: ``model.dequantize()``).
 
     Raises:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
@@ -394,8 +398,15 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
                 if getattr(layer, "quantized", None) is not None}
     merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
     disable_lean(model)
+    dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
-    return _swap(model, replaced)
+    model = _swap(model, replaced)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
+        # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
+        # would make save_pretrained write a checkpoint that from_pretrained reloads as a quantized one.
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:

@@ -8,12 +8,14 @@ needs is missing; the torch-only base below runs with none of them.
 import contextlib
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lora_layers as L
+from lora_layers._ties import shared_weight_reason
 from lora_layers.quantized import QuantizedBase, quantized_base
 from _naive_lora import assert_rel_close, leaf64, naive_dora, naive_linear
 
@@ -579,13 +581,18 @@ def _without_lora(state):
     return {k: v for k, v in state.items() if "lora_" not in k}
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "nf4-nested", "int8"])
 def test_bnb_state_dict_has_the_bitsandbytes_layers_keys_and_loads_as_it_does(kind):
     """The LoRA layer writes bitsandbytes' quantization state (absmax/quant_map/quant_state.*, SCB/
-    weight_format) under the same names, and loads it back as the bitsandbytes layer does."""
-    plain_a, plain_b = _quantized(kind, seed=0), _quantized(kind, seed=1)
-    ours_a = L.Linear.from_module(_quantized(kind, seed=0), r=2, lora_alpha=4)
-    ours_b = L.Linear.from_module(_quantized(kind, seed=1), r=2, lora_alpha=4)
+    weight_format) under the same names, and loads it back: as Linear8bitLt does, and, where Linear4bit
+    would copy the packed bytes and leave their quantization state unread (read with the old scales, the
+    output is ~0.06 off), as transformers loads a 4-bit checkpoint (issue #20 review)."""
+    def quantized(seed):
+        return _bnb_layer(kind, seed=seed) if kind.endswith("nested") else _quantized(kind, seed=seed)
+
+    plain_a, plain_b = quantized(0), quantized(1)
+    ours_a = L.Linear.from_module(quantized(0), r=2, lora_alpha=4)
+    ours_b = L.Linear.from_module(quantized(1), r=2, lora_alpha=4)
     expected, state = plain_a.state_dict(), _without_lora(ours_a.state_dict())
     assert sorted(state) == sorted(expected)
     assert any(k not in ("weight", "bias") for k in state)
@@ -596,27 +603,188 @@ def test_bnb_state_dict_has_the_bitsandbytes_layers_keys_and_loads_as_it_does(ki
         ours_a.lora_B.normal_()
         plain_res = plain_b.load_state_dict(plain_a.state_dict(), strict=False)
         ours_res = ours_b.load_state_dict(ours_a.state_dict(), strict=False)
-        assert ours_res.unexpected_keys == plain_res.unexpected_keys and not ours_res.missing_keys
-        if kind == "int8":  # Linear8bitLt loads its scales; Linear4bit leaves its quant_state keys unread
-            assert not ours_res.unexpected_keys
-            ours_b.load_state_dict(ours_a.state_dict())  # strict, as bitsandbytes' own layer
-            assert torch.equal(ours_b(x), ours_a(x)) and torch.equal(plain_b(x), plain_a(x))
-        else:
-            assert sorted(ours_res.unexpected_keys) == sorted(k for k in expected if k.startswith("weight."))
+        assert not ours_res.unexpected_keys and not ours_res.missing_keys
+        assert torch.equal(ours_b(x), ours_a(x))
+        ours_b.load_state_dict(ours_a.state_dict())  # strict
+        assert torch.equal(ours_b(x), ours_a(x))
+        if kind == "int8":  # as Linear8bitLt, which loads its scales
+            assert plain_res.unexpected_keys == [] and torch.equal(plain_b(x), plain_a(x))
+        else:  # Linear4bit leaves its quant_state keys unread
+            assert sorted(plain_res.unexpected_keys) == sorted(k for k in expected if k.startswith("weight."))
+    # b holds copies: nothing of a's weight or quantization state is shared
+    a_tensors, b_tensors = _packed_state(ours_a), _packed_state(ours_b)
+    assert len(a_tensors) == len(b_tensors) >= 2
+    assert not {t.untyped_storage().data_ptr() for t in a_tensors} & {t.untyped_storage().data_ptr() for t in b_tensors}
 
 
-def test_int8_phi3_state_dict_round_trip_gives_the_same_logits(saved_phi3, tmp_path):
+def _packed_state(layer):
+    w = layer.weight
+    if hasattr(w, "quant_state"):
+        state = w.quant_state
+        return [w.data, state.absmax] + ([state.state2.absmax] if state.nested else [])
+    return [w.data, w.SCB]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bnb_load_state_dict_refuses_a_weight_of_another_shape_and_changes_nothing(kind):
+    """(64, 128) and (128, 64) pack into the same bytes: the saved quantization state tells them apart."""
+    _needs("bitsandbytes")
+    torch.manual_seed(0)
+    if kind == "int8":
+        other = bnb.nn.Linear8bitLt(OUT, IN, has_fp16_weights=False)
+    else:
+        other = bnb.nn.Linear4bit(OUT, IN, compute_dtype=torch.float32, quant_type=kind)
+    other.load_state_dict(nn.Linear(OUT, IN).state_dict())
+    source = L.Linear.from_module(other.to("cpu"), r=2, lora_alpha=4).state_dict()
+    layer = L.Linear.from_module(_quantized(kind, seed=1), r=2, lora_alpha=4)
+    before = _bnb_snapshot(layer), {k: v.clone() for k, v in layer.state_dict().items()}
+    expected = (r"SCB: size mismatch, got scales of shape \(128,\), expected \(64,\)" if kind == "int8"
+                else r"weight: a 4-bit weight of logical shape \(128, 64\).*expected shape \(64, 128\)")
+    with pytest.raises(RuntimeError, match=expected):
+        layer.load_state_dict(source, strict=False)
+    _assert_same_snapshot(before[0], _bnb_snapshot(layer))
+    assert all(torch.equal(v, before[1][k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bnb_load_state_dict_refuses_a_float_weight_and_changes_nothing(kind):
+    """A float checkpoint (the model before quantization) loaded into LLM.int8 codes of the same shape was cast
+    to int8, truncated, not quantized, and read with the old scales: silently wrong (issue #20 review)."""
+    layer = L.Linear.from_module(_quantized(kind), r=2, lora_alpha=4)
+    before = _bnb_snapshot(layer), {k: v.clone() for k, v in layer.state_dict().items()}
+    torch.manual_seed(3)
+    plain = nn.Linear(IN, OUT).state_dict()
+    expected = "weight: LLM.int8 holds int8 codes, got a torch.float32 weight" if kind == "int8" else "size mismatch"
+    with pytest.raises(RuntimeError, match=expected):
+        layer.load_state_dict(plain, strict=False)
+    _assert_same_snapshot(before[0], _bnb_snapshot(layer))
+    if kind == "int8":  # (a size mismatch is torch's own: it loads the layer's other keys, as for any module)
+        assert all(torch.equal(v, before[1][k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_bnb_phi3_state_dict_round_trip_gives_the_same_logits(saved_phi3, tmp_path, kind):
     from conftest import make_tiny_phi3
 
     other = tmp_path / "other"
     make_tiny_phi3(seed=7, hidden_size=64, intermediate_size=128).save_pretrained(other)
-    a, b = _load(saved_phi3, "int8"), _load(other, "int8")
+    a, b = _load(saved_phi3, kind), _load(other, kind)
     for model in (a, b):
         L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
         model.eval()
+    with torch.no_grad():
+        for p in L.lora_parameters(a):
+            p.normal_(0, 0.1)
     keys = set(a.state_dict())
-    assert "model.layers.0.self_attn.qkv_proj.SCB" in keys and "model.layers.0.mlp.down_proj.weight_format" in keys
+    if kind == "int8":
+        assert "model.layers.0.self_attn.qkv_proj.SCB" in keys and "model.layers.0.mlp.down_proj.weight_format" in keys
+    else:  # the 4-bit weights' scales were not loaded before (issue #20 review): logits ~0.7 off
+        assert "model.layers.0.self_attn.qkv_proj.weight.absmax" in keys
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-nested", "int8"])
+def test_bnb_load_with_assign_and_a_new_weight_parameter_are_what_the_layer_computes_with(kind):
+    """The LoRA layer computes over the weight it holds now: one load_state_dict(assign=True) gave it (a
+    bitsandbytes Parameter with its quantization state), or one assigned to it; before, it went on with
+    the bitsandbytes view's old weight, silently (issue #20 review)."""
+    def quantized(seed):
+        return _bnb_layer(kind, seed=seed) if kind.endswith("nested") else _quantized(kind, seed=seed)
+
+    source = L.Linear.from_module(quantized(0), r=2, lora_alpha=4)
+    with torch.no_grad():
+        source.lora_B.normal_()
+    x = torch.randn(3, IN)
+    layer = L.Linear.from_module(quantized(1), r=2, lora_alpha=4)
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert type(layer.weight) is type(source.weight) and not layer.weight.requires_grad
+    assert torch.equal(layer(x), source(x))
+    assert torch.equal(layer.quantized.dequantize(), source.quantized.dequantize())
+    layer = L.Linear.from_module(quantized(1), r=2, lora_alpha=4)
+    other = quantized(0)
+    layer.weight = other.weight
+    with torch.no_grad():
+        layer.bias.copy_(source.bias)
+        layer.lora_A.copy_(source.lora_A)
+        layer.lora_B.copy_(source.lora_B)
+    assert torch.equal(layer(x), source(x))
+    assert torch.equal(layer.quantized.dequantize(), source.quantized.dequantize())
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
+def test_int8_layer_bitsandbytes_ran_before_wrapping_loads_a_state_dict(assign):
+    """A model evaluated before LoRA: Linear8bitLt's forward moved the scales off the weight into its state.
+    load_state_dict raised 'Loading a quantized checkpoint into non-quantized Linear8bitLt' (issue #20 review)."""
+    source = L.Linear.from_module(_quantized("int8", seed=0), r=2, lora_alpha=4)
+    with torch.no_grad():
+        source.lora_B.normal_()
+    evaluated = _quantized("int8", seed=1)
+    x = torch.randn(3, IN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes: inputs cast to float16
+        evaluated.eval()(x)
+    assert evaluated.weight.SCB is None and evaluated.state.SCB is not None
+    layer = L.Linear.from_module(evaluated, r=2, lora_alpha=4)
+    layer.load_state_dict(source.state_dict(), assign=assign)
+    assert torch.equal(layer(x), source(x))
+
+
+def test_a_torchao_nf4_model_moves_and_casts_with_lora_layers_imported():
+    """Module.to/.float of a tensor-subclass Parameter swaps tensors, which torch refuses for a tensor with a
+    weak reference: the tied-weight record held one to every Parameter registered after lora_layers was imported,
+    so quantize_base's model (or any torchao model) raised "_apply(): Couldn't swap" (issue #20 review)."""
+    _needs("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, OUT))
+    L.quantize_base(model)
+    L.inject_lora(model, ["0"], r=2, lora_alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, IN)
+    with torch.no_grad():  # (a graph holding a weight would keep it from being swapped, as in torch)
+        y = model(x)
+    weights = [model[0].weight, model[1].weight]
+    assert model.to("cpu") is model and model.float() is model
+    assert [model[0].weight, model[1].weight] == weights  # swapped in place: the same Parameters
+    assert torch.equal(model(x), y)
+    assert shared_weight_reason(model[0]) is None
+    model.add_module("head", nn.Linear(IN, OUT))
+    model.head.weight = model[0].weight  # a tie made by assignment is still seen
+    assert "also registered as Linear.weight" in shared_weight_reason(model[0])
+
+
+def test_int8_with_fp16_weights_is_refused_when_wrapped_and_nothing_changes():
+    """Linear8bitLt(has_fp16_weights=True) trains a float weight it quantizes in each call: the LoRA layer
+    crashed in its first forward ('NoneType' object has no attribute 'unsqueeze') (issue #20 review)."""
+    _needs("bitsandbytes")
+    q = bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=True).to("cpu")
+    with pytest.raises(ValueError, match=r"has_fp16_weights=True holds a trainable torch.float32 weight"):
+        L.Linear.from_module(q, r=2, lora_alpha=4)
+    model = nn.Sequential(nn.Linear(IN, IN), q)
+    with pytest.raises(ValueError, match="has_fp16_weights=True"):
+        L.inject_lora(model, ["0", "1"], r=2, lora_alpha=4)
+    assert type(model[0]) is nn.Linear and model[1] is q
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_and_unload_of_a_bitsandbytes_phi3_saves_and_reloads_as_a_plain_model(saved_phi3, tmp_path, kind):
+    """transformers' record of the quantization stayed on the merged model, so save_pretrained wrote a
+    checkpoint that from_pretrained reloaded as a bitsandbytes one and crashed in its forward (issue #20 review)."""
+    model = _load(saved_phi3, kind)
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+    merged = L.merge_and_unload(model)
+    assert getattr(merged, "hf_quantizer", None) is None and "quantization_config" not in merged.config.to_dict()
+    merged.save_pretrained(tmp_path / "merged")
+    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in again.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-5)
