@@ -186,7 +186,8 @@ class AdapterSummary:
             ``scaling`` and ``variants`` (``"DoRA"``, ``"rsLoRA"``, ``"quantized base (nf4)"``,
             ``"splits [...] on [...]"``, ``"layout=loralib"``, ``"fan_in_fan_out"``, ``"merged"``).
         trainable_params: elements of the parameters with ``requires_grad`` (each shared Parameter once).
-        total_params: elements of every parameter (a quantized weight counts its stored elements).
+        total_params: elements of every parameter; a quantized weight counts its logical ``out × in``
+            elements, not its packed bytes (as PEFT and transformers' ``num_parameters`` count them).
         adapter_params: elements of the adapter parameters (:func:`~lora_layers.lora_parameters`).
         adapter_bytes: their size in memory, what :func:`~lora_layers.save_lora` writes for them.
     """
@@ -212,7 +213,8 @@ class AdapterSummary:
         return list(out.values())
 
     def __str__(self) -> str:
-        lines = [f"LoRA adapters on {len(self.modules)} modules:"]
+        n = len(self.modules)
+        lines = [f"LoRA adapters on {n} module{'' if n == 1 else 's'}:"]
         for leaf, n, s in self.groups():
             extra = f"  [{', '.join(s['variants'])}]" if s["variants"] else ""
             lines.append(f"  {leaf} ×{n}  {s['class']}  r={s['r']}  alpha={s['lora_alpha']:g}  "
@@ -228,6 +230,12 @@ def _human_bytes(n: int) -> str:
     if n < 1024:
         return f"{n} bytes"
     return f"{n / 1024:.1f} KiB" if n < 1024 ** 2 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    # bitsandbytes' Params4bit stores two 4-bit values per byte of its storage dtype (a torchao
+    # NF4 tensor already reports its logical size).
+    return p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
 
 
 def _variants(layer) -> List[str]:
@@ -268,7 +276,7 @@ def summary(model: nn.Module) -> AdapterSummary:
                for name, layer in lora_modules(model) if layer.has_adapter]
     params = list(model.parameters())  # each shared Parameter once
     adapters = lora_parameters(model)
-    return AdapterSummary(modules, trainable_params=sum(p.numel() for p in params if p.requires_grad),
-                          total_params=sum(p.numel() for p in params),
+    return AdapterSummary(modules, trainable_params=sum(_logical_numel(p) for p in params if p.requires_grad),
+                          total_params=sum(_logical_numel(p) for p in params),
                           adapter_params=sum(p.numel() for p in adapters),
                           adapter_bytes=sum(p.numel() * p.element_size() for p in adapters))

@@ -280,3 +280,17 @@ def test_the_named_call_builds_exactly_the_saved_adapters(tmp_path, case):
         eval(call, {"lora_layers": L, "model": fresh})
         L.load_lora(fresh, path)
         assert torch.equal(logits(fresh), logits(saved))
+
+
+def test_round_trip_over_a_quantized_base(tmp_path):
+    pytest.importorskip("torchao")
+    saved, path = _saved_phi3(tmp_path, lambda m: (L.quantize_base(m), phi3.apply_lora(m, r=4, lora_alpha=8)))
+    fresh = make_tiny_phi3()
+    L.quantize_base(fresh)
+
+    L.load_adapter(fresh, path)
+
+    qkv = fresh.model.layers[0].self_attn.qkv_proj
+    assert type(qkv) is L.MergedLinear and qkv.quantized is not None
+    assert torch.equal(logits(fresh), logits(saved))
+    assert "quantized base" in str(L.summary(fresh))

@@ -93,3 +93,16 @@ def test_a_model_without_adapters_and_a_conv_in_loralib_layout():
     s = L.summary(conv)
     assert s.adapter_bytes == 8 * (2 * 3 * 2 * 3 + 4 * 3 * 2 * 3)  # loralib's (r·k, in·k) and (out·k, r·k)
     assert "  0 ×1  Conv2d  r=2  alpha=4  scaling=2  [layout=loralib]" in str(s)
+
+
+def test_a_bitsandbytes_4bit_weight_counts_its_logical_elements():
+    bnb = pytest.importorskip("bitsandbytes")
+    q = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    q.load_state_dict(nn.Linear(128, 64).state_dict())
+    model = nn.Sequential(q.to("cpu"))  # bitsandbytes quantizes on the move
+    assert model[0].weight.numel() < 128 * 64  # packed: what a plain numel sum would count
+    L.inject_lora(model, ["0"], r=4)
+    s = L.summary(model)
+    assert s.total_params == 128 * 64 + 64 + 4 * (128 + 64)
+    assert s.trainable_params == s.adapter_params == 4 * (128 + 64)
+    assert "  0 ×1  Linear  r=4  alpha=16  scaling=4  [quantized base (bnb-4bit)]" in str(s)
