@@ -68,7 +68,7 @@ def _lora_dtype(value):
 
 def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     """``(cls, from_module kwargs)`` rebuilding the layer a header entry describes; ValueError if it cannot."""
-    cls = _CLASSES.get(cfg.get("class"))
+    cls = _CLASSES.get(cfg.get("class")) if isinstance(cfg.get("class"), str) else None
     if cls is None:
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")

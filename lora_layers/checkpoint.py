@@ -470,9 +470,12 @@ def _phi3_call(saved_modules: Dict[str, Any], targets: List[str], args: List[str
         leaf = name.rsplit(".", 1)[-1]
         if ("split_sizes" in cfg) != (leaf in ("qkv_proj", "gate_up_proj")):
             return None
+        enable = cfg.get("enable_lora")
+        if "split_sizes" in cfg and not isinstance(enable, list):
+            return None
         if leaf == "qkv_proj":
-            enables.add(tuple(cfg["enable_lora"]))
-        elif leaf == "gate_up_proj" and not all(cfg["enable_lora"]):
+            enables.add(tuple(enable))
+        elif leaf == "gate_up_proj" and not all(enable):
             return None
     if len(enables) > 1:
         return None

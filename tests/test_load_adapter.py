@@ -169,6 +169,27 @@ class Renamed(nn.Module):
         self.lin = nn.Linear(8, 8)
 
 
+def _tampered(tmp_path, **changes):
+    """Net's file with ``changes`` made to module 'lin''s header entry (the checksum covers tensors only)."""
+    import json
+    from lora_layers.checkpoint import META_MODULES, read_checkpoint
+    from lora_layers.fileio import safetensors_bytes
+
+    tensors, meta = read_checkpoint(_adapted_net(tmp_path)[1])
+    modules = json.loads(meta[META_MODULES])
+    modules["lin"].update(changes)
+    path = tmp_path / "tampered.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, {**meta, META_MODULES: json.dumps(modules)}))
+    return path, Net()
+
+
+def _peft_folder(tmp_path):
+    model = make_tiny_phi3()
+    L.inject_lora(model, ["down_proj"], r=2)
+    L.export_peft(model, tmp_path / "peft")
+    return tmp_path / "peft"
+
+
 REFUSALS = {
     "already_adapted": (lambda tmp: _adapted_net(tmp)[::-1],
                         CheckpointError, r"already has LoRA layers \(emb, lin, conv, conv_loralib\).*load_lora"),
@@ -185,6 +206,14 @@ REFUSALS = {
     # Refused while building (the header's splits do not add up to this model's qkv_proj).
     "other_splits": (lambda tmp: (_saved_phi3(tmp, PHI3_BUILDS["preset"])[1], make_tiny_phi3(gqa=False)),
                      CheckpointError, r"cannot put a LoRA adapter on model.layers.0.self_attn.qkv_proj"),
+    "class_not_a_name": (lambda tmp: _tampered(tmp, **{"class": ["Linear"]}), CheckpointError,
+                         r"'lin' \(Linear\): the file has an adapter of class \['Linear'\], expected one of"),
+    "bad_rank": (lambda tmp: _tampered(tmp, r="x"), CheckpointError, r"cannot put a LoRA adapter on lin: .*'x'"),
+    "bad_dtype": (lambda tmp: _tampered(tmp, lora_dtype="int8"), CheckpointError,
+                  r"'lin' \(Linear\): lora_dtype 'int8' is not a floating torch dtype"),
+    "peft_other_model_size": (lambda tmp: (_peft_folder(tmp), make_tiny_phi3(intermediate_size=64)),
+                              CheckpointError, r"(?s)cannot import PEFT adapter .*down_proj' \(Linear\): "
+                                               r"lora_A shape mismatch, expected \(2, 64\), got \(2, 96\)"),
     "missing_file": (lambda tmp: (tmp / "nothing.safetensors", Net()), FileNotFoundError, "nothing.safetensors"),
     "not_a_path": (lambda tmp: (3, Net()), TypeError, r"path must be a file or folder path .*got int 3"),
 }
