@@ -93,6 +93,11 @@ def _plan(model: nn.Module, modules: Dict[str, Dict[str, Any]], path: str):
     """``(plan, specs)`` for :func:`~lora_layers.surgery.build_layers`, or CheckpointError naming every problem."""
     plan, specs, problems = [], [], []
     for name, cfg in modules.items():
+        if name == "":
+            problems.append(f"the adapter is on the model itself ({type(model).__name__}), which cannot be replaced "
+                            f"in place: wrap it with lora_layers.{cfg.get('class')}.from_module(model, ...) and call "
+                            f"lora_layers.load_lora")
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:

@@ -106,7 +106,8 @@ def _module_config(layer: LoRALayer) -> Dict[str, Any]:
     if isinstance(layer, _ConvNd):
         cfg["layout"] = layer.layout
     # Read by load_adapter to rebuild the layer; files written before these fields load all the same.
-    cfg["lora_dtype"] = None if layer.lora_dtype is None else str(layer.lora_dtype).replace("torch.", "")
+    dtype = getattr(layer, "lora_dtype", None)
+    cfg["lora_dtype"] = None if dtype is None else str(dtype).replace("torch.", "")
     return cfg
 
 

@@ -183,6 +183,15 @@ def _tampered(tmp_path, **changes):
     return path, Net()
 
 
+def _root_adapter(tmp_path):
+    torch.manual_seed(0)
+    layer = L.Linear(4, 4, r=2)
+    L.mark_only_lora_as_trainable(layer)
+    L.save_lora(layer, tmp_path / "root.safetensors")
+    torch.manual_seed(0)
+    return tmp_path / "root.safetensors", nn.Linear(4, 4)
+
+
 def _peft_folder(tmp_path):
     model = make_tiny_phi3()
     L.inject_lora(model, ["down_proj"], r=2)
@@ -214,6 +223,8 @@ REFUSALS = {
     "peft_other_model_size": (lambda tmp: (_peft_folder(tmp), make_tiny_phi3(intermediate_size=64)),
                               CheckpointError, r"(?s)cannot import PEFT adapter .*down_proj' \(Linear\): "
                                                r"lora_A shape mismatch, expected \(2, 64\), got \(2, 96\)"),
+    "root_module": (_root_adapter, CheckpointError,
+                    r"the adapter is on the model itself \(Linear\).*lora_layers.Linear.from_module\(model"),
     "missing_file": (lambda tmp: (tmp / "nothing.safetensors", Net()), FileNotFoundError, "nothing.safetensors"),
     "not_a_path": (lambda tmp: (3, Net()), TypeError, r"path must be a file or folder path .*got int 3"),
 }
