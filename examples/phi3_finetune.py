@@ -238,6 +238,7 @@ elif args.model == "tiny" and args.quantize:  # bitsandbytes quantizes while loa
 # sets up checkpointing so that gradients still reach them through the frozen base. With
 # lean=True, model(**batch) with labels returns the loss and logits=None (docs/phi3.md).
 replaced = lora.phi3.apply_lora(model, **lc, gradient_checkpointing=tc["gradient_checkpointing"])
+log(lora.summary(model))  # adapted modules, ranks, variants, trainable/total parameters, adapter bytes
 n_trainable = lora.count_lora_parameters(model)
 n_total = model.num_parameters()  # counts a 4-bit weight's logical elements, not its packed bytes
 adapted = [model.get_submodule(name) for name in replaced]

@@ -12,6 +12,7 @@ with a lean autograd (no stored dropout masks), exact merging, GQA-aware
 ``MergedLinear``, model surgery, safetensors checkpoints and PEFT interop.
 """
 from ._version import __version__
+from .adapters import AdapterSummary, load_adapter, summary
 from .checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .functional import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
@@ -61,6 +62,9 @@ __all__ = [
     "phi3",
     "save_lora",
     "load_lora",
+    "load_adapter",
+    "summary",
+    "AdapterSummary",
     "LoadResult",
     "CheckpointError",
     "quantize_base",

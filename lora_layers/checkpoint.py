@@ -41,6 +41,7 @@ from .fileio import (
     to_storable,
 )
 from .base import ADAPTER_NAMES
+from .phi3 import QKV_PARTS, TARGETS as PHI3_TARGETS
 from .layers import LoRALayer, _ConvNd
 from .utils import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
@@ -102,6 +103,11 @@ def _module_config(layer: LoRALayer) -> Dict[str, Any]:
     if hasattr(layer, "split_sizes"):
         cfg["split_sizes"] = list(layer.split_sizes)
         cfg["enable_lora"] = list(layer.enable_lora)
+    if isinstance(layer, _ConvNd):
+        cfg["layout"] = layer.layout
+    # Read by load_adapter to rebuild the layer; files written before these fields load all the same.
+    dtype = getattr(layer, "lora_dtype", None)
+    cfg["lora_dtype"] = None if dtype is None else str(dtype).replace("torch.", "")
     return cfg
 
 
@@ -236,6 +242,18 @@ def read_checkpoint(path, dir_fd: Optional[int] = None) -> Tuple[Dict[str, Tenso
     return dict(obj), meta
 
 
+def read_native(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """:func:`read_checkpoint`, refusing a header of another format or format version."""
+    tensors, meta = read_checkpoint(path)
+    fmt = meta.get(META_FORMAT)
+    if fmt is not None and fmt != FORMAT_NAME:
+        raise CheckpointError(f"{path!r} has format {fmt!r}, expected {FORMAT_NAME!r}")
+    version = meta.get(META_FORMAT_VERSION)
+    if version is not None and version != FORMAT_VERSION:
+        raise CheckpointError(f"{path!r} has format version {version!r}; this lora_layers reads {FORMAT_VERSION!r}")
+    return tensors, meta
+
+
 # ----------------------------------------------------------------------------- validation
 
 def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
@@ -329,14 +347,16 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         except (ValueError, AssertionError) as exc:
             raise CheckpointError(f"{source}: header field {META_MODULES} is not a JSON object: {exc}") from exc
     modules = dict(lora_modules(model))
+    differing = []
     for mod_name, saved in saved_modules.items():
         layer = modules.get(mod_name)
         if layer is None or not isinstance(saved, dict):
             continue  # its keys are reported as unexpected
         diffs = _config_mismatches(saved, layer)
         if diffs:
-            problems.append(f"module {mod_name!r} ({type(layer).__name__}) differs: " + "; ".join(diffs))
+            differing.append((mod_name, layer, "; ".join(diffs)))
             mismatched.update(k for k in tensors if owner.get(k) is layer)
+    problems.extend(_config_problems(model, differing, saved_modules))
 
     copies = []
     layout_shapes, layout_hints = _conv_layouts(model, tensors)
@@ -357,8 +377,11 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
 
     if missing:
         problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys (in the checkpoint, not in the model): {unexpected}")
+    # A differing module's extra keys (a DoRA magnitude, ...) are explained by its settings line.
+    explained = {name for name, _, _ in differing}
+    if any(k.rpartition(".")[0] not in explained for k in unexpected):
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): "
+                        f"{[k for k in unexpected if k.rpartition('.')[0] not in explained]}")
     user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX) and k != META_HF_FORMAT}
     result = LoadResult(missing, unexpected, sorted(mismatched), user)
     if problems and strict:
@@ -368,6 +391,100 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         warnings.warn(f"{source}: loading with strict=False, skipping:\n  - " + "\n  - ".join(problems),
                       stacklevel=3)
     return copies, result
+
+
+def _suffix_counts(names) -> str:
+    """``"qkv_proj ×16, o_proj ×16"``: module names grouped by their last component, in first-seen order."""
+    counts: Dict[str, int] = {}
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return ", ".join(f"{leaf} ×{n}" if n > 1 else leaf for leaf, n in counts.items())
+
+
+def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any]) -> List[str]:
+    """One line per distinct difference (not one per module), then one line naming the call that
+    builds adapters fitting the file."""
+    groups: Dict[Tuple[str, str], List[str]] = {}
+    for name, layer, diffs in differing:
+        groups.setdefault((type(layer).__name__, diffs), []).append(name)
+    lines = []
+    for (cls, diffs), names in groups.items():
+        if len(names) == 1:
+            lines.append(f"module {names[0]!r} ({cls}) differs: {diffs}")
+        else:
+            lines.append(f"{len(names)} {cls} modules ({_suffix_counts(names)}) differ: {diffs}")
+    if lines:
+        call = fitting_call(model, saved_modules)
+        build = f"build them with {call}, or " if call else ""
+        lines.append(f"the checkpoint's adapters have other settings than the model's: on the model without "
+                     f"adapters (lora_layers.unload(model) removes them), {build}call "
+                     f"lora_layers.load_adapter(model, path), which reads the settings from the file")
+    return lines
+
+
+_VARIES = object()
+
+
+def _uniform(saved_modules: Dict[str, Any], key: str):
+    """The value of ``key`` shared by every module's settings, or ``_VARIES``."""
+    values = {json.dumps(cfg.get(key, _CONFIG_DEFAULTS.get(key))) for cfg in saved_modules.values()}
+    return json.loads(values.pop()) if len(values) == 1 else _VARIES
+
+
+def _exact_targets(model: nn.Module, names: List[str]) -> Optional[List[str]]:
+    """Name suffixes (as ``inject_lora``'s ``targets`` reads them) that select exactly ``names`` in
+    ``model``: the last name components if they do, else the full names if they do, else None."""
+    for targets in (list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)), list(names)):
+        hit = {n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
+        if hit == set(names):
+            return targets
+    return None
+
+
+def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[str]:
+    """The ``phi3.apply_lora(...)`` or ``inject_lora(...)`` call that builds adapters with the settings a
+    header records (per module ``saved_modules``) on ``model`` without adapters, or None when no single
+    call does (settings that vary per module, a fused layer outside Phi-3, ...)."""
+    if not saved_modules or not all(isinstance(c, dict) for c in saved_modules.values()):
+        return None
+    settings = {key: _uniform(saved_modules, key) for key in ("r", "lora_alpha", "use_rslora", "use_dora")}
+    if _VARIES in settings.values() or _uniform(saved_modules, "fan_in_fan_out") not in (False, None):
+        return None
+    args = [f"r={settings['r']!r}", f"lora_alpha={settings['lora_alpha']!r}"]
+    args += [f"{key}=True" for key in ("use_rslora", "use_dora") if settings[key]]
+    targets = _exact_targets(model, list(saved_modules))
+    if targets is None:
+        return None
+    phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3" and set(targets) <= set(PHI3_TARGETS)
+    if phi3 and (call := _phi3_call(saved_modules, targets, list(args))):
+        return call
+    if any("split_sizes" in cfg for cfg in saved_modules.values()):
+        return None  # MergedLinear splits come from the model: only the Phi-3 preset knows them
+    return f"lora_layers.inject_lora(model, {targets!r}, {', '.join(args)})"
+
+
+def _phi3_call(saved_modules: Dict[str, Any], targets: List[str], args: List[str]) -> Optional[str]:
+    """``phi3.apply_lora(...)``: it fuses qkv_proj/gate_up_proj (gate and up both adapted), nothing else."""
+    enables = set()
+    for name, cfg in saved_modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if ("split_sizes" in cfg) != (leaf in ("qkv_proj", "gate_up_proj")):
+            return None
+        enable = cfg.get("enable_lora")
+        if "split_sizes" in cfg and not isinstance(enable, list):
+            return None
+        if leaf == "qkv_proj":
+            enables.add(tuple(enable))
+        elif leaf == "gate_up_proj" and not all(enable):
+            return None
+    if len(enables) > 1:
+        return None
+    if [t for t in PHI3_TARGETS if t in targets] != list(PHI3_TARGETS):
+        args.append(f"targets={tuple(t for t in PHI3_TARGETS if t in targets)!r}")
+    if enables and not all(next(iter(enables))):
+        args.append(f"qkv={tuple(p for p, on in zip(QKV_PARTS, next(iter(enables))) if on)!r}")
+    return f"lora_layers.phi3.apply_lora(model, {', '.join(args)})"
 
 
 @torch.no_grad()
@@ -424,13 +541,7 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
         CheckpointError (a ValueError): unreadable/corrupted/unsafe file, or a mismatch with ``strict=True``.
     """
     path = os.fspath(path)
-    tensors, meta = read_checkpoint(path)
-    fmt = meta.get(META_FORMAT)
-    if fmt is not None and fmt != FORMAT_NAME:
-        raise CheckpointError(f"{path!r} has format {fmt!r}, expected {FORMAT_NAME!r}")
-    version = meta.get(META_FORMAT_VERSION)
-    if version is not None and version != FORMAT_VERSION:
-        raise CheckpointError(f"{path!r} has format version {version!r}; this lora_layers reads {FORMAT_VERSION!r}")
+    tensors, meta = read_native(path)
     tensors, meta, _ = canonical_payload(model, tensors, meta)
     copies, result = plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
     apply_copies(copies)

@@ -326,7 +326,18 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     plan = select_modules(model, targets, exclude)
     specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)
 
-    # Build every new layer before swapping any in. from_module's only side effect
+    common = dict(merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype, backend=backend,
+                  use_dora=use_dora, init=init)
+    _swap(model, build_layers(model, plan, [(cls, {**common, **kwargs}) for cls, kwargs in specs]))
+    mark_only_lora_as_trainable(model)
+    return [name for name, _ in plan]
+
+
+def build_layers(model: nn.Module, plan, specs) -> Dict[int, nn.Module]:
+    """``{id(module): LoRA layer}``: ``cls.from_module(module, **kwargs)`` for each ``(name, module)`` of
+    ``plan`` and ``(cls, kwargs)`` of ``specs``, nothing swapped in yet. A failure raises naming the module,
+    with every weight's ``requires_grad`` restored."""
+    # Every new layer is built before any is swapped in. from_module's only side effect
     # on the original is freezing its weight; undo that if a later build fails.
     frozen = [(p, p.requires_grad) for _, m in plan for p in m.parameters(recurse=False)]
     record_compute_dtype(model, [m for _, m in plan])  # LLM.int8 layers take the model's dtype
@@ -334,18 +345,14 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     try:
         for (name, module), (cls, kwargs) in zip(plan, specs):
             try:
-                built[id(module)] = cls.from_module(
-                    module, merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
-                    backend=backend, use_dora=use_dora, init=init, **kwargs)
+                built[id(module)] = cls.from_module(module, **kwargs)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"cannot put a LoRA adapter on {name}: {exc}") from exc
     except BaseException:
         for param, flag in frozen:
             param.requires_grad_(flag)
         raise
-    _swap(model, built)
-    mark_only_lora_as_trainable(model)
-    return [name for name, _ in plan]
+    return built
 
 
 def _plain_layer(layer: LoRALayer) -> nn.Module:

@@ -39,7 +39,8 @@ def test_round_trip_header_and_identity(saved):
     modules = json.loads(meta[ckpt.META_MODULES])
     assert modules["qkv"] == {"class": "MergedLinear", "r": 2, "lora_alpha": 4, "scaling": 2.0, "use_rslora": False,
                               "lora_dropout": 0.0, "fan_in_fan_out": False, "split_sizes": [8, 4, 4],
-                              "enable_lora": [True, False, True], "use_dora": False}
+                              "enable_lora": [True, False, True], "use_dora": False, "lora_dtype": None}
+    assert modules["conv"]["layout"] == "lora_layers"  # load_adapter rebuilds the layer from these fields
     assert set(modules) == {"emb", "qkv", "out", "conv"}
 
     dst = make(seed=0, randomize=False).eval()

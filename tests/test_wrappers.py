@@ -309,7 +309,7 @@ def test_prefixed_file_header_is_still_checked(tmp_path):
     dst = copy.deepcopy(make_model(2)[0])
     L.inject_lora(dst, ["0", "2"], r=2, lora_alpha=8)  # same shapes, another scaling
     before = snapshot(dst)
-    with pytest.raises(CheckpointError, match=r"module '0' \(Linear\) differs: lora_alpha: checkpoint 4"):
+    with pytest.raises(CheckpointError, match=r"2 Linear modules \(0, 2\) differ: lora_alpha: checkpoint 4"):
         L.load_lora(dst, path)
     assert_bitwise(dst.state_dict(), before)
 
