@@ -22,7 +22,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,6 @@ from .fileio import (
     to_storable,
 )
 from .base import ADAPTER_NAMES
-from .phi3 import QKV_PARTS, TARGETS as PHI3_TARGETS
 from .layers import LoRALayer, _ConvNd
 from .utils import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
@@ -442,6 +441,12 @@ def _exact_targets(model: nn.Module, names: List[str]) -> Optional[List[str]]:
     return None
 
 
+#: Model families' own presets, registered by their modules (``lora_layers.phi3``) so that this generic
+#: module never imports them: ``family_call(model, saved_modules, targets, args)`` returns the preset call
+#: (e.g. ``lora_layers.phi3.apply_lora(model, r=16, ...)``) that builds exactly these adapters, or None.
+FAMILY_CALLS: List[Callable[..., Optional[str]]] = []
+
+
 def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[str]:
     """The ``phi3.apply_lora(...)`` or ``inject_lora(...)`` call that builds adapters with the settings a
     header records (per module ``saved_modules``) on ``model`` without adapters, or None when no single
@@ -456,35 +461,13 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
     targets = _exact_targets(model, list(saved_modules))
     if targets is None:
         return None
-    phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3" and set(targets) <= set(PHI3_TARGETS)
-    if phi3 and (call := _phi3_call(saved_modules, targets, list(args))):
-        return call
+    for family_call in FAMILY_CALLS:
+        call = family_call(model, saved_modules, targets, list(args))
+        if call is not None:
+            return call
     if any("split_sizes" in cfg for cfg in saved_modules.values()):
         return None  # MergedLinear splits come from the model: only the Phi-3 preset knows them
     return f"lora_layers.inject_lora(model, {targets!r}, {', '.join(args)})"
-
-
-def _phi3_call(saved_modules: Dict[str, Any], targets: List[str], args: List[str]) -> Optional[str]:
-    """``phi3.apply_lora(...)``: it fuses qkv_proj/gate_up_proj (gate and up both adapted), nothing else."""
-    enables = set()
-    for name, cfg in saved_modules.items():
-        leaf = name.rsplit(".", 1)[-1]
-        if ("split_sizes" in cfg) != (leaf in ("qkv_proj", "gate_up_proj")):
-            return None
-        enable = cfg.get("enable_lora")
-        if "split_sizes" in cfg and not isinstance(enable, list):
-            return None
-        if leaf == "qkv_proj":
-            enables.add(tuple(enable))
-        elif leaf == "gate_up_proj" and not all(enable):
-            return None
-    if len(enables) > 1:
-        return None
-    if [t for t in PHI3_TARGETS if t in targets] != list(PHI3_TARGETS):
-        args.append(f"targets={tuple(t for t in PHI3_TARGETS if t in targets)!r}")
-    if enables and not all(next(iter(enables))):
-        args.append(f"qkv={tuple(p for p, on in zip(QKV_PARTS, next(iter(enables))) if on)!r}")
-    return f"lora_layers.phi3.apply_lora(model, {', '.join(args)})"
 
 
 @torch.no_grad()

@@ -13,12 +13,13 @@ the model is duck-typed through its ``config`` and module names).
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
 from . import lean as _lean
 from ._unwrap import unwrap_model
+from .checkpoint import FAMILY_CALLS
 from .surgery import inject_lora
 
 __all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
@@ -247,3 +248,34 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     # transformers 5.x already hooks the embeddings; a second hook would orphan the first.
     if use_reentrant and getattr(model, "_require_grads_hook", None) is None:
         model.enable_input_require_grads()
+
+
+def _fitting_call(model: nn.Module, saved_modules: Dict[str, Any], targets: List[str],
+                  args: List[str]) -> Optional[str]:
+    """The ``apply_lora(...)`` call that builds the adapters a checkpoint header records on a Phi-3 ``model``
+    (registered in :data:`lora_layers.checkpoint.FAMILY_CALLS`), or None: it fuses qkv_proj/gate_up_proj
+    (gate and up both adapted), nothing else."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "phi3" or not set(targets) <= set(TARGETS):
+        return None
+    enables = set()
+    for name, cfg in saved_modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if ("split_sizes" in cfg) != (leaf in ("qkv_proj", "gate_up_proj")):
+            return None
+        enable = cfg.get("enable_lora")
+        if "split_sizes" in cfg and not isinstance(enable, list):
+            return None
+        if leaf == "qkv_proj":
+            enables.add(tuple(enable))
+        elif leaf == "gate_up_proj" and not all(enable):
+            return None
+    if len(enables) > 1:
+        return None
+    if [t for t in TARGETS if t in targets] != list(TARGETS):
+        args.append(f"targets={tuple(t for t in TARGETS if t in targets)!r}")
+    if enables and not all(next(iter(enables))):
+        args.append(f"qkv={tuple(p for p, on in zip(QKV_PARTS, next(iter(enables))) if on)!r}")
+    return f"lora_layers.phi3.apply_lora(model, {', '.join(args)})"
+
+
+FAMILY_CALLS.append(_fitting_call)
