@@ -592,9 +592,8 @@ while step < max_steps and not interrupted:
         loss_value = float(loss_sum)
     train_time += time.perf_counter() - t0
     tokens_seen += tokens
-    examples = tc["batch_size"] * accum * world_size
-    source = "synthetic" if chats == 0 else "chat" if chats == examples else "mixed"
-    history["train"].append({"step": step, "loss": loss_value, "lr": lr, "source": source})
+    chat_share = round(chats / (tc["batch_size"] * accum * world_size), 4)
+    history["train"].append({"step": step, "loss": loss_value, "lr": lr, "chat_share": chat_share})
     log_step(step, loss_value, lr)
     if step % tc["eval_steps"] == 0 or step == max_steps:
         losses = evaluate_all()

@@ -85,21 +85,27 @@ def _plot_loss_curve(path: Path, history: Dict[str, List[dict]], summary: dict) 
     # One line drawn through chat and synthetic steps alike looks like divergence (a chat batch's loss is far
     # higher): each source gets its own colour, its train steps as faint dots, its eval as a line.
     fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {"synthetic": "tab:blue", "chat": "tab:orange", "mixed": "tab:green"}
-    for source, colour in colours.items():
-        steps = [h for h in history["train"] if h.get("source", "mixed") == source]
+    colours = {"synthetic": "tab:blue", "chat": "tab:orange", None: "tab:gray"}
+    for source, colour in colours.items():  # None: steps logged before the source was (a resumed old run)
+        steps = [h for h in history["train"] if _source(h) == source]
         if steps:
             ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], ".", color=colour, alpha=0.35,
-                    markersize=4, label=f"train steps, {source} batches")
+                    markersize=4, label=f"train steps, mostly {source} batches" if source else "train steps")
     for name, style in (("synthetic", "o-"), ("chat", "o-"), ("all", "--")):
         if name in summary["eval_loss_before"]:
             ax.plot([0] + [h["step"] for h in history["eval"]],
                     [summary["eval_loss_before"][name]] + [h[name] for h in history["eval"]], style,
                     color=colours.get(name, "black"), label=f"eval, {name} held out")
     ax.set(xlabel="step", ylabel="loss (log scale)", yscale="log", title=f"Phi-3 LoRA ({summary['model']})")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower left")  # the corner the falling curves leave empty
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _source(step: dict) -> Optional[str]:
+    """The data source of most of a step's examples, from its logged chat share."""
+    share = step.get("chat_share")
+    return None if share is None else "chat" if share >= 0.5 else "synthetic"
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
