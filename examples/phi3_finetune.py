@@ -10,7 +10,9 @@ Every key of ``training_config`` and ``lora_config`` below is also a flag
 Outputs, under ``--output-dir``: checkpoints/step-N/ (adapter + optimizer state,
 the last ``save_total_limit`` kept), lora_adapter.safetensors, peft_adapter/,
 merged/ (with ``--merge``), and the report: loss_curve.png, train_log.json and
-summary.json (examples/phi3_report.py). See docs/phi3.md.
+summary.json (examples/phi3_report.py). A folder holding another run's checkpoints
+is refused unless ``--resume`` or ``--overwrite`` is given. Ctrl-C saves the step
+and prints the command that resumes it. See docs/phi3.md.
 """
 import argparse
 import contextlib
@@ -280,7 +282,8 @@ effective_config = {"model": args.model, "preset": preset, "data": str(args.data
                     "output_dir": str(out_dir), "resume": args.resume, "quantize": args.quantize,
                     "training": dict(tc), "lora": {**lc, "lora_dtype": str(lc["lora_dtype"]).replace("torch.", "")},
                     **({"tiny_model": dict(tiny_model_config)} if args.model == "tiny" else {})}
-log(f"configuration (preset {preset}; flags given: {' '.join('--' + k.replace('_', '-') for k in sorted(explicit)) or 'none'}):")
+given = " ".join("--" + k.replace("_", "-") for k in sorted(explicit)) or "none"
+log(f"configuration (preset {preset}; flags given: {given}):")
 for group in ("training", "lora", "tiny_model"):
     if group in effective_config:
         log(f"  {group}: " + ", ".join(f"{k}={v}" for k, v in effective_config[group].items()))
