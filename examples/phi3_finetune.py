@@ -10,12 +10,17 @@ Every key of ``training_config`` and ``lora_config`` below is also a flag
 Outputs, under ``--output-dir``: checkpoints/step-N/ (adapter + optimizer state,
 the last ``save_total_limit`` kept), lora_adapter.safetensors, peft_adapter/,
 merged/ (with ``--merge``), and the report: loss_curve.png, train_log.json and
-summary.json (examples/phi3_report.py). See docs/phi3.md.
+summary.json (examples/phi3_report.py). A folder holding another run's checkpoints
+is refused unless ``--resume`` or ``--overwrite`` is given. Ctrl-C saves the step
+and prints the command that resumes it. See docs/phi3.md.
 """
 import argparse
 import contextlib
+import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -104,41 +109,91 @@ tiny_model_config = {
     "initializer_range": 0.06,
 }
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "chat_instructions.jsonl"
+# --help's line for each config key; its default (and the tiny preset's, where it differs) is appended.
+FLAG_HELP = {
+    "learning_rate": "peak learning rate", "batch_size": "micro-batch per process",
+    "gradient_accumulation_steps": "micro-batches per optimizer step", "num_epochs": "passes over the data",
+    "max_steps": "optimizer steps; > 0 overrides --num-epochs", "warmup_ratio": "share of the steps warming up",
+    "lr_scheduler": "cosine (decay to --min-lr-ratio * lr after warmup) or constant",
+    "min_lr_ratio": "floor of the cosine decay, as a share of the lr", "weight_decay": "AdamW weight decay",
+    "lora_plus_ratio": "> 0: LoRA+, every lora_B at ratio * lr (e.g. 16); 0: one lr for all",
+    "max_grad_norm": "gradient clipping norm", "seed": "seed of the data split, order, model and dropout",
+    "logging_steps": "log the train loss every N steps", "eval_steps": "evaluate every N steps (and at the end)",
+    "save_steps": "checkpoint every N steps (and at the end)", "save_total_limit": "checkpoints kept",
+    "bf16": "autocast and bf16 base weights on CUDA (CPU runs fp32)",
+    "gradient_checkpointing": "recompute activations in backward; unset: off for the tiny preset, else on",
+    "cpu_threads": "torch threads on CPU; 0 keeps torch's default", "max_length": "tokens per conversation, cut",
+    "eval_fraction": "share of each data source held out", "synthetic_examples": "string-reversal chats added",
+    "exact_match_prompts": "held-out synthetic prompts scored by greedy exact match",
+    "r": "LoRA rank", "lora_alpha": "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rsLoRA); a float is fine",
+    "lora_dropout": "dropout on the adapters' input", "targets": "projections that get adapters",
+    "qkv": "parts of the fused qkv_proj that get adapters", "use_rslora": "rsLoRA scaling alpha/sqrt(r)",
+    "use_dora": "DoRA: a trainable magnitude per output row (docs/dora.md)",
+    "lean": "fused loss and recomputed adapter inputs: same losses, less memory",
+    "lora_dtype": "adapter dtype: float32, bfloat16, float16 or none (the base's)",
+}
+
+
+def flag_help(key, default):
+    """The --help line of a config key: what it does, its default, and the tiny preset's value if different."""
+    what = FLAG_HELP.get(key) or f"the random model's {key[5:]} (--model tiny only)"
+    show = lambda v: ",".join(v) if isinstance(v, tuple) else v  # noqa: E731  (as the flag takes it)
+    tiny = f"; tiny preset: {show(tiny_overrides[key])}" if tiny_overrides.get(key, default) != default else ""
+    return f"{what} (default: {show(default)}{tiny})".replace("%", "%%")
+
+
+def number(text):
+    """An int where the text is one (32), else a float (16.5): alpha prints as the user wrote it."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
 
 
 def parse_args():
     """One flag per config key (defaults suppressed, so only explicit flags override)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (offline random Phi-3) or a path/id for from_pretrained")
-    p.add_argument("--data", default=None, help="ultrachat-style JSONL; default: bundled chats + synthetic task")
-    p.add_argument("--output-dir", default="out/phi3-lora")
-    p.add_argument("--resume", default=None, help="a checkpoints/step-N folder to continue from exactly")
-    p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
-    p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload)")
+    p.add_argument("--model", default="tiny", help="'tiny' (offline random Phi-3), a local folder or a hub id "
+                   "for from_pretrained (default: tiny)")
+    p.add_argument("--preset", choices=("tiny", "pretrained"), default=None,
+                   help="default settings: tiny (the offline demo's, for a small random model, also with --model "
+                        "<folder>) or pretrained (default: tiny for --model tiny, else pretrained)")
+    p.add_argument("--data", default=None, help="ultrachat-style JSONL (default: the bundled chats + the synthetic "
+                   "reversal task)")
+    p.add_argument("--output-dir", default="out/phi3-lora", help="where outputs go (default: %(default)s)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", default=None, help="continue exactly from a checkpoints/step-N folder, or the "
+                        "latest step in a checkpoints folder (default: none, start afresh)")
+    resume.add_argument("--overwrite", action="store_true", help="first delete this script's outputs from "
+                        "--output-dir, another run's checkpoints included (default: off: refuse such a folder)")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2 "
+                   "(default: %(default)s)")
+    p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload) "
+                   "(default: off)")
     p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
                    help="QLoRA: a frozen 4-bit (nf4, fp4) or 8-bit base, loaded through bitsandbytes; "
-                        "--model tiny with nf4 uses lora_layers.quantize_base (torchao). Default: off")
+                        "--model tiny with nf4 uses lora_layers.quantize_base (torchao) (default: off)")
     for group, config, prefix in (("training_config", training_config, ""), ("lora_config", lora_config, ""),
                                   ("tiny_model_config", tiny_model_config, "tiny_")):
         g = p.add_argument_group(group)
         for key, default in config.items():
             key = prefix + key
-            flag = "--" + key.replace("_", "-")
+            flag, help = "--" + key.replace("_", "-"), flag_help(key, default)
             if isinstance(default, bool) or default is None:  # None: decided at run time unless a flag says
-                g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+                g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help)
             elif isinstance(default, tuple):
-                g.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="A,B",
+                g.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="A,B", help=help,
                                type=lambda s: tuple(x for x in s.split(",") if x))
             else:
-                g.add_argument(flag, dest=key, type=type(default), default=argparse.SUPPRESS)
+                g.add_argument(flag, dest=key, type=number if key == "lora_alpha" else type(default),
+                               default=argparse.SUPPRESS, help=help)
     return p, p.parse_args()
 
 
 parser, args = parse_args()
+preset = args.preset or ("tiny" if args.model == "tiny" else "pretrained")
 tiny_model_config.update({k[5:]: v for k, v in vars(args).items() if k.startswith("tiny_")})
 explicit = {k: v for k, v in vars(args).items() if k in training_config or k in lora_config}
 for config in (training_config, lora_config):
-    config.update({k: v for k, v in tiny_overrides.items() if k in config and args.model == "tiny"})
+    config.update({k: v for k, v in tiny_overrides.items() if k in config and preset == "tiny"})
     config.update({k: v for k, v in explicit.items() if k in config})
 if args.data is not None and "synthetic_examples" not in explicit:  # the synthetic task goes with the default data
     training_config["synthetic_examples"] = 0
@@ -152,7 +207,48 @@ else:
 if not (math.isfinite(tc["lora_plus_ratio"]) and tc["lora_plus_ratio"] >= 0):
     parser.error(f"--lora-plus-ratio: expected 0 (off) or a positive number, got {tc['lora_plus_ratio']}")
 if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model
-    tc["gradient_checkpointing"] = args.model != "tiny"
+    tc["gradient_checkpointing"] = preset != "tiny"
+
+# ----------------------------------------------------------------------------- output folder, resume, model path
+out_dir = Path(args.output_dir)
+# What --overwrite deletes: this script's outputs only, never the folder's other files (--output-dir could be ~).
+OUTPUTS = ("checkpoints", "base_model", "peft_adapter", "merged", "lora_adapter.safetensors", "loss_curve.png",
+           "train_log.json", "summary.json")
+
+
+def step_folders(folder):
+    """The checkpoints (step-N folders holding a training state) in ``folder``, oldest first."""
+    return sorted(p for p in Path(folder).glob("step-*") if (p / "training_state.pt").is_file())
+
+
+def resume_folder(path):
+    """The checkpoint --resume names: that step folder, or the latest one in a checkpoints folder."""
+    path = Path(path)
+    if (path / "training_state.pt").is_file():
+        return path
+    if step_folders(path):
+        return step_folders(path)[-1]
+    found = sorted({str(p) for d in (path.parent, out_dir / "checkpoints") for p in step_folders(d)})
+    parser.error(f"--resume: {path} is neither a checkpoint (a step-N folder with training_state.pt) nor a folder "
+                 "of them; " + (f"checkpoints found: {', '.join(found)}" if found else
+                                f"none in {path.parent} or {out_dir / 'checkpoints'} either"))
+
+
+earlier = sorted(p.name for p in (out_dir / "checkpoints").glob("step-*"))
+if earlier and not (args.resume or args.overwrite):  # rotation would delete this run's checkpoints, keep those
+    parser.error(f"--output-dir: {out_dir} holds another run's checkpoints ({', '.join(earlier)}), which this run "
+                 f"would mix with. Pass --resume {out_dir / 'checkpoints'} to continue that run, --overwrite to "
+                 "delete its outputs first, or another --output-dir")
+if args.resume:
+    args.resume = str(resume_folder(args.resume))
+# A hub id is 'name' or 'org/name': an absolute, ./relative or deeper path can only be a missing folder.
+if args.model != "tiny" and not Path(args.model).is_dir() and (
+        Path(args.model).exists() or os.path.isabs(args.model) or args.model.startswith((".", "~"))
+        or args.model.count("/") > 1 or os.sep in args.model.replace("/", "")):
+    parser.error(f"--model: no such folder: {args.model}. To get Phi-3-mini: hf download "
+                 f"microsoft/Phi-3-mini-4k-instruct --local-dir {args.model} (or pass --model "
+                 "microsoft/Phi-3-mini-4k-instruct to load it through the Hugging Face cache); --model tiny needs "
+                 "no download")
 
 # ----------------------------------------------------------------------------- processes and device
 ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -170,11 +266,35 @@ else:
 if device.type == "cpu" and tc["cpu_threads"] > 0:
     torch.set_num_threads(tc["cpu_threads"])
 use_bf16 = tc["bf16"] and device.type == "cuda"
-log = print if master else (lambda *a, **k: None)
+log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)  # flushed: logs show where a run is
 torch.manual_seed(tc["seed"])
-out_dir = Path(args.output_dir)
+if master and args.overwrite:
+    for path in (out_dir / name for name in OUTPUTS):
+        if path.is_dir() and not path.is_symlink():
+            remove_folder(path)  # renamed aside first: --resume never finds a half-deleted checkpoint
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 if master:
     out_dir.mkdir(parents=True, exist_ok=True)
+
+# Printed now and kept in summary.json: the preset silently decides most values.
+effective_config = {"model": args.model, "preset": preset, "data": str(args.data or DEFAULT_DATA),
+                    "output_dir": str(out_dir), "resume": args.resume, "quantize": args.quantize,
+                    "training": dict(tc), "lora": {**lc, "lora_dtype": str(lc["lora_dtype"]).replace("torch.", "")},
+                    **({"tiny_model": dict(tiny_model_config)} if args.model == "tiny" else {})}
+given = " ".join("--" + k.replace("_", "-") for k in sorted(explicit)) or "none"
+log(f"configuration (preset {preset}; flags given: {given}):")
+for group in ("training", "lora", "tiny_model"):
+    if group in effective_config:
+        log(f"  {group}: " + ", ".join(f"{k}={v}" for k, v in effective_config[group].items()))
+if args.quantize == "int8":  # bitsandbytes logs this on every int8 matmul of fp32/bf16 inputs: thousands of lines
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: not str(record.msg).startswith("MatMul8bitLt: inputs will be cast from"))
+
+if not sys.stderr.isatty():  # redrawn with \r, transformers' loading and saving bars would fill a log file
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
 
 # ----------------------------------------------------------------------------- data (conversations)
 try:
@@ -208,13 +328,14 @@ if args.model == "tiny":
                               attn_implementation=args.attn_implementation, **tiny_model_config)
     torch.manual_seed(tc["seed"])  # identical base weights on every rank
     model = Phi3ForCausalLM(model_config)
-    base_model_path = out_dir / "base_model"  # saved below so the PEFT export has a base to load on
+    base_model_path = (out_dir / "base_model").resolve()  # saved below so the PEFT export has a base to load on
 else:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     quantized = {"quantization_config": bnb_config(args.quantize), "device_map": {"": device}} if args.quantize else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation,
                                                  **quantized)
-    base_model_path = args.model
+    # Recorded in the PEFT export: a local folder absolute, so that it loads from anywhere; a hub id as given.
+    base_model_path = Path(args.model).resolve() if Path(args.model).is_dir() else args.model
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
 model.config.use_cache = False
@@ -271,7 +392,7 @@ max_steps = tc["max_steps"] if tc["max_steps"] > 0 else steps_per_epoch * tc["nu
 
 
 def micro_batches(start):
-    """Micro-batches from global micro-batch index ``start`` on, epoch after epoch."""
+    """``(micro-batch, how many of its examples are chats)`` from global micro-batch index ``start`` on."""
     epoch, skip = divmod(start, micro_per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -279,7 +400,7 @@ def micro_batches(start):
                                                    tc["batch_size"], seed=tc["seed"] + epoch)
         for idx in batches[skip:micro_per_epoch]:
             batch = phi3_data.collate([train_data[j] for j in idx], tokenizer.pad_token_id)
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield {k: v.to(device) for k, v in batch.items()}, sum(j < len(chat_train) for j in idx)
         epoch, skip = epoch + 1, 0
 
 
@@ -380,6 +501,10 @@ base_weights_line = (f"base weights of the adapted projections: {base_weights['b
                      f"({args.quantize or 'not quantized'}) vs {base_weights['bf16_bytes'] / 2**20:,.2f} MiB in bf16 "
                      f"({base_weights['bytes'] / base_weights['bf16_bytes']:.2f}x)")
 log(base_weights_line)
+if chat_train and syn_train:
+    log("note: length grouping keeps chat and synthetic examples in separate batches, so the train loss jumps up on "
+        "chat steps (real language, which a small model learns slowly); that is not divergence: loss_curve.png "
+        "plots the two sources apart")
 log(f"data: {len(train_data)} train / {len(eval_data)} eval conversations; {max_steps} steps of "
     f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {world_size}; device {device}, world {world_size}")
 log(f"before training: eval loss {phi3_report.describe(baseline['eval_loss'])}" + (
@@ -398,18 +523,55 @@ def save_checkpoint(step):
 
 
 # ----------------------------------------------------------------------------- training loop
+def on_interrupt(signum, frame):
+    """First Ctrl-C: stop at the end of this step (a checkpoint cut mid-update would not resume exactly)."""
+    global interrupted
+    interrupted = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once, saving nothing
+    log(f"\ninterrupted: finishing step {step + 1}, then saving a checkpoint (Ctrl-C again to quit without it)")
+
+
+def resume_command(checkpoint):
+    """This run's command line, continuing from ``checkpoint`` (without --resume/--overwrite it was given)."""
+    argv, kept, skip = sys.argv[1:], [], False
+    for arg in argv:
+        if skip or arg == "--overwrite" or arg.startswith("--resume="):
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        else:
+            kept.append(arg)
+    launcher = ["torchrun", f"--nproc_per_node={world_size}"] if ddp else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *kept, "--resume", str(checkpoint)])
+
+
+def log_step(step, loss_value, lr):
+    """The progress bar's figures on a terminal; elsewhere (a log file) a plain line every logging_steps."""
+    if bar is not None:
+        bar.update(1)
+    if step % tc["logging_steps"] and step != max_steps:
+        return
+    figures = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / train_time:,.0f}")
+    if bar is not None:
+        bar.set_postfix(**figures)
+    else:
+        log(f"step {step}/{max_steps}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+
+
 model.train()
 batches = micro_batches(step * tc["gradient_accumulation_steps"])
 params = lora.lora_parameters(raw_model)
 accum = tc["gradient_accumulation_steps"]
-tokens_seen, train_time = 0, 0.0
-bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-while step < max_steps:
+tokens_seen, train_time, interrupted = 0, 0.0, False
+# tqdm draws on stderr; redirected to a file, its redraws would fill the log with \r updates.
+bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True) if master and sys.stderr.isatty() else None
+signal.signal(signal.SIGINT, on_interrupt)
+while step < max_steps and not interrupted:
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
-    tokens = 0
+    tokens, chats = 0, 0
     for micro in range(accum):
-        batch = next(batches)
+        batch, n_chat = next(batches)
         # Gradients are all-reduced (DDP) only on the last micro-batch of the step.
         sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
         with sync:
@@ -418,32 +580,40 @@ while step < max_steps:
             loss.backward()
         loss_sum += loss.detach()
         tokens += int(batch["attention_mask"].sum())
+        chats += n_chat
     torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"])
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    if ddp:  # the logged loss and throughput cover all ranks
-        stats = torch.tensor([float(loss_sum), tokens], device=device, dtype=torch.float64)
+    if ddp:  # the logged loss and throughput cover all ranks; one rank's Ctrl-C stops them all at this step
+        stats = torch.tensor([float(loss_sum), tokens, chats, interrupted], device=device, dtype=torch.float64)
         dist.all_reduce(stats)
-        loss_value, tokens = float(stats[0]) / world_size, int(stats[1])
+        loss_value, tokens, chats, interrupted = float(stats[0]) / world_size, int(stats[1]), int(stats[2]), \
+            bool(stats[3])
     else:
         loss_value = float(loss_sum)
     train_time += time.perf_counter() - t0
     tokens_seen += tokens
-    history["train"].append({"step": step, "loss": loss_value, "lr": lr})
-    bar.update(1)
-    if step % tc["logging_steps"] == 0 or step == max_steps:
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / train_time:,.0f}")
+    chat_share = round(chats / (tc["batch_size"] * accum * world_size), 4)
+    history["train"].append({"step": step, "loss": loss_value, "lr": lr, "chat_share": chat_share})
+    log_step(step, loss_value, lr)
     if step % tc["eval_steps"] == 0 or step == max_steps:
         losses = evaluate_all()
         history["eval"].append({"step": step, **losses})
-        if master:
-            bar.write(f"step {step}: eval loss {phi3_report.describe(losses)}")
-    if step % tc["save_steps"] == 0 and master:
+        (bar.write if bar is not None else log)(f"step {step}: eval loss {phi3_report.describe(losses)}")
+    if master and (step % tc["save_steps"] == 0 or step == max_steps or interrupted):
         save_checkpoint(step)
-bar.close()
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if bar is not None:
+    bar.close()
+if interrupted and step < max_steps:  # at the last step, the run ends as usual
+    checkpoint = out_dir / "checkpoints" / f"step-{step:06d}"
+    log(f"stopped at step {step} of {max_steps}; checkpoint {checkpoint}. To continue:\n  {resume_command(checkpoint)}")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(130)  # the shell's code for a run ended by Ctrl-C
 
 # ----------------------------------------------------------------------------- final evaluation
 final = {"eval_loss": history["eval"][-1] if history["eval"] else evaluate_all(),
@@ -467,9 +637,9 @@ if master:
         total_params=n_total, tokens_seen=tokens_seen, train_time=train_time, peak_memory=peak_memory,
         samples=samples, replies=replies)
     summary["base_weights"] = base_weights
+    summary["config"] = effective_config
     phi3_report.write(out_dir, history, summary)
     phi3_report.print_summary(summary, out_dir)
-    print(base_weights_line)
 
 if args.merge and master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
     bnb_loaded = getattr(raw_model, "hf_quantizer", None) is not None  # loaded with a BitsAndBytesConfig

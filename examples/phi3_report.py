@@ -4,7 +4,7 @@ Kept out of the main script so that it reads top to bottom; nothing here trains
 or knows about LoRA. The report is what rank 0 leaves under ``--output-dir``:
 
 - ``train_log.json``: the loss and lr of every step, and every evaluation;
-- ``loss_curve.png``: train and eval loss against the step;
+- ``loss_curve.png``: train and eval loss against the step, each data source apart;
 - ``summary.json``: the figures before and after training, and a few sample replies;
 
 plus the summary table printed at the end of a run.
@@ -82,14 +82,30 @@ def _plot_loss_curve(path: Path, history: Dict[str, List[dict]], summary: dict) 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    # One line drawn through chat and synthetic steps alike looks like divergence (a chat batch's loss is far
+    # higher): each source gets its own colour, its train steps as faint dots, its eval as a line.
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history["train"]], [h["loss"] for h in history["train"]], label="train", alpha=0.7)
-    ax.plot([0] + [h["step"] for h in history["eval"]],
-            [summary["eval_loss_before"]["all"]] + [h["all"] for h in history["eval"]], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss", title=f"Phi-3 LoRA ({summary['model']})")
-    ax.legend()
+    colours = {"synthetic": "tab:blue", "chat": "tab:orange", None: "tab:gray"}
+    for source, colour in colours.items():  # None: steps logged before the source was (a resumed old run)
+        steps = [h for h in history["train"] if _source(h) == source]
+        if steps:
+            ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], ".", color=colour, alpha=0.35,
+                    markersize=4, label=f"train steps, mostly {source} batches" if source else "train steps")
+    for name, style in (("synthetic", "o-"), ("chat", "o-"), ("all", "--")):
+        if name in summary["eval_loss_before"]:
+            ax.plot([0] + [h["step"] for h in history["eval"]],
+                    [summary["eval_loss_before"][name]] + [h[name] for h in history["eval"]], style,
+                    color=colours.get(name, "black"), label=f"eval, {name} held out")
+    ax.set(xlabel="step", ylabel="loss (log scale)", yscale="log", title=f"Phi-3 LoRA ({summary['model']})")
+    ax.legend(fontsize="small", loc="lower left")  # the corner the falling curves leave empty
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def _source(step: dict) -> Optional[str]:
+    """The data source of most of a step's examples, from its logged chat share."""
+    share = step.get("chat_share")
+    return None if share is None else "chat" if share >= 0.5 else "synthetic"
 
 
 def print_summary(summary: dict, out_dir: Path) -> None:
@@ -114,4 +130,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     for sample in s["samples"]:
         print(f"--- {sample['prompt'][-1]['content']!r}\n    -> {sample['reply']!r}  "
               f"(reference {sample['reference']!r})")
+    if any(not sample["reply"] for sample in s["samples"]):
+        print("(a reply '' means the model ended it at once: a small random base learns the reversal task in "
+              "a few hundred steps, but a few dozen chats cannot teach it English)")
     print(f"outputs in {out_dir}/")

@@ -7,6 +7,9 @@ flags so the whole file stays well under two minutes on 2 cores.
 import json
 import math
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +30,15 @@ SMALL = ["--synthetic-examples", "300", "--exact-match-prompts", "8", "--batch-s
          "--save-steps", str(SAVE_AT), "--logging-steps", "4"]
 
 
+def script_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                # this checkout's lora_layers, not whichever one is installed (a git worktree's tests ran main's)
+                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
 def run_script(*args, launcher=(), timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               # this checkout's lora_layers, not whichever one is installed (a git worktree's tests ran main's)
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([sys.executable, *launcher, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+                          text=True, timeout=timeout, env=script_env(), cwd=ROOT)
     return proc
 
 
@@ -228,10 +234,13 @@ TWO_STEPS = ["--synthetic-examples", "40", "--exact-match-prompts", "2", "--batc
     ("merged", "tokenizer.save_pretrained", 3),              # after the merged weights, before the tokenizer
 ])
 def test_a_run_killed_while_saving_a_folder_leaves_the_previous_folder(tmp_path, folder, kill, nth):
-    import signal
-
     out = tmp_path / "out"
     old = out / folder
+    resume = []
+    if folder.startswith("checkpoints"):  # only a run resumed from an earlier step saves over a checkpoint
+        check_ok(run_script("--output-dir", out, *TWO_STEPS, "--save-steps", "1"))
+        remove_tree(old)
+        resume = ["--resume", out / "checkpoints" / "step-000001"]
     old.mkdir(parents=True)
     for name in ("adapter.safetensors", "training_state.pt", "adapter_config.json", "adapter_model.safetensors",
                  "model.safetensors", "config.json", "tokenizer.json", "README.md"):
@@ -239,6 +248,160 @@ def test_a_run_killed_while_saving_a_folder_leaves_the_previous_folder(tmp_path,
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     wrapper = tmp_path / "kill_at.py"
     wrapper.write_text(KILL_AT)
-    proc = run_script("--output-dir", out, *TWO_STEPS, launcher=(str(wrapper), kill, str(nth)))
+    proc = run_script("--output-dir", out, *TWO_STEPS, *resume, launcher=(str(wrapper), kill, str(nth)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+def remove_tree(path):
+    import shutil
+
+    shutil.rmtree(path)
+
+
+# ----------------------------------------------------------------------------- a newcomer's path (issue #24 item 3)
+
+def files_under(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_help_gives_every_flag_a_line_with_its_default():
+    proc = run_script("--help", timeout=60)
+    check_ok(proc)
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", proc.stdout.split("\noptions:", 1)[1])]
+    flags = [e for e in entries if e.startswith("--")]
+    assert len(flags) > 40 and [e for e in flags if "(default: " not in e] == []
+    assert "--learning-rate LEARNING_RATE peak learning rate (default: 0.0002; tiny preset: 0.001)" in flags
+
+
+def test_output_explains_itself_and_logs_plain_lines(first_run):
+    out, proc = first_run
+    assert proc.stdout.count("base weights of the adapted projections") == 1
+    assert "configuration (preset tiny; flags given: --batch-size" in proc.stdout
+    assert "that is not divergence" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["lora"]["r"] == 32 and summary["config"]["training"]["max_steps"] == STEPS
+    assert ("a reply '' means" in proc.stdout) == any(s["reply"] == "" for s in summary["samples"])
+    # Not a terminal: a plain line every logging step, and no progress bar redrawn with \r.
+    assert re.findall(r"^step (\d+)/24: loss", proc.stdout, re.M) == [str(s) for s in range(4, STEPS + 1, 4)]
+    assert "\r" not in proc.stdout + proc.stderr
+    # The loss curve's per-source points: chat batches are the high ones.
+    train = json.loads((out / "train_log.json").read_text())["train"]
+    chat = [h["loss"] for h in train[STEPS // 2:] if h["chat_share"] >= 0.5]
+    synthetic = [h["loss"] for h in train[STEPS // 2:] if h["chat_share"] < 0.5]
+    assert chat and synthetic and min(chat) > max(synthetic)
+    config = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve())
+
+
+def test_refuses_an_output_dir_holding_another_runs_checkpoints(first_run):
+    out, _ = first_run
+    before = files_under(out)
+    proc = run_script("--output-dir", out, "--max-steps", "2", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"holds another run's checkpoints (step-{SAVE_AT:06d}, step-{STEPS:06d})" in proc.stderr
+    assert f"--resume {out / 'checkpoints'}" in proc.stderr and "--overwrite" in proc.stderr
+    assert files_under(out) == before
+
+
+def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
+    out, _ = first_run
+    proc = run_script("--output-dir", tmp_path / "a", "--resume", out / "checkpoints" / "step-12", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoints found: " + ", ".join(str(out / "checkpoints" / f"step-{s:06d}") for s in (SAVE_AT, STEPS)) \
+        in proc.stderr
+    missing = tmp_path / "Phi-3-mini-4k-instruct"
+    proc = run_script("--output-dir", tmp_path / "b", "--model", missing, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--model: no such folder: {missing}" in proc.stderr
+    assert f"hf download microsoft/Phi-3-mini-4k-instruct --local-dir {missing}" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_resume_from_a_checkpoints_folder_takes_its_latest_step(first_run, tmp_path):
+    out, _ = first_run
+    proc = run_script("--output-dir", tmp_path / "again", "--resume", out / "checkpoints", *SMALL)
+    check_ok(proc)
+    assert f"resumed from {out / 'checkpoints' / f'step-{STEPS:06d}'} at step {STEPS}" in proc.stdout
+    after = [json.loads((o / "summary.json").read_text())["eval_loss_after"] for o in (out, tmp_path / "again")]
+    assert after[0] == after[1]
+
+
+def test_preset_tiny_on_a_local_folder_overwrite_float_alpha_and_final_checkpoint(first_run, tmp_path):
+    out, _ = first_run
+    new = tmp_path / "new"
+    (new / "checkpoints" / "step-000400").mkdir(parents=True)  # another run's
+    (new / "checkpoints" / "step-000400" / "training_state.pt").write_bytes(b"another run's")
+    (new / "notes.txt").write_text("mine")
+    proc = run_script("--model", out / "base_model", "--preset", "tiny", "--output-dir", new, "--overwrite",
+                      "--lora-alpha", "16.5", "--max-steps", "3", "--save-steps", "2", "--eval-steps", "3",
+                      "--synthetic-examples", "100", "--exact-match-prompts", "2", "--batch-size", "8")
+    check_ok(proc)
+    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert (new / "notes.txt").read_text() == "mine"  # --overwrite deletes the script's outputs only
+    config = json.loads((new / "summary.json").read_text())["config"]
+    assert config["preset"] == "tiny" and config["model"] == str(out / "base_model")
+    assert config["lora"]["r"] == 32 and config["lora"]["lora_alpha"] == 16.5 and config["lora"]["use_rslora"]
+    assert "alpha=16.5, rsLoRA=True" in proc.stdout
+    peft = json.loads((new / "peft_adapter" / "adapter_config.json").read_text())
+    assert peft["base_model_name_or_path"] == str((out / "base_model").resolve())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_a_resume_command_that_continues_exactly(first_run, tmp_path):
+    out, _ = first_run
+    stopped = tmp_path / "stopped"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output-dir", str(stopped), *SMALL], text=True,
+                                stdout=subprocess.PIPE, stderr=err, env=script_env(), cwd=ROOT)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 4/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout = "".join(lines) + proc.communicate(timeout=120)[0]
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    argv = shlex.split(stdout.strip().splitlines()[-1])
+    assert argv[:2] == ["python", str(SCRIPT)] and argv[-2] == "--resume"
+    checkpoint = Path(argv[-1])
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert checkpoint.parent == stopped / "checkpoints" and 4 <= stopped_at < STEPS
+    assert (checkpoint / "training_state.pt").is_file()
+    check_ok(run_script(*argv[2:]))
+    full, again = train_losses(out), train_losses(stopped)
+    assert sorted(again) == list(range(1, STEPS + 1))
+    assert [again[s] for s in range(stopped_at + 1, STEPS + 1)] == [full[s] for s in range(stopped_at + 1, STEPS + 1)]
+
+
+# Runs the script with bitsandbytes' CPU 8-bit matmul logging what its CUDA one logs on every call (the
+# message read from bitsandbytes' own source), and one other message once: does the script silence the first only?
+INT8_CAST_LOG = """
+import ast, inspect, re, runpy, sys
+from bitsandbytes.autograd import _functions as f
+source = inspect.getsource(f.MatMul8bitLt.forward)
+message = ast.literal_eval(re.search(r'logger\\.warning\\(("MatMul8bitLt: inputs will be cast[^"]*")', source).group(1))
+real, calls = f.MatMul8bitFp.apply, []
+def apply(A, *args):
+    f.logger.warning(message, A.dtype)
+    if not calls:
+        f.logger.warning("another bitsandbytes message")
+    calls.append(1)
+    return real(A, *args)
+f.MatMul8bitFp.apply = apply
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_int8_run_silences_bitsandbytes_cast_message_only(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    wrapper = tmp_path / "int8_cast_log.py"
+    wrapper.write_text(INT8_CAST_LOG)
+    proc = run_script("--output-dir", tmp_path / "int8", "--quantize", "int8", "--max-steps", "2",
+                      "--synthetic-examples", "40", "--exact-match-prompts", "2", "--batch-size", "4",
+                      launcher=(str(wrapper),))
+    check_ok(proc)
+    assert "(int8)" in proc.stdout
+    assert "another bitsandbytes message" in proc.stderr and "MatMul8bitLt" not in proc.stderr, proc.stderr[-2000:]
