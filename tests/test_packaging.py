@@ -324,7 +324,7 @@ def documented_example_runs():
     import shlex
 
     runs = []
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
             extras, others = [], []
             for line in block.replace("\\\n", " ").splitlines():
@@ -422,12 +422,13 @@ def test_dev_extra_covers_what_the_readme_test_command_imports():
 
     sources = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
                for folder in ("tests", "benchmarks", "examples") for p in sorted((ROOT / folder).glob("*.py"))}
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)):
             sources[f"{page.name}, python block {i + 1}"] = code
     local = {"lora_layers", *(Path(where).stem for where in sources if where.endswith(".py"))}
     dev, missing = installed_closure(project_requirements(["dev"]))
-    assert not missing, f"[dev] requires packages that are not installed here: {missing}"
+    if missing:
+        pytest.skip(f"[dev] is not fully installed here: {missing}")
     providers = metadata.packages_distributions()
     uncovered = {}
     for where, source in sources.items():
@@ -436,3 +437,17 @@ def test_dev_extra_covers_what_the_readme_test_command_imports():
                 uncovered.setdefault(name, []).append(where)
     assert not uncovered, f"imported outright, but not installed by [dev] (setup.py): {uncovered}"
 
+
+def test_ci_runs_the_documented_qlora_install_in_a_fresh_venv():
+    import shlex
+
+    smoke = ROOT / ".ci" / "extras_smoke.sh"
+    ci = _ci_commands()
+    assert f"bash {smoke.relative_to(ROOT)}" in ci[:-1], f".ci/run must run {smoke.name} before pytest: {ci}"
+    text = smoke.read_text(encoding="utf-8")
+    steps = (shlex.split(line.split("||")[0]) for line in text.splitlines() if "pip install" in line)
+    installs = [pip for pip in map(_pip_install_requirements, steps) if pip]
+    documented = {tuple(extras) for _, (extras, _), args in documented_example_runs() if "--quantize" in args}
+    assert [extras for extras, _ in installs if extras] == [list(e) for e in documented], \
+        f"{smoke.name} installs {installs}; the docs' --quantize runs install {documented}"
+    assert re.search(r"for quantize in nf4 fp4 int8; do", text), f"{smoke.name} must run each --quantize value"
