@@ -149,43 +149,6 @@ def test_version_matches_setup_metadata():
     assert version == lora_layers.__version__
 
 
-def _readme_commands():
-    """The shell commands in README.md's ```bash blocks, with the comment line above each."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        comment = ""
-        for line in block.splitlines():
-            if line.strip().startswith("#"):
-                comment = line.strip("# ").lower()
-            elif line.strip():
-                commands.append((comment, line.strip()))
-    return commands
-
-
-def _ci_commands():
-    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-
-
-def test_ci_pins_torch_and_runs_the_readme_test_command():
-    tests = [cmd for comment, cmd in _readme_commands() if "test" in comment]
-    assert len(tests) == 1, f"README.md should state exactly one test command (a ```bash line under a '# ... test' " \
-                            f"comment), found {tests}"
-    steps = [s.strip() for s in tests[0].split("&&")]
-    pytest_step = steps[-1]
-    assert "pytest" in pytest_step, f"README's test command should end with the pytest run: {tests[0]!r}"
-
-    ci = _ci_commands()
-    assert ci[-1] == pytest_step, f".ci/run must end with the README's test command {pytest_step!r}, got {ci[-1]!r}"
-    torch_pin = [i for i, c in enumerate(ci) if re.search(r"pip install .*\btorch==2\.13\.0\b", c)]
-    project = [i for i, c in enumerate(ci) if re.search(r"pip install .*-e [\"']?\.\[dev\]", c)]
-    assert torch_pin, ".ci/run must pin torch==2.13.0"
-    assert project, ".ci/run must install the project with its dev extra (pip install -e \".[dev]\")"
-    assert torch_pin[0] < project[0], ".ci/run must pin torch before installing the project"
-    # The README's install steps are the same ones.
-    assert any("torch==2.13.0" in s for s in steps[:-1]) and any(".[dev]" in s for s in steps[:-1]), tests[0]
-
 
 def test_quantize_base_without_torchao_gives_the_install_from_a_checkout(tmp_path):
     # lora_layers is not on the package index: `pip install 'lora_layers[qlora]'` would find nothing.
@@ -451,3 +414,42 @@ def test_ci_runs_the_documented_qlora_install_in_a_fresh_venv():
     assert [extras for extras, _ in installs if extras] == [list(e) for e in documented], \
         f"{smoke.name} installs {installs}; the docs' --quantize runs install {documented}"
     assert re.search(r"for quantize in nf4 fp4 int8; do", text), f"{smoke.name} must run each --quantize value"
+
+
+
+def _readme_commands():
+    """The shell commands in README.md's ```bash blocks, with the comment line above each."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        comment = ""
+        for line in block.splitlines():
+            if line.strip().startswith("#"):
+                comment = line.strip("# ").lower()
+            elif line.strip():
+                commands.append((comment, line.strip()))
+    return commands
+
+
+def _ci_commands():
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def test_ci_pins_torch_and_runs_the_readme_test_command():
+    tests = [cmd for comment, cmd in _readme_commands() if "test" in comment]
+    assert len(tests) == 1, f"README.md should state exactly one test command (a ```bash line under a '# ... test' " \
+                            f"comment), found {tests}"
+    steps = [s.strip() for s in tests[0].split("&&")]
+    pytest_step = steps[-1]
+    assert "pytest" in pytest_step, f"README's test command should end with the pytest run: {tests[0]!r}"
+
+    ci = _ci_commands()
+    assert ci[-1] == pytest_step, f".ci/run must end with the README's test command {pytest_step!r}, got {ci[-1]!r}"
+    torch_pin = [i for i, c in enumerate(ci) if re.search(r"pip install .*\btorch==2\.13\.0\b", c)]
+    project = [i for i, c in enumerate(ci) if re.search(r"pip install .*-e [\"']?\.\[dev\]", c)]
+    assert torch_pin, ".ci/run must pin torch==2.13.0"
+    assert project, ".ci/run must install the project with its dev extra (pip install -e \".[dev]\")"
+    assert torch_pin[0] < project[0], ".ci/run must pin torch before installing the project"
+    # The README's install steps are the same ones.
+    assert any("torch==2.13.0" in s for s in steps[:-1]) and any(".[dev]" in s for s in steps[:-1]), tests[0]
