@@ -2,8 +2,8 @@
 
 Core install needs only torch and safetensors. Optional extras:
   triton  fused GPU kernels (triton, numpy)
-  hf      the Phi-3 example and PEFT interop (transformers, tokenizers)
-  qlora   quantized frozen bases (bitsandbytes, torchao)
+  hf      the Phi-3 example and PEFT interop (transformers, tokenizers, tqdm, matplotlib)
+  qlora   quantized frozen bases (bitsandbytes, torchao, accelerate)
   dev     everything the test suite and benchmarks need
   docs    the docs site: mkdocs build --strict (tests/test_docs_site.py runs it when installed)
 """
@@ -19,8 +19,10 @@ VERSION = re.search(
 
 EXTRAS = {
     "triton": ["triton>=3.0", "numpy"],
-    "hf": ["transformers>=4.40", "tokenizers>=0.19"],
-    "qlora": ["bitsandbytes>=0.45", "torchao>=0.10"],
+    # The example imports tqdm and matplotlib itself (progress bar, loss curve).
+    "hf": ["transformers>=4.40", "tokenizers>=0.19", "tqdm", "matplotlib"],
+    # transformers loads a bitsandbytes-quantized model only with a device_map, which needs accelerate.
+    "qlora": ["bitsandbytes>=0.45", "torchao>=0.10", "accelerate>=1.1"],
     # mkdocs 1.6 validates anchors (mkdocs.yml turns that on); the other two bounds are the tested versions.
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.8", "mkdocstrings-python>=2.0"],
 }
@@ -35,8 +37,6 @@ EXTRAS["dev"] = sorted(
             "hypothesis>=6",
             "loralib==0.1.2",
             "peft>=0.13",
-            "tqdm",
-            "matplotlib",
         ]
     )
 )

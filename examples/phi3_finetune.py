@@ -307,6 +307,11 @@ syn_train, syn_eval = phi3_data.split_eval(synthetic, tc["eval_fraction"], tc["s
 train_chats, eval_chats = chat_train + syn_train, chat_eval + syn_eval
 
 # ----------------------------------------------------------------------------- tokenizer and model
+# transformers imports torchao whenever it is installed; torchao then logs that its CUDA-only
+# extensions failed to load, and torch warns about its enum registrations. Both are harmless here
+# (docs/quickstart.md, "Warnings from the dependencies").
+for noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Phi3Config, Phi3ForCausalLM  # noqa: E402
 
 dtype = torch.bfloat16 if use_bf16 and args.model != "tiny" else torch.float32  # of the base's float weights

@@ -62,7 +62,7 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
             module that is not a plain ``nn.Linear`` (already quantized, or a LoRA
             layer), a weight another module also holds (tied), or a weight whose
             size NF4 cannot pack. The model is unchanged.
-        ImportError: torchao is not installed (``pip install lora_layers[qlora]``).
+        ImportError: torchao is not installed (in a checkout: ``pip install -e ".[qlora]"``).
     """
     model = unwrap_model(model, changes_parameters="quantize_base")
     if scheme not in SCHEMES:
@@ -87,7 +87,8 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     try:
         torchao_nf4()
     except ImportError as exc:
-        raise ImportError("quantize_base needs torchao: pip install 'lora_layers[qlora]'") from exc
+        raise ImportError("quantize_base needs torchao, from the qlora extra: in a checkout of lora_layers, "
+                          "pip install -e \".[qlora]\" (lora_layers is not on the package index)") from exc
     packed = [(m, _nf4_tensor(m.weight, n)) for n, m in plan]  # everything packs before anything changes
     for module, weight in packed:
         module.weight = nn.Parameter(weight, requires_grad=False)
