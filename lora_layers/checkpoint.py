@@ -371,6 +371,10 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         elif not t.is_floating_point():
             problems.append(f"{key}: dtype {t.dtype} is not a floating dtype (model has {p.dtype})")
             mismatched.add(key)
+        elif p.is_meta:  # a copy into a meta tensor is a no-op: it would report a load that never happened
+            problems.append(f"{key}: the model's parameter is on the meta device (no storage to load into); "
+                            f"materialise the model first, e.g. model.to_empty(device='cpu')")
+            mismatched.add(key)
         else:
             copies.append((key, owner.get(key), p, t))
 

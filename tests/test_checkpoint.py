@@ -484,3 +484,18 @@ def test_square_adapters_round_trip_untransposed(tmp_path, how):
     assert sorted(got) == sorted(expected)
     differ = [k for k, v in expected.items() if got[k].dtype != v.dtype or not torch.equal(got[k], v)]
     assert differ == []
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_lora_into_a_model_still_on_the_meta_device_is_refused(tmp_path, strict):
+    """A copy into a meta parameter does nothing: load_lora reported a load that never happened."""
+    source = make(seed=0)
+    L.save_lora(source, tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        model = make(seed=0)
+    if strict:
+        with pytest.raises(L.CheckpointError, match="meta device.*to_empty"):
+            L.load_lora(model, tmp_path / "a.safetensors")
+    else:
+        result = L.load_lora(model, tmp_path / "a.safetensors", strict=False)
+        assert set(result.mismatched_keys) == set(L.lora_state_dict(source))
