@@ -355,6 +355,17 @@ def build_layers(model: nn.Module, plan, specs) -> Dict[int, nn.Module]:
     return built
 
 
+def _check_plain_kind(fn: str, layers) -> None:
+    """Refuse, before anything changes, a LoRA layer with no torch layer to become: a ``LoRALayer``
+    subclass of the user's own (loralib style) that wraps a bare ``nn.Module``."""
+    for name, layer in layers:
+        if "_wrapped_class" not in layer.__dict__ and layer._base_type is nn.Module:
+            raise TypeError(f"{fn}: {name or 'the model'} is a {type(layer).__name__}, a LoRALayer subclass "
+                            f"that wraps no torch layer (its _base_type is nn.Module), so there is no plain "
+                            f"layer to put in its place; remove its adapter with its own code, or set "
+                            f"_base_type to the torch layer class it extends (the model was left unchanged)")
+
+
 def _plain_layer(layer: LoRALayer) -> nn.Module:
     """The torch layer ``layer`` wraps, sharing its Parameters, without any LoRA state."""
     plain = layer.wrapped_module()
@@ -399,6 +410,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     model = unwrap_model(model)
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
+    _check_plain_kind("merge_and_unload", layers)
     # A quantized base cannot take the adapter in place: it becomes a plain Linear
     # holding the dequantized weight plus the adapter (built before anything changes).
     replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
@@ -441,7 +453,9 @@ def unload(model: nn.Module) -> nn.Module:
         for a wrapped model, the bare model inside (as :func:`merge_and_unload`).
     """
     model = unwrap_model(model)
-    layers = [layer for _, layer in lora_modules(model)]
+    named = list(lora_modules(model))
+    _check_plain_kind("unload", named)
+    layers = [layer for _, layer in named]
     for layer in layers:
         layer.unmerge()
     disable_lean(model)

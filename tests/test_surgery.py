@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from conftest import make_tiny_phi3
 
+import lora_layers as L
 from lora_layers.layers import Conv2d, Embedding, Linear, LoRALayer, MergedLinear
 from lora_layers.surgery import inject_lora, merge_and_unload, unload
 from lora_layers.utils import lora_modules, lora_parameters
@@ -337,3 +338,26 @@ def test_generate_runs_on_the_injected_model():
     randomize_adapters(model)
     out = model.generate(IDS[:, :4], **kwargs)
     assert out.shape == (2, 10) and torch.equal(out[:, :4], IDS[:, :4])
+
+
+@pytest.mark.parametrize("fn", ["unload", "merge_and_unload"])
+def test_unload_of_a_users_own_lora_layer_subclass_is_refused_by_name_and_changes_nothing(fn):
+    """A loralib-style subclass over a bare nn.Module has no plain layer to return to: unload raised
+    TypeError('Module.__init__() got an unexpected keyword argument device')."""
+    class Mine(L.LoRALayer, nn.Module):
+        def __init__(self):
+            nn.Module.__init__(self)
+            L.LoRALayer.__init__(self, r=2, lora_alpha=2, lora_dropout=0.0, merge_weights=False)
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.lora_A = nn.Parameter(torch.randn(2, 4))
+            self.lora_B = nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x):
+            return x @ (self.weight + self.lora_B @ self.lora_A).T
+
+    model = nn.Sequential(Mine(), nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=f"{fn}: 0 is a Mine.*_base_type"):
+        getattr(L, fn)(model)
+    assert isinstance(model[0], Mine)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
