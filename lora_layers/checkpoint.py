@@ -458,6 +458,14 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
         return None
     args = [f"r={settings['r']!r}", f"lora_alpha={settings['lora_alpha']!r}"]
     args += [f"{key}=True" for key in ("use_rslora", "use_dora") if settings[key]]
+    # An adapter dtype other than the weight's (lora_dtype=torch.float32 on a bf16 base): a call without it
+    # builds weight-dtype adapters, into which load_lora would silently round the saved values.
+    lora_dtype = _uniform(saved_modules, "lora_dtype")
+    if lora_dtype is _VARIES or not (lora_dtype is None
+                                     or isinstance(getattr(torch, str(lora_dtype), None), torch.dtype)):
+        return None
+    if lora_dtype is not None:
+        args.append(f"lora_dtype=torch.{lora_dtype}")
     targets = _exact_targets(model, list(saved_modules))
     if targets is None:
         return None

@@ -300,6 +300,15 @@ FITTING = {
     "ranks_vary": (lambda m: L.inject_lora(m, ["o_proj"], r=2, rank_pattern={r"model\.layers\.1\..*": 4}), None),
     "gate_only": (lambda m: L.inject_lora(m, ["gate_up_proj"], merged_splits={"gate_up_proj": ([96, 96], [1, 0])}),
                   None),
+    # issue #20 review: without lora_dtype the call built float32 adapters that load_lora rounded the
+    # saved float64 values into.
+    "adapter_dtype": (lambda m: phi3.apply_lora(m, r=4, lora_alpha=8, lora_dtype=torch.float64),
+                      "lora_layers.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dtype=torch.float64)"),
+    "adapter_dtype_inject": (lambda m: L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
+                             "lora_layers.phi3.apply_lora(model, r=2, lora_alpha=16, lora_dtype=torch.float64, "
+                             "targets=('o_proj',))"),
+    "adapter_dtype_varies": (lambda m: (L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
+                                        L.inject_lora(m, ["down_proj"], r=2)), None),
 }
 
 
@@ -317,7 +326,7 @@ def test_the_named_call_builds_exactly_the_saved_adapters(tmp_path, case):
     call = fitting_call(fresh, modules)
     assert call == expected
     if call is not None:
-        eval(call, {"lora_layers": L, "model": fresh})
+        eval(call, {"lora_layers": L, "model": fresh, "torch": torch})
         L.load_lora(fresh, path)
         assert torch.equal(logits(fresh), logits(saved))
 
