@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ._unwrap import unwrap_model
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
 from .peft_format import import_peft
 from .surgery import _lora_class, _swap, build_layers
 from .utils import lora_modules, lora_parameters, mark_only_lora_as_trainable
@@ -72,7 +72,8 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls is None:
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")
-    base = _lora_class(module)
+    # A transformers Conv1D (GPT-2) carries the fan_in_fan_out Linear that import_peft puts on it.
+    base = Linear if cls is Linear and _is_hf_conv1d(module) else _lora_class(module)
     if base is not (Linear if cls is MergedLinear else cls):
         raise ValueError(f"the file has an adapter of class {cls.__name__}, which cannot go on a "
                          f"{type(module).__name__}")
@@ -124,7 +125,7 @@ def _load_native(model: nn.Module, path: str) -> List[str]:
         raise CheckpointError(f"the adapters of {path!r} do not fit the model (it was not changed): {exc}") from exc
     _swap(model, built)
     try:
-        copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}")
+        copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}", hint="none")
     except BaseException:
         _swap(model, {id(built[id(m)]): m for _, m in plan})
         for param, flag in flags:
@@ -143,7 +144,8 @@ def load_adapter(model: nn.Module, path) -> List[str]:
     rsLoRA, DoRA, dropout, ``fan_in_fan_out``, a ``MergedLinear``'s
     ``split_sizes``/``enable_lora`` (Phi-3's fused ``qkv_proj``/``gate_up_proj``),
     a conv layer's layout and the adapter dtype; the layers are built from
-    the plain ones (sharing their weights, as :func:`~lora_layers.inject_lora`)
+    the plain ones (a GPT-2 ``Conv1D`` included, as :func:`~lora_layers.import_peft` adapts it;
+    sharing their weights, as :func:`~lora_layers.inject_lora`)
     and the tensors loaded with every check of :func:`~lora_layers.load_lora`.
     Afterwards only the adapters (and the biases the file holds) are trainable.
     A PEFT folder is read by :func:`~lora_layers.import_peft` (a fused layer

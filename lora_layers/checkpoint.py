@@ -311,10 +311,13 @@ def _conv_layouts(model: nn.Module, tensors: Dict[str, Tensor]) -> Tuple[Dict[st
 
 
 def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
-               source: str):
+               source: str, hint: str = "load_lora"):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
 
-    Touches nothing. Raises CheckpointError listing every problem when ``strict``.
+    Touches nothing. Raises CheckpointError listing every problem when ``strict``. ``hint`` says what
+    the differing-settings message suggests: ``"load_lora"`` the call that builds fitting adapters and
+    ``load_adapter``; ``"build"`` (a training state, which ``load_adapter`` does not read) only that call;
+    ``"none"`` nothing (``load_adapter`` itself, where only a tampered header can differ).
     """
     model = unwrap_model(model)
     params = dict(named_lora_parameters(model))
@@ -355,7 +358,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         if diffs:
             differing.append((mod_name, layer, "; ".join(diffs)))
             mismatched.update(k for k in tensors if owner.get(k) is layer)
-    problems.extend(_config_problems(model, differing, saved_modules))
+    problems.extend(_config_problems(model, differing, saved_modules, hint))
 
     copies = []
     layout_shapes, layout_hints = _conv_layouts(model, tensors)
@@ -401,7 +404,7 @@ def _suffix_counts(names) -> str:
     return ", ".join(f"{leaf} ×{n}" if n > 1 else leaf for leaf, n in counts.items())
 
 
-def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any]) -> List[str]:
+def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any], hint: str) -> List[str]:
     """One line per distinct difference (not one per module), then one line naming the call that
     builds adapters fitting the file."""
     groups: Dict[Tuple[str, str], List[str]] = {}
@@ -413,8 +416,11 @@ def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any])
             lines.append(f"module {names[0]!r} ({cls}) differs: {diffs}")
         else:
             lines.append(f"{len(names)} {cls} modules ({_suffix_counts(names)}) differ: {diffs}")
-    if lines:
-        call = fitting_call(model, saved_modules)
+    call = fitting_call(model, saved_modules) if lines and hint != "none" else None
+    if call and hint == "build":
+        lines.append(f"the checkpoint's adapters have other settings than the model's: on the model without "
+                     f"adapters (lora_layers.unload(model) removes them), build them with {call}")
+    elif lines and hint == "load_lora":
         build = f"build them with {call}, or " if call else ""
         lines.append(f"the checkpoint's adapters have other settings than the model's: on the model without "
                      f"adapters (lora_layers.unload(model) removes them), {build}call "

@@ -150,6 +150,38 @@ def test_peft_folder_written_by_peft(tmp_path):
     torch.testing.assert_close(logits(fresh, torch.tensor([[1, 5, 9, 17, 33]])), expected, rtol=0, atol=1e-6)
 
 
+def test_gpt2_conv1d_adapters_from_a_peft_folder_save_and_load_again(tmp_path):
+    # issue #20 review: import_peft puts fan_in_fan_out Linear adapters on GPT-2's Conv1D; the file
+    # save_lora writes from that model was refused by load_adapter ("class Linear, which cannot go on
+    # a Conv1D").
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(config).eval()
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    peft.get_peft_model(gpt2(), config).save_pretrained(str(tmp_path / "peft"))
+    saved = gpt2()
+    L.load_adapter(saved, tmp_path / "peft")
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    for mode in ("train", "eval"):  # eval: the file holds the same adapters, the weights merged
+        getattr(saved, mode)()
+        L.save_lora(saved, tmp_path / f"{mode}.safetensors")
+        fresh = gpt2()
+
+        L.load_adapter(fresh, tmp_path / f"{mode}.safetensors")
+
+        attn = fresh.transformer.h[0].attn.c_attn
+        assert type(attn) is L.Linear and attn.fan_in_fan_out and attn.r == 2
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(ids).logits, saved.eval()(ids).logits)
+
+
 # ----------------------------------------------------------------------------- refusals change nothing
 
 def _loralib_file(tmp_path):
@@ -220,6 +252,10 @@ REFUSALS = {
     "bad_rank": (lambda tmp: _tampered(tmp, r="x"), CheckpointError, r"cannot put a LoRA adapter on lin: .*'x'"),
     "bad_dtype": (lambda tmp: _tampered(tmp, lora_dtype="int8"), CheckpointError,
                   r"'lin' \(Linear\): lora_dtype 'int8' is not a floating torch dtype"),
+    # issue #20 review: a header contradicting itself (a stale scaling) was refused with the advice to call
+    # load_adapter, the very call that refused it.
+    "stale_scaling": (lambda tmp: _tampered(tmp, scaling=99.0), CheckpointError,
+                      r"(?s)module 'lin' \(Linear\) differs: scaling: checkpoint 99.0, model 1.33+(?!.*load_adapter)"),
     "peft_other_model_size": (lambda tmp: (_peft_folder(tmp), make_tiny_phi3(intermediate_size=64)),
                               CheckpointError, r"(?s)cannot import PEFT adapter .*down_proj' \(Linear\): "
                                                r"lora_A shape mismatch, expected \(2, 64\), got \(2, 96\)"),
