@@ -481,7 +481,17 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
             return call
     if any("split_sizes" in cfg for cfg in saved_modules.values()):
         return None  # MergedLinear splits come from the model: only the Phi-3 preset knows them
+    args += dropout_arg(saved_modules, 0.0)
     return f"lora_layers.inject_lora(model, {targets!r}, {', '.join(args)})"
+
+
+def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
+    """``["lora_dropout=0.1"]`` when every module saved that dropout and it is not the callee's ``default``
+    (training on after the named call then drops out as before), else nothing."""
+    dropout = _uniform(saved_modules, "lora_dropout")
+    if dropout is _VARIES or dropout is None or dropout == default:
+        return []
+    return [f"lora_dropout={dropout!r}"]
 
 
 @torch.no_grad()

@@ -342,7 +342,13 @@ FITTING = {
                       "lora_layers.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dtype=torch.float64)"),
     "adapter_dtype_inject": (lambda m: L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
                              "lora_layers.phi3.apply_lora(model, r=2, lora_alpha=16, lora_dtype=torch.float64, "
-                             "targets=('o_proj',))"),
+                             "targets=('o_proj',), lora_dropout=0.0)"),
+    # issue #20 review: the named call left out the dropout (apply_lora's default is 0.05, inject_lora's 0).
+    "dropout_off": (lambda m: phi3.apply_lora(m, r=4, lora_alpha=8, lora_dropout=0.0),
+                    "lora_layers.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)"),
+    "dropout_on": (lambda m: L.inject_lora(m, ["model.layers.0.self_attn.o_proj"], r=2, lora_dropout=0.1),
+                   "lora_layers.inject_lora(model, ['model.layers.0.self_attn.o_proj'], r=2, lora_alpha=16, "
+                   "lora_dropout=0.1)"),
     "adapter_dtype_varies": (lambda m: (L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
                                         L.inject_lora(m, ["down_proj"], r=2)), None),
 }
@@ -365,6 +371,8 @@ def test_the_named_call_builds_exactly_the_saved_adapters(tmp_path, case):
         eval(call, {"lora_layers": L, "model": fresh, "torch": torch})
         L.load_lora(fresh, path)
         assert torch.equal(logits(fresh), logits(saved))
+        dropouts = [[getattr(layer.lora_dropout, "p", 0.0) for _, layer in L.lora_modules(m)] for m in (fresh, saved)]
+        assert dropouts[0] == dropouts[1]  # training on drops out as before
 
 
 def test_round_trip_over_a_quantized_base(tmp_path):
