@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ._unwrap import unwrap_model
+from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
 from .peft_format import import_peft
@@ -117,7 +117,15 @@ def _plan(model: nn.Module, modules: Dict[str, Dict[str, Any]], path: str):
 
 def _load_native(model: nn.Module, path: str) -> List[str]:
     tensors, meta = read_native(path)
-    plan, specs = _plan(model, _header_modules(meta, path), path)
+    modules = _header_modules(meta, path)
+    # A file an older version wrote from a compiled or DDP model names modules and keys with the wrapper's
+    # prefix (``_orig_mod.``, ``module.``), as load_lora reads it (checkpoint.canonical_payload).
+    prefix = wrapper_prefix(modules, [name for name, _ in model.named_modules()])
+    if prefix:
+        modules = {strip_prefix(name, prefix): cfg for name, cfg in modules.items()}
+        tensors = {strip_prefix(key, prefix): t for key, t in tensors.items()}
+        meta = {**meta, META_MODULES: json.dumps(modules)}
+    plan, specs = _plan(model, modules, path)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         built = build_layers(model, plan, specs)

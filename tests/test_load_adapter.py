@@ -111,6 +111,28 @@ def test_plain_module_round_trip_with_embedding_linear_and_both_conv_layouts(tmp
     assert fresh.lin.bias.requires_grad and not fresh.lin.weight.requires_grad  # bias="all", as saved
 
 
+def test_a_file_with_a_wrappers_prefix_loads(tmp_path):
+    # issue #20 review: older versions wrote a compiled/DDP model's file with '_orig_mod.'/'module.' in every
+    # key and header module name; load_lora strips it, load_adapter refused "no such module".
+    import json
+    from lora_layers.checkpoint import META_MODULES, META_SHA256, read_checkpoint, tensor_checksum
+    from lora_layers.fileio import safetensors_bytes
+
+    saved, path = _adapted_net(tmp_path, bias="all")
+    tensors, meta = read_checkpoint(path)
+    tensors = {"module._orig_mod." + k: v for k, v in tensors.items()}
+    modules = {"module._orig_mod." + k: v for k, v in json.loads(meta[META_MODULES]).items()}
+    path = tmp_path / "wrapped.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, {**meta, META_MODULES: json.dumps(modules),
+                                                 META_SHA256: tensor_checksum(tensors)}))
+    fresh = Net()
+
+    assert L.load_adapter(fresh, path) == ["emb", "lin", "conv", "conv_loralib"]
+
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), saved(IDS))
+
+
 def test_a_file_without_biases_leaves_the_biases_alone(tmp_path):
     saved, path = _adapted_net(tmp_path, bias="none")
     fresh = Net()
