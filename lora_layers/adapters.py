@@ -82,7 +82,9 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls is not Embedding:
         kwargs["lora_dropout"] = cfg.get("lora_dropout", 0.0)
     if cls in (Linear, MergedLinear):
-        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out"))
+        # fan_in_fan_out says how the saved layer stored its weight, not the adapter (whose tensors mean the
+        # same either way): a plain nn.Linear stores (out, in), a GPT-2 Conv1D (in, out).
+        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and _is_hf_conv1d(module)
     if cls is MergedLinear:
         kwargs.update(split_sizes=cfg.get("split_sizes"), enable_lora=cfg.get("enable_lora"))
     if "layout" in cfg and cls not in (Linear, MergedLinear, Embedding):
@@ -126,6 +128,11 @@ def _load_native(model: nn.Module, path: str) -> List[str]:
         tensors = {strip_prefix(key, prefix): t for key, t in tensors.items()}
         meta = {**meta, META_MODULES: json.dumps(modules)}
     plan, specs = _plan(model, modules, path)
+    for (name, _), (cls, kwargs) in zip(plan, specs):
+        if cls in (Linear, MergedLinear) and modules[name].get("fan_in_fan_out") and not kwargs["fan_in_fan_out"]:
+            # A hand-built fan_in_fan_out layer, unloaded to an nn.Linear: its adapter goes on that (out, in) weight.
+            modules[name] = {**modules[name], "fan_in_fan_out": False}
+            meta = {**meta, META_MODULES: json.dumps(modules)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         built = build_layers(model, plan, specs)
@@ -158,7 +165,10 @@ def load_adapter(model: nn.Module, path) -> List[str]:
     Afterwards only the adapters (and the biases the file holds) are trainable.
     A PEFT folder is read by :func:`~lora_layers.import_peft` (a fused layer
     exported from a ``MergedLinear`` comes back as one ``Linear`` adapter of
-    rank ``r·n`` with the same output).
+    rank ``r·n`` with the same output). ``fan_in_fan_out`` follows the module:
+    a GPT-2 ``Conv1D`` stores its weight ``(in, out)``, a plain ``nn.Linear``
+    (a hand-built ``fan_in_fan_out`` layer after :func:`~lora_layers.unload`)
+    ``(out, in)``; the adapter tensors mean the same on either.
 
     Args:
         model: the base model, without LoRA layers (``torch.compile``/DDP wrappers are seen through).

@@ -133,6 +133,28 @@ def test_a_file_with_a_wrappers_prefix_loads(tmp_path):
         assert torch.equal(fresh(IDS), saved(IDS))
 
 
+@pytest.mark.parametrize("cls", [L.Linear, L.MergedLinear])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 6)], ids=["square", "wide"])
+def test_a_hand_built_fan_in_fan_out_layer_loads_onto_its_unloaded_model(tmp_path, cls, shape):
+    # issue #20 review: unload() gives a loralib-style fan_in_fan_out layer (weight stored (in, out)) back as
+    # an nn.Linear storing (out, in); load_adapter built fan_in_fan_out=True over it, reading that weight
+    # transposed: silently wrong for a square layer, refused ("weight has shape (6, 8)") for another.
+    torch.manual_seed(0)
+    kwargs = {"enable_lora": [True, False]} if cls is L.MergedLinear else {}
+    net = nn.Sequential(cls(*shape, r=2, fan_in_fan_out=True, **kwargs), nn.ReLU())
+    L.mark_only_lora_as_trainable(net)
+    randomize_adapters(net, seed=1)
+    L.save_lora(net, tmp_path / "a.safetensors")
+    plain = L.unload(copy.deepcopy(net))
+
+    L.load_adapter(plain, tmp_path / "a.safetensors")
+
+    assert type(plain[0]) is cls and not plain[0].fan_in_fan_out
+    x = torch.randn(3, shape[0])
+    with torch.no_grad():  # unload's transposed copy of the weight may round differently in the matmul
+        torch.testing.assert_close(plain(x), net(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_file_without_biases_leaves_the_biases_alone(tmp_path):
     saved, path = _adapted_net(tmp_path, bias="none")
     fresh = Net()
