@@ -460,7 +460,8 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
     if not saved_modules or not all(isinstance(c, dict) for c in saved_modules.values()):
         return None
     settings = {key: _uniform(saved_modules, key) for key in ("r", "lora_alpha", "use_rslora", "use_dora")}
-    if _VARIES in settings.values() or _uniform(saved_modules, "fan_in_fan_out") not in (False, None):
+    # (an Embedding or conv layer records no fan_in_fan_out: it does not make the setting vary)
+    if _VARIES in settings.values() or any(cfg.get("fan_in_fan_out") for cfg in saved_modules.values()):
         return None
     args = [f"r={settings['r']!r}", f"lora_alpha={settings['lora_alpha']!r}"]
     args += [f"{key}=True" for key in ("use_rslora", "use_dora") if settings[key]]
@@ -488,7 +489,9 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
 def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
     """``["lora_dropout=0.1"]`` when every module saved that dropout and it is not the callee's ``default``
     (training on after the named call then drops out as before), else nothing."""
-    dropout = _uniform(saved_modules, "lora_dropout")
+    # An Embedding has no dropout (recorded as 0.0); the call's lora_dropout goes to the other layers.
+    droppable = {name: cfg for name, cfg in saved_modules.items() if cfg.get("class") != "Embedding"}
+    dropout = _uniform(droppable, "lora_dropout") if droppable else None
     if dropout is _VARIES or dropout is None or dropout == default:
         return []
     return [f"lora_dropout={dropout!r}"]

@@ -347,6 +347,24 @@ def test_load_lora_with_other_settings_says_it_once_and_names_the_call_that_fits
     assert torch.equal(logits(fresh), logits(saved))
 
 
+def test_the_named_call_keeps_the_dropout_of_layers_beside_an_embedding(tmp_path):
+    # issue #20 review: an Embedding records dropout 0.0, so the dropout 'varied' and was left out of the call.
+    from lora_layers.checkpoint import fitting_call
+
+    saved = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    L.inject_lora(saved, ["0", "1"], r=2, lora_dropout=0.1)
+    L.save_lora(saved, tmp_path / "a.safetensors")
+    from lora_layers.checkpoint import META_MODULES, read_checkpoint
+    import json
+    modules = json.loads(read_checkpoint(tmp_path / "a.safetensors")[1][META_MODULES])
+    fresh = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    call = fitting_call(fresh, modules)
+    assert call == "lora_layers.inject_lora(model, ['0', '1'], r=2, lora_alpha=16, lora_dropout=0.1)"
+    eval(call, {"lora_layers": L, "model": fresh})
+    assert fresh[1].lora_dropout.p == 0.1
+    L.load_lora(fresh, tmp_path / "a.safetensors")
+
+
 def test_load_lora_names_an_inject_lora_call_for_other_models(tmp_path):
     saved = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     L.inject_lora(saved, ["0", "2"], r=3, lora_alpha=6, use_dora=True)
