@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ._unwrap import unwrap_model
+from ._unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
 from .peft_format import import_peft
 from .surgery import _lora_class, _swap, build_layers
 from .utils import lora_modules, lora_parameters, mark_only_lora_as_trainable
@@ -72,7 +72,8 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls is None:
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")
-    base = _lora_class(module)
+    # A transformers Conv1D (GPT-2) carries the fan_in_fan_out Linear that import_peft puts on it.
+    base = Linear if cls is Linear and _is_hf_conv1d(module) else _lora_class(module)
     if base is not (Linear if cls is MergedLinear else cls):
         raise ValueError(f"the file has an adapter of class {cls.__name__}, which cannot go on a "
                          f"{type(module).__name__}")
@@ -81,7 +82,9 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls is not Embedding:
         kwargs["lora_dropout"] = cfg.get("lora_dropout", 0.0)
     if cls in (Linear, MergedLinear):
-        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out"))
+        # fan_in_fan_out says how the saved layer stored its weight, not the adapter (whose tensors mean the
+        # same either way): a plain nn.Linear stores (out, in), a GPT-2 Conv1D (in, out).
+        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and _is_hf_conv1d(module)
     if cls is MergedLinear:
         kwargs.update(split_sizes=cfg.get("split_sizes"), enable_lora=cfg.get("enable_lora"))
     if "layout" in cfg and cls not in (Linear, MergedLinear, Embedding):
@@ -116,7 +119,20 @@ def _plan(model: nn.Module, modules: Dict[str, Dict[str, Any]], path: str):
 
 def _load_native(model: nn.Module, path: str) -> List[str]:
     tensors, meta = read_native(path)
-    plan, specs = _plan(model, _header_modules(meta, path), path)
+    modules = _header_modules(meta, path)
+    # A file an older version wrote from a compiled or DDP model names modules and keys with the wrapper's
+    # prefix (``_orig_mod.``, ``module.``), as load_lora reads it (checkpoint.canonical_payload).
+    prefix = wrapper_prefix(modules, [name for name, _ in model.named_modules()])
+    if prefix:
+        modules = {strip_prefix(name, prefix): cfg for name, cfg in modules.items()}
+        tensors = {strip_prefix(key, prefix): t for key, t in tensors.items()}
+        meta = {**meta, META_MODULES: json.dumps(modules)}
+    plan, specs = _plan(model, modules, path)
+    for (name, _), (cls, kwargs) in zip(plan, specs):
+        if cls in (Linear, MergedLinear) and modules[name].get("fan_in_fan_out") and not kwargs["fan_in_fan_out"]:
+            # A hand-built fan_in_fan_out layer, unloaded to an nn.Linear: its adapter goes on that (out, in) weight.
+            modules[name] = {**modules[name], "fan_in_fan_out": False}
+            meta = {**meta, META_MODULES: json.dumps(modules)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         built = build_layers(model, plan, specs)
@@ -124,7 +140,7 @@ def _load_native(model: nn.Module, path: str) -> List[str]:
         raise CheckpointError(f"the adapters of {path!r} do not fit the model (it was not changed): {exc}") from exc
     _swap(model, built)
     try:
-        copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}")
+        copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}", hint="none")
     except BaseException:
         _swap(model, {id(built[id(m)]): m for _, m in plan})
         for param, flag in flags:
@@ -143,12 +159,16 @@ def load_adapter(model: nn.Module, path) -> List[str]:
     rsLoRA, DoRA, dropout, ``fan_in_fan_out``, a ``MergedLinear``'s
     ``split_sizes``/``enable_lora`` (Phi-3's fused ``qkv_proj``/``gate_up_proj``),
     a conv layer's layout and the adapter dtype; the layers are built from
-    the plain ones (sharing their weights, as :func:`~lora_layers.inject_lora`)
+    the plain ones (a GPT-2 ``Conv1D`` included, as :func:`~lora_layers.import_peft` adapts it;
+    sharing their weights, as :func:`~lora_layers.inject_lora`)
     and the tensors loaded with every check of :func:`~lora_layers.load_lora`.
     Afterwards only the adapters (and the biases the file holds) are trainable.
     A PEFT folder is read by :func:`~lora_layers.import_peft` (a fused layer
     exported from a ``MergedLinear`` comes back as one ``Linear`` adapter of
-    rank ``r·n`` with the same output).
+    rank ``r·n`` with the same output). ``fan_in_fan_out`` follows the module:
+    a GPT-2 ``Conv1D`` stores its weight ``(in, out)``, a plain ``nn.Linear``
+    (a hand-built ``fan_in_fan_out`` layer after :func:`~lora_layers.unload`)
+    ``(out, in)``; the adapter tensors mean the same on either.
 
     Args:
         model: the base model, without LoRA layers (``torch.compile``/DDP wrappers are seen through).

@@ -311,10 +311,13 @@ def _conv_layouts(model: nn.Module, tensors: Dict[str, Tensor]) -> Tuple[Dict[st
 
 
 def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
-               source: str):
+               source: str, hint: str = "load_lora"):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
 
-    Touches nothing. Raises CheckpointError listing every problem when ``strict``.
+    Touches nothing. Raises CheckpointError listing every problem when ``strict``. ``hint`` says what
+    the differing-settings message suggests: ``"load_lora"`` the call that builds fitting adapters and
+    ``load_adapter``; ``"build"`` (a training state, which ``load_adapter`` does not read) only that call;
+    ``"none"`` nothing (``load_adapter`` itself, where only a tampered header can differ).
     """
     model = unwrap_model(model)
     params = dict(named_lora_parameters(model))
@@ -355,7 +358,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         if diffs:
             differing.append((mod_name, layer, "; ".join(diffs)))
             mismatched.update(k for k in tensors if owner.get(k) is layer)
-    problems.extend(_config_problems(model, differing, saved_modules))
+    problems.extend(_config_problems(model, differing, saved_modules, hint))
 
     copies = []
     layout_shapes, layout_hints = _conv_layouts(model, tensors)
@@ -405,7 +408,7 @@ def _suffix_counts(names) -> str:
     return ", ".join(f"{leaf} ×{n}" if n > 1 else leaf for leaf, n in counts.items())
 
 
-def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any]) -> List[str]:
+def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any], hint: str) -> List[str]:
     """One line per distinct difference (not one per module), then one line naming the call that
     builds adapters fitting the file."""
     groups: Dict[Tuple[str, str], List[str]] = {}
@@ -417,8 +420,11 @@ def _config_problems(model: nn.Module, differing, saved_modules: Dict[str, Any])
             lines.append(f"module {names[0]!r} ({cls}) differs: {diffs}")
         else:
             lines.append(f"{len(names)} {cls} modules ({_suffix_counts(names)}) differ: {diffs}")
-    if lines:
-        call = fitting_call(model, saved_modules)
+    call = fitting_call(model, saved_modules) if lines and hint != "none" else None
+    if call and hint == "build":
+        lines.append(f"the checkpoint's adapters have other settings than the model's: on the model without "
+                     f"adapters (lora_layers.unload(model) removes them), build them with {call}")
+    elif lines and hint == "load_lora":
         build = f"build them with {call}, or " if call else ""
         lines.append(f"the checkpoint's adapters have other settings than the model's: on the model without "
                      f"adapters (lora_layers.unload(model) removes them), {build}call "
@@ -458,10 +464,19 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
     if not saved_modules or not all(isinstance(c, dict) for c in saved_modules.values()):
         return None
     settings = {key: _uniform(saved_modules, key) for key in ("r", "lora_alpha", "use_rslora", "use_dora")}
-    if _VARIES in settings.values() or _uniform(saved_modules, "fan_in_fan_out") not in (False, None):
+    # (an Embedding or conv layer records no fan_in_fan_out: it does not make the setting vary)
+    if _VARIES in settings.values() or any(cfg.get("fan_in_fan_out") for cfg in saved_modules.values()):
         return None
     args = [f"r={settings['r']!r}", f"lora_alpha={settings['lora_alpha']!r}"]
     args += [f"{key}=True" for key in ("use_rslora", "use_dora") if settings[key]]
+    # An adapter dtype other than the weight's (lora_dtype=torch.float32 on a bf16 base): a call without it
+    # builds weight-dtype adapters, into which load_lora would silently round the saved values.
+    lora_dtype = _uniform(saved_modules, "lora_dtype")
+    if lora_dtype is _VARIES or not (lora_dtype is None
+                                     or isinstance(getattr(torch, str(lora_dtype), None), torch.dtype)):
+        return None
+    if lora_dtype is not None:
+        args.append(f"lora_dtype=torch.{lora_dtype}")
     targets = _exact_targets(model, list(saved_modules))
     if targets is None:
         return None
@@ -471,7 +486,19 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
             return call
     if any("split_sizes" in cfg for cfg in saved_modules.values()):
         return None  # MergedLinear splits come from the model: only the Phi-3 preset knows them
+    args += dropout_arg(saved_modules, 0.0)
     return f"lora_layers.inject_lora(model, {targets!r}, {', '.join(args)})"
+
+
+def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
+    """``["lora_dropout=0.1"]`` when every module saved that dropout and it is not the callee's ``default``
+    (training on after the named call then drops out as before), else nothing."""
+    # An Embedding has no dropout (recorded as 0.0); the call's lora_dropout goes to the other layers.
+    droppable = {name: cfg for name, cfg in saved_modules.items() if cfg.get("class") != "Embedding"}
+    dropout = _uniform(droppable, "lora_dropout") if droppable else None
+    if dropout is _VARIES or dropout is None or dropout == default:
+        return []
+    return [f"lora_dropout={dropout!r}"]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import lean as _lean
 from ._unwrap import unwrap_model
-from .checkpoint import FAMILY_CALLS
+from .checkpoint import FAMILY_CALLS, dropout_arg
 from .surgery import inject_lora
 
 __all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
@@ -275,6 +275,7 @@ def _fitting_call(model: nn.Module, saved_modules: Dict[str, Any], targets: List
         args.append(f"targets={tuple(t for t in TARGETS if t in targets)!r}")
     if enables and not all(next(iter(enables))):
         args.append(f"qkv={tuple(p for p, on in zip(QKV_PARTS, next(iter(enables))) if on)!r}")
+    args += dropout_arg(saved_modules, 0.05)  # apply_lora's default
     return f"lora_layers.phi3.apply_lora(model, {', '.join(args)})"
 
 

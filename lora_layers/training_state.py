@@ -658,7 +658,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in header.items()):
         raise f.error("adapter.header", "must map str -> str")
     tensors, header, prefix = canonical_payload(model, tensors, header)
-    copies, _ = plan_load(model, tensors, header, True, f.source)
+    copies, _ = plan_load(model, tensors, header, True, f.source, hint="build")
     # A fresh conv layer that the adapter switches to loralib's layout gets the saved shapes.
     shapes = {id(param): tuple(tensor.shape) for _, _, param, tensor in copies}
     opt_state = _check_optimizer(f, _strip_param_names(f.get(state, "optimizer", dict, ""), prefix), model,

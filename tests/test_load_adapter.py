@@ -111,6 +111,50 @@ def test_plain_module_round_trip_with_embedding_linear_and_both_conv_layouts(tmp
     assert fresh.lin.bias.requires_grad and not fresh.lin.weight.requires_grad  # bias="all", as saved
 
 
+def test_a_file_with_a_wrappers_prefix_loads(tmp_path):
+    # issue #20 review: older versions wrote a compiled/DDP model's file with '_orig_mod.'/'module.' in every
+    # key and header module name; load_lora strips it, load_adapter refused "no such module".
+    import json
+    from lora_layers.checkpoint import META_MODULES, META_SHA256, read_checkpoint, tensor_checksum
+    from lora_layers.fileio import safetensors_bytes
+
+    saved, path = _adapted_net(tmp_path, bias="all")
+    tensors, meta = read_checkpoint(path)
+    tensors = {"module._orig_mod." + k: v for k, v in tensors.items()}
+    modules = {"module._orig_mod." + k: v for k, v in json.loads(meta[META_MODULES]).items()}
+    path = tmp_path / "wrapped.safetensors"
+    path.write_bytes(safetensors_bytes(tensors, {**meta, META_MODULES: json.dumps(modules),
+                                                 META_SHA256: tensor_checksum(tensors)}))
+    fresh = Net()
+
+    assert L.load_adapter(fresh, path) == ["emb", "lin", "conv", "conv_loralib"]
+
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), saved(IDS))
+
+
+@pytest.mark.parametrize("cls", [L.Linear, L.MergedLinear])
+@pytest.mark.parametrize("shape", [(8, 8), (8, 6)], ids=["square", "wide"])
+def test_a_hand_built_fan_in_fan_out_layer_loads_onto_its_unloaded_model(tmp_path, cls, shape):
+    # issue #20 review: unload() gives a loralib-style fan_in_fan_out layer (weight stored (in, out)) back as
+    # an nn.Linear storing (out, in); load_adapter built fan_in_fan_out=True over it, reading that weight
+    # transposed: silently wrong for a square layer, refused ("weight has shape (6, 8)") for another.
+    torch.manual_seed(0)
+    kwargs = {"enable_lora": [True, False]} if cls is L.MergedLinear else {}
+    net = nn.Sequential(cls(*shape, r=2, fan_in_fan_out=True, **kwargs), nn.ReLU())
+    L.mark_only_lora_as_trainable(net)
+    randomize_adapters(net, seed=1)
+    L.save_lora(net, tmp_path / "a.safetensors")
+    plain = L.unload(copy.deepcopy(net))
+
+    L.load_adapter(plain, tmp_path / "a.safetensors")
+
+    assert type(plain[0]) is cls and not plain[0].fan_in_fan_out
+    x = torch.randn(3, shape[0])
+    with torch.no_grad():  # unload's transposed copy of the weight may round differently in the matmul
+        torch.testing.assert_close(plain(x), net(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_file_without_biases_leaves_the_biases_alone(tmp_path):
     saved, path = _adapted_net(tmp_path, bias="none")
     fresh = Net()
@@ -148,6 +192,38 @@ def test_peft_folder_written_by_peft(tmp_path):
     with torch.no_grad():
         expected = peft_model(input_ids=torch.tensor([[1, 5, 9, 17, 33]])).logits
     torch.testing.assert_close(logits(fresh, torch.tensor([[1, 5, 9, 17, 33]])), expected, rtol=0, atol=1e-6)
+
+
+def test_gpt2_conv1d_adapters_from_a_peft_folder_save_and_load_again(tmp_path):
+    # issue #20 review: import_peft puts fan_in_fan_out Linear adapters on GPT-2's Conv1D; the file
+    # save_lora writes from that model was refused by load_adapter ("class Linear, which cannot go on
+    # a Conv1D").
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(config).eval()
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True,
+                             init_lora_weights=False)
+    peft.get_peft_model(gpt2(), config).save_pretrained(str(tmp_path / "peft"))
+    saved = gpt2()
+    L.load_adapter(saved, tmp_path / "peft")
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    for mode in ("train", "eval"):  # eval: the file holds the same adapters, the weights merged
+        getattr(saved, mode)()
+        L.save_lora(saved, tmp_path / f"{mode}.safetensors")
+        fresh = gpt2()
+
+        L.load_adapter(fresh, tmp_path / f"{mode}.safetensors")
+
+        attn = fresh.transformer.h[0].attn.c_attn
+        assert type(attn) is L.Linear and attn.fan_in_fan_out and attn.r == 2
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(ids).logits, saved.eval()(ids).logits)
 
 
 # ----------------------------------------------------------------------------- refusals change nothing
@@ -220,6 +296,10 @@ REFUSALS = {
     "bad_rank": (lambda tmp: _tampered(tmp, r="x"), CheckpointError, r"cannot put a LoRA adapter on lin: .*'x'"),
     "bad_dtype": (lambda tmp: _tampered(tmp, lora_dtype="int8"), CheckpointError,
                   r"'lin' \(Linear\): lora_dtype 'int8' is not a floating torch dtype"),
+    # issue #20 review: a header contradicting itself (a stale scaling) was refused with the advice to call
+    # load_adapter, the very call that refused it.
+    "stale_scaling": (lambda tmp: _tampered(tmp, scaling=99.0), CheckpointError,
+                      r"(?s)module 'lin' \(Linear\) differs: scaling: checkpoint 99.0, model 1.33+(?!.*load_adapter)"),
     "peft_other_model_size": (lambda tmp: (_peft_folder(tmp), make_tiny_phi3(intermediate_size=64)),
                               CheckpointError, r"(?s)cannot import PEFT adapter .*down_proj' \(Linear\): "
                                                r"lora_A shape mismatch, expected \(2, 64\), got \(2, 96\)"),
@@ -267,6 +347,24 @@ def test_load_lora_with_other_settings_says_it_once_and_names_the_call_that_fits
     assert torch.equal(logits(fresh), logits(saved))
 
 
+def test_the_named_call_keeps_the_dropout_of_layers_beside_an_embedding(tmp_path):
+    # issue #20 review: an Embedding records dropout 0.0, so the dropout 'varied' and was left out of the call.
+    from lora_layers.checkpoint import fitting_call
+
+    saved = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    L.inject_lora(saved, ["0", "1"], r=2, lora_dropout=0.1)
+    L.save_lora(saved, tmp_path / "a.safetensors")
+    from lora_layers.checkpoint import META_MODULES, read_checkpoint
+    import json
+    modules = json.loads(read_checkpoint(tmp_path / "a.safetensors")[1][META_MODULES])
+    fresh = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    call = fitting_call(fresh, modules)
+    assert call == "lora_layers.inject_lora(model, ['0', '1'], r=2, lora_alpha=16, lora_dropout=0.1)"
+    eval(call, {"lora_layers": L, "model": fresh})
+    assert fresh[1].lora_dropout.p == 0.1
+    L.load_lora(fresh, tmp_path / "a.safetensors")
+
+
 def test_load_lora_names_an_inject_lora_call_for_other_models(tmp_path):
     saved = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     L.inject_lora(saved, ["0", "2"], r=3, lora_alpha=6, use_dora=True)
@@ -300,6 +398,21 @@ FITTING = {
     "ranks_vary": (lambda m: L.inject_lora(m, ["o_proj"], r=2, rank_pattern={r"model\.layers\.1\..*": 4}), None),
     "gate_only": (lambda m: L.inject_lora(m, ["gate_up_proj"], merged_splits={"gate_up_proj": ([96, 96], [1, 0])}),
                   None),
+    # issue #20 review: without lora_dtype the call built float32 adapters that load_lora rounded the
+    # saved float64 values into.
+    "adapter_dtype": (lambda m: phi3.apply_lora(m, r=4, lora_alpha=8, lora_dtype=torch.float64),
+                      "lora_layers.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dtype=torch.float64)"),
+    "adapter_dtype_inject": (lambda m: L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
+                             "lora_layers.phi3.apply_lora(model, r=2, lora_alpha=16, lora_dtype=torch.float64, "
+                             "targets=('o_proj',), lora_dropout=0.0)"),
+    # issue #20 review: the named call left out the dropout (apply_lora's default is 0.05, inject_lora's 0).
+    "dropout_off": (lambda m: phi3.apply_lora(m, r=4, lora_alpha=8, lora_dropout=0.0),
+                    "lora_layers.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)"),
+    "dropout_on": (lambda m: L.inject_lora(m, ["model.layers.0.self_attn.o_proj"], r=2, lora_dropout=0.1),
+                   "lora_layers.inject_lora(model, ['model.layers.0.self_attn.o_proj'], r=2, lora_alpha=16, "
+                   "lora_dropout=0.1)"),
+    "adapter_dtype_varies": (lambda m: (L.inject_lora(m, ["o_proj"], r=2, lora_dtype=torch.float64),
+                                        L.inject_lora(m, ["down_proj"], r=2)), None),
 }
 
 
@@ -317,9 +430,11 @@ def test_the_named_call_builds_exactly_the_saved_adapters(tmp_path, case):
     call = fitting_call(fresh, modules)
     assert call == expected
     if call is not None:
-        eval(call, {"lora_layers": L, "model": fresh})
+        eval(call, {"lora_layers": L, "model": fresh, "torch": torch})
         L.load_lora(fresh, path)
         assert torch.equal(logits(fresh), logits(saved))
+        dropouts = [[getattr(layer.lora_dropout, "p", 0.0) for _, layer in L.lora_modules(m)] for m in (fresh, saved)]
+        assert dropouts[0] == dropouts[1]  # training on drops out as before
 
 
 def test_round_trip_over_a_quantized_base(tmp_path):

@@ -651,3 +651,23 @@ def test_sgd_state_without_momentum_buffer_loads(tmp_path):
     load_training_state(tmp_path / "s.pt", *fresh)
     assert fresh[1].state[fresh[0].lin.lora_A]["momentum_buffer"] is None
     _steps(*fresh, 1)
+
+
+def test_other_adapter_settings_name_the_call_that_fits_not_load_adapter(tmp_path):
+    """issue #20 review: load_lora's differing-settings advice ('call lora_layers.load_adapter(model, path)')
+    was given for a training state too, which load_adapter does not read; the call that builds fitting
+    adapters is named, and it fits."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    L.inject_lora(net, ["0", "2"], r=3, lora_alpha=6)
+    opt = torch.optim.AdamW(L.lora_parameters(net), lr=0.1)
+    save_training_state(tmp_path / "s.pt", net, opt, step=1)
+    other = L.unload(copy.deepcopy(net))
+    L.inject_lora(other, ["0", "2"], r=2)
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(tmp_path / "s.pt", other, torch.optim.AdamW(L.lora_parameters(other), lr=0.1))
+    call = "lora_layers.inject_lora(model, ['0', '2'], r=3, lora_alpha=6)"
+    assert call in str(info.value) and "load_adapter" not in str(info.value), str(info.value)
+    fresh = L.unload(copy.deepcopy(other))
+    eval(call, {"lora_layers": L, "model": fresh})
+    load_training_state(tmp_path / "s.pt", fresh, torch.optim.AdamW(L.lora_parameters(fresh), lr=0.1))
