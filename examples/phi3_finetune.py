@@ -268,14 +268,6 @@ if device.type == "cpu" and tc["cpu_threads"] > 0:
 use_bf16 = tc["bf16"] and device.type == "cuda"
 log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)  # flushed: logs show where a run is
 torch.manual_seed(tc["seed"])
-if master and args.overwrite:
-    for path in (out_dir / name for name in OUTPUTS):
-        if path.is_dir() and not path.is_symlink():
-            remove_folder(path)  # renamed aside first: --resume never finds a half-deleted checkpoint
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-if master:
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 # Printed now and kept in summary.json: the preset silently decides most values.
 effective_config = {"model": args.model, "preset": preset, "data": str(args.data or DEFAULT_DATA),
@@ -305,6 +297,12 @@ synthetic = phi3_data.synthetic_reversal(tc["synthetic_examples"], seed=tc["seed
 chat_train, chat_eval = phi3_data.split_eval(chats, tc["eval_fraction"], tc["seed"])
 syn_train, syn_eval = phi3_data.split_eval(synthetic, tc["eval_fraction"], tc["seed"]) if synthetic else ([], [])
 train_chats, eval_chats = chat_train + syn_train, chat_eval + syn_eval
+# Checked here, before --overwrite deletes anything (the sampler below shards the tokenized train_chats alike).
+micro_per_epoch = len(DistributedSampler(train_chats, num_replicas=world_size, rank=rank, drop_last=True)) \
+    // tc["batch_size"]
+if micro_per_epoch < tc["gradient_accumulation_steps"]:
+    parser.error(f"{len(train_chats)} training examples are too few for batch_size={tc['batch_size']} x "
+                 f"gradient_accumulation_steps={tc['gradient_accumulation_steps']} x {world_size} processes")
 
 # ----------------------------------------------------------------------------- tokenizer and model
 # transformers imports torchao whenever it is installed; torchao then logs that its CUDA-only
@@ -345,6 +343,15 @@ if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
 model.config.use_cache = False
 model.to(device)
+# The first write: a refused or failed start (bad data, a model that does not load) has deleted nothing.
+if master and args.overwrite:
+    for path in (out_dir / name for name in OUTPUTS):
+        if path.is_dir() and not path.is_symlink():
+            remove_folder(path)  # renamed aside first: --resume never finds a half-deleted checkpoint
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
 if master and args.model == "tiny":
     with atomic_folder(base_model_path, "the base model", owned=SAVED_FILES) as tmp:
         model.save_pretrained(tmp)
@@ -388,10 +395,6 @@ exact_match_set = syn_eval[: tc["exact_match_prompts"]]
 # (seed, epoch), so a resumed run can rebuild exactly where it was.
 sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
                              drop_last=True)
-micro_per_epoch = len(sampler) // tc["batch_size"]
-if micro_per_epoch < tc["gradient_accumulation_steps"]:
-    parser.error(f"{len(train_data)} training examples are too few for batch_size={tc['batch_size']} x "
-                 f"gradient_accumulation_steps={tc['gradient_accumulation_steps']} x {world_size} processes")
 steps_per_epoch = micro_per_epoch // tc["gradient_accumulation_steps"]
 max_steps = tc["max_steps"] if tc["max_steps"] > 0 else steps_per_epoch * tc["num_epochs"]
 

@@ -304,6 +304,16 @@ def test_refuses_an_output_dir_holding_another_runs_checkpoints(first_run):
     assert files_under(out) == before
 
 
+def test_overwrite_refused_for_bad_data_or_too_few_examples_deletes_nothing(first_run, tmp_path):
+    out, _ = first_run
+    before = files_under(out)
+    (tmp_path / "bad.jsonl").write_text("{bad\n")
+    for flags in (["--data", tmp_path / "bad.jsonl"], ["--batch-size", "100000"]):
+        proc = run_script("--output-dir", out, "--overwrite", *flags, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert files_under(out) == before  # issue #20 review: --overwrite had deleted the outputs, then refused
+
+
 def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
     out, _ = first_run
     proc = run_script("--output-dir", tmp_path / "a", "--resume", out / "checkpoints" / "step-12", timeout=60)
