@@ -536,16 +536,24 @@ def on_interrupt(signum, frame):
     global interrupted
     interrupted = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once, saving nothing
-    log(f"\ninterrupted: finishing step {step + 1}, then saving a checkpoint (Ctrl-C again to quit without it)")
+    at = f"finishing step {step + 1}" if updating else f"at step {step}"  # evaluating or saving it
+    log(f"\ninterrupted: {at}, then saving a checkpoint (Ctrl-C again to quit without it)")
 
 
 def resume_command(checkpoint):
     """This run's command line, continuing from ``checkpoint`` (without --resume/--overwrite it was given)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+
+    def means(arg, flag):  # the flag itself, or an abbreviation argparse takes for it (--over, --res=...)
+        name = arg.split("=", 1)[0]
+        return name == flag or (len(name) > 2 and flag.startswith(name)
+                                and not any(f.startswith(name) for f in flags if f != flag))
+
     argv, kept, skip = sys.argv[1:], [], False
     for arg in argv:
-        if skip or arg == "--overwrite" or arg.startswith("--resume="):
+        if skip or means(arg, "--overwrite") or (means(arg, "--resume") and "=" in arg):
             skip = False
-        elif arg == "--resume":
+        elif means(arg, "--resume"):
             skip = True
         else:
             kept.append(arg)
@@ -570,11 +578,12 @@ model.train()
 batches = micro_batches(step * tc["gradient_accumulation_steps"])
 params = lora.lora_parameters(raw_model)
 accum = tc["gradient_accumulation_steps"]
-tokens_seen, train_time, interrupted = 0, 0.0, False
+tokens_seen, train_time, interrupted, updating = 0, 0.0, False, False
 # tqdm draws on stderr; redirected to a file, its redraws would fill the log with \r updates.
 bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True) if master and sys.stderr.isatty() else None
 signal.signal(signal.SIGINT, on_interrupt)
 while step < max_steps and not interrupted:
+    updating = True
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     tokens, chats = 0, 0
@@ -595,6 +604,7 @@ while step < max_steps and not interrupted:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    updating = False
     if ddp:  # the logged loss and throughput cover all ranks; one rank's Ctrl-C stops them all at this step
         stats = torch.tensor([float(loss_sum), tokens, chats, interrupted], device=device, dtype=torch.float64)
         dist.all_reduce(stats)
@@ -618,6 +628,8 @@ if bar is not None:
     bar.close()
 if interrupted and step < max_steps:  # at the last step, the run ends as usual
     checkpoint = out_dir / "checkpoints" / f"step-{step:06d}"
+    if master and not (checkpoint / "training_state.pt").is_file():  # Ctrl-C before this run's first step
+        save_checkpoint(step)
     log(f"stopped at step {step} of {max_steps}; checkpoint {checkpoint}. To continue:\n  {resume_command(checkpoint)}")
     if ddp:
         dist.destroy_process_group()

@@ -385,6 +385,38 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_a_resume_command_that_continues_ex
     assert [again[s] for s in range(stopped_at + 1, STEPS + 1)] == [full[s] for s in range(stopped_at + 1, STEPS + 1)]
 
 
+# Runs the script with a Ctrl-C arriving right as its handler is installed, before the run's first step.
+CTRL_C_AT_START = """
+import os, runpy, signal, sys
+real = signal.signal
+def install(signum, handler):
+    old = real(signum, handler)
+    if getattr(handler, "__name__", "") == "on_interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
+    return old
+signal.signal = install
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_before_the_first_step_and_abbreviated_flags_give_a_working_resume_command(first_run, tmp_path):
+    # issue #20 review: the command named a step-000000 checkpoint that was never saved, and kept --overw
+    # (argparse's abbreviation of --overwrite), which --resume refuses
+    out, _ = first_run
+    wrapper = tmp_path / "ctrl_c_at_start.py"
+    wrapper.write_text(CTRL_C_AT_START)
+    stopped = tmp_path / "stopped"
+    proc = run_script("--output-dir", stopped, "--overw", *SMALL, launcher=(str(wrapper),))
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "interrupted: at step 0, then saving a checkpoint" in proc.stdout
+    argv = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert argv[-2:] == ["--resume", str(stopped / "checkpoints" / "step-000000")] and "--overw" not in argv
+    assert (stopped / "checkpoints" / "step-000000" / "training_state.pt").is_file()
+    check_ok(run_script(*argv[2:]))
+    assert train_losses(stopped) == train_losses(out)
+
+
 # Runs the script with bitsandbytes' CPU 8-bit matmul logging what its CUDA one logs on every call (the
 # message read from bitsandbytes' own source), and one other message once: does the script silence the first only?
 INT8_CAST_LOG = """
