@@ -16,6 +16,7 @@ and prints the command that resumes it. See docs/phi3.md.
 """
 import argparse
 import contextlib
+import fnmatch
 import logging
 import math
 import os
@@ -162,7 +163,8 @@ def parse_args():
     resume.add_argument("--resume", default=None, help="continue exactly from a checkpoints/step-N folder, or the "
                         "latest step in a checkpoints folder (default: none, start afresh)")
     resume.add_argument("--overwrite", action="store_true", help="first delete this script's outputs from "
-                        "--output-dir, another run's checkpoints included (default: off: refuse such a folder)")
+                        "--output-dir, another run's checkpoints included, and nothing else there (default: off: "
+                        "refuse such a folder)")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2 "
                    "(default: %(default)s)")
     p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload) "
@@ -345,9 +347,19 @@ model.config.use_cache = False
 model.to(device)
 # The first write: a refused or failed start (bad data, a model that does not load) has deleted nothing.
 if master and args.overwrite:
+    # Only what a run writes, as a run replaces it: the step folders and the saved folders' own files (SAVED_FILES),
+    # not a user's other files there; a symlinked folder is emptied the same way through the link, which stays.
     for path in (out_dir / name for name in OUTPUTS):
-        if path.is_dir() and not path.is_symlink():
-            remove_folder(path)  # renamed aside first: --resume never finds a half-deleted checkpoint
+        if path.is_dir():
+            for p in list(path.iterdir()):
+                folder = p.is_dir() and not p.is_symlink()
+                if path.name == "checkpoints" and folder and p.name.startswith("step-"):
+                    remove_folder(p)  # renamed aside first: --resume never finds a half-deleted checkpoint
+                elif path.name != "checkpoints" and not folder and any(fnmatch.fnmatchcase(p.name, g)
+                                                                       for g in SAVED_FILES):
+                    p.unlink()
+            if not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
         elif path.exists() or path.is_symlink():
             path.unlink()
 if master:

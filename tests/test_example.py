@@ -343,12 +343,21 @@ def test_preset_tiny_on_a_local_folder_overwrite_float_alpha_and_final_checkpoin
     (new / "checkpoints" / "step-000400").mkdir(parents=True)  # another run's
     (new / "checkpoints" / "step-000400" / "training_state.pt").write_bytes(b"another run's")
     (new / "notes.txt").write_text("mine")
+    # issue #20 review: --overwrite deleted these folders whole, a user's files and a symlink's target included
+    (new / "checkpoints" / "README.md").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "mine").mkdir(parents=True)
+    (elsewhere / "model.safetensors").write_bytes(b"an earlier merge")
+    (new / "merged").symlink_to(elsewhere)
     proc = run_script("--model", out / "base_model", "--preset", "tiny", "--output-dir", new, "--overwrite",
                       "--lora-alpha", "16.5", "--max-steps", "3", "--save-steps", "2", "--eval-steps", "3",
                       "--synthetic-examples", "100", "--exact-match-prompts", "2", "--batch-size", "8")
     check_ok(proc)
-    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["README.md", "step-000002", "step-000003"]
     assert (new / "notes.txt").read_text() == "mine"  # --overwrite deletes the script's outputs only
+    assert (new / "checkpoints" / "README.md").read_text() == "mine"
+    assert (new / "merged").is_symlink() and (elsewhere / "mine").is_dir()  # kept; the run wrote no merged model
+    assert not (elsewhere / "model.safetensors").exists()  # the earlier run's, deleted through the link
     config = json.loads((new / "summary.json").read_text())["config"]
     assert config["preset"] == "tiny" and config["model"] == str(out / "base_model")
     assert config["lora"]["r"] == 32 and config["lora"]["lora_alpha"] == 16.5 and config["lora"]["use_rslora"]
