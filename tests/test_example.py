@@ -328,6 +328,20 @@ def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+def test_paths_given_as_flag_equals_tilde_expand(first_run, tmp_path):
+    # issue #20 review: the shell leaves ~ in --output-dir=~/out: the run wrote into a folder named '~' in the
+    # working directory, and --model=~/base was refused as no such folder
+    out, _ = first_run
+    (tmp_path / "base").symlink_to(out / "base_model")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model=~/base", "--preset", "tiny", "--output-dir=~/run",
+                           *TWO_STEPS[:-1]], capture_output=True, text=True, timeout=120,
+                          env=dict(script_env(), HOME=str(tmp_path)), cwd=tmp_path)
+    check_ok(proc)
+    assert not (tmp_path / "~").exists()
+    config = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]
+    assert config["model"] == str(tmp_path / "base") and config["output_dir"] == str(tmp_path / "run")
+
+
 def test_resume_from_a_checkpoints_folder_takes_its_latest_step(first_run, tmp_path):
     out, _ = first_run
     proc = run_script("--output-dir", tmp_path / "again", "--resume", out / "checkpoints", *SMALL)
