@@ -539,7 +539,10 @@ def save_checkpoint(step):
         lora.save_lora(raw_model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
         lora.save_training_state(tmp, raw_model, optimizer, scheduler, step=step,
                                  extra={"history": history, "baseline": baseline, "max_steps": max_steps})
-    for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
+    # The oldest go, never this one: a run resumed from an earlier step may have later step folders beside it.
+    others = [p for p in sorted((out_dir / "checkpoints").glob("step-*"))
+              if p.is_dir() and not p.is_symlink() and p.name != f"step-{step:06d}"]
+    for old in others[:max(0, len(others) - tc["save_total_limit"] + 1)] if tc["save_total_limit"] > 0 else []:
         remove_folder(old)  # never left half-deleted, where --resume could still find a training_state.pt
 
 

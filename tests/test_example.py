@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,6 +350,18 @@ def test_resume_from_a_checkpoints_folder_takes_its_latest_step(first_run, tmp_p
     assert f"resumed from {out / 'checkpoints' / f'step-{STEPS:06d}'} at step {STEPS}" in proc.stdout
     after = [json.loads((o / "summary.json").read_text())["eval_loss_after"] for o in (out, tmp_path / "again")]
     assert after[0] == after[1]
+
+
+def test_a_run_resumed_from_an_earlier_step_keeps_its_own_checkpoints(first_run, tmp_path):
+    # issue #20 review: the rotation kept the highest step names, the old run's step-000024, and deleted each
+    # checkpoint this run saved, its final one (and a Ctrl-C's, which the printed command then named) included
+    out, _ = first_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    flags = [*SMALL[:SMALL.index("--max-steps")], "--max-steps", "16", "--save-steps", "2", "--eval-steps", "16"]
+    check_ok(run_script("--output-dir", run, "--resume", run / "checkpoints" / f"step-{SAVE_AT:06d}", *flags,
+                        "--save-total-limit", "1"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000016"]
 
 
 def test_preset_tiny_on_a_local_folder_overwrite_float_alpha_and_final_checkpoint(first_run, tmp_path):
