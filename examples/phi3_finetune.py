@@ -207,6 +207,9 @@ elif isinstance(getattr(torch, lc["lora_dtype"], None), torch.dtype):
     lc["lora_dtype"] = getattr(torch, lc["lora_dtype"])
 else:
     parser.error(f"--lora-dtype: expected float32, bfloat16, float16 or none, got {lc['lora_dtype']!r}")
+for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"):
+    if tc[key] < 1:  # a divisor: 0 crashed after the first step (the base loaded, --overwrite's deletions done)
+        parser.error(f"--{key.replace('_', '-')}: expected a positive integer, got {tc[key]}")
 if not (math.isfinite(tc["lora_plus_ratio"]) and tc["lora_plus_ratio"] >= 0):
     parser.error(f"--lora-plus-ratio: expected 0 (off) or a positive number, got {tc['lora_plus_ratio']}")
 if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model

@@ -315,6 +315,16 @@ def test_overwrite_refused_for_bad_data_or_too_few_examples_deletes_nothing(firs
         assert files_under(out) == before  # issue #20 review: --overwrite had deleted the outputs, then refused
 
 
+@pytest.mark.parametrize("flag", ["--batch-size", "--gradient-accumulation-steps", "--logging-steps", "--eval-steps",
+                                  "--save-steps"])
+def test_a_zero_step_count_is_refused_before_anything_runs(flag, tmp_path):
+    # issue #20 review: ZeroDivisionError after the first training step (or while splitting the data)
+    proc = run_script("--output-dir", tmp_path / "out", flag, "0", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{flag}: expected a positive integer, got 0" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
     out, _ = first_run
     proc = run_script("--output-dir", tmp_path / "a", "--resume", out / "checkpoints" / "step-12", timeout=60)
