@@ -152,17 +152,19 @@ def parse_args():
     """One flag per config key (defaults suppressed, so only explicit flags override). Paths expand ``~``, which
     the shell leaves as it is in ``--output-dir=~/out``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", type=os.path.expanduser, help="'tiny' (offline random Phi-3), a local folder or a hub id "
-                   "for from_pretrained (default: tiny)")
+    p.add_argument("--model", default="tiny", type=os.path.expanduser,
+                   help="'tiny' (offline random Phi-3), a local folder or a hub id for from_pretrained (default: tiny)")
     p.add_argument("--preset", choices=("tiny", "pretrained"), default=None,
                    help="default settings: tiny (the offline demo's, for a small random model, also with --model "
                         "<folder>) or pretrained (default: tiny for --model tiny, else pretrained)")
-    p.add_argument("--data", default=None, type=os.path.expanduser, help="ultrachat-style JSONL (default: the bundled chats + the synthetic "
-                   "reversal task)")
-    p.add_argument("--output-dir", default="out/phi3-lora", type=os.path.expanduser, help="where outputs go (default: %(default)s)")
+    p.add_argument("--data", default=None, type=os.path.expanduser,
+                   help="ultrachat-style JSONL (default: the bundled chats + the synthetic reversal task)")
+    p.add_argument("--output-dir", default="out/phi3-lora", type=os.path.expanduser,
+                   help="where outputs go (default: %(default)s)")
     resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", default=None, type=os.path.expanduser, help="continue exactly from a checkpoints/step-N folder, or the "
-                        "latest step in a checkpoints folder (default: none, start afresh)")
+    resume.add_argument("--resume", default=None, type=os.path.expanduser,
+                        help="continue exactly from a checkpoints/step-N folder, or the latest step in a checkpoints "
+                             "folder (default: none, start afresh)")
     resume.add_argument("--overwrite", action="store_true", help="first delete this script's outputs from "
                         "--output-dir, another run's checkpoints included, and nothing else there (default: off: "
                         "refuse such a folder)")
