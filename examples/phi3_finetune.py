@@ -359,7 +359,8 @@ if master and args.overwrite:
         if path.is_dir():
             for p in list(path.iterdir()):
                 folder = p.is_dir() and not p.is_symlink()
-                if path.name == "checkpoints" and folder and p.name.startswith("step-"):
+                if path.name == "checkpoints" and folder and (p.name.startswith("step-") or (  # or one left
+                        p.name.startswith(".step-") and p.name.endswith((".tmp", ".old")))):  # by a killed swap
                     remove_folder(p)  # renamed aside first: --resume never finds a half-deleted checkpoint
                 elif path.name != "checkpoints" and not folder and any(fnmatch.fnmatchcase(p.name, g)
                                                                        for g in SAVED_FILES):

@@ -382,6 +382,7 @@ def test_preset_tiny_on_a_local_folder_overwrite_float_alpha_and_final_checkpoin
     (new / "notes.txt").write_text("mine")
     # issue #20 review: --overwrite deleted these folders whole, a user's files and a symlink's target included
     (new / "checkpoints" / "README.md").write_text("mine")
+    (new / "checkpoints" / ".step-000200.k1e2.tmp").mkdir()  # left by a rotation killed while deleting it
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "mine").mkdir(parents=True)
     (elsewhere / "model.safetensors").write_bytes(b"an earlier merge")
