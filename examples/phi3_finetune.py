@@ -16,6 +16,7 @@ and prints the command that resumes it. See docs/phi3.md.
 """
 import argparse
 import contextlib
+import fnmatch
 import logging
 import math
 import os
@@ -148,21 +149,25 @@ def number(text):
 
 
 def parse_args():
-    """One flag per config key (defaults suppressed, so only explicit flags override)."""
+    """One flag per config key (defaults suppressed, so only explicit flags override). Paths expand ``~``, which
+    the shell leaves as it is in ``--output-dir=~/out``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (offline random Phi-3), a local folder or a hub id "
-                   "for from_pretrained (default: tiny)")
+    p.add_argument("--model", default="tiny", type=os.path.expanduser,
+                   help="'tiny' (offline random Phi-3), a local folder or a hub id for from_pretrained (default: tiny)")
     p.add_argument("--preset", choices=("tiny", "pretrained"), default=None,
                    help="default settings: tiny (the offline demo's, for a small random model, also with --model "
                         "<folder>) or pretrained (default: tiny for --model tiny, else pretrained)")
-    p.add_argument("--data", default=None, help="ultrachat-style JSONL (default: the bundled chats + the synthetic "
-                   "reversal task)")
-    p.add_argument("--output-dir", default="out/phi3-lora", help="where outputs go (default: %(default)s)")
+    p.add_argument("--data", default=None, type=os.path.expanduser,
+                   help="ultrachat-style JSONL (default: the bundled chats + the synthetic reversal task)")
+    p.add_argument("--output-dir", default="out/phi3-lora", type=os.path.expanduser,
+                   help="where outputs go (default: %(default)s)")
     resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", default=None, help="continue exactly from a checkpoints/step-N folder, or the "
-                        "latest step in a checkpoints folder (default: none, start afresh)")
+    resume.add_argument("--resume", default=None, type=os.path.expanduser,
+                        help="continue exactly from a checkpoints/step-N folder, or the latest step in a checkpoints "
+                             "folder (default: none, start afresh)")
     resume.add_argument("--overwrite", action="store_true", help="first delete this script's outputs from "
-                        "--output-dir, another run's checkpoints included (default: off: refuse such a folder)")
+                        "--output-dir, another run's checkpoints included, and nothing else there (default: off: "
+                        "refuse such a folder)")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2 "
                    "(default: %(default)s)")
     p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload) "
@@ -204,6 +209,9 @@ elif isinstance(getattr(torch, lc["lora_dtype"], None), torch.dtype):
     lc["lora_dtype"] = getattr(torch, lc["lora_dtype"])
 else:
     parser.error(f"--lora-dtype: expected float32, bfloat16, float16 or none, got {lc['lora_dtype']!r}")
+for key in ("batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"):
+    if tc[key] < 1:  # a divisor: 0 crashed after the first step (the base loaded, --overwrite's deletions done)
+        parser.error(f"--{key.replace('_', '-')}: expected a positive integer, got {tc[key]}")
 if not (math.isfinite(tc["lora_plus_ratio"]) and tc["lora_plus_ratio"] >= 0):
     parser.error(f"--lora-plus-ratio: expected 0 (off) or a positive number, got {tc['lora_plus_ratio']}")
 if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model
@@ -268,14 +276,6 @@ if device.type == "cpu" and tc["cpu_threads"] > 0:
 use_bf16 = tc["bf16"] and device.type == "cuda"
 log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)  # flushed: logs show where a run is
 torch.manual_seed(tc["seed"])
-if master and args.overwrite:
-    for path in (out_dir / name for name in OUTPUTS):
-        if path.is_dir() and not path.is_symlink():
-            remove_folder(path)  # renamed aside first: --resume never finds a half-deleted checkpoint
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-if master:
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 # Printed now and kept in summary.json: the preset silently decides most values.
 effective_config = {"model": args.model, "preset": preset, "data": str(args.data or DEFAULT_DATA),
@@ -305,6 +305,12 @@ synthetic = phi3_data.synthetic_reversal(tc["synthetic_examples"], seed=tc["seed
 chat_train, chat_eval = phi3_data.split_eval(chats, tc["eval_fraction"], tc["seed"])
 syn_train, syn_eval = phi3_data.split_eval(synthetic, tc["eval_fraction"], tc["seed"]) if synthetic else ([], [])
 train_chats, eval_chats = chat_train + syn_train, chat_eval + syn_eval
+# Checked here, before --overwrite deletes anything (the sampler below shards the tokenized train_chats alike).
+micro_per_epoch = len(DistributedSampler(train_chats, num_replicas=world_size, rank=rank, drop_last=True)) \
+    // tc["batch_size"]
+if micro_per_epoch < tc["gradient_accumulation_steps"]:
+    parser.error(f"{len(train_chats)} training examples are too few for batch_size={tc['batch_size']} x "
+                 f"gradient_accumulation_steps={tc['gradient_accumulation_steps']} x {world_size} processes")
 
 # ----------------------------------------------------------------------------- tokenizer and model
 # transformers imports torchao whenever it is installed; torchao then logs that its CUDA-only
@@ -345,6 +351,26 @@ if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
 model.config.use_cache = False
 model.to(device)
+# The first write: a refused or failed start (bad data, a model that does not load) has deleted nothing.
+if master and args.overwrite:
+    # Only what a run writes, as a run replaces it: the step folders and the saved folders' own files (SAVED_FILES),
+    # not a user's other files there; a symlinked folder is emptied the same way through the link, which stays.
+    for path in (out_dir / name for name in OUTPUTS):
+        if path.is_dir():
+            for p in list(path.iterdir()):
+                folder = p.is_dir() and not p.is_symlink()
+                if path.name == "checkpoints" and folder and (p.name.startswith("step-") or (  # or one left
+                        p.name.startswith(".step-") and p.name.endswith((".tmp", ".old")))):  # by a killed swap
+                    remove_folder(p)  # renamed aside first: --resume never finds a half-deleted checkpoint
+                elif path.name != "checkpoints" and not folder and any(fnmatch.fnmatchcase(p.name, g)
+                                                                       for g in SAVED_FILES):
+                    p.unlink()
+            if not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
 if master and args.model == "tiny":
     with atomic_folder(base_model_path, "the base model", owned=SAVED_FILES) as tmp:
         model.save_pretrained(tmp)
@@ -388,10 +414,6 @@ exact_match_set = syn_eval[: tc["exact_match_prompts"]]
 # (seed, epoch), so a resumed run can rebuild exactly where it was.
 sampler = DistributedSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"],
                              drop_last=True)
-micro_per_epoch = len(sampler) // tc["batch_size"]
-if micro_per_epoch < tc["gradient_accumulation_steps"]:
-    parser.error(f"{len(train_data)} training examples are too few for batch_size={tc['batch_size']} x "
-                 f"gradient_accumulation_steps={tc['gradient_accumulation_steps']} x {world_size} processes")
 steps_per_epoch = micro_per_epoch // tc["gradient_accumulation_steps"]
 max_steps = tc["max_steps"] if tc["max_steps"] > 0 else steps_per_epoch * tc["num_epochs"]
 
@@ -523,7 +545,10 @@ def save_checkpoint(step):
         lora.save_lora(raw_model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
         lora.save_training_state(tmp, raw_model, optimizer, scheduler, step=step,
                                  extra={"history": history, "baseline": baseline, "max_steps": max_steps})
-    for old in sorted((out_dir / "checkpoints").glob("step-*"))[:-tc["save_total_limit"]]:
+    # The oldest go, never this one: a run resumed from an earlier step may have later step folders beside it.
+    others = [p for p in sorted((out_dir / "checkpoints").glob("step-*"))
+              if p.is_dir() and not p.is_symlink() and p.name != f"step-{step:06d}"]
+    for old in others[:max(0, len(others) - tc["save_total_limit"] + 1)] if tc["save_total_limit"] > 0 else []:
         remove_folder(old)  # never left half-deleted, where --resume could still find a training_state.pt
 
 
@@ -533,16 +558,24 @@ def on_interrupt(signum, frame):
     global interrupted
     interrupted = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once, saving nothing
-    log(f"\ninterrupted: finishing step {step + 1}, then saving a checkpoint (Ctrl-C again to quit without it)")
+    at = f"finishing step {step + 1}" if updating else f"at step {step}"  # evaluating or saving it
+    log(f"\ninterrupted: {at}, then saving a checkpoint (Ctrl-C again to quit without it)")
 
 
 def resume_command(checkpoint):
     """This run's command line, continuing from ``checkpoint`` (without --resume/--overwrite it was given)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+
+    def means(arg, flag):  # the flag itself, or an abbreviation argparse takes for it (--over, --res=...)
+        name = arg.split("=", 1)[0]
+        return name == flag or (len(name) > 2 and flag.startswith(name)
+                                and not any(f.startswith(name) for f in flags if f != flag))
+
     argv, kept, skip = sys.argv[1:], [], False
     for arg in argv:
-        if skip or arg == "--overwrite" or arg.startswith("--resume="):
+        if skip or means(arg, "--overwrite") or (means(arg, "--resume") and "=" in arg):
             skip = False
-        elif arg == "--resume":
+        elif means(arg, "--resume"):
             skip = True
         else:
             kept.append(arg)
@@ -567,11 +600,12 @@ model.train()
 batches = micro_batches(step * tc["gradient_accumulation_steps"])
 params = lora.lora_parameters(raw_model)
 accum = tc["gradient_accumulation_steps"]
-tokens_seen, train_time, interrupted = 0, 0.0, False
+tokens_seen, train_time, interrupted, updating = 0, 0.0, False, False
 # tqdm draws on stderr; redirected to a file, its redraws would fill the log with \r updates.
 bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True) if master and sys.stderr.isatty() else None
 signal.signal(signal.SIGINT, on_interrupt)
 while step < max_steps and not interrupted:
+    updating = True
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     tokens, chats = 0, 0
@@ -592,6 +626,7 @@ while step < max_steps and not interrupted:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
+    updating = False
     if ddp:  # the logged loss and throughput cover all ranks; one rank's Ctrl-C stops them all at this step
         stats = torch.tensor([float(loss_sum), tokens, chats, interrupted], device=device, dtype=torch.float64)
         dist.all_reduce(stats)
@@ -615,6 +650,8 @@ if bar is not None:
     bar.close()
 if interrupted and step < max_steps:  # at the last step, the run ends as usual
     checkpoint = out_dir / "checkpoints" / f"step-{step:06d}"
+    if master and not (checkpoint / "training_state.pt").is_file():  # Ctrl-C before this run's first step
+        save_checkpoint(step)
     log(f"stopped at step {step} of {max_steps}; checkpoint {checkpoint}. To continue:\n  {resume_command(checkpoint)}")
     if ddp:
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,26 @@ def test_refuses_an_output_dir_holding_another_runs_checkpoints(first_run):
     assert files_under(out) == before
 
 
+def test_overwrite_refused_for_bad_data_or_too_few_examples_deletes_nothing(first_run, tmp_path):
+    out, _ = first_run
+    before = files_under(out)
+    (tmp_path / "bad.jsonl").write_text("{bad\n")
+    for flags in (["--data", tmp_path / "bad.jsonl"], ["--batch-size", "100000"]):
+        proc = run_script("--output-dir", out, "--overwrite", *flags, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert files_under(out) == before  # issue #20 review: --overwrite had deleted the outputs, then refused
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--gradient-accumulation-steps", "--logging-steps", "--eval-steps",
+                                  "--save-steps"])
+def test_a_zero_step_count_is_refused_before_anything_runs(flag, tmp_path):
+    # issue #20 review: ZeroDivisionError after the first training step (or while splitting the data)
+    proc = run_script("--output-dir", tmp_path / "out", flag, "0", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{flag}: expected a positive integer, got 0" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
     out, _ = first_run
     proc = run_script("--output-dir", tmp_path / "a", "--resume", out / "checkpoints" / "step-12", timeout=60)
@@ -318,6 +339,20 @@ def test_bad_resume_and_model_paths_say_what_exists(first_run, tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+def test_paths_given_as_flag_equals_tilde_expand(first_run, tmp_path):
+    # issue #20 review: the shell leaves ~ in --output-dir=~/out: the run wrote into a folder named '~' in the
+    # working directory, and --model=~/base was refused as no such folder
+    out, _ = first_run
+    (tmp_path / "base").symlink_to(out / "base_model")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model=~/base", "--preset", "tiny", "--output-dir=~/run",
+                           *TWO_STEPS[:-1]], capture_output=True, text=True, timeout=120,
+                          env=dict(script_env(), HOME=str(tmp_path)), cwd=tmp_path)
+    check_ok(proc)
+    assert not (tmp_path / "~").exists()
+    config = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]
+    assert config["model"] == str(tmp_path / "base") and config["output_dir"] == str(tmp_path / "run")
+
+
 def test_resume_from_a_checkpoints_folder_takes_its_latest_step(first_run, tmp_path):
     out, _ = first_run
     proc = run_script("--output-dir", tmp_path / "again", "--resume", out / "checkpoints", *SMALL)
@@ -327,18 +362,40 @@ def test_resume_from_a_checkpoints_folder_takes_its_latest_step(first_run, tmp_p
     assert after[0] == after[1]
 
 
+def test_a_run_resumed_from_an_earlier_step_keeps_its_own_checkpoints(first_run, tmp_path):
+    # issue #20 review: the rotation kept the highest step names, the old run's step-000024, and deleted each
+    # checkpoint this run saved, its final one (and a Ctrl-C's, which the printed command then named) included
+    out, _ = first_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    flags = [*SMALL[:SMALL.index("--max-steps")], "--max-steps", "16", "--save-steps", "2", "--eval-steps", "16"]
+    check_ok(run_script("--output-dir", run, "--resume", run / "checkpoints" / f"step-{SAVE_AT:06d}", *flags,
+                        "--save-total-limit", "1"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000016"]
+
+
 def test_preset_tiny_on_a_local_folder_overwrite_float_alpha_and_final_checkpoint(first_run, tmp_path):
     out, _ = first_run
     new = tmp_path / "new"
     (new / "checkpoints" / "step-000400").mkdir(parents=True)  # another run's
     (new / "checkpoints" / "step-000400" / "training_state.pt").write_bytes(b"another run's")
     (new / "notes.txt").write_text("mine")
+    # issue #20 review: --overwrite deleted these folders whole, a user's files and a symlink's target included
+    (new / "checkpoints" / "README.md").write_text("mine")
+    (new / "checkpoints" / ".step-000200.k1e2.tmp").mkdir()  # left by a rotation killed while deleting it
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "mine").mkdir(parents=True)
+    (elsewhere / "model.safetensors").write_bytes(b"an earlier merge")
+    (new / "merged").symlink_to(elsewhere)
     proc = run_script("--model", out / "base_model", "--preset", "tiny", "--output-dir", new, "--overwrite",
                       "--lora-alpha", "16.5", "--max-steps", "3", "--save-steps", "2", "--eval-steps", "3",
                       "--synthetic-examples", "100", "--exact-match-prompts", "2", "--batch-size", "8")
     check_ok(proc)
-    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["README.md", "step-000002", "step-000003"]
     assert (new / "notes.txt").read_text() == "mine"  # --overwrite deletes the script's outputs only
+    assert (new / "checkpoints" / "README.md").read_text() == "mine"
+    assert (new / "merged").is_symlink() and (elsewhere / "mine").is_dir()  # kept; the run wrote no merged model
+    assert not (elsewhere / "model.safetensors").exists()  # the earlier run's, deleted through the link
     config = json.loads((new / "summary.json").read_text())["config"]
     assert config["preset"] == "tiny" and config["model"] == str(out / "base_model")
     assert config["lora"]["r"] == 32 and config["lora"]["lora_alpha"] == 16.5 and config["lora"]["use_rslora"]
@@ -373,6 +430,38 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_a_resume_command_that_continues_ex
     full, again = train_losses(out), train_losses(stopped)
     assert sorted(again) == list(range(1, STEPS + 1))
     assert [again[s] for s in range(stopped_at + 1, STEPS + 1)] == [full[s] for s in range(stopped_at + 1, STEPS + 1)]
+
+
+# Runs the script with a Ctrl-C arriving right as its handler is installed, before the run's first step.
+CTRL_C_AT_START = """
+import os, runpy, signal, sys
+real = signal.signal
+def install(signum, handler):
+    old = real(signum, handler)
+    if getattr(handler, "__name__", "") == "on_interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
+    return old
+signal.signal = install
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_before_the_first_step_and_abbreviated_flags_give_a_working_resume_command(first_run, tmp_path):
+    # issue #20 review: the command named a step-000000 checkpoint that was never saved, and kept --overw
+    # (argparse's abbreviation of --overwrite), which --resume refuses
+    out, _ = first_run
+    wrapper = tmp_path / "ctrl_c_at_start.py"
+    wrapper.write_text(CTRL_C_AT_START)
+    stopped = tmp_path / "stopped"
+    proc = run_script("--output-dir", stopped, "--overw", *SMALL, launcher=(str(wrapper),))
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "interrupted: at step 0, then saving a checkpoint" in proc.stdout
+    argv = shlex.split(proc.stdout.strip().splitlines()[-1])
+    assert argv[-2:] == ["--resume", str(stopped / "checkpoints" / "step-000000")] and "--overw" not in argv
+    assert (stopped / "checkpoints" / "step-000000" / "training_state.pt").is_file()
+    check_ok(run_script(*argv[2:]))
+    assert train_losses(stopped) == train_losses(out)
 
 
 # Runs the script with bitsandbytes' CPU 8-bit matmul logging what its CUDA one logs on every call (the
