@@ -3,7 +3,7 @@
 
     python benchmarks/bench_merged_mark.py --out /tmp/merged_mark.json
 
-"without" patches ``lora_layers.merging.weight_sums`` to return None, which leaves the mark
+"without" patches ``weight_sums`` where the merge lifecycle calls it (``lora_layers.layers.merge_state``) to return None, which leaves the mark
 as it was before the fingerprints (``lora_merged`` only): the same code path otherwise.
 """
 import argparse
@@ -20,17 +20,17 @@ import _common as C  # noqa: E402  (benchmarks/_common.py: shared timing/machine
 import torch  # noqa: E402
 
 import lora_layers as L  # noqa: E402
-from lora_layers import merging  # noqa: E402
+from lora_layers.layers import merge_state  # noqa: E402
 
 
 @contextlib.contextmanager
 def _no_sums():
-    real = merging.weight_sums
-    merging.weight_sums = lambda W: None
+    real = merge_state.weight_sums
+    merge_state.weight_sums = lambda W: None
     try:
         yield
     finally:
-        merging.weight_sums = real
+        merge_state.weight_sums = real
 
 
 def _without(fn):

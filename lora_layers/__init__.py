@@ -11,18 +11,18 @@ A drop-in replacement for Microsoft's ``loralib``::
 with a lean autograd (no stored dropout masks), exact merging, GQA-aware
 ``MergedLinear``, model surgery, safetensors checkpoints and PEFT interop.
 """
+import sys as _sys
+
 from ._version import __version__
-from .adapters import AdapterSummary, load_adapter, summary
-from .checkpoint import CheckpointError, LoadResult, load_lora, save_lora
-from .functional import lora_linear
+from . import core, bases, layers, model, io, models
+from .core.functional import lora_linear
+from .core.loss import fused_linear_cross_entropy
+from .io.adapters import AdapterSummary, load_adapter, summary
+from .io.checkpoint import CheckpointError, LoadResult, load_lora, save_lora
+from .io.peft_format import export_peft, import_peft
+from .io.training_state import load_training_state, save_training_state
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
-from .loss import fused_linear_cross_entropy
-from .peft_format import export_peft, import_peft
-from .qlora import quantize_base
-from .surgery import inject_lora, merge_and_unload, unload
-from .training_state import load_training_state, save_training_state
-from . import phi3  # noqa: E402  (the Phi-3 preset: lora_layers.phi3.apply_lora)
-from .utils import (
+from .model.params import (
     count_lora_parameters,
     lora_modules,
     lora_parameters,
@@ -34,6 +34,24 @@ from .utils import (
     named_lora_parameters,
     unmerge_lora,
 )
+from .model.quantize import quantize_base
+from .model.surgery import inject_lora, merge_and_unload, unload
+from .models import phi3
+
+#: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
+#: modules that now hold them. ``import lora_layers.checkpoint`` and ``lora_layers.utils.X`` keep
+#: working: each old path is the new module object itself, so patching one patches the other.
+_OLD_PATHS = {
+    "functional": core.functional, "loss": core.loss, "segments": core.segments, "recipes": core.recipes,
+    "merging": core.merging, "validation": core.spec, "quantized": bases.quantized, "base": layers.base,
+    "utils": model.params, "surgery": model.surgery, "qlora": model.quantize, "fileio": io.fileio,
+    "checkpoint": io.checkpoint, "peft_format": io.peft_format, "training_state": io.training_state,
+    "adapters": io.adapters, "phi3": models.phi3, "lean": models.phi3.lean,
+}
+for _name, _module in _OLD_PATHS.items():
+    _sys.modules[f"{__name__}.{_name}"] = _module
+    globals()[_name] = _module
+del _name, _module
 
 __all__ = [
     "__version__",

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from ..segments import Segments
+from ..core.segments import Segments
 
 __all__ = ["is_available", "unavailable_reason", "supports", "lora_linear", "keep_mask", "draw_seed", "MAX_RANK"]
 

@@ -305,8 +305,8 @@ class LoRALinearFunction(torch.autograd.Function):
 def _differentiable_backward(ctx, g):
     """The gradients as differentiable functions of the inputs (the torch path's
     plain-op form, with this forward's Philox mask), so double backward is exact."""
-    from ..functional import _composite  # lazy: functional imports this package lazily too
-    from ..segments import Segments
+    from ..core.functional import _composite  # lazy: functional imports this package lazily too
+    from ..core.segments import Segments
 
     x, _, weight, lora_A, lora_B, bias = ctx.saved_tensors
     scaling, p, seed, fan_in_fan_out, segments, r, _ = ctx.conf

@@ -1,0 +1,713 @@
+"""PEFT adapter interop: ``export_peft`` / ``import_peft``.
+
+The PEFT (and vLLM) LoRA format is a folder with ``adapter_config.json`` and
+``adapter_model.safetensors``; tensor keys are
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``
+(``lora_embedding_A`` / ``lora_embedding_B`` for embeddings).
+
+A :class:`~lora_layers.MergedLinear` with ``n`` enabled splits of rank ``r``
+is written as ONE Linear adapter of rank ``r·n``: ``A`` stacked ``(r·n, in)``,
+``B`` block-diagonal ``(out, r·n)`` with zeros elsewhere (disabled splits get
+zero rows), and ``lora_alpha`` rescaled so the scaling is unchanged (``α·n``,
+or ``α·√n`` with rsLoRA). Nothing here imports peft: the files are written and
+read directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import warnings
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
+from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
+                     to_storable)
+from ..core.functional import dora_weight_norm, row_sq_norm
+from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..model.params import lora_modules
+
+__all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_BIN_NAME = "adapter_model.bin"
+PEFT_KEY_PREFIX = "base_model.model."
+_PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_BIN_NAME)  # what a re-export replaces
+# PEFT 0.21's TaskType values; the string, not the enum, so that peft is not imported.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
+_MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
+_EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+# PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
+_SAVED_BASE_KEY = "base_layer.weight"
+_CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+# How import_peft treats each field of PEFT 0.21's LoraConfig (and PeftConfig). An allow-list: a
+# field in none of these groups is unknown (a later PEFT feature) and refused unless unset.
+# (a) Implemented: validated and honoured by _check_config.
+_IMPLEMENTED = frozenset({"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+                          "fan_in_fan_out", "lora_dropout", "bias", "init_lora_weights", "use_dora"})
+# (b) Harmless for loading: bookkeeping; which modules to wrap (the saved tensors name them);
+# settings read only by an initialisation or feature whose own switch is checked here.
+_HARMLESS = frozenset({"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                       "inference_mode", "target_modules", "exclude_modules", "layers_to_transform",
+                       "layers_pattern", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+                       "corda_config", "lora_ga_config", "runtime_config"})
+# (c) They change what the adapter computes or how it trains: refused unless unset (None, false, empty).
+_REFUSED = {
+    "lora_bias": "a trained bias on lora_B",
+    "modules_to_save": "full trained copies of other modules",
+    "target_parameters": "LoRA on raw parameters rather than modules",
+    "trainable_token_indices": "trained rows of the embedding",
+    "layer_replication": "replicated decoder layers",
+    "alora_invocation_tokens": "activated LoRA (the adapter acts only after the invocation tokens)",
+    "use_qalora": "QALoRA's pooled adapter input",
+    "megatron_config": "Megatron tensor-parallel layers",
+    "velora_config": "VeLoRA's approximate backward",
+    "monteclora_config": "Monte Carlo sampled adapters",
+    "use_bdlora": "block-diagonal A/B layouts",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA's truncated base weight and singular-value diagonal",
+    "ensure_weight_tying": "adapters tied between tied layers",
+}
+# init_lora_weights values that only choose A and B's starting values (the saved tensors replace them).
+_HARMLESS_INITS = ("gaussian", "eva", "orthogonal")
+
+def _number(x: float):
+    """JSON-friendly alpha: an int when it is integral (PEFT types it as int)."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _conv_representable(layer) -> Optional[str]:
+    """Why PEFT's conv LoRA (A: conv with the base's kernel/stride/padding, B: 1x1 conv) can't hold it."""
+    if layer.groups != 1:
+        return f"groups={layer.groups} (PEFT applies groups to lora_B, lora_layers to the whole ΔW)"
+    if any(d != 1 for d in layer.dilation):
+        return f"dilation={layer.dilation} (PEFT's lora_A conv ignores dilation)"
+    if layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} (PEFT's lora_A conv pads with zeros)"
+    return None
+
+
+def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int, float]:
+    """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    key = PEFT_KEY_PREFIX + name
+    extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(name, layer)}
+    if isinstance(layer, Embedding):
+        if layer.max_norm is not None:
+            raise NotImplementedError(f"cannot export {name!r}: PEFT renormalises the LoRA lookup with "
+                                      f"max_norm={layer.max_norm}, lora_layers does not")
+        return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
+    if isinstance(layer, MergedLinear):
+        n, r = layer.segments.count, layer.r
+        alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
+        full_B = layer.segments.to_block_diagonal(B)
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
+    if isinstance(layer, Linear):
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, layer.r, layer.lora_alpha
+    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+        why = _conv_representable(layer)
+        if why:
+            raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
+        k, r, alpha = tuple(layer.kernel_size), layer.r, layer.lora_alpha
+        if layer.layout == "loralib":
+            # Row o of ΔW = (B A).view(W.shape) is rows o·k..o·k+k-1 of B A side by side: B viewed as
+            # (out, k·r·k) times k copies of A on a block diagonal, a rank r·k² adapter with the same ΔW.
+            n = k[0]
+            A, B, r = torch.block_diag(*[A] * n), B.reshape(layer.out_channels, -1), r * n * n
+            alpha = alpha * (n if layer.use_rslora else n * n)
+        A4 = A.reshape(r, layer.in_channels, *k)
+        B4 = B.reshape(layer.out_channels, r, *([1] * len(k)))
+        return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, r, alpha
+    raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
+
+
+def _full_magnitude(name: str, layer: Linear) -> Tensor:
+    """DoRA's magnitude over every output row, as PEFT holds it. A MergedLinear's rows
+    without an adapter get ``‖W_row‖``, which makes PEFT's factor ``m / ‖W_row‖`` one.
+
+    Raises ValueError for a row whose norm is 0 (a pruned neuron), which PEFT turns into NaN."""
+    m = layer.lora_magnitude.detach()
+    W = layer.unmerged_weight() if layer.merged else layer._dense_weight()
+    norm = dora_weight_norm(W, layer.lora_A, layer.lora_B, layer.scaling, layer.segments,
+                            fan_in_fan_out=layer.fan_in_fan_out)
+    if layer.segments is not None:
+        row_norms = row_sq_norm(W, layer.fan_in_fan_out).sqrt()
+        m = layer.segments.to_full_rows(m, row_norms.to(m.dtype))
+        norm = layer.segments.to_full_rows(norm, row_norms.to(norm.dtype))
+    zero = (norm == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"export_peft: cannot export {name!r}: rows {zero} have ‖W + s·BA‖ = 0 (pruned neurons). "
+                         f"lora_layers keeps their base output (factor 1), PEFT's DoRA divides by that norm and "
+                         f"gives NaN; merge_and_unload gives plain weights instead")
+    return m
+
+
+def _peft_pattern_matches(key: str, name: str) -> bool:
+    r"""PEFT 0.21's rank/alpha_pattern test (``peft.utils.other.get_pattern_key``): ``key`` is a regex
+    that must match a dot-separated suffix of the module name, i.e. ``re.match(r"(.*\.)?(key)$", name)``."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _pattern_key(name: str, all_names: List[str]) -> str:
+    r"""A rank/alpha_pattern key that PEFT matches to ``name`` and to no other module.
+
+    The full name itself when, read as PEFT's regex, it selects only ``name`` (e.g.
+    ``model.layers.0.mlp.down_proj``); otherwise ``^`` + the escaped name. A bare key is a
+    suffix match ("0" also hits "1.0"); the ``^`` can only match at the start of the name, so
+    ``(.*\.)?(^0)$`` matches exactly "0".
+    """
+    try:
+        if _peft_pattern_matches(name, name) and not any(
+                other != name and _peft_pattern_matches(name, other) for other in all_names):
+            return name
+    except re.error:
+        pass
+    return "^" + re.escape(name)
+
+
+def _peft_target_matches(target: str, name: str) -> bool:
+    """PEFT's rule for a list of ``target_modules``: the exact name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def _target_modules(adapted: List[str], all_names: List[str]):
+    """``target_modules`` under which PEFT wraps exactly ``adapted`` among ``all_names``.
+
+    A list of leaf names where a leaf name belongs to adapted modules only, else full names;
+    if even a full name is a suffix of some other module's name (adapted "0", plain "2.0"), no list
+    can do it and a regex string is returned, which PEFT fullmatches against each module name.
+    """
+    adapted_set = set(adapted)
+    targets = set()
+    for name in adapted:
+        for candidate in (name.rsplit(".", 1)[-1], name):
+            if all(m in adapted_set for m in all_names if _peft_target_matches(candidate, m)):
+                targets.add(candidate)
+                break
+        else:
+            return "(?:" + "|".join(re.escape(n) for n in sorted(adapted)) + ")"
+    return sorted(targets)
+
+
+def _base_module_names(model: nn.Module) -> List[str]:
+    """The module names PEFT sees on the base model: all but the root and LoRA layers' own children."""
+    lora_names = {n for n, _ in lora_modules(model)}
+    names = []
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if name and not any(".".join(parts[:i]) in lora_names for i in range(len(parts))):
+            names.append(name)
+    return names
+
+
+def _infer_task_type(model: nn.Module) -> Optional[str]:
+    """``"CAUSAL_LM"`` for a transformers causal LM, else None (PEFT's plain ``PeftModel``).
+
+    PEFT's CAUSAL_LM model calls the base's ``prepare_inputs_for_generation``, which only a
+    model that generates has: one with transformers' ``GenerationMixin`` (found by name, so
+    transformers is not imported) that is not an encoder-decoder (T5 is SEQ_2_SEQ_LM).
+    """
+    generates = any(cls.__name__ == "GenerationMixin" for cls in type(model).__mro__)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    return "CAUSAL_LM" if generates and not encoder_decoder else None
+
+
+def _task_type(task_type, model: nn.Module) -> Optional[str]:
+    """The ``task_type`` to write: inferred for ``"auto"``, else validated (a PEFT TaskType enum becomes its string)."""
+    if isinstance(task_type, str) and task_type == "auto":
+        return _infer_task_type(model)
+    if task_type is None:
+        return None
+    if not isinstance(task_type, str) or task_type not in _TASK_TYPES:
+        raise ValueError(f"task_type must be 'auto', None or one of PEFT's task types {list(_TASK_TYPES)}, "
+                         f"got {task_type!r}")
+    return _TASK_TYPES[_TASK_TYPES.index(task_type)]
+
+
+def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
+                task_type: Optional[str] = "auto") -> None:
+    """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` together:
+    the folder is built beside ``out_dir`` and swapped in whole
+    (:func:`~lora_layers.fileio.atomic_folder`), so an interrupted re-export
+    leaves the previous export, never new weights with an old config. Other
+    files already in ``out_dir`` (a tokenizer, a README) are kept; a stale
+    ``adapter_model.bin`` is removed. The most common rank and alpha become ``r``/``lora_alpha``;
+    modules that differ go to ``rank_pattern``/``alpha_pattern``, each under a
+    key that PEFT matches to that module only (the full name, or ``^`` + the
+    escaped full name where the bare name is also a suffix of another module's).
+    ``target_modules`` makes PEFT wrap exactly the adapted modules: leaf names,
+    or full names where a leaf name also belongs to a module without an
+    adapter, or, where no list can (adapted ``0``, plain ``2.0``), a regex of
+    the full names. Each MergedLinear becomes one rank-``r·n`` Linear adapter
+    with a block-diagonal B (see module docs).
+
+    Args:
+        model: a module containing LoRA layers (merged or not).
+        out_dir: the adapter folder; created if its parent exists, replaced whole if it exists.
+        base_model_name_or_path: recorded in the config (default: ``model.name_or_path`` if any).
+        task_type: PEFT's task type. ``"auto"`` (the default): ``"CAUSAL_LM"`` for a
+            transformers causal LM (a ``GenerationMixin`` model that is not an
+            encoder-decoder), else ``None``, which PEFT loads as a plain ``PeftModel``
+            (``"CAUSAL_LM"`` on another model fails in PEFT for want of
+            ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
+            or ``None``, to override.
+
+    Raises:
+        ValueError: the model has no adapters, or ``task_type`` is not ``"auto"``,
+            ``None`` or a PEFT task type (nothing is written).
+        NotImplementedError: a layer PEFT cannot represent exactly (named).
+        FileNotFoundError / PermissionError: bad destination.
+    """
+    model = unwrap_model(model)
+    layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
+    if not layers:
+        raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
+    dora = {bool(getattr(m, "use_dora", False)) for _, m in layers}
+    if len(dora) > 1:
+        raise NotImplementedError("export_peft: the model mixes DoRA and plain LoRA layers; a PEFT adapter is "
+                                  "either all DoRA or all LoRA (use_dora is one flag for the whole adapter)")
+    tensors: Dict[str, Tensor] = {}
+    per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
+    for name, layer in layers:
+        t, r, alpha = _export_module(name, layer)
+        tensors.update(t)
+        per_module[name] = (r, alpha, layer.use_rslora, layer)
+
+    rslora = Counter(v[2] for v in per_module.values()).most_common(1)[0][0]
+    for name, (r, alpha, use_rs, layer) in per_module.items():
+        if use_rs != rslora:  # express this module's scaling in the global mode
+            per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
+    r0 = Counter(v[0] for v in per_module.values()).most_common(1)[0][0]
+    a0 = Counter(v[1] for v in per_module.values()).most_common(1)[0][0]
+    all_names = _base_module_names(model)
+    rank_pattern = {_pattern_key(n, all_names): v[0] for n, v in per_module.items() if v[0] != r0}
+    alpha_pattern = {_pattern_key(n, all_names): _number(v[1]) for n, v in per_module.items() if v[1] != a0}
+    targets = _target_modules(list(per_module), all_names)
+
+    dropouts = Counter(float(layer.lora_dropout.p) for *_, layer in per_module.values())
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer in per_module.values())
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(task_type, model),
+        "r": r0,
+        "lora_alpha": _number(a0),
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "use_dora": dora == {True},
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "modules_to_save": None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+
+    data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    # Both files change together or not at all: new weights beside an old config (another alpha) would
+    # load in PEFT and vLLM without complaint. An old adapter_model.bin would shadow nothing but mislead.
+    with atomic_folder(out_dir, "a PEFT adapter", "out_dir", owned=_PEFT_FILES) as tmp:
+        atomic_write(os.path.join(tmp, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
+        atomic_write(os.path.join(tmp, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
+
+
+# ----------------------------------------------------------------------------- import
+
+def _is_unset(value) -> bool:
+    """None, false or empty: how PEFT reads a feature switched off."""
+    return value is None or value is False or (isinstance(value, (str, list, tuple, dict)) and not value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _init_problem(value) -> Optional[str]:
+    """Why an ``init_lora_weights`` value cannot be imported, or None when it only sets A/B's start."""
+    if value is True or value is False or (isinstance(value, str) and value in _HARMLESS_INITS):
+        return None
+    name = value.lower() if isinstance(value, str) else ""
+    if name.startswith(("pissa", "olora", "corda")):
+        why = ("PEFT subtracts the initial adapter from the base weight when it loads this adapter, and "
+               "lora_layers does not; convert it to a plain LoRA with PEFT's "
+               "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    elif name == "lora_ga":
+        why = ("LoRA-GA trained it on a base weight minus the initial adapter; convert it to a plain LoRA "
+               "with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    elif name == "loftq":
+        why = "LoftQ trained it on a base weight that LoftQ quantized, not on this base weight"
+    elif name == "mica":
+        why = "MiCA keeps lora_B frozen in training, which lora_layers does not"
+    else:
+        why = "unknown initialisation (lora_layers accepts true, false, 'gaussian', 'eva' and 'orthogonal')"
+    return f"init_lora_weights={value!r} is not supported: {why}"
+
+
+def _check_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """The settings import_peft uses (PEFT's default for an absent field) and every problem found."""
+    problems = []
+
+    def get(key, default, ok, expected):
+        value = config.get(key, default)
+        if not ok(value):
+            problems.append(f"{key}={value!r} is invalid: expected {expected}")
+        return value
+
+    positive_int, finite = (lambda v: _is_int(v) and v > 0), _is_finite_number
+    int_text = "a positive integer (PEFT types it as int; 2.0 is refused too)"
+    settings = {
+        "r": get("r", 8, positive_int, int_text),
+        "lora_alpha": get("lora_alpha", 8, finite, "a finite number"),
+        "use_rslora": get("use_rslora", False, lambda v: isinstance(v, bool), "true or false"),
+        "fan_in_fan_out": get("fan_in_fan_out", False, lambda v: isinstance(v, bool), "true or false"),
+        "use_dora": get("use_dora", False, lambda v: isinstance(v, bool), "true or false"),
+        "lora_dropout": get("lora_dropout", 0.0, lambda v: _is_finite_number(v) and 0 <= v < 1,
+                            "a number in [0, 1)"),
+    }
+    for key, ok, expected in (("rank_pattern", positive_int, int_text), ("alpha_pattern", finite, "a finite number")):
+        patterns = config.get(key) or {}
+        settings[key] = patterns
+        if not isinstance(patterns, dict):
+            problems.append(f"{key}={patterns!r} is invalid: expected an object mapping module-name patterns "
+                            f"to values")
+            settings[key] = {}
+            continue
+        for pattern, value in patterns.items():
+            try:
+                _peft_pattern_matches(pattern, "")
+            except re.error as exc:
+                problems.append(f"{key} key {pattern!r} is not a valid regular expression (PEFT matches "
+                                f"keys as regexes): {exc}")
+            if not ok(value):
+                problems.append(f"{key}[{pattern!r}]={value!r} is invalid: expected {expected}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} is not supported, expected 'none' "
+                        f"(trained biases are not part of a LoRA adapter here)")
+    init = _init_problem(config.get("init_lora_weights", True))
+    if init:
+        problems.append(init)
+    for key, value in config.items():
+        if key in _REFUSED and not _is_unset(value):
+            problems.append(f"{key}={value!r} is not supported: lora_layers does not implement {_REFUSED[key]}")
+        elif key not in _REFUSED and key not in _IMPLEMENTED and key not in _HARMLESS and not _is_unset(value):
+            problems.append(f"{key}={value!r} is not supported: an unknown option (not a field of PEFT "
+                            f"0.21's LoraConfig); unknown options are refused unless null, false or empty")
+    return settings, problems
+
+
+def _is_file_in(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _read_config(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
+    """The validated settings of ``adapter_config.json`` (see :func:`_check_config`)."""
+    path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
+    if not _is_file_in(dir_fd, PEFT_CONFIG_NAME):
+        raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
+    try:
+        with open(PEFT_CONFIG_NAME, encoding="utf-8", opener=dir_opener(dir_fd)) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    settings, problems = _check_config(config)
+    if problems:
+        raise CheckpointError(f"cannot import PEFT adapter config {path!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    return settings
+
+
+def _read_weights(adapter_dir: str, dir_fd: int) -> Dict[str, Tensor]:
+    from .checkpoint import read_checkpoint
+
+    for name in (PEFT_WEIGHTS_NAME, PEFT_BIN_NAME):
+        if _is_file_in(dir_fd, name):
+            return read_checkpoint(os.path.join(adapter_dir, name), dir_fd=dir_fd)[0]
+    raise FileNotFoundError(f"{adapter_dir!r} has neither {PEFT_WEIGHTS_NAME} nor {PEFT_BIN_NAME}")
+
+
+def _peft_pattern_value(patterns: Dict[str, Any], name: str, default):
+    """``name``'s value in a rank/alpha_pattern, resolved as PEFT 0.21 resolves it: the first key in
+    order that matches (:func:`_peft_pattern_matches`), else an entry under the exact name, else ``default``."""
+    for key, value in patterns.items():
+        if _peft_pattern_matches(key, name):
+            return value
+    return patterns.get(name, default)
+
+
+def _group_keys(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Dict[str, Tensor]], List[str], List[str]]:
+    groups: Dict[str, Dict[str, Tensor]] = {}
+    unprefixed, unknown = [], []
+    for key, t in weights.items():
+        if not key.startswith(PEFT_KEY_PREFIX):
+            unprefixed.append(key)
+            continue
+        rest = key[len(PEFT_KEY_PREFIX):]
+        for suffix, slot in zip(_LINEAR_KEYS + _EMBEDDING_KEYS + (_SAVED_BASE_KEY, _MAGNITUDE_KEY),
+                                ("A", "B", "EA", "EB", "base", "M")):
+            if rest.endswith("." + suffix):
+                groups.setdefault(rest[:-len(suffix) - 1], {})[slot] = t
+                break
+        else:
+            unknown.append(key)
+    return groups, sorted(unprefixed), sorted(unknown)
+
+
+def _strip_wrapper_prefix(model: nn.Module, groups: Dict[str, Dict[str, Tensor]], config: Dict[str, Any]):
+    """``(groups, config)`` in ``model``'s names: exports from a compiled or DDP model by older versions name
+    every module under the wrapper's prefix, in the keys and in rank/alpha_pattern keys (full names, plain
+    or ``^`` + escaped, which stay exact full-name matches)."""
+    prefix = wrapper_prefix(groups, [n for n, _ in model.named_modules()])
+    if not prefix:
+        return groups, config
+    escaped = "^" + re.escape(prefix)
+
+    def pattern_key(key: str) -> str:
+        if key.startswith(prefix):
+            return "^" + re.escape(key[len(prefix):])
+        return "^" + key[len(escaped):] if key.startswith(escaped) else key
+
+    patterns = {p: {pattern_key(k): v for k, v in config[p].items()} for p in ("rank_pattern", "alpha_pattern")}
+    return {strip_prefix(k, prefix): v for k, v in groups.items()}, {**config, **patterns}
+
+
+def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
+                 dropout: float, fan_in_fan_out: bool, use_dora: bool):
+    """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
+    or raise ValueError."""
+    t = dict(t)
+    M = t.pop("M", None)
+    A, B = (t.get("EA"), t.get("EB")) if "EA" in t or "EB" in t else (t.get("A"), t.get("B"))
+    if A is None or B is None or len(t) != 2:
+        raise ValueError(f"needs exactly one A and one B tensor, got {sorted(t)}")
+    if use_dora and M is None:
+        raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
+    if M is not None and not use_dora:
+        raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
+    if M is not None and ("EA" in t or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
+                                                                                    Conv3d))):
+        raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
+    if A.dim() < 2 or A.shape[0] != r:
+        raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
+    scaling = alpha / (math.sqrt(r) if rslora else r)
+    embedding = "EA" in t
+    if isinstance(module, MergedLinear):
+        if embedding:
+            raise ValueError("embedding keys for a MergedLinear")
+        segments, lr = module.segments, module.r
+        n = 0 if segments is None else segments.count
+        if not module.has_adapter or r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape):
+            raise ValueError(f"PEFT rank {r} with A {tuple(A.shape)}, B {tuple(B.shape)} does not fit this "
+                             f"MergedLinear (r={lr}, {n} enabled splits, lora_A "
+                             f"{tuple(module.lora_A.shape) if module.has_adapter else None})")
+        if not math.isclose(scaling, module.scaling, rel_tol=1e-6):
+            raise ValueError(f"PEFT scaling {scaling} differs from the layer's {module.scaling}")
+        if module.use_dora != use_dora:
+            raise ValueError(f"the layer has use_dora={module.use_dora}, the adapter use_dora={use_dora}")
+        try:
+            stacked = segments.from_block_diagonal(B, lr)
+            tensors = {"lora_A": A, "lora_B": stacked}
+            if M is not None:
+                tensors["lora_magnitude"] = _adapted_magnitude(module, M)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
+        return None, module, tensors
+    if (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
+            and not embedding and M is None and module.kernel_size[0] > 1
+            and r == module.r * module.kernel_size[0] ** 2 and math.isclose(scaling, module.scaling, rel_tol=1e-6)):
+        return None, module, _loralib_conv_tensors(module, A, B)
+    if isinstance(module, LoRALayer):
+        if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6) \
+                or module.use_dora != use_dora:
+            raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}, "
+                             f"use_dora={module.use_dora}; the adapter has r={r}, scaling={scaling}, "
+                             f"use_dora={use_dora}")
+        layer = module
+    elif isinstance(module, nn.Embedding) and embedding:
+        if module.max_norm is not None:
+            raise ValueError(f"max_norm={module.max_norm} is applied to the LoRA lookup by PEFT, not by lora_layers")
+        layer = Embedding.from_module(module, r=r, lora_alpha=alpha, use_rslora=rslora)
+    elif type(module) in _CONVS and not embedding:
+        why = _conv_representable(module)
+        if why:
+            raise ValueError(why)
+        layer = _CONVS[type(module)].from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                 use_rslora=rslora)
+    elif isinstance(module, nn.Linear) and not embedding:
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                   use_dora=use_dora)
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
+        if not fan_in_fan_out:
+            warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                   fan_in_fan_out=True, use_dora=use_dora)
+    else:
+        raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
+                         f"on a {type(module).__name__}")
+    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+        # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
+        A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
+        B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
+    tensors = {"lora_A": A, "lora_B": B}
+    if M is not None:
+        tensors["lora_magnitude"] = M
+    for label, got in tensors.items():
+        want = getattr(layer, label)
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"{label} shape mismatch, expected {tuple(want.shape)}, got {tuple(got.shape)}")
+    return (layer if layer is not module else None), layer, tensors
+
+
+def _loralib_conv_tensors(layer, A: Tensor, B: Tensor) -> Dict[str, Tensor]:
+    """A loralib-layout conv layer's ``lora_A``/``lora_B`` from the rank-``r·k²`` PEFT adapter that
+    :func:`export_peft` writes for it (``k`` copies of ``lora_A`` on a block diagonal, ``lora_B`` viewed
+    as ``(out, r·k²)``). Raises ValueError for an adapter of another structure, which this layer cannot hold."""
+    n = layer.kernel_size[0]
+    (ra, ia), (ob, rb) = layer._adapter_shapes()
+    what = (f"a rank-{n * n * layer.r} adapter fits this {type(layer).__name__}(layout='loralib', r={layer.r}, "
+            f"kernel {n}) only as export_peft writes it")
+    if A.numel() != n * ra * n * ia or B.numel() != ob * rb:
+        raise ValueError(f"{what}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} have other sizes")
+    A2 = A.reshape(n * ra, n * ia)
+    block = A2[:ra, :ia]
+    if not torch.equal(A2, torch.block_diag(*[block] * n)):
+        raise ValueError(f"{what}, with lora_A {n} copies of one ({ra}, {ia}) block on a diagonal; this one is not")
+    return {"lora_A": block, "lora_B": B.reshape(ob, rb)}
+
+
+def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
+    """The adapted rows of PEFT's full-row magnitude; the other rows must be ``‖W_row‖`` (factor one),
+    else the adapter rescales rows this layer leaves alone."""
+    adapted, other = layer.segments.from_full_rows(full)
+    norms = row_sq_norm(layer._dense_weight(), layer.fan_in_fan_out).sqrt()
+    if not torch.allclose(full[other].to(norms.dtype), norms[other], rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{_MAGNITUDE_KEY} rescales rows outside the enabled splits, which this MergedLinear "
+                         f"cannot represent")
+    return adapted
+
+
+def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
+    """Load a PEFT LoRA adapter folder into ``model`` (the same base it was trained on).
+
+    Plain ``nn.Linear``/``nn.Embedding``/``nn.Conv*d`` (and transformers
+    ``Conv1D``) modules named by the adapter are replaced by lora_layers layers
+    that share their weights; existing LoRA layers of matching rank/scaling are
+    loaded in place (a :class:`MergedLinear` only when PEFT's B is exactly
+    block-diagonal in its split layout; a ``layout="loralib"`` conv layer of
+    rank ``r`` from the rank-``r·k²`` adapter :func:`export_peft` writes for it). ``rank_pattern``/``alpha_pattern``
+    (resolved exactly as PEFT resolves them), ``use_rslora`` and
+    ``fan_in_fan_out`` are honoured; other config options are accepted only
+    where they cannot change the result (an allow-list; see
+    docs/checkpoints.md). Adapters are cast to the base weight's dtype.
+    Everything is validated before the model changes.
+
+    Args:
+        model: the base model (plain or with some LoRA layers already).
+        adapter_dir: folder with ``adapter_config.json`` and
+            ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
+            ``torch.load(weights_only=True)``).
+        strict: raise on any module that cannot be loaded exactly; with
+            ``False``, skip such modules with a warning (config-level refusals
+            such as DoRA still raise).
+
+    Returns:
+        The full names of the modules loaded, sorted.
+
+    Raises:
+        FileNotFoundError: missing config or weights.
+        CheckpointError (a ValueError): a config option whose meaning lora_layers
+            does not implement (DoRA, ``modules_to_save``, bias, PiSSA/OLoRA/CorDA/
+            LoftQ/LoRA-GA/MiCA ``init_lora_weights``, an unknown option that is
+            set, a ``peft_type`` other than LORA, ...), an invalid value (``r``
+            not a positive int, a non-finite alpha, ...), keys without the
+            ``base_model.model.`` prefix, or modules that do not fit; every
+            problem is named, and the model is unchanged.
+    """
+    wrapped, model = model, unwrap_model(model)
+    adapter_dir = os.fspath(adapter_dir)
+    # One version of the folder, even while export_peft swaps in another: never one's config with the
+    # other's weights.
+    config, weights = read_folder(
+        adapter_dir, lambda fd: (_read_config(adapter_dir, fd), _read_weights(adapter_dir, fd)), "PEFT adapter folder")
+    groups, unprefixed, unknown = _group_keys(weights)
+    groups, config = _strip_wrapper_prefix(model, groups, config)
+    problems = []
+    if unprefixed:
+        problems.append(f"keys without the {PEFT_KEY_PREFIX!r} prefix (PEFT would silently ignore them): "
+                        f"{unprefixed}")
+    if unknown:
+        problems.append(f"keys that are not plain LoRA A/B tensors: {unknown}")
+    rslora, dropout = config["use_rslora"], float(config["lora_dropout"])
+    plan = []
+    # from_module freezes the weights it wraps; undo that for the planning phase so a refusal changes nothing.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for name in sorted(groups):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name!r}: no such module in the model")
+            continue
+        saved_base = groups[name].pop("base", None)
+        if saved_base is not None and not (saved_base.shape == module.weight.shape
+                                           and torch.equal(saved_base.to(module.weight), module.weight)):
+            problems.append(f"{name!r}: the adapter replaces the base weight ({PEFT_KEY_PREFIX}{name}."
+                            f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
+                            f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
+            continue
+        r = _peft_pattern_value(config["rank_pattern"], name, config["r"])
+        alpha = _peft_pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
+        try:
+            plan.append((name,) + _plan_module(name, module, groups[name], r, alpha, rslora, dropout,
+                                               config["fan_in_fan_out"], bool(config["use_dora"])))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{name!r} ({type(module).__name__}): {exc}")
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    if problems and strict:
+        raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    if problems:
+        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
+    if any(new_layer is not None for _, new_layer, _, _ in plan):
+        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
+    with torch.no_grad():
+        for name, new_layer, layer, tensors in plan:
+            if new_layer is not None:
+                parent_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+                new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
+            was_merged = layer.merged
+            layer.unmerge()
+            for local, value in tensors.items():
+                getattr(layer, local).copy_(value)
+            if was_merged and layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
+                layer.merge()
+    return [name for name, *_ in plan]

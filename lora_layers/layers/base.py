@@ -1,0 +1,214 @@
+"""The LoRALayer mixin: the LoRA state every layer type shares.
+
+Concrete layers (:mod:`lora_layers.layers`) say which adapter shapes they
+have, how to initialise them, what their ``ΔW`` blocks are and how their
+forward calls the functional core. This mixin holds the configuration,
+construction, ``from_module`` (state adopted through :mod:`lora_layers._wrap`)
+and which parameters are the adapter. ``train``/``eval``, ``merge``/``unmerge``
+and the state_dict hooks come from :class:`~lora_layers.layers.merge_state.ExactMerge`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .ties import SHARED_ATTR, check_adopted, register_weight
+from ..core.wrap import adopt, plain_module, refuse_unwrappable
+from .merge_state import ExactMerge
+from ..core.spec import (check_alpha, check_backend, check_dora, check_dropout, check_init, check_lora_args,
+                         check_lora_dtype, check_rank)
+
+__all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
+
+ADAPTER_NAMES = ("lora_A", "lora_B")
+MAGNITUDE_NAME = "lora_magnitude"  # DoRA's per-row magnitude (named lora_* so it is an adapter parameter)
+ADAPTER_PREFIX = "lora_"  # a layer's own Parameters with this prefix are its adapter
+
+
+class LoRALayer(ExactMerge):
+    """Mixin with the LoRA state shared by every layer type (merging: :class:`~lora_layers.layers.merge_state.ExactMerge`).
+
+    Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
+    ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``.
+
+    Subclasses implement ``_adapter_shapes``, ``_delta_blocks`` and ``forward``
+    (and ``reset_lora_parameters`` when the default init does not fit).
+
+    As in loralib, a class of your own may subclass it next to a torch layer and
+    call ``LoRALayer.__init__(self, r=..., lora_alpha=..., lora_dropout=...,
+    merge_weights=...)`` after the torch layer's ``__init__``, then define its own
+    adapters, ``forward``, ``train`` and merging.
+    """
+
+    _base_type: type = nn.Module  # the torch layer this class wraps
+    _supports_dora = False
+
+    # -- construction --------------------------------------------------------
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
+        """loralib's ``LoRALayer.__init__``: set the configuration attributes, nothing else."""
+        self.r = check_rank(r)
+        self.lora_alpha = check_alpha(lora_alpha)
+        dropout = nn.Dropout(p=check_dropout(lora_dropout))
+        if "_modules" in self.__dict__:
+            self.lora_dropout = dropout
+        elif dropout.p == 0.0:
+            # Called before nn.Module.__init__ (loralib tolerates this at p=0):
+            # a plain attribute, which Module.__init__ leaves alone.
+            object.__setattr__(self, "lora_dropout", dropout)
+        else:
+            raise TypeError(f"{type(self).__name__}: call the torch layer's __init__ (e.g. nn.Linear.__init__) "
+                            f"before LoRALayer.__init__ when lora_dropout={lora_dropout!r} > 0")
+        self.merged, self.merge_weights = False, bool(merge_weights)
+        self.use_rslora, self.lora_dtype, self.backend = False, None, "auto"
+        self.use_dora, self.init = False, "kaiming"
+        self._merge_state = None
+        self.scaling = self._compute_scaling()
+        self.__dict__[SHARED_ATTR] = None
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
+                   lora_dtype=None, backend="auto", use_dora=False, init="kaiming") -> None:
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
+        self.use_rslora = bool(use_rslora)
+        self.lora_dtype = check_lora_dtype(lora_dtype)
+        self.backend = check_backend(backend)
+        self.init = check_init(init)
+        self.scaling = self._compute_scaling()
+        register_weight(self)
+        shapes = self._adapter_shapes() if self.r > 0 else None
+        check_dora(self, use_dora, shapes is not None)
+        self.use_dora = bool(use_dora)
+        if shapes is not None:
+            w = self.weight
+            if self.use_dora:  # one magnitude per adapted output row
+                shapes = shapes + ((shapes[1][0],),)
+            for name, shape in zip(ADAPTER_NAMES + (MAGNITUDE_NAME,), shapes):
+                self.register_parameter(name, nn.Parameter(
+                    torch.empty(shape, device=w.device, dtype=self.lora_dtype or self._base_dtype())))
+            w.requires_grad_(False)  # loralib freezes the pretrained weight as soon as adapters exist
+
+    def _base_dtype(self) -> torch.dtype:
+        """The dtype the base computes in (a quantized base's is not its storage dtype)."""
+        return self.weight.dtype
+
+    def _compute_scaling(self) -> float:
+        return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None,
+                    backend: str = "auto", use_dora: bool = False, init: str = "kaiming", **layer_kwargs):
+        """Wrap an existing torch layer without copying it: the new layer shares ``module``'s
+        Parameters (nothing re-initialised) and adds fresh adapters. ``layer_kwargs`` are
+        class-specific (``enable_lora``/``split_sizes`` for :class:`MergedLinear`). ``unload``
+        and ``merge_and_unload`` give back exactly the wrapped kind of module.
+
+        Raises:
+            TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA layer), its
+                weight is computed on the fly (weight_norm, parametrizations), or it has an
+                instance-level ``forward`` (accelerate hooks) that the wrapper would bypass.
+            ValueError: a LoRA hyper-parameter is out of range.
+        """
+        refuse_unwrappable(cls, module, isinstance(module, LoRALayer) or not cls._can_wrap(module))
+        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)  # before anything changes
+        obj = adopt(cls, module)
+        obj._validate_wrapped(**layer_kwargs)
+        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
+        check_adopted(obj, module)  # a weight tied before wrapping, or a module wrapped twice, never merges
+        obj.reset_lora_parameters()
+        return obj
+
+    def __setstate__(self, state):
+        # copy.deepcopy, pickle and torch.load restore without registering Parameters:
+        # record the weight again so a tie made to the copy later is seen.
+        super().__setstate__(state)
+        if SHARED_ATTR in self.__dict__:
+            register_weight(self)
+
+    @classmethod
+    def _can_wrap(cls, module: nn.Module) -> bool:
+        return isinstance(module, cls._base_type)
+
+    def _validate_wrapped(self, **layer_kwargs) -> None:
+        if layer_kwargs:
+            raise TypeError(f"{type(self).__name__}.from_module got unexpected arguments {sorted(layer_kwargs)}")
+
+    def wrapped_module(self) -> nn.Module:
+        """A plain module of the wrapped kind sharing this layer's Parameters, without LoRA state.
+
+        For a layer made by :meth:`from_module`, the original class with its own
+        attributes; for one built directly, ``_base_type``. Merging is the
+        caller's business: the weight is taken as it is now.
+        """
+        return plain_module(self, self.adapter_parameters())
+
+    # -- what subclasses provide ---------------------------------------------
+    def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def reset_lora_parameters(self) -> None:
+        """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), or N(0, 1/r²) with
+        ``init="gaussian"`` (PEFT's); B zero. DoRA's magnitude starts at ``‖W‖`` per row."""
+        if self.has_adapter:
+            if self.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            self._reset_magnitude()
+
+    def _reset_magnitude(self) -> None:
+        pass
+
+    def _delta_blocks(self, A: Tensor, B: Tensor) -> Iterator[Tuple[tuple, Tensor]]:
+        """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (accumulation dtype, scaled)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no _delta_blocks: lora_layers cannot merge it")
+
+    def _knows_its_delta(self) -> bool:
+        return type(self)._delta_blocks is not LoRALayer._delta_blocks
+
+    def _merge_blocker(self) -> Optional[str]:
+        # A class of the user's own (loralib style) defines no _delta_blocks: as with loralib's
+        # LoRALayer, eval() and train() (reached through super().train) leave its weight alone,
+        # and an explicit merge says why it cannot.
+        if not self.merged and not self._knows_its_delta():
+            return ("its class subclasses LoRALayer without defining _delta_blocks, so lora_layers does not "
+                    "know its delta (merge it with the class's own code)")
+        return super()._merge_blocker()
+
+    # -- common API ----------------------------------------------------------
+    @property
+    def has_adapter(self) -> bool:
+        """True when this layer has an adapter now: ``r > 0`` and ``lora_A`` holds a tensor.
+
+        Read at call time, as loralib does, so adapters replaced by plain
+        tensors (``torch.func.functional_call``, subspace training) are used.
+        """
+        return self.r > 0 and isinstance(getattr(self, "lora_A", None), Tensor)
+
+    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``);
+        empty without adapters."""
+        return {n: p for n, p in self._parameters.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
+
+    def reset_parameters(self) -> None:
+        # Same call order as loralib, so a given seed gives the same numbers.
+        if self.__dict__.get("merged"):
+            # Fresh weights carry no merged delta: a later unmerge() must not subtract the old one.
+            self.merged, self._merge_state = False, None
+        super().reset_parameters()
+        if "lora_A" in self.__dict__.get("_parameters", {}):
+            self.reset_lora_parameters()
+
+    def extra_repr(self) -> str:
+        # A loralib-style subclass may hold any callable as lora_dropout, and lack the extras.
+        extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={getattr(self.lora_dropout, 'p', 0.0)}"
+        if getattr(self, "use_rslora", False):
+            extra += ", use_rslora=True"
+        if getattr(self, "merged", False):
+            extra += ", merged=True"
+        return f"{super().extra_repr()}, {extra}"

@@ -1,0 +1,462 @@
+"""Model surgery: put LoRA layers into an existing model, and take them out again.
+
+:func:`inject_lora` swaps matching ``nn.Linear`` / ``nn.Embedding`` /
+``nn.Conv1d/2d/3d`` modules for their LoRA counterparts *in place*, through
+``<LoRA class>.from_module``: the new modules share the original Parameter
+objects, so nothing is copied or re-initialised and device and dtype are kept.
+:func:`merge_and_unload` and :func:`unload` turn every LoRA layer back into the
+plain torch layer, with or without the adapter folded into the weight.
+
+Every entry point validates its whole plan before it changes anything: a bad
+argument raises and leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..layers.base import LoRALayer
+from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
+from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .families import undo_family_changes
+from ..layers.ties import find_shared_weights
+from .unwrap import unwrap_model
+from ..bases.quantized import is_quantized_linear, record_compute_dtype
+from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
+
+__all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_modules"]
+
+ALL_LINEAR = "all-linear"
+
+# Exact torch type -> LoRA class. Exact, not isinstance: a subclass may
+# override forward (quantised linears, MultiheadAttention's out_proj, which
+# attention reads through ``.weight`` directly), and a LoRA wrapper would
+# silently drop that behaviour.
+_LORA_CLASS = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d,
+               nn.Conv3d: Conv3d}
+
+
+def _lora_class(module: nn.Module):
+    """The LoRA class for ``module``, or None. Quantized linears (bitsandbytes 4/8-bit, a torchao NF4
+    weight) are the exception to exact types: :class:`Linear` runs their kernels itself."""
+    return Linear if is_quantized_linear(module) else _LORA_CLASS.get(type(module))
+
+Targets = Union[str, Sequence[str]]
+_Matcher = Callable[[str], bool]
+
+
+# ----------------------------------------------------------------------------- patterns
+
+def _suffix_matches(name: str, suffix: str) -> bool:
+    """``suffix`` equals ``name`` or its tail after a dot (``"qkv_proj"`` matches ``a.b.qkv_proj``)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _compile(pattern: str, arg: str, template: str = "{}") -> "re.Pattern":
+    try:
+        return re.compile(template.format(pattern))
+    except re.error as exc:
+        raise ValueError(f"{arg}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _parse_targets(spec, arg: str) -> List[Tuple[str, _Matcher]]:
+    """``(label, matcher)`` per entry of a targets/exclude spec; ``ALL_LINEAR`` gets no matcher here."""
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return [(spec, None)]
+        rx = _compile(spec, arg)
+        return [(spec, lambda name: rx.fullmatch(name) is not None)]
+    if isinstance(spec, (list, tuple)) and spec:
+        for s in spec:
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"{arg} entries must be non-empty strings (module name suffixes), got {s!r}")
+        return [(s, lambda name, s=s: _suffix_matches(name, s)) for s in spec]
+    raise TypeError(
+        f"{arg} must be a non-empty list/tuple of name suffixes, a regex string or {ALL_LINEAR!r}, got {spec!r}"
+    )
+
+
+def _pattern_lookup(patterns, arg: str) -> List[Tuple[str, _Matcher, object]]:
+    """Keys of rank_pattern/alpha_pattern/merged_splits: a dotted suffix, or a regex
+    matching the whole name or a suffix of it after a dot (PEFT's convention)."""
+    if patterns is None:
+        return []
+    if not isinstance(patterns, Mapping):
+        raise TypeError(f"{arg} must be a dict {{pattern: value}} or None, got {type(patterns).__name__}")
+    out = []
+    for key, value in patterns.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{arg} keys must be non-empty strings, got {key!r}")
+        rx = _compile(key, arg, r"(?:.*\.)?(?:{})")
+        out.append((key, lambda name, k=key, rx=rx: _suffix_matches(name, k) or rx.fullmatch(name) is not None,
+                    value))
+    return out
+
+
+def _first_match(entries, name: str):
+    # Several keys may match one module: the first in the dict's order wins.
+    for key, match, value in entries:
+        if match(name):
+            return key, value
+    return None, None
+
+
+def _output_heads(model: nn.Module) -> set:
+    """ids of the output head(s): every ``get_output_embeddings()`` and any module named ``lm_head``."""
+    heads = set()
+    for name, module in model.named_modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+        if name.rsplit(".", 1)[-1] == "lm_head":
+            heads.add(id(module))
+    return heads
+
+
+def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Named submodules in model order, without the root and without the insides of
+    LoRA layers (their ``lora_dropout`` is not a target)."""
+    out, inside = [], None
+    for name, module in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = name + "." if isinstance(module, LoRALayer) else inside
+        out.append((name, module))
+    return out
+
+
+def _check_positive_rank(r, arg: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"{arg} must be a positive integer, got {r!r}")
+    return int(r)
+
+
+def _example_names(candidates) -> str:
+    names = [n for n, m in candidates if _lora_class(m) is not None][:4]
+    return f" (adaptable modules are named like {names})" if names else " (the model has no adaptable layer)"
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs to replace. Raises if a target or exclude entry matches
+    nothing, if nothing is left, or if a selected module cannot or must not be wrapped."""
+    target_entries = _parse_targets(targets, "targets")
+    exclude_entries = _parse_targets(exclude, "exclude") if exclude is not None else []
+    if any(m is None for _, m in exclude_entries):
+        raise ValueError(f"exclude cannot be {ALL_LINEAR!r}")
+    heads = _output_heads(model) if targets == ALL_LINEAR else set()
+
+    def targeted(name, module):
+        if targets == ALL_LINEAR:
+            # LoRA Linear layers count too, so that re-injection is reported, not skipped.
+            plain = type(module) is nn.Linear or is_quantized_linear(module) or isinstance(module, Linear)
+            return plain and id(module) not in heads
+        return any(match(name) for _, match in target_entries)
+
+    missing = [label for label, match in target_entries
+               if not any((match(n) if match else targeted(n, m)) for n, m in candidates)]
+    if missing:
+        raise ValueError(f"targets {missing} match no module of {type(model).__name__}{_example_names(candidates)}")
+    unused = [label for label, match in exclude_entries if not any(match(n) for n, _ in candidates)]
+    if unused:
+        raise ValueError(f"exclude {unused} match no module of {type(model).__name__}")
+
+    plan = [(n, m) for n, m in candidates
+            if targeted(n, m) and not any(match(n) for _, match in exclude_entries)]
+    if not plan:
+        raise ValueError(f"targets={targets!r} with exclude={exclude!r} leaves no module to replace")
+    wrapped = [n for n, m in plan if isinstance(m, LoRALayer)]
+    if wrapped:
+        raise ValueError(
+            f"modules {wrapped} already carry LoRA adapters; exclude them, or call unload() or "
+            f"merge_and_unload() first (a layer is never wrapped twice)"
+        )
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in plan if _lora_class(m) is None]
+    if unsupported:
+        raise TypeError(
+            f"targets={targets!r} selects modules that cannot take a LoRA adapter: {unsupported}; "
+            f"supported types are exactly {[t.__name__ for t in _LORA_CLASS]} and the quantized linears of "
+            f"bitsandbytes (Linear4bit, Linear8bitLt) and torchao (an NF4 weight)"
+        )
+    return plan
+
+
+def select_modules(model: nn.Module, targets, exclude=None) -> List[Tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``targets``/``exclude`` select, as :func:`inject_lora` reads them
+    (its errors too). Nothing is changed."""
+    model = unwrap_model(model)
+    return _select(model, _candidates(model), targets, exclude)
+
+
+def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits):
+    """Per-module (class, kwargs). Raises if a pattern key matches no replaced module."""
+    ranks = _pattern_lookup(rank_pattern, "rank_pattern")
+    alphas = _pattern_lookup(alpha_pattern, "alpha_pattern")
+    splits = _pattern_lookup(merged_splits, "merged_splits")
+    for key, _, value in ranks:
+        _check_positive_rank(value, f"rank_pattern[{key!r}]")
+    for key, _, value in alphas:
+        try:
+            check_alpha(value)
+        except ValueError:
+            raise ValueError(f"alpha_pattern[{key!r}] must be a finite number, got {value!r}") from None
+    for key, _, value in splits:
+        if not (isinstance(value, (tuple, list)) and len(value) == 2):
+            raise TypeError(f"merged_splits[{key!r}] must be a pair (split_sizes, enable_lora), got {value!r}")
+    for arg, entries in (("rank_pattern", ranks), ("alpha_pattern", alphas), ("merged_splits", splits)):
+        unused = [key for key, match, _ in entries if not any(match(n) for n, _ in plan)]
+        if unused:
+            raise ValueError(f"{arg} keys {unused} match none of the replaced modules {[n for n, _ in plan]}")
+
+    specs = []
+    for name, module in plan:
+        cls, kwargs = _lora_class(module), {}
+        if cls is not Embedding:  # embeddings have no adapter dropout (as in loralib)
+            kwargs["lora_dropout"] = lora_dropout
+        key, rank = _first_match(ranks, name)
+        kwargs["r"] = r if key is None else int(rank)
+        key, alpha = _first_match(alphas, name)
+        kwargs["lora_alpha"] = lora_alpha if key is None else alpha
+        key, split = _first_match(splits, name)
+        if key is not None:
+            if cls is not Linear:
+                raise TypeError(f"merged_splits[{key!r}] matches {name} ({type(module).__name__}); "
+                                f"only nn.Linear modules can become MergedLinear")
+            sizes, enable = split
+            cls = MergedLinear
+            kwargs["split_sizes"] = sizes
+            kwargs["enable_lora"] = [True] * len(sizes) if enable is None else enable
+        specs.append((cls, kwargs))
+    return specs
+
+
+def _parent_slots(model: nn.Module, wanted: set) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """Every (parent, child_name) through which each wanted module is reachable
+    (a module shared by two parents is replaced in both)."""
+    slots: Dict[int, List[Tuple[nn.Module, str]]] = {i: [] for i in wanted}
+    seen = set()
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():
+            if child is not None and id(child) in wanted and (id(parent), child_name) not in seen:
+                seen.add((id(parent), child_name))
+                slots[id(child)].append((parent, child_name))
+    return slots
+
+
+def _swap(model: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
+    """Put replacements[id(old)] wherever old is; returns the (possibly replaced) root."""
+    for old_id, slots in _parent_slots(model, set(replacements)).items():
+        for parent, child_name in slots:
+            setattr(parent, child_name, replacements[old_id])
+    return replacements.get(id(model), model)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: float = 16,
+                lora_dropout: float = 0.0, *, use_rslora: bool = False, lora_dtype=None,
+                exclude: Optional[Targets] = None, rank_pattern: Optional[Mapping[str, int]] = None,
+                alpha_pattern: Optional[Mapping[str, float]] = None, merge_weights: bool = True,
+                backend: str = "auto",
+                merged_splits: Optional[Mapping[str, Tuple[Sequence[int], Optional[Sequence[bool]]]]] = None,
+                use_dora: bool = False, init: str = "kaiming") -> List[str]:
+    """Replace matching layers of ``model`` in place with LoRA layers.
+
+    Each selected ``nn.Linear``, ``nn.Embedding`` or ``nn.Conv1d/2d/3d`` (exact
+    types) becomes its LoRA class via ``from_module``: the Parameters are shared,
+    not copied, and the adapters start at zero effect (B = 0, or A = 0 for
+    embeddings). Afterwards only adapter parameters are trainable
+    (:func:`~lora_layers.mark_only_lora_as_trainable`).
+
+    Args:
+        model: any ``nn.Module``; the root itself is never replaced.
+        targets: which modules to replace, by qualified name (as in ``named_modules()``):
+            a list/tuple of suffixes matched at a dot boundary (``"qkv_proj"``
+            matches ``model.layers.3.self_attn.qkv_proj``; a full name matches only
+            that module); a ``str`` regex that must fullmatch the name; or
+            ``"all-linear"``: every exact ``nn.Linear`` but the output head
+            (``get_output_embeddings()`` and modules named ``lm_head``).
+        r: adapter rank, a positive integer.
+        lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
+        lora_dropout: dropout on the adapter input (not used by embeddings).
+        use_rslora: ``scaling = lora_alpha / sqrt(r)``.
+        lora_dtype: dtype of the adapter parameters (default: each weight's).
+        exclude: modules to leave out, in the same forms as ``targets`` (not "all-linear").
+        rank_pattern: ``{pattern: r}`` per-module ranks; a pattern is a dotted
+            suffix or a regex matching the name or a suffix of it after a dot.
+        alpha_pattern: ``{pattern: lora_alpha}``, likewise.
+        merge_weights: passed to the layers (``eval()`` merges, ``train()`` unmerges).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        merged_splits: ``{pattern: (split_sizes, enable_lora)}``: matching
+            ``nn.Linear`` modules become :class:`~lora_layers.MergedLinear` with
+            those output splits (``enable_lora=None`` enables every split).
+            For several matching pattern keys, the first in dict order wins.
+        use_dora: DoRA adapters (``Linear`` and ``MergedLinear`` only; another
+            selected type raises ``TypeError``). See :class:`~lora_layers.Linear`.
+        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init.
+
+    Returns:
+        The qualified names of the replaced modules, in model order.
+
+    Raises:
+        ValueError: a target or exclude entry matches no module; nothing is left
+            to replace; a selected module is already a LoRA layer (never wrapped
+            twice: exclude it or unload first); a rank/alpha/split is invalid; a
+            ``rank_pattern``/``alpha_pattern``/``merged_splits`` key matches no
+            replaced module.
+        TypeError: an argument has the wrong type, or ``targets`` selects a module
+            that is not one of the supported layer types.
+
+    On any error the model is left unchanged.
+    """
+    model = unwrap_model(model, changes_parameters="inject_lora")
+    _check_positive_rank(r, "r")
+    check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
+    check_init(init)
+    plan = select_modules(model, targets, exclude)
+    specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)
+
+    common = dict(merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype, backend=backend,
+                  use_dora=use_dora, init=init)
+    _swap(model, build_layers(model, plan, [(cls, {**common, **kwargs}) for cls, kwargs in specs]))
+    mark_only_lora_as_trainable(model)
+    return [name for name, _ in plan]
+
+
+def build_layers(model: nn.Module, plan, specs) -> Dict[int, nn.Module]:
+    """``{id(module): LoRA layer}``: ``cls.from_module(module, **kwargs)`` for each ``(name, module)`` of
+    ``plan`` and ``(cls, kwargs)`` of ``specs``, nothing swapped in yet. A failure raises naming the module,
+    with every weight's ``requires_grad`` restored."""
+    # Every new layer is built before any is swapped in. from_module's only side effect
+    # on the original is freezing its weight; undo that if a later build fails.
+    frozen = [(p, p.requires_grad) for _, m in plan for p in m.parameters(recurse=False)]
+    record_compute_dtype(model, [m for _, m in plan])  # LLM.int8 layers take the model's dtype
+    built = {}
+    try:
+        for (name, module), (cls, kwargs) in zip(plan, specs):
+            try:
+                built[id(module)] = cls.from_module(module, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"cannot put a LoRA adapter on {name}: {exc}") from exc
+    except BaseException:
+        for param, flag in frozen:
+            param.requires_grad_(flag)
+        raise
+    return built
+
+
+def _check_plain_kind(fn: str, layers) -> None:
+    """Refuse, before anything changes, a LoRA layer with no torch layer to become: a ``LoRALayer``
+    subclass of the user's own (loralib style) that wraps a bare ``nn.Module``."""
+    for name, layer in layers:
+        if "_wrapped_class" not in layer.__dict__ and layer._base_type is nn.Module:
+            raise TypeError(f"{fn}: {name or 'the model'} is a {type(layer).__name__}, a LoRALayer subclass "
+                            f"that wraps no torch layer (its _base_type is nn.Module), so there is no plain "
+                            f"layer to put in its place; remove its adapter with its own code, or set "
+                            f"_base_type to the torch layer class it extends (the model was left unchanged)")
+
+
+def _plain_layer(layer: LoRALayer) -> nn.Module:
+    """The torch layer ``layer`` wraps, sharing its Parameters, without any LoRA state."""
+    plain = layer.wrapped_module()
+    if getattr(layer, "fan_in_fan_out", False) and "_wrapped_class" not in layer.__dict__:
+        # A hand-built fan_in_fan_out Linear stores (in, out); a plain nn.Linear
+        # stores (out, in): the only case that needs a new tensor.
+        weight = layer.weight
+        plain._parameters["weight"] = nn.Parameter(weight.detach().t().contiguous(),
+                                                   requires_grad=weight.requires_grad)
+    return plain
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Fold every adapter into its weight and replace each LoRA layer by the plain torch layer.
+
+    The result holds ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` modules whose
+    weight is the merged one (the same storage: merging is in place, no copy),
+    so its ``state_dict()`` keys equal the original model's and e.g.
+    ``save_pretrained`` writes a plain checkpoint. ``requires_grad`` flags are
+    left as they are (base weights stay frozen). Lean mode
+    (:func:`lora_layers.phi3.enable_lean`) is undone: norms, MLPs and forward are the plain ones again.
+
+    Args:
+        model: a model with LoRA layers (a model without any is returned as is).
+        safe_merge: check each merged weight is finite (see :meth:`LoRALayer.merge`).
+
+    Returns:
+        ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
+        For a ``torch.compile``/DDP-wrapped model, the bare model inside: the
+        wrapper's compiled graphs and DDP's gradient buckets were built for the
+        LoRA layers, so wrap the result again if you need a wrapper. A transformers
+        model loaded with a ``BitsAndBytesConfig`` whose quantized layers all had
+        adapters holds none afterwards: its record of the quantization is removed too
+        (``hf_quantizer.remove_quantization_config``), so ``save_pretrained`` writes a
+        plain model (with quantized layers left, the record stays: ``model.dequantize()``).
+
+    Raises:
+        TypeError, ValueError: a weight cannot be merged (non-float dtype, or
+            non-finite with ``safe_merge``); every layer merged so far is
+            unmerged again, so the model is left unchanged.
+    """
+    model = unwrap_model(model)
+    find_shared_weights(model)  # a tied weight is refused by name
+    layers = [(name, layer) for name, layer in lora_modules(model)]
+    _check_plain_kind("merge_and_unload", layers)
+    # A quantized base cannot take the adapter in place: it becomes a plain Linear
+    # holding the dequantized weight plus the adapter (built before anything changes).
+    replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
+                if getattr(layer, "quantized", None) is not None}
+    merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
+    undo_family_changes(model)
+    dequantized = bool(replaced)
+    replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
+    model = _swap(model, replaced)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
+        # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
+        # would make save_pretrained write a checkpoint that from_pretrained reloads as a quantized one.
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
+    """A plain ``nn.Linear`` in the base's compute dtype: the dequantized weight with the adapter folded in."""
+    weight = layer.merged_weight()
+    if safe_merge and not torch.isfinite(weight).all():
+        raise ValueError(f"safe_merge: merging the adapter into {name or 'the layer'} gives non-finite values; "
+                         f"the model was left unchanged")
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=layer.bias.requires_grad)
+    return plain
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter without merging: each LoRA layer becomes its plain torch layer
+    with the original weight, restored bit for bit if it was merged. Lean mode is undone too.
+
+    Args:
+        model: a model with LoRA layers (a model without any is returned as is).
+
+    Returns:
+        ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer;
+        for a wrapped model, the bare model inside (as :func:`merge_and_unload`).
+    """
+    model = unwrap_model(model)
+    named = list(lora_modules(model))
+    _check_plain_kind("unload", named)
+    layers = [layer for _, layer in named]
+    for layer in layers:
+        layer.unmerge()
+    undo_family_changes(model)
+    return _swap(model, {id(layer): _plain_layer(layer) for layer in layers})
