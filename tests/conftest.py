@@ -7,6 +7,8 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,13 +16,37 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# The optional libraries a test may compare with or run over; ``--without`` hides them so that a run
+# shows which tests need them (those skip) and that every other test passes without them.
+ORACLES = ("peft", "loralib", "bitsandbytes", "torchao", "transformers", "triton")
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="device for the tests marked 'cuda' (tests/test_device.py): cpu (default) or cuda[:N]")
+    parser.addoption("--without", default="", metavar="NAMES",
+                     help=f"comma-separated optional libraries to hide, as if not installed: any of {', '.join(ORACLES)}")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on the device given by --device (cpu by default)")
+    hide_libraries(config.getoption("--without"))
+
+
+def hide_libraries(names: str) -> list:
+    """Make ``import NAME`` fail (and ``importlib.util.find_spec(NAME)`` return None) for each of the
+    comma-separated ``names``: a ``None`` entry in ``sys.modules`` is Python's own "not importable" mark,
+    so ``pytest.importorskip`` skips and libraries that probe for the package see it missing."""
+    hidden = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = sorted(set(hidden) - set(ORACLES))
+    if unknown:
+        raise pytest.UsageError(f"--without: unknown libraries {unknown}; choose from {', '.join(ORACLES)}")
+    for name in hidden:
+        loaded = [key for key in sys.modules if key == name or key.startswith(name + ".")]
+        if loaded:  # too late to hide: something imported it before the tests were collected
+            raise pytest.UsageError(f"--without {name}: already imported ({loaded[0]}) before the tests ran")
+        sys.modules[name] = None
+    return hidden
 
 
 @pytest.fixture
