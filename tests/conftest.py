@@ -94,6 +94,31 @@ def tiny_phi3_factory():
     return make_tiny_phi3
 
 
+@pytest.fixture(scope="module")
+def saved_phi3(tmp_path_factory):
+    """A folder with a tiny Phi-3 (hidden 64, MLP 128) saved by ``save_pretrained``, for
+    :func:`load_quantized_phi3`; skips without bitsandbytes or transformers."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("phi3")
+    make_tiny_phi3(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    return folder
+
+
+def load_quantized_phi3(folder, kind: str):
+    """The Phi-3 saved in ``folder`` as transformers loads it with a ``BitsAndBytesConfig`` on CPU, in eval
+    mode: ``kind`` is ``"int8"`` (LLM.int8) or a 4-bit quant type (``"nf4"``, ``"fp4"``), computing in fp32."""
+    import transformers
+
+    if kind == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    return transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
+                                                        dtype=torch.float32).eval()
+
+
 def restored(module, how: str):
     """A copy of ``module`` made the way programs make one: ``"deepcopy"``, ``"pickle"``, or a
     whole-module ``"torch.save"`` / ``"torch.load"`` round trip."""
