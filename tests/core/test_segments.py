@@ -148,7 +148,7 @@ def test_all_splits_disabled_is_refused():
     ([4, -1], [True, True], r"positive integers, got \[4, -1\]"),
     ([4, 2.0], [True, True], r"positive integers, got \[4, 2.0\]"),
     ([4, True], [True, True], r"positive integers, got \[4, True\]"),
-])
+], ids=["lengths", "zero", "negative", "float", "bool"])
 def test_bad_splits_are_refused_by_name(split_sizes, enable, text):
     with pytest.raises(ValueError, match=text):
         Segments.from_splits(split_sizes, enable)
@@ -160,7 +160,7 @@ def test_bad_splits_are_refused_by_name(split_sizes, enable, text):
     (((3, 3),), r"segments\[0\]=\(3, 3\) is not a non-empty slice"),
     (((-1, 2),), r"segments\[0\]=\(-1, 2\)"),
     (((5, 9), (0, 6)), r"must not overlap, got \(0, 6\) and \(5, 9\)"),
-])
+], ids=["none", "past_the_end", "empty", "negative", "overlapping"])
 def test_bad_spans_are_refused_by_name(spans, text):
     with pytest.raises(ValueError, match=text):
         Segments(10, spans)
