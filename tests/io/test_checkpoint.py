@@ -320,7 +320,7 @@ def test_save_without_adapters_raises_before_touching_the_filesystem(tmp_path):
     (None, TypeError, "path must be a str or os.PathLike, got NoneType None"),
 ])
 def test_bad_paths_are_refused_before_any_file_is_created(tmp_path, monkeypatch, bad, exc, text):
-    # every bad destination is refused by lora_layers.fileio (tests/test_fileio.py); "" used to leave a temp file
+    # every bad destination is refused by lora_layers.fileio (tests/io/test_fileio.py); "" used to leave a temp file
     monkeypatch.chdir(tmp_path)
     with pytest.raises(exc, match=text):
         save_lora(make(), bad)

@@ -1,7 +1,9 @@
-"""Tests skip per test, not per file (issue #21): with an optional library hidden by conftest's
-``--without``, the tests that compare with it skip and the torch-only tests next to them still run."""
+"""How the test suite is laid out (issue #21). Tests skip per test, not per file: with an optional
+library hidden by conftest's ``--without``, the tests that compare with it skip and the torch-only
+tests next to them still run. And a test file the docs or the code name by path exists there."""
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -50,3 +52,18 @@ def test_without_refuses_a_library_it_does_not_know(tmp_path):
     proc, _ = _pytest(tmp_path, "--without", "peft,lorlib", "--collect-only", "tests/core/test_segments.py")
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR
     assert "--without: unknown libraries ['lorlib']" in proc.stderr
+
+
+def test_every_test_file_named_by_path_exists():
+    # The tests moved into tests/<folder>/ (issue #21): a path left behind in prose sends readers,
+    # and the commands the docs show, to a file that is not there.
+    sources = [ROOT / "README.md"] + [path for folder in ("docs", "tests", "benchmarks", "examples")
+                                      for path in sorted((ROOT / folder).rglob("*"))
+                                      if path.suffix in (".md", ".py", ".sh") and path.is_file()]
+    cited = {}
+    for path in sources:
+        for ref in re.findall(r"\btests/[\w/]+\.py", path.read_text(encoding="utf-8")):
+            cited.setdefault(ref, []).append(path.relative_to(ROOT).as_posix())
+    assert "tests/kernels/test_kernels.py" in cited, "docs/kernels.md's command is not found: the pattern is wrong"
+    missing = {ref: where for ref, where in cited.items() if not (ROOT / ref).is_file()}
+    assert not missing, f"test files named by path that do not exist: {missing}"
