@@ -29,6 +29,7 @@ def _pytest(tmp_path, *args):
     return proc, outcomes
 
 
+@pytest.mark.slow
 def test_dora_torch_only_tests_pass_without_peft_and_its_peft_comparisons_skip(tmp_path):
     proc, outcomes = _pytest(tmp_path, "--without", "peft", "tests/variants/test_dora.py",
                              "tests/parity/test_dora_peft.py",
