@@ -33,7 +33,7 @@ def pytest_configure(config):
     hide_libraries(config.getoption("--without"))
 
 
-def hide_libraries(names: str) -> list:
+def hide_libraries(names: str) -> None:
     """Make ``import NAME`` fail (and ``importlib.util.find_spec(NAME)`` return None) for each of the
     comma-separated ``names``: a ``None`` entry in ``sys.modules`` is Python's own "not importable" mark,
     so ``pytest.importorskip`` skips and libraries that probe for the package see it missing."""
@@ -46,7 +46,6 @@ def hide_libraries(names: str) -> list:
         if loaded:  # too late to hide: something imported it before the tests were collected
             raise pytest.UsageError(f"--without {name}: already imported ({loaded[0]}) before the tests ran")
         sys.modules[name] = None
-    return hidden
 
 
 @pytest.fixture
