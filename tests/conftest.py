@@ -7,6 +7,8 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,13 +16,36 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# The optional libraries a test may compare with or run over; ``--without`` hides them so that a run
+# shows which tests need them (those skip) and that every other test passes without them.
+ORACLES = ("peft", "loralib", "bitsandbytes", "torchao", "transformers", "triton")
+
+
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu",
                      help="device for the tests marked 'cuda' (tests/test_device.py): cpu (default) or cuda[:N]")
+    parser.addoption("--without", default="", metavar="NAMES",
+                     help=f"comma-separated optional libraries to hide, as if not installed: any of {', '.join(ORACLES)}")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on the device given by --device (cpu by default)")
+    hide_libraries(config.getoption("--without"))
+
+
+def hide_libraries(names: str) -> None:
+    """Make ``import NAME`` fail (and ``importlib.util.find_spec(NAME)`` return None) for each of the
+    comma-separated ``names``: a ``None`` entry in ``sys.modules`` is Python's own "not importable" mark,
+    so ``pytest.importorskip`` skips and libraries that probe for the package see it missing."""
+    hidden = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = sorted(set(hidden) - set(ORACLES))
+    if unknown:
+        raise pytest.UsageError(f"--without: unknown libraries {unknown}; choose from {', '.join(ORACLES)}")
+    for name in hidden:
+        loaded = [key for key in sys.modules if key == name or key.startswith(name + ".")]
+        if loaded:  # too late to hide: something imported it before the tests were collected
+            raise pytest.UsageError(f"--without {name}: already imported ({loaded[0]}) before the tests ran")
+        sys.modules[name] = None
 
 
 @pytest.fixture
@@ -66,6 +91,31 @@ def make_tiny_phi3(gqa: bool = True, seed: int = 0, vocab_size: int = 128, hidde
 def tiny_phi3_factory():
     """Returns :func:`make_tiny_phi3`; call it with ``gqa=True/False``."""
     return make_tiny_phi3
+
+
+@pytest.fixture(scope="module")
+def saved_phi3(tmp_path_factory):
+    """A folder with a tiny Phi-3 (hidden 64, MLP 128) saved by ``save_pretrained``, for
+    :func:`load_quantized_phi3`; skips without bitsandbytes or transformers."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("phi3")
+    make_tiny_phi3(hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    return folder
+
+
+def load_quantized_phi3(folder, kind: str):
+    """The Phi-3 saved in ``folder`` as transformers loads it with a ``BitsAndBytesConfig`` on CPU, in eval
+    mode: ``kind`` is ``"int8"`` (LLM.int8) or a 4-bit quant type (``"nf4"``, ``"fp4"``), computing in fp32."""
+    import transformers
+
+    if kind == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    return transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
+                                                        dtype=torch.float32).eval()
 
 
 def restored(module, how: str):

@@ -384,7 +384,7 @@ def test_dev_extra_covers_what_the_readme_test_command_imports():
     from packaging.utils import canonicalize_name
 
     sources = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
-               for folder in ("tests", "benchmarks", "examples") for p in sorted((ROOT / folder).glob("*.py"))}
+               for folder in ("tests", "benchmarks", "examples") for p in sorted((ROOT / folder).rglob("*.py"))}
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)):
             sources[f"{page.name}, python block {i + 1}"] = code

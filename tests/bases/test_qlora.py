@@ -1,7 +1,7 @@
 """QLoRA: LoRA over frozen bitsandbytes 4-bit/8-bit layers and torchao NF4 weights.
 
-Each path is compared with a float64 formula on the dequantized weight and with
-PEFT on the same quantized base; the packed weights must stay bit-identical
+Each path is compared with a float64 formula on the dequantized weight (the comparisons with
+PEFT on the same quantized base are in tests/parity/test_qlora_peft.py); the packed weights must stay bit-identical
 through training, and backward must keep no dequantized weight. Each test skips when a library it
 needs is missing; the torch-only base below runs with none of them.
 """
@@ -18,6 +18,7 @@ import lora_layers as L
 from lora_layers.layers.ties import shared_weight_reason
 from lora_layers.quantized import QuantizedBase, quantized_base
 from _naive_lora import assert_rel_close, leaf64, naive_dora, naive_linear
+from conftest import load_quantized_phi3
 
 
 
@@ -28,7 +29,7 @@ def _library(name):
         return None
 
 
-bnb, peft, transformers = _library("bitsandbytes"), _library("peft"), _library("transformers")
+bnb, transformers = _library("bitsandbytes"), _library("transformers")
 
 
 def _needs(*names):
@@ -449,31 +450,11 @@ def test_quantize_base_refusals_change_nothing():
     assert model.head.weight is model[1].weight and type(model[1].weight) is nn.Parameter
 
 
-# ----------------------------------------------------------------------------- PEFT on the same quantized base
-
-@pytest.fixture(scope="module")
-def saved_phi3(tmp_path_factory):
-    _needs("bitsandbytes", "transformers")
-    from conftest import make_tiny_phi3
-
-    folder = tmp_path_factory.mktemp("phi3")
-    make_tiny_phi3(hidden_size=64, intermediate_size=128).save_pretrained(folder)
-    return folder
-
-
-def _load(folder, kind):
-    if kind == "int8":
-        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
-                                                 bnb_4bit_compute_dtype=torch.float32)
-    return transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
-                                                        dtype=torch.float32).eval()
-
+# ----------------------------------------------------------------------------- a Phi-3 that transformers loads quantized
 
 def test_apply_lora_after_an_eval_pass_of_the_loaded_4bit_model_warns_and_unpacks(saved_phi3):
     """from_pretrained, evaluate, then apply_lora: bitsandbytes has repacked every projection already."""
-    model = _load(saved_phi3, "nf4")
+    model = load_quantized_phi3(saved_phi3, "nf4")
     for module in model.modules():
         if "support_avx512bf16_for_cpu" in module.__dict__:
             module.support_avx512bf16_for_cpu = True  # bitsandbytes' CPU repacking, on any CPU
@@ -491,61 +472,6 @@ def test_apply_lora_after_an_eval_pass_of_the_loaded_4bit_model_warns_and_unpack
         for p in L.lora_parameters(model):
             p.normal_(0, 0.1)
         assert torch.equal(model.eval()(ids).logits, model.train()(ids).logits)
-
-
-@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
-def test_peft_and_lora_layers_agree_on_a_bitsandbytes_phi3(saved_phi3, tmp_path, kind):
-    _needs("peft")
-    ids = torch.randint(0, 128, (2, 10))
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    theirs = peft.get_peft_model(_load(saved_phi3, kind), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)).train()
-    # PEFT in training mode (dropout 0), ours in eval: the function PEFT trains is the one ours evaluates.
-    # (PEFT's eval runs bitsandbytes' CPU eval path, another function: LLM.int8 quantizes x there.)
-    ours = _load(saved_phi3, kind)
-    L.inject_lora(ours, targets, r=4, lora_alpha=8, lora_dropout=0.0)  # one adapter per module, as PEFT
-    assert isinstance(ours.model.layers[0].mlp.down_proj, L.Linear)
-    assert quantized_base(ours.model.layers[0].mlp.down_proj).kind.startswith("bnb")
-    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)  # at init
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    theirs.save_pretrained(tmp_path / "peft")
-    L.import_peft(ours, tmp_path / "peft")
-    torch.testing.assert_close(ours(ids, labels=ids).loss, theirs(ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
-    logits_tol = 1e-4  # (a wrong adapter is off by ~1e-1 here)
-    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=logits_tol, atol=logits_tol)
-    # and back: our export loads into PEFT on a fresh quantized base, and into a float model alike
-    L.export_peft(ours, tmp_path / "ours")
-    again = peft.PeftModel.from_pretrained(_load(saved_phi3, kind), tmp_path / "ours").train()
-    torch.testing.assert_close(again(ids).logits, ours(ids).logits, rtol=logits_tol, atol=logits_tol)
-    L.save_lora(ours, tmp_path / "a.safetensors")
-    plain = transformers.Phi3ForCausalLM.from_pretrained(saved_phi3)
-    L.inject_lora(plain, targets, r=4, lora_alpha=8, lora_dropout=0.0)
-    L.load_lora(plain, tmp_path / "a.safetensors")  # the adapter file does not depend on the quantization
-    for (name, p), (_, q) in zip(L.named_lora_parameters(plain), L.named_lora_parameters(ours)):
-        assert torch.equal(p, q), name
-
-
-def test_phi3_apply_lora_on_a_4bit_base_exports_to_peft(saved_phi3, tmp_path):
-    _needs("peft")
-    ids = torch.randint(0, 128, (2, 10))
-    ours = _load(saved_phi3, "nf4")
-    L.phi3.apply_lora(ours, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"), gradient_checkpointing=True)
-    qkv = ours.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, L.MergedLinear) and qkv.quantized.kind == "bnb-4bit"
-    with torch.no_grad():
-        for p in L.lora_parameters(ours):
-            p.normal_(0, 0.1)
-    ours.train()
-    loss = ours(ids, labels=ids).loss
-    loss.backward()  # through checkpointing, over the packed weights
-    assert all(p.grad is not None for p in L.lora_parameters(ours))
-    ours.eval()
-    L.export_peft(ours, tmp_path / "a")
-    theirs = peft.PeftModel.from_pretrained(_load(saved_phi3, "nf4"), tmp_path / "a").train()  # not repacked
-    torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_int8_without_bias_has_a_fixed_dtype_recorded_at_wrap_time():
@@ -668,7 +594,7 @@ def test_bnb_phi3_state_dict_round_trip_gives_the_same_logits(saved_phi3, tmp_pa
 
     other = tmp_path / "other"
     make_tiny_phi3(seed=7, hidden_size=64, intermediate_size=128).save_pretrained(other)
-    a, b = _load(saved_phi3, kind), _load(other, kind)
+    a, b = load_quantized_phi3(saved_phi3, kind), load_quantized_phi3(other, kind)
     for model in (a, b):
         L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
         model.eval()
@@ -773,7 +699,7 @@ def test_int8_with_fp16_weights_is_refused_when_wrapped_and_nothing_changes():
 def test_merge_and_unload_of_a_bitsandbytes_phi3_saves_and_reloads_as_a_plain_model(saved_phi3, tmp_path, kind):
     """transformers' record of the quantization stayed on the merged model, so save_pretrained wrote a
     checkpoint that from_pretrained reloaded as a bitsandbytes one and crashed in its forward (issue #20 review)."""
-    model = _load(saved_phi3, kind)
+    model = load_quantized_phi3(saved_phi3, kind)
     L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
     with torch.no_grad():
         for p in L.lora_parameters(model):

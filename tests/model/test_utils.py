@@ -1,4 +1,5 @@
-"""utils: trainable-parameter selection by identity, lora_state_dict, counting, merge helpers."""
+"""utils: trainable-parameter selection by identity, lora_state_dict, counting, merge helpers.
+The comparisons with loralib are in tests/parity/test_utils_loralib.py."""
 import warnings
 
 import pytest
@@ -6,76 +7,28 @@ import torch
 import torch.nn as nn
 
 import lora_layers as L
-
-loralib = pytest.importorskip("loralib")
-
-
-class Block(nn.Module):
-    def __init__(self, lib, with_decoy=True):
-        super().__init__()
-        self.emb = lib.Embedding(10, 8, r=2)
-        self.q = lib.Linear(8, 8, r=2, lora_alpha=4)
-        self.qkv = lib.MergedLinear(8, 12, r=2, enable_lora=[True, False, True])
-        self.norm = nn.LayerNorm(12)
-        self.head = nn.Linear(12, 3)
-        if with_decoy:
-            # Named like an adapter, but a plain layer: must not be treated as one.
-            self.lora_block = nn.Sequential(nn.Linear(3, 3))
-
-    def forward(self, idx):
-        h = self.head(self.norm(self.qkv(self.q(self.emb(idx)))))
-        return self.lora_block(h) if hasattr(self, "lora_block") else h
-
-
-def _model(lib=L, with_decoy=True):
-    torch.manual_seed(0)
-    m = Block(lib, with_decoy)
-    for mod in (m.emb, m.q, m.qkv):
-        with torch.no_grad():
-            mod.lora_A.normal_()
-            mod.lora_B.normal_()
-    return m
-
-
-ADAPTERS = {"emb.lora_A", "emb.lora_B", "q.lora_A", "q.lora_B", "qkv.lora_A", "qkv.lora_B"}
-BIASES = {
-    "none": set(),
-    "lora_only": {"q.bias", "qkv.bias"},
-    "all": {"q.bias", "qkv.bias", "norm.bias", "head.bias", "lora_block.0.bias"},
-}
-
-
-def _trainable(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+from _params_model import ADAPTERS, BIASES, build_model, trainable
 
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
 def test_mark_only_lora_as_trainable(bias):
-    model = _model()
+    model = build_model()
     L.mark_only_lora_as_trainable(model, bias=bias)
-    assert _trainable(model) == ADAPTERS | BIASES[bias]
-    # Same selection as loralib on a model without the decoy.
-    ours, ref = _model(L, False), _model(loralib, False)
-    L.mark_only_lora_as_trainable(ours, bias=bias)
-    loralib.mark_only_lora_as_trainable(ref, bias=bias)
-    assert _trainable(ours) == _trainable(ref)
+    assert trainable(model) == ADAPTERS | BIASES[bias]
 
 
 def test_lora_block_is_not_an_adapter():
-    ours, ref = _model(L), _model(loralib)
+    ours = build_model(L)
     L.mark_only_lora_as_trainable(ours)
-    loralib.mark_only_lora_as_trainable(ref)
-    assert "lora_block.0.weight" not in _trainable(ours)
-    assert "lora_block.0.weight" in _trainable(ref)  # loralib's substring match gets it wrong
+    assert "lora_block.0.weight" not in trainable(ours)
     assert not any(k.startswith("lora_block") for k in L.lora_state_dict(ours))
-    assert any(k.startswith("lora_block") for k in loralib.lora_state_dict(ref))
     assert {n for n, _ in L.lora_modules(ours)} == {"emb", "q", "qkv"}
     assert {n for n, _ in L.named_lora_parameters(ours)} == ADAPTERS
 
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
 def test_adamw_step_changes_only_adapters_and_chosen_biases(bias):
-    model = _model()
+    model = build_model()
     L.mark_only_lora_as_trainable(model, bias=bias)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -88,7 +41,7 @@ def test_adamw_step_changes_only_adapters_and_chosen_biases(bias):
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
 @pytest.mark.parametrize("merged", [False, True])
 def test_lora_state_dict_matches_model_state_dict(bias, merged):
-    model = _model()
+    model = build_model()
     if merged:
         model.eval()
     sd = L.lora_state_dict(model, bias=bias)
@@ -97,7 +50,7 @@ def test_lora_state_dict_matches_model_state_dict(bias, merged):
     for k, v in sd.items():
         assert torch.equal(v, full[k]) and not v.requires_grad
     # and it round-trips into a fresh model
-    fresh = _model()
+    fresh = build_model()
     with torch.no_grad():
         for p in L.lora_parameters(fresh):
             p.zero_()
@@ -108,7 +61,7 @@ def test_lora_state_dict_matches_model_state_dict(bias, merged):
 
 
 def test_count_and_parameters():
-    model = _model()
+    model = build_model()
     expected = 2 * 10 + 8 * 2 + 2 * 8 + 8 * 2 + (2 * 2) * 8 + 8 * 2
     assert L.count_lora_parameters(model) == expected
     assert sum(p.numel() for p in L.lora_parameters(model)) == expected
@@ -119,7 +72,7 @@ def test_count_and_parameters():
 
 
 def test_merge_unmerge_lora_model():
-    model = _model()
+    model = build_model()
     idx = torch.tensor([[1, 2, 3]])
     y = model(idx).detach()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -135,7 +88,7 @@ def test_merge_unmerge_lora_model():
 @pytest.mark.parametrize("fn", ["mark_only_lora_as_trainable", "lora_state_dict"])
 @pytest.mark.parametrize("bad", ["None", "lora", "", None, 1])
 def test_bias_mode_invalid(fn, bad):
-    model = _model()
+    model = build_model()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"bias") as info:
         getattr(L, fn)(model, bias=bad)
@@ -161,14 +114,11 @@ def test_mark_only_lora_as_trainable_warns_on_a_model_without_adapters(bias):
     with pytest.warns(UserWarning, match=r"no adapter parameters.*r=0") as caught:
         L.mark_only_lora_as_trainable(model, bias=bias)
     assert len(caught) == 1 and caught[0].filename == __file__
-    assert _trainable(model) == {"none": set(), "lora_only": {"0.bias"}, "all": {"0.bias", "1.bias"}}[bias]
-    ref = nn.Sequential(loralib.Linear(16, 32), nn.LayerNorm(32))
-    loralib.mark_only_lora_as_trainable(ref, bias=bias)
-    assert _trainable(model) == _trainable(ref)  # loralib's semantics are kept, only made loud
+    assert trainable(model) == {"none": set(), "lora_only": {"0.bias"}, "all": {"0.bias", "1.bias"}}[bias]
 
 
 def test_mark_only_lora_as_trainable_is_quiet_with_adapters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        L.mark_only_lora_as_trainable(_model())
+        L.mark_only_lora_as_trainable(build_model())
         L.mark_only_lora_as_trainable(nn.Sequential(L.Linear(4, 4), L.Linear(4, 4, r=2)))
