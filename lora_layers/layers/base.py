@@ -36,7 +36,8 @@ class LoRALayer(ExactMerge):
 
     Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
     ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
-    Extra: ``use_rslora``, ``lora_dtype``, ``backend``.
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``; all nine as one
+    :class:`~lora_layers.LoRASpec`: ``spec``.
 
     Subclasses implement ``_adapter_shapes``, ``_delta_blocks`` and ``forward``
     (and ``reset_lora_parameters`` when the default init does not fit).
