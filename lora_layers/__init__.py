@@ -17,6 +17,7 @@ from ._version import __version__
 from . import core, bases, layers, model, io, models
 from .core.functional import lora_linear
 from .core.loss import fused_linear_cross_entropy
+from .core.spec import LoRASpec
 from .io.adapters import AdapterSummary, load_adapter, summary
 from .io.checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .io.peft_format import export_peft, import_peft
@@ -62,6 +63,7 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "LoRASpec",
     "lora_linear",
     "fused_linear_cross_entropy",
     "mark_only_lora_as_trainable",

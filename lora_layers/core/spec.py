@@ -1,4 +1,5 @@
-"""Argument checks shared by the layers, surgery and the loaders.
+"""The LoRA settings (:class:`LoRASpec`) and the argument checks shared by the layers,
+surgery and the loaders.
 
 Each check returns the value normalised (plain ``int``/``float``, so NumPy
 scalars never reach a JSON header) or raises a ``ValueError``/``TypeError``
@@ -6,23 +7,28 @@ that names the argument, the value and what was expected.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from typing import Optional
 
 import torch
 
 from .functional import BACKENDS
 
-__all__ = ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout", "check_backend",
-           "check_lora_dtype", "check_lora_args", "check_dora"]
+__all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout",
+           "check_backend", "check_lora_dtype", "check_lora_args", "check_use_dora", "check_dora",
+           "check_dora_support", "resolve_spec"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
-        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+def check_rank(r, arg: str = "r", positive: bool = False) -> int:
+    """A rank: ``r >= 0`` for a layer (0 is a plain layer), ``r >= 1`` with ``positive`` (a model-level
+    call, which puts an adapter on every module it selects)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < int(positive):
+        raise ValueError(f"{arg} must be a {'positive' if positive else 'non-negative'} integer, got {r!r}")
     return int(r)
 
 
@@ -61,11 +67,15 @@ def check_init(init) -> str:
     return init
 
 
-def check_dora(layer, use_dora, has_adapter: bool) -> None:
-    """DoRA needs a layer type that implements it and an adapter to decompose."""
+def check_use_dora(use_dora) -> bool:
     numpy_bool = type(use_dora).__module__ == "numpy" and type(use_dora).__name__ in ("bool_", "bool")
     if not (isinstance(use_dora, bool) or numpy_bool):  # a string such as "false" would read as True
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+    return bool(use_dora)
+
+
+def check_dora_support(layer, use_dora: bool, has_adapter: bool) -> None:
+    """DoRA (``use_dora``, already a bool) needs a layer type that implements it and an adapter to decompose."""
     if not use_dora:
         return
     if not getattr(layer, "_supports_dora", False):
@@ -77,7 +87,86 @@ def check_dora(layer, use_dora, has_adapter: bool) -> None:
                          f"none (r={layer.r}{', no enabled split' if layer.r else ''}); {fix}")
 
 
+def check_dora(layer, use_dora, has_adapter: bool) -> None:
+    """:func:`check_use_dora`, then :func:`check_dora_support`."""
+    check_dora_support(layer, check_use_dora(use_dora), has_adapter)
+
+
 def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dtype=None, init="kaiming") -> None:
-    """All the checks above at once, before anything is built or changed."""
-    check_rank(r), check_alpha(lora_alpha), check_dropout(lora_dropout)
-    check_backend(backend), check_lora_dtype(lora_dtype), check_init(init)
+    """The checks of :class:`LoRASpec` for these six settings, before anything is built or changed."""
+    LoRASpec(r, lora_alpha, lora_dropout, backend=backend, lora_dtype=lora_dtype, init=init)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """The LoRA settings of a layer, checked once when the spec is made.
+
+    ``from_module(module, spec=...)`` and ``inject_lora(model, targets, spec=...)`` take one
+    in place of these keyword arguments, and ``layer.spec`` gives a layer's. ``r`` and
+    ``lora_alpha`` have no default here because the entry points' defaults differ
+    (``inject_lora``: 8 and 16; ``from_module``: 8 and 1; the constructors: 0 and 1).
+
+    Args:
+        r: adapter rank, an integer ``>= 0`` (``0``: no adapter; model-level calls need ``>= 1``).
+        lora_alpha: scaling numerator, a finite number: ``scaling = lora_alpha / r``.
+        lora_dropout: dropout on the adapter input, in ``[0, 1)`` (embeddings have none).
+        merge_weights: ``eval()`` merges and ``train()`` unmerges the adapter.
+        use_rslora: ``scaling = lora_alpha / √r``.
+        lora_dtype: dtype of the adapter parameters: None (the weight's) or fp16, bf16, fp32, fp64.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        use_dora: DoRA adapters (``True`` or ``False``; ``Linear`` and ``MergedLinear`` only).
+        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init.
+
+    Raises:
+        ValueError, TypeError: a setting is out of range or of the wrong type, naming it, the
+            value and what was expected (the messages of the layers' constructors).
+
+    Example::
+
+        >>> spec = LoRASpec(r=8, lora_alpha=16, lora_dropout=0.05)
+        >>> spec.lora_alpha / spec.r
+        2.0
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    merge_weights: bool = True
+    use_rslora: bool = False
+    lora_dtype: Optional[torch.dtype] = None
+    backend: str = "auto"
+    use_dora: bool = False
+    init: str = "kaiming"
+
+    def __post_init__(self):
+        # The order of the checks (so of the error when several settings are wrong) is check_lora_args'.
+        checked = dict(r=check_rank(self.r), lora_alpha=check_alpha(self.lora_alpha),
+                       lora_dropout=check_dropout(self.lora_dropout), backend=check_backend(self.backend),
+                       lora_dtype=check_lora_dtype(self.lora_dtype), init=check_init(self.init),
+                       use_dora=check_use_dora(self.use_dora), merge_weights=bool(self.merge_weights),
+                       use_rslora=bool(self.use_rslora))  # the last two are flags, read as loralib reads them
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+#: The setting names, in LoRASpec's field order (also the order of ``LoRALayer._init_lora``'s arguments).
+SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(LoRASpec))
+
+
+def resolve_spec(spec, kwargs: dict, caller: str, **defaults) -> LoRASpec:
+    """The spec of a call that takes ``spec`` or the settings as keyword arguments.
+
+    The settings are popped from ``kwargs`` (which keeps the call's other keyword arguments);
+    ``defaults`` are the caller's own for settings not given. ``spec`` together with a setting
+    is refused, so that no setting is silently overridden.
+    """
+    settings = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
+    if spec is None:
+        return LoRASpec(**{**defaults, **settings})
+    if not isinstance(spec, LoRASpec):
+        raise TypeError(f"{caller}: spec must be a LoRASpec or None, got {spec!r} (pass r, lora_alpha, ... "
+                        f"as keyword arguments)")
+    if settings:
+        raise TypeError(f"{caller}: pass the LoRA settings either as spec or as keyword arguments, not both "
+                        f"(got spec and {sorted(settings)})")
+    return spec

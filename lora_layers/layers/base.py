@@ -9,6 +9,7 @@ and the state_dict hooks come from :class:`~lora_layers.layers.merge_state.Exact
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -19,12 +20,13 @@ from torch import Tensor
 from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
-from ..core.spec import (check_alpha, check_backend, check_dora, check_dropout, check_init, check_lora_args,
-                         check_lora_dtype, check_rank)
+from ..core.spec import LoRASpec, check_dora_support, resolve_spec
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
+# The settings beyond loralib's four (r, lora_alpha, lora_dropout, merge_weights).
+_EXTRAS = ("use_rslora", "lora_dtype", "backend", "use_dora", "init")
 MAGNITUDE_NAME = "lora_magnitude"  # DoRA's per-row magnitude (named lora_* so it is an adapter parameter)
 ADAPTER_PREFIX = "lora_"  # a layer's own Parameters with this prefix are its adapter
 
@@ -34,7 +36,8 @@ class LoRALayer(ExactMerge):
 
     Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
     ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
-    Extra: ``use_rslora``, ``lora_dtype``, ``backend``.
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``; all nine as one
+    :class:`~lora_layers.LoRASpec`: ``spec``.
 
     Subclasses implement ``_adapter_shapes``, ``_delta_blocks`` and ``forward``
     (and ``reset_lora_parameters`` when the default init does not fit).
@@ -47,13 +50,16 @@ class LoRALayer(ExactMerge):
 
     _base_type: type = nn.Module  # the torch layer this class wraps
     _supports_dora = False
+    _adapter_dropout = True  # False: the class has no adapter dropout (from_module takes no lora_dropout)
 
     # -- construction --------------------------------------------------------
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
         """loralib's ``LoRALayer.__init__``: set the configuration attributes, nothing else."""
-        self.r = check_rank(r)
-        self.lora_alpha = check_alpha(lora_alpha)
-        dropout = nn.Dropout(p=check_dropout(lora_dropout))
+        self._set_config(LoRASpec(r, lora_alpha, lora_dropout, merge_weights))
+
+    def _set_config(self, spec: LoRASpec) -> None:
+        self.r, self.lora_alpha = spec.r, spec.lora_alpha
+        dropout = nn.Dropout(p=spec.lora_dropout)
         if "_modules" in self.__dict__:
             self.lora_dropout = dropout
         elif dropout.p == 0.0:
@@ -62,26 +68,28 @@ class LoRALayer(ExactMerge):
             object.__setattr__(self, "lora_dropout", dropout)
         else:
             raise TypeError(f"{type(self).__name__}: call the torch layer's __init__ (e.g. nn.Linear.__init__) "
-                            f"before LoRALayer.__init__ when lora_dropout={lora_dropout!r} > 0")
-        self.merged, self.merge_weights = False, bool(merge_weights)
-        self.use_rslora, self.lora_dtype, self.backend = False, None, "auto"
-        self.use_dora, self.init = False, "kaiming"
+                            f"before LoRALayer.__init__ when lora_dropout={spec.lora_dropout!r} > 0")
+        self.merged, self.merge_weights = False, spec.merge_weights
+        self.use_rslora, self.lora_dtype, self.backend = spec.use_rslora, spec.lora_dtype, spec.backend
+        self.use_dora, self.init = False, spec.init  # use_dora once the layer is known to support it
         self._merge_state = None
         self.scaling = self._compute_scaling()
         self.__dict__[SHARED_ATTR] = None
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=False,
-                   lora_dtype=None, backend="auto", use_dora=False, init="kaiming") -> None:
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights)
-        self.use_rslora = bool(use_rslora)
-        self.lora_dtype = check_lora_dtype(lora_dtype)
-        self.backend = check_backend(backend)
-        self.init = check_init(init)
-        self.scaling = self._compute_scaling()
+    def _init_lora(self, *args, **kwargs) -> None:
+        """Configure the layer and create its adapters (not initialised: ``reset_lora_parameters``).
+
+        Takes a :class:`LoRASpec`, or its fields as arguments (``r, lora_alpha, lora_dropout,
+        merge_weights, use_rslora=False, lora_dtype=None, backend="auto", use_dora=False,
+        init="kaiming"``), from which it builds one.
+        """
+        given = len(args) == 1 and not kwargs and isinstance(args[0], LoRASpec)
+        spec = args[0] if given else LoRASpec(*args, **kwargs)
+        self._set_config(spec)
         register_weight(self)
         shapes = self._adapter_shapes() if self.r > 0 else None
-        check_dora(self, use_dora, shapes is not None)
-        self.use_dora = bool(use_dora)
+        check_dora_support(self, spec.use_dora, shapes is not None)
+        self.use_dora = spec.use_dora
         if shapes is not None:
             w = self.weight
             if self.use_dora:  # one magnitude per adapted output row
@@ -91,6 +99,14 @@ class LoRALayer(ExactMerge):
                     torch.empty(shape, device=w.device, dtype=self.lora_dtype or self._base_dtype())))
             w.requires_grad_(False)  # loralib freezes the pretrained weight as soon as adapters exist
 
+    @property
+    def spec(self) -> LoRASpec:
+        """This layer's settings as a :class:`LoRASpec` (read from its attributes now), e.g. to
+        build a layer like it: ``Linear.from_module(module, spec=layer.spec)``."""
+        # A loralib-style subclass may hold any callable as lora_dropout, and lack the extras.
+        return LoRASpec(self.r, self.lora_alpha, getattr(self.lora_dropout, "p", 0.0), self.merge_weights,
+                        **{name: getattr(self, name) for name in _EXTRAS if hasattr(self, name)})
+
     def _base_dtype(self) -> torch.dtype:
         """The dtype the base computes in (a quantized base's is not its storage dtype)."""
         return self.weight.dtype
@@ -99,25 +115,37 @@ class LoRALayer(ExactMerge):
         return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @classmethod
-    def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                    merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None,
-                    backend: str = "auto", use_dora: bool = False, init: str = "kaiming", **layer_kwargs):
+    def from_module(cls, module: nn.Module, spec: Optional[LoRASpec] = None, **kwargs):
         """Wrap an existing torch layer without copying it: the new layer shares ``module``'s
-        Parameters (nothing re-initialised) and adds fresh adapters. ``layer_kwargs`` are
-        class-specific (``enable_lora``/``split_sizes`` for :class:`MergedLinear`). ``unload``
-        and ``merge_and_unload`` give back exactly the wrapped kind of module.
+        Parameters (nothing re-initialised) and adds fresh adapters. ``unload`` and
+        ``merge_and_unload`` give back exactly the wrapped kind of module.
+
+        Args:
+            module: the torch layer to wrap (``cls._base_type``).
+            spec: the LoRA settings as a :class:`LoRASpec`, or None to take them from ``kwargs``.
+            **kwargs: the settings, as keyword arguments (without ``spec``): ``r=8``,
+                ``lora_alpha=1``, ``lora_dropout=0.0``, ``merge_weights=True``, ``use_rslora=False``,
+                ``lora_dtype=None``, ``backend="auto"``, ``use_dora=False``, ``init="kaiming"``; and the
+                class-specific ones (``fan_in_fan_out`` for :class:`Linear`,
+                ``enable_lora``/``split_sizes`` for :class:`MergedLinear`, ``layout`` for convs).
 
         Raises:
             TypeError: ``module`` is not a ``cls._base_type`` (or is already a LoRA layer), its
                 weight is computed on the fly (weight_norm, parametrizations), or it has an
-                instance-level ``forward`` (accelerate hooks) that the wrapper would bypass.
+                instance-level ``forward`` (accelerate hooks) that the wrapper would bypass;
+                ``spec`` is given with a setting as keyword argument.
             ValueError: a LoRA hyper-parameter is out of range.
         """
         refuse_unwrappable(cls, module, isinstance(module, LoRALayer) or not cls._can_wrap(module))
-        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)  # before anything changes
+        if not cls._adapter_dropout and "lora_dropout" in kwargs:
+            raise TypeError(f"{cls.__name__}.from_module got an unexpected keyword argument 'lora_dropout' "
+                            f"(a {cls.__name__} has no adapter dropout)")
+        spec = resolve_spec(spec, kwargs, f"{cls.__name__}.from_module", r=8, lora_alpha=1)  # before any change
+        if not cls._adapter_dropout:
+            spec = dataclasses.replace(spec, lora_dropout=0.0)  # inject_lora's spec, say, holds one for the Linears
         obj = adopt(cls, module)
-        obj._validate_wrapped(**layer_kwargs)
-        obj._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
+        obj._validate_wrapped(**kwargs)
+        obj._init_lora(spec)
         check_adopted(obj, module)  # a weight tied before wrapping, or a module wrapped twice, never merges
         obj.reset_lora_parameters()
         return obj

@@ -42,7 +42,7 @@ from ..core.functional import dora_row_scale, dora_weight_norm, lora_conv, lora_
 from ..core.merging import accumulation_dtype, merged_copy
 from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.segments import Segments
-from ..core.spec import check_dora, check_lora_args
+from ..core.spec import LoRASpec, check_dora_support
 
 __all__ = ["Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 
@@ -98,11 +98,10 @@ class Linear(LoRALayer, nn.Linear):
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
                  use_rslora: bool = False, lora_dtype=None, backend: str = "auto", use_dora: bool = False,
                  init: str = "kaiming", **kwargs):
-        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)
+        spec = LoRASpec(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self.fan_in_fan_out = False  # the weight is (out, in) until the transpose below
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora,
-                        init)
+        self._init_lora(spec)
         self.reset_parameters()
         if fan_in_fan_out:  # loralib's order (the same seed gives the same numbers)
             self.weight.data = self.weight.data.t().contiguous()
@@ -285,12 +284,11 @@ class Linear(LoRALayer, nn.Linear):
         )
 
     @classmethod
-    def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                    merge_weights: bool = True, *, fan_in_fan_out: bool = False, **kwargs) -> "Linear":
+    def from_module(cls, module: nn.Linear, spec: Optional[LoRASpec] = None, *, fan_in_fan_out: bool = False,
+                    **kwargs) -> "Linear":
         """Wrap ``module`` (an ``nn.Linear``, or transformers' GPT-2 ``Conv1D``, which
         implies ``fan_in_fan_out=True``) sharing its Parameters; see :meth:`LoRALayer.from_module`."""
-        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights,
-                                   fan_in_fan_out=fan_in_fan_out, **kwargs)
+        return super().from_module(module, spec, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
 
 # ----------------------------------------------------------------------------- MergedLinear
@@ -364,8 +362,7 @@ class MergedLinear(Linear):
         self._set_splits(self.out_features, enable_lora, split_sizes)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                    merge_weights: bool = True, *, enable_lora: Sequence[bool],
+    def from_module(cls, module: nn.Linear, spec: Optional[LoRASpec] = None, *, enable_lora: Sequence[bool],
                     split_sizes: Optional[Sequence[int]] = None, fan_in_fan_out: bool = False,
                     **kwargs) -> "MergedLinear":
         """Wrap a fused ``nn.Linear`` sharing its Parameters, e.g. a qkv projection.
@@ -373,8 +370,7 @@ class MergedLinear(Linear):
         ``enable_lora`` has no default here: the constructor's loralib default
         ``(False,)`` would silently give a layer without adapters.
         """
-        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights,
-                                   fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+        return super().from_module(module, spec, fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
                                    split_sizes=split_sizes, **kwargs)
 
     def _adapter_shapes(self):
@@ -426,21 +422,16 @@ class Embedding(LoRALayer, nn.Embedding):
     """
 
     _base_type = nn.Embedding
+    _adapter_dropout = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, init: str = "kaiming",
                  use_dora: bool = False, **kwargs):
-        check_lora_args(r, lora_alpha, lora_dtype=lora_dtype, init=init)
-        check_dora(self, use_dora, r > 0)  # a clear TypeError: DoRA is Linear's
+        spec = LoRASpec(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype, use_dora=use_dora, init=init)
+        check_dora_support(self, spec.use_dora, spec.r > 0)  # a clear TypeError: DoRA is Linear's
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._init_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype, init=init)
+        self._init_lora(spec)
         self.reset_parameters()
-
-    @classmethod
-    def from_module(cls, module: nn.Embedding, r: int = 8, lora_alpha: float = 1,
-                    merge_weights: bool = True, **kwargs) -> "Embedding":
-        """Wrap ``module`` (an ``nn.Embedding``) sharing its weight; see :meth:`LoRALayer.from_module`."""
-        return super().from_module(module, r, lora_alpha, 0.0, merge_weights, **kwargs)
 
     def _adapter_shapes(self):
         return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
@@ -593,8 +584,8 @@ class _ConvNd(LoRALayer):
                  lora_dropout: float = 0.0, merge_weights: bool = True, *, use_rslora: bool = False,
                  lora_dtype=None, backend: str = "auto", init: str = "kaiming", use_dora: bool = False,
                  layout: str = "lora_layers", **kwargs):
-        check_lora_args(r, lora_alpha, lora_dropout, backend, lora_dtype, init)
-        check_dora(self, use_dora, r > 0)  # a clear TypeError: DoRA is Linear's
+        spec = LoRASpec(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
+        check_dora_support(self, spec.use_dora, spec.r > 0)  # a clear TypeError: DoRA is Linear's
         _check_layout(layout)
         dims = _CONV_DIMS[self._base_type]
         if isinstance(kernel_size, Sequence) and len(kernel_size) != dims:
@@ -602,7 +593,7 @@ class _ConvNd(LoRALayer):
                              f"got {kernel_size!r}")
         self._base_type.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         self._validate_wrapped(layout)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, init=init)
+        self._init_lora(spec)
         self.reset_parameters()
 
     def _validate_wrapped(self, layout: str = "lora_layers") -> None:
@@ -617,8 +608,8 @@ class _ConvNd(LoRALayer):
             raise ValueError(f"layout='loralib' {problem}")
         self.layout = layout
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, *args, **kwargs) -> None:
-        super()._init_lora(r, lora_alpha, lora_dropout, *args, **kwargs)
+    def _init_lora(self, *args, **kwargs) -> None:
+        super()._init_lora(*args, **kwargs)
         if self.layout == "loralib" and self.lora_dropout.p > 0:
             warnings.warn(f"{type(self).__name__}(layout='loralib'): lora_dropout={self.lora_dropout.p} is not "
                           f"applied, as in loralib 0.1.2, whose conv layers never apply it (the default "

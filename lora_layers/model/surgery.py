@@ -12,7 +12,7 @@ argument raises and leaves the model exactly as it was.
 """
 from __future__ import annotations
 
-import numbers
+import dataclasses
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.base import LoRALayer
-from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
+from ..core.spec import LoRASpec, check_alpha, check_rank, resolve_spec
 from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .families import undo_family_changes
 from ..layers.ties import find_shared_weights
@@ -28,7 +28,7 @@ from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
 from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
 
-__all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_modules"]
+__all__ = ["ALL_LINEAR", "inject_lora", "model_spec", "merge_and_unload", "unload", "select_modules"]
 
 ALL_LINEAR = "all-linear"
 
@@ -134,12 +134,6 @@ def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return out
 
 
-def _check_positive_rank(r, arg: str) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{arg} must be a positive integer, got {r!r}")
-    return int(r)
-
-
 def _example_names(candidates) -> str:
     names = [n for n, m in candidates if _lora_class(m) is not None][:4]
     return f" (adaptable modules are named like {names})" if names else " (the model has no adaptable layer)"
@@ -198,13 +192,10 @@ def select_modules(model: nn.Module, targets, exclude=None) -> List[Tuple[str, n
     return _select(model, _candidates(model), targets, exclude)
 
 
-def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits):
-    """Per-module (class, kwargs). Raises if a pattern key matches no replaced module."""
-    ranks = _pattern_lookup(rank_pattern, "rank_pattern")
-    alphas = _pattern_lookup(alpha_pattern, "alpha_pattern")
-    splits = _pattern_lookup(merged_splits, "merged_splits")
+def _check_patterns(plan, ranks, alphas, splits) -> None:
+    """Raise if a rank_pattern/alpha_pattern/merged_splits value is invalid, or a key matches no replaced module."""
     for key, _, value in ranks:
-        _check_positive_rank(value, f"rank_pattern[{key!r}]")
+        check_rank(value, f"rank_pattern[{key!r}]", positive=True)
     for key, _, value in alphas:
         try:
             check_alpha(value)
@@ -218,26 +209,30 @@ def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern
         if unused:
             raise ValueError(f"{arg} keys {unused} match none of the replaced modules {[n for n, _ in plan]}")
 
-    specs = []
+
+def _layer_kwargs(plan, spec: LoRASpec, rank_pattern, alpha_pattern, merged_splits):
+    """Per-module ``(class, from_module kwargs)``: ``spec`` with the module's rank and alpha from the
+    patterns, and a MergedLinear's splits. Raises if a pattern is invalid or matches no replaced module."""
+    ranks = _pattern_lookup(rank_pattern, "rank_pattern")
+    alphas = _pattern_lookup(alpha_pattern, "alpha_pattern")
+    splits = _pattern_lookup(merged_splits, "merged_splits")
+    _check_patterns(plan, ranks, alphas, splits)
+    out = []
     for name, module in plan:
         cls, kwargs = _lora_class(module), {}
-        if cls is not Embedding:  # embeddings have no adapter dropout (as in loralib)
-            kwargs["lora_dropout"] = lora_dropout
-        key, rank = _first_match(ranks, name)
-        kwargs["r"] = r if key is None else int(rank)
-        key, alpha = _first_match(alphas, name)
-        kwargs["lora_alpha"] = lora_alpha if key is None else alpha
+        (rank_key, rank), (alpha_key, alpha) = _first_match(ranks, name), _first_match(alphas, name)
+        if rank_key is not None or alpha_key is not None:
+            kwargs["spec"] = dataclasses.replace(spec, r=spec.r if rank_key is None else rank,
+                                                 lora_alpha=spec.lora_alpha if alpha_key is None else alpha)
         key, split = _first_match(splits, name)
         if key is not None:
             if cls is not Linear:
                 raise TypeError(f"merged_splits[{key!r}] matches {name} ({type(module).__name__}); "
                                 f"only nn.Linear modules can become MergedLinear")
-            sizes, enable = split
-            cls = MergedLinear
-            kwargs["split_sizes"] = sizes
-            kwargs["enable_lora"] = [True] * len(sizes) if enable is None else enable
-        specs.append((cls, kwargs))
-    return specs
+            cls, (sizes, enable) = MergedLinear, split
+            kwargs.update(split_sizes=sizes, enable_lora=[True] * len(sizes) if enable is None else enable)
+        out.append((cls, {"spec": spec, **kwargs}))
+    return out
 
 
 def _parent_slots(model: nn.Module, wanted: set) -> Dict[int, List[Tuple[nn.Module, str]]]:
@@ -263,13 +258,11 @@ def _swap(model: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
 
 # ----------------------------------------------------------------------------- public API
 
-def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: float = 16,
-                lora_dropout: float = 0.0, *, use_rslora: bool = False, lora_dtype=None,
+def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = None, *,
                 exclude: Optional[Targets] = None, rank_pattern: Optional[Mapping[str, int]] = None,
-                alpha_pattern: Optional[Mapping[str, float]] = None, merge_weights: bool = True,
-                backend: str = "auto",
+                alpha_pattern: Optional[Mapping[str, float]] = None,
                 merged_splits: Optional[Mapping[str, Tuple[Sequence[int], Optional[Sequence[bool]]]]] = None,
-                use_dora: bool = False, init: str = "kaiming") -> List[str]:
+                **settings) -> List[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
     Each selected ``nn.Linear``, ``nn.Embedding`` or ``nn.Conv1d/2d/3d`` (exact
@@ -286,24 +279,27 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
             that module); a ``str`` regex that must fullmatch the name; or
             ``"all-linear"``: every exact ``nn.Linear`` but the output head
             (``get_output_embeddings()`` and modules named ``lm_head``).
-        r: adapter rank, a positive integer.
-        lora_alpha: scaling numerator (``scaling = lora_alpha / r``).
-        lora_dropout: dropout on the adapter input (not used by embeddings).
-        use_rslora: ``scaling = lora_alpha / sqrt(r)``.
-        lora_dtype: dtype of the adapter parameters (default: each weight's).
+        spec: the LoRA settings as a :class:`~lora_layers.LoRASpec` (its ``r`` positive), or None
+            to take them from ``settings``. Not both.
         exclude: modules to leave out, in the same forms as ``targets`` (not "all-linear").
         rank_pattern: ``{pattern: r}`` per-module ranks; a pattern is a dotted
             suffix or a regex matching the name or a suffix of it after a dot.
         alpha_pattern: ``{pattern: lora_alpha}``, likewise.
-        merge_weights: passed to the layers (``eval()`` merges, ``train()`` unmerges).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         merged_splits: ``{pattern: (split_sizes, enable_lora)}``: matching
             ``nn.Linear`` modules become :class:`~lora_layers.MergedLinear` with
             those output splits (``enable_lora=None`` enables every split).
             For several matching pattern keys, the first in dict order wins.
-        use_dora: DoRA adapters (``Linear`` and ``MergedLinear`` only; another
-            selected type raises ``TypeError``). See :class:`~lora_layers.Linear`.
-        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init.
+        **settings: the LoRA settings as keyword arguments, when ``spec`` is None:
+            ``r``, the adapter rank, a positive integer (default 8);
+            ``lora_alpha``, the scaling numerator (``scaling = lora_alpha / r``; default 16);
+            ``lora_dropout``, dropout on the adapter input (not used by embeddings; default 0.0);
+            ``merge_weights``, passed to the layers (``eval()`` merges, ``train()`` unmerges; default True);
+            ``use_rslora``, ``scaling = lora_alpha / sqrt(r)`` (default False);
+            ``lora_dtype``, the dtype of the adapter parameters (default None: each weight's);
+            ``backend``, ``"auto"`` (the default), ``"torch"`` or ``"triton"``;
+            ``use_dora``, DoRA adapters (``Linear`` and ``MergedLinear`` only; another
+            selected type raises ``TypeError``; see :class:`~lora_layers.Linear`; default False);
+            ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init.
 
     Returns:
         The qualified names of the replaced modules, in model order.
@@ -314,23 +310,38 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
             twice: exclude it or unload first); a rank/alpha/split is invalid; a
             ``rank_pattern``/``alpha_pattern``/``merged_splits`` key matches no
             replaced module.
-        TypeError: an argument has the wrong type, or ``targets`` selects a module
-            that is not one of the supported layer types.
+        TypeError: an argument has the wrong type or is unknown, ``spec`` comes with a setting
+            as keyword argument, or ``targets`` selects a module that is not one of the
+            supported layer types.
 
     On any error the model is left unchanged.
     """
     model = unwrap_model(model, changes_parameters="inject_lora")
-    _check_positive_rank(r, "r")
-    check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
-    check_init(init)
+    spec = model_spec(spec, settings, "inject_lora")
     plan = select_modules(model, targets, exclude)
-    specs = _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern, merged_splits)
-
-    common = dict(merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype, backend=backend,
-                  use_dora=use_dora, init=init)
-    _swap(model, build_layers(model, plan, [(cls, {**common, **kwargs}) for cls, kwargs in specs]))
+    layer_kwargs = _layer_kwargs(plan, spec, rank_pattern, alpha_pattern, merged_splits)
+    _swap(model, build_layers(model, plan, layer_kwargs))
     mark_only_lora_as_trainable(model)
     return [name for name, _ in plan]
+
+
+def model_spec(spec: Optional[LoRASpec] = None, settings: Optional[dict] = None,
+               caller: str = "inject_lora") -> LoRASpec:
+    """The :class:`LoRASpec` of a model-level call (:func:`inject_lora`'s defaults: ``r=8``,
+    ``lora_alpha=16``): ``spec``, or one made of ``settings`` (a dict of keyword arguments, emptied).
+
+    Raises:
+        ValueError: ``r`` is not a positive integer (a model-level call puts an adapter on every
+            module it selects), or another setting is invalid.
+        TypeError: a setting has the wrong type, is unknown, or is given together with ``spec``.
+    """
+    settings = {} if settings is None else settings
+    # Checked before LoRASpec's own rank check, whose message allows r=0.
+    check_rank(spec.r if isinstance(spec, LoRASpec) else settings.get("r", 8), "r", positive=True)
+    spec = resolve_spec(spec, settings, caller, r=8, lora_alpha=16)
+    if settings:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {next(iter(settings))!r}")
+    return spec
 
 
 def build_layers(model: nn.Module, plan, specs) -> Dict[int, nn.Module]:

@@ -21,7 +21,7 @@ from . import lean as _lean
 from ...model.unwrap import unwrap_model
 from ...io.checkpoint import dropout_arg
 from ...model.families import DEFAULT_TARGETS, FITTING_CALLS, UNLOAD_STEPS
-from ...model.surgery import inject_lora
+from ...model.surgery import inject_lora, model_spec
 
 __all__ = ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
            "disable_lean"]
@@ -176,13 +176,11 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
     splits = _check_phi3(model)
     if checkpointing is not None and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
-    merged = {}
-    if "qkv_proj" in targets:
-        merged["qkv_proj"] = (splits["qkv_proj"], enable_qkv)
-    if "gate_up_proj" in targets:
-        merged["gate_up_proj"] = (splits["gate_up_proj"], None)
-    names = inject_lora(model, targets, r, lora_alpha, lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype,
-                        backend=backend, merged_splits=merged or None, use_dora=use_dora, init=init)
+    merged = {name: (splits[name], enable_qkv if name == "qkv_proj" else None) for name in splits if name in targets}
+    spec = model_spec(settings=dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                    lora_dtype=lora_dtype, backend=backend, use_dora=use_dora, init=init),
+                      caller="phi3.apply_lora")
+    names = inject_lora(model, targets, spec, merged_splits=merged or None)
     if lean:
         enable_lean(model, loss=_lean._is_causal_lm(model))
     if checkpointing is not None:
