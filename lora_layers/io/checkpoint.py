@@ -41,6 +41,7 @@ from .fileio import (
     to_storable,
 )
 from ..layers.base import ADAPTER_NAMES
+from ..layers.merge_state import unmerged
 from ..layers.modules import LoRALayer, _ConvNd
 from ..model.families import FITTING_CALLS
 from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
@@ -504,22 +505,12 @@ def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
 def apply_copies(copies) -> None:
     """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge).
     A conv layer whose planned adapter has another shape switches to loralib's layout first."""
-    layers = {}
-    for _, layer, _, _ in copies:
-        if layer is not None and layer.merged:
-            layers[id(layer)] = layer
-    for layer in layers.values():
-        layer.unmerge()
-    switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
-    for layer in switching.values():
-        layer._use_loralib_layout()
-    try:
+    with unmerged(*(layer for _, layer, _, _ in copies if layer is not None)):
+        switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
+        for layer in switching.values():
+            layer._use_loralib_layout()
         for _, _, param, tensor in copies:
             param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity
-    finally:
-        for layer in layers.values():
-            if layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
-                layer.merge()
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:

@@ -31,6 +31,7 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
 from ..core.functional import dora_weight_norm, row_sq_norm
+from ..layers.merge_state import unmerged
 from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from ..model.params import lora_modules
 
@@ -704,10 +705,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                 parent_name, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
                 new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
-            was_merged = layer.merged
-            layer.unmerge()
-            for local, value in tensors.items():
-                getattr(layer, local).copy_(value)
-            if was_merged and layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
-                layer.merge()
+            with unmerged(layer):
+                for local, value in tensors.items():
+                    getattr(layer, local).copy_(value)
     return [name for name, *_ in plan]
