@@ -18,7 +18,7 @@ from . import core, bases, layers, model, io, models
 from .core.functional import lora_linear
 from .core.loss import fused_linear_cross_entropy
 from .core.spec import LoRASpec
-from .io.adapters import AdapterSummary, load_adapter, summary
+from .io.adapters import load_adapter
 from .io.checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .io.peft_format import export_peft, import_peft
 from .io.training_state import load_training_state, save_training_state
@@ -36,6 +36,7 @@ from .model.params import (
     unmerge_lora,
 )
 from .model.quantize import quantize_base
+from .model.summary import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .models import phi3
 

@@ -41,6 +41,7 @@ from .fileio import (
     to_storable,
 )
 from ..layers.base import ADAPTER_NAMES
+from ..layers.merge_state import unmerged
 from ..layers.modules import LoRALayer, _ConvNd
 from ..model.families import FITTING_CALLS
 from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
@@ -320,74 +321,19 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     ``"none"`` nothing (``load_adapter`` itself, where only a tampered header can differ).
     """
     model = unwrap_model(model)
-    params = dict(named_lora_parameters(model))
     owner = {}  # key -> LoRA layer whose merge state must be handled
     for name, layer in lora_modules(model):
         for local in layer.adapter_parameters():
             owner[f"{name}.{local}" if name else local] = layer
-    all_biases = named_bias_parameters(model, "all")
-    bias_mode = meta.get(META_BIAS)
-    if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
-        raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
-                              f"expected 'none', 'all' or 'lora_only'")
-    expected = dict(params)
-    if bias_mode is not None:
-        expected.update(named_bias_parameters(model, bias_mode))
-    else:  # loralib files carry no bias mode: accept whichever biases they hold
-        tensors = _loralib_conv_keys(model, tensors)
-        expected.update({k: all_biases[k] for k in tensors if k in all_biases})
-
+    expected, tensors = _expected_keys(model, tensors, meta, source)
     missing = sorted(k for k in expected if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in expected)
-    problems, mismatched = [], set()
-
-    saved_modules = {}
-    if META_MODULES in meta:
-        try:
-            saved_modules = json.loads(meta[META_MODULES])
-            assert isinstance(saved_modules, dict)
-        except (ValueError, AssertionError) as exc:
-            raise CheckpointError(f"{source}: header field {META_MODULES} is not a JSON object: {exc}") from exc
-    modules = dict(lora_modules(model))
-    differing = []
-    for mod_name, saved in saved_modules.items():
-        layer = modules.get(mod_name)
-        if layer is None or not isinstance(saved, dict):
-            continue  # its keys are reported as unexpected
-        diffs = _config_mismatches(saved, layer)
-        if diffs:
-            differing.append((mod_name, layer, "; ".join(diffs)))
-            mismatched.update(k for k in tensors if owner.get(k) is layer)
-    problems.extend(_config_problems(model, differing, saved_modules, hint))
-
-    copies = []
-    layout_shapes, layout_hints = _conv_layouts(model, tensors)
-    for key in sorted(tensors):
-        if key not in expected or key in mismatched:
-            continue
-        t, p = tensors[key], expected[key]
-        if tuple(t.shape) != layout_shapes.get(key, tuple(p.shape)):
-            hint = f" ({layout_hints[key]})" if key in layout_hints else ""
-            problems.append(f"{key}: shape mismatch, expected {tuple(p.shape)} (model), got {tuple(t.shape)} "
-                            f"(checkpoint){hint}")
-            mismatched.add(key)
-        elif not t.is_floating_point():
-            problems.append(f"{key}: dtype {t.dtype} is not a floating dtype (model has {p.dtype})")
-            mismatched.add(key)
-        elif p.is_meta:  # a copy into a meta tensor is a no-op: it would report a load that never happened
-            problems.append(f"{key}: the model's parameter is on the meta device (no storage to load into); "
-                            f"materialise the model first, e.g. model.to_empty(device='cpu')")
-            mismatched.add(key)
-        else:
-            copies.append((key, owner.get(key), p, t))
-
-    if missing:
-        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
-    # A differing module's extra keys (a DoRA magnitude, ...) are explained by its settings line.
-    explained = {name for name, _, _ in differing}
-    if any(k.rpartition(".")[0] not in explained for k in unexpected):
-        problems.append(f"unexpected keys (in the checkpoint, not in the model): "
-                        f"{[k for k in unexpected if k.rpartition('.')[0] not in explained]}")
+    saved_modules = _saved_modules(meta, source)
+    differing = _differing_modules(model, saved_modules)
+    mismatched = {k for k in tensors if any(owner.get(k) is layer for _, layer, _ in differing)}
+    problems = _config_problems(model, differing, saved_modules, hint)
+    copies = _checked_copies(model, tensors, expected, owner, mismatched, problems)
+    problems.extend(_key_problems(missing, unexpected, differing))
     user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX) and k != META_HF_FORMAT}
     result = LoadResult(missing, unexpected, sorted(mismatched), user)
     if problems and strict:
@@ -397,6 +343,94 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
         warnings.warn(f"{source}: loading with strict=False, skipping:\n  - " + "\n  - ".join(problems),
                       stacklevel=3)
     return copies, result
+
+
+def _expected_keys(model: nn.Module, tensors: Dict[str, Tensor],
+                   meta: Dict[str, str], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """``(the parameters the file should hold by key, the file's tensors)``: the adapters, and the biases of
+    the header's bias mode, or, in a loralib file (no mode, loralib's conv keys renamed), those it holds."""
+    expected = dict(named_lora_parameters(model))
+    bias_mode = meta.get(META_BIAS)
+    if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
+        raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
+                              f"expected 'none', 'all' or 'lora_only'")
+    if bias_mode is not None:
+        expected.update(named_bias_parameters(model, bias_mode))
+    else:  # loralib files carry no bias mode: accept whichever biases they hold
+        all_biases = named_bias_parameters(model, "all")
+        tensors = _loralib_conv_keys(model, tensors)
+        expected.update({k: all_biases[k] for k in tensors if k in all_biases})
+    return expected, tensors
+
+
+def _saved_modules(meta: Dict[str, str], source: str) -> Dict[str, Any]:
+    """The header's per-module settings (``{}`` in a file without them)."""
+    if META_MODULES not in meta:
+        return {}
+    try:
+        saved_modules = json.loads(meta[META_MODULES])
+        assert isinstance(saved_modules, dict)
+    except (ValueError, AssertionError) as exc:
+        raise CheckpointError(f"{source}: header field {META_MODULES} is not a JSON object: {exc}") from exc
+    return saved_modules
+
+
+def _differing_modules(model: nn.Module, saved_modules: Dict[str, Any]) -> List[Tuple[str, LoRALayer, str]]:
+    """``(name, layer, what differs)`` for each LoRA layer whose settings differ from the header's."""
+    modules = dict(lora_modules(model))
+    differing = []
+    for mod_name, saved in saved_modules.items():
+        layer = modules.get(mod_name)
+        if layer is None or not isinstance(saved, dict):
+            continue  # its keys are reported as unexpected
+        diffs = _config_mismatches(saved, layer)
+        if diffs:
+            differing.append((mod_name, layer, "; ".join(diffs)))
+    return differing
+
+
+def _checked_copies(model: nn.Module, tensors: Dict[str, Tensor], expected: Dict[str, Tensor], owner,
+                    mismatched: set, problems: List[str]) -> list:
+    """``[(key, owning layer or None, parameter, tensor)]`` for the keys that load; a key that cannot
+    goes to ``mismatched``, with its reason to ``problems``."""
+    copies = []
+    layout_shapes, layout_hints = _conv_layouts(model, tensors)
+    for key in sorted(tensors):
+        if key not in expected or key in mismatched:
+            continue
+        t, p = tensors[key], expected[key]
+        problem = _copy_problem(key, t, p, layout_shapes.get(key, tuple(p.shape)), layout_hints.get(key))
+        if problem is None:
+            copies.append((key, owner.get(key), p, t))
+        else:
+            problems.append(problem)
+            mismatched.add(key)
+    return copies
+
+
+def _copy_problem(key: str, t: Tensor, p: Tensor, shape: tuple, layout_hint: Optional[str]) -> Optional[str]:
+    """Why the file's ``t`` cannot be copied into the model's ``p`` (expected to take ``shape``), or None."""
+    if tuple(t.shape) != shape:
+        hint = f" ({layout_hint})" if layout_hint else ""
+        return f"{key}: shape mismatch, expected {tuple(p.shape)} (model), got {tuple(t.shape)} (checkpoint){hint}"
+    if not t.is_floating_point():
+        return f"{key}: dtype {t.dtype} is not a floating dtype (model has {p.dtype})"
+    if p.is_meta:  # a copy into a meta tensor is a no-op: it would report a load that never happened
+        return (f"{key}: the model's parameter is on the meta device (no storage to load into); "
+                f"materialise the model first, e.g. model.to_empty(device='cpu')")
+    return None
+
+
+def _key_problems(missing: List[str], unexpected: List[str], differing) -> List[str]:
+    problems = []
+    if missing:
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
+    # A differing module's extra keys (a DoRA magnitude, ...) are explained by its settings line.
+    explained = {name for name, _, _ in differing}
+    if any(k.rpartition(".")[0] not in explained for k in unexpected):
+        problems.append(f"unexpected keys (in the checkpoint, not in the model): "
+                        f"{[k for k in unexpected if k.rpartition('.')[0] not in explained]}")
+    return problems
 
 
 def _suffix_counts(names) -> str:
@@ -504,22 +538,12 @@ def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
 def apply_copies(copies) -> None:
     """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge).
     A conv layer whose planned adapter has another shape switches to loralib's layout first."""
-    layers = {}
-    for _, layer, _, _ in copies:
-        if layer is not None and layer.merged:
-            layers[id(layer)] = layer
-    for layer in layers.values():
-        layer.unmerge()
-    switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
-    for layer in switching.values():
-        layer._use_loralib_layout()
-    try:
+    with unmerged(*(layer for _, layer, _, _ in copies if layer is not None)):
+        switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
+        for layer in switching.values():
+            layer._use_loralib_layout()
         for _, _, param, tensor in copies:
             param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity
-    finally:
-        for layer in layers.values():
-            if layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
-                layer.merge()
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:

@@ -21,6 +21,7 @@ import re
 import stat
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -31,6 +32,7 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
 from ..core.functional import dora_weight_norm, row_sq_norm
+from ..layers.merge_state import unmerged
 from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from ..model.params import lora_modules
 
@@ -279,6 +281,22 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     if len(dora) > 1:
         raise NotImplementedError("export_peft: the model mixes DoRA and plain LoRA layers; a PEFT adapter is "
                                   "either all DoRA or all LoRA (use_dora is one flag for the whole adapter)")
+    tensors, per_module, rslora = _exported(layers)
+    config = _peft_config(model, per_module, rslora, use_dora=dora == {True},
+                          base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+
+    data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    # Both files change together or not at all: new weights beside an old config (another alpha) would
+    # load in PEFT and vLLM without complaint. An old adapter_model.bin would shadow nothing but mislead.
+    with atomic_folder(out_dir, "a PEFT adapter", "out_dir", owned=_PEFT_FILES) as tmp:
+        atomic_write(os.path.join(tmp, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
+        atomic_write(os.path.join(tmp, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
+
+
+def _exported(layers: List[Tuple[str, LoRALayer]]) -> Tuple[Dict[str, Tensor], Dict[str, tuple], bool]:
+    """``(PEFT tensors, {name: (rank, alpha, use_rslora, layer)}, use_rslora)``: the rsLoRA mode is
+    the most common one, and a module in the other mode gets the alpha that keeps its scaling."""
     tensors: Dict[str, Tensor] = {}
     per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
     for name, layer in layers:
@@ -290,6 +308,13 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     for name, (r, alpha, use_rs, layer) in per_module.items():
         if use_rs != rslora:  # express this module's scaling in the global mode
             per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
+    return tensors, per_module, rslora
+
+
+def _peft_config(model: nn.Module, per_module: Dict[str, tuple], rslora: bool, *, use_dora: bool,
+                 base_model_name_or_path: Optional[str], task_type) -> Dict[str, Any]:
+    """``adapter_config.json`` for the modules of :func:`_exported`: the most common rank and alpha,
+    the others as patterns (see :func:`export_peft`)."""
     r0 = Counter(v[0] for v in per_module.values()).most_common(1)[0][0]
     a0 = Counter(v[1] for v in per_module.values()).most_common(1)[0][0]
     all_names = _base_module_names(model)
@@ -301,7 +326,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer in per_module.values())
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": _task_type(task_type, model),
         "r": r0,
@@ -310,7 +335,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": rslora,
-        "use_dora": dora == {True},
+        "use_dora": use_dora,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "lora_dropout": dropouts.most_common(1)[0][0],
@@ -319,14 +344,6 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         "init_lora_weights": True,
         "base_model_name_or_path": base_model_name_or_path,
     }
-
-    data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
-    text = json.dumps(config, indent=2, sort_keys=True).encode()
-    # Both files change together or not at all: new weights beside an old config (another alpha) would
-    # load in PEFT and vLLM without complaint. An old adapter_model.bin would shadow nothing but mislead.
-    with atomic_folder(out_dir, "a PEFT adapter", "out_dir", owned=_PEFT_FILES) as tmp:
-        atomic_write(os.path.join(tmp, PEFT_WEIGHTS_NAME), lambda f: f.write(data), "PEFT adapter weights")
-        atomic_write(os.path.join(tmp, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
 
 
 # ----------------------------------------------------------------------------- import
@@ -342,6 +359,13 @@ def _is_int(value) -> bool:
 
 def _is_finite_number(value) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+_INT_TEXT = "a positive integer (PEFT types it as int; 2.0 is refused too)"
+
+
+def _is_positive_int(value) -> bool:
+    return _is_int(value) and value > 0
 
 
 def _init_problem(value) -> Optional[str]:
@@ -375,46 +399,55 @@ def _check_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
             problems.append(f"{key}={value!r} is invalid: expected {expected}")
         return value
 
-    positive_int, finite = (lambda v: _is_int(v) and v > 0), _is_finite_number
-    int_text = "a positive integer (PEFT types it as int; 2.0 is refused too)"
     settings = {
-        "r": get("r", 8, positive_int, int_text),
-        "lora_alpha": get("lora_alpha", 8, finite, "a finite number"),
+        "r": get("r", 8, _is_positive_int, _INT_TEXT),
+        "lora_alpha": get("lora_alpha", 8, _is_finite_number, "a finite number"),
         "use_rslora": get("use_rslora", False, lambda v: isinstance(v, bool), "true or false"),
         "fan_in_fan_out": get("fan_in_fan_out", False, lambda v: isinstance(v, bool), "true or false"),
         "use_dora": get("use_dora", False, lambda v: isinstance(v, bool), "true or false"),
         "lora_dropout": get("lora_dropout", 0.0, lambda v: _is_finite_number(v) and 0 <= v < 1,
                             "a number in [0, 1)"),
     }
-    for key, ok, expected in (("rank_pattern", positive_int, int_text), ("alpha_pattern", finite, "a finite number")):
-        patterns = config.get(key) or {}
-        settings[key] = patterns
-        if not isinstance(patterns, dict):
-            problems.append(f"{key}={patterns!r} is invalid: expected an object mapping module-name patterns "
-                            f"to values")
-            settings[key] = {}
-            continue
-        for pattern, value in patterns.items():
-            try:
-                _peft_pattern_matches(pattern, "")
-            except re.error as exc:
-                problems.append(f"{key} key {pattern!r} is not a valid regular expression (PEFT matches "
-                                f"keys as regexes): {exc}")
-            if not ok(value):
-                problems.append(f"{key}[{pattern!r}]={value!r} is invalid: expected {expected}")
+    for key, ok, expected in (("rank_pattern", _is_positive_int, _INT_TEXT),
+                              ("alpha_pattern", _is_finite_number, "a finite number")):
+        settings[key] = _check_patterns(key, config.get(key) or {}, ok, expected, problems)
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} is not supported, expected 'none' "
                         f"(trained biases are not part of a LoRA adapter here)")
     init = _init_problem(config.get("init_lora_weights", True))
     if init:
         problems.append(init)
+    problems.extend(_option_problems(config))
+    return settings, problems
+
+
+def _check_patterns(key: str, patterns, ok, expected: str, problems: List[str]) -> Dict[str, Any]:
+    """A rank/alpha_pattern as import_peft uses it (``{}`` if it is not a mapping); its problems go to ``problems``."""
+    if not isinstance(patterns, dict):
+        problems.append(f"{key}={patterns!r} is invalid: expected an object mapping module-name patterns "
+                        f"to values")
+        return {}
+    for pattern, value in patterns.items():
+        try:
+            _peft_pattern_matches(pattern, "")
+        except re.error as exc:
+            problems.append(f"{key} key {pattern!r} is not a valid regular expression (PEFT matches "
+                            f"keys as regexes): {exc}")
+        if not ok(value):
+            problems.append(f"{key}[{pattern!r}]={value!r} is invalid: expected {expected}")
+    return patterns
+
+
+def _option_problems(config: Dict[str, Any]) -> List[str]:
+    """The options that are set and that lora_layers does not implement (refused, or unknown)."""
+    problems = []
     for key, value in config.items():
         if key in _REFUSED and not _is_unset(value):
             problems.append(f"{key}={value!r} is not supported: lora_layers does not implement {_REFUSED[key]}")
         elif key not in _REFUSED and key not in _IMPLEMENTED and key not in _HARMLESS and not _is_unset(value):
             problems.append(f"{key}={value!r} is not supported: an unknown option (not a field of PEFT "
                             f"0.21's LoraConfig); unknown options are refused unless null, false or empty")
-    return settings, problems
+    return problems
 
 
 def _is_file_in(dir_fd: int, name: str) -> bool:
@@ -499,79 +532,129 @@ def _strip_wrapper_prefix(model: nn.Module, groups: Dict[str, Dict[str, Tensor]]
     return {strip_prefix(k, prefix): v for k, v in groups.items()}, {**config, **patterns}
 
 
-def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alpha: float, rslora: bool,
-                 dropout: float, fan_in_fan_out: bool, use_dora: bool):
+@dataclass(frozen=True)
+class _Settings:
+    """One module's adapter settings: the config's, with its rank/alpha_pattern entry resolved."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    fan_in_fan_out: bool
+    use_dora: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _module_settings(config: Dict[str, Any], name: str) -> _Settings:
+    return _Settings(r=_peft_pattern_value(config["rank_pattern"], name, config["r"]),
+                     alpha=_peft_pattern_value(config["alpha_pattern"], name, config["lora_alpha"]),
+                     rslora=config["use_rslora"], dropout=float(config["lora_dropout"]),
+                     fan_in_fan_out=config["fan_in_fan_out"], use_dora=bool(config["use_dora"]))
+
+
+def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], s: _Settings):
     """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
     or raise ValueError."""
+    A, B, M, embedding = _adapter_tensors(module, t, s)
+    if isinstance(module, MergedLinear):
+        return None, module, _merged_linear_tensors(module, A, B, M, s, embedding)
+    if _holds_as_loralib_conv(module, s, M, embedding):
+        return None, module, _loralib_conv_tensors(module, A, B)
+    layer = _target_layer(name, module, s, embedding)
+    return (layer if layer is not module else None), layer, _layer_tensors(layer, A, B, M)
+
+
+def _adapter_tensors(module: nn.Module, t: Dict[str, Tensor], s: _Settings):
+    """``(A, B, DoRA magnitude or None, whether the keys are an embedding's)`` of one module's
+    tensors; ValueError unless they are one adapter of rank ``s.r`` that ``s.use_dora`` describes."""
     t = dict(t)
     M = t.pop("M", None)
     A, B = (t.get("EA"), t.get("EB")) if "EA" in t or "EB" in t else (t.get("A"), t.get("B"))
     if A is None or B is None or len(t) != 2:
         raise ValueError(f"needs exactly one A and one B tensor, got {sorted(t)}")
-    if use_dora and M is None:
-        raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
-    if M is not None and not use_dora:
-        raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
-    if M is not None and ("EA" in t or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
-                                                                                    Conv3d))):
-        raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
-    if A.dim() < 2 or A.shape[0] != r:
-        raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
-    scaling = alpha / (math.sqrt(r) if rslora else r)
     embedding = "EA" in t
-    if isinstance(module, MergedLinear):
-        if embedding:
-            raise ValueError("embedding keys for a MergedLinear")
-        segments, lr = module.segments, module.r
-        n = 0 if segments is None else segments.count
-        if not module.has_adapter or r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape):
-            raise ValueError(f"PEFT rank {r} with A {tuple(A.shape)}, B {tuple(B.shape)} does not fit this "
-                             f"MergedLinear (r={lr}, {n} enabled splits, lora_A "
-                             f"{tuple(module.lora_A.shape) if module.has_adapter else None})")
-        if not math.isclose(scaling, module.scaling, rel_tol=1e-6):
-            raise ValueError(f"PEFT scaling {scaling} differs from the layer's {module.scaling}")
-        if module.use_dora != use_dora:
-            raise ValueError(f"the layer has use_dora={module.use_dora}, the adapter use_dora={use_dora}")
-        try:
-            stacked = segments.from_block_diagonal(B, lr)
-            tensors = {"lora_A": A, "lora_B": stacked}
-            if M is not None:
-                tensors["lora_magnitude"] = _adapted_magnitude(module, M)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
-        return None, module, tensors
-    if (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
+    if s.use_dora and M is None:
+        raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
+    if M is not None and not s.use_dora:
+        raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
+    if M is not None and (embedding or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
+                                                                                   Conv3d))):
+        raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
+    if A.dim() < 2 or A.shape[0] != s.r:
+        raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={s.r} rows (config/rank_pattern)")
+    return A, B, M, embedding
+
+
+def _merged_linear_tensors(module: MergedLinear, A: Tensor, B: Tensor, M: Optional[Tensor], s: _Settings,
+                           embedding: bool) -> Dict[str, Tensor]:
+    """A MergedLinear's own tensors from the one rank-``r·n`` adapter :func:`export_peft` writes for it."""
+    if embedding:
+        raise ValueError("embedding keys for a MergedLinear")
+    segments, lr = module.segments, module.r
+    n = 0 if segments is None else segments.count
+    if not module.has_adapter or s.r != lr * n or tuple(A.shape) != tuple(module.lora_A.shape):
+        raise ValueError(f"PEFT rank {s.r} with A {tuple(A.shape)}, B {tuple(B.shape)} does not fit this "
+                         f"MergedLinear (r={lr}, {n} enabled splits, lora_A "
+                         f"{tuple(module.lora_A.shape) if module.has_adapter else None})")
+    if not math.isclose(s.scaling, module.scaling, rel_tol=1e-6):
+        raise ValueError(f"PEFT scaling {s.scaling} differs from the layer's {module.scaling}")
+    if module.use_dora != s.use_dora:
+        raise ValueError(f"the layer has use_dora={module.use_dora}, the adapter use_dora={s.use_dora}")
+    try:
+        stacked = segments.from_block_diagonal(B, lr)
+        tensors = {"lora_A": A, "lora_B": stacked}
+        if M is not None:
+            tensors["lora_magnitude"] = _adapted_magnitude(module, M)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
+    return tensors
+
+
+def _holds_as_loralib_conv(module: nn.Module, s: _Settings, M: Optional[Tensor], embedding: bool) -> bool:
+    """Whether ``module`` is a loralib-layout conv layer that the rank-``r·k²`` adapter of
+    :func:`export_peft` fits (then :func:`_loralib_conv_tensors` takes it apart)."""
+    return (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
             and not embedding and M is None and module.kernel_size[0] > 1
-            and r == module.r * module.kernel_size[0] ** 2 and math.isclose(scaling, module.scaling, rel_tol=1e-6)):
-        return None, module, _loralib_conv_tensors(module, A, B)
+            and s.r == module.r * module.kernel_size[0] ** 2 and math.isclose(s.scaling, module.scaling, rel_tol=1e-6))
+
+
+def _target_layer(name: str, module: nn.Module, s: _Settings, embedding: bool) -> LoRALayer:
+    """``module`` itself if it is a LoRA layer with these settings, else a new layer wrapping it
+    (sharing its weights); ValueError if neither can hold the adapter."""
     if isinstance(module, LoRALayer):
-        if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6) \
-                or module.use_dora != use_dora:
+        if not module.has_adapter or module.r != s.r or not math.isclose(s.scaling, module.scaling, rel_tol=1e-6) \
+                or module.use_dora != s.use_dora:
             raise ValueError(f"already a {type(module).__name__} with r={module.r}, scaling={module.scaling}, "
-                             f"use_dora={module.use_dora}; the adapter has r={r}, scaling={scaling}, "
-                             f"use_dora={use_dora}")
-        layer = module
-    elif isinstance(module, nn.Embedding) and embedding:
+                             f"use_dora={module.use_dora}; the adapter has r={s.r}, scaling={s.scaling}, "
+                             f"use_dora={s.use_dora}")
+        return module
+    if isinstance(module, nn.Embedding) and embedding:
         if module.max_norm is not None:
             raise ValueError(f"max_norm={module.max_norm} is applied to the LoRA lookup by PEFT, not by lora_layers")
-        layer = Embedding.from_module(module, r=r, lora_alpha=alpha, use_rslora=rslora)
-    elif type(module) in _CONVS and not embedding:
+        return Embedding.from_module(module, r=s.r, lora_alpha=s.alpha, use_rslora=s.rslora)
+    if type(module) in _CONVS and not embedding:
         why = _conv_representable(module)
         if why:
             raise ValueError(why)
-        layer = _CONVS[type(module)].from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                 use_rslora=rslora)
-    elif isinstance(module, nn.Linear) and not embedding:
-        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                                   use_dora=use_dora)
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
-        if not fan_in_fan_out:
+        return _CONVS[type(module)].from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                                                use_rslora=s.rslora)
+    if isinstance(module, nn.Linear) and not embedding:
+        return Linear.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora,
+                                  use_dora=s.use_dora)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
+        if not s.fan_in_fan_out:
             warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
-        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                                   fan_in_fan_out=True, use_dora=use_dora)
-    else:
-        raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
-                         f"on a {type(module).__name__}")
+        return Linear.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora,
+                                  fan_in_fan_out=True, use_dora=s.use_dora)
+    raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
+                     f"on a {type(module).__name__}")
+
+
+def _layer_tensors(layer: LoRALayer, A: Tensor, B: Tensor, M: Optional[Tensor]) -> Dict[str, Tensor]:
+    """``layer``'s parameters from PEFT's tensors; ValueError on a shape that does not fit."""
     if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
         # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
         A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
@@ -583,7 +666,7 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         want = getattr(layer, label)
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{label} shape mismatch, expected {tuple(want.shape)}, got {tuple(got.shape)}")
-    return (layer if layer is not module else None), layer, tensors
+    return tensors
 
 
 def _loralib_conv_tensors(layer, A: Tensor, B: Tensor) -> Dict[str, Tensor]:
@@ -653,6 +736,21 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     """
     wrapped, model = model, unwrap_model(model)
     adapter_dir = os.fspath(adapter_dir)
+    config, groups, problems = _read_adapter(model, adapter_dir)
+    plan = _plan_import(model, groups, config, problems)
+    if problems and strict:
+        raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    if problems:
+        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
+    if any(new_layer is not None for _, new_layer, _, _ in plan):
+        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
+    _apply_import(model, plan)
+    return [name for name, *_ in plan]
+
+
+def _read_adapter(model: nn.Module, adapter_dir: str):
+    """``(config, {module name: tensors}, problems with the keys)`` of a PEFT adapter folder, in ``model``'s names."""
     # One version of the folder, even while export_peft swaps in another: never one's config with the
     # other's weights.
     config, weights = read_folder(
@@ -665,49 +763,55 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
                         f"{unprefixed}")
     if unknown:
         problems.append(f"keys that are not plain LoRA A/B tensors: {unknown}")
-    rslora, dropout = config["use_rslora"], float(config["lora_dropout"])
+    return config, groups, problems
+
+
+def _plan_import(model: nn.Module, groups: Dict[str, Dict[str, Tensor]], config: Dict[str, Any],
+                 problems: List[str]) -> list:
+    """``[(name, new layer or None, target layer, {parameter name: tensor})]`` for the modules that
+    fit, in name order; what does not fit is added to ``problems``. The model is not changed."""
     plan = []
     # from_module freezes the weights it wraps; undo that for the planning phase so a refusal changes nothing.
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    for name in sorted(groups):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name!r}: no such module in the model")
-            continue
-        saved_base = groups[name].pop("base", None)
-        if saved_base is not None and not (saved_base.shape == module.weight.shape
-                                           and torch.equal(saved_base.to(module.weight), module.weight)):
-            problems.append(f"{name!r}: the adapter replaces the base weight ({PEFT_KEY_PREFIX}{name}."
-                            f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
-                            f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
-            continue
-        r = _peft_pattern_value(config["rank_pattern"], name, config["r"])
-        alpha = _peft_pattern_value(config["alpha_pattern"], name, config["lora_alpha"])
-        try:
-            plan.append((name,) + _plan_module(name, module, groups[name], r, alpha, rslora, dropout,
-                                               config["fan_in_fan_out"], bool(config["use_dora"])))
-        except (ValueError, TypeError) as exc:
-            problems.append(f"{name!r} ({type(module).__name__}): {exc}")
-    for p, flag in flags:
-        p.requires_grad_(flag)
-    if problems and strict:
-        raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
-                              + "\n  - ".join(problems))
-    if problems:
-        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
-    if any(new_layer is not None for _, new_layer, _, _ in plan):
-        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
-    with torch.no_grad():
-        for name, new_layer, layer, tensors in plan:
-            if new_layer is not None:
-                parent_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
-                new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
-            was_merged = layer.merged
-            layer.unmerge()
+    try:
+        for name in sorted(groups):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                problems.append(f"{name!r}: no such module in the model")
+                continue
+            problem = _saved_base_problem(name, module, groups[name].pop("base", None))
+            if problem is not None:
+                problems.append(problem)
+                continue
+            try:
+                plan.append((name,) + _plan_module(name, module, groups[name], _module_settings(config, name)))
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{name!r} ({type(module).__name__}): {exc}")
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return plan
+
+
+def _saved_base_problem(name: str, module: nn.Module, saved_base: Optional[Tensor]) -> Optional[str]:
+    """Why the base weight that PEFT's save_embedding_layers saved cannot be imported (it differs), or None."""
+    if saved_base is None or (saved_base.shape == module.weight.shape
+                              and torch.equal(saved_base.to(module.weight), module.weight)):
+        return None
+    return (f"{name!r}: the adapter replaces the base weight ({PEFT_KEY_PREFIX}{name}."
+            f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
+            f"lora_layers imports only LoRA A/B (save with save_embedding_layers=False)")
+
+
+@torch.no_grad()
+def _apply_import(model: nn.Module, plan: list) -> None:
+    """Put the planned new layers in place and copy the tensors in (a merged layer merges them in)."""
+    for name, new_layer, layer, tensors in plan:
+        if new_layer is not None:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+            new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
+        with unmerged(layer):
             for local, value in tensors.items():
                 getattr(layer, local).copy_(value)
-            if was_merged and layer._merge_blocker() is None:  # else unmerged, as eval() leaves it
-                layer.merge()
-    return [name for name, *_ in plan]

@@ -273,6 +273,19 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     path, new_folder = _save_destination(path_or_dir)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+    payload = _payload(model, optimizer, scheduler, step, extra, bias)
+    if new_folder is not None:
+        os.mkdir(new_folder)
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f), _WHAT, _ARG)
+    except BaseException:
+        if new_folder is not None:
+            os.rmdir(new_folder)
+        raise
+
+
+def _payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, extra, bias: str) -> dict:
+    """What :func:`save_training_state` writes: the state as plain data, and the SHA-256 over it."""
     adapter, header = adapter_payload(model, bias)
     state = {
         "library_version": __version__,
@@ -288,16 +301,8 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     }
     h = hashlib.sha256()
     state = _plain(state, "", h)
-    payload = {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
-               KEY_SHA256: h.hexdigest(), KEY_STATE: state}
-    if new_folder is not None:
-        os.mkdir(new_folder)
-    try:
-        atomic_write(path, lambda f: torch.save(payload, f), _WHAT, _ARG)
-    except BaseException:
-        if new_folder is not None:
-            os.rmdir(new_folder)
-        raise
+    return {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
+            KEY_SHA256: h.hexdigest(), KEY_STATE: state}
 
 
 # ----------------------------------------------------------------------------- load: read and check the file

@@ -10,8 +10,9 @@ the base loads as such.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from ..core.merging import (BASE_CHECK, BITS_DTYPE, MERGED_CHECK, MERGED_FACTORS
 from .notices import warn_merged_export_as_base
 from .ties import LOADING_ATTR, register_weight, shared_weight_reason
 
-__all__ = ["ExactMerge"]
+__all__ = ["ExactMerge", "unmerged"]
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -31,6 +32,28 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
                 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
         return False
+
+
+@contextlib.contextmanager
+def unmerged(*layers) -> Iterator[None]:
+    """Unmerge the merged ones of ``layers`` for the body of a ``with``, then merge them again.
+
+    The re-merge runs however the body ends (an exception included), so that a failed write
+    leaves no layer unmerged that was merged; a layer that can no longer merge then (its weight
+    was tied or assigned meanwhile) stays unmerged, as ``eval()`` leaves it. Layers that were not
+    merged are left alone, and a layer given twice is handled once.
+    """
+    done = []
+    try:
+        for layer in {id(layer): layer for layer in layers}.values():
+            if layer.merged:
+                layer.unmerge()
+                done.append(layer)
+        yield
+    finally:
+        for layer in done:
+            if layer._merge_blocker() is None:
+                layer.merge()
 
 
 class ExactMerge:

@@ -1,6 +1,7 @@
 """Model-level operations: surgery (inject, merge_and_unload, unload), trainable
-parameters and state dicts, quantizing a model's base, seeing through wrappers, and the
-registries a model family fills (:mod:`.families`).
+parameters and state dicts, quantizing a model's base, seeing through wrappers, what
+adapters a model carries (``summary``), and the registries a model family fills
+(:mod:`.families`).
 """
 from . import families, unwrap, params, surgery, quantize
 from .families import *  # noqa: F401,F403  (each module's __all__)
@@ -8,5 +9,8 @@ from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
+# As at the top level, `summary` here is the function; its module is lora_layers.model.summary in sys.modules.
+from .summary import AdapterSummary, summary
 
-__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *surgery.__all__, *quantize.__all__]
+__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *surgery.__all__, *quantize.__all__,
+           "summary", "AdapterSummary"]

@@ -71,6 +71,28 @@ def test_load_into_merged_equals_load_then_merge(saved):
     assert torch.equal(merged(IDS), reference(IDS))
 
 
+def test_a_copy_that_fails_leaves_the_merged_layers_merged(saved, monkeypatch):
+    """load_lora unmerges around its copies (layers.unmerged): a copy that raises re-merges every
+    layer it unmerged, bit for bit, before the error reaches the caller."""
+    _, path = saved
+    model = make(seed=0).eval()
+    L.merge_lora(model)
+    before = {name: m.weight.detach().clone() for name, m in L.lora_modules(model)}
+    plan_load = ckpt.plan_load
+
+    def first_copy_fails(*args, **kwargs):
+        copies, result = plan_load(*args, **kwargs)
+        key, layer, param, tensor = copies[0]
+        return [(key, layer, param, torch.empty_like(tensor, device="meta"))] + copies[1:], result
+
+    monkeypatch.setattr(ckpt, "plan_load", first_copy_fails)
+    with pytest.raises(NotImplementedError):  # torch cannot copy out of a meta tensor
+        load_lora(model, path)
+    for name, m in L.lora_modules(model):
+        assert m.merged, name
+        assert torch.equal(m.weight, before[name]), name
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_bias_modes(tmp_path, bias):
     src = make(seed=0)

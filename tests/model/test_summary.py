@@ -91,3 +91,21 @@ def test_a_bitsandbytes_4bit_weight_counts_its_logical_elements():
     assert s.total_params == 128 * 64 + 64 + 4 * (128 + 64)
     assert s.trainable_params == s.adapter_params == 4 * (128 + 64)
     assert "  0 ×1  Linear  r=4  alpha=16  scaling=4  [quantized base (bnb-4bit)]" in str(s)
+
+
+def test_summary_lives_in_the_model_tier_and_keeps_its_old_paths():
+    """It reads a model, not files (issue #21): lora_layers.model.summary holds it; the top level,
+    lora_layers.model and the old module path lora_layers.adapters give the same objects."""
+    import importlib
+
+    import lora_layers.adapters
+    import lora_layers.model
+
+    module = importlib.import_module("lora_layers.model.summary")
+    for obj in (module.summary, module.AdapterSummary):
+        assert obj.__module__ == "lora_layers.model.summary"
+        assert getattr(L, obj.__name__) is obj
+        assert getattr(lora_layers.model, obj.__name__) is obj
+        assert getattr(lora_layers.adapters, obj.__name__) is obj
+    assert {"summary", "AdapterSummary"} <= set(lora_layers.model.__all__)
+    assert "summary" not in lora_layers.adapters.__all__  # the io tier's contract: load_adapter
