@@ -36,7 +36,7 @@ from .model.params import (
     unmerge_lora,
 )
 from .model.quantize import quantize_base
-from .model.summary import AdapterSummary, summary
+from .model.overview import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .models import phi3
 

@@ -4,7 +4,7 @@
 loads them, reading every setting (targets, ranks, alphas, rsLoRA, DoRA, fused
 splits, conv layout, adapter dtype) from a :func:`~lora_layers.save_lora`
 header or a PEFT ``adapter_config.json``. (:func:`~lora_layers.summary`, which
-says what a model's adapters are, lives in :mod:`lora_layers.model.summary`; it is
+says what a model's adapters are, lives in :mod:`lora_layers.model.overview`; it is
 imported here for its old path, ``lora_layers.adapters.summary``.)
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLi
 from .peft_format import import_peft
 from ..model.surgery import _lora_class, _swap, build_layers
 from ..model.params import lora_modules, mark_only_lora_as_trainable
-from ..model.summary import AdapterSummary, summary  # noqa: F401  (the old path lora_layers.adapters.summary)
+from ..model.overview import AdapterSummary, summary  # noqa: F401  (the old path lora_layers.adapters.summary)
 
 __all__ = ["load_adapter"]
 

@@ -3,14 +3,13 @@ parameters and state dicts, quantizing a model's base, seeing through wrappers, 
 adapters a model carries (``summary``), and the registries a model family fills
 (:mod:`.families`).
 """
-from . import families, unwrap, params, surgery, quantize
+from . import families, unwrap, params, surgery, quantize, overview
 from .families import *  # noqa: F401,F403  (each module's __all__)
 from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
-# As at the top level, `summary` here is the function; its module is lora_layers.model.summary in sys.modules.
-from .summary import AdapterSummary, summary
+from .overview import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *surgery.__all__, *quantize.__all__,
-           "summary", "AdapterSummary"]
+           *overview.__all__]

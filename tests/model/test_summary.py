@@ -94,16 +94,16 @@ def test_a_bitsandbytes_4bit_weight_counts_its_logical_elements():
 
 
 def test_summary_lives_in_the_model_tier_and_keeps_its_old_paths():
-    """It reads a model, not files (issue #21): lora_layers.model.summary holds it; the top level,
+    """It reads a model, not files (issue #21): lora_layers.model.overview holds it; the top level,
     lora_layers.model and the old module path lora_layers.adapters give the same objects."""
     import importlib
 
     import lora_layers.adapters
     import lora_layers.model
 
-    module = importlib.import_module("lora_layers.model.summary")
+    module = importlib.import_module("lora_layers.model.overview")
     for obj in (module.summary, module.AdapterSummary):
-        assert obj.__module__ == "lora_layers.model.summary"
+        assert obj.__module__ == "lora_layers.model.overview"
         assert getattr(L, obj.__name__) is obj
         assert getattr(lora_layers.model, obj.__name__) is obj
         assert getattr(lora_layers.adapters, obj.__name__) is obj
