@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
-from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
+from ..layers.conv import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
 from .peft_format import import_peft
 from ..model.surgery import _lora_class, _swap, build_layers
 from ..model.params import lora_modules, lora_parameters, mark_only_lora_as_trainable

@@ -41,7 +41,7 @@ from .fileio import (
     to_storable,
 )
 from ..layers.base import ADAPTER_NAMES
-from ..layers.modules import LoRALayer, _ConvNd
+from ..layers.conv import LoRALayer, _ConvNd
 from ..model.families import FITTING_CALLS
 from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
