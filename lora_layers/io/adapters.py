@@ -18,7 +18,10 @@ import torch.nn as nn
 
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
-from ..layers.conv import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
+from ..layers.conv import Conv1d, Conv2d, Conv3d
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear, is_hf_conv1d
+from ..layers.merged import MergedLinear
 from .peft_format import import_peft
 from ..model.surgery import _lora_class, _swap, build_layers
 from ..model.params import lora_modules, lora_parameters, mark_only_lora_as_trainable
@@ -73,7 +76,7 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")
     # A transformers Conv1D (GPT-2) carries the fan_in_fan_out Linear that import_peft puts on it.
-    base = Linear if cls is Linear and _is_hf_conv1d(module) else _lora_class(module)
+    base = Linear if cls is Linear and is_hf_conv1d(module) else _lora_class(module)
     if base is not (Linear if cls is MergedLinear else cls):
         raise ValueError(f"the file has an adapter of class {cls.__name__}, which cannot go on a "
                          f"{type(module).__name__}")
@@ -84,7 +87,7 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls in (Linear, MergedLinear):
         # fan_in_fan_out says how the saved layer stored its weight, not the adapter (whose tensors mean the
         # same either way): a plain nn.Linear stores (out, in), a GPT-2 Conv1D (in, out).
-        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and _is_hf_conv1d(module)
+        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and is_hf_conv1d(module)
     if cls is MergedLinear:
         kwargs.update(split_sizes=cfg.get("split_sizes"), enable_lora=cfg.get("enable_lora"))
     if "layout" in cfg and cls not in (Linear, MergedLinear, Embedding):

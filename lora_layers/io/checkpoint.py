@@ -40,8 +40,8 @@ from .fileio import (
     tensor_checksum,
     to_storable,
 )
-from ..layers.base import ADAPTER_NAMES
-from ..layers.conv import LoRALayer, _ConvNd
+from ..layers.base import ADAPTER_NAMES, LoRALayer
+from ..layers.conv import _ConvNd
 from ..model.families import FITTING_CALLS
 from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 

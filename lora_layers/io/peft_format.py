@@ -31,7 +31,11 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
 from ..core.functional import dora_weight_norm, row_sq_norm
-from ..layers.conv import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..layers.base import LoRALayer
+from ..layers.conv import Conv1d, Conv2d, Conv3d
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear
+from ..layers.merged import MergedLinear
 from ..model.params import lora_modules
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]

@@ -21,7 +21,10 @@ import torch.nn as nn
 
 from ..layers.base import LoRALayer
 from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
-from ..layers.conv import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from ..layers.conv import Conv1d, Conv2d, Conv3d
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear
+from ..layers.merged import MergedLinear
 from .families import undo_family_changes
 from ..layers.ties import find_shared_weights
 from .unwrap import unwrap_model
