@@ -22,8 +22,9 @@ from ..layers.conv import Conv1d, Conv2d, Conv3d
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merged import MergedLinear
+from ..layers.registry import lora_class_for
 from .peft_format import import_peft
-from ..model.surgery import _lora_class, _swap, build_layers
+from ..model.surgery import _swap, build_layers
 from ..model.params import lora_modules, lora_parameters, mark_only_lora_as_trainable
 
 __all__ = ["load_adapter", "summary", "AdapterSummary"]
@@ -76,7 +77,7 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")
     # A transformers Conv1D (GPT-2) carries the fan_in_fan_out Linear that import_peft puts on it.
-    base = Linear if cls is Linear and is_hf_conv1d(module) else _lora_class(module)
+    base = lora_class_for(module, hf_conv1d=cls is Linear)
     if base is not (Linear if cls is MergedLinear else cls):
         raise ValueError(f"the file has an adapter of class {cls.__name__}, which cannot go on a "
                          f"{type(module).__name__}")

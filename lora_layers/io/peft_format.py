@@ -34,8 +34,9 @@ from ..core.functional import dora_weight_norm, row_sq_norm
 from ..layers.base import LoRALayer
 from ..layers.conv import Conv1d, Conv2d, Conv3d
 from ..layers.embedding import Embedding
-from ..layers.linear import Linear
+from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merged import MergedLinear
+from ..layers.registry import lora_class_for
 from ..model.params import lora_modules
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
@@ -52,7 +53,7 @@ _MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
 _SAVED_BASE_KEY = "base_layer.weight"
-_CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+_CONVS = (Conv1d, Conv2d, Conv3d)
 # How import_peft treats each field of PEFT 0.21's LoraConfig (and PeftConfig). An allow-list: a
 # field in none of these groups is unknown (a later PEFT feature) and refused unless unset.
 # (a) Implemented: validated and honoured by _check_config.
@@ -119,7 +120,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
     if isinstance(layer, Linear):
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, layer.r, layer.lora_alpha
-    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+    if isinstance(layer, _CONVS):
         why = _conv_representable(layer)
         if why:
             raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
@@ -516,8 +517,7 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
     if M is not None and not use_dora:
         raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
-    if M is not None and ("EA" in t or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
-                                                                                    Conv3d))):
+    if M is not None and ("EA" in t or lora_class_for(module) in _CONVS or isinstance(module, (Embedding,) + _CONVS)):
         raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
     if A.dim() < 2 or A.shape[0] != r:
         raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
@@ -544,10 +544,11 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         except ValueError as exc:
             raise ValueError(f"{exc} (splits {module.split_sizes}, enable_lora {module.enable_lora})") from None
         return None, module, tensors
-    if (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
+    if (isinstance(module, _CONVS) and module.layout == "loralib" and module.has_adapter
             and not embedding and M is None and module.kernel_size[0] > 1
             and r == module.r * module.kernel_size[0] ** 2 and math.isclose(scaling, module.scaling, rel_tol=1e-6)):
         return None, module, _loralib_conv_tensors(module, A, B)
+    kind = lora_class_for(module, subclasses=True)  # PEFT wraps subclasses of nn.Linear/nn.Embedding too
     if isinstance(module, LoRALayer):
         if not module.has_adapter or module.r != r or not math.isclose(scaling, module.scaling, rel_tol=1e-6) \
                 or module.use_dora != use_dora:
@@ -555,28 +556,27 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
                              f"use_dora={module.use_dora}; the adapter has r={r}, scaling={scaling}, "
                              f"use_dora={use_dora}")
         layer = module
-    elif isinstance(module, nn.Embedding) and embedding:
+    elif kind is Embedding and embedding:
         if module.max_norm is not None:
             raise ValueError(f"max_norm={module.max_norm} is applied to the LoRA lookup by PEFT, not by lora_layers")
         layer = Embedding.from_module(module, r=r, lora_alpha=alpha, use_rslora=rslora)
-    elif type(module) in _CONVS and not embedding:
+    elif kind in _CONVS and not embedding:
         why = _conv_representable(module)
         if why:
             raise ValueError(why)
-        layer = _CONVS[type(module)].from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                 use_rslora=rslora)
-    elif isinstance(module, nn.Linear) and not embedding:
-        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                                   use_dora=use_dora)
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
+        layer = kind.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
+    elif is_hf_conv1d(module) and not embedding:
         if not fan_in_fan_out:
             warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
         layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
                                    fan_in_fan_out=True, use_dora=use_dora)
+    elif kind is Linear and not embedding:
+        layer = Linear.from_module(module, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                   use_dora=use_dora)
     else:
         raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
                          f"on a {type(module).__name__}")
-    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+    if isinstance(layer, _CONVS):
         # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
         A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
         B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B

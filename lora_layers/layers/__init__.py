@@ -1,7 +1,8 @@
 """The LoRA layers, drop-in compatible with Microsoft's ``loralib``: the :class:`LoRALayer` mixin
 (``base``), ``Linear`` (``linear``), ``MergedLinear`` (``merged``), ``Embedding`` (``embedding``),
-``Conv1d/2d/3d`` (``conv``), their merge lifecycle (``merge_state``), tied-weight tracking
-(``ties``) and the one-time notices where lora_layers deliberately differs from loralib (``notices``).
+``Conv1d/2d/3d`` (``conv``), the torch-type -> LoRA-class table (``registry``), their merge lifecycle
+(``merge_state``), tied-weight tracking (``ties``) and the one-time notices where lora_layers
+deliberately differs from loralib (``notices``).
 
 Each layer subclasses its torch counterpart (``isinstance(m, nn.Linear)`` holds,
 ``weight``/``bias`` keep their state_dict keys) and the :class:`LoRALayer`
@@ -25,15 +26,16 @@ Differences from loralib 0.1.2 (all bug fixes; see docs/migrating-from-loralib.m
 * ``MergedLinear`` accepts unequal ``split_sizes`` (GQA qkv, ``[gate | up]``)
   and never builds the full ``ΔW`` or a zero-padded output in forward.
 """
-from . import base, merge_state, linear, merged, embedding, conv, ties, notices
+from . import base, merge_state, linear, merged, embedding, conv, registry, ties, notices
 from .base import *  # noqa: F401,F403  (each module's __all__)
 from .merge_state import *  # noqa: F401,F403  (each module's __all__)
 from .linear import *  # noqa: F401,F403  (each module's __all__)
 from .merged import *  # noqa: F401,F403  (each module's __all__)
 from .embedding import *  # noqa: F401,F403  (each module's __all__)
 from .conv import *  # noqa: F401,F403  (each module's __all__)
+from .registry import *  # noqa: F401,F403  (each module's __all__)
 from .ties import *  # noqa: F401,F403  (each module's __all__)
 from .notices import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*base.__all__, *merge_state.__all__, *linear.__all__, *merged.__all__, *embedding.__all__, *conv.__all__,
-           *ties.__all__, *notices.__all__]
+           *registry.__all__, *ties.__all__, *notices.__all__]

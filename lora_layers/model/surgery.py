@@ -21,10 +21,10 @@ import torch.nn as nn
 
 from ..layers.base import LoRALayer
 from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
-from ..layers.conv import Conv1d, Conv2d, Conv3d
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.merged import MergedLinear
+from ..layers.registry import LORA_CLASSES, lora_class_for
 from .families import undo_family_changes
 from ..layers.ties import find_shared_weights
 from .unwrap import unwrap_model
@@ -35,18 +35,12 @@ __all__ = ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_mo
 
 ALL_LINEAR = "all-linear"
 
-# Exact torch type -> LoRA class. Exact, not isinstance: a subclass may
-# override forward (quantised linears, MultiheadAttention's out_proj, which
-# attention reads through ``.weight`` directly), and a LoRA wrapper would
-# silently drop that behaviour.
-_LORA_CLASS = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d,
-               nn.Conv3d: Conv3d}
-
 
 def _lora_class(module: nn.Module):
-    """The LoRA class for ``module``, or None. Quantized linears (bitsandbytes 4/8-bit, a torchao NF4
-    weight) are the exception to exact types: :class:`Linear` runs their kernels itself."""
-    return Linear if is_quantized_linear(module) else _LORA_CLASS.get(type(module))
+    """The LoRA class ``inject_lora`` puts on ``module``, or None: exact torch types and quantized
+    linears (:func:`~lora_layers.layers.registry.lora_class_for`), not transformers' ``Conv1D``."""
+    return lora_class_for(module, hf_conv1d=False)
+
 
 Targets = Union[str, Sequence[str]]
 _Matcher = Callable[[str], bool]
@@ -188,7 +182,7 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
     if unsupported:
         raise TypeError(
             f"targets={targets!r} selects modules that cannot take a LoRA adapter: {unsupported}; "
-            f"supported types are exactly {[t.__name__ for t in _LORA_CLASS]} and the quantized linears of "
+            f"supported types are exactly {[t.__name__ for t in LORA_CLASSES]} and the quantized linears of "
             f"bitsandbytes (Linear4bit, Linear8bitLt) and torchao (an NF4 weight)"
         )
     return plan
