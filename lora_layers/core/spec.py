@@ -14,15 +14,17 @@ import torch
 from .functional import BACKENDS
 
 __all__ = ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout", "check_backend",
-           "check_lora_dtype", "check_lora_args", "check_dora"]
+           "check_lora_dtype", "check_lora_args", "check_dora", "rank_divisor", "lora_scaling"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
-        raise ValueError(f"r must be a non-negative integer, got {r!r}")
+def check_rank(r, arg: str = "r", positive: bool = False) -> int:
+    """A rank: a non-negative integer (0 is a layer without an adapter), or with ``positive`` one
+    that is at least 1 (where an adapter is asked for: ``inject_lora``'s ``r`` and ``rank_pattern``)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < int(positive):
+        raise ValueError(f"{arg} must be a {'positive' if positive else 'non-negative'} integer, got {r!r}")
     return int(r)
 
 
@@ -81,3 +83,13 @@ def check_lora_args(r=0, lora_alpha=1, lora_dropout=0.0, backend="auto", lora_dt
     """All the checks above at once, before anything is built or changed."""
     check_rank(r), check_alpha(lora_alpha), check_dropout(lora_dropout)
     check_backend(backend), check_lora_dtype(lora_dtype), check_init(init)
+
+
+def rank_divisor(r, use_rslora: bool = False):
+    """What ``lora_alpha`` is divided by to give the scaling: ``r``, or ``√r`` with rsLoRA."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(r, lora_alpha, use_rslora: bool = False) -> float:
+    """The adapter's scaling: ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; 0.0 for ``r=0``."""
+    return 0.0 if r == 0 else lora_alpha / rank_divisor(r, use_rslora)

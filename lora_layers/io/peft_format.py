@@ -31,6 +31,7 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
 from ..core.functional import dora_weight_norm, row_sq_norm
+from ..core.spec import lora_scaling, rank_divisor
 from ..layers.base import LoRALayer
 from ..layers.conv import Conv1d, Conv2d, Conv3d
 from ..layers.embedding import Embedding
@@ -115,7 +116,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
     if isinstance(layer, MergedLinear):
         n, r = layer.segments.count, layer.r
-        alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
+        alpha = layer.lora_alpha * rank_divisor(n, layer.use_rslora)
         full_B = layer.segments.to_block_diagonal(B)
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
     if isinstance(layer, Linear):
@@ -130,7 +131,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
             # (out, k·r·k) times k copies of A on a block diagonal, a rank r·k² adapter with the same ΔW.
             n = k[0]
             A, B, r = torch.block_diag(*[A] * n), B.reshape(layer.out_channels, -1), r * n * n
-            alpha = alpha * (n if layer.use_rslora else n * n)
+            alpha = alpha * rank_divisor(n * n, layer.use_rslora)
         A4 = A.reshape(r, layer.in_channels, *k)
         B4 = B.reshape(layer.out_channels, r, *([1] * len(k)))
         return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, r, alpha
@@ -294,7 +295,7 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     rslora = Counter(v[2] for v in per_module.values()).most_common(1)[0][0]
     for name, (r, alpha, use_rs, layer) in per_module.items():
         if use_rs != rslora:  # express this module's scaling in the global mode
-            per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
+            per_module[name] = (r, layer.scaling * rank_divisor(r, rslora), rslora, layer)
     r0 = Counter(v[0] for v in per_module.values()).most_common(1)[0][0]
     a0 = Counter(v[1] for v in per_module.values()).most_common(1)[0][0]
     all_names = _base_module_names(model)
@@ -521,7 +522,7 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], r: int, alp
         raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
     if A.dim() < 2 or A.shape[0] != r:
         raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={r} rows (config/rank_pattern)")
-    scaling = alpha / (math.sqrt(r) if rslora else r)
+    scaling = lora_scaling(r, alpha, rslora)
     embedding = "EA" in t
     if isinstance(module, MergedLinear):
         if embedding:

@@ -20,7 +20,7 @@ from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
 from ..core.spec import (check_alpha, check_backend, check_dora, check_dropout, check_init, check_lora_args,
-                         check_lora_dtype, check_rank)
+                         check_lora_dtype, check_rank, lora_scaling)
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
 
@@ -96,7 +96,7 @@ class LoRALayer(ExactMerge):
         return self.weight.dtype
 
     def _compute_scaling(self) -> float:
-        return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @classmethod
     def from_module(cls, module: nn.Module, r: int = 8, lora_alpha: float = 1, lora_dropout: float = 0.0,

@@ -12,7 +12,6 @@ argument raises and leaves the model exactly as it was.
 """
 from __future__ import annotations
 
-import numbers
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.base import LoRALayer
-from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype
+from ..core.spec import check_alpha, check_backend, check_dropout, check_init, check_lora_dtype, check_rank
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.merged import MergedLinear
@@ -131,12 +130,6 @@ def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return out
 
 
-def _check_positive_rank(r, arg: str) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"{arg} must be a positive integer, got {r!r}")
-    return int(r)
-
-
 def _example_names(candidates) -> str:
     names = [n for n, m in candidates if _lora_class(m) is not None][:4]
     return f" (adaptable modules are named like {names})" if names else " (the model has no adaptable layer)"
@@ -201,7 +194,7 @@ def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern
     alphas = _pattern_lookup(alpha_pattern, "alpha_pattern")
     splits = _pattern_lookup(merged_splits, "merged_splits")
     for key, _, value in ranks:
-        _check_positive_rank(value, f"rank_pattern[{key!r}]")
+        check_rank(value, f"rank_pattern[{key!r}]", positive=True)
     for key, _, value in alphas:
         try:
             check_alpha(value)
@@ -317,7 +310,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
     On any error the model is left unchanged.
     """
     model = unwrap_model(model, changes_parameters="inject_lora")
-    _check_positive_rank(r, "r")
+    check_rank(r, positive=True)
     check_alpha(lora_alpha), check_dropout(lora_dropout), check_backend(backend), check_lora_dtype(lora_dtype)
     check_init(init)
     plan = select_modules(model, targets, exclude)
