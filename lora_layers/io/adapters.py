@@ -24,7 +24,8 @@ from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
 from .peft_format import import_peft
-from ..model.surgery import _swap, build_layers
+from ..model.surgery import build_layers
+from ..model.swap import swap_modules
 from ..model.params import lora_modules, lora_parameters, mark_only_lora_as_trainable
 
 __all__ = ["load_adapter", "summary", "AdapterSummary"]
@@ -142,11 +143,11 @@ def _load_native(model: nn.Module, path: str) -> List[str]:
         built = build_layers(model, plan, specs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapters of {path!r} do not fit the model (it was not changed): {exc}") from exc
-    _swap(model, built)
+    swap_modules(model, built)
     try:
         copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}", hint="none")
     except BaseException:
-        _swap(model, {id(built[id(m)]): m for _, m in plan})
+        swap_modules(model, {id(built[id(m)]): m for _, m in plan})
         for param, flag in flags:
             param.requires_grad_(flag)
         raise

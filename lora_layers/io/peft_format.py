@@ -39,6 +39,7 @@ from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
 from ..model.params import lora_modules
+from ..model.swap import swap_modules
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
 
@@ -619,6 +620,18 @@ def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
     return adapted
 
 
+def _put(model: nn.Module, name: str, layer: LoRALayer) -> None:
+    """Put a new LoRA layer in place of the module at ``name``, everywhere the model holds that module:
+    a module shared by two parents becomes one layer that both see."""
+    current = model.get_submodule(name)
+    if isinstance(current, LoRALayer):
+        # The adapter names one shared module twice: each name keeps the layer loaded under it.
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+    else:
+        swap_modules(model, {id(current): layer})
+
+
 def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
     """Load a PEFT LoRA adapter folder into ``model`` (the same base it was trained on).
 
@@ -706,8 +719,7 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     with torch.no_grad():
         for name, new_layer, layer, tensors in plan:
             if new_layer is not None:
-                parent_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+                _put(model, name, new_layer)
                 new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
             was_merged = layer.merged
             layer.unmerge()

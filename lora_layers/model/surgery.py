@@ -26,6 +26,7 @@ from ..layers.merged import MergedLinear
 from ..layers.registry import LORA_CLASSES, lora_class_for
 from .families import undo_family_changes
 from ..layers.ties import find_shared_weights
+from .swap import swap_modules
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
 from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
@@ -230,27 +231,6 @@ def _layer_kwargs(plan, r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern
     return specs
 
 
-def _parent_slots(model: nn.Module, wanted: set) -> Dict[int, List[Tuple[nn.Module, str]]]:
-    """Every (parent, child_name) through which each wanted module is reachable
-    (a module shared by two parents is replaced in both)."""
-    slots: Dict[int, List[Tuple[nn.Module, str]]] = {i: [] for i in wanted}
-    seen = set()
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():
-            if child is not None and id(child) in wanted and (id(parent), child_name) not in seen:
-                seen.add((id(parent), child_name))
-                slots[id(child)].append((parent, child_name))
-    return slots
-
-
-def _swap(model: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
-    """Put replacements[id(old)] wherever old is; returns the (possibly replaced) root."""
-    for old_id, slots in _parent_slots(model, set(replacements)).items():
-        for parent, child_name in slots:
-            setattr(parent, child_name, replacements[old_id])
-    return replacements.get(id(model), model)
-
-
 # ----------------------------------------------------------------------------- public API
 
 def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: float = 16,
@@ -318,7 +298,7 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = 8, lora_alpha: floa
 
     common = dict(merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype, backend=backend,
                   use_dora=use_dora, init=init)
-    _swap(model, build_layers(model, plan, [(cls, {**common, **kwargs}) for cls, kwargs in specs]))
+    swap_modules(model, build_layers(model, plan, [(cls, {**common, **kwargs}) for cls, kwargs in specs]))
     mark_only_lora_as_trainable(model)
     return [name for name, _ in plan]
 
@@ -409,7 +389,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     undo_family_changes(model)
     dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
-    model = _swap(model, replaced)
+    model = swap_modules(model, replaced)
     quantizer = getattr(model, "hf_quantizer", None)
     if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
         # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
@@ -449,4 +429,4 @@ def unload(model: nn.Module) -> nn.Module:
     for layer in layers:
         layer.unmerge()
     undo_family_changes(model)
-    return _swap(model, {id(layer): _plain_layer(layer) for layer in layers})
+    return swap_modules(model, {id(layer): _plain_layer(layer) for layer in layers})
