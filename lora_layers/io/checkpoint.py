@@ -43,7 +43,7 @@ from .fileio import (
 from ..layers.base import ADAPTER_NAMES, LoRALayer
 from ..layers.conv import _ConvNd
 from ..model.families import FITTING_CALLS
-from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
+from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
 __all__ = [
     "FORMAT_NAME",
@@ -327,9 +327,9 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
             owner[f"{name}.{local}" if name else local] = layer
     all_biases = named_bias_parameters(model, "all")
     bias_mode = meta.get(META_BIAS)
-    if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
+    if bias_mode is not None and bias_mode not in BIAS_MODES:
         raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
-                              f"expected 'none', 'all' or 'lora_only'")
+                              f"expected {', '.join(map(repr, BIAS_MODES[:-1]))} or {BIAS_MODES[-1]!r}")
     expected = dict(params)
     if bias_mode is not None:
         expected.update(named_bias_parameters(model, bias_mode))
