@@ -18,15 +18,15 @@ from .functional import BACKENDS
 
 __all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout",
            "check_backend", "check_lora_dtype", "check_lora_args", "check_use_dora", "check_dora",
-           "check_dora_support", "resolve_spec"]
+           "check_dora_support", "resolve_spec", "rank_divisor", "lora_scaling"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_rank(r, arg: str = "r", positive: bool = False) -> int:
-    """A rank: ``r >= 0`` for a layer (0 is a plain layer), ``r >= 1`` with ``positive`` (a model-level
-    call, which puts an adapter on every module it selects)."""
+    """A rank: a non-negative integer (0 is a layer without an adapter), or with ``positive`` one
+    that is at least 1 (where an adapter is asked for: ``inject_lora``'s ``r`` and ``rank_pattern``)."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < int(positive):
         raise ValueError(f"{arg} must be a {'positive' if positive else 'non-negative'} integer, got {r!r}")
     return int(r)
@@ -170,3 +170,13 @@ def resolve_spec(spec, kwargs: dict, caller: str, **defaults) -> LoRASpec:
         raise TypeError(f"{caller}: pass the LoRA settings either as spec or as keyword arguments, not both "
                         f"(got spec and {sorted(settings)})")
     return spec
+
+
+def rank_divisor(r, use_rslora: bool = False):
+    """What ``lora_alpha`` is divided by to give the scaling: ``r``, or ``√r`` with rsLoRA."""
+    return math.sqrt(r) if use_rslora else r
+
+
+def lora_scaling(r, lora_alpha, use_rslora: bool = False) -> float:
+    """The adapter's scaling: ``lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA; 0.0 for ``r=0``."""
+    return 0.0 if r == 0 else lora_alpha / rank_divisor(r, use_rslora)

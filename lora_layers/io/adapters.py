@@ -18,9 +18,14 @@ import torch.nn as nn
 
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
-from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, _is_hf_conv1d
+from ..layers.conv import Conv1d, Conv2d, Conv3d
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear, is_hf_conv1d
+from ..layers.merged import MergedLinear
+from ..layers.registry import lora_class_for
 from .peft_format import import_peft
-from ..model.surgery import _lora_class, _swap, build_layers
+from ..model.surgery import build_layers
+from ..model.swap import swap_modules
 from ..model.params import lora_modules, mark_only_lora_as_trainable
 from ..model.overview import AdapterSummary, summary  # noqa: F401  (the old path lora_layers.adapters.summary)
 
@@ -74,7 +79,7 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
         raise ValueError(f"the file has an adapter of class {cfg.get('class')!r}, expected one of "
                          f"{sorted(_CLASSES)}")
     # A transformers Conv1D (GPT-2) carries the fan_in_fan_out Linear that import_peft puts on it.
-    base = Linear if cls is Linear and _is_hf_conv1d(module) else _lora_class(module)
+    base = lora_class_for(module, hf_conv1d=cls is Linear)
     if base is not (Linear if cls is MergedLinear else cls):
         raise ValueError(f"the file has an adapter of class {cls.__name__}, which cannot go on a "
                          f"{type(module).__name__}")
@@ -85,7 +90,7 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
     if cls in (Linear, MergedLinear):
         # fan_in_fan_out says how the saved layer stored its weight, not the adapter (whose tensors mean the
         # same either way): a plain nn.Linear stores (out, in), a GPT-2 Conv1D (in, out).
-        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and _is_hf_conv1d(module)
+        kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and is_hf_conv1d(module)
     if cls is MergedLinear:
         kwargs.update(split_sizes=cfg.get("split_sizes"), enable_lora=cfg.get("enable_lora"))
     if "layout" in cfg and cls not in (Linear, MergedLinear, Embedding):
@@ -139,11 +144,11 @@ def _load_native(model: nn.Module, path: str) -> List[str]:
         built = build_layers(model, plan, specs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapters of {path!r} do not fit the model (it was not changed): {exc}") from exc
-    _swap(model, built)
+    swap_modules(model, built)
     try:
         copies, _ = plan_load(model, tensors, meta, True, f"adapter file {path!r}", hint="none")
     except BaseException:
-        _swap(model, {id(built[id(m)]): m for _, m in plan})
+        swap_modules(model, {id(built[id(m)]): m for _, m in plan})
         for param, flag in flags:
             param.requires_grad_(flag)
         raise

@@ -40,11 +40,11 @@ from .fileio import (
     tensor_checksum,
     to_storable,
 )
-from ..layers.base import ADAPTER_NAMES
+from ..layers.base import ADAPTER_NAMES, LoRALayer
+from ..layers.conv import _ConvNd
 from ..layers.merge_state import unmerged
-from ..layers.modules import LoRALayer, _ConvNd
 from ..model.families import FITTING_CALLS
-from ..model.params import named_bias_parameters, check_bias, lora_modules, named_lora_parameters
+from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
 __all__ = [
     "FORMAT_NAME",
@@ -351,9 +351,9 @@ def _expected_keys(model: nn.Module, tensors: Dict[str, Tensor],
     the header's bias mode, or, in a loralib file (no mode, loralib's conv keys renamed), those it holds."""
     expected = dict(named_lora_parameters(model))
     bias_mode = meta.get(META_BIAS)
-    if bias_mode is not None and bias_mode not in ("none", "all", "lora_only"):
+    if bias_mode is not None and bias_mode not in BIAS_MODES:
         raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
-                              f"expected 'none', 'all' or 'lora_only'")
+                              f"expected {', '.join(map(repr, BIAS_MODES[:-1]))} or {BIAS_MODES[-1]!r}")
     if bias_mode is not None:
         expected.update(named_bias_parameters(model, bias_mode))
     else:  # loralib files carry no bias mode: accept whichever biases they hold

@@ -32,9 +32,16 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
 from ..core.functional import dora_weight_norm, row_sq_norm
+from ..core.spec import lora_scaling, rank_divisor
+from ..layers.base import LoRALayer
+from ..layers.conv import Conv1d, Conv2d, Conv3d
+from ..layers.embedding import Embedding
+from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merge_state import unmerged
-from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from ..layers.merged import MergedLinear
+from ..layers.registry import lora_class_for
 from ..model.params import lora_modules
+from ..model.swap import swap_modules
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
 
@@ -50,7 +57,7 @@ _MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's (out,) magnitude
 _EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 # PEFT's save_embedding_layers writes the whole base weight of targeted embeddings under this suffix.
 _SAVED_BASE_KEY = "base_layer.weight"
-_CONVS = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+_CONVS = (Conv1d, Conv2d, Conv3d)
 # How import_peft treats each field of PEFT 0.21's LoraConfig (and PeftConfig). An allow-list: a
 # field in none of these groups is unknown (a later PEFT feature) and refused unless unset.
 # (a) Implemented: validated and honoured by _check_config.
@@ -112,12 +119,12 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
         return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
     if isinstance(layer, MergedLinear):
         n, r = layer.segments.count, layer.r
-        alpha = layer.lora_alpha * (math.sqrt(n) if layer.use_rslora else n)
+        alpha = layer.lora_alpha * rank_divisor(n, layer.use_rslora)
         full_B = layer.segments.to_block_diagonal(B)
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
     if isinstance(layer, Linear):
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, layer.r, layer.lora_alpha
-    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+    if isinstance(layer, _CONVS):
         why = _conv_representable(layer)
         if why:
             raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
@@ -127,7 +134,7 @@ def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int,
             # (out, k·r·k) times k copies of A on a block diagonal, a rank r·k² adapter with the same ΔW.
             n = k[0]
             A, B, r = torch.block_diag(*[A] * n), B.reshape(layer.out_channels, -1), r * n * n
-            alpha = alpha * (n if layer.use_rslora else n * n)
+            alpha = alpha * rank_divisor(n * n, layer.use_rslora)
         A4 = A.reshape(r, layer.in_channels, *k)
         B4 = B.reshape(layer.out_channels, r, *([1] * len(k)))
         return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, r, alpha
@@ -307,7 +314,7 @@ def _exported(layers: List[Tuple[str, LoRALayer]]) -> Tuple[Dict[str, Tensor], D
     rslora = Counter(v[2] for v in per_module.values()).most_common(1)[0][0]
     for name, (r, alpha, use_rs, layer) in per_module.items():
         if use_rs != rslora:  # express this module's scaling in the global mode
-            per_module[name] = (r, layer.scaling * (math.sqrt(r) if rslora else r), rslora, layer)
+            per_module[name] = (r, layer.scaling * rank_divisor(r, rslora), rslora, layer)
     return tensors, per_module, rslora
 
 
@@ -545,7 +552,7 @@ class _Settings:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scaling(self.r, self.alpha, self.rslora)
 
 
 def _module_settings(config: Dict[str, Any], name: str) -> _Settings:
@@ -580,8 +587,7 @@ def _adapter_tensors(module: nn.Module, t: Dict[str, Tensor], s: _Settings):
         raise ValueError(f"the config says use_dora=true but there is no {_MAGNITUDE_KEY}")
     if M is not None and not s.use_dora:
         raise ValueError(f"a {_MAGNITUDE_KEY} (DoRA) but the config says use_dora=false")
-    if M is not None and (embedding or type(module) in _CONVS or isinstance(module, (Embedding, Conv1d, Conv2d,
-                                                                                   Conv3d))):
+    if M is not None and (embedding or lora_class_for(module) in _CONVS or isinstance(module, (Embedding,) + _CONVS)):
         raise ValueError("DoRA on embeddings and convolutions is not implemented by lora_layers")
     if A.dim() < 2 or A.shape[0] != s.r:
         raise ValueError(f"lora_A has shape {tuple(A.shape)}, expected rank r={s.r} rows (config/rank_pattern)")
@@ -616,7 +622,7 @@ def _merged_linear_tensors(module: MergedLinear, A: Tensor, B: Tensor, M: Option
 def _holds_as_loralib_conv(module: nn.Module, s: _Settings, M: Optional[Tensor], embedding: bool) -> bool:
     """Whether ``module`` is a loralib-layout conv layer that the rank-``r·k²`` adapter of
     :func:`export_peft` fits (then :func:`_loralib_conv_tensors` takes it apart)."""
-    return (isinstance(module, (Conv1d, Conv2d, Conv3d)) and module.layout == "loralib" and module.has_adapter
+    return (isinstance(module, _CONVS) and module.layout == "loralib" and module.has_adapter
             and not embedding and M is None and module.kernel_size[0] > 1
             and s.r == module.r * module.kernel_size[0] ** 2 and math.isclose(s.scaling, module.scaling, rel_tol=1e-6))
 
@@ -624,6 +630,7 @@ def _holds_as_loralib_conv(module: nn.Module, s: _Settings, M: Optional[Tensor],
 def _target_layer(name: str, module: nn.Module, s: _Settings, embedding: bool) -> LoRALayer:
     """``module`` itself if it is a LoRA layer with these settings, else a new layer wrapping it
     (sharing its weights); ValueError if neither can hold the adapter."""
+    kind = lora_class_for(module, subclasses=True)  # PEFT wraps subclasses of nn.Linear/nn.Embedding too
     if isinstance(module, LoRALayer):
         if not module.has_adapter or module.r != s.r or not math.isclose(s.scaling, module.scaling, rel_tol=1e-6) \
                 or module.use_dora != s.use_dora:
@@ -631,31 +638,30 @@ def _target_layer(name: str, module: nn.Module, s: _Settings, embedding: bool) -
                              f"use_dora={module.use_dora}; the adapter has r={s.r}, scaling={s.scaling}, "
                              f"use_dora={s.use_dora}")
         return module
-    if isinstance(module, nn.Embedding) and embedding:
+    if kind is Embedding and embedding:
         if module.max_norm is not None:
             raise ValueError(f"max_norm={module.max_norm} is applied to the LoRA lookup by PEFT, not by lora_layers")
         return Embedding.from_module(module, r=s.r, lora_alpha=s.alpha, use_rslora=s.rslora)
-    if type(module) in _CONVS and not embedding:
+    if kind in _CONVS and not embedding:
         why = _conv_representable(module)
         if why:
             raise ValueError(why)
-        return _CONVS[type(module)].from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-                                                use_rslora=s.rslora)
-    if isinstance(module, nn.Linear) and not embedding:
-        return Linear.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora,
-                                  use_dora=s.use_dora)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not embedding:
+        return kind.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora)
+    if is_hf_conv1d(module) and not embedding:
         if not s.fan_in_fan_out:
             warnings.warn(f"{name!r} is a transformers Conv1D: treating it as fan_in_fan_out=True, as PEFT does")
         return Linear.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora,
                                   fan_in_fan_out=True, use_dora=s.use_dora)
+    if kind is Linear and not embedding:
+        return Linear.from_module(module, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, use_rslora=s.rslora,
+                                  use_dora=s.use_dora)
     raise ValueError(f"cannot hold a {'embedding' if embedding else 'linear/conv'} LoRA adapter "
                      f"on a {type(module).__name__}")
 
 
 def _layer_tensors(layer: LoRALayer, A: Tensor, B: Tensor, M: Optional[Tensor]) -> Dict[str, Tensor]:
     """``layer``'s parameters from PEFT's tensors; ValueError on a shape that does not fit."""
-    if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
+    if isinstance(layer, _CONVS):
         # PEFT stores conv adapters as conv weights (r, in/groups, *k) and (out, r, 1, ...).
         A = A.reshape(layer.lora_A.shape) if A.numel() == layer.lora_A.numel() else A
         B = B.reshape(layer.lora_B.shape) if B.numel() == layer.lora_B.numel() else B
@@ -695,6 +701,18 @@ def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
         raise ValueError(f"{_MAGNITUDE_KEY} rescales rows outside the enabled splits, which this MergedLinear "
                          f"cannot represent")
     return adapted
+
+
+def _put(model: nn.Module, name: str, layer: LoRALayer) -> None:
+    """Put a new LoRA layer in place of the module at ``name``, everywhere the model holds that module:
+    a module shared by two parents becomes one layer that both see."""
+    current = model.get_submodule(name)
+    if isinstance(current, LoRALayer):
+        # The adapter names one shared module twice: each name keeps the layer loaded under it.
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+    else:
+        swap_modules(model, {id(current): layer})
 
 
 def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
@@ -809,8 +827,7 @@ def _apply_import(model: nn.Module, plan: list) -> None:
     """Put the planned new layers in place and copy the tensors in (a merged layer merges them in)."""
     for name, new_layer, layer, tensors in plan:
         if new_layer is not None:
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new_layer)
+            _put(model, name, new_layer)
             new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
         with unmerged(layer):
             for local, value in tensors.items():

@@ -20,7 +20,7 @@ from torch import Tensor
 from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
-from ..core.spec import LoRASpec, check_dora_support, resolve_spec
+from ..core.spec import LoRASpec, check_dora_support, lora_scaling, resolve_spec
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
 
@@ -112,7 +112,7 @@ class LoRALayer(ExactMerge):
         return self.weight.dtype
 
     def _compute_scaling(self) -> float:
-        return 0.0 if self.r == 0 else self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @classmethod
     def from_module(cls, module: nn.Module, spec: Optional[LoRASpec] = None, **kwargs):

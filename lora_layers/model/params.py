@@ -17,7 +17,8 @@ from torch import Tensor
 from ..layers.ties import find_shared_weights
 from .unwrap import unwrap_model
 from ..layers.notices import warn_conv_lora_only_biases, warn_lora_named_parameters, warn_wrapper_keys
-from ..layers.modules import LoRALayer, _ConvNd
+from ..layers.base import LoRALayer
+from ..layers.conv import _ConvNd
 from ..core.merging import BASE_CHECK, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK
 
 __all__ = [

@@ -21,9 +21,12 @@ import torch.nn as nn
 
 from ..layers.base import LoRALayer
 from ..core.spec import LoRASpec, check_alpha, check_rank, resolve_spec
-from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from ..layers.linear import Linear
+from ..layers.merged import MergedLinear
+from ..layers.registry import LORA_CLASSES, lora_class_for
 from .families import undo_family_changes
 from ..layers.ties import find_shared_weights
+from .swap import swap_modules
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
 from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
@@ -32,18 +35,12 @@ __all__ = ["ALL_LINEAR", "inject_lora", "model_spec", "merge_and_unload", "unloa
 
 ALL_LINEAR = "all-linear"
 
-# Exact torch type -> LoRA class. Exact, not isinstance: a subclass may
-# override forward (quantised linears, MultiheadAttention's out_proj, which
-# attention reads through ``.weight`` directly), and a LoRA wrapper would
-# silently drop that behaviour.
-_LORA_CLASS = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d,
-               nn.Conv3d: Conv3d}
-
 
 def _lora_class(module: nn.Module):
-    """The LoRA class for ``module``, or None. Quantized linears (bitsandbytes 4/8-bit, a torchao NF4
-    weight) are the exception to exact types: :class:`Linear` runs their kernels itself."""
-    return Linear if is_quantized_linear(module) else _LORA_CLASS.get(type(module))
+    """The LoRA class ``inject_lora`` puts on ``module``, or None: exact torch types and quantized
+    linears (:func:`~lora_layers.layers.registry.lora_class_for`), not transformers' ``Conv1D``."""
+    return lora_class_for(module, hf_conv1d=False)
+
 
 Targets = Union[str, Sequence[str]]
 _Matcher = Callable[[str], bool]
@@ -179,7 +176,7 @@ def _select(model, candidates, targets, exclude) -> List[Tuple[str, nn.Module]]:
     if unsupported:
         raise TypeError(
             f"targets={targets!r} selects modules that cannot take a LoRA adapter: {unsupported}; "
-            f"supported types are exactly {[t.__name__ for t in _LORA_CLASS]} and the quantized linears of "
+            f"supported types are exactly {[t.__name__ for t in LORA_CLASSES]} and the quantized linears of "
             f"bitsandbytes (Linear4bit, Linear8bitLt) and torchao (an NF4 weight)"
         )
     return plan
@@ -233,27 +230,6 @@ def _layer_kwargs(plan, spec: LoRASpec, rank_pattern, alpha_pattern, merged_spli
             kwargs.update(split_sizes=sizes, enable_lora=[True] * len(sizes) if enable is None else enable)
         out.append((cls, {"spec": spec, **kwargs}))
     return out
-
-
-def _parent_slots(model: nn.Module, wanted: set) -> Dict[int, List[Tuple[nn.Module, str]]]:
-    """Every (parent, child_name) through which each wanted module is reachable
-    (a module shared by two parents is replaced in both)."""
-    slots: Dict[int, List[Tuple[nn.Module, str]]] = {i: [] for i in wanted}
-    seen = set()
-    for _, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():
-            if child is not None and id(child) in wanted and (id(parent), child_name) not in seen:
-                seen.add((id(parent), child_name))
-                slots[id(child)].append((parent, child_name))
-    return slots
-
-
-def _swap(model: nn.Module, replacements: Dict[int, nn.Module]) -> nn.Module:
-    """Put replacements[id(old)] wherever old is; returns the (possibly replaced) root."""
-    for old_id, slots in _parent_slots(model, set(replacements)).items():
-        for parent, child_name in slots:
-            setattr(parent, child_name, replacements[old_id])
-    return replacements.get(id(model), model)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -320,7 +296,7 @@ def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = N
     spec = model_spec(spec, settings, "inject_lora")
     plan = select_modules(model, targets, exclude)
     layer_kwargs = _layer_kwargs(plan, spec, rank_pattern, alpha_pattern, merged_splits)
-    _swap(model, build_layers(model, plan, layer_kwargs))
+    swap_modules(model, build_layers(model, plan, layer_kwargs))
     mark_only_lora_as_trainable(model)
     return [name for name, _ in plan]
 
@@ -430,7 +406,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     undo_family_changes(model)
     dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
-    model = _swap(model, replaced)
+    model = swap_modules(model, replaced)
     quantizer = getattr(model, "hf_quantizer", None)
     if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
         # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
@@ -470,4 +446,4 @@ def unload(model: nn.Module) -> nn.Module:
     for layer in layers:
         layer.unmerge()
     undo_family_changes(model)
-    return _swap(model, {id(layer): _plain_layer(layer) for layer in layers})
+    return swap_modules(model, {id(layer): _plain_layer(layer) for layer in layers})

@@ -1,0 +1,72 @@
+"""``Embedding``: ``nn.Embedding`` with a LoRA adapter (loralib's init and no dropout)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..core.functional import lora_embedding
+from ..core.merging import accumulation_dtype
+from ..core.spec import LoRASpec, check_dora_support
+from .base import LoRALayer
+
+__all__ = ["Embedding"]
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` with a LoRA adapter: ``y = W[x] + scaling · Aᵀ[x] Bᵀ``.
+
+    Args:
+        num_embeddings, embedding_dim, **kwargs: as ``nn.Embedding``.
+        r, lora_alpha, merge_weights, use_rslora, lora_dtype: as :class:`Linear` (no dropout, as in loralib).
+
+    Attributes:
+        lora_A: ``(r, num_embeddings)``, zero init.
+        lora_B: ``(embedding_dim, r)``, normal init.
+
+    Unlike loralib, ``max_norm`` is not applied to the adapter lookup (it would
+    renormalise ``lora_A`` in place).
+    """
+
+    _base_type = nn.Embedding
+    _adapter_dropout = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: bool = True, *, use_rslora: bool = False, lora_dtype=None, init: str = "kaiming",
+                 use_dora: bool = False, **kwargs):
+        spec = LoRASpec(r, lora_alpha, 0.0, merge_weights, use_rslora, lora_dtype, use_dora=use_dora, init=init)
+        check_dora_support(self, spec.use_dora, spec.r > 0)  # a clear TypeError: DoRA is Linear's
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        self._init_lora(spec)
+        self.reset_parameters()
+
+    def _adapter_shapes(self):
+        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
+
+    def reset_lora_parameters(self) -> None:
+        """loralib's init: A zero, B ~ N(0, 1). PEFT's ``init_lora_weights="gaussian"`` leaves an
+        embedding adapter the same way, so ``init="gaussian"`` does too."""
+        if self.has_adapter:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def _delta_blocks(self, A, B):
+        acc = accumulation_dtype(self.weight.dtype)
+        yield (slice(None), slice(None)), (B.to(acc) @ A.to(acc)).t().mul_(self.scaling)
+
+    def _merge_blocker(self) -> Optional[str]:
+        shared = super()._merge_blocker()
+        if shared is not None:
+            return shared
+        if self.max_norm is not None:
+            # nn.Embedding renormalises looked-up rows of the weight in place,
+            # which would change a merged weight irreversibly.
+            return f"max_norm={self.max_norm} renormalises the weight in place (it stays unmerged in eval())"
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.has_adapter or self.merged:
+            return nn.Embedding.forward(self, x)
+        return lora_embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx,
+                              self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
