@@ -190,7 +190,9 @@ def train(run, evaluator, step, batches, save):
     tc, history = run.tc, run.history
     run.model.train()
     params, tokens_seen, train_time = lora.lora_parameters(run.raw_model), 0, 0.0
-    progress = phi3_report.Progress(run.log, run.max_steps, step, tc["logging_steps"], run.master and sys.stderr.isatty())
+    # tqdm draws on stderr; redirected to a file, its redraws would fill the log with \r updates.
+    bar = run.master and sys.stderr.isatty()
+    progress = phi3_report.Progress(run.log, run.max_steps, step, tc["logging_steps"], bar)
     with phi3_checkpoints.CtrlC(run.log, step) as ctrl_c:
         while step < run.max_steps and not ctrl_c.interrupted:
             ctrl_c.updating, t0 = True, time.perf_counter()

@@ -497,7 +497,7 @@ def test_int8_run_silences_bitsandbytes_cast_message_only(tmp_path):
     assert "another bitsandbytes message" in proc.stderr and "MatMul8bitLt" not in proc.stderr, proc.stderr[-2000:]
 
 
-# ----------------------------------------------------------------------------- the example reads top to bottom (issue #21)
+# ----------------------------------------------------------------------------- reading top to bottom (issue #21)
 
 MAIN_SCRIPT_LINES, FUNCTION_LINES = 250, 60
 
@@ -550,12 +550,12 @@ def test_main_script_is_short_and_every_example_function_fits_a_screen():
     assert long == {}, f"functions over {FUNCTION_LINES} lines (docstring excluded): {long}"
 
 
-def test_micro_batches_resume_mid_epoch_and_shard_the_sampler_order():
+def test_micro_batches_resume_mid_epoch_and_shard_the_sampler_order(monkeypatch):
     """phi3_data.micro_batches from index k yields what a run from 0 yields from its k-th micro-batch on, each
     rank's epoch covers its DistributedSampler shard (whole batches of it), and the chat count is right."""
     from torch.utils.data import DistributedSampler
 
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import phi3_data
 
     # Example i holds the token i + 1, repeated over a length that varies, so a batch shows which examples it holds.
