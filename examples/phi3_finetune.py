@@ -84,6 +84,8 @@ def main():
     """Flags, data, base model, LoRA, optimizer, training, evaluation, exports, report: the run, top to bottom.
     Returns its state (a namespace: the tests read the model from it)."""
     # ------------------------------------------------------------------------- flags, data, model, LoRA
+    # `run` holds the settings (phi3_cli.parse), the processes (phi3_cli.start) and what main() builds below;
+    # the helpers read what they need from it.
     run = phi3_cli.start(phi3_cli.parse(__doc__, training_config, lora_config))  # a bad flag exits with code 2
     args, tc = run.args, run.tc
     run.data, micro_per_epoch = phi3_cli.conversations(run)  # the chats and the synthetic task, split
