@@ -1,4 +1,4 @@
-"""Reporting for examples/phi3_finetune.py: log lines, peak memory, and the final report.
+"""Reporting for examples/phi3_finetune.py: evaluation, log lines, peak memory, and the final report.
 
 Kept out of the main script so that it reads top to bottom; nothing here trains
 or knows about LoRA. The report is what rank 0 leaves under ``--output-dir``:
@@ -17,11 +17,139 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
+
+import phi3_data
 
 try:  # POSIX only; without it (Windows) a CPU run reports no peak memory
     import resource
 except ImportError:
     resource = None
+
+
+class Evaluator:
+    """The held-out figures of ``model``: token-weighted eval loss, greedy replies and their exact match.
+
+    Each call runs in eval mode (which merges the adapters: fast) and returns the model to train mode.
+    """
+
+    def __init__(self, model, tokenizer, device: torch.device, autocast, batch_size: int):
+        self.model, self.tokenizer, self.device, self.autocast = model, tokenizer, device, autocast
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def loss(self, examples: Sequence[dict]) -> float:
+        """Token-weighted mean loss over tokenized ``examples``."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(examples), self.batch_size):
+            batch = {k: v.to(self.device) for k, v in
+                     phi3_data.collate(examples[i:i + self.batch_size], self.tokenizer.pad_token_id).items()}
+            with self.autocast:
+                loss = self.model(**batch).loss
+            n = int((batch["labels"][:, 1:] != phi3_data.IGNORE_INDEX).sum())
+            total, count = total + float(loss) * n, count + n
+        self.model.train()
+        return total / max(count, 1)
+
+    def losses(self, eval_sets: Dict[str, Sequence[dict]]) -> Dict[str, float]:
+        """The loss of each eval set, by name."""
+        return {name: self.loss(examples) for name, examples in eval_sets.items()}
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[list], max_new_tokens: int) -> List[str]:
+        """Greedy replies to every conversation's prompt (batched by prompt length: no padding)."""
+        self.model.eval()
+        tokenizer = self.tokenizer
+        prompts = [phi3_data.prompt_ids(tokenizer, c) for c in conversations]
+        replies = [None] * len(prompts)
+        by_length = {}
+        for i, ids in enumerate(prompts):
+            by_length.setdefault(len(ids), []).append(i)
+        for group in by_length.values():
+            for j in range(0, len(group), 64):
+                rows = group[j:j + 64]
+                ids = torch.tensor([prompts[i] for i in rows], device=self.device)
+                with self.autocast:
+                    out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=max_new_tokens,
+                                              eos_token_id=phi3_data.stop_token_ids(tokenizer),
+                                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                for i, seq in zip(rows, out[:, ids.shape[1]:]):
+                    replies[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+        self.model.train()
+        return replies
+
+    def exact_match(self, conversations: Sequence[list]) -> Optional[float]:
+        """Share of greedy replies equal to the reference answer (None without synthetic data)."""
+        if not conversations:
+            return None
+        replies = self.generate(conversations, max_new_tokens=16)
+        return sum(r == c[-1]["content"] for r, c in zip(replies, conversations)) / len(conversations)
+
+
+def log_config(log, preset: str, explicit: Sequence[str], config: dict) -> None:
+    """The settings in effect, and which flags set them."""
+    given = " ".join("--" + k.replace("_", "-") for k in sorted(explicit)) or "none"
+    log(f"configuration (preset {preset}; flags given: {given}):")
+    for group in ("training", "lora", "tiny_model"):
+        if group in config:
+            log(f"  {group}: " + ", ".join(f"{k}={v}" for k, v in config[group].items()))
+
+
+def log_start(run, baseline: dict, n_data: Tuple[int, int], exact_match: bool) -> None:
+    """The lines before the first step: the adapters, parameters, base weights, data and the untrained figures.
+
+    Args:
+        run: the run's settings and figures (phi3_finetune.py), ``log``, ``n_adapted`` (modules), ``n_params``
+            (trainable, total) and ``base_weights`` included.
+        n_data: (train, eval) conversations.
+        exact_match: whether there is an exact-match set (its share is then logged).
+    """
+    tc, lc, log, (n_trainable, n_total), base_weights = run.tc, run.lc, run.log, run.n_params, run.base_weights
+    log(f"model: {run.args.model}  LoRA on {run.n_adapted} modules ({', '.join(lc['targets'])}), r={lc['r']}, "
+        f"alpha={lc['lora_alpha']}, rsLoRA={lc['use_rslora']}, DoRA={lc['use_dora']}"
+        + (f", LoRA+ ratio {tc['lora_plus_ratio']:g}" if tc["lora_plus_ratio"] > 0 else ""))
+    log(f"trainable params: {n_trainable:,} / {n_total:,} ({100 * n_trainable / n_total:.2f}%)")
+    log(f"base weights of the adapted projections: {base_weights['bytes'] / 2**20:,.2f} MiB "
+        f"({run.args.quantize or 'not quantized'}) vs {base_weights['bf16_bytes'] / 2**20:,.2f} MiB in bf16 "
+        f"({base_weights['bytes'] / base_weights['bf16_bytes']:.2f}x)")
+    if run.data.chat_train and run.data.syn_train:
+        log("note: length grouping keeps chat and synthetic examples in separate batches, so the train loss jumps up "
+            "on chat steps (real language, which a small model learns slowly); that is not divergence: "
+            "loss_curve.png plots the two sources apart")
+    log(f"data: {n_data[0]} train / {n_data[1]} eval conversations; {run.max_steps} steps of "
+        f"{tc['batch_size']} x {tc['gradient_accumulation_steps']} x {run.world_size}; device {run.device}, "
+        f"world {run.world_size}")
+    log(f"before training: eval loss {describe(baseline['eval_loss'])}" + (
+        f"; synthetic exact match {baseline['exact_match']:.1%}" if exact_match else ""))
+
+
+class Progress:
+    """The training loop's output: on a terminal, a progress bar showing the step's figures; elsewhere (a log
+    file, which tqdm's redraws would fill) a plain line every ``every`` steps and at the last one."""
+
+    def __init__(self, log, total: int, initial: int, every: int, bar: bool):
+        self.log, self.total, self.every = log, total, every
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True) if bar else None
+
+    def step(self, step: int, figures: Dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.every and step != self.total:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(**figures)
+        else:
+            self.log(f"step {step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+
+    def write(self, line: str) -> None:
+        """A line of its own (the bar redrawn below it)."""
+        (self.bar.write if self.bar is not None else self.log)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def describe(losses: Dict[str, float]) -> str:
@@ -68,6 +196,21 @@ def summarize(*, model: str, steps: int, world_size: int, device: torch.device, 
         "train_seconds_this_run": train_time, "peak_memory_bytes": memory_bytes, "peak_memory_kind": memory_kind,
         "samples": [{"prompt": c[:-1], "reply": r, "reference": c[-1]["content"]} for c, r in zip(samples, replies)],
     }
+
+
+def report(run, *, steps: int, baseline: dict, final: dict, exact_match_prompts: int, tokens_seen: int,
+           train_time: float, peak_memory: Tuple[Optional[int], Optional[str]], samples: Sequence[list],
+           replies: Sequence[str]) -> None:
+    """Write the report under ``run.out_dir`` and print its summary (summarize, write, print_summary)."""
+    summary = summarize(model=run.args.model, steps=steps, world_size=run.world_size, device=run.device,
+                        baseline=baseline, final=final, eval_names=list(run.eval_sets),
+                        exact_match_prompts=exact_match_prompts, trainable_params=run.n_params[0],
+                        total_params=run.n_params[1], tokens_seen=tokens_seen, train_time=train_time,
+                        peak_memory=peak_memory, samples=samples, replies=replies)
+    summary["base_weights"] = run.base_weights
+    summary["config"] = run.config
+    write(run.out_dir, run.history, summary)
+    print_summary(summary, run.out_dir)
 
 
 def write(out_dir: Path, history: Dict[str, List[dict]], summary: dict) -> None:

@@ -4,6 +4,7 @@ One short training run (module fixture) serves the artifact, learning and resume
 tests; the DDP and bad-data tests make their own runs. Sizes are cut down with
 flags so the whole file stays well under two minutes on 2 cores.
 """
+import ast
 import json
 import math
 import os
@@ -128,8 +129,8 @@ SAVE_EVERY_RANK = """
 import runpy, sys
 import lora_layers as lora
 sys.argv = sys.argv[1:]
-run = runpy.run_path(sys.argv[0], run_name="__main__")
-lora.save_lora(run["raw_model"], run["out_dir"] / f"adapter.rank{run['rank']}.safetensors")
+run = runpy.run_path(sys.argv[0], run_name="__main__")["run"]  # what main() returned
+lora.save_lora(run.raw_model, run.out_dir / f"adapter.rank{run.rank}.safetensors")
 """
 
 
@@ -494,3 +495,90 @@ def test_int8_run_silences_bitsandbytes_cast_message_only(tmp_path):
     check_ok(proc)
     assert "(int8)" in proc.stdout
     assert "another bitsandbytes message" in proc.stderr and "MatMul8bitLt" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- reading top to bottom (issue #21)
+
+MAIN_SCRIPT_LINES, FUNCTION_LINES = 250, 60
+
+
+def function_lengths(source):
+    """{"name:line": lines} of every function and method in ``source``: from its first decorator to its last
+    line, comments and blank lines included, its docstring not."""
+    lengths = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            doc = node.body[0] if ast.get_docstring(node, clean=False) is not None else None
+            lengths[f"{node.name}:{node.lineno}"] = node.end_lineno - first + 1 - (
+                doc.end_lineno - doc.lineno + 1 if doc else 0)
+    return lengths
+
+
+LENGTHS_SAMPLE = '''
+@decorator
+def f():
+    """One
+
+    docstring."""
+    x = 1
+    return x
+
+
+class C:
+    def m(self):
+        # a comment
+
+        return 1
+
+    async def n(self):
+        """doc"""
+'''
+
+
+def test_function_lengths_counts_from_the_decorator_and_skips_the_docstring():
+    # counted by hand: f from @decorator to return (7 lines) less its 3 docstring lines; m 4 lines; n its def only
+    assert function_lengths(LENGTHS_SAMPLE) == {"f:3": 4, "m:12": 4, "n:17": 1}
+
+
+def test_main_script_is_short_and_every_example_function_fits_a_screen():
+    lines = SCRIPT.read_text().splitlines()
+    assert len(lines) <= MAIN_SCRIPT_LINES, f"{SCRIPT.name}: {len(lines)} lines"
+    assert "def main():" in lines and lines[-2:] == ['if __name__ == "__main__":', "    run = main()"]
+    long = {f"{path.name}:{name}": n for path in sorted(SCRIPT.parent.glob("*.py"))
+            for name, n in function_lengths(path.read_text()).items() if n > FUNCTION_LINES}
+    assert long == {}, f"functions over {FUNCTION_LINES} lines (docstring excluded): {long}"
+
+
+def test_micro_batches_resume_mid_epoch_and_shard_the_sampler_order(monkeypatch):
+    """phi3_data.micro_batches from index k yields what a run from 0 yields from its k-th micro-batch on, each
+    rank's epoch covers its DistributedSampler shard (whole batches of it), and the chat count is right."""
+    from torch.utils.data import DistributedSampler
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import phi3_data
+
+    # Example i holds the token i + 1, repeated over a length that varies, so a batch shows which examples it holds.
+    examples = [{"input_ids": [i + 1] * (1 + i * 7 % 13), "labels": [i + 1] * (1 + i * 7 % 13)} for i in range(42)]
+    n_chats, batch_size, seed = 10, 4, 3
+
+    def rows(start, rank, n):
+        batches = phi3_data.micro_batches(examples, n_chats, batch_size, seed, 2, rank, start, 0, torch.device("cpu"))
+        out = []
+        for _ in range(n):
+            batch, chats = next(batches)
+            ids = sorted(int(row[0]) - 1 for row in batch["input_ids"])
+            assert chats == sum(i < n_chats for i in ids)
+            out.append(ids)
+        return out
+
+    per_epoch = len(DistributedSampler(examples, num_replicas=2, rank=0, drop_last=True)) // batch_size  # 21 // 4
+    for rank in (0, 1):
+        full = rows(0, rank, 3 * per_epoch)
+        for k in (1, per_epoch - 1, per_epoch, per_epoch + 2):
+            assert rows(k, rank, 3) == full[k:k + 3], (rank, k)
+        for epoch in range(3):
+            sampler = DistributedSampler(examples, num_replicas=2, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            seen = [i for ids in full[epoch * per_epoch:(epoch + 1) * per_epoch] for i in ids]
+            assert len(seen) == len(set(seen)) == per_epoch * batch_size and set(seen) <= set(sampler)
