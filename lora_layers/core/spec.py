@@ -18,7 +18,7 @@ from .functional import BACKENDS
 
 __all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout",
            "check_backend", "check_lora_dtype", "check_lora_args", "check_use_dora", "check_dora",
-           "check_dora_support", "resolve_spec", "rank_divisor", "lora_scaling"]
+           "check_dora_support", "resolve_spec", "given_settings", "NOT_GIVEN", "rank_divisor", "lora_scaling"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -151,6 +151,24 @@ class LoRASpec:
 
 #: The setting names, in LoRASpec's field order (also the order of ``LoRALayer._init_lora``'s arguments).
 SPEC_FIELDS = tuple(field.name for field in dataclasses.fields(LoRASpec))
+
+
+class _NotGiven:
+    """The default of a setting that a call also takes by position: not given, so the callee's own
+    default (or the spec's value) applies. Unlike None, which is a value, and checked as one."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def given_settings(settings: dict, **by_position) -> dict:
+    """``settings`` plus the settings a call took by position (the ones before ``spec`` existed,
+    ``inject_lora(model, targets, 8, 16)``), leaving out those :data:`NOT_GIVEN`."""
+    settings.update({name: value for name, value in by_position.items() if value is not NOT_GIVEN})
+    return settings
 
 
 def resolve_spec(spec, kwargs: dict, caller: str, **defaults) -> LoRASpec:

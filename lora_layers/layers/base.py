@@ -20,7 +20,7 @@ from torch import Tensor
 from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
-from ..core.spec import LoRASpec, check_dora_support, lora_scaling, resolve_spec
+from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support, given_settings, lora_scaling, resolve_spec
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
 
@@ -115,16 +115,19 @@ class LoRALayer(ExactMerge):
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @classmethod
-    def from_module(cls, module: nn.Module, spec: Optional[LoRASpec] = None, **kwargs):
+    def from_module(cls, module: nn.Module, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
+                    lora_dropout: float = NOT_GIVEN, merge_weights: bool = NOT_GIVEN, *,
+                    spec: Optional[LoRASpec] = None, **kwargs):
         """Wrap an existing torch layer without copying it: the new layer shares ``module``'s
         Parameters (nothing re-initialised) and adds fresh adapters. ``unload`` and
         ``merge_and_unload`` give back exactly the wrapped kind of module.
 
         Args:
             module: the torch layer to wrap (``cls._base_type``).
-            spec: the LoRA settings as a :class:`LoRASpec`, or None to take them from ``kwargs``.
-            **kwargs: the settings, as keyword arguments (without ``spec``): ``r=8``,
-                ``lora_alpha=1``, ``lora_dropout=0.0``, ``merge_weights=True``, ``use_rslora=False``,
+            r, lora_alpha, lora_dropout, merge_weights: the first settings, by position or
+                keyword (not given: the defaults ``8``, ``1``, ``0.0`` and ``True``).
+            spec: the LoRA settings as a :class:`LoRASpec`, or None to take them from the arguments.
+            **kwargs: the other settings, as keyword arguments (without ``spec``): ``use_rslora=False``,
                 ``lora_dtype=None``, ``backend="auto"``, ``use_dora=False``, ``init="kaiming"``; and the
                 class-specific ones (``fan_in_fan_out`` for :class:`Linear`,
                 ``enable_lora``/``split_sizes`` for :class:`MergedLinear`, ``layout`` for convs).
@@ -137,7 +140,8 @@ class LoRALayer(ExactMerge):
             ValueError: a LoRA hyper-parameter is out of range.
         """
         refuse_unwrappable(cls, module, isinstance(module, LoRALayer) or not cls._can_wrap(module))
-        if not cls._adapter_dropout and "lora_dropout" in kwargs:
+        given_settings(kwargs, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
+        if not cls._adapter_dropout and lora_dropout is not NOT_GIVEN:
             raise TypeError(f"{cls.__name__}.from_module got an unexpected keyword argument 'lora_dropout' "
                             f"(a {cls.__name__} has no adapter dropout)")
         spec = resolve_spec(spec, kwargs, f"{cls.__name__}.from_module", r=8, lora_alpha=1)  # before any change

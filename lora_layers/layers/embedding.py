@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..core.functional import lora_embedding
 from ..core.merging import accumulation_dtype
-from ..core.spec import LoRASpec, check_dora_support
+from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support
 from .base import LoRALayer
 
 __all__ = ["Embedding"]
@@ -40,6 +40,14 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self._init_lora(spec)
         self.reset_parameters()
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
+                    merge_weights: bool = NOT_GIVEN, *, spec: Optional[LoRASpec] = None,
+                    **kwargs) -> "Embedding":
+        """Wrap ``module`` (an ``nn.Embedding``) sharing its weight; see :meth:`LoRALayer.from_module`.
+        An embedding has no adapter dropout, so its third setting by position is ``merge_weights``."""
+        return super().from_module(module, r, lora_alpha, merge_weights=merge_weights, spec=spec, **kwargs)
 
     def _adapter_shapes(self):
         return (self.r, self.num_embeddings), (self.embedding_dim, self.r)

@@ -14,7 +14,7 @@ from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.functional import dora_row_scale, dora_weight_norm, lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
 from ..core.segments import Segments
-from ..core.spec import LoRASpec
+from ..core.spec import NOT_GIVEN, LoRASpec
 from .base import MAGNITUDE_NAME, LoRALayer
 
 __all__ = ["Linear", "is_hf_conv1d"]
@@ -262,8 +262,10 @@ class Linear(LoRALayer, nn.Linear):
         )
 
     @classmethod
-    def from_module(cls, module: nn.Linear, spec: Optional[LoRASpec] = None, *, fan_in_fan_out: bool = False,
-                    **kwargs) -> "Linear":
+    def from_module(cls, module: nn.Linear, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
+                    lora_dropout: float = NOT_GIVEN, merge_weights: bool = NOT_GIVEN, *,
+                    spec: Optional[LoRASpec] = None, fan_in_fan_out: bool = False, **kwargs) -> "Linear":
         """Wrap ``module`` (an ``nn.Linear``, or transformers' GPT-2 ``Conv1D``, which
         implies ``fan_in_fan_out=True``) sharing its Parameters; see :meth:`LoRALayer.from_module`."""
-        return super().from_module(module, spec, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights, spec=spec,
+                                   fan_in_fan_out=fan_in_fan_out, **kwargs)

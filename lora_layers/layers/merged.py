@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.segments import Segments
-from ..core.spec import LoRASpec
+from ..core.spec import NOT_GIVEN, LoRASpec
 from .linear import Linear
 
 __all__ = ["MergedLinear"]
@@ -85,7 +85,9 @@ class MergedLinear(Linear):
         self._set_splits(self.out_features, enable_lora, split_sizes)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, spec: Optional[LoRASpec] = None, *, enable_lora: Sequence[bool],
+    def from_module(cls, module: nn.Linear, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
+                    lora_dropout: float = NOT_GIVEN, merge_weights: bool = NOT_GIVEN, *,
+                    spec: Optional[LoRASpec] = None, enable_lora: Sequence[bool],
                     split_sizes: Optional[Sequence[int]] = None, fan_in_fan_out: bool = False,
                     **kwargs) -> "MergedLinear":
         """Wrap a fused ``nn.Linear`` sharing its Parameters, e.g. a qkv projection.
@@ -93,7 +95,8 @@ class MergedLinear(Linear):
         ``enable_lora`` has no default here: the constructor's loralib default
         ``(False,)`` would silently give a layer without adapters.
         """
-        return super().from_module(module, spec, fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+        return super().from_module(module, r, lora_alpha, lora_dropout, merge_weights, spec=spec,
+                                   fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
                                    split_sizes=split_sizes, **kwargs)
 
     def _adapter_shapes(self):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.base import LoRALayer
-from ..core.spec import LoRASpec, check_alpha, check_rank, resolve_spec
+from ..core.spec import NOT_GIVEN, LoRASpec, check_alpha, check_rank, given_settings, resolve_spec
 from ..layers.linear import Linear
 from ..layers.merged import MergedLinear
 from ..layers.registry import LORA_CLASSES, lora_class_for
@@ -234,7 +234,8 @@ def _layer_kwargs(plan, spec: LoRASpec, rank_pattern, alpha_pattern, merged_spli
 
 # ----------------------------------------------------------------------------- public API
 
-def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = None, *,
+def inject_lora(model: nn.Module, targets: Targets, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
+                lora_dropout: float = NOT_GIVEN, *, spec: Optional[LoRASpec] = None,
                 exclude: Optional[Targets] = None, rank_pattern: Optional[Mapping[str, int]] = None,
                 alpha_pattern: Optional[Mapping[str, float]] = None,
                 merged_splits: Optional[Mapping[str, Tuple[Sequence[int], Optional[Sequence[bool]]]]] = None,
@@ -255,8 +256,10 @@ def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = N
             that module); a ``str`` regex that must fullmatch the name; or
             ``"all-linear"``: every exact ``nn.Linear`` but the output head
             (``get_output_embeddings()`` and modules named ``lm_head``).
+        r, lora_alpha, lora_dropout: the first settings, by position or keyword as before
+            :class:`~lora_layers.LoRASpec` existed (described below).
         spec: the LoRA settings as a :class:`~lora_layers.LoRASpec` (its ``r`` positive), or None
-            to take them from ``settings``. Not both.
+            to take them from the arguments. Not both.
         exclude: modules to leave out, in the same forms as ``targets`` (not "all-linear").
         rank_pattern: ``{pattern: r}`` per-module ranks; a pattern is a dotted
             suffix or a regex matching the name or a suffix of it after a dot.
@@ -265,7 +268,8 @@ def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = N
             ``nn.Linear`` modules become :class:`~lora_layers.MergedLinear` with
             those output splits (``enable_lora=None`` enables every split).
             For several matching pattern keys, the first in dict order wins.
-        **settings: the LoRA settings as keyword arguments, when ``spec`` is None:
+        **settings: the other LoRA settings as keyword arguments, when ``spec`` is None
+            (``r``, ``lora_alpha`` and ``lora_dropout`` may be given here too):
             ``r``, the adapter rank, a positive integer (default 8);
             ``lora_alpha``, the scaling numerator (``scaling = lora_alpha / r``; default 16);
             ``lora_dropout``, dropout on the adapter input (not used by embeddings; default 0.0);
@@ -293,6 +297,7 @@ def inject_lora(model: nn.Module, targets: Targets, spec: Optional[LoRASpec] = N
     On any error the model is left unchanged.
     """
     model = unwrap_model(model, changes_parameters="inject_lora")
+    given_settings(settings, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     spec = model_spec(spec, settings, "inject_lora")
     plan = select_modules(model, targets, exclude)
     layer_kwargs = _layer_kwargs(plan, spec, rank_pattern, alpha_pattern, merged_splits)

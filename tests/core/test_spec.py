@@ -112,16 +112,16 @@ def test_spec_and_a_setting_together_is_an_error():
     with pytest.raises(TypeError, match=r"inject_lora: pass the LoRA settings either as spec or as keyword "
                                         r"arguments, not both \(got spec and \['lora_dropout'\]\)"):
         L.inject_lora(model, ["0"], spec=spec, lora_dropout=0.1)
-    with pytest.raises(TypeError, match=r"inject_lora: spec must be a LoRASpec or None, got 4"):
-        L.inject_lora(model, ["0"], 4)  # r was the third positional argument before the spec
+    with pytest.raises(TypeError, match=r"inject_lora: pass the LoRA settings .* \['r'\]"):
+        L.inject_lora(model, ["0"], 4, spec=spec)  # r by position, as before the spec existed
     with pytest.raises(TypeError, match=r"inject_lora\(\) got an unexpected keyword argument 'lora_alfa'"):
         L.inject_lora(model, ["0"], lora_alfa=4)
     assert_unchanged(model, before)
     linear = nn.Linear(4, 4)
     with pytest.raises(TypeError, match=r"Linear.from_module: pass the LoRA settings .* \['r'\]"):
         L.Linear.from_module(linear, spec=spec, r=2)
-    with pytest.raises(TypeError, match=r"MergedLinear.from_module: spec must be a LoRASpec or None, got 2"):
-        L.MergedLinear.from_module(linear, 2, enable_lora=[True])
+    with pytest.raises(TypeError, match=r"MergedLinear.from_module: pass the LoRA settings .* \['r'\]"):
+        L.MergedLinear.from_module(linear, 2, spec=spec, enable_lora=[True])
     with pytest.raises(TypeError, match=r"Embedding.from_module got an unexpected keyword argument 'lora_dropout'"):
         L.Embedding.from_module(nn.Embedding(4, 4), lora_dropout=0.0)
     assert linear.weight.requires_grad and not hasattr(linear, "lora_A")
@@ -242,7 +242,7 @@ def test_inject_lora_spec_and_keywords_build_identical_models():
     for spec in (None, LoRASpec(**settings)):
         model = copy.deepcopy(base)
         torch.manual_seed(11)
-        names = L.inject_lora(model, r"\d", spec, **kwargs, **({} if spec else settings))
+        names = L.inject_lora(model, r"\d", spec=spec, **kwargs, **({} if spec else settings))
         assert names == ["0", "2", "3", "4"]
         models.append(model)
     by_keywords, by_spec = models
@@ -278,3 +278,54 @@ def test_settings_are_checked_once_per_call(monkeypatch):
     L.inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Conv1d(4, 4, 1)), r"\d", r=2, lora_alpha=3,
                   lora_dropout=0.1)
     assert len(alpha_checks) == len(dropout_checks) == 3  # once per call, not once per module or per layer
+
+
+def _adapters(model):
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.mark.parametrize("positional, keywords", [
+    ((4,), dict(r=4)),
+    ((4, 8), dict(r=4, lora_alpha=8)),
+    ((4, 8, 0.1), dict(r=4, lora_alpha=8, lora_dropout=0.1)),
+])
+def test_inject_lora_takes_the_first_settings_by_position_as_before_the_spec(positional, keywords):
+    """inject_lora(model, targets, r, lora_alpha, lora_dropout): the positions it had before LoRASpec."""
+    built = []
+    for args, kwargs in ((positional, {}), ((), keywords)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        L.inject_lora(model, ["0", "2"], *args, **kwargs)
+        built.append(model)
+    a, b = built
+    assert [m.spec for _, m in L.lora_modules(a)] == [m.spec for _, m in L.lora_modules(b)]
+    assert a[0].spec == LoRASpec(**{"r": 8, "lora_alpha": 16, **keywords})
+    assert all(torch.equal(x, y) for x, y in zip(_adapters(a).values(), _adapters(b).values()))
+
+
+@pytest.mark.parametrize("cls, base, extra", [
+    (L.Linear, lambda: nn.Linear(6, 4), {}),
+    (L.MergedLinear, lambda: nn.Linear(6, 4), dict(enable_lora=[True, False])),
+    (L.Conv2d, lambda: nn.Conv2d(2, 3, 3), {}),
+])
+def test_from_module_takes_r_alpha_dropout_and_merge_weights_by_position(cls, base, extra):
+    torch.manual_seed(0)
+    by_position = cls.from_module(base(), 4, 8, 0.1, False, **extra)
+    torch.manual_seed(0)
+    by_keyword = cls.from_module(base(), r=4, lora_alpha=8, lora_dropout=0.1, merge_weights=False, **extra)
+    assert by_position.spec == by_keyword.spec == LoRASpec(4, 8, 0.1, False)
+    assert torch.equal(by_position.lora_A, by_keyword.lora_A)
+
+
+def test_embedding_from_module_takes_merge_weights_third_by_position():
+    """An embedding has no adapter dropout: its positions were (r, lora_alpha, merge_weights)."""
+    layer = L.Embedding.from_module(nn.Embedding(5, 3), 4, 8, False)
+    assert layer.spec == LoRASpec(4, 8, 0.0, False)
+
+
+def test_none_by_keyword_is_a_value_and_refused_not_a_default():
+    """The positional settings default to 'not given'; None passed for one is checked as a value."""
+    with pytest.raises(ValueError, match="r must be a non-negative integer, got None"):
+        L.Linear.from_module(nn.Linear(3, 3), r=None)
+    with pytest.raises((TypeError, ValueError), match="got None"):
+        L.inject_lora(nn.Sequential(nn.Linear(3, 3)), ["0"], lora_alpha=None)

@@ -180,7 +180,7 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
     spec = model_spec(settings=dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                     lora_dtype=lora_dtype, backend=backend, use_dora=use_dora, init=init),
                       caller="phi3.apply_lora")
-    names = inject_lora(model, targets, spec, merged_splits=merged or None)
+    names = inject_lora(model, targets, spec=spec, merged_splits=merged or None)
     if lean:
         enable_lean(model, loss=_lean._is_causal_lm(model))
     if checkpointing is not None:
