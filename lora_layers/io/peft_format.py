@@ -30,7 +30,7 @@ from torch import Tensor
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
-from ..core.functional import dora_weight_norm, row_sq_norm
+from ..variants.dora import dora_weight_norm, row_sq_norm
 from ..layers.modules import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from ..model.params import lora_modules
 

@@ -38,11 +38,12 @@ from torch import Tensor
 from ..core.wrap import _base_attribute_names
 from .notices import warn_conv_layout_switch
 from .base import ADAPTER_NAMES, MAGNITUDE_NAME, LoRALayer
-from ..core.functional import dora_row_scale, dora_weight_norm, lora_conv, lora_embedding, lora_linear
+from ..core.functional import lora_conv, lora_embedding, lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
 from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.segments import Segments
 from ..core.spec import check_dora, check_lora_args
+from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
 
 __all__ = ["Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
 
@@ -281,7 +282,7 @@ class Linear(LoRALayer, nn.Linear):
             self.scaling,
             self.lora_dropout.p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
-            magnitude=self.lora_magnitude if dora else None, weight_norm=self._dora_norm() if dora else None,
+            row_scale=DoRAScale(self.lora_magnitude, self._dora_norm()) if dora else None,
         )
 
     @classmethod
