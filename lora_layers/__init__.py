@@ -14,8 +14,8 @@ with a lean autograd (no stored dropout masks), exact merging, GQA-aware
 import sys as _sys
 
 from ._version import __version__
-from . import core, bases, layers, model, io, models
-from .core.functional import lora_linear
+from . import core, variants, bases, layers, model, io, models, functional  # noqa: F401  (each an attribute)
+from .functional import lora_linear
 from .core.loss import fused_linear_cross_entropy
 from .core.spec import LoRASpec
 from .io.adapters import load_adapter
@@ -41,10 +41,11 @@ from .model.surgery import inject_lora, merge_and_unload, unload
 from .models import phi3
 
 #: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
-#: modules that now hold them. ``import lora_layers.checkpoint`` and ``lora_layers.utils.X`` keep
+#: modules that now hold them (``lora_layers.functional`` is a module of its own: the functional
+#: API gathered from core and variants). ``import lora_layers.checkpoint`` and ``lora_layers.utils.X`` keep
 #: working: each old path is the new module object itself, so patching one patches the other.
 _OLD_PATHS = {
-    "functional": core.functional, "loss": core.loss, "segments": core.segments, "recipes": core.recipes,
+    "loss": core.loss, "segments": core.segments, "recipes": core.recipes,
     "merging": core.merging, "validation": core.spec, "quantized": bases.quantized, "base": layers.base,
     "utils": model.params, "surgery": model.surgery, "qlora": model.quantize, "fileio": io.fileio,
     "checkpoint": io.checkpoint, "peft_format": io.peft_format, "training_state": io.training_state,

@@ -16,7 +16,7 @@ FOLDERS = ("core", "variants", "bases", "layers", "model", "io", "models", "kern
 
 # Every module path users could import before the tiers became folders, and where it lives now.
 OLD_PATHS = {
-    "lora_layers.functional": "lora_layers.core.functional",
+    "lora_layers.functional": "lora_layers.functional",  # a module of its own: the API from core and variants
     "lora_layers.loss": "lora_layers.core.loss",
     "lora_layers.segments": "lora_layers.core.segments",
     "lora_layers.recipes": "lora_layers.core.recipes",

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .amp import autocast_available, no_autocast
-from .functional import _functorch_active
+from .amp import compute_dtype, no_autocast
+from .autograd import refuse_double_backward, tracing
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_size", "REDUCTIONS"]
 
@@ -46,15 +46,8 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     return int(max(64, chunk - chunk % 64))
 
 
-def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    device = hidden.device.type
-    if hidden.dtype in (torch.float16, torch.bfloat16, torch.float32) and autocast_available(device) \
-            and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"fused_linear_cross_entropy: hidden has dtype {hidden.dtype} but weight has dtype "
-                        f"{weight.dtype}; they must match (cast one, or run under torch.autocast)")
-    return hidden.dtype
+_DTYPE_MISMATCH = ("fused_linear_cross_entropy: hidden has dtype {x} but weight has dtype {w}; they must match "
+                   "(cast one, or run under torch.autocast)")
 
 
 def _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, label_smoothing) -> None:
@@ -192,8 +185,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fused_linear_cross_entropy does not support double backward (create_graph=True): "
+        refuse_double_backward("fused_linear_cross_entropy",
                                "its gradients are computed in forward; use F.cross_entropy on the logits instead")
         dh, rows, dW, db = ctx.saved_tensors
         factor = g * ctx.scale
@@ -259,9 +251,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, b
     instead (same value; no memory saving).
     """
     _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, label_smoothing)
-    dt = _compute_dtype(hidden, weight)
+    dt = compute_dtype(hidden, weight, TypeError, _DTYPE_MISMATCH)
     smoothing = float(label_smoothing)
-    if torch.compiler.is_compiling() or _functorch_active():
+    if tracing():
         return _plain(hidden, weight, labels, bias, ignore_index, reduction, smoothing, dt)
     ignore_index = int(ignore_index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .amp import no_autocast
+from .autograd import refuse_double_backward, tracing
 
 __all__ = ["Recipe", "register", "find", "recording", "apply_rebuilding_input"]
 
@@ -38,16 +39,11 @@ class Recipe(NamedTuple):
 _RECIPES = WeakIdKeyDictionary()
 
 
-def _transforming() -> bool:
-    # torch.compile and torch.func transforms trace plain ops instead (functional._composite).
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def recording(source: Tensor) -> bool:
     """Whether a producer whose autograd keeps ``source`` should register a recipe now:
     grad mode is on and ``source`` requires grad (so autograd really keeps it), outside
     ``torch.compile`` and ``torch.func`` transforms."""
-    return torch.is_grad_enabled() and source.requires_grad and not _transforming()
+    return torch.is_grad_enabled() and source.requires_grad and not tracing()
 
 
 def register(out: Tensor, rebuild: Callable[..., Tensor], *kept: Tensor) -> None:
@@ -88,7 +84,7 @@ class _Ctx:
 
 class _RebuiltInput(torch.autograd.Function):
     """Runs ``inner`` (a Function whose first input is ``x`` and whose first saved
-    tensor is that ``x``, e.g. ``functional._LoRALinear``), but keeps the recipe's
+    tensor is that ``x``, e.g. ``autograd._LoRALinear``), but keeps the recipe's
     tensors instead of ``x`` and rebuilds ``x`` in backward."""
 
     @staticmethod
@@ -109,9 +105,8 @@ class _RebuiltInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if torch.is_grad_enabled():
-            raise RuntimeError("lean training does not support double backward (create_graph=True): the adapter "
-                               "input is rebuilt without a graph; apply the adapters with lean=False")
+        refuse_double_backward("lean training", "the adapter input is rebuilt without a graph; apply the adapters "
+                                                "with lean=False")
         saved = ctx.saved_tensors
         kept, rest = saved[:ctx.n_kept], saved[ctx.n_kept:]
         with no_autocast(g.device.type):

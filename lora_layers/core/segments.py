@@ -33,6 +33,12 @@ class Block(NamedTuple):
     b1: int
 
 
+def covers_all(blocks: Sequence[Block], out_features: int) -> bool:
+    """One adapter over every output row (no per-block bookkeeping). Fields, not slices:
+    slicing a NamedTuple breaks older dynamo."""
+    return len(blocks) == 1 and blocks[0].out0 == 0 and blocks[0].out1 == out_features
+
+
 @dataclass(frozen=True)
 class Segments:
     """The output spans of a layer's adapters, in ``lora_A``/``lora_B`` order.
@@ -134,6 +140,10 @@ class Segments:
             raise ValueError(f"lora_B must be ({rows}, r={r}) for segments {self.spans}, "
                              f"got {tuple(lora_B.shape)}")
         return r
+
+    def adapter_blocks(self, lora_A: Tensor, lora_B: Tensor) -> Tuple[Block, ...]:
+        """The :meth:`blocks` of the stacked ``lora_A``/``lora_B``, after :meth:`rank_of` checked their shapes."""
+        return self.blocks(self.rank_of(lora_A, lora_B))
 
     # -- the delta and the PEFT layout ----------------------------------------
     def deltas(self, lora_A: Tensor, lora_B: Tensor, scaling: float,

@@ -31,7 +31,6 @@ from torch import Tensor
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      to_storable)
-from ..core.functional import dora_weight_norm, row_sq_norm
 from ..core.spec import lora_scaling, rank_divisor
 from ..layers.base import LoRALayer
 from ..layers.conv import Conv1d, Conv2d, Conv3d
@@ -40,6 +39,7 @@ from ..layers.linear import Linear, is_hf_conv1d
 from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
+from ..variants.dora import dora_weight_norm, row_sq_norm
 from ..model.params import lora_modules
 from ..model.swap import swap_modules
 

@@ -305,7 +305,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def _differentiable_backward(ctx, g):
     """The gradients as differentiable functions of the inputs (the torch path's
     plain-op form, with this forward's Philox mask), so double backward is exact."""
-    from ..core.functional import _composite  # lazy: functional imports this package lazily too
+    from ..core.autograd import _composite  # lazy: the core imports this package lazily too
     from ..core.segments import Segments
 
     x, _, weight, lora_A, lora_B, bias = ctx.saved_tensors

@@ -72,6 +72,16 @@ def _grouped_pid(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile of an (M, N) output, in _grouped_pid's order:
+    its row and column indices, their in-bounds masks, and the rows as int64 (for offsets)."""
+    pid_m, pid_n = _grouped_pid(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, rows < M, cols < N, rows.to(tl.int64)
+
+
+@triton.jit
 def _expanded_b(b_ptr, stride_bn, stride_br, col_seg_ptr, col_brow_ptr,
                 cols, qs, N, r, HAS_SEG: tl.constexpr):
     """Load the (len(cols), len(qs)) tile E with E[c, q] = B[brow(c), q - seg(c)*r]
@@ -138,13 +148,7 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, col_seg_ptr, col_brow_ptr,
                 BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """y = s * u B^T (accumulator seed) + x W^T + b: the up-projection rides in
     the base GEMM, so y is written exactly once."""
-    pid_m, pid_n = _grouped_pid(tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
+    rows, cols, row_ok, col_ok, rows64 = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # One dot per split present in the tile (the whole of R without segments),
     # each kept only on its own columns: a dot against a B tile that is zero
@@ -266,13 +270,7 @@ def _bwd_x_kernel(g_ptr, w_ptr, du_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     """dx = g W + mask * (du A) / (1-p) and dA += du^T drop(x), sharing one
     regenerated mask tile. DX_MODE: 0 = no dx, 1 = compute g W here,
     2 = dx already holds g W (cuBLAS) and only the LoRA term is added in place."""
-    pid_m, pid_k = _grouped_pid(tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    k_ok = ks < K
-    rows64 = rows.to(tl.int64)
+    rows, ks, row_ok, k_ok, rows64 = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     tile_ok = row_ok[:, None] & k_ok[None, :]
     dx_ptrs = dx_ptr + rows64[:, None] * stride_dxm + ks[None, :] * stride_dxk
 

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bases.quantized import QuantizedBase, quantized_base
-from ..core.functional import dora_row_scale, dora_weight_norm, lora_linear
+from ..core.functional import lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
 from ..core.segments import Segments
 from ..core.spec import NOT_GIVEN, LoRASpec
+from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
 from .base import MAGNITUDE_NAME, LoRALayer
 
 __all__ = ["Linear", "is_hf_conv1d"]
@@ -258,7 +259,7 @@ class Linear(LoRALayer, nn.Linear):
             self.scaling,
             self.lora_dropout.p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
-            magnitude=self.lora_magnitude if dora else None, weight_norm=self._dora_norm() if dora else None,
+            row_scale=DoRAScale(self.lora_magnitude, self._dora_norm()) if dora else None,
         )
 
     @classmethod

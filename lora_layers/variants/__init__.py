@@ -1,1 +1,10 @@
-"""LoRA variants, one file each: a different delta, init or row scale over the same core."""
+"""LoRA variants, one file each: a different delta, init or row scale over the same core.
+
+A variant that rescales the adapted output rows implements the core's row-scale hook
+(:class:`lora_layers.core.row_scale.RowScale`) and passes it to
+:func:`lora_layers.core.functional.lora_linear` as ``row_scale=``; DoRA (:mod:`.dora`) is one.
+"""
+from . import dora
+from .dora import *  # noqa: F401,F403  (each module's __all__)
+
+__all__ = [*dora.__all__]
