@@ -700,3 +700,29 @@ def test_a_merged_layer_whose_weight_was_reassigned_loads_and_stays_unmerged(tmp
     torch.testing.assert_close(L.lora_state_dict(model), L.lora_state_dict(source), rtol=0, atol=0)
     x = torch.randn(3, 8)
     torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_under_fully_shard_a_write_into_parameters_the_root_holds_gathered_is_refused(process_group):
+    """Between a root module's forward and its backward, fully_shard holds its parameters gathered (plain
+    tensors it frees at the next reshard): unmerging a layer merged before sharding, or reset_magnitude,
+    would write into that copy and leave the shard as it was. Both refuse, change nothing, and work after
+    reshard(); the unmerge then gives the base back bit for bit."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(L.Linear(12, 6, r=2, use_dora=True))
+    nn.init.normal_(model[0].lora_B)
+    base = model[0].weight.detach().clone()
+    model.eval()  # merged before sharding
+    fully_shard(model)
+    x = torch.randn(3, 12)
+    model(x)  # the root keeps its parameters gathered now
+    with pytest.raises(RuntimeError, match="reshard"):
+        model.train()
+    assert not model[0].training and model[0].merged  # the layer is left as it was
+    with pytest.raises(RuntimeError, match="reshard"):
+        model[0].reset_magnitude()
+    model.reshard()
+    model.train()
+    assert not model[0].merged
+    assert torch.equal(model[0].weight.full_tensor(), base)
