@@ -34,13 +34,18 @@ BATCH, SEQ = 4, 12  # each rank takes BATCH // WORLD sequences
 LR = 1e-3
 
 #: name -> apply_lora's settings: plain Linear adapters, DoRA everywhere (fused layers included), and
-#: MergedLinear's GQA splits with adapters on q and v only. Each runs with dropout 0 and 0.05.
+#: MergedLinear's GQA splits with adapters on q and v only, each with dropout 0 and 0.05; then, with
+#: dropout 0.05 (whose seeds a recomputation must draw again), DoRA with gradient checkpointing
+#: (non-reentrant) and lean mode (the fused loss, adapter inputs recomputed in backward).
 SETTINGS = {
     "lora": dict(targets=("o_proj", "down_proj")),
     "dora": dict(use_dora=True),
     "merged_gqa": dict(targets=("qkv_proj", "gate_up_proj"), qkv=("q", "v")),
+    "dora_checkpointing": dict(use_dora=True, gradient_checkpointing=True),
+    "lean": dict(lean=True),
 }
-CASES = [(name, p) for name in SETTINGS for p in (0.0, 0.05)]
+CASES = [(name, p) for name in ("lora", "dora", "merged_gqa") for p in (0.0, 0.05)]
+CASES += [("dora_checkpointing", 0.05), ("lean", 0.05)]
 
 
 def _case_id(case):
