@@ -21,12 +21,12 @@ The layer-side lifecycle over these functions is
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .sharded import is_sharded
 
 __all__ = ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
            "weight_sums", "same_sums", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK", "BASE_CHECK"]
@@ -174,7 +174,7 @@ def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
     """
     if W.is_meta:
         return None
-    if _is_dtensor(W):
+    if is_sharded(W):
         return _sharded_weight_sums(W)
     flat = W.detach().reshape(-1)
     s1 = s2 = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -184,13 +184,6 @@ def weight_sums(W: Tensor) -> Optional[Tuple[float, float]]:
         x = buffer[:chunk.numel()].copy_(chunk)
         s1, s2 = s1 + x.sum(), s2 + x.dot(x)
     return float(s1), float(s2)
-
-
-def _is_dtensor(W: Tensor) -> bool:
-    # FSDP2 (fully_shard) holds parameters as DTensors outside its forward; torch.distributed.tensor is
-    # only looked up when already imported, so plain use never imports it.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(W, dtensor.DTensor)
 
 
 def _sharded_weight_sums(W: Tensor) -> Tuple[float, float]:

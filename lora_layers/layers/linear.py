@@ -14,6 +14,7 @@ from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.functional import lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
 from ..core.segments import Segments
+from ..core.sharded import check_not_unsharded, gathered, write_shard
 from ..core.spec import NOT_GIVEN, LoRASpec
 from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
 from .base import MAGNITUDE_NAME, LoRALayer
@@ -169,13 +170,16 @@ class Linear(LoRALayer, nn.Linear):
         cache key is safe (``weight.data`` writes keep ``_version``; a freed weight's address and
         version can come back with other values).
         """
-        return dora_weight_norm(self._dense_weight(), self.lora_A, self.lora_B, self.scaling, self.segments,
-                                fan_in_fan_out=self.fan_in_fan_out)
+        # Inside forward FSDP2 has gathered the parameters (plain tensors); outside it they are DTensors,
+        # gathered here (a collective), so that the norm is always that of the whole weight.
+        return dora_weight_norm(gathered(self._dense_weight()), gathered(self.lora_A), gathered(self.lora_B),
+                                self.scaling, self.segments, fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
     def _reset_magnitude(self) -> None:
         if self.use_dora and self.has_adapter:
-            self.lora_magnitude.copy_(self._dora_norm())
+            check_not_unsharded(self, self.lora_magnitude, "reset_magnitude")
+            write_shard(self.lora_magnitude, self._dora_norm())
             # A copy, not a flag: training, load_lora and .data writes all change the values, and
             # only a magnitude still equal to it may follow a newly loaded weight.
             self.__dict__[_DERIVED_MAGNITUDE] = self.lora_magnitude.detach().clone()

@@ -19,10 +19,16 @@ from torch import Tensor
 
 from ..core.merging import (BASE_CHECK, BITS_DTYPE, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK, merge_into, merged_copy,
                             restore_from, same_sums, weight_sums)
+from ..core.sharded import check_not_unsharded, fsdp_managed, gathered, is_sharded, write_shard
 from .notices import warn_merged_export_as_base
 from .ties import LOADING_ATTR, register_weight, shared_weight_reason
 
 __all__ = ["ExactMerge", "unmerged"]
+
+#: Why a layer whose weight FSDP2 shards does not merge (docs/distributed.md, "eval() and merging").
+SHARDED_REASON = ("its weight is sharded (a DTensor: fully_shard holds it so outside forward), and a merge "
+                  "would write the whole delta into one rank's shard; under FSDP2, eval() serves the adapter "
+                  "unmerged, with the same outputs. Merge a gathered copy of the model instead")
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -65,7 +71,9 @@ class ExactMerge:
     """
 
     def _merge_blocker(self) -> Optional[str]:
-        """Why this layer cannot merge, or None. A shared (tied) weight never merges."""
+        """Why this layer cannot merge, or None. A shared (tied) weight never merges, nor a sharded one."""
+        if is_sharded(self.weight) or fsdp_managed(self):
+            return SHARDED_REASON
         return shared_weight_reason(self)
 
     def _knows_its_delta(self) -> bool:
@@ -131,6 +139,7 @@ class ExactMerge:
         :meth:`merge`, as loralib subclasses do) is left to that code.
         """
         if self._merged_here():
+            check_not_unsharded(self, self.weight, f"unmerging this {type(self).__name__}")
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
 
@@ -151,6 +160,11 @@ class ExactMerge:
         return self.merged and getattr(self, "_merge_state", None) is not None
 
     def _restore(self, W: Tensor) -> None:
+        if is_sharded(W):  # merged before fully_shard: restore the whole weight, keep this rank's shard of it
+            full = gathered(W)
+            self._restore(full)
+            write_shard(W, full)
+            return
         factors, dtype, residuals = self._merge_state
         # The saved factors stay where they were made if the module moved while merged. A residual
         # no longer applies once the weight was cast; a weight loaded merged has none (None).

@@ -640,9 +640,11 @@ def test_embedding_with_max_norm_refuses_to_merge():
     assert not emb.merged
 
 
-def test_fingerprint_of_an_fsdp2_sharded_weight_is_the_full_weights_and_eval_merges(process_group):
-    """Under fully_shard the weight is a DTensor outside forward: eval()'s merge fingerprints it through
-    the mesh instead of crashing on a DTensor/Tensor mix (unmerge under FSDP2 is the FSDP2 issue's)."""
+def test_fingerprint_of_an_fsdp2_sharded_weight_is_the_full_weights_and_eval_serves_unmerged(process_group):
+    """Under fully_shard the weight is a DTensor outside forward: its fingerprint is taken through the mesh,
+    and eval() does not merge into the shard (docs/distributed.md): it serves the adapter unmerged, with
+    the same outputs, and train() after it changes nothing. The 2-process checks are
+    tests/distributed/test_fsdp2.py's."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -657,9 +659,20 @@ def test_fingerprint_of_an_fsdp2_sharded_weight_is_the_full_weights_and_eval_mer
     fully_shard(model)
     assert isinstance(model[0].weight, DTensor)
     assert weight_sums(model[0].weight) == pytest.approx(full_sums, rel=1e-12)
+    before = model[0].weight.full_tensor().clone()
     model.eval()
-    assert model[0].merged
+    assert not model[0].merged
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+    # The root module keeps its parameters gathered after its forward (plain tensors until its backward):
+    # the layer still refuses to merge, since a merge into that copy would be lost at the next reshard.
+    assert not isinstance(model[0].weight, DTensor)
+    with pytest.raises(ValueError, match="sharded"):
+        model[0].merge()
+    model.eval()
+    assert not model[0].merged
+    model.train()
+    model.reshard()
+    assert torch.equal(model[0].weight.full_tensor(), before)
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "load_lora", "import_peft"])
@@ -687,3 +700,29 @@ def test_a_merged_layer_whose_weight_was_reassigned_loads_and_stays_unmerged(tmp
     torch.testing.assert_close(L.lora_state_dict(model), L.lora_state_dict(source), rtol=0, atol=0)
     x = torch.randn(3, 8)
     torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_under_fully_shard_a_write_into_parameters_the_root_holds_gathered_is_refused(process_group):
+    """Between a root module's forward and its backward, fully_shard holds its parameters gathered (plain
+    tensors it frees at the next reshard): unmerging a layer merged before sharding, or reset_magnitude,
+    would write into that copy and leave the shard as it was. Both refuse, change nothing, and work after
+    reshard(); the unmerge then gives the base back bit for bit."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(L.Linear(12, 6, r=2, use_dora=True))
+    nn.init.normal_(model[0].lora_B)
+    base = model[0].weight.detach().clone()
+    model.eval()  # merged before sharding
+    fully_shard(model)
+    x = torch.randn(3, 12)
+    model(x)  # the root keeps its parameters gathered now
+    with pytest.raises(RuntimeError, match="reshard"):
+        model.train()
+    assert not model[0].training and model[0].merged  # the layer is left as it was
+    with pytest.raises(RuntimeError, match="reshard"):
+        model[0].reset_magnitude()
+    model.reshard()
+    model.train()
+    assert not model[0].merged
+    assert torch.equal(model[0].weight.full_tensor(), base)

@@ -1,0 +1,60 @@
+"""Parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``): DTensors outside its forward.
+
+Inside forward and backward FSDP2 has gathered every parameter into a plain tensor; outside them
+(``eval()``, ``merge()``, ``reset_magnitude()``, checkpoints) a parameter is a DTensor whose local
+tensor is this rank's shard. What needs the whole tensor gathers it with torch's own
+``DTensor.full_tensor()`` (:func:`gathered`), and writes a whole tensor back as this rank's shard
+with ``distribute_tensor(..., src_data_rank=None)`` (:func:`write_shard`), which slices locally as
+FSDP2 sharded it. Both are collectives or follow one: every rank calls them, as every rank calls
+``eval()`` or ``train()``. ``torch.distributed.tensor`` is only looked up when already imported, so
+plain use never imports it.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import Tensor
+
+__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard"]
+
+
+def is_sharded(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a ``fully_shard`` module, outside its forward)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def fsdp_managed(module) -> bool:
+    """Whether ``fully_shard`` manages ``module`` (it or an ancestor was sharded): its parameters are this
+    rank's shards, or, between a root module's forward and its backward, gathered copies that FSDP2 frees."""
+    return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
+def check_not_unsharded(module, t: Tensor, what: str) -> None:
+    """Refuse to write into ``t``, a parameter of ``module``, while FSDP2 holds it gathered: the write would
+    go into a copy that FSDP2 frees at its next reshard, leaving the shard as it was."""
+    if fsdp_managed(module) and not is_sharded(t):
+        raise RuntimeError(f"{what}: fully_shard holds this layer's parameters gathered now (a root module keeps "
+                           f"them so between its forward and its backward), and a write would go into a copy "
+                           f"that it frees. Call .reshard() on the fully_shard module first")
+
+
+def gathered(t: Tensor) -> Tensor:
+    """The whole of ``t``, detached: ``t.full_tensor()`` for a DTensor (a collective), else ``t`` itself."""
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
+
+
+@torch.no_grad()
+def write_shard(t: Tensor, full: Tensor) -> None:
+    """Write the whole tensor ``full`` into ``t`` in place: into this rank's shard of a DTensor, else all of it.
+
+    Every rank passes the same ``full`` (computed from :func:`gathered` values), so no data moves.
+    """
+    if not is_sharded(t):
+        t.copy_(full)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
+    t.to_local().copy_(local)
