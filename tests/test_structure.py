@@ -70,6 +70,98 @@ def test_old_module_path_imports_the_new_module(old):
         assert hasattr(module, name), f"{old}.{name}"
 
 
+# Every public name each flat module had at 867da2b (the release before the folders): its __all__ and
+# the public names it defined, by the old path. An import of one of them that worked then works now.
+OLD_PUBLIC = {
+    "adapters": ["AdapterSummary", "load_adapter", "summary"],
+    "base": ["ADAPTER_NAMES", "ADAPTER_PREFIX", "LoRALayer", "MAGNITUDE_NAME"],
+    "checkpoint": ["CheckpointError", "FAMILY_CALLS", "FORMAT_NAME", "FORMAT_VERSION", "LoadResult", "META_BIAS",
+                   "META_FORMAT", "META_FORMAT_VERSION", "META_HF_FORMAT", "META_LIBRARY_VERSION", "META_MODULES",
+                   "META_SHA256", "RESERVED_PREFIX", "adapter_payload", "apply_copies", "canonical_payload",
+                   "dropout_arg", "fitting_call", "load_lora", "plan_load", "read_checkpoint", "read_native",
+                   "save_lora"],
+    "fileio": ["CheckpointError", "PICKLE_PROTOCOLS", "ZIP_MAGIC", "as_path", "atomic_folder", "atomic_write",
+               "check_destination", "dir_opener", "raw_bytes", "read_file", "read_folder", "remove_folder",
+               "safetensors_bytes", "tensor_checksum", "to_storable"],
+    "functional": ["AUTO_USES_TRITON", "BACKENDS", "BACKEND_ENV", "dora_row_scale", "dora_weight_norm", "draw_seed",
+                   "drop_mask", "dropout_mask", "keep_mask", "keep_scale", "lora_conv", "lora_embedding",
+                   "lora_linear", "resolve_backend", "row_sq_norm"],
+    "kernels": ["MAX_RANK", "draw_seed", "is_available", "keep_mask", "lora_linear", "supports",
+                "unavailable_reason"],
+    "layers": ["CONV_LAYOUTS", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "MergedLinear"],
+    "lean": ["LeanCausalLMForward", "LeanRMSNorm", "LeanSwiGLUMLP", "PHI3_PRODUCERS", "disable", "enable", "is_lean"],
+    "loss": ["REDUCTIONS", "default_chunk_size", "fused_linear_cross_entropy"],
+    "merging": ["BASE_CHECK", "BITS_DTYPE", "Blocks", "ExactMerge", "MERGED_CHECK", "MERGED_FACTORS", "MERGED_MARK",
+                "accumulation_dtype", "check_mergeable", "merge_into", "merged_copy", "restore_from", "same_sums",
+                "weight_sums"],
+    "peft_format": ["PEFT_BIN_NAME", "PEFT_CONFIG_NAME", "PEFT_KEY_PREFIX", "PEFT_WEIGHTS_NAME", "export_peft",
+                    "import_peft"],
+    "phi3": ["QKV_PARTS", "TARGETS", "apply_lora", "disable_lean", "enable_gradient_checkpointing", "enable_lean",
+             "qkv_split_sizes"],
+    "qlora": ["SCHEMES", "quantize_base"],
+    "quantized": ["QuantizedBase", "is_quantized_linear", "quantized_base", "record_compute_dtype", "torchao_nf4",
+                  "weight_nbytes"],
+    "recipes": ["Recipe", "apply_rebuilding_input", "find", "recording", "register"],
+    "segments": ["Block", "Segments"],
+    "surgery": ["ALL_LINEAR", "Targets", "build_layers", "inject_lora", "merge_and_unload", "select_modules",
+                "unload"],
+    "training_state": ["FILE_SUFFIX", "KEY_FORMAT", "KEY_TRAINED", "TRAINING_STATE_FILE", "TRAINING_STATE_FORMAT",
+                       "TRAINING_STATE_VERSION", "load_training_state", "payload_sha256", "save_training_state"],
+    "utils": ["BIAS_MODES", "check_bias", "count_lora_parameters", "lora_modules", "lora_parameters",
+              "lora_plus_param_groups", "lora_state_dict", "mark_only_lora_as_trainable", "merge_layers",
+              "merge_lora", "merged_state_dict", "named_bias_parameters", "named_lora_parameters", "unmerge_lora"],
+    "validation": ["INITS", "LORA_DTYPES", "check_alpha", "check_backend", "check_dora", "check_dropout",
+                   "check_init", "check_lora_args", "check_lora_dtype", "check_rank"],
+}
+
+# Each flat module's __all__ at 867da2b: ``from lora_layers.X import *`` still gives each of these names.
+OLD_ALL = {
+    "adapters": ["load_adapter", "summary", "AdapterSummary"],
+    "base": ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"],
+    "checkpoint": ["FORMAT_NAME", "FORMAT_VERSION", "CheckpointError", "LoadResult", "save_lora", "load_lora"],
+    "fileio": ["CheckpointError", "as_path", "check_destination", "atomic_write", "atomic_folder", "read_folder",
+               "remove_folder", "dir_opener", "to_storable", "raw_bytes", "safetensors_bytes", "tensor_checksum",
+               "read_file"],
+    "functional": ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed",
+                   "drop_mask", "keep_mask", "keep_scale", "dora_row_scale", "dropout_mask", "BACKENDS",
+                   "BACKEND_ENV"],
+    "kernels": ["is_available", "unavailable_reason", "supports", "lora_linear", "keep_mask", "draw_seed",
+                "MAX_RANK"],
+    "layers": ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"],
+    "lean": ["LeanRMSNorm", "LeanSwiGLUMLP", "LeanCausalLMForward", "enable", "disable", "is_lean"],
+    "loss": ["fused_linear_cross_entropy", "default_chunk_size", "REDUCTIONS"],
+    "merging": ["BITS_DTYPE", "accumulation_dtype", "check_mergeable", "merge_into", "restore_from", "merged_copy",
+                "weight_sums", "same_sums", "ExactMerge", "MERGED_MARK", "MERGED_FACTORS", "MERGED_CHECK",
+                "BASE_CHECK"],
+    "peft_format": ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"],
+    "phi3": ["TARGETS", "QKV_PARTS", "qkv_split_sizes", "apply_lora", "enable_gradient_checkpointing", "enable_lean",
+             "disable_lean"],
+    "qlora": ["SCHEMES", "quantize_base"],
+    "quantized": ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4",
+                  "record_compute_dtype"],
+    "recipes": ["Recipe", "register", "find", "recording", "apply_rebuilding_input"],
+    "segments": ["Block", "Segments"],
+    "surgery": ["ALL_LINEAR", "inject_lora", "merge_and_unload", "unload", "select_modules"],
+    "training_state": ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"],
+    "utils": ["BIAS_MODES", "lora_modules", "lora_parameters", "named_lora_parameters",
+              "mark_only_lora_as_trainable", "lora_state_dict", "merge_lora", "unmerge_lora", "merged_state_dict",
+              "lora_plus_param_groups", "count_lora_parameters"],
+    "validation": ["LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout",
+                   "check_backend", "check_lora_dtype", "check_lora_args", "check_dora"],
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_PUBLIC))
+def test_every_public_name_of_the_old_flat_modules_imports_by_its_old_path(old):
+    module = importlib.import_module(f"lora_layers.{old}")
+    missing = [name for name in OLD_PUBLIC[old] if not hasattr(module, name)]
+    assert not missing, f"lora_layers.{old} lost {missing}"
+    namespace = {}
+    exec(f"from lora_layers.{old} import *", namespace)
+    missing = [name for name in OLD_ALL[old] if name not in namespace]
+    assert not missing, f"from lora_layers.{old} import * no longer gives {missing}"
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """``import lora_layers.X`` as a first statement (nothing imported before it)."""
     code = "; ".join(f"import {old}" for old in OLD_PATHS) + "; print('ok')"
