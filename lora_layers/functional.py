@@ -8,6 +8,8 @@ DoRA's row-scale hook.
 """
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
 from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -27,6 +29,20 @@ def __getattr__(name):
     if name == "AUTO_USES_TRITON":
         return _core.AUTO_USES_TRITON
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Facade(_types.ModuleType):
+    """This module's type: ``lora_layers.functional.AUTO_USES_TRITON = True`` (or a monkeypatch of it)
+    sets the flag the core's router reads, as it did when the router lived here."""
+
+    def __setattr__(self, name, value):
+        if name == "AUTO_USES_TRITON":
+            setattr(_core, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Facade
 
 
 def lora_linear(

@@ -162,6 +162,18 @@ def test_every_public_name_of_the_old_flat_modules_imports_by_its_old_path(old):
     assert not missing, f"from lora_layers.{old} import * no longer gives {missing}"
 
 
+def test_auto_uses_triton_set_by_its_old_path_is_the_flag_the_router_reads(monkeypatch):
+    # Before the folders the router read lora_layers.functional.AUTO_USES_TRITON itself; setting it
+    # there (benchmarks, a user who has validated the kernels) must still switch "auto" to triton.
+    import lora_layers.functional as functional
+    from lora_layers.core import functional as core
+
+    monkeypatch.setattr(functional, "AUTO_USES_TRITON", True)
+    assert core.AUTO_USES_TRITON is True and functional.AUTO_USES_TRITON is True
+    monkeypatch.undo()
+    assert core.AUTO_USES_TRITON is False and functional.AUTO_USES_TRITON is False
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """``import lora_layers.X`` as a first statement (nothing imported before it)."""
     code = "; ".join(f"import {old}" for old in OLD_PATHS) + "; print('ok')"
