@@ -174,6 +174,14 @@ def test_auto_uses_triton_set_by_its_old_path_is_the_flag_the_router_reads(monke
     assert core.AUTO_USES_TRITON is False and functional.AUTO_USES_TRITON is False
 
 
+def test_lora_layers_phi3_still_says_what_the_preset_does():
+    # help(lora_layers.phi3) and docs/api.md's "::: lora_layers.phi3" show the folder's docstring,
+    # which before the folders was phi3.py's: what Phi-3 fuses and how apply_lora adapts each part.
+    doc = lora_layers.phi3.__doc__
+    assert doc.startswith("Phi-3 preset: LoRA on transformers'"), doc
+    assert "qkv_proj" in doc and "gate_up_proj" in doc and 'qkv=("q", "v")' in doc
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """``import lora_layers.X`` as a first statement (nothing imported before it)."""
     code = "; ".join(f"import {old}" for old in OLD_PATHS) + "; print('ok')"
