@@ -31,6 +31,10 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted([*globals(), "AUTO_USES_TRITON"])  # listed by dir(), as when it was a global here
+
+
 class _Facade(_types.ModuleType):
     """This module's type: ``lora_layers.functional.AUTO_USES_TRITON = True`` (or a monkeypatch of it)
     sets the flag the core's router reads, as it did when the router lived here."""

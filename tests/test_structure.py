@@ -168,6 +168,7 @@ def test_auto_uses_triton_set_by_its_old_path_is_the_flag_the_router_reads(monke
     import lora_layers.functional as functional
     from lora_layers.core import functional as core
 
+    assert "AUTO_USES_TRITON" in dir(functional)
     monkeypatch.setattr(functional, "AUTO_USES_TRITON", True)
     assert core.AUTO_USES_TRITON is True and functional.AUTO_USES_TRITON is True
     monkeypatch.undo()
