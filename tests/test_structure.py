@@ -3,6 +3,7 @@ tests that mirror the folders. docs/design.md's own block checks the import dire
 import ast
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -181,6 +182,38 @@ def test_lora_layers_phi3_still_says_what_the_preset_does():
     doc = lora_layers.phi3.__doc__
     assert doc.startswith("Phi-3 preset: LoRA on transformers'"), doc
     assert "qkv_proj" in doc and "gate_up_proj" in doc and 'qkv=("q", "v")' in doc
+
+
+def _resolves(dotted: str) -> bool:
+    obj = lora_layers
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[: i + 1]))
+        except ImportError:
+            return False
+    return True
+
+
+def test_every_dotted_lora_layers_name_in_the_code_and_docs_resolves():
+    # Docstrings (help(), the API page) and docs name modules and functions by path; after the move into
+    # folders, a path to a module that is gone (lora_layers._wrap, lora_layers._unwrap) sends readers nowhere.
+    from lora_layers.io import checkpoint
+
+    not_paths = {value for key, value in vars(checkpoint).items()  # the header's metadata keys
+                 if key.startswith(("META_", "FORMAT_NAME")) and isinstance(value, str)}
+    not_paths |= {"lora_layers.NAME", "lora_layers.utils.X"}  # placeholders in prose
+    root = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md"]
+    stale = set()
+    for path in files:
+        for dotted in re.findall(r"lora_layers(?:\.[A-Za-z_]\w*)+", path.read_text(encoding="utf-8")):
+            if dotted not in not_paths and not _resolves(dotted):
+                stale.add(f"{path.relative_to(root)}: {dotted}")
+    assert not stale, sorted(stale)
 
 
 def test_old_paths_work_in_a_fresh_interpreter():
