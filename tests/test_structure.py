@@ -163,6 +163,14 @@ def test_every_public_name_of_the_old_flat_modules_imports_by_its_old_path(old):
     assert not missing, f"from lora_layers.{old} import * no longer gives {missing}"
 
 
+def test_a_family_call_registered_by_its_old_name_is_consulted():
+    # lora_layers.checkpoint.FAMILY_CALLS was where a model family registered its fitting call
+    # (the phi3 docstring named it); the registry is model.families.FITTING_CALLS now: the same list.
+    from lora_layers.model.families import FITTING_CALLS
+
+    assert lora_layers.checkpoint.FAMILY_CALLS is FITTING_CALLS
+
+
 def test_auto_uses_triton_set_by_its_old_path_is_the_flag_the_router_reads(monkeypatch):
     # Before the folders the router read lora_layers.functional.AUTO_USES_TRITON itself; setting it
     # there (benchmarks, a user who has validated the kernels) must still switch "auto" to triton.
