@@ -224,6 +224,17 @@ def test_every_dotted_lora_layers_name_in_the_code_and_docs_resolves():
     assert not stale, sorted(stale)
 
 
+def test_the_backend_debug_log_keeps_its_logger_name(caplog):
+    # docs/kernels.md: the triton backend "falls back to torch (debug log)"; users turn that log on by
+    # the module's name, lora_layers.functional, whose lines must not move to another logger.
+    from lora_layers.core import functional as core
+
+    assert core.log.name == "lora_layers.functional"
+    with caplog.at_level("DEBUG", logger="lora_layers.functional"):
+        core.log.debug("probe")
+    assert [r.name for r in caplog.records] == ["lora_layers.functional"]
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """``import lora_layers.X`` as a first statement (nothing imported before it)."""
     code = "; ".join(f"import {old}" for old in OLD_PATHS) + "; print('ok')"
