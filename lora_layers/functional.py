@@ -24,28 +24,22 @@ __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "ro
            "drop_mask", "keep_mask", "keep_scale", "dora_row_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 
-def __getattr__(name):
-    # Read live from the core, where it is set once the kernels have passed on a GPU.
-    if name == "AUTO_USES_TRITON":
-        return _core.AUTO_USES_TRITON
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), "AUTO_USES_TRITON"])  # listed by dir(), as when it was a global here
-
-
 class _Facade(_types.ModuleType):
-    """This module's type: ``lora_layers.functional.AUTO_USES_TRITON = True`` (or a monkeypatch of it)
-    sets the flag the core's router reads, as it did when the router lived here."""
+    """This module's type. ``AUTO_USES_TRITON`` is the core's flag (its router reads it): read live
+    from there, and ``lora_layers.functional.AUTO_USES_TRITON = True`` (a monkeypatch, a
+    ``mock.patch``) sets it there, as when the router lived here."""
 
-    def __setattr__(self, name, value):
-        if name == "AUTO_USES_TRITON":
-            setattr(_core, name, value)
-        else:
-            super().__setattr__(name, value)
+    @property
+    def AUTO_USES_TRITON(self) -> bool:
+        return _core.AUTO_USES_TRITON
+
+    @AUTO_USES_TRITON.setter
+    def AUTO_USES_TRITON(self, value) -> None:
+        _core.AUTO_USES_TRITON = value
+        self.__dict__["AUTO_USES_TRITON"] = value  # this module's own too, so mock.patch restores it
 
 
+AUTO_USES_TRITON = _core.AUTO_USES_TRITON  # (the property above reads the core's, not this copy)
 _sys.modules[__name__].__class__ = _Facade
 
 

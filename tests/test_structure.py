@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -182,6 +183,11 @@ def test_auto_uses_triton_set_by_its_old_path_is_the_flag_the_router_reads(monke
     assert core.AUTO_USES_TRITON is True and functional.AUTO_USES_TRITON is True
     monkeypatch.undo()
     assert core.AUTO_USES_TRITON is False and functional.AUTO_USES_TRITON is False
+    with mock.patch("lora_layers.functional.AUTO_USES_TRITON", True):
+        assert core.AUTO_USES_TRITON is True
+    assert core.AUTO_USES_TRITON is False and functional.AUTO_USES_TRITON is False
+    monkeypatch.setattr(core, "AUTO_USES_TRITON", True)  # set where it lives now: read live by the old path
+    assert functional.AUTO_USES_TRITON is True
 
 
 def test_lora_layers_phi3_still_says_what_the_preset_does():
