@@ -56,6 +56,17 @@ for _name, _module in _OLD_PATHS.items():
     globals()[_name] = _module
 del _name, _module
 
+#: Public names an old flat module held that now live a tier above the module its path names (core
+#: cannot import layers): set here on that module, and in its ``__all__`` again, so that
+#: ``from lora_layers.merging import ExactMerge`` (and ``import *``) works as before.
+_OLD_NAMES = {"merging": {"ExactMerge": layers.merge_state.ExactMerge}}
+for _name, _names in _OLD_NAMES.items():
+    for _attr, _value in _names.items():
+        setattr(_OLD_PATHS[_name], _attr, _value)
+        if _attr not in _OLD_PATHS[_name].__all__:
+            _OLD_PATHS[_name].__all__.append(_attr)
+del _name, _names, _attr, _value
+
 __all__ = [
     "__version__",
     "LoRALayer",

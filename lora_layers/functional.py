@@ -8,6 +8,8 @@ DoRA's row-scale hook.
 """
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
 from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -22,11 +24,23 @@ __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "ro
            "drop_mask", "keep_mask", "keep_scale", "dora_row_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 
-def __getattr__(name):
-    # Read live from the core, where it is set once the kernels have passed on a GPU.
-    if name == "AUTO_USES_TRITON":
+class _Facade(_types.ModuleType):
+    """This module's type. ``AUTO_USES_TRITON`` is the core's flag (its router reads it): read live
+    from there, and ``lora_layers.functional.AUTO_USES_TRITON = True`` (a monkeypatch, a
+    ``mock.patch``) sets it there, as when the router lived here."""
+
+    @property
+    def AUTO_USES_TRITON(self) -> bool:
         return _core.AUTO_USES_TRITON
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    @AUTO_USES_TRITON.setter
+    def AUTO_USES_TRITON(self, value) -> None:
+        _core.AUTO_USES_TRITON = value
+        self.__dict__["AUTO_USES_TRITON"] = value  # this module's own too, so mock.patch restores it
+
+
+AUTO_USES_TRITON = _core.AUTO_USES_TRITON  # (the property above reads the core's, not this copy)
+_sys.modules[__name__].__class__ = _Facade
 
 
 def lora_linear(

@@ -55,7 +55,9 @@ from .segments import Block, Segments, covers_all
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "BACKENDS", "BACKEND_ENV"]
 
-log = logging.getLogger(__name__)
+# The public module name, as before the folders: logging.getLogger("lora_layers.functional") still
+# shows the "triton backend declined" debug lines (docs/kernels.md).
+log = logging.getLogger("lora_layers.functional")
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "LORA_LAYERS_BACKEND"

@@ -49,6 +49,7 @@ from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_m
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CheckpointError",
     "LoadResult",
     "save_lora",
     "load_lora",
@@ -270,7 +271,7 @@ def canonical_payload(model: nn.Module, tensors: Dict[str, Tensor],
                       meta: Dict[str, str]) -> Tuple[Dict[str, Tensor], Dict[str, str], str]:
     """``(tensors, meta, prefix)``: a file written from a compiled or DDP model by older versions, or by
     loralib's ``lora_state_dict``, carries the wrapper's prefix in every key and header module name;
-    strip it where that makes the keys match ``model`` (see :func:`lora_layers._unwrap.wrapper_prefix`)."""
+    strip it where that makes the keys match ``model`` (see :func:`lora_layers.model.unwrap.wrapper_prefix`)."""
     model = unwrap_model(model)
     prefix = wrapper_prefix(tensors, [n for n, _ in model.named_parameters(remove_duplicate=False)])
     if not prefix:
@@ -488,6 +489,8 @@ def _exact_targets(model: nn.Module, names: List[str]) -> Optional[List[str]]:
 #: Model families' own presets, registered by their modules (``lora_layers.phi3``) so that this generic
 #: module never imports them: ``family_call(model, saved_modules, targets, args)`` returns the preset call
 #: (e.g. ``lora_layers.phi3.apply_lora(model, r=16, ...)``) that builds exactly these adapters, or None.
+#: The registry is :data:`lora_layers.model.families.FITTING_CALLS`; this is the same list, by its old name.
+FAMILY_CALLS = FITTING_CALLS
 
 
 def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[str]:

@@ -1,15 +1,5 @@
-"""Phi-3 preset: LoRA on transformers' ``Phi3ForCausalLM`` / ``Phi3Model`` in one call.
-
-Phi-3 fuses its projections: ``self_attn.qkv_proj`` holds the rows
-``[q | k | v]`` (``H·d``, ``KV·d``, ``KV·d`` with grouped-query attention) and
-``mlp.gate_up_proj`` holds ``[gate | up]`` (``I``, ``I``). :func:`apply_lora`
-gives each part its own adapter through :class:`~lora_layers.MergedLinear`, so
-``qkv=("q", "v")`` adapts only the query and value rows, exactly as separate
-``q_proj``/``v_proj`` adapters would on an unfused model.
-
-transformers is imported only inside the functions that need it (here: none;
-the model is duck-typed through its ``config`` and module names).
-"""
+"""The Phi-3 preset's functions: :func:`apply_lora`, lean mode's switches, gradient checkpointing and
+the qkv split sizes (what the preset does and why: :mod:`lora_layers.phi3`, this folder's docstring)."""
 from __future__ import annotations
 
 import numbers
