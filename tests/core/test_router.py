@@ -162,3 +162,15 @@ def test_the_public_functional_lora_linear_is_the_core_with_dora():
     assert torch.equal(a, b)
     assert torch.equal(plain, cf.lora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], 0.5))
     assert lora_layers.lora_linear is lora_layers.functional.lora_linear
+
+
+def test_auto_uses_triton_set_through_the_public_module_is_the_flag_the_router_reads(monkeypatch):
+    # Before issue #21 the router lived in lora_layers.functional, so setting the flag there
+    # switched "auto"; the facade must not keep a copy of its own that the router never reads.
+    import lora_layers.functional as public
+
+    assert "AUTO_USES_TRITON" in dir(public)
+    monkeypatch.setattr(public, "AUTO_USES_TRITON", True)
+    assert cf.AUTO_USES_TRITON is True and public.AUTO_USES_TRITON is True
+    monkeypatch.undo()
+    assert cf.AUTO_USES_TRITON is False and public.AUTO_USES_TRITON is False
