@@ -55,7 +55,9 @@ from .segments import Block, Segments, covers_all
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "BACKENDS", "BACKEND_ENV"]
 
-log = logging.getLogger(__name__)
+# The name the router logged under before it moved into the core (issue #21), so that a logging set-up
+# that enables "lora_layers.functional" still shows why the Triton backend declined a call.
+log = logging.getLogger("lora_layers.functional")
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "LORA_LAYERS_BACKEND"
