@@ -8,8 +8,6 @@ DoRA's row-scale hook.
 """
 from __future__ import annotations
 
-import sys
-import types
 from typing import Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -24,32 +22,11 @@ __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "ro
            "drop_mask", "keep_mask", "keep_scale", "dora_row_scale", "dropout_mask", "BACKENDS", "BACKEND_ENV"]
 
 
-_LIVE = ("AUTO_USES_TRITON",)  # the router's flags: read and written in the core, where the router reads them
-
-
 def __getattr__(name):
     # Read live from the core, where it is set once the kernels have passed on a GPU.
-    if name in _LIVE:
-        return getattr(_core, name)
+    if name == "AUTO_USES_TRITON":
+        return _core.AUTO_USES_TRITON
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LIVE])
-
-
-class _Facade(types.ModuleType):
-    """This module's type: setting ``AUTO_USES_TRITON`` here (``monkeypatch.setattr``, a
-    benchmark flipping it) sets the core's flag, as it did when this module held the router."""
-
-    def __setattr__(self, name, value):
-        if name in _LIVE:
-            setattr(_core, name, value)
-        else:
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Facade
 
 
 def lora_linear(

@@ -164,18 +164,6 @@ def test_the_public_functional_lora_linear_is_the_core_with_dora():
     assert lora_layers.lora_linear is lora_layers.functional.lora_linear
 
 
-def test_auto_uses_triton_set_through_the_public_module_is_the_flag_the_router_reads(monkeypatch):
-    # Before issue #21 the router lived in lora_layers.functional, so setting the flag there
-    # switched "auto"; the facade must not keep a copy of its own that the router never reads.
-    import lora_layers.functional as public
-
-    assert "AUTO_USES_TRITON" in dir(public)
-    monkeypatch.setattr(public, "AUTO_USES_TRITON", True)
-    assert cf.AUTO_USES_TRITON is True and public.AUTO_USES_TRITON is True
-    monkeypatch.undo()
-    assert cf.AUTO_USES_TRITON is False and public.AUTO_USES_TRITON is False
-
-
 def test_a_declined_triton_call_is_logged_under_lora_layers_functional(monkeypatch, caplog, ran):
     # The logger's name is part of the logging set-up users write; it stayed "lora_layers.functional"
     # when the router moved into the core (issue #21).
