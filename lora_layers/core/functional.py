@@ -55,8 +55,8 @@ from .segments import Block, Segments, covers_all
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "BACKENDS", "BACKEND_ENV"]
 
-# The name the router logged under before it moved into the core (issue #21), so that a logging set-up
-# that enables "lora_layers.functional" still shows why the Triton backend declined a call.
+# The public module name, as before the folders: logging.getLogger("lora_layers.functional") still
+# shows the "triton backend declined" debug lines (docs/kernels.md).
 log = logging.getLogger("lora_layers.functional")
 
 BACKENDS = ("auto", "torch", "triton")
