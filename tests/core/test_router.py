@@ -162,3 +162,21 @@ def test_the_public_functional_lora_linear_is_the_core_with_dora():
     assert torch.equal(a, b)
     assert torch.equal(plain, cf.lora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], 0.5))
     assert lora_layers.lora_linear is lora_layers.functional.lora_linear
+
+
+def test_a_declined_triton_call_is_logged_under_lora_layers_functional(monkeypatch, caplog, ran):
+    # The logger's name is part of the logging set-up users write; it stayed "lora_layers.functional"
+    # when the router moved into the core (issue #21).
+    import logging
+
+    from lora_layers import kernels
+
+    monkeypatch.setattr(kernels, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "supports", lambda *args, **kwargs: (False, "a reason of the test's"))
+    caplog.set_level(logging.DEBUG, logger="lora_layers.functional")
+    t = tensors()
+    with torch.no_grad():
+        cf.lora_linear(t["x"], t["W"], t["b"], t["A"], t["B"], 0.5, backend="triton")
+    assert ran == ["_run_no_grad"]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("lora_layers.functional", "lora_linear: triton backend declined (a reason of the test's); using the torch path")]
