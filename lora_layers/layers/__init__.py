@@ -38,5 +38,6 @@ from .registry import *  # noqa: F401,F403  (each module's __all__)
 from .ties import *  # noqa: F401,F403  (each module's __all__)
 from .notices import *  # noqa: F401,F403  (each module's __all__)
 
-__all__ = [*base.__all__, *merge_state.__all__, *linear.__all__, *merged.__all__, *embedding.__all__, *conv.__all__,
-           *registry.__all__, *ties.__all__, *notices.__all__]
+# The folder's contract: the layers (what ``from lora_layers.layers import *`` gave before the folders)
+# and the type -> class table. The other names above stay importable by name for the tiers above.
+__all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", *registry.__all__]

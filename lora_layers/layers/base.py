@@ -143,7 +143,7 @@ class LoRALayer(ExactMerge):
         given_settings(kwargs, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=merge_weights)
         if not cls._adapter_dropout and lora_dropout is not NOT_GIVEN:
             raise TypeError(f"{cls.__name__}.from_module got an unexpected keyword argument 'lora_dropout' "
-                            f"(a {cls.__name__} has no adapter dropout)")
+                            f"({cls.__name__} layers have no adapter dropout)")
         spec = resolve_spec(spec, kwargs, f"{cls.__name__}.from_module", r=8, lora_alpha=1)  # before any change
         if not cls._adapter_dropout:
             spec = dataclasses.replace(spec, lora_dropout=0.0)  # inject_lora's spec, say, holds one for the Linears
