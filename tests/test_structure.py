@@ -70,6 +70,32 @@ def test_old_module_path_imports_the_new_module(old):
         assert hasattr(module, name), f"{old}.{name}"
 
 
+# ``__all__`` of the old modules at 867da2b, for their io ones (issue #21 review): ``from lora_layers.X import *``
+# gave these names, so the new module's ``__all__`` still lists them.
+OLD_ALL = {
+    "lora_layers.checkpoint": ["FORMAT_NAME", "FORMAT_VERSION", "CheckpointError", "LoadResult", "save_lora",
+                               "load_lora"],
+    "lora_layers.adapters": ["load_adapter", "summary", "AdapterSummary"],
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_ALL))
+def test_old_module_star_import_keeps_its_names(old):
+    namespace = {}
+    exec(f"from {old} import *", namespace)
+    assert [name for name in OLD_ALL[old] if name not in namespace] == []
+
+
+def test_family_calls_keeps_its_old_name():
+    """``lora_layers.checkpoint.FAMILY_CALLS`` was the registry a model family appends its fitting call to
+    (issue #21 review): it is still that registry, the one ``load_lora``'s hint reads."""
+    from lora_layers import checkpoint
+    from lora_layers.model.families import FITTING_CALLS
+    from lora_layers.models.phi3.preset import _fitting_call
+
+    assert checkpoint.FAMILY_CALLS is FITTING_CALLS
+    assert _fitting_call in checkpoint.FAMILY_CALLS
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """``import lora_layers.X`` as a first statement (nothing imported before it)."""
     code = "; ".join(f"import {old}" for old in OLD_PATHS) + "; print('ok')"

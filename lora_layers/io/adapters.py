@@ -29,7 +29,7 @@ from ..model.swap import swap_modules
 from ..model.params import lora_modules, mark_only_lora_as_trainable
 from ..model.overview import AdapterSummary, summary  # noqa: F401  (the old path lora_layers.adapters.summary)
 
-__all__ = ["load_adapter"]
+__all__ = ["load_adapter", "summary", "AdapterSummary"]  # the last two: their old path
 
 _CLASSES = {cls.__name__: cls for cls in (Linear, MergedLinear, Embedding, Conv1d, Conv2d, Conv3d)}
 

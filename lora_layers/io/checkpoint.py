@@ -49,6 +49,7 @@ from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_m
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CheckpointError",
     "LoadResult",
     "save_lora",
     "load_lora",
@@ -488,6 +489,8 @@ def _exact_targets(model: nn.Module, names: List[str]) -> Optional[List[str]]:
 #: Model families' own presets, registered by their modules (``lora_layers.phi3``) so that this generic
 #: module never imports them: ``family_call(model, saved_modules, targets, args)`` returns the preset call
 #: (e.g. ``lora_layers.phi3.apply_lora(model, r=16, ...)``) that builds exactly these adapters, or None.
+#: The registry lives in :mod:`lora_layers.model.families` as ``FITTING_CALLS``; this is its old name.
+FAMILY_CALLS = FITTING_CALLS
 
 
 def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[str]:
