@@ -271,7 +271,7 @@ def canonical_payload(model: nn.Module, tensors: Dict[str, Tensor],
                       meta: Dict[str, str]) -> Tuple[Dict[str, Tensor], Dict[str, str], str]:
     """``(tensors, meta, prefix)``: a file written from a compiled or DDP model by older versions, or by
     loralib's ``lora_state_dict``, carries the wrapper's prefix in every key and header module name;
-    strip it where that makes the keys match ``model`` (see :func:`lora_layers._unwrap.wrapper_prefix`)."""
+    strip it where that makes the keys match ``model`` (see :func:`lora_layers.model.unwrap.wrapper_prefix`)."""
     model = unwrap_model(model)
     prefix = wrapper_prefix(tensors, [n for n, _ in model.named_parameters(remove_duplicate=False)])
     if not prefix:

@@ -3,7 +3,7 @@
 Concrete layers (:mod:`lora_layers.layers`) say which adapter shapes they
 have, how to initialise them, what their ``ΔW`` blocks are and how their
 forward calls the functional core. This mixin holds the configuration,
-construction, ``from_module`` (state adopted through :mod:`lora_layers._wrap`)
+construction, ``from_module`` (state adopted through :mod:`lora_layers.core.wrap`)
 and which parameters are the adapter. ``train``/``eval``, ``merge``/``unmerge``
 and the state_dict hooks come from :class:`~lora_layers.layers.merge_state.ExactMerge`.
 """
