@@ -306,3 +306,28 @@ def test_the_tests_mirror_the_package_folders():
     assert (TESTS / "parity").is_dir()
     names = [p.name for p in TESTS.rglob("test_*.py")]
     assert len(names) == len(set(names)), "two test files share a name (pytest imports them by basename)"
+
+
+def test_docstring_cross_references_resolve():
+    """Every ``:func:`lora_layers.X.y``` (and :mod:, :class:, ...) in the package's docstrings names something
+    that exists: the old private module paths (``lora_layers._unwrap``, ``lora_layers._wrap``) do not (issue #21 review)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(lora_layers.__file__).parent
+    broken = []
+    for path in sorted(root.rglob("*.py")):
+        for ref in re.findall(r":(?:func|mod|class|data|meth|attr):`~?(lora_layers\.[\w.]+)`", path.read_text()):
+            parts = ref.split(".")
+            for i in range(len(parts), 0, -1):
+                try:
+                    obj, rest = importlib.import_module(".".join(parts[:i])), parts[i:]
+                    break
+                except ImportError:
+                    continue
+            for attr in rest:
+                if not hasattr(obj, attr):
+                    broken.append(f"{path.relative_to(root.parent)}: {ref}")
+                    break
+                obj = getattr(obj, attr)
+    assert broken == []

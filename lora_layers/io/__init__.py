@@ -8,6 +8,8 @@ from .peft_format import *  # noqa: F401,F403  (each module's __all__)
 from .training_state import *  # noqa: F401,F403  (each module's __all__)
 from .adapters import *  # noqa: F401,F403  (each module's __all__)
 
-# (once each: CheckpointError is in fileio's and checkpoint's, as it was at their old paths)
-__all__ = list(dict.fromkeys([*fileio.__all__, *checkpoint.__all__, *peft_format.__all__, *training_state.__all__,
-                              *adapters.__all__]))
+# checkpoint's __all__ repeats fileio's CheckpointError, and adapters' lists model.overview's summary and
+# AdapterSummary, for the star imports of their old paths (lora_layers.checkpoint, lora_layers.adapters).
+_ELSEWHERE = ("summary", "AdapterSummary")
+__all__ = list(dict.fromkeys(name for name in [*fileio.__all__, *checkpoint.__all__, *peft_format.__all__,
+                                               *training_state.__all__, *adapters.__all__] if name not in _ELSEWHERE))

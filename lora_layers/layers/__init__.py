@@ -26,7 +26,7 @@ Differences from loralib 0.1.2 (all bug fixes; see docs/migrating-from-loralib.m
 * ``MergedLinear`` accepts unequal ``split_sizes`` (GQA qkv, ``[gate | up]``)
   and never builds the full ``ΔW`` or a zero-padded output in forward.
 """
-from . import base, merge_state, linear, merged, embedding, conv, registry, ties, notices
+from . import base, merge_state, linear, merged, embedding, conv, registry, ties, notices  # noqa: F401
 from .base import *  # noqa: F401,F403  (each module's __all__)
 from .merge_state import *  # noqa: F401,F403  (each module's __all__)
 from .linear import *  # noqa: F401,F403  (each module's __all__)
@@ -37,6 +37,12 @@ from .conv import CONV_LAYOUTS  # noqa: F401  (lora_layers.layers.CONV_LAYOUTS, 
 from .registry import *  # noqa: F401,F403  (each module's __all__)
 from .ties import *  # noqa: F401,F403  (each module's __all__)
 from .notices import *  # noqa: F401,F403  (each module's __all__)
+
+from .base import LoRALayer
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding
+from .linear import Linear
+from .merged import MergedLinear
 
 # The folder's contract: the layers (what ``from lora_layers.layers import *`` gave before the folders)
 # and the type -> class table. The other names above stay importable by name for the tiers above.

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.base import LoRALayer
-from ..core.spec import NOT_GIVEN, LoRASpec, check_alpha, check_rank, given_settings, resolve_spec
+from ..core.spec import NOT_GIVEN, SPEC_FIELDS, LoRASpec, check_alpha, check_rank, given_settings, resolve_spec
 from ..layers.linear import Linear
 from ..layers.merged import MergedLinear
 from ..layers.registry import LORA_CLASSES, lora_class_for
@@ -317,12 +317,12 @@ def model_spec(spec: Optional[LoRASpec] = None, settings: Optional[dict] = None,
         TypeError: a setting has the wrong type, is unknown, or is given together with ``spec``.
     """
     settings = {} if settings is None else settings
+    unknown = [name for name in settings if name not in SPEC_FIELDS]
+    if unknown:  # first, as Python refused a misspelt keyword before any value was checked
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
     # Checked before LoRASpec's own rank check, whose message allows r=0.
     check_rank(spec.r if isinstance(spec, LoRASpec) else settings.get("r", 8), "r", positive=True)
-    spec = resolve_spec(spec, settings, caller, r=8, lora_alpha=16)
-    if settings:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {next(iter(settings))!r}")
-    return spec
+    return resolve_spec(spec, settings, caller, r=8, lora_alpha=16)
 
 
 def build_layers(model: nn.Module, plan, specs) -> Dict[int, nn.Module]:

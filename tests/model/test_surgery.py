@@ -329,3 +329,15 @@ def test_unload_of_a_users_own_lora_layer_subclass_is_refused_by_name_and_change
         getattr(L, fn)(model)
     assert isinstance(model[0], Mine)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("settings, unknown", [(dict(r=0, rr=4), "rr"),
+                                                (dict(lora_alpha=float("nan"), target_modules=["0"]), "target_modules"),
+                                                (dict(use_dora="x", lora_droput=0.1), "lora_droput")])
+def test_inject_lora_names_an_unknown_keyword_before_checking_the_values(settings, unknown):
+    """As before LoRASpec (issue #21 review): Python refused a misspelt keyword before any value was checked,
+    so the error names the typo, not a bad value beside it."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=rf"^inject_lora\(\) got an unexpected keyword argument '{unknown}'$"):
+        inject_lora(model, ["0"], **settings)
+    assert type(model[0]) is nn.Linear
