@@ -20,9 +20,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_phi3
-from test_fsdp2 import WORLD, _adapters, _build, _eval_batch, _shard
+from test_fsdp2 import WORLD, _adapters, _build, _dora_layer, _eval_batch, _shard
 
-CASES = [("lora", 0.0), ("dora", 0.0), ("merged_gqa", 0.0)]
+PHI3_CASES = [("lora", 0.0), ("dora", 0.0), ("merged_gqa", 0.0)]
+#: test_fsdp2.py's DoRA Linear stored (in, out): shards split every output row, and r = 3, out = 7 shard
+#: lora_A, lora_B and the magnitude unevenly (4 + 3 rows, 2 + 1).
+CASES = PHI3_CASES + [("dora_rows", 0.0)]
 DEADLINE_S = 240  # the launch takes ~30 s; past this, a rank is stuck: fail instead of hanging
 
 
@@ -30,9 +33,27 @@ def _name(case):
     return case[0]
 
 
+def _make(case):
+    """The unsharded model of ``case``, the same in every process."""
+    if case[0] != "dora_rows":
+        return _build(case)
+    import lora_layers as L
+
+    model = _dora_layer()
+    L.mark_only_lora_as_trainable(model)  # its bias is no adapter
+    return model
+
+
+def _sharded_model(case):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _make(case)
+    return fully_shard(model) if case[0] == "dora_rows" else _shard(model)
+
+
 def _source(case):
     """A one-process model of ``case`` with other adapter values: the files that the sharded models load."""
-    model = _build(case)
+    model = _make(case)
     gen = torch.Generator().manual_seed(99)
     with torch.no_grad():
         for _, p in sorted(_adapters(model).items()):
@@ -64,15 +85,15 @@ def _case_sharded(case, out: pathlib.Path):
     import lora_layers as L
 
     name = _name(case)
-    model = _shard(_build(case))
+    model = _sharded_model(case)
     L.save_lora(model, out / f"{name}.safetensors")
     L.export_peft(model, out / f"{name}-peft")
     got = dict(lora_state_dict=L.lora_state_dict(model), merged=L.merged_state_dict(model))
-    fresh = _shard(_build(case))
+    fresh = _sharded_model(case)
     got["before_load"] = _local_shards(fresh)
     L.load_lora(fresh, out / f"src-{name}.safetensors")
     got["load_lora"] = _local_shards(fresh)
-    fresh = _shard(_build(case))
+    fresh = _sharded_model(case)
     got["import_peft"] = L.import_peft(fresh, out / f"src-{name}-peft"), _local_shards(fresh)
     return got
 
@@ -109,6 +130,8 @@ def _bad_inputs(rank, out: pathlib.Path):
         "import_peft missing folder on rank 1": lambda: L.import_peft(model, out / ("missing" if rank else "src-lora-peft")),
         "import_peft another folder on rank 1": lambda: L.import_peft(model, out / ("lora-peft" if rank else "src-lora-peft")),
         "merge_and_unload": lambda: L.merge_and_unload(model),
+        "import_peft into a plain sharded model": lambda: L.import_peft(_shard(make_tiny_phi3(seed=0)),
+                                                                         out / "src-lora-peft"),
     }
     got = {what: _caught(call) for what, call in errors.items()}
     got["unchanged"] = [all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(before, _local_shards(model))]
@@ -165,7 +188,7 @@ def references(launch, tmp_path_factory):
     refs = {}
     try:
         for case in CASES:
-            model = _build(case)
+            model = _make(case)
             L.save_lora(model, out / f"{_name(case)}.safetensors")
             L.export_peft(model, out / f"{_name(case)}-peft")
             refs[case] = dict(model=model, lora_state_dict=L.lora_state_dict(model), merged=L.merged_state_dict(model))
@@ -217,14 +240,16 @@ def test_lora_and_merged_state_dicts_equal_one_process(sharded, references, case
     ref = references[1][case]
     _bitwise(got[case]["lora_state_dict"], ref["lora_state_dict"])
     _bitwise(got[case]["merged"], ref["merged"])  # rank 0's: the whole merged state dict
-    plain = L.merge_and_unload(_build(case)).state_dict()  # one process's merge_and_unload
+    if case not in PHI3_CASES:  # merge_and_unload gives a plain Linear (out, in), not the (in, out) storage
+        return
+    plain = L.merge_and_unload(_make(case)).state_dict()  # one process's merge_and_unload
     assert list(plain) == list(ref["merged"])
     diff = max(float((got[case]["merged"][k] - plain[k]).abs().max()) for k in plain)
     print(f"{_name(case)}: sharded merged_state_dict vs one process's merge_and_unload: max |Δ| {diff:.2e}")
     assert diff <= 1e-6
 
 
-@pytest.mark.parametrize("case", CASES, ids=_name)
+@pytest.mark.parametrize("case", PHI3_CASES, ids=_name)
 def test_peft_loads_the_sharded_export_with_one_process_logits(sharded, references, case):
     peft = pytest.importorskip("peft")
     folder, _ = sharded
@@ -245,7 +270,7 @@ def test_every_rank_loads_its_slice_of_the_one_process_load(sharded, case, how):
 
     folder, got = sharded
     name = _name(case)
-    ref = _build(case)
+    ref = _make(case)
     if how == "load_lora":
         L.load_lora(ref, folder / f"src-{name}.safetensors")
         shards = got[case]["load_lora"]
@@ -272,6 +297,8 @@ EXPECTED_ERRORS = {  # call -> (class, words its message must hold)
     "import_peft missing folder on rank 1": ("FileNotFoundError", ["missing", "raised on rank 1 of 2"]),
     "import_peft another folder on rank 1": ("ValueError", ["import_peft: adapter contents", "differs between ranks"]),
     "merge_and_unload": ("ValueError", ["fully_shard", "merged_state_dict(model) on every rank"]),
+    "import_peft into a plain sharded model": ("CheckpointError", ["model.layers.0.self_attn.o_proj", "before fully_shard",
+                                                                   "(the model was not changed)"]),
 }
 
 
