@@ -378,8 +378,8 @@ def _refuse_sharded(model: nn.Module) -> None:
         raise ValueError(f"merge_and_unload: {type(model).__name__} is sharded by fully_shard (its weights are "
                          f"DTensor shards), and merging would replace them by whole plain weights on every rank. "
                          f"Call lora_layers.merged_state_dict(model) on every rank instead: rank 0 gets the merged "
-                         f"full state dict (as one process's merge_and_unload(model).state_dict()); load it with "
-                         f"strict=True into the model built without LoRA, or save it (docs/distributed.md)")
+                         f"full state dict, as one process's merged_state_dict(model); load it with strict=True "
+                         f"into the model built without LoRA, or save it (docs/distributed.md)")
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
