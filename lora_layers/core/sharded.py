@@ -8,15 +8,25 @@ with ``distribute_tensor(..., src_data_rank=None)`` (:func:`write_shard`), which
 FSDP2 sharded it. Both are collectives or follow one: every rank calls them, as every rank calls
 ``eval()`` or ``train()``. ``torch.distributed.tensor`` is only looked up when already imported, so
 plain use never imports it.
+
+Model-level functions (checkpoints, exports, merged state dicts) run on every rank of a sharded model:
+:func:`shard_group` finds the process group, :func:`on_every_rank` runs a step that may raise and makes
+every rank raise the same error when any rank's step raised (so no rank goes on to a collective the
+others never reach), and :func:`gathered_parameters` gives a layer its whole parameters for a while.
 """
 from __future__ import annotations
 
+import pickle
 import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard"]
+__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_group",
+           "is_writer", "on_every_rank", "gathered_parameters"]
 
 
 def is_sharded(t) -> bool:
@@ -58,3 +68,94 @@ def write_shard(t: Tensor, full: Tensor) -> None:
 
     local = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
     t.to_local().copy_(local)
+
+
+def shard_group(module: nn.Module):
+    """The process group over which ``module``'s parameters are sharded (that of the first DTensor's
+    one-dimensional mesh; the default group for a mesh of more dimensions), or None when none is sharded."""
+    for p in module.parameters():
+        if is_sharded(p):
+            import torch.distributed as dist
+
+            mesh = p.device_mesh
+            return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+    return None
+
+
+def is_writer(group) -> bool:
+    """Whether this process writes a model-level file: always without a group, else rank 0 of ``group``."""
+    if group is None:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank(group) == 0
+
+
+def _report(error: Optional[BaseException]):
+    """What another rank needs to raise ``error`` again: ``(class, message)``; ``RuntimeError`` for a class
+    that does not pickle (a local class)."""
+    if error is None:
+        return None
+    cls = type(error)
+    try:
+        pickle.dumps(cls)
+    except Exception:
+        return RuntimeError, f"{cls.__name__}: {error}"
+    return cls, str(error)
+
+
+def _rebuilt(report, rank: int, world: int) -> BaseException:
+    cls, message = report
+    message = f"{message} (raised on rank {rank} of {world}; every rank raises it)"
+    try:
+        return cls(message)
+    except Exception:
+        return RuntimeError(f"{cls.__name__}: {message}")
+
+
+def on_every_rank(group, what: str, step: Callable[[], Any], same: Optional[Dict[str, Any]] = None):
+    """``step()``, run on every rank of ``group`` (or alone without one), then agreed on: when it raised
+    on some rank, or the arguments in ``same`` differ between ranks, every rank raises the same error
+    (the lowest failing rank's class and message), so that no rank goes on to a collective that the others
+    never reach. One ``all_gather_object``: every rank must call it.
+
+    Raises:
+        ValueError: a value of ``same`` differs between ranks (names it and each rank's value).
+    """
+    if group is None:
+        return step()
+    import torch.distributed as dist
+
+    try:
+        result, error = step(), None
+    except Exception as exc:
+        result, error = None, exc
+    mine = (_report(error), {k: repr(v) for k, v in (same or {}).items()})
+    reports = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, mine, group=group)
+    for name in same or {}:
+        values = [r[1][name] for r in reports]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {i} {v}" for i, v in enumerate(values))
+            raise ValueError(f"{what}: {name} differs between ranks ({per_rank}); every rank of a sharded model "
+                             f"calls {what} with the same {name}")
+    for rank, (report, _) in enumerate(reports):
+        if report is not None:
+            raise _rebuilt(report, rank, len(reports)) from error
+    return result
+
+
+@contextmanager
+def gathered_parameters(module: nn.Module):
+    """Within the block, each sharded parameter of ``module`` itself (not of its children) is replaced by a
+    plain ``Parameter`` holding the whole tensor (gathered: a collective, every rank enters the block);
+    the shards are put back on leaving. For reading only: writes into the whole tensors are lost."""
+    saved = {}
+    try:
+        for name, p in list(module._parameters.items()):
+            if p is not None and is_sharded(p):
+                saved[name] = p
+                module._parameters[name] = nn.Parameter(gathered(p), requires_grad=p.requires_grad)
+        yield module
+    finally:
+        module._parameters.update(saved)

@@ -14,6 +14,7 @@ read directly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
-                     to_storable)
+                     tensor_checksum, to_storable)
 from ..core.spec import lora_scaling, rank_divisor
 from ..layers.base import LoRALayer
 from ..layers.conv import Conv1d, Conv2d, Conv3d
@@ -40,6 +41,7 @@ from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
 from ..variants.dora import dora_weight_norm, row_sq_norm
+from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group, write_shard
 from ..model.params import lora_modules
 from ..model.swap import swap_modules
 
@@ -274,6 +276,10 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
             ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
             or ``None``, to override.
 
+    On a model sharded by ``fully_shard``, call it on every rank with the same arguments: each layer is
+    gathered in turn and rank 0 writes the folder one process writes, byte for byte; an error on one
+    rank is raised on every rank.
+
     Raises:
         ValueError: the model has no adapters, or ``task_type`` is not ``"auto"``,
             ``None`` or a PEFT task type (nothing is written).
@@ -281,6 +287,21 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
         FileNotFoundError / PermissionError: bad destination.
     """
     model = unwrap_model(model)
+    group = shard_group(model)
+    same = dict(out_dir=out_dir, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    layers, dora = on_every_rank(group, "export_peft", lambda: _exported_layers(model, task_type), same=same)
+    tensors, per_module, rslora = _exported(layers)  # sharded: each layer gathered in turn, on every rank
+    config = _peft_config(model, per_module, rslora, use_dora=dora,
+                          base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    writer = is_writer(group)
+    data = safetensors_bytes(to_storable(tensors), {"format": "pt"}) if writer else b""
+    text = json.dumps(config, indent=2, sort_keys=True).encode()
+    on_every_rank(group, "export_peft", lambda: _write_export(out_dir, data, text) if writer else None)
+
+
+def _exported_layers(model: nn.Module, task_type) -> Tuple[List[Tuple[str, LoRALayer]], bool]:
+    """``(the LoRA layers with an adapter, whether they are DoRA)``, after checking ``task_type``;
+    ValueError / NotImplementedError for a model export_peft cannot write."""
     layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
     if not layers:
         raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
@@ -288,12 +309,11 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
     if len(dora) > 1:
         raise NotImplementedError("export_peft: the model mixes DoRA and plain LoRA layers; a PEFT adapter is "
                                   "either all DoRA or all LoRA (use_dora is one flag for the whole adapter)")
-    tensors, per_module, rslora = _exported(layers)
-    config = _peft_config(model, per_module, rslora, use_dora=dora == {True},
-                          base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    _task_type(task_type, model)
+    return layers, dora == {True}
 
-    data = safetensors_bytes(to_storable(tensors), {"format": "pt"})
-    text = json.dumps(config, indent=2, sort_keys=True).encode()
+
+def _write_export(out_dir, data: bytes, text: bytes) -> None:
     # Both files change together or not at all: new weights beside an old config (another alpha) would
     # load in PEFT and vLLM without complaint. An old adapter_model.bin would shadow nothing but mislead.
     with atomic_folder(out_dir, "a PEFT adapter", "out_dir", owned=_PEFT_FILES) as tmp:
@@ -307,7 +327,8 @@ def _exported(layers: List[Tuple[str, LoRALayer]]) -> Tuple[Dict[str, Tensor], D
     tensors: Dict[str, Tensor] = {}
     per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
     for name, layer in layers:
-        t, r, alpha = _export_module(name, layer)
+        with gathered_parameters(layer):  # a sharded layer's whole tensors (DoRA's norm needs the whole weight)
+            t, r, alpha = _export_module(name, layer)
         tensors.update(t)
         per_module[name] = (r, alpha, layer.use_rslora, layer)
 
@@ -696,7 +717,7 @@ def _adapted_magnitude(layer: MergedLinear, full: Tensor) -> Tensor:
     """The adapted rows of PEFT's full-row magnitude; the other rows must be ``‖W_row‖`` (factor one),
     else the adapter rescales rows this layer leaves alone."""
     adapted, other = layer.segments.from_full_rows(full)
-    norms = row_sq_norm(layer._dense_weight(), layer.fan_in_fan_out).sqrt()
+    norms = row_sq_norm(gathered(layer._dense_weight()), layer.fan_in_fan_out).sqrt()
     if not torch.allclose(full[other].to(norms.dtype), norms[other], rtol=1e-4, atol=1e-6):
         raise ValueError(f"{_MAGNITUDE_KEY} rescales rows outside the enabled splits, which this MergedLinear "
                          f"cannot represent")
@@ -751,20 +772,60 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
             not a positive int, a non-finite alpha, ...), keys without the
             ``base_model.model.`` prefix, or modules that do not fit; every
             problem is named, and the model is unchanged.
+
+    On a model sharded by ``fully_shard``, call it on every rank: each rank reads the folder (the ranks
+    must read the same adapter, compared by checksum) and keeps its slice of every tensor. Only modules
+    that are LoRA layers already (adapters put on before ``fully_shard``) load; an error on one rank is
+    raised on every rank, and nothing changes anywhere.
     """
     wrapped, model = model, unwrap_model(model)
-    adapter_dir = os.fspath(adapter_dir)
-    config, groups, problems = _read_adapter(model, adapter_dir)
+    group = shard_group(model)
+
+    def read():
+        config, groups, problems = _read_adapter(model, os.fspath(adapter_dir))
+        if group is None:
+            return (config, groups, problems), None
+        tensors = tensor_checksum({f"{n}.{k}": t for n, g in groups.items() for k, t in g.items()})
+        text = json.dumps(config, sort_keys=True, default=repr)
+        return (config, groups, problems), hashlib.sha256(f"{tensors} {text}".encode()).hexdigest()
+
+    (config, groups, problems), read_back = on_every_rank(group, "import_peft", read, same=dict(strict=strict))
+    on_every_rank(group, "import_peft", lambda: None, same={"adapter contents (SHA-256 of its config and tensors)": read_back})
+    # Every rank now holds the same adapter: planning (which gathers DoRA bases) takes the same steps on each.
+    plan = on_every_rank(group, "import_peft", lambda: _checked_plan(model, groups, config, problems, strict,
+                                                                     os.fspath(adapter_dir), group))
+    if any(new_layer is not None for _, new_layer, _, _ in plan):
+        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
+    _apply_import(model, plan)
+    return [name for name, *_ in plan]
+
+
+def _checked_plan(model: nn.Module, groups, config, problems: List[str], strict: bool, adapter_dir: str, group):
+    """:func:`_plan_import`, then the problems raised (``strict``) or warned about. On a sharded model
+    (``group``) only existing LoRA layers load: a new layer's adapters would not be sharded."""
+    if group is not None:
+        for name in sorted(groups):
+            module = _submodule(model, name)
+            if module is not None and not isinstance(module, LoRALayer):
+                problems.append(f"{name!r} ({type(module).__name__}): the model is sharded by fully_shard, and a "
+                                f"new LoRA layer's adapters would not be sharded: put the adapters on before "
+                                f"fully_shard (inject_lora / phi3.apply_lora with the adapter's settings), then "
+                                f"import_peft loads into them")
+                groups.pop(name)
     plan = _plan_import(model, groups, config, problems)
     if problems and strict:
         raise CheckpointError(f"cannot import PEFT adapter {adapter_dir!r} (the model was not changed):\n  - "
                               + "\n  - ".join(problems))
     if problems:
-        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=2)
-    if any(new_layer is not None for _, new_layer, _, _ in plan):
-        unwrap_model(wrapped, changes_parameters="import_peft")  # warns under DDP: layers are replaced
-    _apply_import(model, plan)
-    return [name for name, *_ in plan]
+        warnings.warn(f"import_peft {adapter_dir!r}: skipping:\n  - " + "\n  - ".join(problems), stacklevel=5)
+    return plan
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _read_adapter(model: nn.Module, adapter_dir: str):
@@ -814,8 +875,10 @@ def _plan_import(model: nn.Module, groups: Dict[str, Dict[str, Tensor]], config:
 
 def _saved_base_problem(name: str, module: nn.Module, saved_base: Optional[Tensor]) -> Optional[str]:
     """Why the base weight that PEFT's save_embedding_layers saved cannot be imported (it differs), or None."""
-    if saved_base is None or (saved_base.shape == module.weight.shape
-                              and torch.equal(saved_base.to(module.weight), module.weight)):
+    if saved_base is None:
+        return None
+    weight = gathered(module.weight)
+    if saved_base.shape == weight.shape and torch.equal(saved_base.to(weight), weight):
         return None
     return (f"{name!r}: the adapter replaces the base weight ({PEFT_KEY_PREFIX}{name}."
             f"{_SAVED_BASE_KEY}, PEFT's save_embedding_layers) with different values; "
@@ -831,4 +894,4 @@ def _apply_import(model: nn.Module, plan: list) -> None:
             new_layer.weight.requires_grad_(False)  # loralib semantics, as from_module
         with unmerged(layer):
             for local, value in tensors.items():
-                getattr(layer, local).copy_(value)
+                write_shard(getattr(layer, local), value)  # a sharded parameter keeps its slice

@@ -20,6 +20,8 @@ from ..layers.notices import warn_conv_lora_only_biases, warn_lora_named_paramet
 from ..layers.base import LoRALayer
 from ..layers.conv import _ConvNd
 from ..core.merging import BASE_CHECK, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK
+from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group
+from ..layers.merge_state import SHARDED_REASON
 
 __all__ = [
     "BIAS_MODES",
@@ -150,12 +152,16 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     this warns once). Trainable parameters whose names contain ``lora_`` but that
     are no LoRA layer's adapter are left out, with a warning (once per process):
     loralib's name test saves them.
+
+    On a model sharded by ``fully_shard``, call it on every rank (with the same ``bias``): every rank
+    gets the whole tensors (gathered copies), equal to one process's.
     """
-    check_bias(bias)
+    group = shard_group(unwrap_model(model))
+    on_every_rank(group, "lora_state_dict", lambda: check_bias(bias), same=dict(bias=bias))
     if unwrap_model(model) is not model:
         warn_wrapper_keys(model)
-    out = {name: p.detach() for name, p in named_lora_parameters(model)}
-    out.update({name: p.detach() for name, p in named_bias_parameters(model, bias).items()})
+    out = {name: gathered(p) for name, p in named_lora_parameters(model)}
+    out.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
     left_out = [n for n, p in _lora_named_non_adapters(unwrap_model(model)) if p.requires_grad and n not in out]
     if left_out:
         warn_lora_named_parameters("lora_state_dict", left_out)
@@ -208,25 +214,51 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     keys, and it is a plain model's state dict: loaded into a LoRA model, its
     weights become the base weights.
 
+    On a model sharded by ``fully_shard``, call it on every rank: each layer is gathered in turn and
+    merged as one process merges it, and rank 0 gets the whole state dict, equal to one process's; the
+    other ranks get an empty dict (as torch's ``get_model_state_dict`` with ``full_state_dict=True``).
+
     Raises:
         ValueError: a layer cannot be merged (its weight is shared with another
             module, e.g. tied embeddings, or an Embedding with ``max_norm``); names it.
     """
     model = unwrap_model(model)
-    find_shared_weights(model)
-    layers = [(name, layer) for name, layer in lora_modules(model) if layer.has_adapter]
+    group = shard_group(model)
+
+    def check():
+        find_shared_weights(model)
+        layers = [(name, layer) for name, layer in lora_modules(model) if layer.has_adapter]
+        for name, layer in layers:
+            blocker = layer._merge_blocker()
+            if blocker is not None and not (group is not None and blocker == SHARDED_REASON):
+                raise ValueError(f"merged_state_dict: cannot merge {name or type(layer).__name__}: {blocker}")
+        return layers
+
+    layers = on_every_rank(group, "merged_state_dict", check)
+    state = model.state_dict() if group is None else _gathered_state(model, group)
     for name, layer in layers:
-        blocker = layer._merge_blocker()
-        if blocker is not None:
-            raise ValueError(f"merged_state_dict: cannot merge {name or type(layer).__name__}: {blocker}")
-    state = model.state_dict()
-    for name, layer in layers:
-        state[_join(name, "weight")] = layer.merged_weight()
+        with gathered_parameters(layer):  # sharded: the whole weight and adapter, merged as one process does
+            merged = layer.merged_weight()
+        if state:
+            state[_join(name, "weight")] = merged
         for local in layer.adapter_parameters():
             state.pop(_join(name, local), None)
         # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
         for key in (MERGED_MARK, MERGED_FACTORS, MERGED_CHECK, BASE_CHECK):
             getattr(state, "_metadata", {}).get(name, {}).pop(key, None)
+    return state
+
+
+def _gathered_state(model: nn.Module, group) -> Dict[str, Tensor]:
+    """``model.state_dict()`` with every sharded tensor gathered (a collective) and kept on rank 0 only;
+    the other ranks get an empty dict."""
+    state = model.state_dict()
+    keep = is_writer(group)
+    for key, value in state.items():
+        full = gathered(value)
+        state[key] = full if keep else None
+    if not keep:
+        state.clear()
     return state
 
 

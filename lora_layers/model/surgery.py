@@ -29,6 +29,7 @@ from ..layers.ties import find_shared_weights
 from .swap import swap_modules
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
+from ..core.sharded import fsdp_managed, shard_group
 from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
 
 __all__ = ["ALL_LINEAR", "inject_lora", "model_spec", "merge_and_unload", "unload", "select_modules"]
@@ -370,6 +371,17 @@ def _plain_layer(layer: LoRALayer) -> nn.Module:
     return plain
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """merge_and_unload on a ``fully_shard`` model: refused on every rank alike (no collective), saying
+    what gives the merged model instead."""
+    if shard_group(model) is not None or any(fsdp_managed(m) for m in model.modules()):
+        raise ValueError(f"merge_and_unload: {type(model).__name__} is sharded by fully_shard (its weights are "
+                         f"DTensor shards), and merging would replace them by whole plain weights on every rank. "
+                         f"Call lora_layers.merged_state_dict(model) on every rank instead: rank 0 gets the merged "
+                         f"full state dict, as one process's merged_state_dict(model); load it with strict=True "
+                         f"into the model built without LoRA, or save it (docs/distributed.md)")
+
+
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Fold every adapter into its weight and replace each LoRA layer by the plain torch layer.
 
@@ -398,8 +410,12 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
             non-finite with ``safe_merge``); every layer merged so far is
             unmerged again, so the model is left unchanged.
+        ValueError: the model is sharded by ``fully_shard`` (its weights are shards, and plain layers
+            holding whole merged weights would undo the sharding on every rank): use
+            :func:`lora_layers.merged_state_dict` on every rank instead (docs/distributed.md).
     """
     model = unwrap_model(model)
+    _refuse_sharded(model)
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
     _check_plain_kind("merge_and_unload", layers)
