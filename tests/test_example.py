@@ -280,6 +280,36 @@ def test_quantized_nf4_base_trains_and_reports_its_bytes(tmp_path):
     assert math.isfinite(summary["eval_loss_after"]["all"])
 
 
+def test_fsdp_memory_table_is_the_docs_and_counts_what_transformers_builds(monkeypatch):
+    """docs/distributed.md shows examples/fsdp_memory.py's output; its parameter counts are those of transformers'
+    Phi3ForCausalLM (built on the meta device) with phi3.apply_lora(r=16) on it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    import lora_layers as lora
+
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_memory.py")], capture_output=True, text=True,
+                          timeout=60, env=script_env(), cwd=ROOT)
+    check_ok(proc)
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    table = proc.stdout.split("\n\n")[0].strip()
+    assert table.count("\n") == 13 and "```text\n" + proc.stdout.strip() + "\n```" in doc
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import fsdp_memory
+
+    for name, m in fsdp_memory.MODELS.items():
+        config = Phi3Config(hidden_size=m["hidden"], num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
+                            num_key_value_heads=m["kv_heads"], intermediate_size=m["intermediate"],
+                            vocab_size=m["vocab"], tie_word_embeddings=False)
+        assert config.hidden_size // config.num_attention_heads == m["head_dim"]
+        with torch.device("meta"):
+            model = Phi3ForCausalLM(config)
+            lora.phi3.apply_lora(model, r=fsdp_memory.RANK)
+        n_lora = lora.count_lora_parameters(model)
+        assert fsdp_memory.totals()[name] == (model.num_parameters() - n_lora, n_lora), name
+    mini = fsdp_memory.per_gpu(fsdp_memory.MODELS["Phi-3-mini (3.8B)"], "bf16", 2)
+    assert abs(mini["base"] * 2 - 2 * 3_821_079_552) < 1 and mini["adapters"] * 2 == 16 * 29_884_416
+
+
 # ----------------------------------------------------------------------------- folders written whole (issue #20 item 3)
 
 # Runs the script with one function made to SIGKILL the process on its n-th call: a save cut short.
