@@ -59,7 +59,7 @@ def _agree(problem: Optional[str]) -> None:
     if bad:
         rank, first = bad[0]
         raise ValueError(f"phi3.fully_shard: on rank {rank}, {first} (ranks with a bad argument: "
-                         f"{[r for r, _ in bad]}; no rank sharded anything)")
+                         f"{[r for r, _ in bad]}; this call sharded nothing on any rank)")
 
 
 def fully_shard(model: nn.Module, mesh=None, mp_policy=None) -> nn.Module:
