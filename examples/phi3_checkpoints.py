@@ -54,11 +54,13 @@ def clear_outputs(out_dir):
 
 def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra, keep):
     """LoRA-only checkpoint + training state in checkpoints/step-N, written whole; keeps the last ``keep`` folders
-    (all of them if ``keep`` <= 0)."""
+    (all of them if ``keep`` <= 0). ``optimizer`` None (--fsdp, until save_training_state reads a sharded
+    optimizer): the adapter only, which --resume does not take."""
     (out_dir / "checkpoints").mkdir(exist_ok=True)
     with atomic_folder(out_dir / "checkpoints" / f"step-{step:06d}", "a checkpoint", owned=SAVED_FILES) as tmp:
         lora.save_lora(model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
-        lora.save_training_state(tmp, model, optimizer, scheduler, step=step, extra=extra)
+        if optimizer is not None:
+            lora.save_training_state(tmp, model, optimizer, scheduler, step=step, extra=extra)
     # The oldest go, never this one: a run resumed from an earlier step may have later step folders beside it.
     others = [p for p in sorted((out_dir / "checkpoints").glob("step-*"))
               if p.is_dir() and not p.is_symlink() and p.name != f"step-{step:06d}"]

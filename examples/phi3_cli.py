@@ -87,6 +87,9 @@ def build_parser(description, configs, tiny_overrides):
                    "(default: %(default)s)")
     p.add_argument("--merge", action="store_true", help="also save a merged model (merge_and_unload) "
                    "(default: off)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the model over the processes with "
+                   "FSDP2 (lora_layers.phi3.fully_shard: each decoder layer, then the root) instead of DDP; see "
+                   "docs/distributed.md (default: off)")
     p.add_argument("--quantize", choices=("nf4", "fp4", "int8"), default=None,
                    help="QLoRA: a frozen 4-bit (nf4, fp4) or 8-bit base, loaded through bitsandbytes; "
                         "--model tiny with nf4 uses lora_layers.quantize_base (torchao) (default: off)")
@@ -133,6 +136,7 @@ def parse(description, training_config, lora_config):
     cli = SimpleNamespace(parser=parser, args=args, preset=preset, explicit=explicit, tc=tc, lc=lc, tiny=tiny,
                           out_dir=Path(args.output_dir))
     check_settings(cli)
+    check_fsdp(cli)
     check_paths(cli)
     return cli
 
@@ -153,6 +157,23 @@ def check_settings(cli):
         parser.error(f"--lora-plus-ratio: expected 0 (off) or a positive number, got {tc['lora_plus_ratio']}")
     if tc["gradient_checkpointing"] is None:  # recomputation costs more than it saves on the tiny model
         tc["gradient_checkpointing"] = cli.preset != "tiny"
+
+
+def check_fsdp(cli):
+    """Refuse --fsdp without torchrun's processes, and the flags it does not take yet (issue #22 items 3, 5)."""
+    args, parser = cli.args, cli.parser
+    if not args.fsdp:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        parser.error("--fsdp: shards the model over torchrun's processes, and this is one process; launch it with "
+                     "torchrun --nproc_per_node N (N >= 2) examples/phi3_finetune.py --fsdp, or leave --fsdp out")
+    if args.resume:
+        parser.error(f"--resume {args.resume} with --fsdp: lora_layers' training state does not hold a sharded "
+                     "optimizer yet (issue #22 item 5), so --fsdp checkpoints hold the adapter only and do not "
+                     "resume; leave --resume out, or train without --fsdp")
+    if args.quantize:
+        parser.error(f"--quantize {args.quantize} with --fsdp: a quantized base under FSDP2 is not supported by "
+                     "this example yet (issue #22 item 3); leave one of them out")
 
 
 def step_folders(folder):
@@ -216,7 +237,7 @@ def effective_config(cli):
     """The settings as summary.json keeps them: the preset silently decides most values."""
     args, tc, lc = cli.args, cli.tc, cli.lc
     return {"model": args.model, "preset": cli.preset, "data": str(args.data or DEFAULT_DATA),
-            "output_dir": str(cli.out_dir), "resume": args.resume, "quantize": args.quantize,
+            "output_dir": str(cli.out_dir), "resume": args.resume, "quantize": args.quantize, "fsdp": args.fsdp,
             "training": dict(tc), "lora": {**lc, "lora_dtype": str(lc["lora_dtype"]).replace("torch.", "")},
             **({"tiny_model": dict(cli.tiny)} if args.model == "tiny" else {})}
 
@@ -228,7 +249,8 @@ def start(cli):
     (print on rank 0, flushed; nothing elsewhere), ``use_bf16`` (autocast), ``dtype`` (of the base's float
     weights) and ``config`` (effective_config) added.
     """
-    cli.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cli.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # several processes: DDP, or FSDP2 with --fsdp
+    cli.fsdp = cli.args.fsdp
     if cli.ddp:  # launched by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         cli.rank, cli.world_size, cli.local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
@@ -265,8 +287,12 @@ def exit_interrupted(run, step, save):
     """After a Ctrl-C: make sure checkpoints/step-N exists (``save(step)``), print the command that resumes from
     it, and exit with the shell's code for a run ended by Ctrl-C (130)."""
     checkpoint = run.out_dir / "checkpoints" / f"step-{step:06d}"
-    if run.master and not (checkpoint / "training_state.pt").is_file():  # Ctrl-C before this run's first step
-        save(step)
+    if not (checkpoint / "adapter.safetensors").is_file():  # Ctrl-C before this run's first step; every rank
+        save(step)  # calls it (a collective under --fsdp), rank 0 writes
+    if run.fsdp:
+        run.log(f"stopped at step {step} of {run.max_steps}; adapter in {checkpoint} (--fsdp does not resume yet)")
+        dist.destroy_process_group()
+        sys.exit(130)
     run.log(f"stopped at step {step} of {run.max_steps}; checkpoint {checkpoint}. To continue:\n  "
             f"{resume_command(run.parser, checkpoint, run.world_size)}")
     if run.ddp:

@@ -4,6 +4,7 @@
     python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --data chats.jsonl
     python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --quantize nf4   # QLoRA
     torchrun --nproc_per_node 4 examples/phi3_finetune.py --model /path/to/Phi-3-mini ...   # DDP
+    torchrun --nproc_per_node 2 examples/phi3_finetune.py --fsdp   # FSDP2: each process 1/N of the model
 
 Every key of ``training_config`` and ``lora_config`` below is also a flag
 (``--learning-rate 1e-4``, ``--r 8``, ``--no-gradient-checkpointing`` ...).
@@ -14,7 +15,6 @@ summary.json (examples/phi3_report.py). A folder holding another run's checkpoin
 is refused unless ``--resume`` or ``--overwrite`` is given. Ctrl-C saves the step
 and prints the command that resumes it. See docs/phi3.md.
 """
-import contextlib
 import math
 import os
 import sys
@@ -28,6 +28,7 @@ import phi3_checkpoints  # noqa: E402  (examples/phi3_checkpoints.py: --overwrit
 import phi3_cli  # noqa: E402  (examples/phi3_cli.py: the flags and their checks, the processes)
 import phi3_data  # noqa: E402  (examples/phi3_data.py: data, tokenization, batches, the base model)
 import phi3_export  # noqa: E402  (examples/phi3_export.py: the base, adapter and merged-model folders)
+import phi3_fsdp  # noqa: E402  (examples/phi3_fsdp.py: --fsdp, sharding and the gathered copy for the exports)
 import phi3_report  # noqa: E402  (examples/phi3_report.py: evaluation, log lines, peak memory, summary, plot)
 
 import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
@@ -109,9 +110,12 @@ def main():
         baseline = {"eval_loss": evaluator.losses(run.eval_sets), "exact_match": evaluator.exact_match(exact_match_set)}
     phi3_report.log_start(run, baseline, (len(train_data), len(eval_data)), bool(exact_match_set))
 
-    def save(step):
-        phi3_checkpoints.save_checkpoint(run.out_dir, model, run.optimizer, run.scheduler, step, {
-            "history": run.history, "baseline": baseline, "max_steps": run.max_steps}, tc["save_total_limit"])
+    def save(step):  # on every rank: --fsdp gathers the adapters first; rank 0 writes (no training state with --fsdp)
+        export = phi3_fsdp.for_export(run)
+        if run.master:
+            phi3_checkpoints.save_checkpoint(run.out_dir, export, None if run.fsdp else run.optimizer, run.scheduler,
+                                             step, {"history": run.history, "baseline": baseline,
+                                                    "max_steps": run.max_steps}, tc["save_total_limit"])
 
     batches = phi3_data.micro_batches(train_data, len(run.data.chat_train), tc["batch_size"], tc["seed"],
                                       run.world_size, run.rank, step * tc["gradient_accumulation_steps"],
@@ -126,6 +130,7 @@ def main():
     samples = (run.data.syn_eval[:2] + run.data.chat_eval[:2])[:4]
     replies = evaluator.generate(samples, max_new_tokens=64)
     peak_memory = phi3_report.peak_memory(run.device)  # before the exports below allocate
+    model = phi3_fsdp.for_export(run)  # --fsdp: rank 0's unsharded copy, with the adapters gathered into it
     if run.master:
         phi3_export.save_adapters(model, tokenizer, run.out_dir, step, run.base_model_path)
         phi3_report.report(run, baseline=baseline, final=final, exact_match_prompts=len(exact_match_set),
@@ -158,8 +163,8 @@ def add_adapters(run, tokenizer, model, base_model_path):
     # The base weights under the adapters: packed bytes (data and scales) when quantized, next to bf16's 2 bytes each.
     run.base_weights = {"quantize": args.quantize, "bytes": sum(lora.quantized.weight_nbytes(m) for m in adapted),
                         "bf16_bytes": 2 * sum(m.in_features * m.out_features for m in adapted)}
-    run.raw_model = run.model = model
-    if run.ddp:
+    run.raw_model = run.model = phi3_fsdp.shard(run, model) if run.fsdp else model
+    if run.ddp and not run.fsdp:
         run.model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return model, tokenizer
 
@@ -213,7 +218,7 @@ def train(run, evaluator, step, batches, save):
                 losses = evaluator.losses(run.eval_sets)
                 history["eval"].append({"step": step, **losses})
                 progress.write(f"step {step}: eval loss {phi3_report.describe(losses)}")
-            if run.master and (step % tc["save_steps"] == 0 or step == run.max_steps or ctrl_c.interrupted):
+            if step % tc["save_steps"] == 0 or step == run.max_steps or ctrl_c.interrupted:  # rank 0 writes
                 save(step)
     progress.close()
     return step, ctrl_c.interrupted, tokens_seen, train_time
@@ -226,8 +231,8 @@ def train_step(run, batches, params):
     loss_sum, tokens, chats = torch.zeros((), device=run.device), 0, 0
     for micro in range(accum):
         batch, n_chat = next(batches)
-        # Gradients are all-reduced (DDP) only on the last micro-batch of the step.
-        with contextlib.nullcontext() if not run.ddp or micro == accum - 1 else run.model.no_sync():
+        # Gradients are reduced over the ranks (DDP, FSDP2) only on the last micro-batch of the step.
+        with phi3_fsdp.gradient_sync(run, micro == accum - 1):
             with run.autocast:
                 loss = run.model(**batch).loss / accum
             loss.backward()

@@ -134,17 +134,28 @@ lora.save_lora(run.raw_model, run.out_dir / f"adapter.rank{run.rank}.safetensors
 """
 
 
-def test_ddp_two_gloo_processes_keep_identical_adapters(tmp_path):
-    from safetensors.torch import load_file
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+# The short 2-process run of the DDP test and of the --fsdp one (dropout 0, the tiny preset's: DDP seeds
+# every rank alike, --fsdp each rank with seed + rank, so only masks-free runs compare step for step).
+TWO_RANKS = ["--synthetic-examples", "200", "--exact-match-prompts", "4", "--batch-size", "8", "--max-steps", "4",
+             "--eval-steps", "4"]
 
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
     out = tmp_path / "ddp"
     wrapper = tmp_path / "save_every_rank.py"
     wrapper.write_text(SAVE_EVERY_RANK)
-    proc = run_script("--output-dir", out, "--synthetic-examples", "200",
-                      "--exact-match-prompts", "4", "--batch-size", "8", "--max-steps", "4", "--eval-steps", "4",
-                      "--save-steps", "4", launcher=("-m", "torch.distributed.run", "--standalone",
-                                                     "--nproc_per_node", "2", wrapper))
+    proc = run_script("--output-dir", out, *TWO_RANKS, "--save-steps", "4", launcher=(*TORCHRUN_2, wrapper))
     check_ok(proc)
+    return out
+
+
+def test_ddp_two_gloo_processes_keep_identical_adapters(ddp_run):
+    from safetensors.torch import load_file
+
+    out = ddp_run
     saved = load_file(out / "lora_adapter.safetensors")  # the script's own output (rank 0)
     ranks = [load_file(out / f"adapter.rank{r}.safetensors") for r in (0, 1)]
     assert saved and sorted(ranks[0]) == sorted(ranks[1]) == sorted(saved)
@@ -153,6 +164,67 @@ def test_ddp_two_gloo_processes_keep_identical_adapters(tmp_path):
     assert any(t.abs().sum() > 0 for name, t in saved.items() if name.endswith("lora_B"))  # training moved B
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- FSDP2 (issue #22 item 8)
+
+def test_fsdp_two_gloo_processes_train_as_ddp_and_export_from_rank_0(ddp_run, tmp_path):
+    """--fsdp (each decoder layer sharded, then the root) against the DDP run of the same flags: the same
+    losses and adapters within fp32 rounding; rank 0's adapter, PEFT and merged exports agree with each other."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp"
+    proc = run_script("--output-dir", out, *TWO_RANKS, "--save-steps", "2", "--fsdp", "--merge",
+                      launcher=TORCHRUN_2)
+    check_ok(proc)
+    fsdp, ddp = load_file(out / "lora_adapter.safetensors"), load_file(ddp_run / "lora_adapter.safetensors")
+    assert fsdp.keys() == ddp.keys() and len(fsdp) == 4 * 4 * 2  # 4 layers x 4 projections x (lora_A, lora_B)
+    diff = max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp)
+    print(f"--fsdp vs DDP: adapters max |diff| {diff:.2e}")
+    assert diff <= 1e-5 and any(t.abs().sum() > 0 for k, t in fsdp.items() if k.endswith("lora_B"))
+    losses, ddp_losses = train_losses(out), train_losses(ddp_run)
+    assert sorted(losses) == [1, 2, 3, 4] and all(abs(losses[s] - ddp_losses[s]) <= 1e-5 for s in losses)
+    summary, ddp_summary = (json.loads((o / "summary.json").read_text()) for o in (out, ddp_run))
+    assert summary["world_size"] == 2 and summary["config"]["fsdp"] is True
+    assert abs(summary["eval_loss_after"]["all"] - ddp_summary["eval_loss_after"]["all"]) <= 1e-5
+    assert summary["exact_match_after"] == ddp_summary["exact_match_after"]
+    # checkpoints: the adapter only (no training state until it holds a sharded optimizer), rank 0's file
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    last = out / "checkpoints" / "step-000004"
+    assert sorted(p.name for p in last.iterdir()) == ["adapter.safetensors"]
+    assert (last / "adapter.safetensors").read_bytes() == (out / "lora_adapter.safetensors").read_bytes()
+    check_exports_agree(out)
+
+
+def check_exports_agree(out):
+    """PEFT loads peft_adapter/ on base_model/, and gives the merged model's logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    adapted = peft.PeftModel.from_pretrained(base, out / "peft_adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    plain = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()
+    with torch.no_grad():
+        got, expected, untrained = adapted(ids).logits, merged(ids).logits, plain(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(untrained, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], "--fsdp: shards the model over torchrun's processes, and this is one process"),
+    (["--quantize", "nf4"], "--quantize nf4 with --fsdp: a quantized base under FSDP2 is not supported"),
+    (["--resume", "somewhere"], "--resume somewhere with --fsdp: lora_layers' training state does not hold a "
+                                "sharded optimizer yet"),
+])
+def test_fsdp_refuses_one_process_and_the_flags_it_does_not_take_yet(flags, expected, tmp_path):
+    env = {"WORLD_SIZE": "2"} if flags else {}  # as under torchrun: refused while parsing, before any process group
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--fsdp", "--output-dir", str(tmp_path / "out"), *flags],
+                          capture_output=True, text=True, timeout=60, env=dict(script_env(), **env), cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dora_with_lora_plus_saves_magnitudes(tmp_path):
@@ -206,6 +278,36 @@ def test_quantized_nf4_base_trains_and_reports_its_bytes(tmp_path):
     losses = train_losses(out)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
     assert math.isfinite(summary["eval_loss_after"]["all"])
+
+
+def test_fsdp_memory_table_is_the_docs_and_counts_what_transformers_builds(monkeypatch):
+    """docs/distributed.md shows examples/fsdp_memory.py's output; its parameter counts are those of transformers'
+    Phi3ForCausalLM (built on the meta device) with phi3.apply_lora(r=16) on it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    import lora_layers as lora
+
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_memory.py")], capture_output=True, text=True,
+                          timeout=60, env=script_env(), cwd=ROOT)
+    check_ok(proc)
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    table = proc.stdout.split("\n\n")[0].strip()
+    assert table.count("\n") == 13 and "```text\n" + proc.stdout.strip() + "\n```" in doc
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import fsdp_memory
+
+    for name, m in fsdp_memory.MODELS.items():
+        config = Phi3Config(hidden_size=m["hidden"], num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
+                            num_key_value_heads=m["kv_heads"], intermediate_size=m["intermediate"],
+                            vocab_size=m["vocab"], tie_word_embeddings=False)
+        assert config.hidden_size // config.num_attention_heads == m["head_dim"]
+        with torch.device("meta"):
+            model = Phi3ForCausalLM(config)
+            lora.phi3.apply_lora(model, r=fsdp_memory.RANK)
+        n_lora = lora.count_lora_parameters(model)
+        assert fsdp_memory.totals()[name] == (model.num_parameters() - n_lora, n_lora), name
+    mini = fsdp_memory.per_gpu(fsdp_memory.MODELS["Phi-3-mini (3.8B)"], "bf16", 2)
+    assert abs(mini["base"] * 2 - 2 * 3_821_079_552) < 1 and mini["adapters"] * 2 == 16 * 29_884_416
 
 
 # ----------------------------------------------------------------------------- folders written whole (issue #20 item 3)

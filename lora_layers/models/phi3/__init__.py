@@ -9,9 +9,11 @@ gives each part its own adapter through :class:`~lora_layers.MergedLinear`, so
 
 transformers is imported only inside the functions that need it (here: none;
 the model is duck-typed through its ``config`` and module names). The preset's
-code is in :mod:`.preset` (``apply_lora`` and friends), lean mode in :mod:`.lean`.
+code is in :mod:`.preset` (``apply_lora`` and friends), lean mode in :mod:`.lean`, and
+FSDP2 sharding per decoder layer in :mod:`.sharding` (``fully_shard``).
 """
-from . import lean, preset  # noqa: F401  (lora_layers.phi3.lean, the old lora_layers.lean)
+from . import lean, preset, sharding  # noqa: F401  (lora_layers.phi3.lean, the old lora_layers.lean)
 from .preset import *  # noqa: F401,F403  (its __all__)
+from .sharding import fully_shard  # noqa: F401
 
-__all__ = [*preset.__all__]
+__all__ = [*preset.__all__, "fully_shard"]
