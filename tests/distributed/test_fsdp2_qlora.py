@@ -197,6 +197,26 @@ def _bnb_refusals(kind, rank):
     return errors
 
 
+def _quantize_after_fully_shard():
+    """quantize_base on a sharded model: the error every rank raises, and whether the weight is as it was."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import lora_layers as L
+
+    torch.manual_seed(0)
+    model = fully_shard(nn.Sequential(nn.Linear(128, 256)))
+    before = _full(model[0].weight)
+    try:
+        L.quantize_base(model, targets=["0"])
+        mine = None
+    except ValueError as e:
+        mine = str(e)
+    errors = [None] * WORLD
+    dist.all_gather_object(errors, mine)
+    return dict(errors=errors, unchanged=torch.equal(_full(model[0].weight), before))
+
+
 def _worker(rank, folder):
     import torch.distributed as dist
 
@@ -205,6 +225,7 @@ def _worker(rank, folder):
     try:
         results = {case: _nf4_sharded(case, rank) for case in NF4_CASES}
         results[MP_CASE] = _mp_sharded(rank)
+        results["quantize_after"] = _quantize_after_fully_shard()
         try:
             import bitsandbytes  # noqa: F401
             results["bnb"] = {kind: _bnb_refusals(kind, rank) for kind in BNB_KINDS}
@@ -325,6 +346,13 @@ def test_nf4_doras_norm_outside_forward_reads_the_whole_nf4_weight(sharded, refe
     diff = max(float((got[n] - expected[n]).abs().max()) for n in got)
     print(f"nf4_dora: norm outside forward max |Δ| {diff:.2e}")
     assert diff <= TOL
+
+
+def test_quantize_base_after_fully_shard_is_refused_on_every_rank(sharded):
+    got = sharded["quantize_after"]
+    first = got["errors"][0]
+    assert first is not None and got["errors"] == [first] * WORLD and got["unchanged"]
+    assert first.startswith("quantize_base: ['0'] are sharded by fully_shard") and "then fully_shard" in first
 
 
 # -- item 3: bitsandbytes is refused ---------------------------------------------------------------------------
