@@ -306,7 +306,8 @@ def test_nf4_qlora_trains_under_fully_shard_as_one_process(sharded, references, 
     assert all(float(g.abs().max()) > 0 for g in ref["grads"].values())  # no adapter left out
     losses = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     grads, params = _max_diff(got["grads"], ref["grads"]), _max_diff(got["params"], ref["params"])
-    print(f"{_case_id(case)}: max |Δ| loss {losses:.2e}, gradient {grads:.2e}, parameter {params:.2e}")
+    print(f"{_case_id(case)}: max |Δ| loss {losses:.2e}, gradient {grads:.2e}, parameter {params:.2e} "
+          f"({got['seconds']:.1f} s on 2 ranks)")
     assert losses <= TOL and grads <= TOL and params <= TOL
     assert _max_diff(ref["params"], _initial(case, _build_nf4)) > 1e-3  # the steps moved the adapters
 
@@ -409,7 +410,7 @@ def test_mixed_precision_losses_track_the_fp32_run(sharded, references):
     diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"])]
     params = _max_diff(got["params"], ref["params"])
     print(f"mixed precision: max |Δ| loss {max(diffs):.2e} (losses {min(ref['losses']):.3f}-{max(ref['losses']):.3f}), "
-          f"adapter parameters {params:.2e}")
+          f"adapter parameters {params:.2e} ({got['seconds']:.1f} s on 2 ranks)")
     assert len(diffs) == STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=BF16_RTOL, atol=BF16_ATOL)
     assert max(diffs) > 0  # the forward did run in bf16
