@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import fsdp_managed, is_sharded
 from ..core.wrap import adopt, plain_module
 
 __all__ = ["QuantizedBase", "quantized_base", "is_quantized_linear", "weight_nbytes", "torchao_nf4",
@@ -149,6 +150,7 @@ class _BnbBase(QuantizedBase):
     and loads back as that layer would load them."""
 
     def __init__(self, module):
+        _refuse_sharded_bnb(module, self.kind)
         super().__init__(module)
         # A LoRA layer made by from_module, or the bitsandbytes layer itself (weight_nbytes on a loaded model).
         wrapped = "_wrapped_class" in module.__dict__
@@ -163,7 +165,8 @@ class _BnbBase(QuantizedBase):
     @property
     def base(self) -> nn.Module:
         """The private module, holding the layer's ``weight`` as it is now (an assignment or a
-        ``load_state_dict(assign=True)`` registers a new one)."""
+        ``load_state_dict(assign=True)`` registers a new one). Refused under FSDP2 (:func:`_refuse_sharded_bnb`)."""
+        _refuse_sharded_bnb(self.module, self.kind)
         base = self.__dict__.get("_base") or self.__dict__["base"]  # "base": pickled by an earlier version
         base._parameters["weight"] = self.module._parameters["weight"]
         return base
@@ -185,6 +188,25 @@ class _BnbBase(QuantizedBase):
         problem is appended to ``error_msgs``, the layer unchanged. With ``assign``
         (``load_state_dict(assign=True)``), the ``weight`` given becomes a bitsandbytes Parameter
         holding its quantization state, as the one it replaces."""
+
+
+_BNB_SHARDED = (
+    "lora_layers: a bitsandbytes {kind} base cannot be trained under FSDP2 (fully_shard{where}): fully_shard "
+    "turns its Params4bit/Int8Params weight into a DTensor of plain {dtype} bytes, without the quantization "
+    "state (quant_state, or the CB/SCB scales) that bitsandbytes reads them with, so its kernels would run on "
+    "bytes they cannot read (elsewhere: silent zero losses or NaN gradients). Use a torchao NF4 base instead "
+    "(lora_layers.quantize_base on the float model, before apply_lora and fully_shard), whose shards stay NF4, "
+    "or train this model with DDP (docs/distributed.md)")
+
+
+def _refuse_sharded_bnb(module, kind) -> None:
+    """Raise, the same on every rank, where ``fully_shard`` manages a bitsandbytes layer (a LoRA layer over
+    one): wrapping it after fully_shard, its first forward after, and anything else that reads its weight."""
+    weight = module._parameters.get("weight")
+    if fsdp_managed(module) or is_sharded(weight):
+        where = "" if is_sharded(weight) else ", its weight gathered for the forward"
+        dtype = getattr(weight, "dtype", "?")
+        raise RuntimeError(_BNB_SHARDED.format(kind=kind, where=where, dtype=dtype))
 
 
 def _refuse(state_dict, prefix: str) -> None:
@@ -450,11 +472,20 @@ class _TorchaoNF4(QuantizedBase):
             return torchao_nf4().linear_nf4(x.to(self.dtype), self.module.weight)
 
     def dequantize(self):
-        return self.module.weight.get_original_weight().to(self.dtype)
+        weight = self.module.weight
+        if is_sharded(weight):  # under FSDP2, outside forward: the whole NF4 weight, gathered (a collective)
+            weight = weight.full_tensor()
+        return weight.get_original_weight().to(self.dtype)
 
     def nbytes(self):
         w = self.module.weight
+        w = w.to_local() if is_sharded(w) else w  # under fully_shard: this rank's NF4 shard
         return _bytes([getattr(w, name) for name in w.__tensor_flatten__()[0]])
+
+
+def _is_nf4(weight) -> bool:
+    """A torchao NF4 weight, or a DTensor (fully_shard) whose shards are NF4."""
+    return _class_is(weight.to_local() if is_sharded(weight) else weight, "NF4Tensor", "torchao")
 
 
 def _bytes(tensors) -> int:
@@ -471,7 +502,7 @@ def _kind(module):
         return _Bnb4bit
     if _class_is(module, "Linear8bitLt", "bitsandbytes"):
         return _Bnb8bit
-    if isinstance(module, nn.Linear) and _class_is(module._parameters.get("weight"), "NF4Tensor", "torchao"):
+    if isinstance(module, nn.Linear) and _is_nf4(module._parameters.get("weight")):
         return _TorchaoNF4
     return None
 
@@ -482,8 +513,7 @@ def quantized_base(module: nn.Module) -> Optional[QuantizedBase]:
     if wrapped is not None and wrapped.__module__.split(".")[0] == "bitsandbytes":
         kind = {"Linear4bit": _Bnb4bit, "Linear8bitLt": _Bnb8bit}.get(wrapped.__name__)
     else:
-        kind = _kind(module) or (_TorchaoNF4 if _class_is(module._parameters.get("weight"), "NF4Tensor", "torchao")
-                                 else None)
+        kind = _kind(module) or (_TorchaoNF4 if _is_nf4(module._parameters.get("weight")) else None)
     return None if kind is None else kind(module)
 
 
@@ -514,6 +544,8 @@ def record_compute_dtype(model: nn.Module, modules=None) -> Optional[torch.dtype
 
 
 def weight_nbytes(module: nn.Module) -> int:
-    """Bytes the layer's base weight takes: packed bytes for a quantized base."""
+    """Bytes the layer's base weight takes: packed bytes for a quantized base; under ``fully_shard``, this
+    rank's shard (what it holds outside forward)."""
     base = quantized_base(module)
-    return base.nbytes() if base is not None else _bytes([module.weight])
+    weight = module.weight.to_local() if is_sharded(module.weight) else module.weight
+    return base.nbytes() if base is not None else _bytes([weight])

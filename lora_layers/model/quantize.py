@@ -13,6 +13,7 @@ from typing import List, Sequence, Union
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import is_sharded
 from ..layers.ties import parameter_holders
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, torchao_nf4
@@ -60,8 +61,9 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     Raises:
         ValueError: an unknown ``scheme``, a target that matches nothing or a
             module that is not a plain ``nn.Linear`` (already quantized, or a LoRA
-            layer), a weight another module also holds (tied), or a weight whose
-            size NF4 cannot pack. The model is unchanged.
+            layer), a weight sharded by ``fully_shard`` (quantize before sharding), a
+            weight another module also holds (tied), or a weight whose size NF4
+            cannot pack. The model is unchanged.
         ImportError: torchao is not installed (in a checkout: ``pip install -e ".[qlora]"``).
     """
     model = unwrap_model(model, changes_parameters="quantize_base")
@@ -75,6 +77,11 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     if wrong:
         raise ValueError(f"quantize_base: only plain nn.Linear layers with a float weight can be quantized, got "
                          f"{wrong}")
+    sharded = [n for n, m in plan if is_sharded(m.weight)]
+    if sharded:
+        raise ValueError(f"quantize_base: {sharded} are sharded by fully_shard (their weights are DTensors); "
+                         f"quantize the float model first, then apply_lora, then fully_shard (an NF4 weight "
+                         f"shards as NF4: docs/distributed.md)")
     # A weight held by another module too (tied embeddings, a shared layer) would be quantized into
     # separate copies: the tie would be silently broken and the memory doubled.
     holders = parameter_holders(model)

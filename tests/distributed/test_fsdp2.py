@@ -101,10 +101,11 @@ def _shard(model):
     return model
 
 
-def _train_sharded(case, rank):
+def _train_sharded(case, rank, build=None, shard=None):
+    """``build(case)`` (default :func:`_build`) sharded by ``shard(model)`` (default :func:`_shard`), trained."""
     import torch.distributed as dist
 
-    model = _shard(_build(case))
+    model = (shard or _shard)((build or _build)(case))
     opt = torch.optim.AdamW(list(_adapters(model).values()), lr=LR)
     torch.manual_seed(BASE_SEED + rank)  # the seed rule: after building and sharding, base + rank
     first_seeds = _peek_first_seeds()
@@ -275,10 +276,11 @@ def sharded(launch, references):
     return torch.load(folder / "results.pt", weights_only=False)
 
 
-def _train_reference(case):
-    """One process, unsharded. Without dropout: the whole batch at once. With it: each half from that rank's
-    RNG stream (seeded BASE_SEED + rank, advanced only by that half's draws), half-gradients summed."""
-    model = _build(case)
+def _train_reference(case, build=None):
+    """One process, unsharded (``build(case)``, default :func:`_build`). Without dropout: the whole batch at once.
+    With it: each half from that rank's RNG stream (seeded BASE_SEED + rank, advanced only by that half's draws),
+    half-gradients summed."""
+    model = (build or _build)(case)
     params = _adapters(model)
     opt = torch.optim.AdamW(list(params.values()), lr=LR)
     streams = []
