@@ -16,7 +16,8 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard"]
+__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_like",
+           "world", "raise_together", "together"]
 
 
 def is_sharded(t) -> bool:
@@ -54,7 +55,58 @@ def write_shard(t: Tensor, full: Tensor) -> None:
     if not is_sharded(t):
         t.copy_(full)
         return
+    t.to_local().copy_(shard_like(full.to(t.dtype), t).to_local())
+
+
+def shard_like(full: Tensor, like) -> Tensor:
+    """``full`` as a DTensor placed as the DTensor ``like`` (its mesh and placements): each rank keeps its own
+    slice, cut locally (``src_data_rank=None``), so every rank must pass the same ``full``; no data moves."""
     from torch.distributed.tensor import distribute_tensor
 
-    local = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
-    t.to_local().copy_(local)
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+# -- every rank calls, every rank raises ----------------------------------------------------------------------
+def world():
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` when torch.distributed is not running."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def raise_together(error) -> None:
+    """A collective over the default group: each rank passes the exception it met, or None. When any rank
+    met one, every rank raises the same error (the lowest such rank's type and message, naming the rank),
+    so that no rank goes on into a collective that a failed rank never reaches. In one process it raises
+    ``error`` itself, unchanged."""
+    rank, size = world()
+    if size == 1:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    found = [None] * size
+    dist.all_gather_object(found, None if error is None else (type(error), str(error)))
+    failed = next((r for r, item in enumerate(found) if item is not None), None)
+    if failed is None:
+        return
+    cls, message = found[failed]
+    text = f"on rank {failed} of {size}: {message}"
+    try:
+        same = cls(text)
+    except Exception:  # an exception class that does not take one message
+        same = RuntimeError(f"{cls.__name__} {text}")
+    raise same from error
+
+
+def together(fn, *args):
+    """``fn(*args)`` on every rank, then :func:`raise_together`: its result where no rank failed."""
+    try:
+        result, error = fn(*args), None
+    except Exception as exc:
+        result, error = None, exc
+    raise_together(error)
+    return result

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import gathered, write_shard
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .._version import __version__
 from ..layers.notices import name_some
@@ -136,7 +137,7 @@ def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dic
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
     tensors.update(named_bias_parameters(model, bias))
-    tensors = to_storable(tensors)
+    tensors = to_storable({name: gathered(p) for name, p in tensors.items()})  # a DTensor: full_tensor(), on every rank
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
     header = {
         META_HF_FORMAT: "pt",
@@ -543,7 +544,7 @@ def apply_copies(copies) -> None:
         for layer in switching.values():
             layer._use_loralib_layout()
         for _, _, param, tensor in copies:
-            param.copy_(tensor)  # casts to the parameter's dtype, keeps its device and identity
+            write_shard(param, tensor)  # casts to its dtype, keeps its device and identity (a DTensor: its shard)
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
