@@ -8,6 +8,10 @@ with ``distribute_tensor(..., src_data_rank=None)`` (:func:`write_shard`), which
 FSDP2 sharded it. Both are collectives or follow one: every rank calls them, as every rank calls
 ``eval()`` or ``train()``. ``torch.distributed.tensor`` is only looked up when already imported, so
 plain use never imports it.
+
+A model-level function on a sharded model runs on every rank, and a rank that fails must not leave the
+others waiting in a collective: :func:`together` runs a function's checks on every rank and raises the
+same error on every rank when any rank failed; :func:`same_on_every_rank` refuses values that differ.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_like",
-           "world", "raise_together", "together"]
+           "world", "raise_together", "together", "same_on_every_rank"]
 
 
 def is_sharded(t) -> bool:
@@ -110,3 +114,18 @@ def together(fn, *args):
         result, error = None, exc
     raise_together(error)
     return result
+
+
+def same_on_every_rank(value, what: str) -> None:
+    """A collective over the default group: raise the same ValueError on every rank unless every rank passes
+    an equal ``value`` (plain data: it is pickled); ``what`` names it in the message. Nothing in one process."""
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+
+    values = [None] * size
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        seen = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        raise ValueError(f"{what} differs between the ranks ({seen}); every rank must pass the same")

@@ -9,6 +9,11 @@ installed). It is read with ``torch.load(weights_only=True)``, so loading never
 runs code, and everything in it is covered by one SHA-256. Everything is
 validated before the model, optimizer, scheduler or RNGs are touched. Writes
 are atomic.
+
+On a model sharded with FSDP2's ``fully_shard`` both are called on every rank:
+the ranks gather whole values and rank 0 writes the same file (plus every
+rank's RNG state, ``rank_rngs``); on load each rank checks the file and keeps
+its slice. An error on one rank is raised on every rank (``core.sharded.together``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.sharded import gathered, is_sharded, shard_like, together, world
+from ..core.sharded import gathered, is_sharded, same_on_every_rank, shard_like, together, world
 from ..model.unwrap import strip_prefix, unwrap_model
 from .._version import __version__
 from ..layers.notices import name_some
@@ -283,6 +288,8 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     model = unwrap_model(model)
     sharded = _sharded(model)
     path, new_folder = _on_all(sharded, _save_checks, path_or_dir, model, optimizer, step, extra, bias)
+    if sharded:
+        same_on_every_rank(step, "step")  # rank 0 writes its own: another rank's would be lost silently
     state = _state(model, optimizer, scheduler, step, extra, bias, sharded)  # the collectives, when sharded
     _on_all(sharded, _write, path, new_folder, state, sharded)
 
@@ -394,7 +401,8 @@ def _type_names(types) -> str:
     return " or ".join("None" if t is type(None) else t.__name__ for t in _as_tuple(types))
 
 
-def _read_state(path: str) -> Dict[str, Any]:
+def _read_state(path: str) -> Tuple[Dict[str, Any], str]:
+    """The file's state, checked against its SHA-256, and that SHA-256."""
     source = f"training state {path!r}"
     raw, meta = read_file(path, _WHAT)
     if meta.get(META_FORMAT) == TRAINING_STATE_FORMAT:
@@ -415,7 +423,7 @@ def _read_state(path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or raw.get(KEY_SHA256) != digest:
         raise CheckpointError(f"{source} is corrupted: the SHA-256 of its content does not match the checksum "
                               f"stored with it (nothing was loaded)")
-    return state
+    return state, digest
 
 
 def _check_rng(f: _Fields, rng: dict) -> None:
@@ -722,8 +730,9 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     model = unwrap_model(model)
     sharded = _sharded(model)
     plan = _on_all(sharded, _plan_load, path_or_dir, model, optimizer, scheduler, sharded)
-    step, extra, opt_state, sched_state, copies, rng = plan
-    if sharded:
+    step, extra, opt_state, sched_state, copies, rng, digest = plan
+    if sharded:  # each rank keeps its slice: of the same values, or the model would be a patchwork
+        same_on_every_rank(digest, "the SHA-256 of the training state each rank read")
         opt_state = _sharded_optimizer_state(opt_state, optimizer)
     optimizer.load_state_dict(opt_state)
     if scheduler is not None:
@@ -736,9 +745,10 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
 
 def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, sharded: bool) -> tuple:
     """Read and check everything :func:`load_training_state` restores; changes nothing.
-    Returns ``(step, extra, optimizer state, scheduler state, copies, this rank's RNG states or None)``."""
+    Returns ``(step, extra, optimizer state, scheduler state, copies, this rank's RNG states or None,
+    the file's SHA-256)``."""
     path = _load_source(path_or_dir)
-    state = _read_state(path)
+    state, digest = _read_state(path)
     f = _Fields(f"training state {path!r}")
     step = f.get(state, "step", int, "")
     extra = f.get(state, "extra", object, "")
@@ -758,7 +768,7 @@ def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, sharded: boo
     copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
     rng = _rank_rng(f, state, sharded)
-    return step, extra, opt_state, sched_state, copies, rng
+    return step, extra, opt_state, sched_state, copies, rng, digest
 
 
 def _rank_rng(f: _Fields, state: dict, sharded: bool) -> Optional[dict]:

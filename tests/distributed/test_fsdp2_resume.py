@@ -141,9 +141,13 @@ def _bad_on_rank1(rank, folder):
     load = _error(L.load_training_state, folder / ("state5.pt" if rank == 0 else "corrupted.pt"), model, opt)
     after = _snapshot(model, opt)
     unchanged = all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
+    other = _error(L.load_training_state, folder / ("state5.pt" if rank == 0 else "one5.pt"), model, opt)
+    after = _snapshot(model, opt)
+    unchanged = unchanged and all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
     save = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT if rank == 0 else "5")
+    other_step = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT + rank)
     dist.barrier()
-    return dict(load=load, unchanged=unchanged and not after["opt"], save=save,
+    return dict(load=load, other=other, unchanged=unchanged and not after["opt"], save=save, other_step=other_step,
                 written=(folder / "bad_step.pt").exists())
 
 
@@ -300,3 +304,16 @@ def test_a_bad_file_or_argument_on_one_rank_raises_the_same_error_on_every_rank(
     saves = [got["bad"]["save"] for got in results]
     assert saves == [("TypeError", "on rank 1 of 2: step must be an int, got str '5'")] * WORLD
     assert not any(got["bad"]["written"] for got in results)
+
+
+def test_ranks_that_read_different_files_or_pass_different_steps_all_raise(ranks):
+    """Two valid files, one per rank (each would keep its slice of other values), and steps 5 and 6: every
+    rank raises the same ValueError, and nothing is loaded or written."""
+    results, _ = ranks
+    others = [got["bad"]["other"] for got in results]
+    assert others[0] is not None and others == [others[0]] * WORLD and others[0][0] == "ValueError"
+    assert "SHA-256 of the training state each rank read differs between the ranks" in others[0][1]
+    steps = [got["bad"]["other_step"] for got in results]
+    assert steps == [("ValueError", "step differs between the ranks (rank 0: 5, rank 1: 6); every rank must "
+                                    "pass the same")] * WORLD
+    assert all(got["bad"]["unchanged"] for got in results)
