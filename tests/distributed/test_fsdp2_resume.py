@@ -151,6 +151,36 @@ def _bad_on_rank1(rank, folder):
                 written=(folder / "bad_step.pt").exists())
 
 
+def _small_run(rank, folder, resume):
+    """A LoRA Linear with 7 outputs (uneven shards: 4 and 3 rows) whose bias trains too (saved as a trained
+    parameter beyond the adapter), AdamW and a StepLR: 4 steps, saving after step 2, or resuming there."""
+    import torch.nn as nn
+    from torch.distributed.fsdp import fully_shard
+
+    import lora_layers as L
+
+    torch.manual_seed(21)
+    model = nn.Sequential(L.Linear(13, 7, r=3, lora_alpha=6))
+    nn.init.normal_(model[0].lora_B, std=0.3)
+    L.mark_only_lora_as_trainable(model, bias="lora_only")
+    fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    gen = torch.Generator().manual_seed(100 + rank)
+    xs = [torch.randn(4, 13, generator=gen) for _ in range(4)]
+    start = L.load_training_state(folder / "small.pt", model, opt, sched)["step"] if resume else 0
+    for i in range(start, 4):
+        model(xs[i]).square().mean().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if not resume and i == 1:
+            L.save_training_state(folder / "small.pt", model, opt, sched, step=2)
+    trained = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+    state = {key: {name: _full(value) for name, value in entry.items()} for key, entry in opt.state_dict()["state"].items()}
+    return dict(params=trained, opt=state, sched=sched.state_dict(), shard=tuple(model[0].bias.to_local().shape))
+
+
 def _worker(rank, folder):
     import torch.distributed as dist
 
@@ -163,6 +193,7 @@ def _worker(rank, folder):
         results["resumed"] = _resumed(rank, folder)
         results["one_to_two"] = _one_to_two(rank, folder)
         results["bad"] = _bad_on_rank1(rank, folder)
+        results["small"] = [_small_run(rank, folder, resume) for resume in (False, True)]
         torch.save(results, folder / f"results{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -317,3 +348,12 @@ def test_ranks_that_read_different_files_or_pass_different_steps_all_raise(ranks
     assert steps == [("ValueError", "step differs between the ranks (rank 0: 5, rank 1: 6); every rank must "
                                     "pass the same")] * WORLD
     assert all(got["bad"]["unchanged"] for got in results)
+
+
+def test_trained_biases_uneven_shards_and_a_scheduler_resume_bitwise(ranks):
+    results, _ = ranks
+    assert [got["small"][0]["shard"] for got in results] == [(4,), (3,)]  # 7 rows: uneven shards
+    for got in results:
+        uninterrupted, resumed = got["small"]
+        assert "0.bias" in uninterrupted["params"] and uninterrupted["sched"]["last_epoch"] == 4
+        _assert_equal(resumed, uninterrupted)
