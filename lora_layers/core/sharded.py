@@ -9,19 +9,24 @@ FSDP2 sharded it. Both are collectives or follow one: every rank calls them, as 
 ``eval()`` or ``train()``. ``torch.distributed.tensor`` is only looked up when already imported, so
 plain use never imports it.
 
-A model-level function on a sharded model runs on every rank, and a rank that fails must not leave the
-others waiting in a collective: :func:`together` runs a function's checks on every rank and raises the
-same error on every rank when any rank failed; :func:`same_on_every_rank` refuses values that differ.
+Model-level functions (checkpoints, exports, merged state dicts) run on every rank of a sharded model:
+:func:`shard_group` finds the process group, :func:`on_every_rank` runs a step that may raise and makes
+every rank raise the same error when any rank's step raised (so no rank goes on to a collective the
+others never reach), and :func:`gathered_parameters` gives a layer its whole parameters for a while.
 """
 from __future__ import annotations
 
+import pickle
 import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_like",
-           "world", "raise_together", "together", "same_on_every_rank"]
+__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_group",
+           "is_writer", "on_every_rank", "gathered_parameters", "shard_like"]
 
 
 def is_sharded(t) -> bool:
@@ -59,73 +64,107 @@ def write_shard(t: Tensor, full: Tensor) -> None:
     if not is_sharded(t):
         t.copy_(full)
         return
-    t.to_local().copy_(shard_like(full.to(t.dtype), t).to_local())
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None).to_local()
+    t.to_local().copy_(local)
+
+
+def shard_group(module: nn.Module):
+    """The process group over which ``module``'s parameters are sharded (that of the first DTensor's
+    one-dimensional mesh; the default group for a mesh of more dimensions), or None when none is sharded."""
+    for p in module.parameters():
+        if is_sharded(p):
+            import torch.distributed as dist
+
+            mesh = p.device_mesh
+            return mesh.get_group() if mesh.ndim == 1 else dist.group.WORLD
+    return None
+
+
+def is_writer(group) -> bool:
+    """Whether this process writes a model-level file: always without a group, else rank 0 of ``group``."""
+    if group is None:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank(group) == 0
+
+
+def _report(error: Optional[BaseException]):
+    """What another rank needs to raise ``error`` again: ``(class, message)``; ``RuntimeError`` for a class
+    that does not pickle (a local class)."""
+    if error is None:
+        return None
+    cls = type(error)
+    try:
+        pickle.dumps(cls)
+    except Exception:
+        return RuntimeError, f"{cls.__name__}: {error}"
+    return cls, str(error)
+
+
+def _rebuilt(report, rank: int, world: int) -> BaseException:
+    cls, message = report
+    message = f"{message} (raised on rank {rank} of {world}; every rank raises it)"
+    try:
+        return cls(message)
+    except Exception:
+        return RuntimeError(f"{cls.__name__}: {message}")
+
+
+def on_every_rank(group, what: str, step: Callable[[], Any], same: Optional[Dict[str, Any]] = None):
+    """``step()``, run on every rank of ``group`` (or alone without one), then agreed on: when it raised
+    on some rank, or the arguments in ``same`` differ between ranks, every rank raises the same error
+    (the lowest failing rank's class and message), so that no rank goes on to a collective that the others
+    never reach. One ``all_gather_object``: every rank must call it.
+
+    Raises:
+        ValueError: a value of ``same`` differs between ranks (names it and each rank's value).
+    """
+    if group is None:
+        return step()
+    import torch.distributed as dist
+
+    try:
+        result, error = step(), None
+    except Exception as exc:
+        result, error = None, exc
+    mine = (_report(error), {k: repr(v) for k, v in (same or {}).items()})
+    reports = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, mine, group=group)
+    for name in same or {}:
+        values = [r[1][name] for r in reports]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {i} {v}" for i, v in enumerate(values))
+            raise ValueError(f"{what}: {name} differs between ranks ({per_rank}); every rank of a sharded model "
+                             f"calls {what} with the same {name}")
+    for rank, (report, _) in enumerate(reports):
+        if report is not None:
+            raise _rebuilt(report, rank, len(reports)) from error
+    return result
+
+
+@contextmanager
+def gathered_parameters(module: nn.Module):
+    """Within the block, each sharded parameter of ``module`` itself (not of its children) is replaced by a
+    plain ``Parameter`` holding the whole tensor (gathered: a collective, every rank enters the block);
+    the shards are put back on leaving. For reading only: writes into the whole tensors are lost."""
+    saved = {}
+    try:
+        for name, p in list(module._parameters.items()):
+            if p is not None and is_sharded(p):
+                saved[name] = p
+                module._parameters[name] = nn.Parameter(gathered(p), requires_grad=p.requires_grad)
+        yield module
+    finally:
+        module._parameters.update(saved)
 
 
 def shard_like(full: Tensor, like) -> Tensor:
     """``full`` as a DTensor placed as the DTensor ``like`` (its mesh and placements): each rank keeps its own
-    slice, cut locally (``src_data_rank=None``), so every rank must pass the same ``full``; no data moves."""
+    slice, cut locally (``src_data_rank=None``), so every rank must pass the same ``full``; no data moves.
+    (A sharded optimizer's state, loaded from whole tensors, is placed so.)"""
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-
-# -- every rank calls, every rank raises ----------------------------------------------------------------------
-def world():
-    """``(rank, world size)`` of the default process group; ``(0, 1)`` when torch.distributed is not running."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def raise_together(error) -> None:
-    """A collective over the default group: each rank passes the exception it met, or None. When any rank
-    met one, every rank raises the same error (the lowest such rank's type and message, naming the rank),
-    so that no rank goes on into a collective that a failed rank never reaches. In one process it raises
-    ``error`` itself, unchanged."""
-    rank, size = world()
-    if size == 1:
-        if error is not None:
-            raise error
-        return
-    import torch.distributed as dist
-
-    found = [None] * size
-    dist.all_gather_object(found, None if error is None else (type(error), str(error)))
-    failed = next((r for r, item in enumerate(found) if item is not None), None)
-    if failed is None:
-        return
-    cls, message = found[failed]
-    text = f"on rank {failed} of {size}: {message}"
-    try:
-        same = cls(text)
-    except Exception:  # an exception class that does not take one message
-        same = RuntimeError(f"{cls.__name__} {text}")
-    raise same from error
-
-
-def together(fn, *args):
-    """``fn(*args)`` on every rank, then :func:`raise_together`: its result where no rank failed."""
-    try:
-        result, error = fn(*args), None
-    except Exception as exc:
-        result, error = None, exc
-    raise_together(error)
-    return result
-
-
-def same_on_every_rank(value, what: str) -> None:
-    """A collective over the default group: raise the same ValueError on every rank unless every rank passes
-    an equal ``value`` (plain data: it is pickled); ``what`` names it in the message. Nothing in one process."""
-    rank, size = world()
-    if size == 1:
-        return
-    import torch.distributed as dist
-
-    values = [None] * size
-    dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        seen = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-        raise ValueError(f"{what} differs between the ranks ({seen}); every rank must pass the same")

@@ -13,7 +13,7 @@ are atomic.
 On a model sharded with FSDP2's ``fully_shard`` both are called on every rank:
 the ranks gather whole values and rank 0 writes the same file (plus every
 rank's RNG state, ``rank_rngs``); on load each rank checks the file and keeps
-its slice. An error on one rank is raised on every rank (``core.sharded.together``).
+its slice. An error on one rank is raised on every rank (``core.sharded.on_every_rank``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.sharded import gathered, is_sharded, same_on_every_rank, shard_like, together, world
+from ..core.sharded import gathered, is_sharded, is_writer, on_every_rank, shard_group, shard_like
 from ..model.unwrap import strip_prefix, unwrap_model
 from .._version import __version__
 from ..layers.notices import name_some
@@ -286,22 +286,22 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     write) is raised on every rank, the same, naming that rank.
     """
     model = unwrap_model(model)
-    sharded = _sharded(model)
-    path, new_folder = _on_all(sharded, _save_checks, path_or_dir, model, optimizer, step, extra, bias)
-    if sharded:
-        same_on_every_rank(step, "step")  # rank 0 writes its own: another rank's would be lost silently
-    state = _state(model, optimizer, scheduler, step, extra, bias, sharded)  # the collectives, when sharded
-    _on_all(sharded, _write, path, new_folder, state, sharded)
+    group = shard_group(model)  # None unless sharded by fully_shard: then every rank calls, and rank 0 writes
+    what = "save_training_state"
+    # the same step on every rank: rank 0 writes its own, and another rank's would be lost silently
+    path, new_folder = on_every_rank(group, what, lambda: _save_checks(path_or_dir, model, optimizer, step, extra,
+                                                                       bias), same={"step": step})
+    state = _state(model, optimizer, scheduler, step, extra, bias, group)  # the collectives, when sharded
+    on_every_rank(group, what, lambda: _write(path, new_folder, state, is_writer(group)))
 
 
-def _sharded(model: nn.Module) -> bool:
-    """Whether ``model`` is sharded by ``fully_shard``: then every rank calls, and rank 0 writes."""
-    return any(is_sharded(p) for p in model.parameters())
+def _rank_and_size(group) -> Tuple[int, int]:
+    """This process's rank in ``group`` and its size; ``(0, 1)`` without one."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
 
-
-def _on_all(sharded: bool, fn, *args):
-    """``fn(*args)``; on a sharded model on every rank, each raising what any rank met (:func:`together`)."""
-    return together(fn, *args) if sharded else fn(*args)
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _save_checks(path_or_dir, model: nn.Module, optimizer, step, extra, bias: str) -> Tuple[str, Optional[str]]:
@@ -318,11 +318,12 @@ def _save_checks(path_or_dir, model: nn.Module, optimizer, step, extra, bias: st
     return path, new_folder
 
 
-def _write(path: str, new_folder: Optional[str], state: dict, sharded: bool) -> None:
-    """Check ``state`` is plain data and write it with its SHA-256, atomically; on a sharded model, rank 0 only."""
+def _write(path: str, new_folder: Optional[str], state: dict, writer: bool) -> None:
+    """Check ``state`` is plain data and, on the ``writer`` (rank 0 of a sharded model), write it with its
+    SHA-256, atomically."""
     h = hashlib.sha256()
     state = _plain(state, "", h)
-    if sharded and world()[0] != 0:
+    if not writer:
         return
     payload = {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
                KEY_SHA256: h.hexdigest(), KEY_STATE: state}
@@ -337,7 +338,7 @@ def _write(path: str, new_folder: Optional[str], state: dict, sharded: bool) -> 
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, extra, bias: str,
-           sharded: bool) -> dict:
+           group) -> dict:
     """What :func:`save_training_state` writes, before it is checked as plain data. On a sharded model every
     rank gathers the same whole values (collectives, in the same order on every rank)."""
     adapter, header = adapter_payload(model, bias)
@@ -353,12 +354,12 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: 
                                                      "state_dict": scheduler.state_dict()},
         "rng": _rng_state(),
     }
-    rank, size = world()
-    if sharded and size > 1:
+    _, size = _rank_and_size(group)
+    if size > 1:
         import torch.distributed as dist
 
         states = [None] * size
-        dist.all_gather_object(states, state["rng"])
+        dist.all_gather_object(states, state["rng"], group=group)
         state[KEY_RANK_RNGS] = states
     return state
 
@@ -728,11 +729,11 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     exactly, the dropout masks and each rank's share of the data do not.
     """
     model = unwrap_model(model)
-    sharded = _sharded(model)
-    plan = _on_all(sharded, _plan_load, path_or_dir, model, optimizer, scheduler, sharded)
+    group, what = shard_group(model), "load_training_state"
+    plan = on_every_rank(group, what, lambda: _plan_load(path_or_dir, model, optimizer, scheduler, group))
     step, extra, opt_state, sched_state, copies, rng, digest = plan
-    if sharded:  # each rank keeps its slice: of the same values, or the model would be a patchwork
-        same_on_every_rank(digest, "the SHA-256 of the training state each rank read")
+    if group is not None:  # each rank keeps its slice: of the same values, or the model would be a patchwork
+        on_every_rank(group, what, lambda: None, same={"file (its SHA-256)": digest})
         opt_state = _sharded_optimizer_state(opt_state, optimizer)
     optimizer.load_state_dict(opt_state)
     if scheduler is not None:
@@ -743,7 +744,7 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     return {"step": step, "extra": extra}
 
 
-def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, sharded: bool) -> tuple:
+def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, group) -> tuple:
     """Read and check everything :func:`load_training_state` restores; changes nothing.
     Returns ``(step, extra, optimizer state, scheduler state, copies, this rank's RNG states or None,
     the file's SHA-256)``."""
@@ -767,11 +768,11 @@ def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, sharded: boo
                                  optimizer, shapes)
     copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
-    rng = _rank_rng(f, state, sharded)
+    rng = _rank_rng(f, state, group)
     return step, extra, opt_state, sched_state, copies, rng, digest
 
 
-def _rank_rng(f: _Fields, state: dict, sharded: bool) -> Optional[dict]:
+def _rank_rng(f: _Fields, state: dict, group) -> Optional[dict]:
     """This rank's saved RNG states, checked (None for a rank the file does not know), after warning when the
     file was saved by another number of ranks than loads it."""
     rng = f.get(state, "rng", dict, "")
@@ -781,7 +782,7 @@ def _rank_rng(f: _Fields, state: dict, sharded: bool) -> Optional[dict]:
         if not isinstance(saved, dict):
             raise f.error(f"{KEY_RANK_RNGS}[{r}]", f"must be a dict, got {type(saved).__name__}")
         _check_rng(f, saved)
-    rank, size = world() if sharded else (0, 1)
+    rank, size = _rank_and_size(group)
     if len(ranks) != size:
         kept = "" if size <= len(ranks) else (f"; ranks {len(ranks)} to {size - 1} keep their own generators "
                                               f"(seed them base_seed + rank)")

@@ -125,7 +125,8 @@ def _error(fn, *args, **kwargs):
 
 
 def _bad_on_rank1(rank, folder):
-    """Rank 1 alone reads a corrupted file, then alone passes a bad step: every rank must raise the same."""
+    """Rank 1 alone reads a corrupted file, then another valid file; alone passes a bad bias, then another
+    step: every rank must raise the same error, and nothing is loaded or written."""
     import torch.distributed as dist
 
     import lora_layers as L
@@ -144,7 +145,8 @@ def _bad_on_rank1(rank, folder):
     other = _error(L.load_training_state, folder / ("state5.pt" if rank == 0 else "one5.pt"), model, opt)
     after = _snapshot(model, opt)
     unchanged = unchanged and all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
-    save = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT if rank == 0 else "5")
+    save = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT,
+                  bias="none" if rank == 0 else "bogus")
     other_step = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT + rank)
     dist.barrier()
     return dict(load=load, other=other, unchanged=unchanged and not after["opt"], save=save, other_step=other_step,
@@ -330,10 +332,12 @@ def test_a_bad_file_or_argument_on_one_rank_raises_the_same_error_on_every_rank(
     results, _ = ranks
     loads = [got["bad"]["load"] for got in results]
     assert loads[0] is not None and loads == [loads[0]] * WORLD
-    assert loads[0][0] == "CheckpointError" and loads[0][1].startswith("on rank 1 of 2: ") and "corrupted" in loads[0][1]
+    assert loads[0][0] == "CheckpointError" and "corrupted" in loads[0][1]
+    assert loads[0][1].endswith("(raised on rank 1 of 2; every rank raises it)")
     assert all(got["bad"]["unchanged"] for got in results)  # nothing loaded on either rank
     saves = [got["bad"]["save"] for got in results]
-    assert saves == [("TypeError", "on rank 1 of 2: step must be an int, got str '5'")] * WORLD
+    assert saves[0] is not None and saves == [saves[0]] * WORLD and saves[0][0] == "ValueError"
+    assert "'bogus'" in saves[0][1] and saves[0][1].endswith("(raised on rank 1 of 2; every rank raises it)")
     assert not any(got["bad"]["written"] for got in results)
 
 
@@ -343,10 +347,10 @@ def test_ranks_that_read_different_files_or_pass_different_steps_all_raise(ranks
     results, _ = ranks
     others = [got["bad"]["other"] for got in results]
     assert others[0] is not None and others == [others[0]] * WORLD and others[0][0] == "ValueError"
-    assert "SHA-256 of the training state each rank read differs between the ranks" in others[0][1]
+    assert others[0][1].startswith("load_training_state: file (its SHA-256) differs between ranks (rank 0 '")
     steps = [got["bad"]["other_step"] for got in results]
-    assert steps == [("ValueError", "step differs between the ranks (rank 0: 5, rank 1: 6); every rank must "
-                                    "pass the same")] * WORLD
+    assert steps == [("ValueError", "save_training_state: step differs between ranks (rank 0 5, rank 1 6); every "
+                                    "rank of a sharded model calls save_training_state with the same step")] * WORLD
     assert all(got["bad"]["unchanged"] for got in results)
 
 
