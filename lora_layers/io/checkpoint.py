@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.sharded import gathered, write_shard
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .._version import __version__
 from ..layers.notices import name_some
@@ -44,12 +43,14 @@ from .fileio import (
 from ..layers.base import ADAPTER_NAMES, LoRALayer
 from ..layers.conv import _ConvNd
 from ..layers.merge_state import unmerged
+from ..core.sharded import gathered, is_writer, on_every_rank, shard_group, write_shard
 from ..model.families import FITTING_CALLS
 from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_lora_parameters
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CheckpointError",
     "LoadResult",
     "save_lora",
     "load_lora",
@@ -129,15 +130,16 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
 
 
 def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """The adapter tensors and the library header fields for ``model``."""
+    """The adapter tensors and the library header fields for ``model``. Sharded parameters are gathered
+    (a collective: on a ``fully_shard`` model every rank calls this)."""
     model = unwrap_model(model)
     check_bias(bias)
-    tensors = {name: p for name, p in named_lora_parameters(model)}
+    tensors = {name: gathered(p) for name, p in named_lora_parameters(model)}
     if not tensors:
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
-    tensors.update(named_bias_parameters(model, bias))
-    tensors = to_storable({name: gathered(p) for name, p in tensors.items()})  # a DTensor: full_tensor(), on every rank
+    tensors.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
+    tensors = to_storable(tensors)
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
     header = {
         META_HF_FORMAT: "pt",
@@ -200,18 +202,33 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
 
     Nothing is written when any of these is raised.
 
+    On a model sharded by ``fully_shard``, call it on every rank: the adapters are gathered and rank 0
+    writes the file one process writes, byte for byte. Every rank passes the same arguments; an error on
+    one rank (a bad argument, a destination rank 0 cannot write) is raised on every rank.
+
     Warns (UserWarning) when trainable parameters are not saved (biases left
     out by ``bias``, or a head, a norm... left trainable because
     :func:`mark_only_lora_as_trainable` was not called), naming a few of them
     and the ``bias`` that keeps the biases. The file is written all the same.
     """
     model = unwrap_model(model)
-    user = _check_user_metadata(metadata)
-    check_destination(path, "LoRA checkpoint")
-    tensors, header = adapter_payload(model, bias)
-    _warn_unsaved_trainable(model, bias)
-    data = safetensors_bytes(tensors, {**user, **header})
-    atomic_write(path, lambda f: f.write(data), "LoRA checkpoint")
+    group = shard_group(model)
+    writer = is_writer(group)
+
+    def check():
+        user = _check_user_metadata(metadata)
+        if writer:
+            check_destination(path, "LoRA checkpoint")
+        check_bias(bias)
+        return user
+
+    user = on_every_rank(group, "save_lora", check, same=dict(path=path, bias=bias, metadata=metadata))
+    tensors, header = adapter_payload(model, bias)  # sharded: gathered on every rank
+    if writer:
+        _warn_unsaved_trainable(model, bias)
+    data = safetensors_bytes(tensors, {**user, **header}) if writer else b""
+    on_every_rank(group, "save_lora", lambda: atomic_write(path, lambda f: f.write(data), "LoRA checkpoint")
+                  if writer else None)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -271,7 +288,7 @@ def canonical_payload(model: nn.Module, tensors: Dict[str, Tensor],
                       meta: Dict[str, str]) -> Tuple[Dict[str, Tensor], Dict[str, str], str]:
     """``(tensors, meta, prefix)``: a file written from a compiled or DDP model by older versions, or by
     loralib's ``lora_state_dict``, carries the wrapper's prefix in every key and header module name;
-    strip it where that makes the keys match ``model`` (see :func:`lora_layers._unwrap.wrapper_prefix`)."""
+    strip it where that makes the keys match ``model`` (see :func:`lora_layers.model.unwrap.wrapper_prefix`)."""
     model = unwrap_model(model)
     prefix = wrapper_prefix(tensors, [n for n, _ in model.named_parameters(remove_duplicate=False)])
     if not prefix:
@@ -342,7 +359,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
                               + "\n  - ".join(problems))
     if problems:
         warnings.warn(f"{source}: loading with strict=False, skipping:\n  - " + "\n  - ".join(problems),
-                      stacklevel=3)
+                      stacklevel=5)  # load_lora -> on_every_rank -> plan -> here
     return copies, result
 
 
@@ -489,6 +506,8 @@ def _exact_targets(model: nn.Module, names: List[str]) -> Optional[List[str]]:
 #: Model families' own presets, registered by their modules (``lora_layers.phi3``) so that this generic
 #: module never imports them: ``family_call(model, saved_modules, targets, args)`` returns the preset call
 #: (e.g. ``lora_layers.phi3.apply_lora(model, r=16, ...)``) that builds exactly these adapters, or None.
+#: The registry is :data:`lora_layers.model.families.FITTING_CALLS`; this is the same list, by its old name.
+FAMILY_CALLS = FITTING_CALLS
 
 
 def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[str]:
@@ -544,7 +563,8 @@ def apply_copies(copies) -> None:
         for layer in switching.values():
             layer._use_loralib_layout()
         for _, _, param, tensor in copies:
-            write_shard(param, tensor)  # casts to its dtype, keeps its device and identity (a DTensor: its shard)
+            write_shard(param, tensor)  # casts to the parameter's dtype, keeps its device and identity;
+            # a sharded parameter takes this rank's slice of the whole tensor
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
@@ -564,6 +584,10 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
     tensor stored in another floating dtype is cast to the parameter's dtype.
     A merged layer is unmerged, loaded and merged again.
 
+    On a model sharded by ``fully_shard``, call it on every rank: each rank reads the file and keeps its
+    own slice of every tensor. The ranks must read the same tensors (compared by checksum); an error on
+    one rank (a missing file, a mismatch) is raised on every rank, and nothing is loaded anywhere.
+
     Args:
         model: the module to load into.
         path: the checkpoint file.
@@ -578,9 +602,16 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError (a ValueError): unreadable/corrupted/unsafe file, or a mismatch with ``strict=True``.
     """
-    path = os.fspath(path)
-    tensors, meta = read_native(path)
-    tensors, meta, _ = canonical_payload(model, tensors, meta)
-    copies, result = plan_load(model, tensors, meta, strict, f"LoRA checkpoint {path!r}")
+    group = shard_group(unwrap_model(model))
+
+    def plan():
+        source = os.fspath(path)
+        tensors, meta = read_native(source)
+        tensors, meta, _ = canonical_payload(model, tensors, meta)
+        return plan_load(model, tensors, meta, strict, f"LoRA checkpoint {source!r}"), \
+            (None if group is None else tensor_checksum(tensors))
+
+    (copies, result), checksum = on_every_rank(group, "load_lora", plan, same=dict(strict=strict))
+    on_every_rank(group, "load_lora", lambda: None, same={"file contents (SHA-256 of the tensors)": checksum})
     apply_copies(copies)
     return result
