@@ -280,19 +280,21 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
     Nothing is written, and no folder created, when any of these is raised.
 
     A model sharded with FSDP2's ``fully_shard`` (DTensor parameters and optimizer state): call it on
-    every rank, with the same arguments. Every rank gathers the adapter, the trained parameters and the
-    optimizer state (``DTensor.full_tensor()``), and rank 0 writes the file one process would write for
-    the same values, plus every rank's RNG state. An error met on one rank (a bad argument, a failed
-    write) is raised on every rank, the same, naming that rank.
+    every rank, with the same ``path_or_dir``, ``step`` and ``bias`` (else a ValueError on every rank).
+    Every rank gathers the adapter, the trained parameters and the optimizer state
+    (``DTensor.full_tensor()``), and rank 0 checks the destination and writes the file one process
+    would write for the same values, plus every rank's RNG state. An error met on one rank (a bad
+    argument, a failed write) is raised on every rank, the same, naming that rank.
     """
     model = unwrap_model(model)
     group = shard_group(model)  # None unless sharded by fully_shard: then every rank calls, and rank 0 writes
-    what = "save_training_state"
-    # the same step on every rank: rank 0 writes its own, and another rank's would be lost silently
+    what, writer = "save_training_state", is_writer(group)
+    # the same arguments on every rank: rank 0 writes its own, and another rank's would be lost silently
+    same = {"path_or_dir": path_or_dir, "step": step, "bias": bias}
     path, new_folder = on_every_rank(group, what, lambda: _save_checks(path_or_dir, model, optimizer, step, extra,
-                                                                       bias), same={"step": step})
+                                                                       bias, writer), same=same)
     state = _state(model, optimizer, scheduler, step, extra, bias, group)  # the collectives, when sharded
-    on_every_rank(group, what, lambda: _write(path, new_folder, state, is_writer(group)))
+    on_every_rank(group, what, lambda: _write(path, new_folder, state, writer))
 
 
 def _rank_and_size(group) -> Tuple[int, int]:
@@ -304,9 +306,11 @@ def _rank_and_size(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _save_checks(path_or_dir, model: nn.Module, optimizer, step, extra, bias: str) -> Tuple[str, Optional[str]]:
-    """Every check of the arguments that can fail, made before anything is gathered or written."""
-    path, new_folder = _save_destination(path_or_dir)
+def _save_checks(path_or_dir, model: nn.Module, optimizer, step, extra, bias: str,
+                 writer: bool) -> Tuple[Optional[str], Optional[str]]:
+    """Every check of the arguments that can fail, made before anything is gathered or written; the
+    destination only on the ``writer`` (rank 0 of a sharded model), where it is written."""
+    path, new_folder = _save_destination(path_or_dir) if writer else (None, None)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
     check_bias(bias)

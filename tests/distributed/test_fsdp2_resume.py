@@ -61,7 +61,7 @@ def _steps(model, opt, rank, batches):
 
 
 def _uninterrupted(rank, folder):
-    """10 steps, saving after step 5 (every rank calls; rank 1 names another file, which stays unwritten)."""
+    """10 steps, saving after step 5 (every rank calls; rank 0 writes)."""
     import lora_layers as L
 
     model = _shard(_build(CASE))
@@ -69,8 +69,7 @@ def _uninterrupted(rank, folder):
     torch.manual_seed(BASE_SEED + rank)
     losses = _steps(model, opt, rank, _batches()[:SAVE_AT])
     at_save = _snapshot(model, opt)
-    L.save_training_state(folder / ("state5.pt" if rank == 0 else "rank1.pt"), model, opt, step=SAVE_AT,
-                          extra={"note": "fsdp2"})
+    L.save_training_state(folder / "state5.pt", model, opt, step=SAVE_AT, extra={"note": "fsdp2"})
     losses += _steps(model, opt, rank, _batches()[SAVE_AT:])
     return dict(losses=losses, at_save=at_save, end=_snapshot(model, opt))
 
@@ -125,8 +124,8 @@ def _error(fn, *args, **kwargs):
 
 
 def _bad_on_rank1(rank, folder):
-    """Rank 1 alone reads a corrupted file, then another valid file; alone passes a bad bias, then another
-    step: every rank must raise the same error, and nothing is loaded or written."""
+    """Rank 1 alone reads a corrupted file, then another valid file; alone passes an ``extra`` that is not
+    plain data, another step, another path: every rank must raise the same error; nothing loads or is written."""
     import torch.distributed as dist
 
     import lora_layers as L
@@ -146,11 +145,12 @@ def _bad_on_rank1(rank, folder):
     after = _snapshot(model, opt)
     unchanged = unchanged and all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
     save = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT,
-                  bias="none" if rank == 0 else "bogus")
+                  extra={"f": None if rank == 0 else print})
     other_step = _error(L.save_training_state, folder / "bad_step.pt", model, opt, step=SAVE_AT + rank)
+    other_path = _error(L.save_training_state, folder / f"rank{rank}.pt", model, opt, step=SAVE_AT)
     dist.barrier()
     return dict(load=load, other=other, unchanged=unchanged and not after["opt"], save=save, other_step=other_step,
-                written=(folder / "bad_step.pt").exists())
+                other_path=other_path, written=[f.name for f in folder.iterdir() if f.name.startswith(("bad", "rank"))])
 
 
 def _small_run(rank, folder, resume):
@@ -284,7 +284,6 @@ def test_rank_0_writes_the_file_one_process_writes_plus_every_ranks_rng(ranks):
     from lora_layers.io.training_state import KEY_RANK_RNGS, payload_sha256
 
     results, folder = ranks
-    assert not (folder / "rank1.pt").exists()  # only rank 0 writes
     saved = torch.load(folder / "state5.pt", weights_only=True)
     one = torch.load(folder / "one5.pt", weights_only=True)  # one process, after loading the 2-rank file
     rngs = saved["state"].pop(KEY_RANK_RNGS)
@@ -336,18 +335,22 @@ def test_a_bad_file_or_argument_on_one_rank_raises_the_same_error_on_every_rank(
     assert loads[0][1].endswith("(raised on rank 1 of 2; every rank raises it)")
     assert all(got["bad"]["unchanged"] for got in results)  # nothing loaded on either rank
     saves = [got["bad"]["save"] for got in results]
-    assert saves[0] is not None and saves == [saves[0]] * WORLD and saves[0][0] == "ValueError"
-    assert "'bogus'" in saves[0][1] and saves[0][1].endswith("(raised on rank 1 of 2; every rank raises it)")
+    assert saves[0] is not None and saves == [saves[0]] * WORLD and saves[0][0] == "TypeError"
+    assert saves[0][1].startswith("extra['f'] is a builtin_function_or_method")
+    assert saves[0][1].endswith("(raised on rank 1 of 2; every rank raises it)")
     assert not any(got["bad"]["written"] for got in results)
 
 
 def test_ranks_that_read_different_files_or_pass_different_steps_all_raise(ranks):
-    """Two valid files, one per rank (each would keep its slice of other values), and steps 5 and 6: every
-    rank raises the same ValueError, and nothing is loaded or written."""
+    """Two valid files, one per rank (each would keep its slice of other values), steps 5 and 6, and two
+    paths: every rank raises the same ValueError, and nothing is loaded or written."""
     results, _ = ranks
     others = [got["bad"]["other"] for got in results]
     assert others[0] is not None and others == [others[0]] * WORLD and others[0][0] == "ValueError"
     assert others[0][1].startswith("load_training_state: file (its SHA-256) differs between ranks (rank 0 '")
+    paths = [got["bad"]["other_path"] for got in results]
+    assert paths[0] is not None and paths == [paths[0]] * WORLD and paths[0][0] == "ValueError"
+    assert paths[0][1].startswith("save_training_state: path_or_dir differs between ranks (rank 0 ")
     steps = [got["bad"]["other_step"] for got in results]
     assert steps == [("ValueError", "save_training_state: step differs between ranks (rank 0 5, rank 1 6); every "
                                     "rank of a sharded model calls save_training_state with the same step")] * WORLD
