@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 __all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_group",
-           "is_writer", "on_every_rank", "gathered_parameters"]
+           "is_writer", "on_every_rank", "gathered_parameters", "shard_like"]
 
 
 def is_sharded(t) -> bool:
@@ -159,3 +159,12 @@ def gathered_parameters(module: nn.Module):
         yield module
     finally:
         module._parameters.update(saved)
+
+
+def shard_like(full: Tensor, like) -> Tensor:
+    """``full`` as a DTensor placed as the DTensor ``like`` (its mesh and placements): each rank keeps its own
+    slice, cut locally (``src_data_rank=None``), so every rank must pass the same ``full``; no data moves.
+    (A sharded optimizer's state, loaded from whole tensors, is placed so.)"""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

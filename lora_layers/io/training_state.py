@@ -9,6 +9,11 @@ installed). It is read with ``torch.load(weights_only=True)``, so loading never
 runs code, and everything in it is covered by one SHA-256. Everything is
 validated before the model, optimizer, scheduler or RNGs are touched. Writes
 are atomic.
+
+On a model sharded with FSDP2's ``fully_shard`` both are called on every rank:
+the ranks gather whole values and rank 0 writes the same file (plus every
+rank's RNG state, ``rank_rngs``); on load each rank checks the file and keeps
+its slice. An error on one rank is raised on every rank (``core.sharded.on_every_rank``).
 """
 from __future__ import annotations
 
@@ -29,12 +34,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import gathered, is_sharded, is_writer, on_every_rank, shard_group, shard_like
 from ..model.unwrap import strip_prefix, unwrap_model
 from .._version import __version__
 from ..layers.notices import name_some
 from .checkpoint import META_BIAS, META_FORMAT, adapter_payload, apply_copies, canonical_payload, plan_load
 from .fileio import CheckpointError, as_path, atomic_write, check_destination, raw_bytes, read_file, to_storable
-from ..model.params import lora_modules, named_bias_parameters, named_lora_parameters
+from ..model.params import check_bias, lora_modules, named_bias_parameters, named_lora_parameters
 
 __all__ = ["TRAINING_STATE_FILE", "save_training_state", "load_training_state"]
 
@@ -46,6 +52,9 @@ FILE_SUFFIX = ".pt"
 # The file holds {KEY_FORMAT, KEY_VERSION, KEY_SHA256: payload_sha256(state), KEY_STATE: state}.
 KEY_FORMAT, KEY_VERSION, KEY_SHA256, KEY_STATE = "format", "format_version", "sha256", "state"
 KEY_TRAINED = "trained_params"  # state[KEY_TRAINED]: {name: value} of the optimizer's non-adapter parameters
+# state[KEY_RANK_RNGS]: the RNG states of every rank (rank 0's is also state["rng"]), in a file saved from a model
+# sharded with fully_shard over more than one rank; absent otherwise, so one process writes what it always did.
+KEY_RANK_RNGS = "rank_rngs"
 _WHAT = "training state"
 _ARG = "path_or_dir"
 
@@ -151,21 +160,22 @@ def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, bias: 
     return out
 
 
-def _trained_values(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tensor]:
-    """The values of the parameters the optimizer updates beyond the adapter (biases, a head, a norm...).
-
-    Raises:
-        ValueError: the optimizer updates a parameter that ``model`` does not hold,
-            which a load could not find again.
-    """
-    params = _optimizer_params(model, optimizer, bias)
-    foreign = [label for label in params if label.startswith("param_groups[")]
+def _refuse_foreign(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> None:
+    """Raise ValueError when the optimizer updates a parameter that ``model`` does not hold, which a load
+    could not find again."""
+    foreign = [label for label in _optimizer_params(model, optimizer, bias) if label.startswith("param_groups[")]
     if foreign:
         raise ValueError(f"optimizer: {', '.join(foreign)} is not a parameter of the model "
                          f"({type(model).__name__}); a training state restores parameters by their name in the "
                          f"model, so it could not restore this one. Register it on the model, or keep it out "
                          f"of the optimizer")
-    return {label: p.detach() if owner is None else owner.unmerged_weight()
+
+
+def _trained_values(model: nn.Module, optimizer: torch.optim.Optimizer, bias: str) -> Dict[str, Tensor]:
+    """The values of the parameters the optimizer updates beyond the adapter (biases, a head, a norm...);
+    :func:`_refuse_foreign` has checked that the model holds them all."""
+    params = _optimizer_params(model, optimizer, bias)
+    return {label: gathered(p) if owner is None else owner.unmerged_weight()  # a DTensor: its full_tensor()
             for label, (p, owner) in params.items()}
 
 
@@ -268,12 +278,59 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         FileNotFoundError / PermissionError / NotADirectoryError: bad destination.
 
     Nothing is written, and no folder created, when any of these is raised.
+
+    A model sharded with FSDP2's ``fully_shard`` (DTensor parameters and optimizer state): call it on
+    every rank, with the same ``path_or_dir``, ``step`` and ``bias`` (else a ValueError on every rank).
+    Every rank gathers the adapter, the trained parameters and the optimizer state
+    (``DTensor.full_tensor()``), and rank 0 checks the destination and writes the file one process
+    would write for the same values, plus every rank's RNG state. An error met on one rank (a bad
+    argument, a failed write) is raised on every rank, the same, naming that rank.
     """
     model = unwrap_model(model)
-    path, new_folder = _save_destination(path_or_dir)
+    group = shard_group(model)  # None unless sharded by fully_shard: then every rank calls, and rank 0 writes
+    what, writer = "save_training_state", is_writer(group)
+    # the same arguments on every rank: rank 0 writes its own, and another rank's would be lost silently
+    same = {"path_or_dir": path_or_dir, "step": step, "bias": bias}
+    path, new_folder = on_every_rank(group, what, lambda: _save_checks(path_or_dir, model, optimizer, step, extra,
+                                                                       bias, writer), same=same)
+    state = _state(model, optimizer, scheduler, step, extra, bias, group)  # the collectives, when sharded
+    on_every_rank(group, what, lambda: _write(path, new_folder, state, writer))
+
+
+def _rank_and_size(group) -> Tuple[int, int]:
+    """This process's rank in ``group`` and its size; ``(0, 1)`` without one."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _save_checks(path_or_dir, model: nn.Module, optimizer, step, extra, bias: str,
+                 writer: bool) -> Tuple[Optional[str], Optional[str]]:
+    """Every check of the arguments that can fail, made before anything is gathered or written; the
+    destination only on the ``writer`` (rank 0 of a sharded model), where it is written."""
+    path, new_folder = _save_destination(path_or_dir) if writer else (None, None)
     if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
-    payload = _payload(model, optimizer, scheduler, step, extra, bias)
+    check_bias(bias)
+    if not any(True for _ in named_lora_parameters(model)):
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
+                         f"merge_and_unload removes them), so there is nothing to save")
+    _refuse_foreign(model, optimizer, bias)
+    payload_sha256({"extra": extra})  # a TypeError names what is not plain data, as extra['key']
+    return path, new_folder
+
+
+def _write(path: str, new_folder: Optional[str], state: dict, writer: bool) -> None:
+    """Check ``state`` is plain data and, on the ``writer`` (rank 0 of a sharded model), write it with its
+    SHA-256, atomically."""
+    h = hashlib.sha256()
+    state = _plain(state, "", h)
+    if not writer:
+        return
+    payload = {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
+               KEY_SHA256: h.hexdigest(), KEY_STATE: state}
     if new_folder is not None:
         os.mkdir(new_folder)
     try:
@@ -284,8 +341,10 @@ def save_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
         raise
 
 
-def _payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, extra, bias: str) -> dict:
-    """What :func:`save_training_state` writes: the state as plain data, and the SHA-256 over it."""
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, extra, bias: str,
+           group) -> dict:
+    """What :func:`save_training_state` writes, before it is checked as plain data. On a sharded model every
+    rank gathers the same whole values (collectives, in the same order on every rank)."""
     adapter, header = adapter_payload(model, bias)
     state = {
         "library_version": __version__,
@@ -294,15 +353,27 @@ def _payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step
         "adapter": {"tensors": adapter, "header": header},
         KEY_TRAINED: _trained_values(model, optimizer, bias),
         "optimizer": {"class": _class_name(optimizer), "param_names": _param_names(model, optimizer),
-                      "state_dict": optimizer.state_dict()},
+                      "state_dict": _optimizer_state(optimizer)},
         "scheduler": None if scheduler is None else {"class": _class_name(scheduler),
                                                      "state_dict": scheduler.state_dict()},
         "rng": _rng_state(),
     }
-    h = hashlib.sha256()
-    state = _plain(state, "", h)
-    return {KEY_FORMAT: TRAINING_STATE_FORMAT, KEY_VERSION: TRAINING_STATE_VERSION,
-            KEY_SHA256: h.hexdigest(), KEY_STATE: state}
+    _, size = _rank_and_size(group)
+    if size > 1:
+        import torch.distributed as dist
+
+        states = [None] * size
+        dist.all_gather_object(states, state["rng"], group=group)
+        state[KEY_RANK_RNGS] = states
+    return state
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with each DTensor (the state of a sharded parameter) gathered whole."""
+    sd = optimizer.state_dict()
+    state = {key: {name: gathered(value) if is_sharded(value) else value for name, value in entry.items()}
+             for key, entry in sd["state"].items()}
+    return {**sd, "state": state}
 
 
 # ----------------------------------------------------------------------------- load: read and check the file
@@ -335,7 +406,8 @@ def _type_names(types) -> str:
     return " or ".join("None" if t is type(None) else t.__name__ for t in _as_tuple(types))
 
 
-def _read_state(path: str) -> Dict[str, Any]:
+def _read_state(path: str) -> Tuple[Dict[str, Any], str]:
+    """The file's state, checked against its SHA-256, and that SHA-256."""
     source = f"training state {path!r}"
     raw, meta = read_file(path, _WHAT)
     if meta.get(META_FORMAT) == TRAINING_STATE_FORMAT:
@@ -356,7 +428,7 @@ def _read_state(path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or raw.get(KEY_SHA256) != digest:
         raise CheckpointError(f"{source} is corrupted: the SHA-256 of its content does not match the checksum "
                               f"stored with it (nothing was loaded)")
-    return state
+    return state, digest
 
 
 def _check_rng(f: _Fields, rng: dict) -> None:
@@ -647,11 +719,41 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
 
     Warns (UserWarning) when the file was written before training states held
     the optimizer's parameters beyond the adapter and the optimizer has some:
-    those keep their current values.
+    those keep their current values; and when it was saved by another number
+    of ranks than loads it (below).
+
+    A model sharded with FSDP2's ``fully_shard``: call it on every rank. Each
+    rank reads and checks the file; an error met on one rank is raised on
+    every rank, the same, naming that rank, before anything changes. Each rank
+    then keeps its own slice of the whole values in the file (adapter, trained
+    parameters, optimizer state) and restores its own RNG states. The file
+    holds whole tensors, so it loads on any number of ranks, sharded or not; on
+    another number than saved it, the ranks the file knows restore their RNG
+    states and the others keep theirs (with a UserWarning): the values go on
+    exactly, the dropout masks and each rank's share of the data do not.
     """
     model = unwrap_model(model)
+    group, what = shard_group(model), "load_training_state"
+    plan = on_every_rank(group, what, lambda: _plan_load(path_or_dir, model, optimizer, scheduler, group))
+    step, extra, opt_state, sched_state, copies, rng, digest = plan
+    if group is not None:  # each rank keeps its slice: of the same values, or the model would be a patchwork
+        on_every_rank(group, what, lambda: None, same={"file (its SHA-256)": digest})
+        opt_state = _sharded_optimizer_state(opt_state, optimizer)
+    optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(sched_state)
+    apply_copies(copies)  # a DTensor parameter takes its slice of the whole value (no collective)
+    if rng is not None:
+        _set_rng_state(rng)
+    return {"step": step, "extra": extra}
+
+
+def _plan_load(path_or_dir, model: nn.Module, optimizer, scheduler, group) -> tuple:
+    """Read and check everything :func:`load_training_state` restores; changes nothing.
+    Returns ``(step, extra, optimizer state, scheduler state, copies, this rank's RNG states or None,
+    the file's SHA-256)``."""
     path = _load_source(path_or_dir)
-    state = _read_state(path)
+    state, digest = _read_state(path)
     f = _Fields(f"training state {path!r}")
     step = f.get(state, "step", int, "")
     extra = f.get(state, "extra", object, "")
@@ -670,12 +772,41 @@ def load_training_state(path_or_dir, model: nn.Module, optimizer: torch.optim.Op
                                  optimizer, shapes)
     copies += _check_trained(f, state, model, optimizer, header.get(META_BIAS, "none"))
     sched_state = _check_scheduler(f, f.get(state, "scheduler", (dict, type(None)), ""), optimizer, scheduler)
+    rng = _rank_rng(f, state, group)
+    return step, extra, opt_state, sched_state, copies, rng, digest
+
+
+def _rank_rng(f: _Fields, state: dict, group) -> Optional[dict]:
+    """This rank's saved RNG states, checked (None for a rank the file does not know), after warning when the
+    file was saved by another number of ranks than loads it."""
     rng = f.get(state, "rng", dict, "")
     _check_rng(f, rng)
+    ranks = f.get(state, KEY_RANK_RNGS, list, "") if KEY_RANK_RNGS in state else [rng]
+    for r, saved in enumerate(ranks):
+        if not isinstance(saved, dict):
+            raise f.error(f"{KEY_RANK_RNGS}[{r}]", f"must be a dict, got {type(saved).__name__}")
+        _check_rng(f, saved)
+    rank, size = _rank_and_size(group)
+    if len(ranks) != size:
+        kept = "" if size <= len(ranks) else (f"; ranks {len(ranks)} to {size - 1} keep their own generators "
+                                              f"(seed them base_seed + rank)")
+        warnings.warn(f"{f.source} was saved by {len(ranks)} rank(s) and loads on {size}: the adapter, the "
+                      f"trained parameters and the optimizer and scheduler state are restored exactly, and the "
+                      f"RNG states of rank 0 to {min(size, len(ranks)) - 1}{kept}. Each rank's share of the data "
+                      f"and its dropout masks differ from the saved run's, so the run goes on from the same "
+                      f"values but not as the saved run would have", UserWarning, stacklevel=4)
+    return ranks[rank] if rank < len(ranks) else None
 
-    optimizer.load_state_dict(opt_state)
-    if scheduler is not None:
-        scheduler.load_state_dict(sched_state)
-    apply_copies(copies)
-    _set_rng_state(rng)
-    return {"step": step, "extra": extra}
+
+def _sharded_optimizer_state(sd: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``sd`` (whole tensors, as saved) with the state of each DTensor parameter of the parameter's shape placed
+    as that parameter (each rank keeps its slice, cut locally): what the optimizer held when it was saved."""
+    saved_ids = [i for group in sd["param_groups"] for i in group["params"]]
+    params = dict(zip(saved_ids, (p for group in optimizer.param_groups for p in group["params"])))
+    state = {}
+    for key, entry in sd["state"].items():
+        param = params[key]
+        state[key] = {name: shard_like(value, param) if is_sharded(param) and isinstance(value, Tensor)
+                      and value.dim() > 0 and value.shape == param.shape else value
+                      for name, value in entry.items()}
+    return {**sd, "state": state}
