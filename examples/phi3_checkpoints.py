@@ -52,15 +52,29 @@ def clear_outputs(out_dir):
             path.unlink()
 
 
-def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra, keep):
+class Folders:
+    """How the savers write a folder: whole (atomic_folder), by this process, which also does the rest of a save.
+    Under --fsdp every rank calls the savers and rank 0 writes: phi3_fsdp.RankZeroFolders."""
+    writer = True  # this process writes (creates folders, deletes old checkpoints, saves a tokenizer)
+
+    def open(self, path, what, make_parent=False):
+        """A context giving the temp folder that becomes ``path`` when the block succeeds."""
+        if make_parent:
+            path.parent.mkdir(exist_ok=True)
+        return atomic_folder(path, what, owned=SAVED_FILES)
+
+
+def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra, keep, folders=Folders()):
     """LoRA-only checkpoint + training state in checkpoints/step-N, written whole; keeps the last ``keep`` folders
     (all of them if ``keep`` <= 0). ``optimizer`` None (--fsdp, until save_training_state reads a sharded
-    optimizer): the adapter only, which --resume does not take."""
-    (out_dir / "checkpoints").mkdir(exist_ok=True)
-    with atomic_folder(out_dir / "checkpoints" / f"step-{step:06d}", "a checkpoint", owned=SAVED_FILES) as tmp:
+    optimizer): the adapter only, which --resume does not take. ``folders``: see Folders (under --fsdp, called
+    on every rank: save_lora is a collective there, and rank 0 writes)."""
+    with folders.open(out_dir / "checkpoints" / f"step-{step:06d}", "a checkpoint", make_parent=True) as tmp:
         lora.save_lora(model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
         if optimizer is not None:
             lora.save_training_state(tmp, model, optimizer, scheduler, step=step, extra=extra)
+    if not folders.writer:
+        return
     # The oldest go, never this one: a run resumed from an earlier step may have later step folders beside it.
     others = [p for p in sorted((out_dir / "checkpoints").glob("step-*"))
               if p.is_dir() and not p.is_symlink() and p.name != f"step-{step:06d}"]

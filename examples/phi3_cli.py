@@ -245,7 +245,7 @@ def effective_config(cli):
 def start(cli):
     """Join torchrun's processes (if launched by it), pick the device, seed torch and log the configuration.
 
-    Returns ``cli`` with ``ddp``, ``rank``, ``world_size``, ``local_rank``, ``master``, ``device``, ``log``
+    Returns ``cli`` with ``ddp``, ``rank``, ``world_size``, ``local_rank``, ``master``, ``saves``, ``device``, ``log``
     (print on rank 0, flushed; nothing elsewhere), ``use_bf16`` (autocast), ``dtype`` (of the base's float
     weights) and ``config`` (effective_config) added.
     """
@@ -257,6 +257,7 @@ def start(cli):
     else:
         cli.rank, cli.world_size, cli.local_rank = 0, 1, 0
     cli.master = cli.rank == 0
+    cli.saves = cli.master or cli.fsdp  # who calls the savers: rank 0; under --fsdp every rank (collectives there)
     if torch.cuda.is_available():
         cli.device = torch.device("cuda", cli.local_rank)
         torch.cuda.set_device(cli.device)

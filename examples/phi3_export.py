@@ -5,7 +5,10 @@ Kept out of the main script so that it reads top to bottom. Each folder is writt
 """
 from __future__ import annotations
 
-from phi3_checkpoints import SAVED_FILES
+import copy
+
+import torch
+from phi3_checkpoints import SAVED_FILES, Folders
 
 import lora_layers as lora
 from lora_layers.fileio import atomic_folder
@@ -18,19 +21,29 @@ def save_base_model(model, tokenizer, folder):
         tokenizer.save_pretrained(tmp)
 
 
-def save_adapters(model, tokenizer, out_dir, step, base_model_path):
-    """lora_adapter.safetensors (lora_layers' format) and peft_adapter/ (PEFT's, with the tokenizer)."""
+def save_adapters(model, tokenizer, out_dir, step, base_model_path, folders=Folders()):
+    """lora_adapter.safetensors (lora_layers' format) and peft_adapter/ (PEFT's, with the tokenizer).
+
+    Under --fsdp every rank calls it (``folders``: phi3_fsdp.RankZeroFolders): save_lora and export_peft gather the
+    sharded adapters, and rank 0 writes the files one process would write.
+    """
     lora.save_lora(model, out_dir / "lora_adapter.safetensors", metadata={"step": str(step)})
-    with atomic_folder(out_dir / "peft_adapter", "the PEFT adapter", owned=SAVED_FILES) as tmp:
+    with folders.open(out_dir / "peft_adapter", "the PEFT adapter") as tmp:
         lora.export_peft(model, tmp, base_model_name_or_path=str(base_model_path))
-        tokenizer.save_pretrained(tmp)
+        if folders.writer:
+            tokenizer.save_pretrained(tmp)
 
 
-def save_merged(model, tokenizer, out_dir, dtype):
+def save_merged(model, tokenizer, out_dir, dtype, folders=Folders()):
     """merged/: the base with the adapters folded in (merge_and_unload), a plain model in ``dtype``.
 
-    Call it last: it turns the LoRA layers of ``model`` back into plain ``nn.Linear``.
+    Call it last: it turns the LoRA layers of ``model`` back into plain ``nn.Linear``. A model sharded by
+    --fsdp (every rank calls it) is left as it is: rank 0 saves its ``merged_state_dict`` instead.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return save_merged_state(model, tokenizer, out_dir, folders)
     bnb_loaded = getattr(model, "hf_quantizer", None) is not None  # loaded with a BitsAndBytesConfig
     merged = lora.merge_and_unload(model)  # over a quantized base: the dequantized weight plus s·BA
     if bnb_loaded:
@@ -40,7 +53,28 @@ def save_merged(model, tokenizer, out_dir, dtype):
             merged = merged.dequantize(dtype=dtype)
         merged.to(dtype)
     merged.config.use_cache = True
-    with atomic_folder(out_dir / "merged", "the merged model", owned=SAVED_FILES) as tmp:
+    with folders.open(out_dir / "merged", "the merged model") as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model saved to {out_dir / 'merged'}")
+
+
+def save_merged_state(model, tokenizer, out_dir, folders):
+    """merged/ of a model sharded by fully_shard, called on every rank: ``lora.merged_state_dict`` gathers one
+    layer at a time and gives rank 0 the whole merged state dict (the other ranks an empty one), which rank 0
+    saves with the model's own class, built without LoRA on the meta device (no second copy of the weights)."""
+    state = lora.merged_state_dict(model)  # a collective; one process's merge_and_unload(model).state_dict()
+    with folders.open(out_dir / "merged", "the merged model") as tmp:
+        if folders.writer:
+            from torch.distributed.fsdp import FSDPModule
+
+            cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # FSDPPhi3... -> Phi3...
+            config = copy.deepcopy(model.config)
+            config.use_cache = True
+            with torch.device("meta"):
+                plain = cls(config)
+            plain.load_state_dict(state, strict=True, assign=True)  # the merged tensors themselves
+            plain.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+    if folders.writer:
+        print(f"merged model saved to {out_dir / 'merged'}")

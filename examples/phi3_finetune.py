@@ -28,7 +28,7 @@ import phi3_checkpoints  # noqa: E402  (examples/phi3_checkpoints.py: --overwrit
 import phi3_cli  # noqa: E402  (examples/phi3_cli.py: the flags and their checks, the processes)
 import phi3_data  # noqa: E402  (examples/phi3_data.py: data, tokenization, batches, the base model)
 import phi3_export  # noqa: E402  (examples/phi3_export.py: the base, adapter and merged-model folders)
-import phi3_fsdp  # noqa: E402  (examples/phi3_fsdp.py: --fsdp, sharding and the gathered copy for the exports)
+import phi3_fsdp  # noqa: E402  (examples/phi3_fsdp.py: --fsdp, sharding, the folders rank 0 writes)
 import phi3_report  # noqa: E402  (examples/phi3_report.py: evaluation, log lines, peak memory, summary, plot)
 
 import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
@@ -110,12 +110,11 @@ def main():
         baseline = {"eval_loss": evaluator.losses(run.eval_sets), "exact_match": evaluator.exact_match(exact_match_set)}
     phi3_report.log_start(run, baseline, (len(train_data), len(eval_data)), bool(exact_match_set))
 
-    def save(step):  # on every rank: --fsdp gathers the adapters first; rank 0 writes (no training state with --fsdp)
-        export = phi3_fsdp.for_export(run)
-        if run.master:
-            phi3_checkpoints.save_checkpoint(run.out_dir, export, None if run.fsdp else run.optimizer, run.scheduler,
-                                             step, {"history": run.history, "baseline": baseline,
-                                                    "max_steps": run.max_steps}, tc["save_total_limit"])
+    def save(step):  # called on every rank: rank 0 saves; under --fsdp every rank (collectives), rank 0 writes
+        if run.saves:  # (no training state with --fsdp yet)
+            extra = {"history": run.history, "baseline": baseline, "max_steps": run.max_steps}
+            phi3_checkpoints.save_checkpoint(run.out_dir, run.raw_model, None if run.fsdp else run.optimizer,
+                                             run.scheduler, step, extra, tc["save_total_limit"], run.folders)
 
     batches = phi3_data.micro_batches(train_data, len(run.data.chat_train), tc["batch_size"], tc["seed"],
                                       run.world_size, run.rank, step * tc["gradient_accumulation_steps"],
@@ -130,14 +129,14 @@ def main():
     samples = (run.data.syn_eval[:2] + run.data.chat_eval[:2])[:4]
     replies = evaluator.generate(samples, max_new_tokens=64)
     peak_memory = phi3_report.peak_memory(run.device)  # before the exports below allocate
-    model = phi3_fsdp.for_export(run)  # --fsdp: rank 0's unsharded copy, with the adapters gathered into it
+    if run.saves:  # rank 0; under --fsdp every rank, as save_lora and export_peft are collectives there
+        phi3_export.save_adapters(model, tokenizer, run.out_dir, step, run.base_model_path, run.folders)
     if run.master:
-        phi3_export.save_adapters(model, tokenizer, run.out_dir, step, run.base_model_path)
         phi3_report.report(run, baseline=baseline, final=final, exact_match_prompts=len(exact_match_set),
                            steps=step, tokens_seen=tokens_seen, train_time=train_time, peak_memory=peak_memory,
                            samples=samples, replies=replies)
-    if args.merge and run.master:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
-        phi3_export.save_merged(model, tokenizer, run.out_dir, run.dtype)
+    if args.merge and run.saves:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
+        phi3_export.save_merged(model, tokenizer, run.out_dir, run.dtype, run.folders)  # --fsdp: merged_state_dict
     phi3_cli.stop(run)
     return run
 
@@ -164,6 +163,7 @@ def add_adapters(run, tokenizer, model, base_model_path):
     run.base_weights = {"quantize": args.quantize, "bytes": sum(lora.quantized.weight_nbytes(m) for m in adapted),
                         "bf16_bytes": 2 * sum(m.in_features * m.out_features for m in adapted)}
     run.raw_model = run.model = phi3_fsdp.shard(run, model) if run.fsdp else model
+    run.folders = phi3_fsdp.RankZeroFolders(run) if run.fsdp else phi3_checkpoints.Folders()  # where savers write
     if run.ddp and not run.fsdp:
         run.model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     return model, tokenizer
