@@ -13,16 +13,17 @@ an unsharded copy of the same model. The rules they check are docs/distributed.m
 - **eval() under FSDP2** does not merge into a shard: it serves the adapter unmerged, its logits equal
   one process's, and train() after it changes nothing.
 """
-import os
 import pathlib
 
 import pytest
 import torch
 import torch.nn as nn
 
+from _spawn import spawned, wait
 from conftest import make_tiny_phi3
 
 WORLD = 2
+DEADLINE_S = 600  # the launch takes under a minute; past this, a rank is stuck: fail instead of hanging
 BASE_SEED = 1234
 STEPS = 10
 TOL = 1e-6
@@ -251,28 +252,16 @@ def _merged_then_sharded():
 def launch(tmp_path_factory):
     """The 2-process run (one launch for every test here), started and left running while the
     one-process references are computed."""
-    pytest.importorskip("transformers")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    yield context, folder
-    for process in context.processes:  # a test that failed before joining leaves nothing behind
-        process.join(timeout=60)
-        if process.is_alive():
-            process.kill()
+    with spawned(_worker, folder, WORLD) as context:
+        yield context, folder
 
 
 @pytest.fixture(scope="module")
 def sharded(launch, references):
     """What rank 0 gathered from the 2-process run."""
     context, folder = launch
-    while not context.join():
-        pass
+    wait(context, DEADLINE_S)
     return torch.load(folder / "results.pt", weights_only=False)
 
 

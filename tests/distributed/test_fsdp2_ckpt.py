@@ -12,13 +12,12 @@ MergedLinear GQA splits), shards it per decoder layer and, on every rank:
   no rank deadlocks (a 60 s gloo timeout in the workers, and a deadline on the launch here).
 """
 import datetime
-import os
 import pathlib
-import time
 
 import pytest
 import torch
 
+from _spawn import spawned, wait
 from conftest import make_tiny_phi3
 from test_fsdp2 import WORLD, _adapters, _build, _dora_layer, _eval_batch, _shard
 
@@ -162,20 +161,9 @@ def _worker(rank, folder):
 # -- the launch and the one-process references ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    pytest.importorskip("transformers")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2_ckpt")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    yield context, folder, time.monotonic()
-    for process in context.processes:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
+    with spawned(_worker, folder, WORLD) as context:
+        yield context, folder
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +188,8 @@ def references(launch, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded(launch, references):
-    context, folder, started = launch
-    while not context.join(timeout=5):
-        if time.monotonic() - started > DEADLINE_S:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process run did not finish in {DEADLINE_S} s: a rank is stuck (a deadlock)")
-    print(f"2-process run: {time.monotonic() - started:.1f} s")
+    context, folder = launch
+    wait(context, DEADLINE_S)
     return folder, torch.load(folder / "results.pt", weights_only=False)
 
 

@@ -5,13 +5,12 @@ twice, with the helper and with the plain ``fully_shard`` calls of that file (``
 what it found; the tests compare the two, and the gathered parameters with the unsharded model built here,
 in one process. A rank given a bad argument makes every rank raise the same error, and no rank shards.
 """
-import os
 import pathlib
-import time
 
 import pytest
 import torch
 import torch.nn as nn
+from _spawn import spawned, wait
 
 from test_fsdp2 import WORLD, _batches, _build, _half, _shard
 
@@ -103,24 +102,9 @@ def _worker(rank, folder):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """Rank 0's and rank 1's results of the one launch; a deadlock fails after TIMEOUT seconds."""
-    pytest.importorskip("transformers")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2_example")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the 2 processes did not finish in {TIMEOUT} s (a deadlock?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    with spawned(_worker, folder, WORLD) as context:
+        wait(context, TIMEOUT)
     return [torch.load(folder / f"results{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

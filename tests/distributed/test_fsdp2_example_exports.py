@@ -14,7 +14,6 @@ model with the default folders (``merged/`` from ``merge_and_unload``, as the ex
   folder already there is kept byte for byte; no rank hangs (a 60 s gloo timeout, and a deadline here).
 """
 import datetime
-import os
 import pathlib
 import sys
 import time
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _spawn import spawned, wait
 
 from test_fsdp2 import WORLD, _build, _shard
 from test_fsdp2_ckpt import _caught
@@ -117,20 +117,9 @@ def _worker(rank, folder):
 # -- the launch and the one-process references -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    pytest.importorskip("transformers")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2_example_exports")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    yield context, folder, time.monotonic()
-    for process in context.processes:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
+    with spawned(_worker, folder, WORLD) as context:
+        yield context, folder
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +141,8 @@ def references(launch, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded(launch, references):
-    context, folder, started = launch
-    while not context.join(timeout=5):
-        if time.monotonic() - started > DEADLINE_S:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process run did not finish in {DEADLINE_S} s: a rank is stuck (a deadlock)")
-    print(f"2-process run: {time.monotonic() - started:.1f} s")
+    context, folder = launch
+    wait(context, DEADLINE_S)
     return folder, torch.load(folder / "results.pt", weights_only=False)
 
 

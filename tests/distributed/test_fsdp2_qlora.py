@@ -16,7 +16,6 @@ seed rule and the tolerance are test_fsdp2.py's (imported):
   one (replayed here from the gradients each step reduced), and the losses track one process's fp32 run
   within bf16 tolerance (torch.testing's defaults for bfloat16: :data:`BF16_RTOL`).
 """
-import os
 import pathlib
 import time
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _spawn import spawned, wait
 from conftest import make_tiny_phi3
 from test_fsdp2 import (LR, STEPS, TOL, WORLD, _adapters, _eval_batch, _full, _half, _max_diff, _train_reference,
                         _train_sharded)
@@ -241,21 +241,9 @@ def _worker(rank, folder):
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     """The 2-process run (one launch for every test here), left running while the references are computed."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("torchao")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2_qlora")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    yield context, folder
-    for process in context.processes:  # a test that failed before joining leaves nothing behind
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
+    with spawned(_worker, folder, WORLD, needs=('transformers', 'torchao')) as context:
+        yield context, folder
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +276,7 @@ def references(launch, built):
 def sharded(launch, references):
     """What rank 0 gathered from the 2-process run; a run past LAUNCH_TIMEOUT_S (a deadlock) fails."""
     context, folder = launch
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process run did not finish in {LAUNCH_TIMEOUT_S} s (a rank waiting in a collective?)")
+    wait(context, LAUNCH_TIMEOUT_S)
     return torch.load(folder / "results.pt", weights_only=False)
 
 

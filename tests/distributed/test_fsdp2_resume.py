@@ -16,13 +16,12 @@ dropout 0.05, so that DoRA's norm is gathered and every rank's dropout stream ma
   group has a timeout, and the launch a deadline, so a deadlock fails rather than hangs.
 """
 import datetime
-import os
 import pathlib
-import time
 import warnings
 
 import pytest
 import torch
+from _spawn import spawned, wait
 
 from test_fsdp2 import BASE_SEED, LR, STEPS, WORLD, _adapters, _batches, _build, _full, _half, _shard, \
     _train_reference
@@ -204,20 +203,9 @@ def _worker(rank, folder):
 # -- the launch and the one-process references -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    pytest.importorskip("transformers")
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     folder = tmp_path_factory.mktemp("fsdp2_resume")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    context = mp.spawn(_worker, args=(str(folder),), nprocs=WORLD, join=False)
-    yield context, folder
-    for process in context.processes:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
+    with spawned(_worker, folder, WORLD) as context:
+        yield context, folder
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +224,7 @@ def reference(launch):
 def ranks(launch, reference):
     """Each rank's results, once both processes ended (within DEADLINE_S, or the tests fail)."""
     context, folder = launch
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2 processes did not finish within {DEADLINE_S} s: a deadlock")
+    wait(context, DEADLINE_S)
     return [torch.load(folder / f"results{r}.pt", weights_only=False) for r in range(WORLD)], folder
 
 
