@@ -204,10 +204,8 @@ def _parse(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> _Folde
 # ----------------------------------------------------------------------------- rules of both servers
 
 def _config_problems(parsed: _Folder) -> List[str]:
-    """The values every loader needs: a LoRA adapter, a positive int ``r``, a finite ``lora_alpha``, patterns."""
+    """The values every loader needs: a positive int ``r``, a finite ``lora_alpha``, valid patterns."""
     c, problems = parsed.config, []
-    if c.get("peft_type") != "LORA":
-        problems.append(f"peft_type={c.get('peft_type')!r}: expected 'LORA'")
     for key, ok, expected in (("r", _is_positive_int, "a positive integer"),
                               ("lora_alpha", _is_finite_number, "a finite number")):
         if not ok(c.get(key, 8)):
@@ -261,6 +259,13 @@ def _rank_problems(parsed: _Folder, resolve: Callable[[Dict[str, Any], str], int
             problems.append(f"{name}: its tensors have rank {_rank(t)} but r/rank_pattern give it r={want}; "
                             f"{effect}")
     return problems
+
+
+def _peft_type(parsed: _Folder) -> List[str]:
+    # PeftConfig picks the adapter's class from peft_type; vLLM never reads it.
+    if parsed.config.get("peft_type") != "LORA":
+        return [f"peft_type={parsed.config.get('peft_type')!r}: expected 'LORA'"]
+    return []
 
 
 def _unprefixed_keys(parsed: _Folder) -> List[str]:
@@ -362,5 +367,5 @@ def _vllm_rank_limit(parsed: _Folder) -> List[str]:
 _RULES = {
     "vllm": (_vllm_required, _vllm_dora, _vllm_bias, _vllm_modules_to_save, _vllm_init, _vllm_features, _vllm_keys,
              _vllm_rank_limit),
-    "peft": (_unprefixed_keys, _dora_tensors),
+    "peft": (_peft_type, _unprefixed_keys, _dora_tensors),
 }

@@ -8,29 +8,9 @@ import torch
 import torch.nn as nn
 
 import lora_layers as L
-from lora_layers.fileio import CheckpointError, safetensors_bytes
+from lora_layers.fileio import CheckpointError
 from lora_layers.peft_format import PEFT_BIN_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
-
-PREFIX = "base_model.model."
-BASE_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q", "v"], "bias": "none",
-               "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-               "rank_pattern": {}, "alpha_pattern": {}}
-
-
-def write_adapter(folder, config=None, ranks=None, extra=None):
-    """An adapter folder: BASE_CONFIG updated by ``config``, and for each module of ``ranks`` (default
-    layers.0.q and layers.0.v at r=8) a lora_A (r, 4) and lora_B (6, r); ``extra``: more tensors by key."""
-    os.makedirs(folder, exist_ok=True)
-    tensors = {}
-    for name, r in (ranks or {"layers.0.q": 8, "layers.0.v": 8}).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = torch.zeros(r, 4)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = torch.zeros(6, r)
-    tensors.update(extra or {})
-    with open(os.path.join(folder, PEFT_WEIGHTS_NAME), "wb") as f:
-        f.write(safetensors_bytes(tensors, {"format": "pt"}))
-    with open(os.path.join(folder, PEFT_CONFIG_NAME), "w") as f:
-        json.dump({**BASE_CONFIG, **(config or {})}, f)
-    return folder
+from _adapter_folder import BASE_CONFIG, PREFIX, write_adapter
 
 
 def problems(folder, server="vllm"):
@@ -240,9 +220,10 @@ def test_config_values_and_pairs_every_loader_needs(tmp_path):
     folder = write_adapter(tmp_path / "a", {"r": 0, "lora_alpha": "16", "peft_type": "IA3",
                                             "alpha_pattern": {"(": 2}})
     found = problems(folder, "peft")
-    assert found[:3] == ("peft_type='IA3': expected 'LORA'", "r=0: expected a positive integer",
-                         "lora_alpha='16': expected a finite number")
-    assert "alpha_pattern key '(' is not a valid regular expression" in found[3]
+    assert found[:2] == ("r=0: expected a positive integer", "lora_alpha='16': expected a finite number")
+    assert "alpha_pattern key '(' is not a valid regular expression" in found[2]
+    assert found[3:] == ("peft_type='IA3': expected 'LORA'",)
+    assert "peft_type='IA3': expected 'LORA'" not in problems(folder)  # vLLM never reads it
     found = problems(write_adapter(tmp_path / "c", {"rank_pattern": [4], "modules_to_save": "lm_head"}))
     assert found[0] == "rank_pattern=[4] is invalid: expected an object mapping module-name patterns to values"
     assert found[1].startswith("modules_to_save='lm_head': vLLM accepts only a classification head")

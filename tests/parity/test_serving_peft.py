@@ -60,3 +60,25 @@ def test_the_dora_export_vllm_refuses_is_the_one_peft_loads(tmp_path):
     check = L.export_peft(model, tmp_path / "peft", server="peft")
     assert check.ok and not L.check_export(tmp_path / "peft").ok
     torch.testing.assert_close(peft_logits(base, tmp_path / "peft"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank, ok", [(8, True), (4, False)])
+def test_the_peft_rank_rule_is_what_peft_itself_does(tmp_path, rank, ok):
+    """A module whose tensors are not of the rank r/rank_pattern give it: check_export(server="peft")
+    reports it, and PEFT's own load fails on it; the matching folder passes both."""
+    peft = pytest.importorskip("peft")
+    from _adapter_folder import write_adapter
+
+    folder = write_adapter(tmp_path / "a", {"r": 8, "target_modules": ["q"], "rank_pattern": {}},
+                           ranks={"q": rank})
+    check = L.check_export(folder, server="peft")
+    base = torch.nn.Sequential()
+    base.add_module("q", torch.nn.Linear(4, 6))
+    if ok:
+        assert check.ok
+        peft.PeftModel.from_pretrained(base, str(folder))
+    else:
+        assert check.problems == ("q: its tensors have rank 4 but r/rank_pattern give it r=8; PEFT builds lora_A "
+                                  "with that many rows and fails to load these",)
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            peft.PeftModel.from_pretrained(base, str(folder))
