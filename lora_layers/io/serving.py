@@ -136,7 +136,7 @@ def check_export(folder, server: str = "vllm") -> ExportCheck:
 
 def check_adapter(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]], folder: str, server: str,
                   changes: Tuple[str, ...] = ()) -> ExportCheck:
-    """:func:`check_export` of the folder that ``config`` and tensors of these ``shapes`` make (before it is written)."""
+    """:func:`check_export` of the folder that ``config`` and tensors of these ``shapes`` make, before it is written."""
     return _check(_parse(config, shapes), folder, server, changes)
 
 
