@@ -21,6 +21,7 @@ from .core.spec import LoRASpec
 from .io.adapters import load_adapter
 from .io.checkpoint import CheckpointError, LoadResult, load_lora, save_lora
 from .io.peft_format import export_peft, import_peft
+from .io.serving import ExportCheck, check_export
 from .io.training_state import load_training_state, save_training_state
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
 from .model.params import (
@@ -103,6 +104,8 @@ __all__ = [
     "quantize_base",
     "export_peft",
     "import_peft",
+    "check_export",
+    "ExportCheck",
     "save_training_state",
     "load_training_state",
 ]

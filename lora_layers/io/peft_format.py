@@ -247,7 +247,7 @@ def _task_type(task_type, model: nn.Module) -> Optional[str]:
 
 
 def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
-                task_type: Optional[str] = "auto") -> None:
+                task_type: Optional[str] = "auto", server: Optional[str] = None):
     """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` together:
@@ -275,28 +275,74 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
             (``"CAUSAL_LM"`` on another model fails in PEFT for want of
             ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
             or ``None``, to override.
+        server: ``None`` (the default) writes the export as before and returns None. ``"vllm"`` or
+            ``"peft"``: the export is checked against what that server loads
+            (:func:`~lora_layers.check_export`'s rules) before anything is written, and refused with
+            the reasons if it would not load; for vLLM, ``use_rslora`` is first folded into
+            ``lora_alpha`` (each module's alpha times √rank, which vLLM divides by the rank: the same
+            scale, and read alike by vLLM releases that ignore ``use_rslora``), and the rank/alpha
+            patterns are recomputed from the folded values (an entry equal to the top-level value is
+            dropped). PEFT loads the folded export with the same outputs.
+
+    Returns:
+        None without ``server``; with one, the :class:`~lora_layers.ExportCheck` of the written
+        folder: ``min_max_lora_rank`` (vLLM's smallest ``--max-lora-rank`` for it) and ``changes``,
+        what was folded (empty when nothing was).
 
     On a model sharded by ``fully_shard``, call it on every rank with the same arguments: each layer is
     gathered in turn and rank 0 writes the folder one process writes, byte for byte; an error on one
     rank is raised on every rank.
 
     Raises:
-        ValueError: the model has no adapters, or ``task_type`` is not ``"auto"``,
-            ``None`` or a PEFT task type (nothing is written).
+        ValueError: the model has no adapters, ``task_type`` is not ``"auto"``,
+            ``None`` or a PEFT task type, ``server`` is not None, ``"vllm"`` or ``"peft"``, or
+            the server would refuse the export (DoRA for vLLM, a rank above 512; each reason
+            named). Nothing is written.
         NotImplementedError: a layer PEFT cannot represent exactly (named).
         FileNotFoundError / PermissionError: bad destination.
     """
+    from .serving import check_server
+
+    check_server(server, allow_none=True)
     model = unwrap_model(model)
     group = shard_group(model)
-    same = dict(out_dir=out_dir, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    same = dict(out_dir=out_dir, base_model_name_or_path=base_model_name_or_path, task_type=task_type, server=server)
     layers, dora = on_every_rank(group, "export_peft", lambda: _exported_layers(model, task_type), same=same)
     tensors, per_module, rslora = _exported(layers)  # sharded: each layer gathered in turn, on every rank
-    config = _peft_config(model, per_module, rslora, use_dora=dora,
-                          base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    settings = dict(use_dora=dora, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+    config = _peft_config(model, per_module, rslora, **settings)
+    check = None
+    if server is not None:
+        config, check = on_every_rank(group, "export_peft", lambda: _served_config(
+            model, config, per_module, rslora, settings, tensors, os.fspath(out_dir), server))
     writer = is_writer(group)
     data = safetensors_bytes(to_storable(tensors), {"format": "pt"}) if writer else b""
     text = json.dumps(config, indent=2, sort_keys=True).encode()
     on_every_rank(group, "export_peft", lambda: _write_export(out_dir, data, text) if writer else None)
+    return check
+
+
+def _served_config(model: nn.Module, config: Dict[str, Any], per_module: Dict[str, tuple], rslora: bool,
+                   settings: Dict[str, Any], tensors: Dict[str, Tensor], out_dir: str, server: str):
+    """``(config, ExportCheck)``: ``config`` with what vLLM reads differently folded in, checked against
+    ``server``'s rules; ValueError naming every problem when the server would refuse it."""
+    from .serving import check_adapter
+
+    changes = []
+    if server == "vllm" and rslora:
+        # vLLM scales by lora_alpha / r, so alpha' = scale·r (rsLoRA's alpha·√r) keeps each module's scale in
+        # every vLLM release; from the layer's own scale, so a power-of-two rank gives it back exactly.
+        folded = {n: (r, layer.scaling * r, False, layer) for n, (r, _, _, layer) in per_module.items()}
+        new = _peft_config(model, folded, False, **settings)
+        changes = ["use_rslora folded into lora_alpha (alpha·√r, which vLLM divides by r: the same scale): "
+                   + "; ".join(f"{key} {config[key]!r} -> {new[key]!r}" for key in sorted(config)
+                               if config[key] != new[key])]
+        config = new
+    check = check_adapter(config, {k: tuple(t.shape) for k, t in tensors.items()}, out_dir, server, tuple(changes))
+    if not check.ok:
+        raise ValueError(f"export_peft: {server} would not load this export, nothing was written:\n  - "
+                         + "\n  - ".join(check.problems))
+    return config, check
 
 
 def _exported_layers(model: nn.Module, task_type) -> Tuple[List[Tuple[str, LoRALayer]], bool]:
@@ -488,6 +534,19 @@ def _is_file_in(dir_fd: int, name: str) -> bool:
 def _read_config(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
     """The validated settings of ``adapter_config.json`` (see :func:`_check_config`)."""
     path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
+    config = config_json(adapter_dir, dir_fd)
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    settings, problems = _check_config(config)
+    if problems:
+        raise CheckpointError(f"cannot import PEFT adapter config {path!r} (the model was not changed):\n  - "
+                              + "\n  - ".join(problems))
+    return settings
+
+
+def config_json(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
+    """``adapter_config.json`` of the folder ``dir_fd``, a JSON object, unchecked otherwise."""
+    path = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
     if not _is_file_in(dir_fd, PEFT_CONFIG_NAME):
         raise FileNotFoundError(f"{adapter_dir!r} is not a PEFT adapter folder: {PEFT_CONFIG_NAME} is missing")
     try:
@@ -497,13 +556,7 @@ def _read_config(adapter_dir: str, dir_fd: int) -> Dict[str, Any]:
         raise CheckpointError(f"{path!r} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{path!r}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    settings, problems = _check_config(config)
-    if problems:
-        raise CheckpointError(f"cannot import PEFT adapter config {path!r} (the model was not changed):\n  - "
-                              + "\n  - ".join(problems))
-    return settings
+    return config
 
 
 def _read_weights(adapter_dir: str, dir_fd: int) -> Dict[str, Tensor]:
