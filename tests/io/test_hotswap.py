@@ -191,13 +191,14 @@ def _padding_cases():
         torch.manual_seed(0)
         return L.Embedding(20, 12, r=r, lora_alpha=6)
 
-    def conv(r):
+    def conv(r, layout="lora_layers"):
         torch.manual_seed(0)
-        return L.Conv2d(3, 6, 3, r=r, lora_alpha=6, padding=1)
+        return L.Conv2d(3, 6, 3, r=r, lora_alpha=6, padding=1, layout=layout)
 
     return {"linear": (linear, lambda: torch.randn(4, 12)), "dora": (lambda r: linear(r, True), lambda: torch.randn(4, 12)),
             "merged": (merged, lambda: torch.randn(4, 12)), "embedding": (embedding, lambda: torch.randint(0, 20, (4, 5))),
-            "conv2d": (conv, lambda: torch.randn(2, 3, 5, 5))}
+            "conv2d": (conv, lambda: torch.randn(2, 3, 5, 5)),
+            "conv2d_loralib": (lambda r: conv(r, "loralib"), lambda: torch.randn(2, 3, 5, 5))}
 
 
 def _float64_linear(layer, x, A, B, scaling):
@@ -213,7 +214,7 @@ def _float64_linear(layer, x, A, B, scaling):
     return y
 
 
-@pytest.mark.parametrize("case", ["linear", "dora", "merged", "embedding", "conv2d"])
+@pytest.mark.parametrize("case", ["linear", "dora", "merged", "embedding", "conv2d", "conv2d_loralib"])
 def test_a_zero_padded_adapter_gives_the_smaller_adapters_output(case):
     build, inputs = _padding_cases()[case]
     small, big = build(3), build(6)
@@ -223,10 +224,12 @@ def test_a_zero_padded_adapter_gives_the_smaller_adapters_output(case):
     x = inputs()
     assert big.r == 6 and big.scaling == small.scaling == 2.0 and big.lora_alpha == 12
     A, B = big.lora_A.detach(), big.lora_B.detach()
-    rows = A.shape[0] // (2 if case == "merged" else 1)
-    for j in range(A.shape[0] // rows):  # the padded rows of A and columns of B are zero
-        assert not A[j * rows + 3:(j + 1) * rows].any()
-    assert not B[:, 3:].any()
+    splits = 2 if case == "merged" else 1
+    rows, kept = A.shape[0] // splits, small.lora_A.shape[0] // splits  # per split: r (r·k in loralib's layout)
+    for j in range(splits):  # the padded rows of A and columns of B are zero
+        assert torch.equal(A[j * rows:j * rows + kept], small.lora_A[j * kept:(j + 1) * kept])
+        assert not A[j * rows + kept:(j + 1) * rows].any()
+    assert not B[:, kept:].any() and torch.equal(B[:, :kept], small.lora_B)
     with torch.no_grad():
         torch.testing.assert_close(big(x), small(x), rtol=0, atol=1e-6)
         if case in ("linear", "merged"):
