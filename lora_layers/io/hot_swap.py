@@ -44,14 +44,15 @@ _LOCAL_NAMES = ADAPTER_NAMES + (MAGNITUDE_NAME,)
 @dataclass
 class _Incoming:
     """One module's adapter as read: ``A``/``B`` in the layer's own layout at rank ``r`` (per split),
-    the DoRA magnitude or None, and the settings that give its scale."""
+    the DoRA magnitude or None, and the settings that give its scale (None: the adapter's own in the
+    model, for a state dict, which records none)."""
 
     A: Tensor
     B: Tensor
     M: Optional[Tensor]
     r: int
-    lora_alpha: float
-    use_rslora: bool
+    lora_alpha: Optional[float]
+    use_rslora: Optional[bool]
 
 
 def _adapter_holder(layer: LoRALayer, adapter: str):
@@ -102,16 +103,16 @@ def _splits(layer: LoRALayer) -> int:
     return layer.segments.count if isinstance(layer, MergedLinear) else 1
 
 
-def _native_module(name: str, layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[str, Any]]) -> _Incoming:
+def _native_module(layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[str, Any]]) -> _Incoming:
     """One module of a native file or state dict; ValueError if it cannot go into ``layer``."""
     if "lora_A" not in t or "lora_B" not in t:
         raise ValueError(f"needs lora_A and lora_B, got {sorted(t)}")
     A, B, M = t["lora_A"], t["lora_B"], t.get(MAGNITUDE_NAME)
     n, unit = _splits(layer), _rank_unit(layer)
-    if cfg is None:  # a state dict records no settings: its rank is in the shapes, its alpha is the layer's
+    if cfg is None:  # a state dict records no settings: its rank is in the shapes, its alpha is the model's
         if A.dim() < 1 or A.shape[0] % (n * unit):
             raise ValueError(f"lora_A has shape {tuple(A.shape)}: its rows are not {n * unit}·r")
-        return _Incoming(A, B, M, A.shape[0] // (n * unit), layer.lora_alpha, layer.use_rslora)
+        return _Incoming(A, B, M, A.shape[0] // (n * unit), None, None)
     fixed = {k: v for k, v in cfg.items() if k not in _SWAPPED_FIELDS}
     differs = _config_mismatches(fixed, layer)
     if differs:
@@ -124,7 +125,8 @@ def _native_module(name: str, layer: LoRALayer, t: Dict[str, Tensor], cfg: Optio
 
 
 def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], source: str):
-    """``({module name: _Incoming}, problems)`` from a native file's or a state dict's tensors."""
+    """``({module name: _Incoming}, the module names the tensors name, problems)`` from a native file's or a
+    state dict's tensors."""
     problems = []
     bias = meta.get(META_BIAS, "none")
     groups: Dict[str, Dict[str, Tensor]] = {}
@@ -145,7 +147,7 @@ def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[st
         if layer is None or not layer.has_adapter:
             continue  # reported by _target_problems
         try:
-            incoming[name] = _native_module(name, layer, groups[name], saved.get(name))
+            incoming[name] = _native_module(layer, groups[name], saved.get(name))
         except ValueError as exc:
             problems.append(f"{name!r} ({type(layer).__name__}): {exc}")
     return incoming, sorted(groups), problems
@@ -173,6 +175,7 @@ def _peft_module(layer: LoRALayer, t: Dict[str, Tensor], config: Dict[str, Any],
 
 
 def _from_peft(model: nn.Module, folder: str):
+    """As :func:`_from_state_dict`, for a PEFT adapter folder."""
     config, groups, problems = _read_adapter(model, folder)
     layers = dict(lora_modules(model))
     incoming = {}
@@ -257,10 +260,12 @@ def _plan_layer(name: str, layer: LoRALayer, holder, inc: _Incoming):
         if problem is not None:
             raise ValueError(problem)
         copies.append((param, t))
-    if inc.r == holder.r and inc.use_rslora == holder.use_rslora:
-        alpha = inc.lora_alpha
+    alpha_in = holder.lora_alpha if inc.lora_alpha is None else inc.lora_alpha
+    rslora_in = holder.use_rslora if inc.use_rslora is None else inc.use_rslora
+    if inc.r == holder.r and rslora_in == holder.use_rslora:
+        alpha = alpha_in
     else:  # the alpha that gives the incoming adapter's scale at the layer's rank
-        alpha = lora_scaling(inc.r, inc.lora_alpha, inc.use_rslora) * rank_divisor(holder.r, holder.use_rslora)
+        alpha = lora_scaling(inc.r, alpha_in, rslora_in) * rank_divisor(holder.r, holder.use_rslora)
     return layer, holder, copies, alpha
 
 
