@@ -334,3 +334,27 @@ def test_the_scale_survives_casts_and_unload_leaves_no_buffer():
     L.unload(model)
     assert not dict(model.named_buffers())
     assert model.state_dict().keys() == base.state_dict().keys()
+
+
+@pytest.mark.parametrize("case", ["linear", "merged", "dora"])
+def test_training_on_after_a_padded_swap_trains_the_smaller_adapter(case):
+    """AdamW steps on the padded layer equal those on the layer of the smaller rank: the padding gets
+    zero gradients and stays zero, so later training (and a save) stays that of the incoming adapter."""
+    build, inputs = _padding_cases()[case]
+    small, big = build(3), build(6)
+    randomize_adapters(small, seed=5, std=0.3)
+    L.hotswap(big, L.lora_state_dict(small))
+    x, target = inputs(), torch.randn(4, big.out_features)
+    optimizers = [torch.optim.AdamW(L.lora_parameters(m), lr=0.05, weight_decay=0.1) for m in (small, big)]
+    for _ in range(3):
+        for layer, opt in zip((small, big), optimizers):
+            opt.zero_grad()
+            nn.functional.mse_loss(layer(x), target).backward()
+            opt.step()
+    splits = 2 if case == "merged" else 1
+    for j in range(splits):
+        torch.testing.assert_close(big.lora_A[j * 6:j * 6 + 3], small.lora_A[j * 3:(j + 1) * 3], rtol=0, atol=1e-6)
+        assert not big.lora_A[j * 6 + 3:(j + 1) * 6].any()
+    assert not big.lora_B[:, 3:].any()
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), small(x), rtol=0, atol=1e-5)
