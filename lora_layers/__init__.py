@@ -20,6 +20,7 @@ from .core.loss import fused_linear_cross_entropy
 from .core.spec import LoRASpec
 from .io.adapters import load_adapter
 from .io.checkpoint import CheckpointError, LoadResult, load_lora, save_lora
+from .io.hot_swap import hotswap, prepare_for_hotswap
 from .io.peft_format import export_peft, import_peft
 from .io.serving import ExportCheck, check_export
 from .io.training_state import load_training_state, save_training_state
@@ -97,6 +98,8 @@ __all__ = [
     "save_lora",
     "load_lora",
     "load_adapter",
+    "hotswap",
+    "prepare_for_hotswap",
     "summary",
     "AdapterSummary",
     "LoadResult",

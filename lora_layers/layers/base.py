@@ -22,13 +22,18 @@ from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
 from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support, given_settings, lora_scaling, resolve_spec
 
-__all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME"]
+__all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME", "HOTSWAP_SCALE"]
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 # The settings beyond loralib's four (r, lora_alpha, lora_dropout, merge_weights).
 _EXTRAS = ("use_rslora", "lora_dtype", "backend", "use_dora", "init")
 MAGNITUDE_NAME = "lora_magnitude"  # DoRA's per-row magnitude (named lora_* so it is an adapter parameter)
 ADAPTER_PREFIX = "lora_"  # a layer's own Parameters with this prefix are its adapter
+# A non-persistent buffer that lora_layers.prepare_for_hotswap adds: the float64 bits of ``scaling`` as a
+# 0-d int64 tensor. Compiled code reads the scale from it as data (dynamo guards a float attribute as a
+# constant, so a new ``scaling`` would recompile); an integer buffer is moved by ``.to(device)`` but never
+# rounded by ``.half()``/``.to(torch.bfloat16)``, which cast floating buffers.
+HOTSWAP_SCALE = "hotswap_scaling"
 
 
 class LoRALayer(ExactMerge):
@@ -114,6 +119,13 @@ class LoRALayer(ExactMerge):
     def _compute_scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def _live_scaling(self):
+        """The scale the forward uses: ``scaling``, or, under ``torch.compile`` on a layer that
+        :func:`lora_layers.prepare_for_hotswap` prepared, a 0-d tensor holding the same value, which a
+        hot swap rewrites in place without a recompile. Eager code always reads ``scaling``."""
+        bits = self._buffers.get(HOTSWAP_SCALE) if torch.compiler.is_compiling() else None
+        return self.scaling if bits is None else bits.view(torch.float64)
+
     @classmethod
     def from_module(cls, module: nn.Module, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
                     lora_dropout: float = NOT_GIVEN, merge_weights: bool = NOT_GIVEN, *,
@@ -176,7 +188,9 @@ class LoRALayer(ExactMerge):
         attributes; for one built directly, ``_base_type``. Merging is the
         caller's business: the weight is taken as it is now.
         """
-        return plain_module(self, self.adapter_parameters())
+        plain = plain_module(self, self.adapter_parameters())
+        plain._buffers.pop(HOTSWAP_SCALE, None)  # prepare_for_hotswap's, not the wrapped module's
+        return plain
 
     # -- what subclasses provide ---------------------------------------------
     def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:

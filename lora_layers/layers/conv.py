@@ -234,7 +234,7 @@ class _ConvNd(LoRALayer):
             return self._conv_forward(x, self.weight, self.bias)
         # loralib's conv never applies its dropout: its layout does the same, to give its outputs.
         p = 0.0 if self.layout == "loralib" else self.lora_dropout.p
-        return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self._conv_forward,
+        return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self._live_scaling(), self._conv_forward,
                          p, self.training)
 
     def extra_repr(self) -> str:

@@ -76,5 +76,8 @@ class Embedding(LoRALayer, nn.Embedding):
     def forward(self, x: Tensor) -> Tensor:
         if not self.has_adapter or self.merged:
             return nn.Embedding.forward(self, x)
-        return lora_embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.padding_idx,
+        B, scaling = self.lora_B, self._live_scaling()
+        if isinstance(scaling, Tensor):  # a hot-swappable scale, compiled: addmm_'s alpha takes only numbers
+            B, scaling = B * scaling, 1.0
+        return lora_embedding(x, self.weight, self.lora_A, B, scaling, self.padding_idx,
                               self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)

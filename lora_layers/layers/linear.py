@@ -173,7 +173,7 @@ class Linear(LoRALayer, nn.Linear):
         # Inside forward FSDP2 has gathered the parameters (plain tensors); outside it they are DTensors,
         # gathered here (a collective), so that the norm is always that of the whole weight.
         return dora_weight_norm(gathered(self._dense_weight()), gathered(self.lora_A), gathered(self.lora_B),
-                                self.scaling, self.segments, fan_in_fan_out=self.fan_in_fan_out)
+                                self._live_scaling(), self.segments, fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
     def _reset_magnitude(self) -> None:
@@ -260,7 +260,7 @@ class Linear(LoRALayer, nn.Linear):
         dora = self.use_dora
         return lora_linear(
             x, self.weight if self.quantized is None else self.quantized, self.bias, self.lora_A, self.lora_B,
-            self.scaling,
+            self._live_scaling(),
             self.lora_dropout.p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
             row_scale=DoRAScale(self.lora_magnitude, self._dora_norm()) if dora else None,
