@@ -573,19 +573,22 @@ def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
 def apply_copies(copies) -> None:
     """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge).
     A conv layer whose planned adapter has another shape switches to loralib's layout first."""
+    initial = {}  # PiSSA/OLoRA's A₀, B₀: the layer moves its residual base with them
+    for key, layer, _, tensor in copies:
+        if key.rpartition(".")[2] in INITIAL_NAMES and layer is not None:
+            initial.setdefault(id(layer), (layer, {}))[1][key.rpartition(".")[2][-1]] = tensor
+    for layer, factors in initial.values():
+        layer._checked_initial_adapter(factors.get("A"), factors.get("B"))  # refused before any change
     with unmerged(*(layer for _, layer, _, _ in copies if layer is not None)):
         switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
         for layer in switching.values():
             layer._use_loralib_layout()
-        initial = {}  # PiSSA/OLoRA's A₀, B₀: the layer moves its residual base with them
         for key, layer, param, tensor in copies:
-            if key.rpartition(".")[2] in INITIAL_NAMES and layer is not None:
-                initial.setdefault(id(layer), (layer, {}))[1][key.rpartition(".")[2]] = tensor
-            else:
+            if id(layer) not in initial or key.rpartition(".")[2] not in INITIAL_NAMES:
                 write_shard(param, tensor)  # casts to the parameter's dtype, keeps its device and identity;
                 # a sharded parameter takes this rank's slice of the whole tensor
-        for layer, tensors in initial.values():
-            layer.set_initial_adapter(**{local[len("lora_init_"):]: t for local, t in tensors.items()})
+        for layer, factors in initial.values():
+            layer.set_initial_adapter(factors.get("A"), factors.get("B"))
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:

@@ -257,6 +257,8 @@ class LoRALayer(ExactMerge):
         extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={getattr(self.lora_dropout, 'p', 0.0)}"
         if getattr(self, "use_rslora", False):
             extra += ", use_rslora=True"
+        if is_residual_init(getattr(self, "init", None)):
+            extra += f", init={self.init!r}"  # the weight is the residual W - s·B₀A₀
         if getattr(self, "merged", False):
             extra += ", merged=True"
         return f"{super().extra_repr()}, {extra}"

@@ -228,6 +228,11 @@ class Linear(LoRALayer, nn.Linear):
             return self._load_with_magnitude(*args)
         # PiSSA/OLoRA's A₀, B₀ loaded without the weight (lora_state_dict): the residual base moves with
         # them, as load_lora moves it (a weight loaded with them is their residual already).
+        try:
+            self._checked_initial_adapter(*(state_dict.get(prefix + name) for name in INITIAL_NAMES))
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}lora_init_A/B: {exc} (this layer was left unchanged)")
+            return None
         old, errors = tuple(t.detach().clone() for t in initial), len(error_msgs)
         with unmerged(self):
             self._load_with_magnitude(*args)
@@ -274,8 +279,8 @@ class Linear(LoRALayer, nn.Linear):
         if self.quantized is not None:
             raise ValueError(f"init={init!r} cannot go on a quantized base ({self.quantized.kind}): it rewrites "
                              f"the base weight as the residual W - s·B A, which would have to be requantized "
-                             f"(a new quantization error in the frozen base). Initialise on the float weight, "
-                             f"then quantize it (lora_layers.quantize_base), or use init='kaiming'/'gaussian'")
+                             f"(a new quantization error in the frozen base, and a packed weight is never "
+                             f"rewritten here); use init='kaiming' or 'gaussian' on a quantized base")
         if self.use_dora:
             raise ValueError(f"init={init!r} together with use_dora=True is not supported; use one of them")
         if is_sharded(self.weight):
@@ -308,6 +313,7 @@ class Linear(LoRALayer, nn.Linear):
         for name, factor in zip(INITIAL_NAMES, (self.lora_A, self.lora_B)):
             self.register_buffer(name, factor.detach().clone())
 
+    @torch.no_grad()
     def _move_residual(self, old, new) -> None:
         """``W += s·B₀A₀`` of ``old`` and ``−= s·B₀A₀`` of ``new`` (each ``(A₀, B₀)`` or None), per adapted
         block, in float64 and rounded once."""
@@ -322,24 +328,15 @@ class Linear(LoRALayer, nn.Linear):
     def _initial_adapter(self):
         return tuple(self._buffers.get(name) for name in INITIAL_NAMES)
 
-    @torch.no_grad()
     def _undo_residual(self) -> None:
         initial = self._initial_adapter()
-        if initial[0] is not None and not self.weight.is_meta:
+        # A sharded (FSDP2) weight keeps its residual: moving it would need the whole weight (docs/pissa.md).
+        if initial[0] is not None and not self.weight.is_meta and not is_sharded(self.weight):
             self._move_residual(initial, None)
 
-    @torch.no_grad()
-    def set_initial_adapter(self, A: Optional[Tensor] = None, B: Optional[Tensor] = None) -> None:
-        """Give a PiSSA/OLoRA layer another initial adapter ``A₀``/``B₀`` (a loaded one; None keeps
-        the current one), moving the residual base with it, so that ``weight + s·B₀A₀`` (the original
-        weight) stays as it was, up to one rounding; nothing moves when the products are unchanged.
-        ``load_lora`` and ``load_adapter`` call it, so a file from ``pissa_niter_N`` under another seed
-        still gives the trained model.
-
-        Raises:
-            ValueError: the layer has no initial adapter (another init), a shape differs, or the
-                weight is sharded; nothing changes.
-        """
+    def _checked_initial_adapter(self, A: Optional[Tensor], B: Optional[Tensor]) -> Optional[tuple]:
+        """``(A₀, B₀)`` to set (None where unchanged), or None when nothing would change; raises
+        ValueError (before any change) for a layer without one, a wrong shape, or a sharded weight."""
         current = self._initial_adapter()
         if current[0] is None:
             raise ValueError(f"set_initial_adapter: this {type(self).__name__} has no initial adapter "
@@ -350,12 +347,30 @@ class Linear(LoRALayer, nn.Linear):
                 raise ValueError(f"set_initial_adapter: {name} must have shape {tuple(c.shape)}, "
                                  f"got {tuple(t.shape)}")
         if all(torch.equal(c, t.to(c.device, c.dtype)) for c, t in zip(current, new)):
-            return
+            return None
         if is_sharded(self.weight):
-            raise ValueError("set_initial_adapter: the weight is sharded (a DTensor); load the adapter "
-                             "before fully_shard")
+            raise ValueError("set_initial_adapter: the weight is sharded (a DTensor), and another initial "
+                             "adapter would move the residual base in every shard; load it before fully_shard")
+        return tuple(t.to(c.device, c.dtype) for c, t in zip(current, new))
+
+    @torch.no_grad()
+    def set_initial_adapter(self, A: Optional[Tensor] = None, B: Optional[Tensor] = None) -> None:
+        """Give a PiSSA/OLoRA layer another initial adapter ``A₀``/``B₀`` (a loaded one; None keeps
+        the current one), moving the residual base with it, so that ``weight + s·B₀A₀`` (the original
+        weight) stays as it was, up to one rounding; nothing moves when they are unchanged.
+        ``load_lora``, ``load_adapter`` and ``load_state_dict`` (without the weight) do this, so a file
+        from ``pissa_niter_N`` under another seed still gives the trained model.
+
+        Raises:
+            ValueError: the layer has no initial adapter (another init), a shape differs, or the
+                weight is sharded and the values differ; nothing changes.
+        """
+        new = self._checked_initial_adapter(A, B)
+        if new is None:
+            return
+        current = self._initial_adapter()
         with unmerged(self):
-            self._move_residual(current, tuple(t.to(c.device, c.dtype) for c, t in zip(current, new)))
+            self._move_residual(current, new)
             for c, t in zip(current, new):
                 c.copy_(t)
 

@@ -274,3 +274,44 @@ def test_import_of_a_peft_pissa_adapter_is_refused(tmp_path):
         model.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="residual base weight W - s·B₀A₀"):
         L.import_peft(copy.deepcopy(base), tmp_path)
+
+
+def test_set_initial_adapter_refuses_before_any_change():
+    layer = L.Linear(8, 6, r=2, init="olora")
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"lora_init_B must have shape \(6, 2\), got \(6, 3\)"):
+        layer.set_initial_adapter(B=torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="has no initial adapter .init='kaiming'"):
+        L.Linear(8, 6, r=2).set_initial_adapter(A=torch.zeros(2, 8))
+    bad = {"lora_init_A": torch.zeros(3, 8)}
+    with pytest.raises(RuntimeError, match="lora_init_A must have shape"):
+        layer.load_state_dict(bad, strict=False)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    assert "init='olora'" in repr(layer) and "init=" not in repr(L.Linear(8, 6, r=2))
+
+
+def test_set_initial_adapter_keeps_the_original_weight():
+    """float64 naive: weight + s·B₀A₀ is the same before and after another A₀, B₀."""
+    layer = L.Linear(8, 6, r=2, lora_alpha=4, init="pissa")
+    s = layer.scaling
+    original = layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64)
+    A0, B0 = torch.randn(2, 8), torch.randn(6, 2)
+    layer.set_initial_adapter(A0, B0)
+    assert torch.equal(layer.lora_init_A, A0) and torch.equal(layer.lora_init_B, B0)
+    torch.testing.assert_close(layer.weight.to(F64) + s * B0.to(F64) @ A0.to(F64), original, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora_dtype", [None, torch.float32])
+def test_bf16_weight_rounded_once(lora_dtype):
+    """A bf16 weight: A, B from the fp32 SVD (in the adapter dtype), the residual W − s·B A of the stored A, B
+    formed in float64 and rounded once to bf16 (float64 naive reference)."""
+    torch.manual_seed(0)
+    module = nn.Linear(32, 16).to(torch.bfloat16)
+    W = module.weight.detach().clone()
+    layer = L.Linear.from_module(module, r=4, lora_alpha=8, init="pissa", lora_dtype=lora_dtype)
+    assert layer.lora_A.dtype == (lora_dtype or torch.bfloat16)
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    A = ((S[:4] / layer.scaling).sqrt()[:, None] * Vh[:4]).to(layer.lora_A.dtype)
+    assert torch.equal(layer.lora_A, A)
+    expected = W.to(F64) - layer.scaling * layer.lora_B.to(F64) @ layer.lora_A.to(F64)
+    torch.testing.assert_close(layer.weight, expected.to(torch.bfloat16), rtol=0, atol=0)
