@@ -34,6 +34,7 @@ from .model.params import (
     mark_only_lora_as_trainable,
     merge_lora,
     merged_state_dict,
+    named_initial_buffers,
     named_lora_parameters,
     unmerge_lora,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "lora_modules",
     "lora_parameters",
     "named_lora_parameters",
+    "named_initial_buffers",
     "merge_lora",
     "unmerge_lora",
     "merged_state_dict",

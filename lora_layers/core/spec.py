@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from typing import Optional
 
 import torch
 
 from .functional import BACKENDS
 
-__all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "check_rank", "check_alpha", "check_dropout",
+__all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "pissa_niter", "check_rank", "check_alpha", "check_dropout",
            "check_backend", "check_lora_dtype", "check_lora_args", "check_use_dora", "check_dora",
            "check_dora_support", "resolve_spec", "given_settings", "NOT_GIVEN", "rank_divisor", "lora_scaling"]
 
@@ -57,13 +58,23 @@ def check_lora_dtype(lora_dtype):
     return lora_dtype
 
 
-#: Adapter initialisations: loralib's (A kaiming-uniform, B zero) and PEFT's "gaussian" (A ~ N(0, 1/r²), B zero).
-INITS = ("kaiming", "gaussian")
+#: Adapter initialisations: loralib's (A kaiming-uniform, B zero), PEFT's "gaussian" (A ~ N(0, 1/r²), B zero),
+#: and PiSSA's and OLoRA's, which take A and B from the weight and leave the residual as the base
+#: (:mod:`lora_layers.variants.pissa`; also ``"pissa_niter_<N>"``, PiSSA by a randomized SVD of N iterations).
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def pissa_niter(init) -> Optional[int]:
+    """``N`` of ``init="pissa_niter_N"`` (a positive integer, no leading zero), else None."""
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
 
 
 def check_init(init) -> str:
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init not in INITS and pissa_niter(init) is None:
+        raise ValueError(f"init must be one of {INITS} or 'pissa_niter_<N>' with N a positive integer "
+                         f"(PiSSA by a randomized SVD of N iterations), got {init!r}")
     return init
 
 
@@ -115,7 +126,9 @@ class LoRASpec:
         lora_dtype: dtype of the adapter parameters: None (the weight's) or fp16, bf16, fp32, fp64.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         use_dora: DoRA adapters (``True`` or ``False``; ``Linear`` and ``MergedLinear`` only).
-        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init.
+        init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init; or ``"pissa"``,
+            ``"pissa_niter_<N>"``, ``"olora"`` (``Linear``/``MergedLinear``): A and B from the weight's
+            top singular vectors or QR, the weight becoming the residual (docs/pissa.md).
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type, naming it, the

@@ -80,7 +80,8 @@ def plain_module(layer: nn.Module, adapter_names) -> nn.Module:
     for key, value in layer.__dict__.items():
         if key in keys:
             plain.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
-    for name in adapter_names:
+    for name in adapter_names:  # Parameters, and the buffers of an adapter's initial values (PiSSA's A₀, B₀)
         plain._parameters.pop(name, None)
+        plain._buffers.pop(name, None)
     plain._modules.pop("lora_dropout", None)
     return plain

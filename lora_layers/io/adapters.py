@@ -93,6 +93,8 @@ def _layer_spec(module: nn.Module, cfg: Dict[str, Any]):
         kwargs["fan_in_fan_out"] = bool(cfg.get("fan_in_fan_out")) and is_hf_conv1d(module)
     if cls is MergedLinear:
         kwargs.update(split_sizes=cfg.get("split_sizes"), enable_lora=cfg.get("enable_lora"))
+    if "init" in cfg:  # PiSSA/OLoRA: the file's A₀, B₀ then set the residual base (load_lora)
+        kwargs["init"] = cfg["init"]
     if "layout" in cfg and cls not in (Linear, MergedLinear, Embedding):
         kwargs["layout"] = cfg["layout"]
     return cls, kwargs

@@ -45,7 +45,9 @@ from ..layers.conv import _ConvNd
 from ..layers.merge_state import unmerged
 from ..core.sharded import gathered, is_writer, on_every_rank, shard_group, write_shard
 from ..model.families import FITTING_CALLS
-from ..model.params import BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_lora_parameters
+from ..model.params import (BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_initial_buffers,
+                            named_lora_parameters)
+from ..variants.pissa import INITIAL_NAMES
 
 __all__ = [
     "FORMAT_NAME",
@@ -107,6 +109,8 @@ def _module_config(layer: LoRALayer) -> Dict[str, Any]:
         cfg["enable_lora"] = list(layer.enable_lora)
     if isinstance(layer, _ConvNd):
         cfg["layout"] = layer.layout
+    if getattr(layer, INITIAL_NAMES[0], None) is not None:  # only then: other files stay byte for byte as before
+        cfg["init"] = layer.init
     # Read by load_adapter to rebuild the layer; files written before these fields load all the same.
     dtype = getattr(layer, "lora_dtype", None)
     cfg["lora_dtype"] = None if dtype is None else str(dtype).replace("torch.", "")
@@ -139,6 +143,7 @@ def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dic
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
     tensors.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
+    tensors.update(named_initial_buffers(model))  # PiSSA/OLoRA: what the base weight was reduced by
     tensors = to_storable(tensors)
     modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
     header = {
@@ -281,6 +286,10 @@ def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
     for key in _CONFIG_FIELDS:
         if key in saved and key in current and saved[key] != current[key]:
             problems.append(f"{key}: checkpoint {saved[key]!r}, model {current[key]!r}")
+    if ("init" in saved) != ("init" in current):  # any two PiSSA/OLoRA inits load into each other (A₀, B₀ move)
+        checkpoint = repr(saved["init"]) if "init" in saved else "neither PiSSA nor OLoRA"
+        problems.append(f"init: checkpoint {checkpoint}, model {layer.init!r} (a PiSSA/OLoRA layer's base is the "
+                        f"residual W - s·B₀A₀, another layer's is W)")
     return problems
 
 
@@ -341,7 +350,7 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     model = unwrap_model(model)
     owner = {}  # key -> LoRA layer whose merge state must be handled
     for name, layer in lora_modules(model):
-        for local in layer.adapter_parameters():
+        for local in [*layer.adapter_parameters(), *(n for n in INITIAL_NAMES if n in layer._buffers)]:
             owner[f"{name}.{local}" if name else local] = layer
     expected, tensors = _expected_keys(model, tensors, meta, source)
     missing = sorted(k for k in expected if k not in tensors)
@@ -368,6 +377,7 @@ def _expected_keys(model: nn.Module, tensors: Dict[str, Tensor],
     """``(the parameters the file should hold by key, the file's tensors)``: the adapters, and the biases of
     the header's bias mode, or, in a loralib file (no mode, loralib's conv keys renamed), those it holds."""
     expected = dict(named_lora_parameters(model))
+    expected.update(named_initial_buffers(model))
     bias_mode = meta.get(META_BIAS)
     if bias_mode is not None and bias_mode not in BIAS_MODES:
         raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
@@ -530,6 +540,11 @@ def fitting_call(model: nn.Module, saved_modules: Dict[str, Any]) -> Optional[st
         return None
     if lora_dtype is not None:
         args.append(f"lora_dtype=torch.{lora_dtype}")
+    init = _uniform(saved_modules, "init")  # recorded for PiSSA/OLoRA layers only
+    if init is _VARIES:
+        return None
+    if init is not None:
+        args.append(f"init={init!r}")
     targets = _exact_targets(model, list(saved_modules))
     if targets is None:
         return None
@@ -558,13 +573,22 @@ def dropout_arg(saved_modules: Dict[str, Any], default: float) -> List[str]:
 def apply_copies(copies) -> None:
     """Copy in place; a merged layer is unmerged, loaded and re-merged (as load-unmerged-then-merge).
     A conv layer whose planned adapter has another shape switches to loralib's layout first."""
+    initial = {}  # PiSSA/OLoRA's A₀, B₀: the layer moves its residual base with them
+    for key, layer, _, tensor in copies:
+        if key.rpartition(".")[2] in INITIAL_NAMES and layer is not None:
+            initial.setdefault(id(layer), (layer, {}))[1][key.rpartition(".")[2][-1]] = tensor
+    for layer, factors in initial.values():
+        layer._checked_initial_adapter(factors.get("A"), factors.get("B"))  # refused before any change
     with unmerged(*(layer for _, layer, _, _ in copies if layer is not None)):
         switching = {id(layer): layer for _, layer, param, tensor in copies if param.shape != tensor.shape}
         for layer in switching.values():
             layer._use_loralib_layout()
-        for _, _, param, tensor in copies:
-            write_shard(param, tensor)  # casts to the parameter's dtype, keeps its device and identity;
-            # a sharded parameter takes this rank's slice of the whole tensor
+        for key, layer, param, tensor in copies:
+            if id(layer) not in initial or key.rpartition(".")[2] not in INITIAL_NAMES:
+                write_shard(param, tensor)  # casts to the parameter's dtype, keeps its device and identity;
+                # a sharded parameter takes this rank's slice of the whole tensor
+        for layer, factors in initial.values():
+            layer.set_initial_adapter(factors.get("A"), factors.get("B"))
 
 
 def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:

@@ -41,6 +41,8 @@ from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
 from ..variants.dora import dora_weight_norm, row_sq_norm
+from ..variants.pissa import INITIAL_NAMES, delta_factors
+from ..core.segments import Segments
 from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group, write_shard
 from ..model.params import lora_modules
 from ..model.swap import swap_modules
@@ -109,8 +111,25 @@ def _conv_representable(layer) -> Optional[str]:
     return None
 
 
+def _export_residual_init(name: str, layer: Linear) -> Tuple[Dict[str, Tensor], int, float]:
+    """A PiSSA/OLoRA layer (whose base is the residual ``W − s·B₀A₀``) as a plain LoRA for the *original*
+    base: ``ΔW = s(B A − B₀ A₀)``, rank ``2r`` per adapter (block-diagonal for a MergedLinear), alpha
+    chosen so that PEFT's scaling (``alpha/rank``, or ``alpha/√rank`` with rsLoRA) is ``s``."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    A0, B0 = (getattr(layer, local).detach() for local in INITIAL_NAMES)
+    segments = layer.segments or Segments.full(layer.out_features)
+    parts = [delta_factors(A[b.a0:b.a1], B[b.b0:b.b1], A0[b.a0:b.a1], B0[b.b0:b.b1]) for b in segments.blocks(layer.r)]
+    rank = 2 * layer.r * segments.count
+    key = PEFT_KEY_PREFIX + name
+    tensors = {f"{key}.lora_A.weight": torch.cat([a for a, _ in parts]),
+               f"{key}.lora_B.weight": segments.to_block_diagonal(torch.cat([b for _, b in parts]))}
+    return tensors, rank, layer.scaling * rank_divisor(rank, layer.use_rslora)
+
+
 def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int, float]:
     """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
+    if getattr(layer, INITIAL_NAMES[0], None) is not None:
+        return _export_residual_init(name, layer)
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     key = PEFT_KEY_PREFIX + name
     extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(name, layer)}
@@ -448,9 +467,13 @@ def _init_problem(value) -> Optional[str]:
         return None
     name = value.lower() if isinstance(value, str) else ""
     if name.startswith(("pissa", "olora", "corda")):
-        why = ("PEFT subtracts the initial adapter from the base weight when it loads this adapter, and "
-               "lora_layers does not; convert it to a plain LoRA with PEFT's "
-               "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        # Refused rather than reproduced: PEFT's result depends on more than the folder holds.
+        why = ("the folder holds A and B trained on the residual base weight W - s·B₀A₀, not B₀A₀; PEFT "
+               "recomputes B₀A₀ from whatever base it loads on (an SVD or QR of it, random for "
+               "pissa_niter_N), so the served weight depends on that base and, for pissa_niter_N, on the "
+               "random state. Convert it to a plain LoRA with PEFT's save_pretrained(..., "
+               "path_initial_model_for_weight_conversion=...), or export a lora_layers PiSSA/OLoRA model "
+               "with export_peft, which writes that plain LoRA itself")
     elif name == "lora_ga":
         why = ("LoRA-GA trained it on a base weight minus the initial adapter; convert it to a plain LoRA "
                "with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")

@@ -21,6 +21,7 @@ from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
 from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support, given_settings, lora_scaling, resolve_spec
+from ..variants.pissa import INITIAL_NAMES, is_residual_init
 
 __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME", "HOTSWAP_SCALE"]
 
@@ -95,6 +96,8 @@ class LoRALayer(ExactMerge):
         shapes = self._adapter_shapes() if self.r > 0 else None
         check_dora_support(self, spec.use_dora, shapes is not None)
         self.use_dora = spec.use_dora
+        if shapes is not None and is_residual_init(spec.init):
+            self._check_residual_init()  # before the weight is frozen: a refused layer changes nothing
         if shapes is not None:
             w = self.weight
             if self.use_dora:  # one magnitude per adapted output row
@@ -188,9 +191,8 @@ class LoRALayer(ExactMerge):
         attributes; for one built directly, ``_base_type``. Merging is the
         caller's business: the weight is taken as it is now.
         """
-        plain = plain_module(self, self.adapter_parameters())
-        plain._buffers.pop(HOTSWAP_SCALE, None)  # prepare_for_hotswap's, not the wrapped module's
-        return plain
+        # prepare_for_hotswap's scale and PiSSA's A₀, B₀ are the layer's, not the wrapped module's
+        return plain_module(self, [*self.adapter_parameters(), *INITIAL_NAMES, HOTSWAP_SCALE])
 
     # -- what subclasses provide ---------------------------------------------
     def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
@@ -198,8 +200,11 @@ class LoRALayer(ExactMerge):
 
     def reset_lora_parameters(self) -> None:
         """Default init (loralib's for Linear/Conv): A kaiming-uniform(a=√5), or N(0, 1/r²) with
-        ``init="gaussian"`` (PEFT's); B zero. DoRA's magnitude starts at ``‖W‖`` per row."""
-        if self.has_adapter:
+        ``init="gaussian"`` (PEFT's); B zero. DoRA's magnitude starts at ``‖W‖`` per row.
+        PiSSA/OLoRA (``Linear`` only) take A and B from the weight as it is now, which becomes the residual."""
+        if self.has_adapter and is_residual_init(self.init):
+            self._reset_residual()
+        elif self.has_adapter:
             if self.init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1 / self.r)
             else:
@@ -209,6 +214,16 @@ class LoRALayer(ExactMerge):
 
     def _reset_magnitude(self) -> None:
         pass
+
+    def _check_residual_init(self) -> None:
+        raise TypeError(f"init={self.init!r} is not supported by {type(self).__name__} (PiSSA and OLoRA are "
+                        f"implemented for Linear and MergedLinear)")
+
+    def _reset_residual(self) -> None:
+        self._check_residual_init()
+
+    def _undo_residual(self) -> None:
+        """Give the base weight its pre-PiSSA/OLoRA value back (``unload``); nothing for other inits."""
 
     def _delta_blocks(self, A: Tensor, B: Tensor) -> Iterator[Tuple[tuple, Tensor]]:
         """Yield ``(index, ΔW_block)`` with ``weight[index] += ΔW_block`` (accumulation dtype, scaled)."""
@@ -255,6 +270,8 @@ class LoRALayer(ExactMerge):
         extra = f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={getattr(self.lora_dropout, 'p', 0.0)}"
         if getattr(self, "use_rslora", False):
             extra += ", use_rslora=True"
+        if is_residual_init(getattr(self, "init", None)):
+            extra += f", init={self.init!r}"  # the weight is the residual W - s·B₀A₀
         if getattr(self, "merged", False):
             extra += ", merged=True"
         return f"{super().extra_repr()}, {extra}"

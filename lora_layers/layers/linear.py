@@ -14,10 +14,12 @@ from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.functional import lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
 from ..core.segments import Segments
-from ..core.sharded import check_not_unsharded, gathered, write_shard
+from ..core.sharded import check_not_unsharded, gathered, is_sharded, write_shard
 from ..core.spec import NOT_GIVEN, LoRASpec
 from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
+from ..variants.pissa import INITIAL_NAMES, check_residual_rank, residual_init
 from .base import MAGNITUDE_NAME, LoRALayer
+from .merge_state import unmerged
 
 __all__ = ["Linear", "is_hf_conv1d"]
 
@@ -219,6 +221,28 @@ class Linear(LoRALayer, nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        args = (state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        initial = self._initial_adapter()
+        if initial[0] is None or prefix + "weight" in state_dict \
+                or not any(prefix + name in state_dict for name in INITIAL_NAMES):
+            return self._load_with_magnitude(*args)
+        # PiSSA/OLoRA's A₀, B₀ loaded without the weight (lora_state_dict): the residual base moves with
+        # them, as load_lora moves it (a weight loaded with them is their residual already).
+        try:
+            self._checked_initial_adapter(*(state_dict.get(prefix + name) for name in INITIAL_NAMES))
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}lora_init_A/B: {exc} (this layer was left unchanged)")
+            return None
+        old, errors = tuple(t.detach().clone() for t in initial), len(error_msgs)
+        with unmerged(self):
+            self._load_with_magnitude(*args)
+            new = self._initial_adapter()
+            if len(error_msgs) == errors and not self.weight.is_meta \
+                    and not all(torch.equal(o, n) for o, n in zip(old, new)):
+                self._move_residual(old, new)
+
+    def _load_with_magnitude(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                             error_msgs):
         follow = self.use_dora and self.has_adapter and prefix + "weight" in state_dict \
             and prefix + MAGNITUDE_NAME not in state_dict
         if not follow:
@@ -247,6 +271,108 @@ class Linear(LoRALayer, nn.Linear):
             f"weight without a lora_magnitude and kept lora_magnitude as it is, because it was trained, loaded or "
             f"set since it was derived from the old weight. Call reset_magnitude() on the layer to derive it "
             f"from the new weight instead (‖W + s·BA‖ per row).", UserWarning, stacklevel=4)
+
+    # -- PiSSA / OLoRA (lora_layers.variants.pissa) ---------------------------------------------
+    def _check_residual_init(self) -> None:
+        """Refuse, before anything changes, what PiSSA/OLoRA cannot initialise exactly."""
+        init = self.init
+        if self.quantized is not None:
+            raise ValueError(f"init={init!r} cannot go on a quantized base ({self.quantized.kind}): it rewrites "
+                             f"the base weight as the residual W - s·B A, which would have to be requantized "
+                             f"(a new quantization error in the frozen base, and a packed weight is never "
+                             f"rewritten here); use init='kaiming' or 'gaussian' on a quantized base")
+        if self.use_dora:
+            raise ValueError(f"init={init!r} together with use_dora=True is not supported; use one of them")
+        if is_sharded(self.weight):
+            raise ValueError(f"init={init!r} needs the whole weight, and this one is sharded (a DTensor); "
+                             f"initialise before fully_shard")
+        for j, blk in enumerate((self.segments or Segments.full(self.out_features)).blocks(self.r)):
+            what = "the weight" if self.segments is None else f"split {j} (output rows {blk.out0}:{blk.out1})"
+            check_residual_rank(init, self.r, blk.out1 - blk.out0, self.in_features, what)
+
+    def _init_blocks(self):
+        """``(block, rows of W (out, in) as a view)`` per adapter: what PiSSA/OLoRA decompose."""
+        W = self._weight_t().detach()
+        for blk in (self.segments or Segments.full(self.out_features)).blocks(self.r):
+            yield blk, W[blk.out0:blk.out1]
+
+    @torch.no_grad()
+    def _reset_residual(self) -> None:
+        """PiSSA/OLoRA: A and B from each adapted block of the weight as it is now (per split of a
+        MergedLinear), the block becoming ``W − s·B A``; ``A₀``, ``B₀`` kept as buffers."""
+        if self.merged:
+            raise ValueError(f"cannot initialise init={self.init!r} on a merged {type(self).__name__} (eval "
+                             f"mode): it rewrites the base weight; call train() first")
+        self._check_residual_init()
+        if not any(t.is_meta for t in (self.weight, self.lora_A, self.lora_B)):  # meta: no values to decompose
+            for blk, rows in self._init_blocks():
+                A, B, residual = residual_init(rows, self.r, self.scaling, self.init, self.lora_A.dtype)
+                self.lora_A[blk.a0:blk.a1] = A
+                self.lora_B[blk.b0:blk.b1] = B
+                rows.copy_(residual)
+        for name, factor in zip(INITIAL_NAMES, (self.lora_A, self.lora_B)):
+            self.register_buffer(name, factor.detach().clone())
+
+    @torch.no_grad()
+    def _move_residual(self, old, new) -> None:
+        """``W += s·B₀A₀`` of ``old`` and ``−= s·B₀A₀`` of ``new`` (each ``(A₀, B₀)`` or None), per adapted
+        block, in float64 and rounded once."""
+        for blk, rows in self._init_blocks():
+            acc = rows.to(torch.float64)
+            for factors, sign in ((old, self.scaling), (new, -self.scaling)):
+                if factors is not None:
+                    A0, B0 = (f.to(device=rows.device, dtype=torch.float64) for f in factors)
+                    acc += sign * (B0[blk.b0:blk.b1] @ A0[blk.a0:blk.a1])
+            rows.copy_(acc)
+
+    def _initial_adapter(self):
+        return tuple(self._buffers.get(name) for name in INITIAL_NAMES)
+
+    def _undo_residual(self) -> None:
+        initial = self._initial_adapter()
+        # A sharded (FSDP2) weight keeps its residual: moving it would need the whole weight (docs/pissa.md).
+        if initial[0] is not None and not self.weight.is_meta and not is_sharded(self.weight):
+            self._move_residual(initial, None)
+
+    def _checked_initial_adapter(self, A: Optional[Tensor], B: Optional[Tensor]) -> Optional[tuple]:
+        """``(A₀, B₀)`` to set (None where unchanged), or None when nothing would change; raises
+        ValueError (before any change) for a layer without one, a wrong shape, or a sharded weight."""
+        current = self._initial_adapter()
+        if current[0] is None:
+            raise ValueError(f"set_initial_adapter: this {type(self).__name__} has no initial adapter "
+                             f"(init={self.init!r}); expected a layer built with init='pissa' or 'olora'")
+        new = tuple(c if t is None else t.detach() for c, t in zip(current, (A, B)))
+        for name, c, t in zip(INITIAL_NAMES, current, new):
+            if tuple(t.shape) != tuple(c.shape):
+                raise ValueError(f"set_initial_adapter: {name} must have shape {tuple(c.shape)}, "
+                                 f"got {tuple(t.shape)}")
+        if all(torch.equal(c, t.to(c.device, c.dtype)) for c, t in zip(current, new)):
+            return None
+        if is_sharded(self.weight):
+            raise ValueError("set_initial_adapter: the weight is sharded (a DTensor), and another initial "
+                             "adapter would move the residual base in every shard; load it before fully_shard")
+        return tuple(t.to(c.device, c.dtype) for c, t in zip(current, new))
+
+    @torch.no_grad()
+    def set_initial_adapter(self, A: Optional[Tensor] = None, B: Optional[Tensor] = None) -> None:
+        """Give a PiSSA/OLoRA layer another initial adapter ``A₀``/``B₀`` (a loaded one; None keeps
+        the current one), moving the residual base with it, so that ``weight + s·B₀A₀`` (the original
+        weight) stays as it was, up to one rounding; nothing moves when they are unchanged.
+        ``load_lora``, ``load_adapter`` and ``load_state_dict`` (without the weight) do this, so a file
+        from ``pissa_niter_N`` under another seed still gives the trained model.
+
+        Raises:
+            ValueError: the layer has no initial adapter (another init), a shape differs, or the
+                weight is sharded and the values differ; nothing changes.
+        """
+        new = self._checked_initial_adapter(A, B)
+        if new is None:
+            return
+        current = self._initial_adapter()
+        with unmerged(self):
+            self._move_residual(current, new)
+            for c, t in zip(current, new):
+                c.copy_(t)
 
     def _weight_t(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight

@@ -22,12 +22,14 @@ from ..layers.conv import _ConvNd
 from ..core.merging import BASE_CHECK, MERGED_CHECK, MERGED_FACTORS, MERGED_MARK
 from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group
 from ..layers.merge_state import SHARDED_REASON
+from ..variants.pissa import INITIAL_NAMES
 
 __all__ = [
     "BIAS_MODES",
     "lora_modules",
     "lora_parameters",
     "named_lora_parameters",
+    "named_initial_buffers",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "merge_lora",
@@ -70,6 +72,17 @@ def named_lora_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]
             if id(param) not in seen:
                 seen.add(id(param))
                 yield _join(name, local), param
+
+
+def named_initial_buffers(model: nn.Module) -> Iterator[Tuple[str, Tensor]]:
+    """Yield ``(qualified_name, buffer)`` for the initial adapters ``A₀``, ``B₀`` that PiSSA/OLoRA layers
+    keep (``lora_init_A``, ``lora_init_B``): not trained, but saved with the adapter, since the base weight
+    is ``W − s·B₀A₀`` and the change to ``W`` is ``s(B A − B₀A₀)``."""
+    for name, module in lora_modules(model):
+        for local in INITIAL_NAMES:
+            buffer = module._buffers.get(local)
+            if buffer is not None:
+                yield _join(name, local), buffer
 
 
 def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -145,7 +158,8 @@ def _lora_named_non_adapters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]
 def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     """The adapter tensors (and biases per ``bias``) keyed as in ``model.state_dict()``.
 
-    Works whether or not the model is merged (adapters are never merged away).
+    Works whether or not the model is merged (adapters are never merged away). PiSSA/OLoRA layers add
+    their initial adapters ``lora_init_A``/``lora_init_B`` (buffers: :func:`named_initial_buffers`).
     Load it back with ``model.load_state_dict(sd, strict=False)`` or, with
     validation, :func:`lora_layers.load_lora`. For a ``torch.compile`` or DDP
     wrapper, the keys are the bare model's (loralib kept the wrapper's prefix;
@@ -162,6 +176,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
         warn_wrapper_keys(model)
     out = {name: gathered(p) for name, p in named_lora_parameters(model)}
     out.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
+    out.update(named_initial_buffers(model))
     left_out = [n for n, p in _lora_named_non_adapters(unwrap_model(model)) if p.requires_grad and n not in out]
     if left_out:
         warn_lora_named_parameters("lora_state_dict", left_out)
@@ -241,7 +256,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
             merged = layer.merged_weight()
         if state:
             state[_join(name, "weight")] = merged
-        for local in layer.adapter_parameters():
+        for local in [*layer.adapter_parameters(), *INITIAL_NAMES]:
             state.pop(_join(name, local), None)
         # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
         for key in (MERGED_MARK, MERGED_FACTORS, MERGED_CHECK, BASE_CHECK):

@@ -280,7 +280,9 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = NOT_GIVEN, lora_alp
             ``backend``, ``"auto"`` (the default), ``"torch"`` or ``"triton"``;
             ``use_dora``, DoRA adapters (``Linear`` and ``MergedLinear`` only; another
             selected type raises ``TypeError``; see :class:`~lora_layers.Linear`; default False);
-            ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init.
+            ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init, or
+            ``"pissa"``, ``"pissa_niter_<N>"``, ``"olora"`` (Linear/MergedLinear only, per split): A and B
+            from each weight, which becomes the residual ``W − s·B A`` in place (docs/pissa.md).
 
     Returns:
         The qualified names of the replaced modules, in model order.
@@ -452,6 +454,8 @@ def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
 def unload(model: nn.Module) -> nn.Module:
     """Drop every adapter without merging: each LoRA layer becomes its plain torch layer
     with the original weight, restored bit for bit if it was merged. Lean mode is undone too.
+    A PiSSA/OLoRA layer's base (the residual ``W − s·B₀A₀``) gets ``s·B₀A₀`` added back: the
+    weight before ``init="pissa"``/``"olora"``, to one rounding (PEFT's ``unload`` leaves the residual).
 
     Args:
         model: a model with LoRA layers (a model without any is returned as is).
@@ -466,5 +470,6 @@ def unload(model: nn.Module) -> nn.Module:
     layers = [layer for _, layer in named]
     for layer in layers:
         layer.unmerge()
+        layer._undo_residual()  # PiSSA/OLoRA: the base is W - s·B₀A₀; give W back (to one rounding)
     undo_family_changes(model)
     return swap_modules(model, {id(layer): _plain_layer(layer) for layer in layers})

@@ -258,7 +258,7 @@ def test_gaussian_init_draws_a_from_n_0_1_over_r_and_leaves_b_zero():
     (lambda: L.Linear(4, 4, r=2, use_dora=1), TypeError, "use_dora must be True or False, got 1"),
     (lambda: L.Conv2d.from_module(nn.Conv2d(2, 2, 1), r=2, use_dora=True), TypeError, "not supported by Conv2d"),
     (lambda: L.Embedding.from_module(nn.Embedding(4, 4), r=2, use_dora=True), TypeError, "Embedding"),
-    (lambda: L.Linear(4, 4, r=2, init="pissa"), ValueError, "init must be one of"),
+    (lambda: L.Linear(4, 4, r=2, init="corda"), ValueError, "init must be one of"),
     (lambda: L.Embedding(4, 4, r=2, use_dora=True), TypeError, "not supported by Embedding"),
     (lambda: L.Conv1d(2, 2, 1, r=2, use_dora=True), TypeError, "not supported by Conv1d"),
     (lambda: L.inject_lora(nn.Sequential(nn.Linear(4, 4), nn.Embedding(4, 4)), ["0", "1"], r=2, use_dora=True),
