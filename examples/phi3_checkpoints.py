@@ -66,9 +66,9 @@ class Folders:
 
 def save_checkpoint(out_dir, model, optimizer, scheduler, step, extra, keep, folders=Folders()):
     """LoRA-only checkpoint + training state in checkpoints/step-N, written whole; keeps the last ``keep`` folders
-    (all of them if ``keep`` <= 0). ``optimizer`` None (--fsdp, until save_training_state reads a sharded
-    optimizer): the adapter only, which --resume does not take. ``folders``: see Folders (under --fsdp, called
-    on every rank: save_lora is a collective there, and rank 0 writes)."""
+    (all of them if ``keep`` <= 0). ``optimizer`` None: the adapter only, which --resume does not take.
+    ``folders``: see Folders (under --fsdp, called on every rank: save_lora and save_training_state gather the
+    shards there, the optimizer's included, and rank 0 writes)."""
     with folders.open(out_dir / "checkpoints" / f"step-{step:06d}", "a checkpoint", make_parent=True) as tmp:
         lora.save_lora(model, Path(tmp) / "adapter.safetensors", metadata={"step": str(step)})
         if optimizer is not None:

@@ -160,20 +160,20 @@ def check_settings(cli):
 
 
 def check_fsdp(cli):
-    """Refuse --fsdp without torchrun's processes, and the flags it does not take yet (issue #22 items 3, 5)."""
+    """Refuse --fsdp without torchrun's processes, and with --quantize (issue #22: see the message)."""
     args, parser = cli.args, cli.parser
     if not args.fsdp:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         parser.error("--fsdp: shards the model over torchrun's processes, and this is one process; launch it with "
                      "torchrun --nproc_per_node N (N >= 2) examples/phi3_finetune.py --fsdp, or leave --fsdp out")
-    if args.resume:
-        parser.error(f"--resume {args.resume} with --fsdp: lora_layers' training state does not hold a sharded "
-                     "optimizer yet (issue #22 item 5), so --fsdp checkpoints hold the adapter only and do not "
-                     "resume; leave --resume out, or train without --fsdp")
-    if args.quantize:
-        parser.error(f"--quantize {args.quantize} with --fsdp: a quantized base under FSDP2 is not supported by "
-                     "this example yet (issue #22 item 3); leave one of them out")
+    if args.quantize:  # refused while parsing: otherwise every rank would build, quantize and fail in fully_shard
+        parser.error(f"--quantize {args.quantize} with --fsdp: this example quantizes a real model with bitsandbytes, "
+                     "whose weights FSDP2 cannot shard (lora_layers refuses them: fully_shard drops their quantization "
+                     "state), and the tiny model's projections are too small for torchao's NF4 to split over the "
+                     "ranks (one NF4 scale factor per projection; lora_layers.phi3.fully_shard refuses that too). "
+                     "QLoRA under FSDP2 takes lora_layers.quantize_base (torchao NF4) on a model whose projections "
+                     "split, in your own script (docs/distributed.md); here leave --quantize or --fsdp out")
 
 
 def step_folders(folder):
@@ -290,10 +290,6 @@ def exit_interrupted(run, step, save):
     checkpoint = run.out_dir / "checkpoints" / f"step-{step:06d}"
     if not (checkpoint / "adapter.safetensors").is_file():  # Ctrl-C before this run's first step; every rank
         save(step)  # calls it (a collective under --fsdp), rank 0 writes
-    if run.fsdp:
-        run.log(f"stopped at step {step} of {run.max_steps}; adapter in {checkpoint} (--fsdp does not resume yet)")
-        dist.destroy_process_group()
-        sys.exit(130)
     run.log(f"stopped at step {step} of {run.max_steps}; checkpoint {checkpoint}. To continue:\n  "
             f"{resume_command(run.parser, checkpoint, run.world_size)}")
     if run.ddp:

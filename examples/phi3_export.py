@@ -61,7 +61,7 @@ def save_merged(model, tokenizer, out_dir, dtype, folders=Folders()):
 
 def save_merged_state(model, tokenizer, out_dir, folders):
     """merged/ of a model sharded by fully_shard, called on every rank: ``lora.merged_state_dict`` gathers one
-    layer at a time and gives rank 0 the whole merged state dict (the other ranks an empty one), which rank 0
+    layer at a time and gives rank 0 the whole merged state dict on the CPU (the other ranks an empty one), which rank 0
     saves with the model's own class, built without LoRA on the meta device (no second copy of the weights)."""
     state = lora.merged_state_dict(model)  # a collective; one process's merge_and_unload(model).state_dict()
     with folders.open(out_dir / "merged", "the merged model") as tmp:

@@ -111,9 +111,9 @@ def main():
     phi3_report.log_start(run, baseline, (len(train_data), len(eval_data)), bool(exact_match_set))
 
     def save(step):  # called on every rank: rank 0 saves; under --fsdp every rank (collectives), rank 0 writes
-        if run.saves:  # (no training state with --fsdp yet)
+        if run.saves:
             extra = {"history": run.history, "baseline": baseline, "max_steps": run.max_steps}
-            phi3_checkpoints.save_checkpoint(run.out_dir, run.raw_model, None if run.fsdp else run.optimizer,
+            phi3_checkpoints.save_checkpoint(run.out_dir, run.raw_model, run.optimizer,
                                              run.scheduler, step, extra, tc["save_total_limit"], run.folders)
 
     batches = phi3_data.micro_batches(train_data, len(run.data.chat_train), tc["batch_size"], tc["seed"],

@@ -168,15 +168,22 @@ def test_ddp_two_gloo_processes_keep_identical_adapters(ddp_run):
 
 # ----------------------------------------------------------------------------- FSDP2 (issue #22 item 8)
 
-def test_fsdp_two_gloo_processes_train_as_ddp_and_export_from_rank_0(ddp_run, tmp_path):
+FSDP_FLAGS = [*TWO_RANKS, "--save-steps", "2", "--fsdp", "--merge"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp"
+    check_ok(run_script("--output-dir", out, *FSDP_FLAGS, launcher=TORCHRUN_2))
+    return out
+
+
+def test_fsdp_two_gloo_processes_train_as_ddp_and_export_from_rank_0(ddp_run, fsdp_run):
     """--fsdp (each decoder layer sharded, then the root) against the DDP run of the same flags: the same
     losses and adapters within fp32 rounding; rank 0's adapter, PEFT and merged exports agree with each other."""
     from safetensors.torch import load_file
 
-    out = tmp_path / "fsdp"
-    proc = run_script("--output-dir", out, *TWO_RANKS, "--save-steps", "2", "--fsdp", "--merge",
-                      launcher=TORCHRUN_2)
-    check_ok(proc)
+    out = fsdp_run
     fsdp, ddp = load_file(out / "lora_adapter.safetensors"), load_file(ddp_run / "lora_adapter.safetensors")
     assert fsdp.keys() == ddp.keys() and len(fsdp) == 4 * 4 * 2  # 4 layers x 4 projections x (lora_A, lora_B)
     diff = max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp)
@@ -188,12 +195,29 @@ def test_fsdp_two_gloo_processes_train_as_ddp_and_export_from_rank_0(ddp_run, tm
     assert summary["world_size"] == 2 and summary["config"]["fsdp"] is True
     assert abs(summary["eval_loss_after"]["all"] - ddp_summary["eval_loss_after"]["all"]) <= 1e-5
     assert summary["exact_match_after"] == ddp_summary["exact_match_after"]
-    # checkpoints: the adapter only (no training state until it holds a sharded optimizer), rank 0's file
+    # checkpoints: the adapter and the training state (the sharded optimizer's, gathered), rank 0's files
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     last = out / "checkpoints" / "step-000004"
-    assert sorted(p.name for p in last.iterdir()) == ["adapter.safetensors"]
+    assert sorted(p.name for p in last.iterdir()) == ["adapter.safetensors", "training_state.pt"]
     assert (last / "adapter.safetensors").read_bytes() == (out / "lora_adapter.safetensors").read_bytes()
     check_exports_agree(out)
+
+
+def test_fsdp_resume_continues_the_two_process_run_exactly(fsdp_run, tmp_path):
+    """--fsdp --resume from step 2 of 4 (each rank loads its slice of the adapter and of AdamW's state, and its
+    own RNG state): steps 3 and 4, the evaluation and every written adapter equal the uninterrupted run's."""
+    resumed = tmp_path / "resumed"
+    proc = run_script("--output-dir", resumed, *FSDP_FLAGS, "--resume", fsdp_run / "checkpoints" / "step-000002",
+                      launcher=TORCHRUN_2)
+    check_ok(proc)
+    assert "resumed from" in proc.stdout
+    full, again = train_losses(fsdp_run), train_losses(resumed)
+    assert sorted(again) == [1, 2, 3, 4] and all(again[s] == full[s] for s in (3, 4)), (again, full)
+    a, b = (json.loads((o / "summary.json").read_text()) for o in (fsdp_run, resumed))
+    assert b["eval_loss_after"] == a["eval_loss_after"] and b["exact_match_after"] == a["exact_match_after"]
+    for name in ("lora_adapter.safetensors", "checkpoints/step-000004/adapter.safetensors",
+                 "peft_adapter/adapter_model.safetensors", "merged/model.safetensors"):
+        assert (resumed / name).read_bytes() == (fsdp_run / name).read_bytes(), name
 
 
 def check_exports_agree(out):
@@ -214,9 +238,7 @@ def check_exports_agree(out):
 
 @pytest.mark.parametrize("flags, expected", [
     ([], "--fsdp: shards the model over torchrun's processes, and this is one process"),
-    (["--quantize", "nf4"], "--quantize nf4 with --fsdp: a quantized base under FSDP2 is not supported"),
-    (["--resume", "somewhere"], "--resume somewhere with --fsdp: lora_layers' training state does not hold a "
-                                "sharded optimizer yet"),
+    (["--quantize", "nf4"], "--quantize nf4 with --fsdp: this example quantizes a real model with bitsandbytes"),
 ])
 def test_fsdp_refuses_one_process_and_the_flags_it_does_not_take_yet(flags, expected, tmp_path):
     env = {"WORLD_SIZE": "2"} if flags else {}  # as under torchrun: refused while parsing, before any process group

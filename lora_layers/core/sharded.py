@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["is_sharded", "fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_group",
+__all__ = ["is_sharded", "fsdp_managed", "any_fsdp_managed", "check_not_unsharded", "gathered", "write_shard", "shard_group",
            "is_writer", "on_every_rank", "gathered_parameters", "shard_like"]
 
 
@@ -39,6 +39,13 @@ def fsdp_managed(module) -> bool:
     """Whether ``fully_shard`` manages ``module`` (it or an ancestor was sharded): its parameters are this
     rank's shards, or, between a root module's forward and its backward, gathered copies that FSDP2 frees."""
     return bool(getattr(module, "_is_fsdp_managed_module", False))
+
+
+def any_fsdp_managed(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` manages ``model`` or any module in it, or a parameter is sharded (a DTensor). The
+    same answer on every rank of a model built and sharded alike, so a refusal on it needs no collective to be
+    raised by every rank."""
+    return shard_group(model) is not None or any(fsdp_managed(m) for m in model.modules())
 
 
 def check_not_unsharded(module, t: Tensor, what: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
+from ..core.sharded import any_fsdp_managed
 from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .checkpoint import META_BIAS, META_MODULES, CheckpointError, apply_copies, plan_load, read_native
 from ..layers.conv import Conv1d, Conv2d, Conv3d
@@ -44,6 +45,19 @@ def _refuse_adapted(model: nn.Module, path: str) -> None:
             f"{type(model).__name__} already has LoRA layers ({', '.join(adapted[:4])}"
             f"{', ...' if len(adapted) > 4 else ''}): call lora_layers.load_lora(model, path) to load into "
             f"them, or lora_layers.unload(model) first")
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """load_adapter on a ``fully_shard`` model: refused on every rank alike (the model is sharded alike on every
+    rank, so no collective is needed), before its path is even looked at, so that every rank raises this one."""
+    if any_fsdp_managed(model):
+        raise CheckpointError(
+            f"load_adapter: {type(model).__name__} is sharded by fully_shard, and load_adapter adds new LoRA layers: "
+            f"their adapters would be whole, unsharded tensors on every rank, outside FSDP2 (neither sharded nor "
+            f"gathered, their gradients never averaged over the ranks). Call load_adapter on the model before "
+            f"fully_shard, which then shards the adapters with it; or put the adapters on before fully_shard "
+            f"(inject_lora, phi3.apply_lora) and load them into the sharded model with load_lora or import_peft "
+            f"(the model was not changed)")
 
 
 def _header_modules(meta: Dict[str, str], path: str) -> Dict[str, Dict[str, Any]]:
@@ -192,10 +206,13 @@ def load_adapter(model: nn.Module, path) -> List[str]:
             does not exist or has another type, shapes, keys); every problem is named.
         FileNotFoundError: no such file or folder.
         TypeError: ``path`` is not a path.
+        CheckpointError: the model is sharded by ``fully_shard`` (on every rank alike): load the adapter
+            before sharding (docs/distributed.md).
 
     On any error the model is unchanged (modules, parameters, values, ``requires_grad``).
     """
     model = unwrap_model(model, changes_parameters="load_adapter")
+    _refuse_sharded(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or folder path (str or os.PathLike), got {type(path).__name__} "
                         f"{path!r}")

@@ -229,9 +229,11 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     keys, and it is a plain model's state dict: loaded into a LoRA model, its
     weights become the base weights.
 
-    On a model sharded by ``fully_shard``, call it on every rank: each layer is gathered in turn and
-    merged as one process merges it, and rank 0 gets the whole state dict, equal to one process's; the
-    other ranks get an empty dict (as torch's ``get_model_state_dict`` with ``full_state_dict=True``).
+    On a model sharded by ``fully_shard``, call it on every rank: each tensor is gathered in turn
+    (``DTensor.full_tensor()``), each LoRA layer's weight merged from its gathered parameters as one process
+    merges it, and rank 0 gets the whole state dict, equal to one process's bit for bit, **on the CPU** (each
+    gathered tensor is copied there at once, so at most one layer's worth is whole on the device); the other
+    ranks get an empty dict (as torch's ``get_model_state_dict`` with ``full_state_dict=True``).
 
     Raises:
         ValueError: a layer cannot be merged (its weight is shared with another
@@ -250,12 +252,12 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
         return layers
 
     layers = on_every_rank(group, "merged_state_dict", check)
-    state = model.state_dict() if group is None else _gathered_state(model, group)
+    state = model.state_dict()
+    if group is not None:
+        _gather_merged(state, layers, is_writer(group))
     for name, layer in layers:
-        with gathered_parameters(layer):  # sharded: the whole weight and adapter, merged as one process does
-            merged = layer.merged_weight()
-        if state:
-            state[_join(name, "weight")] = merged
+        if group is None:
+            state[_join(name, "weight")] = layer.merged_weight()
         for local in [*layer.adapter_parameters(), *INITIAL_NAMES]:
             state.pop(_join(name, local), None)
         # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
@@ -264,17 +266,25 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     return state
 
 
-def _gathered_state(model: nn.Module, group) -> Dict[str, Tensor]:
-    """``model.state_dict()`` with every sharded tensor gathered (a collective) and kept on rank 0 only;
-    the other ranks get an empty dict."""
-    state = model.state_dict()
-    keep = is_writer(group)
-    for key, value in state.items():
-        full = gathered(value)
-        state[key] = full if keep else None
+def _gather_merged(state: Dict[str, Tensor], layers, keep: bool) -> None:
+    """Replace, in key order, each tensor of a sharded model's ``state`` by its whole value on the CPU (a
+    collective per tensor: every rank calls it), and each LoRA layer's weight by the merged one, computed from
+    the layer's gathered parameters; adapter keys are left for the caller to drop. Where ``keep`` is False
+    (not rank 0) nothing is kept, nor merged: ``state`` ends empty."""
+    merging = {_join(name, "weight"): layer for name, layer in layers}
+    adapters = {_join(name, local) for name, layer in layers for local in layer.adapter_parameters()}
+    for key in list(state):
+        layer = merging.get(key)
+        if layer is not None:
+            with gathered_parameters(layer):  # the whole weight and adapter, merged as one process does
+                value = layer.merged_weight() if keep else None
+        elif key not in adapters:
+            value = gathered(state[key])
+        else:
+            continue  # dropped by the caller: never gathered
+        state[key] = value.cpu() if keep else None  # off the device at once: one layer whole there at a time
     if not keep:
         state.clear()
-    return state
 
 
 def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,

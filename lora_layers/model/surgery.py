@@ -29,7 +29,7 @@ from ..layers.ties import find_shared_weights
 from .swap import swap_modules
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
-from ..core.sharded import fsdp_managed, shard_group
+from ..core.sharded import any_fsdp_managed
 from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
 
 __all__ = ["ALL_LINEAR", "inject_lora", "model_spec", "merge_and_unload", "unload", "select_modules"]
@@ -376,7 +376,7 @@ def _plain_layer(layer: LoRALayer) -> nn.Module:
 def _refuse_sharded(model: nn.Module) -> None:
     """merge_and_unload on a ``fully_shard`` model: refused on every rank alike (no collective), saying
     what gives the merged model instead."""
-    if shard_group(model) is not None or any(fsdp_managed(m) for m in model.modules()):
+    if any_fsdp_managed(model):
         raise ValueError(f"merge_and_unload: {type(model).__name__} is sharded by fully_shard (its weights are "
                          f"DTensor shards), and merging would replace them by whole plain weights on every rank. "
                          f"Call lora_layers.merged_state_dict(model) on every rank instead: rank 0 gets the merged "

@@ -88,13 +88,26 @@ def _case_sharded(case, out: pathlib.Path):
     L.save_lora(model, out / f"{name}.safetensors")
     L.export_peft(model, out / f"{name}-peft")
     got = dict(lora_state_dict=L.lora_state_dict(model), merged=L.merged_state_dict(model))
+    got["merged_sizes"] = _every_rank(len(got["merged"]))  # rank 0 the whole state dict, rank 1 an empty one
     fresh = _sharded_model(case)
     got["before_load"] = _local_shards(fresh)
     L.load_lora(fresh, out / f"src-{name}.safetensors")
     got["load_lora"] = _local_shards(fresh)
     fresh = _sharded_model(case)
     got["import_peft"] = L.import_peft(fresh, out / f"src-{name}-peft"), _local_shards(fresh)
+    if case in PHI3_CASES:  # load_adapter before fully_shard (the documented order), then shard
+        fresh = make_tiny_phi3(seed=0)
+        L.load_adapter(fresh, out / f"src-{name}.safetensors")
+        got["load_adapter"] = _local_shards(_shard(fresh))
     return got
+
+
+def _every_rank(value):
+    import torch.distributed as dist
+
+    every = [None] * WORLD
+    dist.all_gather_object(every, value)
+    return every
 
 
 def _caught(call):
@@ -116,6 +129,8 @@ def _bad_inputs(rank, out: pathlib.Path):
     import lora_layers as L
 
     model = _shard(_build(("lora", 0.0)))
+    plain = _shard(make_tiny_phi3(seed=0))
+    plain_before = {n: p.to_local().clone() for n, p in plain.named_parameters()}
     good, other = out / "src-lora.safetensors", out / "lora.safetensors"  # other: the same keys, other values
     before = _local_shards(model)
     errors = {
@@ -130,11 +145,15 @@ def _bad_inputs(rank, out: pathlib.Path):
         "import_peft missing folder on rank 1": lambda: L.import_peft(model, out / ("missing" if rank else "src-lora-peft")),
         "import_peft another folder on rank 1": lambda: L.import_peft(model, out / ("lora-peft" if rank else "src-lora-peft")),
         "merge_and_unload": lambda: L.merge_and_unload(model),
+        "load_adapter into a sharded model": lambda: L.load_adapter(plain, good if rank else out / "missing.st"),
         "import_peft into a plain sharded model": lambda: L.import_peft(_shard(make_tiny_phi3(seed=0)),
                                                                          out / "src-lora-peft"),
     }
     got = {what: _caught(call) for what, call in errors.items()}
     got["unchanged"] = [all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(before, _local_shards(model))]
+    after = dict(plain.named_parameters())  # load_adapter refused: no module swapped, no value changed
+    got["plain_unchanged"] = _every_rank(after.keys() == plain_before.keys() and all(
+        torch.equal(after[n].to_local(), t) for n, t in plain_before.items()))
     got["written"] = sorted(p.name for p in out.iterdir() if p.name in ("a.st", "c.safetensors", "d"))
     return got
 
@@ -224,13 +243,14 @@ def test_lora_and_merged_state_dicts_equal_one_process(sharded, references, case
     ref = references[1][case]
     _bitwise(got[case]["lora_state_dict"], ref["lora_state_dict"])
     _bitwise(got[case]["merged"], ref["merged"])  # rank 0's: the whole merged state dict
+    assert got[case]["merged_sizes"] == [len(ref["merged"]), 0]  # the other rank: an empty dict
+    assert all(v.device.type == "cpu" for v in got[case]["merged"].values())  # (gloo: the device is the CPU too)
     if case not in PHI3_CASES:  # merge_and_unload gives a plain Linear (out, in), not the (in, out) storage
         return
     plain = L.merge_and_unload(_make(case)).state_dict()  # one process's merge_and_unload
-    assert list(plain) == list(ref["merged"])
     diff = max(float((got[case]["merged"][k] - plain[k]).abs().max()) for k in plain)
     print(f"{_name(case)}: sharded merged_state_dict vs one process's merge_and_unload: max |Δ| {diff:.2e}")
-    assert diff <= 1e-6
+    _bitwise(got[case]["merged"], plain)  # bit for bit, the same keys in the same order
 
 
 @pytest.mark.parametrize("case", PHI3_CASES, ids=_name)
@@ -247,15 +267,23 @@ def test_peft_loads_the_sharded_export_with_one_process_logits(sharded, referenc
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["load_lora", "import_peft"])
-@pytest.mark.parametrize("case", CASES, ids=_name)
+#: load_adapter builds its adapters on a plain Phi-3 (the Phi-3 cases), before fully_shard.
+LOADS = [(case, how) for how in ("load_lora", "import_peft", "load_adapter") for case in CASES
+         if how != "load_adapter" or case in PHI3_CASES]
+
+
+@pytest.mark.parametrize("case, how", LOADS, ids=[f"{_name(c)}-{h}" for c, h in LOADS])
 def test_every_rank_loads_its_slice_of_the_one_process_load(sharded, case, how):
     import lora_layers as L
 
     folder, got = sharded
     name = _name(case)
     ref = _make(case)
-    if how == "load_lora":
+    if how == "load_adapter":  # onto the plain model, then fully_shard: one process's load_adapter, sliced
+        ref = make_tiny_phi3(seed=0)
+        L.load_adapter(ref, folder / f"src-{name}.safetensors")
+        shards = got[case]["load_adapter"]
+    elif how == "load_lora":
         L.load_lora(ref, folder / f"src-{name}.safetensors")
         shards = got[case]["load_lora"]
     else:
@@ -282,6 +310,8 @@ EXPECTED_ERRORS = {  # call -> (class, words its message must hold)
     "import_peft missing folder on rank 1": ("FileNotFoundError", ["missing", "raised on rank 1 of 2"]),
     "import_peft another folder on rank 1": ("ValueError", ["import_peft: adapter contents", "differs between ranks"]),
     "merge_and_unload": ("ValueError", ["fully_shard", "merged_state_dict(model) on every rank"]),
+    "load_adapter into a sharded model": ("CheckpointError", ["load_adapter: FSDPPhi3ForCausalLM is sharded by fully_shard",
+                                                              "before fully_shard", "(the model was not changed)"]),
     "import_peft into a plain sharded model": ("CheckpointError", ["model.layers.0.self_attn.o_proj", "before fully_shard",
                                                                    "(the model was not changed)"]),
 }
@@ -301,3 +331,4 @@ def test_a_refused_call_changes_and_writes_nothing(sharded):
     _, got = sharded
     assert got["errors"]["unchanged"] == [True] * WORLD  # no refused load loaded anything, on any rank
     assert got["errors"]["written"] == []
+    assert got["errors"]["plain_unchanged"] == [True] * WORLD

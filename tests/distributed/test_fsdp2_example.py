@@ -84,16 +84,53 @@ def _bad_arguments(rank):
     return results
 
 
+def _nf4(**sizes):
+    import lora_layers as L
+    from conftest import make_tiny_phi3
+    from lora_layers.models import phi3
+
+    model = make_tiny_phi3(seed=0, **sizes)
+    L.quantize_base(model)
+    phi3.apply_lora(model, r=4, lora_alpha=8)
+    return model
+
+
+def _caught(call):
+    try:
+        call()
+        return None
+    except Exception as e:  # noqa: BLE001 (what each rank raised, compared by the tests)
+        return type(e).__name__, str(e)
+
+
+def _nf4_limits(rank):
+    """torchao NF4 weights that do not split in 2 (the default tiny model: one scale factor per weight): the
+    helper refuses on every rank before sharding, where torch's own calls fail inside torchao; weights that
+    split (hidden and intermediate size 256) shard and step."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_layers.core.sharded import is_sharded
+    from lora_layers.models import phi3
+
+    uneven, plain, even = _nf4(), _nf4(), _nf4(hidden_size=256, intermediate_size=256)
+    out = dict(helper=_caught(lambda: phi3.fully_shard(uneven)), sharded=any(is_sharded(p) for p in uneven.parameters()),
+               plain=_caught(lambda: [fully_shard(layer) for layer in plain.model.layers]))
+    out["even"] = _caught(lambda: _one_step(phi3.fully_shard(even), rank))
+    return out
+
+
 def _worker(rank, folder):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
     try:
-        results = dict(same=_helper_and_plain(rank), mixed=_mixed_precision(rank), bad=_bad_arguments(rank))
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, results["bad"])
-        results["bad"] = gathered
+        results = dict(same=_helper_and_plain(rank), mixed=_mixed_precision(rank), bad=_bad_arguments(rank),
+                       nf4=_nf4_limits(rank))
+        for key in ("bad", "nf4"):
+            gathered = [None] * WORLD
+            dist.all_gather_object(gathered, results[key])
+            results[key] = gathered
         torch.save(results, pathlib.Path(folder) / f"results{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -168,3 +205,43 @@ def test_without_a_process_group_it_says_to_initialize_one():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         phi3.fully_shard(_build(CASE))
+
+
+def test_nf4_weights_that_do_not_split_over_the_ranks_are_refused_before_sharding(sharded):
+    pytest.importorskip("torchao")
+    seen = sharded[0]["nf4"]
+    assert seen[0]["helper"] == seen[1]["helper"] and seen[0]["helper"] is not None  # every rank, the same error
+    kind, message = seen[0]["helper"]
+    assert kind == "ValueError" and "do not split evenly over 2 ranks" in message, message
+    assert "model.layers.0.self_attn.o_proj.weight: 64 rows, quantized_scalers 64, quantization_factor 1" in message
+    assert "this call sharded nothing on any rank" in message and not seen[0]["sharded"] and not seen[1]["sharded"]
+    # what it saves the user from: torch's own calls fail inside torchao, with a message that does not say why
+    assert seen[0]["plain"] == ("AssertionError", "quantization_factor.numel() not divisible by 2"), seen[0]["plain"]
+    assert seen[0]["even"] is None and seen[1]["even"] is None  # weights that split: sharded, a step ran
+
+
+def test_nf4_on_a_mesh_of_one_rank_is_refused_where_torchao_would_fail(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_layers.core.sharded import is_sharded
+    from lora_layers.models import phi3
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        model = _nf4()
+        with pytest.raises(ValueError, match="torchao NF4 base weights .* on a mesh of one rank"):
+            phi3.fully_shard(model)
+        assert not any(is_sharded(p) for p in model.parameters())
+        plain = _nf4()  # torch's own calls: torchao fails in the first forward, with no word of why
+        for layer in plain.model.layers:
+            fully_shard(layer)
+        fully_shard(plain)
+        with pytest.raises(ValueError, match=r"not enough values to unpack \(expected 3, got 1\)"):
+            plain(input_ids=_batches()[0])
+    finally:
+        dist.destroy_process_group()

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch.nn as nn
 
+from ...bases.quantized import _is_nf4
 from ...core.sharded import fsdp_managed
 
 __all__ = ["fully_shard"]
@@ -43,6 +44,42 @@ def _problem(model, mesh, mp_policy) -> Optional[str]:
         return f"mesh: expected None (all ranks, torch's default mesh) or a DeviceMesh, got {type(mesh).__name__}"
     if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
         return f"mp_policy: expected None (no mixed precision) or a MixedPrecisionPolicy, got {mp_policy!r}"
+    return _nf4_problem(model, mesh)
+
+
+#: The inner tensors of torchao's NF4Tensor that FSDP2 splits into shards (torchao's own list, whose names the
+#: NF4Tensor carries): each must split into ``world`` equal parts.
+NF4_SHARDED_INNER = ("quantized_scalers", "quantization_factor", "quantized_data")
+
+
+def _nf4_problem(model, mesh) -> Optional[str]:
+    """What torchao's NF4Tensor cannot do under ``fully_shard`` on ``mesh`` (None: nothing), found here because
+    torchao fails later, in ``fully_shard`` or FSDP2's first forward, with an error that does not say why
+    (torch 2.13, torchao 0.18: ``AssertionError: quantization_factor.numel() not divisible by 2``, ``ValueError:
+    not enough values to unpack (expected 3, got 1)``). A ``MixedPrecisionPolicy`` with a ``param_dtype`` runs
+    on 2 ranks: torchao keeps the gathered NF4 weight computing in the dtype it was quantized from."""
+    nf4 = [(name, p) for name, p in model.named_parameters() if _is_nf4(p)]
+    if not nf4:
+        return None
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if mesh is None else mesh.size()
+    name, weight = nf4[0]
+    if world == 1:
+        return (f"model: torchao NF4 base weights ({name}, {len(nf4)} in all) on a mesh of one rank: FSDP2's "
+                f"first forward fails there inside torchao (its all-gather hook is handed one tensor, not three). "
+                f"Shard over 2 or more ranks, or train one process without fully_shard")
+    uneven = [n for n, w in nf4 if w.size(0) % world or any(getattr(w, a).numel() % world for a in NF4_SHARDED_INNER)]
+    if uneven:
+        w = dict(nf4)[uneven[0]]
+        sizes = ", ".join(f"{a} {getattr(w, a).numel()}" for a in NF4_SHARDED_INNER)
+        listed = f"{uneven[:3]}" + (f" and {len(uneven) - 3} more" if len(uneven) > 3 else "")
+        return (f"model: torchao NF4 base weights that do not split evenly over {world} ranks: {listed} "
+                f"({uneven[0]}: {w.size(0)} rows, {sizes}); FSDP2 shards each weight's rows in {world} equal "
+                f"parts and torchao splits its packed tensors alike (one scale factor per "
+                f"{w.block_size * w.scaler_block_size} weights), failing inside torchao otherwise. Use a number "
+                f"of ranks that divides every such count, or leave these layers unquantized (quantize_base's "
+                f"targets)")
     return None
 
 
