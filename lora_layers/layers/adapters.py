@@ -114,7 +114,7 @@ def view(layer, name: str) -> AdapterView:
     return view_of(named_adapters(layer)[name], name)
 
 
-def _new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init) -> LoRASpec:
+def new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init) -> LoRASpec:
     """Every check of ``add_adapter``, before anything changes."""
     if not layer.r > 0:
         raise ValueError(f"add_adapter: this {type(layer).__name__} has r={layer.r}, no adapter to add named "
@@ -134,7 +134,7 @@ def _new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_
 
 def add(layer, name, r, lora_alpha, lora_dropout=0.0, *, use_rslora=False, use_dora=False, init="kaiming"):
     """:meth:`LoRALayer.add_adapter` (the docs are there)."""
-    spec = _new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init)
+    spec = new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init)
     shapes = layer._adapter_shapes(r=spec.r)
     if spec.use_dora:
         shapes = shapes + ((shapes[1][0],),)
@@ -179,6 +179,10 @@ def set_active(layer, name: Optional[str]) -> None:
         raise unknown(layer, name)
     if name == layer.active_adapter:
         return
+    if layer.merged and not layer._merged_here():
+        raise ValueError(f"set_adapter: this {type(layer).__name__} was merged by code of its own (merged=True "
+                         f"without merge()); switching adapters would leave that merge in the weight. Call "
+                         f"train() (which takes it out) first")
     was_merged = layer.merged
     layer.unmerge()  # what is merged is the old adapter: take it out before switching
     if name == DEFAULT_ADAPTER:

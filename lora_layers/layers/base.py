@@ -265,6 +265,11 @@ class LoRALayer(ExactMerge):
         _adapters.add(self, name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
                       init=init)
 
+    def _check_new_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
+                           use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming") -> None:
+        """The checks of :meth:`add_adapter`, changing nothing (a model-level call checks every layer first)."""
+        _adapters.new_adapter_spec(self, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init)
+
     def delete_adapter(self, name: str) -> None:
         """Delete a named adapter. Raises ValueError for ``"default"`` (the layer's own) and for the
         active adapter, KeyError for an unknown name; nothing changes then."""
@@ -293,21 +298,28 @@ class LoRALayer(ExactMerge):
         """:meth:`adapter_parameters` and every named adapter's, keyed by their names in this layer's
         ``state_dict`` (``lora_A``, ``lora_adapters.b.lora_A``, ...)."""
         out = self.adapter_parameters()
-        for name, adapter in _adapters.named_adapters(self).items():
+        for name in _adapters.named_adapters(self):
             out.update({f"{_adapters.ADAPTERS_ATTR}.{name}.{local}": p
-                        for local, p in adapter._parameters.items() if p is not None})
+                        for local, p in self.adapter_parameters(name).items()})
         return out
 
-    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
-        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``);
-        empty without adapters."""
-        return {n: p for n, p in self._parameters.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
+    def adapter_parameters(self, adapter: Optional[str] = None) -> Dict[str, nn.Parameter]:
+        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``): the
+        default adapter's; empty without adapters. With ``adapter`` a named adapter's, by the same
+        local names (KeyError for a name the layer lacks)."""
+        if adapter is not None and adapter != _adapters.DEFAULT_ADAPTER:
+            self.adapter(adapter)  # the KeyError listing the names
+            params = _adapters.named_adapters(self)[adapter]._parameters
+        else:
+            params = self._parameters
+        return {n: p for n, p in params.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
 
     def reset_parameters(self) -> None:
         # Same call order as loralib, so a given seed gives the same numbers.
         if self.__dict__.get("merged"):
             # Fresh weights carry no merged delta: a later unmerge() must not subtract the old one.
             self.merged, self._merge_state = False, None
+            self._record_merged_with(None)
         super().reset_parameters()
         if "lora_A" in self.__dict__.get("_parameters", {}):
             self.reset_lora_parameters()
@@ -319,4 +331,6 @@ class LoRALayer(ExactMerge):
             extra += ", use_rslora=True"
         if getattr(self, "merged", False):
             extra += ", merged=True"
+        if self.__dict__.get("_active_adapter", _adapters.DEFAULT_ADAPTER) != _adapters.DEFAULT_ADAPTER:
+            extra += f", active_adapter={self._active_adapter!r}"
         return f"{super().extra_repr()}, {extra}"

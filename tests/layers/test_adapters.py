@@ -373,3 +373,16 @@ def test_the_mixed_batch_hook_is_checked_first():
     layer._mixed_rows = torch.zeros(3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="mixed"):
         layer(_input("linear"))
+
+
+def test_a_merge_made_by_hand_is_not_switched_silently_and_repr_names_the_active_adapter():
+    layer = _two_adapter_layer("linear")
+    snap = _snapshot(layer)
+    layer.merged = True  # loralib-style code merged it by itself
+    with pytest.raises(ValueError, match="merged by code of its own"):
+        layer.set_adapter("b")
+    assert layer.active_adapter == "default"
+    layer.merged = False
+    assert _unchanged(layer, snap) and "active_adapter" not in repr(layer)
+    layer.set_adapter("b")
+    assert "active_adapter='b'" in repr(layer)
