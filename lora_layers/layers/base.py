@@ -39,6 +39,9 @@ class LoRALayer(ExactMerge):
     Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``; all nine as one
     :class:`~lora_layers.LoRASpec`: ``spec``.
 
+    Named adapters (:meth:`add_adapter`, :meth:`set_adapter`; :mod:`lora_layers.layers.adapters`) sit
+    next to this default adapter; forward and merging use the active one, read through :meth:`adapter`.
+
     Subclasses implement ``_adapter_shapes``, ``_delta_blocks`` and ``forward``
     (and ``reset_lora_parameters`` when the default init does not fit).
 

@@ -71,6 +71,8 @@ def test_named_settings_are_checked_and_a_mismatch_loads_nothing(tmp_path):
         L.load_lora(other, tmp_path / "all.safetensors")
     with pytest.raises(CheckpointError, match=r"lora_alpha: checkpoint 5.0, model 7.0"):
         L.load_lora(other, tmp_path / "b.safetensors", adapter="b")
+    with pytest.raises(CheckpointError, match=r"missing keys.*lora_adapters.b.lora_A.*adapter=name"):
+        L.load_lora(other, tmp_path / "b.safetensors")  # one adapter's file, without adapter=
     with pytest.raises(KeyError, match="no adapter 'zz'"):
         L.load_lora(other, tmp_path / "b.safetensors", adapter="zz")
     assert_unchanged(other, before)
