@@ -499,8 +499,8 @@ def _key_problems(missing: List[str], unexpected: List[str], differing) -> List[
     if missing:
         named = f".{ADAPTERS_ATTR}."
         hint = "" if not any(named in "." + k for k in missing) else (
-            f" (the model's named adapters; a file of one adapter loads into one of them with "
-            f"load_lora(model, path, adapter=name), adapter='default' for the layers' own)")
+            " (the model's named adapters; a file of one adapter loads into one of them with "
+            "load_lora(model, path, adapter=name), adapter='default' for the layers' own)")
         problems.append(f"missing keys (in the model, not in the checkpoint): {missing}{hint}")
     # A differing module's extra keys (a DoRA magnitude, ...) are explained by its settings line.
     explained = {name for name, _, _ in differing}

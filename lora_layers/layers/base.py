@@ -215,6 +215,8 @@ class LoRALayer(ExactMerge):
         if not self.merged and not self._knows_its_delta():
             return ("its class subclasses LoRALayer without defining _delta_blocks, so lora_layers does not "
                     "know its delta (merge it with the class's own code)")
+        if self._mixed_rows is not None:
+            return "a mixed-adapter batch is set (its rows use different adapters, so no one adapter can be merged)"
         return super()._merge_blocker()
 
     # -- common API ----------------------------------------------------------

@@ -373,6 +373,10 @@ def test_the_mixed_batch_hook_is_checked_first():
     layer._mixed_rows = torch.zeros(3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="mixed"):
         layer(_input("linear"))
+    layer.eval()  # no one adapter to merge: eval() leaves it unmerged, merge() says why
+    assert not layer.merged
+    with pytest.raises(ValueError, match="mixed-adapter batch"):
+        layer.merge()
 
 
 def test_a_merge_made_by_hand_is_not_switched_silently_and_repr_names_the_active_adapter():
