@@ -183,14 +183,23 @@ def set_active(layer, name: Optional[str]) -> None:
         raise ValueError(f"set_adapter: this {type(layer).__name__} was merged by code of its own (merged=True "
                          f"without merge()); switching adapters would leave that merge in the weight. Call "
                          f"train() (which takes it out) first")
-    was_merged = layer.merged
+    was_merged, previous = layer.merged, layer.active_adapter
     layer.unmerge()  # what is merged is the old adapter: take it out before switching
+    _store_active(layer, name)
+    if was_merged and layer._merge_blocker() is None:
+        try:
+            layer.merge()
+        except BaseException:  # e.g. a DoRA magnitude of the wrong shape: back to the adapter merged before
+            _store_active(layer, previous)
+            layer.merge()
+            raise
+
+
+def _store_active(layer, name: Optional[str]) -> None:
     if name == DEFAULT_ADAPTER:
-        layer.__dict__.pop("_active_adapter", None)
+        layer.__dict__.pop("_active_adapter", None)  # the class default: no instance attribute
     else:
         layer.__dict__["_active_adapter"] = name
-    if was_merged and layer._merge_blocker() is None:
-        layer.merge()
 
 
 def init_factors(A: Tensor, B: Tensor, r: int, init: str) -> None:

@@ -390,3 +390,15 @@ def test_a_merge_made_by_hand_is_not_switched_silently_and_repr_names_the_active
     assert _unchanged(layer, snap) and "active_adapter" not in repr(layer)
     layer.set_adapter("b")
     assert "active_adapter='b'" in repr(layer)
+
+
+def test_a_failed_remerge_in_set_adapter_leaves_the_layer_as_it_was():
+    layer = _two_adapter_layer("linear", use_dora=True)
+    layer.eval()
+    snap = _snapshot(layer)
+    with torch.no_grad():
+        layer.lora_adapters.b.lora_magnitude.data = torch.ones(3)  # the wrong shape: merging b must fail
+    with pytest.raises(ValueError, match="lora_magnitude must have shape"):
+        layer.set_adapter("b")
+    layer.lora_adapters.b.lora_magnitude.data = snap[0]["lora_adapters.b.lora_magnitude"].clone()
+    assert _unchanged(layer, snap)
