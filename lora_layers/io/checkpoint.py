@@ -45,8 +45,9 @@ from ..layers.conv import _ConvNd
 from ..layers.merge_state import unmerged
 from ..core.sharded import gathered, is_writer, on_every_rank, shard_group, write_shard
 from ..model.families import FITTING_CALLS
-from ..model.params import (BIAS_MODES, named_bias_parameters, check_bias, lora_modules, named_initial_buffers,
-                            named_lora_parameters)
+from ..model.params import (BIAS_MODES, check_adapter, check_bias, layer_adapter_parameters, lora_modules,
+                            named_bias_parameters, named_initial_buffers, named_lora_parameters)
+from ..layers.adapters import ADAPTERS_ATTR, DEFAULT_ADAPTER
 from ..variants.pissa import INITIAL_NAMES
 
 __all__ = [
@@ -70,6 +71,8 @@ META_LIBRARY_VERSION = RESERVED_PREFIX + "version"
 META_BIAS = RESERVED_PREFIX + "bias"
 META_MODULES = RESERVED_PREFIX + "modules"
 META_SHA256 = RESERVED_PREFIX + "sha256"
+# {layer: {adapter name: settings}} of the named adapters a file holds (absent without any).
+META_NAMED = RESERVED_PREFIX + "named_adapters"
 META_HF_FORMAT = "format"
 
 # Module-config fields compared against the model's layers at load time.
@@ -98,10 +101,15 @@ class LoadResult:
 
 # ----------------------------------------------------------------------------- saving
 
-def _module_config(layer: LoRALayer) -> Dict[str, Any]:
+def _module_config(layer: LoRALayer, adapter: Optional[str] = None) -> Dict[str, Any]:
+    """The header settings of ``layer`` with its default adapter, or with adapter ``adapter`` in its place."""
     cfg = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
            "scaling": layer.scaling, "use_rslora": getattr(layer, "use_rslora", False),
            "lora_dropout": getattr(layer.lora_dropout, "p", 0.0), "use_dora": getattr(layer, "use_dora", False)}
+    if adapter is not None:
+        v = layer.adapter(adapter)
+        cfg.update(r=v.r, lora_alpha=v.lora_alpha, scaling=v.scaling, use_rslora=v.use_rslora,
+                   lora_dropout=v.dropout_p, use_dora=v.use_dora)
     if hasattr(layer, "fan_in_fan_out"):
         cfg["fan_in_fan_out"] = layer.fan_in_fan_out
     if hasattr(layer, "split_sizes"):
@@ -133,19 +141,29 @@ def _check_user_metadata(metadata) -> Dict[str, str]:
     return dict(metadata)
 
 
-def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """The adapter tensors and the library header fields for ``model``. Sharded parameters are gathered
-    (a collective: on a ``fully_shard`` model every rank calls this)."""
+def adapter_payload(model: nn.Module, bias: str,
+                    adapter: Optional[str] = None) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """The adapter tensors and the library header fields for ``model`` (with ``adapter``, that adapter
+    alone, as a single-adapter model's). Sharded parameters are gathered (a collective: on a
+    ``fully_shard`` model every rank calls this)."""
     model = unwrap_model(model)
     check_bias(bias)
-    tensors = {name: gathered(p) for name, p in named_lora_parameters(model)}
+    tensors = {name: gathered(p) for name, p in named_lora_parameters(model, adapter)}
     if not tensors:
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA adapters (no LoRA layer with r > 0; "
                          f"merge_and_unload removes them), so there is nothing to save")
     tensors.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
-    tensors.update(named_initial_buffers(model))  # PiSSA/OLoRA: what the base weight was reduced by
+    if adapter in (None, DEFAULT_ADAPTER):  # PiSSA/OLoRA: what the base weight was reduced by
+        tensors.update(named_initial_buffers(model))
     tensors = to_storable(tensors)
-    modules = {name: _module_config(m) for name, m in lora_modules(model) if m.has_adapter}
+    layers = [(name, m) for name, m in lora_modules(model) if m.has_adapter]
+    if adapter is None:
+        modules = {name: _module_config(m) for name, m in layers}
+        named = {name: {a: _module_config(m, a) for a in m.adapter_names[1:]} for name, m in layers}
+        named = {name: cfgs for name, cfgs in named.items() if cfgs}
+    else:
+        modules = {name: _module_config(m, adapter) for name, m in layers if adapter in m.adapter_names}
+        named = {}
     header = {
         META_HF_FORMAT: "pt",
         META_FORMAT: FORMAT_NAME,
@@ -155,6 +173,8 @@ def adapter_payload(model: nn.Module, bias: str) -> Tuple[Dict[str, Tensor], Dic
         META_MODULES: json.dumps(modules, sort_keys=True),
         META_SHA256: tensor_checksum(tensors),
     }
+    if named:  # only a file with named adapters has the field: other files stay byte for byte as before
+        header[META_NAMED] = json.dumps(named, sort_keys=True)
     return tensors, header
 
 
@@ -182,7 +202,8 @@ def _warn_unsaved_trainable(model: nn.Module, bias: str) -> None:
                   UserWarning, stacklevel=3)
 
 
-def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dict[str, str]] = None) -> None:
+def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dict[str, str]] = None,
+              adapter: Optional[str] = None) -> None:
     """Save the adapter tensors of ``model`` (and biases per ``bias``) as safetensors, atomically.
 
     Keys are exactly those of ``model.state_dict()`` (as :func:`lora_layers.lora_state_dict`; of the
@@ -198,10 +219,15 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
             only once the new one is complete on disk.
         bias: ``"none"``, ``"all"`` or ``"lora_only"`` (as :func:`lora_layers.lora_state_dict`).
         metadata: extra ``str -> str`` header entries, returned by :func:`load_lora`.
+        adapter: None saves every adapter (named ones under ``<layer>.lora_adapters.<name>.``, their
+            settings in the header field ``lora_layers.named_adapters``); a name saves that adapter
+            alone, keyed and described as a model holding it as its only adapter would be (a file
+            :func:`load_lora` and :func:`~lora_layers.load_adapter` read into a single-adapter model).
 
     Raises:
         ValueError: no adapters in ``model``, bad ``bias``, a reserved metadata key,
             or a ``path`` that names no file (e.g. ``""``).
+        KeyError: no layer has an adapter ``adapter``.
         TypeError: ``metadata`` is not a dict of str -> str, or ``path`` is not a path.
         FileNotFoundError / PermissionError / IsADirectoryError: bad destination.
 
@@ -225,10 +251,13 @@ def save_lora(model: nn.Module, path, bias: str = "none", metadata: Optional[Dic
         if writer:
             check_destination(path, "LoRA checkpoint")
         check_bias(bias)
+        if adapter is not None:
+            check_adapter(model, adapter, "save_lora")
         return user
 
-    user = on_every_rank(group, "save_lora", check, same=dict(path=path, bias=bias, metadata=metadata))
-    tensors, header = adapter_payload(model, bias)  # sharded: gathered on every rank
+    same = dict(path=path, bias=bias, metadata=metadata, adapter=adapter)
+    user = on_every_rank(group, "save_lora", check, same=same)
+    tensors, header = adapter_payload(model, bias, adapter)  # sharded: gathered on every rank
     if writer:
         _warn_unsaved_trainable(model, bias)
     data = safetensors_bytes(tensors, {**user, **header}) if writer else b""
@@ -279,8 +308,8 @@ def read_native(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 
 # ----------------------------------------------------------------------------- validation
 
-def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer) -> List[str]:
-    current = _module_config(layer)
+def _config_mismatches(saved: Dict[str, Any], layer: LoRALayer, adapter: Optional[str] = None) -> List[str]:
+    current = _module_config(layer, adapter)
     problems = []
     saved = {**_CONFIG_DEFAULTS, **saved}
     for key in _CONFIG_FIELDS:
@@ -339,27 +368,33 @@ def _conv_layouts(model: nn.Module, tensors: Dict[str, Tensor]) -> Tuple[Dict[st
 
 
 def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], strict: bool,
-               source: str, hint: str = "load_lora"):
+               source: str, hint: str = "load_lora", adapter: Optional[str] = None):
     """Validate ``tensors`` against ``model``; return the copies to make and the report.
 
     Touches nothing. Raises CheckpointError listing every problem when ``strict``. ``hint`` says what
     the differing-settings message suggests: ``"load_lora"`` the call that builds fitting adapters and
     ``load_adapter``; ``"build"`` (a training state, which ``load_adapter`` does not read) only that call;
     ``"none"`` nothing (``load_adapter`` itself, where only a tampered header can differ).
+    ``adapter``: the file holds that adapter alone, keyed as a default adapter (``save_lora(adapter=)``).
     """
     model = unwrap_model(model)
     owner = {}  # key -> LoRA layer whose merge state must be handled
     for name, layer in lora_modules(model):
-        for local in [*layer.adapter_parameters(), *(n for n in INITIAL_NAMES if n in layer._buffers)]:
+        initial = [n for n in INITIAL_NAMES if n in layer._buffers] if adapter in (None, DEFAULT_ADAPTER) else []
+        for local in [*layer_adapter_parameters(layer, adapter), *initial]:
             owner[f"{name}.{local}" if name else local] = layer
-    expected, tensors = _expected_keys(model, tensors, meta, source)
+    expected, tensors = _expected_keys(model, tensors, meta, source, adapter)
     missing = sorted(k for k in expected if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in expected)
     saved_modules = _saved_modules(meta, source)
-    differing = _differing_modules(model, saved_modules)
-    mismatched = {k for k in tensors if any(owner.get(k) is layer for _, layer, _ in differing)}
+    differing = _differing_modules(model, saved_modules, adapter)
+    if adapter is None:
+        differing += _differing_named(model, meta, source)
+    names = {name for name, _, _ in differing}
+    mismatched = {k for k in tensors if k in owner and k.rpartition(".")[0] in names}
     problems = _config_problems(model, differing, saved_modules, hint)
-    copies = _checked_copies(model, tensors, expected, owner, mismatched, problems)
+    copies = _checked_copies(model, tensors, expected, owner, mismatched, problems,
+                             layouts=adapter in (None, DEFAULT_ADAPTER))
     problems.extend(_key_problems(missing, unexpected, differing))
     user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX) and k != META_HF_FORMAT}
     result = LoadResult(missing, unexpected, sorted(mismatched), user)
@@ -372,12 +407,13 @@ def plan_load(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str]
     return copies, result
 
 
-def _expected_keys(model: nn.Module, tensors: Dict[str, Tensor],
-                   meta: Dict[str, str], source: str) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+def _expected_keys(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], source: str,
+                   adapter: Optional[str] = None) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """``(the parameters the file should hold by key, the file's tensors)``: the adapters, and the biases of
     the header's bias mode, or, in a loralib file (no mode, loralib's conv keys renamed), those it holds."""
-    expected = dict(named_lora_parameters(model))
-    expected.update(named_initial_buffers(model))
+    expected = dict(named_lora_parameters(model, adapter))
+    if adapter in (None, DEFAULT_ADAPTER):  # PiSSA/OLoRA's A₀, B₀ belong to the default adapter
+        expected.update(named_initial_buffers(model))
     bias_mode = meta.get(META_BIAS)
     if bias_mode is not None and bias_mode not in BIAS_MODES:
         raise CheckpointError(f"{source}: header field {META_BIAS}={bias_mode!r} is not a valid bias mode, "
@@ -403,26 +439,47 @@ def _saved_modules(meta: Dict[str, str], source: str) -> Dict[str, Any]:
     return saved_modules
 
 
-def _differing_modules(model: nn.Module, saved_modules: Dict[str, Any]) -> List[Tuple[str, LoRALayer, str]]:
-    """``(name, layer, what differs)`` for each LoRA layer whose settings differ from the header's."""
+def _differing_modules(model: nn.Module, saved_modules: Dict[str, Any],
+                       adapter: Optional[str] = None) -> List[Tuple[str, LoRALayer, str]]:
+    """``(name, layer, what differs)`` for each LoRA layer whose settings (with adapter ``adapter``)
+    differ from the header's."""
     modules = dict(lora_modules(model))
     differing = []
     for mod_name, saved in saved_modules.items():
         layer = modules.get(mod_name)
-        if layer is None or not isinstance(saved, dict):
+        lacks = layer is None or (adapter is not None and adapter not in layer.adapter_names)
+        if lacks or not isinstance(saved, dict):
             continue  # its keys are reported as unexpected
-        diffs = _config_mismatches(saved, layer)
+        diffs = _config_mismatches(saved, layer, adapter)
         if diffs:
             differing.append((mod_name, layer, "; ".join(diffs)))
     return differing
 
 
+def _differing_named(model: nn.Module, meta: Dict[str, str], source: str) -> List[Tuple[str, LoRALayer, str]]:
+    """``(<layer>.lora_adapters.<name>, layer, what differs)`` for each named adapter whose settings differ
+    from the header's ``lora_layers.named_adapters`` field (absent: nothing to compare)."""
+    saved = _saved_modules({META_MODULES: meta[META_NAMED]}, source) if META_NAMED in meta else {}
+    modules = dict(lora_modules(model))
+    differing = []
+    for mod_name, adapters in saved.items():
+        layer = modules.get(mod_name)
+        for name, cfg in (adapters.items() if layer is not None and isinstance(adapters, dict) else ()):
+            if name in layer.adapter_names[1:] and isinstance(cfg, dict):
+                diffs = _config_mismatches(cfg, layer, name)
+                if diffs:
+                    key = f"{mod_name}.{ADAPTERS_ATTR}.{name}" if mod_name else f"{ADAPTERS_ATTR}.{name}"
+                    differing.append((key, layer, "; ".join(diffs)))
+    return differing
+
+
 def _checked_copies(model: nn.Module, tensors: Dict[str, Tensor], expected: Dict[str, Tensor], owner,
-                    mismatched: set, problems: List[str]) -> list:
+                    mismatched: set, problems: List[str], layouts: bool = True) -> list:
     """``[(key, owning layer or None, parameter, tensor)]`` for the keys that load; a key that cannot
-    goes to ``mismatched``, with its reason to ``problems``."""
+    goes to ``mismatched``, with its reason to ``problems``. ``layouts``: the keys name the default
+    adapters, whose conv layout a loralib-shaped file may switch."""
     copies = []
-    layout_shapes, layout_hints = _conv_layouts(model, tensors)
+    layout_shapes, layout_hints = _conv_layouts(model, tensors) if layouts else ({}, {})
     for key in sorted(tensors):
         if key not in expected or key in mismatched:
             continue
@@ -452,7 +509,11 @@ def _copy_problem(key: str, t: Tensor, p: Tensor, shape: tuple, layout_hint: Opt
 def _key_problems(missing: List[str], unexpected: List[str], differing) -> List[str]:
     problems = []
     if missing:
-        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}")
+        named = f".{ADAPTERS_ATTR}."
+        hint = "" if not any(named in "." + k for k in missing) else (
+            " (the model's named adapters; a file of one adapter loads into one of them with "
+            "load_lora(model, path, adapter=name), adapter='default' for the layers' own)")
+        problems.append(f"missing keys (in the model, not in the checkpoint): {missing}{hint}")
     # A differing module's extra keys (a DoRA magnitude, ...) are explained by its settings line.
     explained = {name for name, _, _ in differing}
     if any(k.rpartition(".")[0] not in explained for k in unexpected):
@@ -591,7 +652,7 @@ def apply_copies(copies) -> None:
             layer.set_initial_adapter(factors.get("A"), factors.get("B"))
 
 
-def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
+def load_lora(model: nn.Module, path, strict: bool = True, adapter: Optional[str] = None) -> LoadResult:
     """Load adapter tensors into ``model`` after validating everything.
 
     Reads a :func:`save_lora` safetensors file, any safetensors file keyed like
@@ -617,6 +678,10 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
         path: the checkpoint file.
         strict: raise on any mismatch (the model is then bitwise unchanged);
             with ``False``, load what matches, warn, and report the rest.
+        adapter: None loads every adapter the model has (a file saved without ``adapter=`` restores
+            the named ones too); a name loads a single-adapter file (``<layer>.lora_A`` keys, e.g. one
+            saved with ``save_lora(..., adapter=...)``) into that adapter of the layers that have it,
+            checking its settings against that adapter's.
 
     Returns:
         :class:`LoadResult` with ``missing_keys``, ``unexpected_keys``,
@@ -625,17 +690,21 @@ def load_lora(model: nn.Module, path, strict: bool = True) -> LoadResult:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError (a ValueError): unreadable/corrupted/unsafe file, or a mismatch with ``strict=True``.
+        KeyError: no layer has an adapter ``adapter`` (nothing is read).
     """
     group = shard_group(unwrap_model(model))
 
     def plan():
+        if adapter is not None:
+            check_adapter(model, adapter, "load_lora")
         source = os.fspath(path)
         tensors, meta = read_native(source)
         tensors, meta, _ = canonical_payload(model, tensors, meta)
-        return plan_load(model, tensors, meta, strict, f"LoRA checkpoint {source!r}"), \
+        return plan_load(model, tensors, meta, strict, f"LoRA checkpoint {source!r}", adapter=adapter), \
             (None if group is None else tensor_checksum(tensors))
 
-    (copies, result), checksum = on_every_rank(group, "load_lora", plan, same=dict(strict=strict))
+    same = dict(strict=strict, adapter=adapter)
+    (copies, result), checksum = on_every_rank(group, "load_lora", plan, same=same)
     on_every_rank(group, "load_lora", lambda: None, same={"file contents (SHA-256 of the tensors)": checksum})
     apply_copies(copies)
     return result

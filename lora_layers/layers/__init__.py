@@ -1,8 +1,8 @@
 """The LoRA layers, drop-in compatible with Microsoft's ``loralib``: the :class:`LoRALayer` mixin
 (``base``), ``Linear`` (``linear``), ``MergedLinear`` (``merged``), ``Embedding`` (``embedding``),
 ``Conv1d/2d/3d`` (``conv``), the torch-type -> LoRA-class table (``registry``), their merge lifecycle
-(``merge_state``), tied-weight tracking (``ties``) and the one-time notices where lora_layers
-deliberately differs from loralib (``notices``).
+(``merge_state``), tied-weight tracking (``ties``), named adapters next to a layer's own
+(``adapters``) and the one-time notices where lora_layers deliberately differs from loralib (``notices``).
 
 Each layer subclasses its torch counterpart (``isinstance(m, nn.Linear)`` holds,
 ``weight``/``bias`` keep their state_dict keys) and the :class:`LoRALayer`

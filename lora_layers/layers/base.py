@@ -10,7 +10,6 @@ and the state_dict hooks come from :class:`~lora_layers.layers.merge_state.Exact
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
+from . import adapters as _adapters
 from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support, given_settings, lora_scaling, resolve_spec
 from ..variants.pissa import INITIAL_NAMES, is_residual_init
 
@@ -44,6 +44,9 @@ class LoRALayer(ExactMerge):
     ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
     Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``; all nine as one
     :class:`~lora_layers.LoRASpec`: ``spec``.
+
+    Named adapters (:meth:`add_adapter`, :meth:`set_adapter`; :mod:`lora_layers.layers.adapters`) sit
+    next to this default adapter; forward and merging use the active one, read through :meth:`adapter`.
 
     Subclasses implement ``_adapter_shapes``, ``_delta_blocks`` and ``forward``
     (and ``reset_lora_parameters`` when the default init does not fit).
@@ -191,8 +194,9 @@ class LoRALayer(ExactMerge):
         attributes; for one built directly, ``_base_type``. Merging is the
         caller's business: the weight is taken as it is now.
         """
-        # prepare_for_hotswap's scale and PiSSA's A₀, B₀ are the layer's, not the wrapped module's
-        return plain_module(self, [*self.adapter_parameters(), *INITIAL_NAMES, HOTSWAP_SCALE])
+        plain = plain_module(self, [*self.adapter_parameters(), *INITIAL_NAMES, HOTSWAP_SCALE])
+        plain._modules.pop(_adapters.ADAPTERS_ATTR, None)  # the named adapters, PiSSA's A₀, B₀ and the
+        return plain  # hot-swap scale are the layer's, not the wrapped module's
 
     # -- what subclasses provide ---------------------------------------------
     def _adapter_shapes(self) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
@@ -205,12 +209,12 @@ class LoRALayer(ExactMerge):
         if self.has_adapter and is_residual_init(self.init):
             self._reset_residual()
         elif self.has_adapter:
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            self._init_factors(self.lora_A, self.lora_B, self.r, self.init)
             self._reset_magnitude()
+
+    def _init_factors(self, A: Tensor, B: Tensor, r: int, init: str) -> None:
+        """Initialise one adapter's factors in place (the default adapter's and each named one's)."""
+        _adapters.init_factors(A, B, r, init)
 
     def _reset_magnitude(self) -> None:
         pass
@@ -239,6 +243,8 @@ class LoRALayer(ExactMerge):
         if not self.merged and not self._knows_its_delta():
             return ("its class subclasses LoRALayer without defining _delta_blocks, so lora_layers does not "
                     "know its delta (merge it with the class's own code)")
+        if self._mixed_rows is not None:
+            return "a mixed-adapter batch is set (its rows use different adapters, so no one adapter can be merged)"
         return super()._merge_blocker()
 
     # -- common API ----------------------------------------------------------
@@ -251,16 +257,108 @@ class LoRALayer(ExactMerge):
         """
         return self.r > 0 and isinstance(getattr(self, "lora_A", None), Tensor)
 
-    def adapter_parameters(self) -> Dict[str, nn.Parameter]:
-        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``);
-        empty without adapters."""
-        return {n: p for n, p in self._parameters.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
+    # -- named adapters (lora_layers.layers.adapters) --------------------------
+    _active_adapter: Optional[str] = _adapters.DEFAULT_ADAPTER  # an instance value only once set_adapter changes it
+    _mixed_rows = None  # the per-row adapter indices of a mixed batch, or None (the hook forward checks)
+
+    @property
+    def adapter_names(self) -> Tuple[str, ...]:
+        """The names of this layer's adapters: ``"default"`` first, then the named ones in the order
+        they were added; ``()`` for a layer with ``r == 0``."""
+        return _adapters.adapter_names(self)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The adapter forward uses and ``eval()`` merges (``"default"`` unless :meth:`set_adapter`
+        chose another); None: the base alone (a model-level ``set_adapter`` to an adapter this
+        layer lacks)."""
+        return self._active_adapter
+
+    def adapter(self, name: str) -> "_adapters.AdapterView":
+        """Adapter ``name`` (``"default"`` included) as an :class:`~lora_layers.layers.adapters.AdapterView`:
+        its tensors (the Parameters themselves) and settings.
+
+        Raises:
+            KeyError: no adapter of that name (the message lists :attr:`adapter_names`).
+        """
+        return _adapters.view(self, name)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
+                    use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming") -> None:
+        """Add a named adapter next to the default one, initialised as a default adapter with these
+        settings would be (shapes per the layer's kind, rank ``r``; dtype ``lora_dtype`` or the
+        weight's; A random, B zero, so it changes no output; DoRA's magnitude from the base weight).
+        It is not made active: :meth:`set_adapter`.
+
+        Raises:
+            ValueError: ``name`` is not an identifier or exists already, a setting is out of range,
+                or the layer has ``r == 0`` (no adapter dimension to add to); nothing changes.
+            TypeError: ``use_dora=True`` on a layer kind without DoRA (Embedding, conv).
+        """
+        _adapters.add(self, name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                      init=init)
+
+    def _check_new_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
+                           use_rslora: bool = False, use_dora: bool = False, init: str = "kaiming") -> None:
+        """The checks of :meth:`add_adapter`, changing nothing (a model-level call checks every layer first)."""
+        _adapters.new_adapter_spec(self, name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init)
+
+    def delete_adapter(self, name: str) -> None:
+        """Delete a named adapter. Raises ValueError for ``"default"`` (the layer's own) and for the
+        active adapter, KeyError for an unknown name; nothing changes then."""
+        _adapters.delete(self, name)
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """Make ``name`` the active adapter (None: the base alone). A merged layer is unmerged first
+        and merged again with the new adapter. Raises KeyError for an unknown name (nothing changes)."""
+        _adapters.set_active(self, name)
+
+    def _active_view(self) -> "_adapters.AdapterView":
+        return _adapters.view(self, self._active_adapter)
+
+    def _forward_view(self) -> "_adapters.AdapterView":
+        """The active adapter's view as forward reads it: the default adapter's scale is
+        :meth:`_live_scaling` (a hot-swappable tensor under ``torch.compile``)."""
+        view = self._active_view()
+        return view._replace(scaling=self._live_scaling()) if view.name == _adapters.DEFAULT_ADAPTER else view
+
+    def _merge_scaling(self) -> Optional[float]:
+        name = self._active_adapter
+        return None if name == _adapters.DEFAULT_ADAPTER else _adapters.view(self, name).scaling
+
+    def _uses_adapter(self) -> bool:
+        """True when forward adds an adapter: the layer has one and one is active."""
+        return self.has_adapter and self._active_adapter is not None
+
+    def _mixed_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__}: mixed-adapter batches are not implemented yet")
+
+    def all_adapter_parameters(self) -> Dict[str, nn.Parameter]:
+        """:meth:`adapter_parameters` and every named adapter's, keyed by their names in this layer's
+        ``state_dict`` (``lora_A``, ``lora_adapters.b.lora_A``, ...)."""
+        out = self.adapter_parameters()
+        for name in _adapters.named_adapters(self):
+            out.update({f"{_adapters.ADAPTERS_ATTR}.{name}.{local}": p
+                        for local, p in self.adapter_parameters(name).items()})
+        return out
+
+    def adapter_parameters(self, adapter: Optional[str] = None) -> Dict[str, nn.Parameter]:
+        """This layer's own parameters whose names start with ``lora_`` (``lora_A``, ``lora_B``): the
+        default adapter's; empty without adapters. With ``adapter`` a named adapter's, by the same
+        local names (KeyError for a name the layer lacks)."""
+        if adapter is not None and adapter != _adapters.DEFAULT_ADAPTER:
+            self.adapter(adapter)  # the KeyError listing the names
+            params = _adapters.named_adapters(self)[adapter]._parameters
+        else:
+            params = self._parameters
+        return {n: p for n, p in params.items() if n.startswith(ADAPTER_PREFIX) and p is not None}
 
     def reset_parameters(self) -> None:
         # Same call order as loralib, so a given seed gives the same numbers.
         if self.__dict__.get("merged"):
             # Fresh weights carry no merged delta: a later unmerge() must not subtract the old one.
             self.merged, self._merge_state = False, None
+            self._record_merged_with(None)
         super().reset_parameters()
         if "lora_A" in self.__dict__.get("_parameters", {}):
             self.reset_lora_parameters()
@@ -274,4 +372,6 @@ class LoRALayer(ExactMerge):
             extra += f", init={self.init!r}"  # the weight is the residual W - s·B₀A₀
         if getattr(self, "merged", False):
             extra += ", merged=True"
+        if self.__dict__.get("_active_adapter", _adapters.DEFAULT_ADAPTER) != _adapters.DEFAULT_ADAPTER:
+            extra += f", active_adapter={self._active_adapter!r}"
         return f"{super().extra_repr()}, {extra}"

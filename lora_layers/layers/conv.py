@@ -15,6 +15,7 @@ from ..core.functional import lora_conv
 from ..core.merging import accumulation_dtype
 from ..core.spec import LoRASpec, check_dora_support
 from ..core.wrap import _base_attribute_names
+from .adapters import ADAPTERS_ATTR
 from .base import ADAPTER_NAMES, LoRALayer
 from .notices import warn_conv_layout_switch
 
@@ -181,19 +182,22 @@ class _ConvNd(LoRALayer):
                     f"fails in forward)")
         return None
 
-    def _adapter_shapes(self, layout: Optional[str] = None):
+    def _adapter_shapes(self, layout: Optional[str] = None, r: Optional[int] = None):
+        r = self.r if r is None else r
         if (layout or self.layout) == "loralib":
             k = self.kernel_size[0]
-            return (self.r * k, self.in_channels * k), (self.out_channels // self.groups * k, self.r * k)
+            return (r * k, self.in_channels * k), (self.out_channels // self.groups * k, r * k)
         fan_in = self.weight.shape[1] * math.prod(self.kernel_size)
-        return (self.r, fan_in), (self.out_channels, self.r)
+        return (r, fan_in), (self.out_channels, r)
 
     def _switches_layout_for(self, shapes) -> bool:
         """True when loading an adapter of ``shapes`` (lora_A's, lora_B's) switches this layer to
         loralib's layout: they are loralib's shapes, and this layer's adapter is fresh (``lora_B``
         zero, so nothing trained is thrown away)."""
         B = getattr(self, "lora_B", None)
+        # Named adapters have this layout's shapes: a switch would leave them behind.
         return (self.layout == "lora_layers" and self.has_adapter and isinstance(B, nn.Parameter)
+                and ADAPTERS_ATTR not in self._modules
                 and self._loralib_layout_problem() is None and shapes == self._adapter_shapes("loralib")
                 and shapes != self._adapter_shapes() and (B.is_meta or not B.detach().any()))
 
@@ -225,16 +229,20 @@ class _ConvNd(LoRALayer):
                     f"with layout='lora_layers' (the default)")
         return None
 
-    def _delta_blocks(self, A, B):
+    def _delta_blocks(self, A, B, *, scaling=None):
         acc = accumulation_dtype(self.weight.dtype)
-        yield (slice(None),), (B.to(acc) @ A.to(acc)).mul_(self.scaling).view(self.weight.shape)
+        scaling = self.scaling if scaling is None else scaling
+        yield (slice(None),), (B.to(acc) @ A.to(acc)).mul_(scaling).view(self.weight.shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.has_adapter or self.merged:
+        if self._mixed_rows is not None:
+            return self._mixed_forward(x)
+        if not self._uses_adapter() or self.merged:
             return self._conv_forward(x, self.weight, self.bias)
+        v = self._forward_view()
         # loralib's conv never applies its dropout: its layout does the same, to give its outputs.
-        p = 0.0 if self.layout == "loralib" else self.lora_dropout.p
-        return lora_conv(x, self.weight, self.bias, self.lora_A, self.lora_B, self._live_scaling(), self._conv_forward,
+        p = 0.0 if self.layout == "loralib" else v.dropout_p
+        return lora_conv(x, self.weight, self.bias, v.lora_A, v.lora_B, v.scaling, self._conv_forward,
                          p, self.training)
 
     def extra_repr(self) -> str:

@@ -49,19 +49,20 @@ class Embedding(LoRALayer, nn.Embedding):
         An embedding has no adapter dropout, so its third setting by position is ``merge_weights``."""
         return super().from_module(module, r, lora_alpha, merge_weights=merge_weights, spec=spec, **kwargs)
 
-    def _adapter_shapes(self):
-        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
+    def _adapter_shapes(self, r: Optional[int] = None):
+        r = self.r if r is None else r
+        return (r, self.num_embeddings), (self.embedding_dim, r)
 
-    def reset_lora_parameters(self) -> None:
+    def _init_factors(self, A: Tensor, B: Tensor, r: int, init: str) -> None:
         """loralib's init: A zero, B ~ N(0, 1). PEFT's ``init_lora_weights="gaussian"`` leaves an
         embedding adapter the same way, so ``init="gaussian"`` does too."""
-        if self.has_adapter:
-            nn.init.zeros_(self.lora_A)
-            nn.init.normal_(self.lora_B)
+        nn.init.zeros_(A)
+        nn.init.normal_(B)
 
-    def _delta_blocks(self, A, B):
+    def _delta_blocks(self, A, B, *, scaling=None):
         acc = accumulation_dtype(self.weight.dtype)
-        yield (slice(None), slice(None)), (B.to(acc) @ A.to(acc)).t().mul_(self.scaling)
+        scaling = self.scaling if scaling is None else scaling
+        yield (slice(None), slice(None)), (B.to(acc) @ A.to(acc)).t().mul_(scaling)
 
     def _merge_blocker(self) -> Optional[str]:
         shared = super()._merge_blocker()
@@ -74,10 +75,13 @@ class Embedding(LoRALayer, nn.Embedding):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.has_adapter or self.merged:
+        if self._mixed_rows is not None:
+            return self._mixed_forward(x)
+        if not self._uses_adapter() or self.merged:
             return nn.Embedding.forward(self, x)
-        B, scaling = self.lora_B, self._live_scaling()
+        v = self._forward_view()
+        B, scaling = v.lora_B, v.scaling
         if isinstance(scaling, Tensor):  # a hot-swappable scale, compiled: addmm_'s alpha takes only numbers
             B, scaling = B * scaling, 1.0
-        return lora_embedding(x, self.weight, self.lora_A, B, scaling, self.padding_idx,
+        return lora_embedding(x, self.weight, v.lora_A, B, scaling, self.padding_idx,
                               self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)

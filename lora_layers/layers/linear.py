@@ -18,6 +18,7 @@ from ..core.sharded import check_not_unsharded, gathered, is_sharded, write_shar
 from ..core.spec import NOT_GIVEN, LoRASpec
 from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
 from ..variants.pissa import INITIAL_NAMES, check_residual_rank, residual_init
+from .adapters import DEFAULT_ADAPTER
 from .base import MAGNITUDE_NAME, LoRALayer
 from .merge_state import unmerged
 
@@ -113,8 +114,9 @@ class Linear(LoRALayer, nn.Linear):
                 f"fan_in_fan_out={fan_in_fan_out}"
             )
 
-    def _adapter_shapes(self):
-        return (self.r, self.in_features), (self.out_features, self.r)
+    def _adapter_shapes(self, r: Optional[int] = None):
+        r = self.r if r is None else r
+        return (r, self.in_features), (self.out_features, r)
 
     #: Where the adapters add into the output (:class:`~lora_layers.segments.Segments`);
     #: None for one adapter over every output row.
@@ -133,15 +135,17 @@ class Linear(LoRALayer, nn.Linear):
         return super()._merge_blocker()
 
     def merged_weight(self) -> Tensor:
-        if self.quantized is None or not self.has_adapter:
+        if self.quantized is None or not self._uses_adapter():
             return super().merged_weight()
-        return merged_copy(self.quantized.dequantize(), self._blocks(self._merge_factors()))
+        return merged_copy(self.quantized.dequantize(), self._active_blocks())
 
-    def _delta_blocks(self, A, B, row_scale=None):
-        """``s·B_j A_j`` per adapter in the weight's storage layout; with DoRA's ``row_scale``
-        (``m / ‖W + s·BA‖`` per adapted row) the merged rows are ``row_scale ⊙ (W + s·BA)``."""
+    def _delta_blocks(self, A, B, row_scale=None, *, scaling=None):
+        """``s·B_j A_j`` per adapter in the weight's storage layout (``s``: ``scaling``, default the
+        layer's); with DoRA's ``row_scale`` (``m / ‖W + s·BA‖`` per adapted row) the merged rows are
+        ``row_scale ⊙ (W + s·BA)``."""
         segments = self.segments or Segments.full(self.out_features)
-        for blk, delta in segments.deltas(A, B, self.scaling, accumulation_dtype(self._base_dtype())):
+        scaling = self.scaling if scaling is None else scaling
+        for blk, delta in segments.deltas(A, B, scaling, accumulation_dtype(self._base_dtype())):
             rows = slice(blk.out0, blk.out1)
             scale = None if row_scale is None else row_scale[blk.b0:blk.b1]
             # The weight's storage layout: (out, in), or (in, out) with fan_in_fan_out.
@@ -152,21 +156,23 @@ class Linear(LoRALayer, nn.Linear):
 
     def _merge_factors(self) -> tuple:
         factors = super()._merge_factors()
-        if not self.use_dora:
+        view = self._active_view()
+        if not view.use_dora:
             return factors
-        norm = self._dora_norm().to(accumulation_dtype(self._base_dtype()))
-        if self.lora_magnitude.shape != norm.shape:
+        norm = self._dora_norm(view).to(accumulation_dtype(self._base_dtype()))
+        if view.lora_magnitude.shape != norm.shape:
             raise ValueError(f"cannot merge: lora_magnitude must have shape {tuple(norm.shape)} (one entry per "
-                             f"adapted output row), got {tuple(self.lora_magnitude.shape)}")
-        return factors + (dora_row_scale(self.lora_magnitude.detach().to(norm.dtype), norm),)
+                             f"adapted output row), got {tuple(view.lora_magnitude.shape)}")
+        return factors + (dora_row_scale(view.lora_magnitude.detach().to(norm.dtype), norm),)
 
     def _dense_weight(self) -> Tensor:
         """The frozen base weight as a dense tensor in its storage layout: ``weight`` itself, or a
         dequantized copy over a quantized base (whose ``weight`` holds packed bytes)."""
         return self.weight if self.quantized is None else self.quantized.dequantize()
 
-    def _dora_norm(self) -> Tensor:
-        """``‖W + s·BA‖`` per adapted row (detached), from the weight as it is now.
+    def _dora_norm(self, view=None) -> Tensor:
+        """``‖W + s·BA‖`` per adapted row (detached), from the weight as it is now, for the adapter
+        ``view`` (an :class:`~lora_layers.layers.adapters.AdapterView`; default the active one).
 
         Nothing is cached: ``‖W‖²`` is one pass over W, cheap next to the step's GEMMs, and no
         cache key is safe (``weight.data`` writes keep ``_version``; a freed weight's address and
@@ -174,14 +180,15 @@ class Linear(LoRALayer, nn.Linear):
         """
         # Inside forward FSDP2 has gathered the parameters (plain tensors); outside it they are DTensors,
         # gathered here (a collective), so that the norm is always that of the whole weight.
-        return dora_weight_norm(gathered(self._dense_weight()), gathered(self.lora_A), gathered(self.lora_B),
-                                self._live_scaling(), self.segments, fan_in_fan_out=self.fan_in_fan_out)
+        view = self._active_view() if view is None else view
+        return dora_weight_norm(gathered(self._dense_weight()), gathered(view.lora_A), gathered(view.lora_B),
+                                view.scaling, self.segments, fan_in_fan_out=self.fan_in_fan_out)
 
     @torch.no_grad()
     def _reset_magnitude(self) -> None:
         if self.use_dora and self.has_adapter:
             check_not_unsharded(self, self.lora_magnitude, "reset_magnitude")
-            write_shard(self.lora_magnitude, self._dora_norm())
+            write_shard(self.lora_magnitude, self._dora_norm(self.adapter(DEFAULT_ADAPTER)))
             # A copy, not a flag: training, load_lora and .data writes all change the values, and
             # only a magnitude still equal to it may follow a newly loaded weight.
             self.__dict__[_DERIVED_MAGNITUDE] = self.lora_magnitude.detach().clone()
@@ -378,18 +385,19 @@ class Linear(LoRALayer, nn.Linear):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.has_adapter or self.merged:
+        if self._mixed_rows is not None:
+            return self._mixed_forward(x)
+        if not self._uses_adapter() or self.merged:
             if self.quantized is not None:
                 y = self.quantized.linear(x).to(x.dtype)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
             return F.linear(x, self._weight_t(), self.bias)
-        dora = self.use_dora
+        v = self._forward_view()
         return lora_linear(
-            x, self.weight if self.quantized is None else self.quantized, self.bias, self.lora_A, self.lora_B,
-            self._live_scaling(),
-            self.lora_dropout.p, self.training,
+            x, self.weight if self.quantized is None else self.quantized, self.bias, v.lora_A, v.lora_B, v.scaling,
+            v.dropout_p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
-            row_scale=DoRAScale(self.lora_magnitude, self._dora_norm()) if dora else None,
+            row_scale=DoRAScale(v.lora_magnitude, self._dora_norm(v)) if v.use_dora else None,
         )
 
     @classmethod

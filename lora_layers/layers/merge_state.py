@@ -22,8 +22,12 @@ from ..core.merging import (BASE_CHECK, BITS_DTYPE, MERGED_CHECK, MERGED_FACTORS
 from ..core.sharded import check_not_unsharded, fsdp_managed, gathered, is_sharded, write_shard
 from .notices import warn_merged_export_as_base
 from .ties import LOADING_ATTR, register_weight, shared_weight_reason
+from .adapters import DEFAULT_ADAPTER
 
 __all__ = ["ExactMerge", "unmerged"]
+
+#: Instance attribute of a layer merged with a named adapter: ``(name, scaling)`` of that merge.
+_MERGED_WITH = "_merged_with"
 
 #: Why a layer whose weight FSDP2 shards does not merge (docs/distributed.md, "eval() and merging").
 SHARDED_REASON = ("its weight is sharded (a DTensor: fully_shard holds it so outside forward), and a merge "
@@ -96,13 +100,34 @@ class ExactMerge:
                 raise
         return self
 
-    def _blocks(self, factors):
-        return lambda: self._delta_blocks(*factors)
+    def _blocks(self, factors, scaling: Optional[float] = None):
+        # None: the default adapter's, which _delta_blocks reads from the layer (as a loralib-style
+        # subclass's _delta_blocks(A, B) does); a named adapter's scaling is passed.
+        if scaling is None:
+            return lambda: self._delta_blocks(*factors)
+        return lambda: self._delta_blocks(*factors, scaling=scaling)
 
     def _merge_factors(self) -> tuple:
-        """A snapshot of what ``_delta_blocks`` needs (``lora_A``, ``lora_B``, ...), so that
-        unmerge removes what was merged even if the adapter changed meanwhile."""
+        """A snapshot of what ``_delta_blocks`` needs (the active adapter's ``lora_A``, ``lora_B``, ...),
+        so that unmerge removes what was merged even if the adapter changed meanwhile."""
+        view = self._active_view()
+        return view.lora_A.detach().clone(), view.lora_B.detach().clone()
+
+    def _default_factors(self) -> tuple:
+        """The default adapter's ``lora_A``, ``lora_B`` (what a loaded or hand-made merge holds)."""
         return self.lora_A.detach().clone(), self.lora_B.detach().clone()
+
+    def _active_blocks(self):
+        """The blocks of the active adapter, as :meth:`merge` adds them."""
+        return self._blocks(self._merge_factors(), self._merge_scaling())
+
+    def _merged_blocks(self, factors):
+        """The blocks of what is merged now (recorded by :meth:`merge`) for these factors."""
+        named = self.__dict__.get(_MERGED_WITH)
+        return self._blocks(factors, None if named is None else named[1])
+
+    def _merge_scaling(self) -> Optional[float]:
+        return None
 
     def merge(self, safe_merge: bool = False) -> None:
         """Add ``scaling · B A`` into the base weight. Idempotent.
@@ -115,17 +140,18 @@ class ExactMerge:
             safe_merge: check the merged weight is finite first; if not, raise
                 ``ValueError`` and leave the weight untouched.
         """
-        if self.merged or not self.has_adapter:
+        if self.merged or not self._uses_adapter():
             return
         blocker = self._merge_blocker()
         if blocker is not None:
             raise ValueError(f"cannot merge this {type(self).__name__}: {blocker}")
-        factors = self._merge_factors()
+        factors, scaling = self._merge_factors(), self._merge_scaling()
         W = self.weight.data
         base_sums = weight_sums(W)
-        residuals = merge_into(W, self._blocks(factors), check_finite=safe_merge,
+        residuals = merge_into(W, self._blocks(factors, scaling), check_finite=safe_merge,
                                what=f"{type(self).__name__}.weight")
         self._merge_state = (factors, W.dtype, residuals)
+        self._record_merged_with(None if scaling is None else (self.active_adapter, scaling))
         self._merge_sums = (base_sums, weight_sums(W))  # unmerge restores this base bit for bit
         self.merged = True
 
@@ -142,6 +168,16 @@ class ExactMerge:
             check_not_unsharded(self, self.weight, f"unmerging this {type(self).__name__}")
             self._restore(self.weight.data)
             self._merge_state, self.merged = None, False
+            self._record_merged_with(None)
+
+    def _record_merged_with(self, named) -> None:
+        if named is None:
+            self.__dict__.pop(_MERGED_WITH, None)  # a default merge: the layer holds no new attribute
+        else:
+            self.__dict__[_MERGED_WITH] = named
+
+    def _uses_adapter(self) -> bool:
+        return self.has_adapter
 
     def _adopt_hand_merge(self) -> None:
         """``merged`` set by the user's own code (``weight.data += scaling · B A; merged = True``, as
@@ -153,7 +189,8 @@ class ExactMerge:
         if not self.has_adapter:
             self.merged = False  # as loralib: nothing to subtract
         elif getattr(self, "quantized", None) is None and self.weight.dtype in BITS_DTYPE:
-            self._merge_state = (ExactMerge._merge_factors(self), self.weight.dtype, None)
+            self._merge_state = (self._default_factors(), self.weight.dtype, None)
+            self._record_merged_with(None)
 
     def _merged_here(self) -> bool:
         # A loralib-style subclass may merge by itself and set ``merged``: that state is not ours.
@@ -171,7 +208,7 @@ class ExactMerge:
         factors = tuple(f.to(W.device) for f in factors)
         if residuals is None or W.dtype != dtype:
             residuals = itertools.repeat(None)
-        restore_from(W, self._blocks(factors), residuals)
+        restore_from(W, self._merged_blocks(factors), residuals)
 
     def unmerged_weight(self) -> Tensor:
         """The base weight without the adapter: a restored copy if merged, else the weight itself."""
@@ -184,13 +221,18 @@ class ExactMerge:
     def merged_weight(self) -> Tensor:
         """A copy of the weight with the adapter folded in, as :meth:`merge` would write it;
         the layer is not changed."""
-        if self.merged or not self.has_adapter:
+        if self.merged or not self._uses_adapter():
             return self.weight.detach().clone()
-        return merged_copy(self.weight, self._blocks(self._merge_factors()))
+        return merged_copy(self.weight, self._active_blocks())
 
     # -- state_dict ------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._merged_here() and _MERGED_WITH in self.__dict__ and prefix + "weight" in destination:
+            # Merged with a named adapter: the state dict holds the base weight (a copy), unmarked, so
+            # that it loads as the base next to every adapter's keys, whichever adapter is active then.
+            destination[prefix + "weight"] = self.unmerged_weight()
+            return
         metadata = getattr(destination, "_metadata", None)  # a caller's own destination may have none
         if self._merged_here() and prefix + "weight" in destination and metadata is not None:
             # The merged weight stays as loralib wrote it (exports that drop the adapter keys rely
@@ -286,12 +328,17 @@ class ExactMerge:
         """The weight just loaded has ``factors`` (default: the loaded adapter) merged in. Record
         that merge, then take it out unless this layer is merged now (eval with merge_weights)."""
         W = self.weight.data
-        factors = ExactMerge._merge_factors(self) if factors is None else tuple(f.to(W.device) for f in factors)
+        factors = self._default_factors() if factors is None else tuple(f.to(W.device) for f in factors)
         self._merge_state, self.merged = (factors, W.dtype, None), True
-        if self.training or not self.merge_weights or self._merge_blocker() is not None:
-            self.unmerge()
-        else:  # the base that train() will restore is this one rounding, not the saved base
+        self._record_merged_with(None)  # a saved merge is the default adapter's
+        merges = not self.training and self.merge_weights and self._merge_blocker() is None
+        if merges and self.active_adapter == DEFAULT_ADAPTER:
+            # the base that train() will restore is this one rounding, not the saved base
             self._merge_sums = (weight_sums(self.unmerged_weight()), weight_sums(W))
+            return
+        self.unmerge()
+        if merges:  # another adapter is active: eval() merges that one
+            self.merge()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -99,10 +99,11 @@ class MergedLinear(Linear):
                                    fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
                                    split_sizes=split_sizes, **kwargs)
 
-    def _adapter_shapes(self):
+    def _adapter_shapes(self, r: Optional[int] = None):
         if self.segments is None:
             return None  # nothing enabled: a plain layer
-        return (self.r * self.segments.count, self.in_features), (self.segments.b_rows, self.r)
+        r = self.r if r is None else r
+        return (r * self.segments.count, self.in_features), (self.segments.b_rows, r)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, enable_lora={self.enable_lora}, split_sizes={self.split_sizes}"

@@ -1,9 +1,9 @@
 """Model-level operations: surgery (inject, merge_and_unload, unload) and the one module swap
 (:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base, seeing through
-wrappers, what adapters a model carries (``summary``), and the registries a model family fills
-(:mod:`.families`).
+wrappers, what adapters a model carries (``summary``), named adapters (:mod:`.adapters`: add, set,
+delete, list), and the registries a model family fills (:mod:`.families`).
 """
-from . import families, unwrap, params, swap, surgery, quantize, overview
+from . import families, unwrap, params, swap, surgery, quantize, overview, adapters
 from .families import *  # noqa: F401,F403  (each module's __all__)
 from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
@@ -11,6 +11,7 @@ from .swap import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
 from .overview import *  # noqa: F401,F403  (each module's __all__)
+from .adapters import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
-           *overview.__all__]
+           *overview.__all__, *adapters.__all__]

@@ -26,11 +26,13 @@ class AdapterSummary:
     Attributes:
         modules: per LoRA layer with an adapter: ``name``, ``class``, ``r``, ``lora_alpha``,
             ``scaling`` and ``variants`` (``"DoRA"``, ``"rsLoRA"``, ``"quantized base (nf4)"``,
-            ``"splits [...] on [...]"``, ``"layout=loralib"``, ``"fan_in_fan_out"``, ``"merged"``).
+            ``"splits [...] on [...]"``, ``"layout=loralib"``, ``"fan_in_fan_out"``, ``"merged"``, and
+            ``"adapters [...], active '...'"`` on a layer with named adapters).
         trainable_params: elements of the parameters with ``requires_grad`` (each shared Parameter once).
         total_params: elements of every parameter; a quantized weight counts its logical ``out × in``
             elements, not its packed bytes (as PEFT and transformers' ``num_parameters`` count them).
-        adapter_params: elements of the adapter parameters (:func:`~lora_layers.lora_parameters`).
+        adapter_params: elements of the adapter parameters (:func:`~lora_layers.lora_parameters`),
+            every named adapter's included.
         adapter_bytes: their size in memory, what :func:`~lora_layers.save_lora` writes for them.
     """
 
@@ -93,6 +95,8 @@ def _variants(layer) -> List[str]:
         out.append("fan_in_fan_out")
     if layer.merged:
         out.append("merged")
+    if len(layer.adapter_names) > 1:  # named adapters (the r and alpha shown are the default's)
+        out.append(f"adapters {list(layer.adapter_names)}, active {layer.active_adapter!r}")
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -64,11 +64,21 @@ def lora_modules(model: nn.Module) -> Iterator[Tuple[str, LoRALayer]]:
             yield name, module
 
 
-def named_lora_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
-    """Yield ``(qualified_name, parameter)`` for every adapter parameter, each once."""
+def named_lora_parameters(model: nn.Module, adapter: Optional[str] = None) -> Iterator[Tuple[str, nn.Parameter]]:
+    """Yield ``(qualified_name, parameter)`` for every adapter parameter, each once: the default
+    adapters' and every named adapter's (``<layer>.lora_adapters.<name>.lora_A``).
+
+    With ``adapter``, only that adapter's parameters of the layers that have it, named as a default
+    adapter's are (``<layer>.lora_A``): the keys of a single-adapter model.
+
+    Raises:
+        KeyError: no layer has an adapter ``adapter`` (the message lists the model's adapters).
+    """
+    if adapter is not None:
+        check_adapter(model, adapter, "named_lora_parameters")
     seen = set()
     for name, module in lora_modules(model):
-        for local, param in module.adapter_parameters().items():
+        for local, param in layer_adapter_parameters(module, adapter).items():
             if id(param) not in seen:
                 seen.add(id(param))
                 yield _join(name, local), param
@@ -83,6 +93,24 @@ def named_initial_buffers(model: nn.Module) -> Iterator[Tuple[str, Tensor]]:
             buffer = module._buffers.get(local)
             if buffer is not None:
                 yield _join(name, local), buffer
+
+
+def layer_adapter_parameters(layer: LoRALayer, adapter: Optional[str] = None) -> Dict[str, nn.Parameter]:
+    """A layer's adapter parameters by local name: every adapter's (None), or adapter ``adapter``'s named
+    as the default's are (empty when the layer lacks it)."""
+    if adapter is None:
+        return layer.all_adapter_parameters()
+    return layer.adapter_parameters(adapter) if adapter in layer.adapter_names else {}
+
+
+def check_adapter(model: nn.Module, adapter, fn: str) -> None:
+    """Raise a KeyError naming ``adapter`` and the model's adapters unless some LoRA layer has it."""
+    known = {}
+    for _, module in lora_modules(model):
+        known.update(dict.fromkeys(module.adapter_names))
+    if adapter not in known:
+        raise KeyError(f"{fn}: {type(unwrap_model(model)).__name__} has no adapter {adapter!r}; its adapters "
+                       f"are {tuple(known)}")
 
 
 def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -155,8 +183,12 @@ def _lora_named_non_adapters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]
     return [(n, p) for n, p in model.named_parameters() if "lora_" in n and id(p) not in adapters]
 
 
-def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
-    """The adapter tensors (and biases per ``bias``) keyed as in ``model.state_dict()``.
+def lora_state_dict(model: nn.Module, bias: str = "none", adapter: Optional[str] = None) -> Dict[str, Tensor]:
+    """The adapter tensors (and biases per ``bias``) keyed as in ``model.state_dict()``: every
+    adapter's, named ones included (``<layer>.lora_adapters.<name>.lora_A``).
+
+    With ``adapter="name"``, that adapter alone, keyed as a default adapter is (``<layer>.lora_A``)
+    on the layers that have it: a plain single-adapter state dict (KeyError for a name no layer has).
 
     Works whether or not the model is merged (adapters are never merged away). PiSSA/OLoRA layers add
     their initial adapters ``lora_init_A``/``lora_init_B`` (buffers: :func:`named_initial_buffers`).
@@ -171,10 +203,15 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> Dict[str, Tensor]:
     gets the whole tensors (gathered copies), equal to one process's.
     """
     group = shard_group(unwrap_model(model))
-    on_every_rank(group, "lora_state_dict", lambda: check_bias(bias), same=dict(bias=bias))
+    def check():
+        check_bias(bias)
+        if adapter is not None:
+            check_adapter(model, adapter, "lora_state_dict")
+
+    on_every_rank(group, "lora_state_dict", check, same=dict(bias=bias, adapter=adapter))
     if unwrap_model(model) is not model:
         warn_wrapper_keys(model)
-    out = {name: gathered(p) for name, p in named_lora_parameters(model)}
+    out = {name: gathered(p) for name, p in named_lora_parameters(model, adapter)}
     out.update({name: gathered(p) for name, p in named_bias_parameters(model, bias).items()})
     out.update(named_initial_buffers(model))
     left_out = [n for n, p in _lora_named_non_adapters(unwrap_model(model)) if p.requires_grad and n not in out]
@@ -258,7 +295,7 @@ def merged_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     for name, layer in layers:
         if group is None:
             state[_join(name, "weight")] = layer.merged_weight()
-        for local in [*layer.adapter_parameters(), *INITIAL_NAMES]:
+        for local in [*layer.all_adapter_parameters(), *INITIAL_NAMES]:
             state.pop(_join(name, local), None)
         # No adapter keys: a plain model's state dict, so no merged mark (it only means something next to them).
         for key in (MERGED_MARK, MERGED_FACTORS, MERGED_CHECK, BASE_CHECK):
@@ -272,7 +309,7 @@ def _gather_merged(state: Dict[str, Tensor], layers, keep: bool) -> None:
     the layer's gathered parameters; adapter keys are left for the caller to drop. Where ``keep`` is False
     (not rank 0) nothing is kept, nor merged: ``state`` ends empty."""
     merging = {_join(name, "weight"): layer for name, layer in layers}
-    adapters = {_join(name, local) for name, layer in layers for local in layer.adapter_parameters()}
+    adapters = {_join(name, local) for name, layer in layers for local in layer.all_adapter_parameters()}
     for key in list(state):
         layer = merging.get(key)
         if layer is not None:
@@ -314,8 +351,9 @@ def lora_plus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0,
             raise ValueError(f"{arg} must be {expected}, got {value!r}")
     fast, base = [], []
     for name, module in lora_modules(model):
-        for local, param in module.adapter_parameters().items():
-            (fast if local == "lora_B" and not isinstance(module, nn.Embedding) else base).append(param)
+        for local, param in module.all_adapter_parameters().items():
+            fast_one = local.rsplit(".", 1)[-1] == "lora_B" and not isinstance(module, nn.Embedding)
+            (fast if fast_one else base).append(param)
     if not fast and not base:
         raise ValueError("lora_plus_param_groups: the model has no adapter parameters")
     # Every other trainable parameter (biases from mark_only_lora_as_trainable(bias=...), a trainable

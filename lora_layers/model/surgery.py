@@ -30,7 +30,7 @@ from .swap import swap_modules
 from .unwrap import unwrap_model
 from ..bases.quantized import is_quantized_linear, record_compute_dtype
 from ..core.sharded import any_fsdp_managed
-from .params import lora_modules, mark_only_lora_as_trainable, merge_layers
+from .params import check_adapter, lora_modules, mark_only_lora_as_trainable, merge_layers
 
 __all__ = ["ALL_LINEAR", "inject_lora", "model_spec", "merge_and_unload", "unload", "select_modules"]
 
@@ -384,7 +384,7 @@ def _refuse_sharded(model: nn.Module) -> None:
                          f"into the model built without LoRA, or save it (docs/distributed.md)")
 
 
-def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Optional[str] = None) -> nn.Module:
     """Fold every adapter into its weight and replace each LoRA layer by the plain torch layer.
 
     The result holds ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` modules whose
@@ -397,6 +397,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     Args:
         model: a model with LoRA layers (a model without any is returned as is).
         safe_merge: check each merged weight is finite (see :meth:`LoRALayer.merge`).
+        adapter: the adapter to fold in (:func:`lora_layers.add_adapter`): None, each layer's active
+            one; a name, that adapter on the layers that have it (the others keep their base weight).
 
     Returns:
         ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
@@ -412,6 +414,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
             non-finite with ``safe_merge``); every layer merged so far is
             unmerged again, so the model is left unchanged.
+        KeyError: no layer has an adapter ``adapter`` (the model is left unchanged).
         ValueError: the model is sharded by ``fully_shard`` (its weights are shards, and plain layers
             holding whole merged weights would undo the sharding on every rank): use
             :func:`lora_layers.merged_state_dict` on every rank instead (docs/distributed.md).
@@ -421,11 +424,23 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
     _check_plain_kind("merge_and_unload", layers)
-    # A quantized base cannot take the adapter in place: it becomes a plain Linear
-    # holding the dequantized weight plus the adapter (built before anything changes).
-    replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
-                if getattr(layer, "quantized", None) is not None}
-    merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
+    if adapter is not None:
+        check_adapter(model, adapter, "merge_and_unload")
+    before = [(layer, layer.active_adapter) for _, layer in layers]
+    try:
+        for _, layer in layers:
+            if adapter is not None and layer.r > 0:
+                layer.set_adapter(adapter if adapter in layer.adapter_names else None)
+        # A quantized base cannot take the adapter in place: it becomes a plain Linear
+        # holding the dequantized weight plus the adapter (built before anything changes).
+        replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
+                    if getattr(layer, "quantized", None) is not None}
+        merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
+    except BaseException:
+        for layer, active in before:
+            if layer.r > 0:
+                layer.set_adapter(active)
+        raise
     undo_family_changes(model)
     dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
