@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.spec import LoRASpec, check_dora_support, check_rank, lora_scaling
+from ..variants.pissa import is_residual_init
 
 __all__ = ["DEFAULT_ADAPTER", "ADAPTERS_ATTR", "Adapter", "AdapterView", "check_adapter_name"]
 
@@ -125,6 +126,12 @@ def new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_d
                          f"(adapters: {adapter_names(layer)}); delete_adapter it first or pick another name")
     check_rank(r, "r", positive=True)
     spec = LoRASpec(r, lora_alpha, lora_dropout, use_rslora=use_rslora, use_dora=use_dora, init=init)
+    if is_residual_init(spec.init) or is_residual_init(getattr(layer, "init", None)):
+        # PiSSA/OLoRA replace the base weight by a residual, which every adapter of the layer would share
+        raise ValueError(f"add_adapter: PiSSA/OLoRA inits and named adapters do not mix (the layer's init is "
+                         f"{getattr(layer, 'init', None)!r}, the new adapter's {init!r}): the residual base weight "
+                         f"belongs to the default adapter; expected init 'kaiming' or 'gaussian' on a layer "
+                         f"built with one of them")
     if not layer._adapter_dropout and spec.lora_dropout:
         raise ValueError(f"add_adapter: {type(layer).__name__} has no adapter dropout, got "
                          f"lora_dropout={lora_dropout!r}; expected 0.0")

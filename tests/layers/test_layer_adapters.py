@@ -402,3 +402,17 @@ def test_a_failed_remerge_in_set_adapter_leaves_the_layer_as_it_was():
         layer.set_adapter("b")
     layer.lora_adapters.b.lora_magnitude.data = snap[0]["lora_adapters.b.lora_magnitude"].clone()
     assert _unchanged(layer, snap)
+
+
+@pytest.mark.parametrize("layer_init, new_init", [("kaiming", "pissa"), ("kaiming", "olora"), ("pissa", "kaiming")])
+def test_pissa_and_named_adapters_do_not_mix(layer_init, new_init):
+    # PiSSA/OLoRA turn the shared base weight into the default adapter's residual: a named adapter over it
+    # would silently serve W - s·B₀A₀ + its delta, so add_adapter refuses and leaves the layer as it was.
+    torch.manual_seed(0)
+    layer = L.Linear(8, 6, r=2, lora_alpha=4, init=layer_init)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="PiSSA/OLoRA inits and named adapters do not mix"):
+        layer.add_adapter("b", 2, 4, init=new_init)
+    assert layer.adapter_names == ("default",)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
