@@ -114,11 +114,12 @@ def grad_A(du: Tensor, x2: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
     return (du.t() @ torch.where(mask, 0.0, x2)).mul_(keep_scale(p))
 
 
-def input_grad(du: Tensor, A: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
-    """The adapter's part of ``dx``, ``drop'(du A)``: a fresh tensor the base ``g W`` may accumulate into."""
+def input_grad(du: Tensor, A: Tensor, mask: Optional[Tensor], p: float, out: Optional[Tensor] = None) -> Tensor:
+    """The adapter's part of ``dx``, ``drop'(du A)``: a fresh tensor (or ``out``, filled) the base
+    ``g W`` may accumulate into."""
     if mask is None:
-        return du @ A
-    return ((du * keep_scale(p)) @ A).masked_fill_(mask, 0)
+        return torch.mm(du, A, out=out)
+    return torch.mm(du * keep_scale(p), A, out=out).masked_fill_(mask, 0)
 
 
 def seeded_dropout(seed: int, x: Tensor, p: float) -> Optional[Callable[[Tensor], Tensor]]:

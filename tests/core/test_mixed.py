@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_layers.bases.quantized import QuantizedBase
+from lora_layers.core import mixed as mixed_module
 from lora_layers.core import recipes
 from lora_layers.core.dropout import draw_seed, keep_mask, keep_scale
 from lora_layers.core.functional import lora_linear
@@ -24,6 +25,13 @@ GQA = ([6, 3, 2], [True, False, True], [(0, 6), (9, 11)])
 KINDS = {"linear": ([5], [True], None), "fan_in_fan_out": ([5], [True], None), "merged": GQA,
          "dora": ([5], [True], None), "dora_merged": GQA}
 TOL32 = 1e-6
+
+
+@pytest.fixture(params=["stacked", "grouped"])
+def lean_path(request, monkeypatch):
+    """Both lean paths: the adapters stacked into one (small Σr) and the tokens grouped by adapter."""
+    monkeypatch.setattr(mixed_module, "STACKED_MAX_RANK", 10**6 if request.param == "stacked" else 0)
+    return request.param
 
 
 def _case(kind, dtype=F64, seed=0):
@@ -89,7 +97,7 @@ def _copy(leaves_or_case, dtype):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_matches_the_float64_formula_per_token(kind, dtype):
+def test_matches_the_float64_formula_per_token(kind, dtype, lean_path):
     case = _case(kind)
     ours = _copy(case, dtype)
     tol = TOL32 if dtype == torch.float32 else 1e-12
@@ -97,7 +105,7 @@ def test_matches_the_float64_formula_per_token(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_dropout_masks_follow_the_documented_rule(kind):
+def test_dropout_masks_follow_the_documented_rule(kind, lean_path):
     """Each adapter's own p; token t of adapter k uses row t of drop_mask(seed, (T, in), p_k); backward
     regenerates the same masks (the gradients of A see them)."""
     ps = (0.1, 0.3, 0.0)
@@ -118,7 +126,7 @@ def test_dropout_applies_only_in_training():
 
 
 @pytest.mark.parametrize("kind", ["linear", "merged", "dora"])
-def test_gradcheck_and_gradgradcheck_with_seeded_dropout(kind):
+def test_gradcheck_and_gradgradcheck_with_seeded_dropout(kind, lean_path):
     """Finite differences see the same masks as backward only if backward rebuilds the forward's.
     DoRA's norm is a constant in backward (the paper's 4.3), so there only x, b and m are checked."""
     x, W, b, ads = _case(kind)
@@ -140,7 +148,7 @@ def test_gradcheck_and_gradgradcheck_with_seeded_dropout(kind):
 # ----------------------------------------------------------------------------- K separate single-adapter runs
 
 @pytest.mark.parametrize("kind", ["linear", "fan_in_fan_out", "merged", "dora"])
-def test_equals_separate_single_adapter_calls_on_their_own_rows(kind):
+def test_equals_separate_single_adapter_calls_on_their_own_rows(kind, lean_path):
     x, W, b, ads = _copy(_case(kind), torch.float32)
     W.requires_grad_(True)
     sizes, _, segs = KINDS[kind]
@@ -165,7 +173,7 @@ def test_equals_separate_single_adapter_calls_on_their_own_rows(kind):
         assert rel_err(a, e) <= TOL32, f"grad of leaf {i}: {rel_err(a, e):.3g}"
 
 
-def test_no_grad_path_and_frozen_inputs_match_the_lean_path():
+def test_no_grad_path_and_frozen_inputs_match_the_lean_path(lean_path):
     x, W, b, ads = _copy(_case("merged"), torch.float32)
     y = _mixed("merged", x, W, b, ads)
     with torch.no_grad():
@@ -178,7 +186,7 @@ def test_no_grad_path_and_frozen_inputs_match_the_lean_path():
         [B.shape for _, B, _, _ in frozen]
 
 
-def test_adapter_without_tokens_gets_a_zero_gradient():
+def test_adapter_without_tokens_gets_a_zero_gradient(lean_path):
     x, W, b, ads = _copy(_case("linear"), torch.float32)
     ta = torch.tensor([0, 2, -1, 0, 0, 2]).repeat_interleave(3)
     mixed = [MixedAdapter(A, B, s, 0.0) for A, B, s, _ in ads]
@@ -189,7 +197,7 @@ def test_adapter_without_tokens_gets_a_zero_gradient():
 
 # ----------------------------------------------------------------------------- memory
 
-def test_saved_tensors_beyond_x_are_under_two_percent_of_x():
+def test_saved_tensors_beyond_x_are_under_two_percent_of_x(lean_path):
     """K=4, T=512, in=out=256, r=16, dropout on: x, the sort order and the parameters only."""
     torch.manual_seed(0)
     T, d, r = 512, 256, 16
@@ -210,7 +218,7 @@ def test_saved_tensors_beyond_x_are_under_two_percent_of_x():
     y.sum().backward()  # and backward works from what was kept
 
 
-def test_a_rebuildable_input_is_not_kept():
+def test_a_rebuildable_input_is_not_kept(lean_path):
     """lean mode (recipes): the Function keeps the recipe's tensors instead of x, with equal gradients."""
     x, W, b, ads = _copy(_case("merged"), torch.float32)
     leaves = _leaves(x, W, b, ads)[2:]
