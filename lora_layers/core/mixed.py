@@ -35,20 +35,18 @@ threshold. With one adapter on every token this is exactly ``lora_linear``'s mas
 Under ``torch.compile`` and ``torch.func`` the masks come from ``torch.rand`` instead
 (as ``lora_linear`` uses ``F.dropout`` there).
 
-**How it computes.** The lean path (plain LoRA on a dense base, training) is one base
-GEMM over all tokens; the LoRA part is grouped: tokens are sorted by adapter once
-(a stable ``argsort``), and each adapter's down and up projections run on its own
-tokens only (gathered, used, dropped). Backward keeps ``x``, the sort order
-(``T`` int64) and the parameters; never a per-adapter copy of ``x``, a mask, a
-``T × out`` tensor, nor even ``u = drop(x) A_kᵀ``: backward gathers each adapter's
-tokens for ``dA`` anyway and recomputes its ``u`` from them (a rank-``r`` product).
-Gradients are computed only where asked.
+**How it computes** (:mod:`.mixed_lean`). Training on a dense base without row-scale
+hooks runs a lean autograd Function: one base GEMM over all tokens, and the LoRA part
+either *stacked* (``Σ r_k ≤ STACKED_MAX_RANK``: the K adapters as one adapter of rank
+``Σ r_k``, each token's ``u`` columns selected; the single-adapter op sequence whatever K)
+or *grouped* (tokens sorted by adapter once; each adapter's products on its own tokens
+only). Backward keeps ``x``, one ``T``-long int64 index and the parameters; never a mask,
+``u`` (recomputed: a rank-``r`` product), a per-adapter copy of ``x`` or a ``T × out``
+tensor. Gradients are computed only where asked.
 
-A *stacked* plain-op form runs where a custom Function does not fit
-(``torch.compile``, ``torch.func``, double backward) and for DoRA adapters and
-quantized bases: one down projection by all adapters' ``A`` stacked
-(``T × Σr``), a one-hot token/adapter selection, and the up projections; exact,
-differentiable to any order, but it keeps autograd's usual tensors (not lean).
+A plain-op form (:mod:`.mixed_plain`) runs where a custom Function does not fit
+(``torch.compile``, ``torch.func``, double backward) and for DoRA adapters and quantized
+bases: exact and differentiable to any order, but it keeps autograd's usual tensors.
 """
 from __future__ import annotations
 
@@ -61,11 +59,12 @@ from torch import Tensor
 
 from . import recipes
 from .amp import compute_dtype, no_autocast
-from .autograd import _cast, _dense_t, _is_quantized, _out_features, _scatter_add, _seed_output, tracing
-from .autograd import _g_t_u, _grad_u
-from .dropout import draw_seed, grad_A, input_grad, keep_scale, lane_threshold, masked_down_project, random_lanes
-from .row_scale import RowScale, expand_rows
-from .segments import Block, Segments, covers_all
+from .autograd import _cast, _is_quantized, _out_features, tracing
+from .dropout import draw_seed
+from .mixed_lean import _forward, _MixedLoRA, lean_static
+from .mixed_plain import _plain, _random_drop, _seeded_drop, _Spec
+from .row_scale import RowScale
+from .segments import Segments
 
 __all__ = ["MixedAdapter", "token_adapters", "lora_linear_mixed", "lora_embedding_mixed", "lora_conv_mixed"]
 
@@ -160,14 +159,6 @@ def _check_adapters(adapters, in_features: int, what: str) -> Tuple[MixedAdapter
     return adapters
 
 
-class _Spec(NamedTuple):
-    """What the Function needs of one adapter besides its tensors."""
-
-    scaling: float
-    p: float  # the dropout probability in effect (0 outside training)
-    blocks: Tuple[Block, ...]
-
-
 class _Call(NamedTuple):
     x: Tensor
     weight: object  # a weight tensor or a quantized base
@@ -198,371 +189,6 @@ def _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan
     ta = _check_token_adapter(token_adapter, math.prod(x.shape[:-1]), len(adapters))
     return _Call(x, weight, bias, adapters, ta, tuple(specs), tuple(prepared), fan_in_fan_out)
 
-
-# ----------------------------------------------------------------------------- shared pieces
-
-def _row_mask(seed: int, shape, token_adapter: Tensor, ps: Sequence[float]) -> Optional[Tensor]:
-    """The drop mask of the module docstring's rule for a 2-D ``shape``; None without dropout."""
-    if not any(p > 0.0 for p in ps):
-        return None
-    thresholds = torch.tensor([lane_threshold(0.0)] + [lane_threshold(p) for p in ps], dtype=torch.int16,
-                              device=token_adapter.device)
-    return random_lanes(seed, shape, token_adapter.device) < thresholds[token_adapter + 1][:, None]
-
-
-def _row_scale_vector(ps: Sequence[float], token_adapter: Tensor, dtype) -> Tensor:
-    """Each token's inverted-dropout scale (1 for base-only tokens and p = 0)."""
-    scales = torch.tensor([1.0] + [keep_scale(p) if p > 0.0 else 1.0 for p in ps], dtype=dtype,
-                          device=token_adapter.device)
-    return scales[token_adapter + 1]
-
-
-def _groups(token_adapter: Tensor, k: int):
-    """``(order, n_base, spans)``: the stable sort of the tokens by adapter, and ``(k, start, end)`` in
-    ``order`` for each adapter with tokens (base-only tokens sort first and are skipped)."""
-    order = torch.argsort(token_adapter, stable=True)
-    counts = torch.bincount(token_adapter + 1, minlength=k + 1).tolist()
-    spans, start = [], counts[0]
-    for j, n in enumerate(counts[1:]):
-        if n:
-            spans.append((j, start, start + n))
-        start += n
-    return order, counts[0], tuple(spans)
-
-
-def _base(x2: Tensor, weight, bias: Optional[Tensor], fan_in_fan_out: bool) -> Tensor:
-    """``x Wᵀ (+ b)`` for a weight tensor or a quantized base; plain differentiable ops."""
-    if _is_quantized(weight):
-        y = weight.linear(x2).to(x2.dtype)
-        return y if bias is None else y + _cast(bias, x2.dtype)
-    return F.linear(x2, _dense_t(weight, fan_in_fan_out, x2.dtype), _cast(bias, x2.dtype))
-
-
-# ----------------------------------------------------------------------------- the lean path (grouped by adapter)
-
-class _Static(NamedTuple):
-    """The Function's non-tensor arguments."""
-
-    specs: Tuple[_Spec, ...]
-    seed: int
-    fan_in_fan_out: bool
-    stacked: bool  # the stacked lean path (small Σr) rather than the grouped one
-
-
-# The lean path stacks the adapters (one rank-Σr adapter, each token's columns selected) while
-# Σr per split is at most this; beyond it, it sorts the tokens by adapter (grouped). Stacking costs
-# Σr/r more LoRA flops, but those skinny products are bound by reading x and g, not by the flops,
-# and it runs a fixed number of ops whatever K; grouping costs ~7 small ops and two gathers per
-# adapter.
-STACKED_MAX_RANK = 64
-
-
-def _lanes(static: _Static, x2: Tensor, rows: Tensor) -> Optional[Tensor]:
-    """The call's one lane draw over ``x2``'s shape, gathered at ``rows`` (None without dropout)."""
-    if not any(s.p > 0.0 for s in static.specs):
-        return None
-    return random_lanes(static.seed, x2.shape, x2.device).index_select(0, rows)
-
-
-def _group_mask(lanes: Optional[Tensor], s: int, e: int, p: float) -> Optional[Tensor]:
-    """The drop mask of one adapter's sorted tokens ``s:e``."""
-    return None if p == 0.0 else lanes[s:e] < lane_threshold(p)
-
-
-def _grouped_forward(x2, weight, bias, token_adapter, static: _Static, params):
-    """``(y2, order, spans)``: the output ``(T, out)`` and :func:`_groups`' sort.
-
-    The adapted tokens are gathered once in sorted order (a transient copy, not kept), each
-    adapter's ``s·drop(x)AᵀBᵀ`` is written into its rows of one sorted buffer, and one
-    ``index_add_`` puts the buffer under the base GEMM's output: few large ops, not K of each."""
-    out = _out_features(weight, static.fan_in_fan_out)
-    order, n_base, spans = _groups(token_adapter, len(static.specs))
-    adapted = order[n_base:]
-    y2 = _base(x2, weight, _cast(bias, x2.dtype), static.fan_in_fan_out)
-    xs, lanes = x2.index_select(0, adapted), _lanes(static, x2, adapted)
-    delta = x2.new_empty(xs.shape[0], out)
-    for k, s, e in spans:
-        spec, s, e = static.specs[k], s - n_base, e - n_base
-        A, B = _cast(params[2 * k], x2.dtype), _cast(params[2 * k + 1], x2.dtype)
-        uk = masked_down_project(xs[s:e], A, _group_mask(lanes, s, e, spec.p), spec.p)
-        _scaled_up(uk, B, spec, out, delta[s:e])
-    return y2.index_add_(0, adapted, delta), order, spans
-
-
-def _whole(spec: _Spec, out_features: int) -> bool:
-    return covers_all(spec.blocks, out_features)
-
-
-def _scaled_up(u: Tensor, B: Tensor, spec: _Spec, out_features: int, dst: Tensor) -> None:
-    """``dst = s · u Bᵀ`` (zeros on the rows without an adapter). One op for a whole-output adapter:
-    with K adapters the op count, not the flops, is what a small group costs."""
-    if _whole(spec, out_features):
-        torch.addmm(dst, u, B.t(), beta=0, alpha=spec.scaling, out=dst)
-    else:
-        _seed_output(u, B, spec.scaling, None, spec.blocks, out_features, out=dst)
-
-
-def _adapter_grads(spec: _Spec, xs, gs, s: int, e: int, lanes, dxs, lora_A, lora_B, needs):
-    """``(dA_k, dB_k)`` from adapter ``k``'s sorted tokens ``s:e``; writes its part of ``dx`` into
-    ``dxs[s:e]`` (when ``dxs`` is given).
-
-    ``u = drop(x) A_kᵀ`` is recomputed from the gathered tokens (``n_k × in × r`` flops, under
-    0.2% of the base GEMMs at the layer bench shape) rather than kept: ``x_k`` is gathered for
-    ``dA`` anyway, so the mixed path keeps no ``T × r`` tensor at all."""
-    A, B = _cast(lora_A, gs.dtype), _cast(lora_B, gs.dtype)
-    gk, xk, mask = gs[s:e], xs[s:e], _group_mask(lanes, s, e, spec.p)
-    dA = dB = None
-    whole = _whole(spec, gs.shape[1])
-    if needs[1]:
-        uk = masked_down_project(xk, A, mask, spec.p)
-        dB = (torch.addmm(B, gk.t(), uk, beta=0, alpha=spec.scaling) if whole
-              else _g_t_u(gk, uk, B, spec.blocks).mul_(spec.scaling)).to(lora_B.dtype)
-    if needs[0] or dxs is not None:
-        du = (torch.addmm(gk.new_zeros(()), gk, B, beta=0, alpha=spec.scaling)
-              if whole else _grad_u(gk, B, A.shape[0], spec.scaling, spec.blocks))
-        if needs[0]:
-            dA = grad_A(du, xk, mask, spec.p).to(lora_A.dtype)
-        if dxs is not None:
-            input_grad(du, A, mask, spec.p, out=dxs[s:e])
-    return dA, dB
-
-
-def _grouped_backward(ctx, g):
-    """The gradients asked for, from ``x``, the sort order and the parameters."""
-    x, weight, bias, order, *params = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    needs = ctx.needs_input_grad[5:]
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    n_base = order.shape[0] - sum(e - s for _, s, e in ctx.spans)
-    adapted = order[n_base:]
-    gs, xs = g2.index_select(0, adapted), x2.index_select(0, adapted).to(g2.dtype)
-    lanes = _lanes(ctx.static, x2, adapted) if need_x or any(needs[::2]) else None
-    dxs = gs.new_empty(xs.shape) if need_x else None
-    grads = [None] * len(params)
-    for k, s, e in ctx.spans:
-        grads[2 * k], grads[2 * k + 1] = _adapter_grads(ctx.static.specs[k], xs, gs, s - n_base, e - n_base, lanes,
-                                                        dxs, params[2 * k], params[2 * k + 1], needs[2 * k:2 * k + 2])
-    # an adapter without tokens: a zero gradient, as the other forms give
-    grads = [torch.zeros_like(p) if need and d is None else d for p, need, d in zip(params, needs, grads)]
-    dx = dw = None
-    if need_x:
-        dx = (g2 @ _dense_t(weight, ctx.static.fan_in_fan_out, g2.dtype)).index_add_(0, adapted, dxs)
-        dx = dx.view(x.shape).to(x.dtype)
-    if need_w:
-        dw = g2.t() @ x2.to(g2.dtype)
-        dw = (dw.t() if ctx.static.fan_in_fan_out else dw).to(weight.dtype)
-    db = g2.sum(0).to(bias.dtype) if need_b else None
-    return (dx, dw, db, None, None, *grads)
-
-
-def _token_adapter_back(order: Tensor, spans) -> Tensor:
-    """The per-token indices again, from the saved sort (for the differentiable backward)."""
-    values = order.new_full(order.shape, -1)
-    for k, s, e in spans:
-        values[s:e] = k
-    return torch.empty_like(values).index_copy_(0, order, values)
-
-
-# ----------------------------------------------------------------------------- the lean path (stacked)
-
-class _Stack(NamedTuple):
-    """The K adapters as one adapter of rank ``R = Σ r_k`` per split: ``A`` split-major
-    (``(n·R, in)``), ``B`` with each adapter's scaling folded in (``(b_rows, R)``), the blocks
-    for rank ``R``, and each adapter's first column inside a split."""
-
-    A: Tensor
-    B: Tensor
-    blocks: Tuple[Block, ...]
-    ranks: Tuple[int, ...]
-    offsets: Tuple[int, ...]
-
-
-def _stack(params, specs, dtype) -> _Stack:
-    """Built with a fixed number of ops whatever K (under load each op, however small, costs a
-    thread-pool round trip)."""
-    ranks = tuple(spec.blocks[0].a1 - spec.blocks[0].a0 for spec in specs)
-    R, offsets = sum(ranks), tuple(sum(ranks[:k]) for k in range(len(ranks)))
-    A = torch.cat([params[2 * k][blk.a0:blk.a1]
-                   for j in range(len(specs[0].blocks)) for k, blk in enumerate(s.blocks[j] for s in specs)])
-    col_scale = torch.tensor([spec.scaling for spec, r in zip(specs, ranks) for _ in range(r)], dtype=dtype)
-    B = _cast(torch.cat(params[1::2], 1), dtype).mul_(col_scale.to(params[1].device))
-    blocks = tuple(Block(b.out0, b.out1, j * R, (j + 1) * R, b.b0, b.b1) for j, b in enumerate(specs[0].blocks))
-    return _Stack(_cast(A, dtype), B, blocks, ranks, offsets)
-
-
-def _selection(token_adapter: Tensor, stack: _Stack, specs, dtype) -> Tensor:
-    """``(T, n·R)``: each token's inverted-dropout scale on its own adapter's columns, 0 elsewhere
-    (a row of a small ``(K+1, n·R)`` table per token; row 0, base only, is all 0)."""
-    R = sum(stack.ranks)
-    table = torch.zeros(len(specs) + 1, len(stack.blocks) * R, dtype=dtype)
-    for k, spec in enumerate(specs):
-        for j in range(len(stack.blocks)):
-            c0 = j * R + stack.offsets[k]
-            table[k + 1, c0:c0 + stack.ranks[k]] = keep_scale(spec.p) if spec.p > 0.0 else 1.0
-    return table.to(token_adapter.device).index_select(0, token_adapter + 1)
-
-
-def _stacked_u(x2, token_adapter, static: _Static, stack: _Stack):
-    """``(u, mask, S)``: ``u = (drop-masked x) Aᵀ ⊙ S`` with the selection ``S``, and the mask."""
-    mask = _row_mask(static.seed, x2.shape, token_adapter, [s.p for s in static.specs])
-    S = _selection(token_adapter, stack, static.specs, x2.dtype)
-    return masked_down_project(x2, stack.A, mask, 0.0).mul_(S), mask, S
-
-
-def _stacked_forward(x2, weight, bias, token_adapter, static: _Static, params) -> Tensor:
-    """The single-adapter forward (:func:`.autograd.lora_forward`'s order) on the stacked adapter."""
-    stack = _stack(params, static.specs, x2.dtype)
-    u = _stacked_u(x2, token_adapter, static, stack)[0]
-    y2 = _seed_output(u, stack.B, 1.0, _cast(bias, x2.dtype), stack.blocks, _out_features(weight, static.fan_in_fan_out))
-    return y2.addmm_(x2, _dense_t(weight, static.fan_in_fan_out, x2.dtype).t())
-
-
-def _unstack(dA, dB, stack: _Stack, specs, params, needs):
-    """Each adapter's ``(dA_k, dB_k)`` from the stacked adapter's gradients."""
-    grads = []
-    for k, spec in enumerate(specs):
-        c0, c1 = stack.offsets[k], stack.offsets[k] + stack.ranks[k]
-        grads.append(None if not needs[2 * k] else torch.cat(
-            [dA[blk.a0 + c0:blk.a0 + c1] for blk in stack.blocks]).to(params[2 * k].dtype))
-        grads.append(None if not needs[2 * k + 1] else (dB[:, c0:c1] * spec.scaling).to(params[2 * k + 1].dtype))
-    return grads
-
-
-def _stacked_backward(ctx, g):
-    x, weight, bias, token_adapter, *params = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    needs = ctx.needs_input_grad[5:]
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(g.dtype)
-    stack = _stack(params, ctx.static.specs, g2.dtype)
-    u, mask, S = _stacked_u(x2, token_adapter, ctx.static, stack)
-    dB = _g_t_u(g2, u, stack.B, stack.blocks) if any(needs[1::2]) else None
-    du = _grad_u(g2, stack.B, stack.A.shape[0], 1.0, stack.blocks).mul_(S) if need_x or any(needs[::2]) else None
-    dA = grad_A(du, x2, mask, 0.0) if any(needs[::2]) else None
-    dx = dw = None
-    if need_x:
-        dx = input_grad(du, stack.A, mask, 0.0).addmm_(g2, _dense_t(weight, ctx.static.fan_in_fan_out, g2.dtype))
-        dx = dx.view(x.shape).to(x.dtype)
-    if need_w:
-        dw = g2.t() @ x2
-        dw = (dw.t() if ctx.static.fan_in_fan_out else dw).to(weight.dtype)
-    db = g2.sum(0).to(bias.dtype) if need_b else None
-    return (dx, dw, db, None, None, *_unstack(dA, dB, stack, ctx.static.specs, params, needs))
-
-
-def _forward(x2, weight, bias, token_adapter, static: _Static, params):
-    """``(y2, index, spans)``: the output and what backward needs to find each adapter's tokens."""
-    if static.stacked:
-        return _stacked_forward(x2, weight, bias, token_adapter, static, params), token_adapter, None
-    return _grouped_forward(x2, weight, bias, token_adapter, static, params)
-
-
-class _MixedLoRA(torch.autograd.Function):
-    """The lean autograd of a mixed batch (no row-scale hooks, dense base).
-
-    Inputs: ``x`` (compute dtype), ``weight``, ``bias``, ``token_adapter``, a :class:`_Static`,
-    then ``lora_A, lora_B`` of every adapter in order. Saved: ``x``, the per-token indices
-    (stacked) or the sort order (grouped), ``T`` int64 either way, and the parameters (as given;
-    cast in backward); no mask, no ``u``, nothing of size ``T × out``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, token_adapter, static, *params):
-        x2 = x.reshape(-1, x.shape[-1])
-        y2, index, spans = _forward(x2, weight, bias, token_adapter, static, params)
-        ctx.save_for_backward(x, weight, bias, index, *params)
-        ctx.static, ctx.spans = static, spans
-        return y2.view(*x.shape[:-1], y2.shape[-1])
-
-    @staticmethod
-    def backward(ctx, g):
-        if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative follows
-            return _differentiable_backward(ctx, g)
-        return _stacked_backward(ctx, g) if ctx.static.stacked else _grouped_backward(ctx, g)
-
-
-def _differentiable_backward(ctx, g):
-    """The gradients as differentiable functions of the inputs (double backward): the plain-op
-    form with the forward's seeded masks, differentiated with ``create_graph=True``."""
-    x, weight, bias, order, *params = ctx.saved_tensors
-    inputs = (x, weight, bias, None, None, *params)
-    wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need]
-    ta = order if ctx.static.stacked else _token_adapter_back(order, ctx.spans)
-    specs = ctx.static.specs
-    drop = _seeded_drop(ctx.static.seed, ta, specs)
-    y = _plain(x.reshape(-1, x.shape[-1]), weight, bias, params, specs, (None,) * len(specs), ta,
-                 ctx.static.fan_in_fan_out, drop)
-    grads = torch.autograd.grad(y.view(g.shape), [inputs[i] for i in wanted], g, create_graph=True,
-                                allow_unused=True)
-    out = [None] * len(inputs)
-    for i, grad in zip(wanted, grads):
-        out[i] = grad
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------- the plain-op form
-
-def _seeded_drop(seed: int, token_adapter: Tensor, specs):
-    """The lean path's masks (the module docstring's rule) as plain ops; None without dropout."""
-    ps = [s.p for s in specs]
-    if not any(p > 0.0 for p in ps):
-        return None
-
-    def drop(t: Tensor) -> Tensor:
-        mask = _row_mask(seed, t.shape, token_adapter, ps)
-        return torch.where(mask, 0.0, t) * _row_scale_vector(ps, token_adapter, t.dtype)[:, None]
-    return drop
-
-
-def _random_drop(token_adapter: Tensor, specs):
-    """Per-row dropout from ``torch.rand`` (traceable by torch.compile and torch.func); None without it."""
-    ps = [s.p for s in specs]
-    if not any(p > 0.0 for p in ps):
-        return None
-
-    def drop(t: Tensor) -> Tensor:
-        p_row = t.new_tensor([0.0] + ps)[token_adapter + 1][:, None]
-        return torch.where(torch.rand_like(t) >= p_row, t / (1 - p_row), 0.0)
-    return drop
-
-
-def _selected_u(xd: Tensor, As, token_adapter: Tensor) -> Tensor:
-    """``(T, Σr)``: every adapter's down projection, zero outside each token's own adapter's columns."""
-    A = torch.cat([_cast(a, xd.dtype) for a in As])
-    owner = torch.cat([torch.full((a.shape[0],), k, device=xd.device) for k, a in enumerate(As)])
-    return F.linear(xd, A) * (token_adapter[:, None] == owner).to(xd.dtype)
-
-
-def _plain(x2, weight, bias, params, specs, hooks, token_adapter, fan_in_fan_out, drop):
-    """``(T, out)`` from plain differentiable ops; ``hooks`` holds each adapter's
-    ``(row_scale, param, const)`` or None."""
-    scaled = any(h is not None for h in hooks)
-    y = _base(x2, weight, None if scaled else bias, fan_in_fan_out)
-    u = _selected_u(x2 if drop is None else drop(x2), params[::2], token_adapter)
-    parts, off = {}, 0
-    for k, spec in enumerate(specs):
-        B = _cast(params[2 * k + 1], x2.dtype)
-        for o0, o1, a0, a1, b0, b1 in spec.blocks:
-            term = F.linear(u[:, off + a0:off + a1], B[b0:b1]) * spec.scaling
-            parts[(o0, o1)] = term if (o0, o1) not in parts else parts[(o0, o1)] + term
-        off += params[2 * k].shape[0]
-    if list(parts) == [(0, y.shape[-1])]:
-        y = y + parts[(0, y.shape[-1])]
-    else:
-        y = _scatter_add(y, [(o0, o1, d) for (o0, o1), d in parts.items()])
-    if scaled:
-        y = y * _token_factors(hooks, specs, token_adapter, y.shape[-1], y.dtype)
-        y = y if bias is None else y + _cast(bias, y.dtype)
-    return y
-
-
-def _token_factors(hooks, specs, token_adapter: Tensor, out: int, dtype) -> Tensor:
-    """``(T, out)``: each token's row-scale factor (1 for base-only tokens and plain adapters)."""
-    ones = torch.ones(out, dtype=dtype, device=token_adapter.device)
-    rows = [ones] + [ones if h is None else expand_rows(h[0].factor(h[1], h[2]), spec.blocks, out, dtype)
-                     for h, spec in zip(hooks, specs)]
-    return torch.stack(rows).index_select(0, token_adapter + 1)
-
-
 # ----------------------------------------------------------------------------- routing
 
 def _params(call: _Call):
@@ -586,8 +212,7 @@ def _run(call: _Call, dt: torch.dtype) -> Tensor:
     seed = draw_seed() if any(s.p > 0.0 for s in call.specs) and not call.x.is_meta else 0
     if _is_quantized(call.weight) or any(a.row_scale is not None for a in call.adapters):
         return _run_plain(call, dt, seed)
-    stacked = sum(s.blocks[0].a1 - s.blocks[0].a0 for s in call.specs) <= STACKED_MAX_RANK
-    static = _Static(call.specs, seed, call.fan_in_fan_out, stacked)
+    static = lean_static(call.specs, seed, call.fan_in_fan_out)
     args = (call.weight, call.bias, call.token_adapter, static, *_params(call))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (call.x, *args[:2], *args[4:]))):
         x2 = _cast(call.x, dt).reshape(-1, call.x.shape[-1])

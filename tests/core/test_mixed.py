@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_layers.bases.quantized import QuantizedBase
-from lora_layers.core import mixed as mixed_module
+from lora_layers.core import mixed_lean
 from lora_layers.core import recipes
 from lora_layers.core.dropout import draw_seed, keep_mask, keep_scale
 from lora_layers.core.functional import lora_linear
@@ -30,7 +30,7 @@ TOL32 = 1e-6
 @pytest.fixture(params=["stacked", "grouped"])
 def lean_path(request, monkeypatch):
     """Both lean paths: the adapters stacked into one (small Σr) and the tokens grouped by adapter."""
-    monkeypatch.setattr(mixed_module, "STACKED_MAX_RANK", 10**6 if request.param == "stacked" else 0)
+    monkeypatch.setattr(mixed_lean, "STACKED_MAX_RANK", 10**6 if request.param == "stacked" else 0)
     return request.param
 
 
@@ -184,6 +184,15 @@ def test_no_grad_path_and_frozen_inputs_match_the_lean_path(lean_path):
     assert rel_err(y2, y - b.detach()) <= TOL32
     assert [t.shape for t in torch.autograd.grad(y2.sum(), [B for _, B, _, _ in frozen])] == \
         [B.shape for _, B, _, _ in frozen]
+
+
+def test_a_batch_of_base_only_tokens_is_the_base(lean_path):
+    x, W, b, ads = _copy(_case("merged"), torch.float32)
+    y = lora_linear_mixed(x, W, b, [MixedAdapter(A, B, s, 0.3) for A, B, s, _ in ads],
+                          torch.full((x.shape[0] * x.shape[1],), -1), training=True, segments=GQA[2])
+    assert rel_err(y, F.linear(x, W, b)) <= TOL32
+    grads = torch.autograd.grad(y.sum(), [t for A, B, _, _ in ads for t in (A, B)])
+    assert not any(g.any() for g in grads)
 
 
 def test_adapter_without_tokens_gets_a_zero_gradient(lean_path):
