@@ -170,3 +170,18 @@ def test_plot_quick(tmp_path):
     # Re-plotting saved data needs no benchmark run.
     again = plot.main(["--no-run", "--data", str(data), "--outdir", str(tmp_path / "img2")])
     assert [os.path.basename(p) for p in again] == [os.path.basename(p) for p in paths]
+
+
+def test_bench_mixed_quick(tmp_path):
+    import bench_mixed
+
+    data = bench_mixed.main(["--quick", "--threads", "1", "--out", str(tmp_path / "mixed.json")])
+    for part in data["parts"].values():
+        res = part["results"]
+        assert set(res) == {bench_mixed.ONE, bench_mixed.FLOOR, bench_mixed._mixed_name(4)}
+        assert res[bench_mixed.FLOOR]["saved_bytes"] == 0
+        c = data["config"]
+        # the one adapter keeps u (T x r); the mixed batch only its T int64 indices
+        assert res[bench_mixed.ONE]["saved_bytes"] == c["tokens"] * c["rank"] * 4
+        assert res[bench_mixed._mixed_name(4)]["saved_bytes"] == c["tokens"] * 8
+        assert part["ratio_mixed_over_one"]["median"] > 0

@@ -69,15 +69,16 @@ def _fill_bias(dst: Tensor, bias: Optional[Tensor], o0: int, o1: int) -> None:
         dst.copy_(bias[o0:o1].expand_as(dst))
 
 
-def _seed_output(u: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor], blocks, out_features: int) -> Tensor:
-    """A fresh ``(T, out)`` tensor holding ``b + scaling · u Bᵀ`` (per block).
+def _seed_output(u: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor], blocks, out_features: int,
+                 out: Optional[Tensor] = None) -> Tensor:
+    """A fresh ``(T, out)`` tensor (or ``out``, filled) holding ``b + scaling · u Bᵀ`` (per block).
 
     The base GEMM then accumulates into it (``addmm_`` with beta=1), so the
     LoRA term costs one write of the output instead of a separate
     read-modify-write pass after the GEMM.
     """
     Bs = B * scaling  # (out, r): folding the scale here is free
-    y2 = u.new_empty(u.shape[0], out_features)
+    y2 = u.new_empty(u.shape[0], out_features) if out is None else out
     covered = 0
     for o0, o1, a0, a1, b0, b1 in sorted(blocks):
         if o0 > covered:

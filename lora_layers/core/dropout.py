@@ -54,13 +54,25 @@ def drop_mask(seed: int, shape, p: float, device) -> Tensor:
     Deterministic in ``seed``, so backward regenerates exactly the mask that
     forward used.
     """
+    return random_lanes(seed, shape, device) < lane_threshold(p)
+
+
+def random_lanes(seed: int, shape, device) -> Tensor:
+    """The 16 random bits per element behind :func:`drop_mask`, as an int16 tensor of ``shape``:
+    an element is dropped where its lane is below :func:`lane_threshold` of its probability, so
+    rows with different probabilities can share one draw (the mixed-adapter batches)."""
     n = math.prod(shape)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=gen)  # all 64 bits
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes < _drop_threshold(p) - _LANES // 2
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def lane_threshold(p: float) -> int:
+    """The int16 value below which a :func:`random_lanes` lane is dropped for probability ``p``
+    (``-32768`` for ``p = 0``: nothing is dropped)."""
+    return _drop_threshold(p) - _LANES // 2
 
 
 def keep_mask(seed: int, shape, p: float, device) -> Tensor:
@@ -79,11 +91,15 @@ def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
 
 def down_project(x2: Tensor, A: Tensor, p: float, seed: int) -> Tensor:
     """``u = drop(x) Aᵀ`` for a 2-D ``x2``, with the mask of ``seed`` when ``p > 0``."""
-    if p == 0.0:
+    return masked_down_project(x2, A, drop_mask(seed, x2.shape, p, x2.device) if p > 0.0 else None, p)
+
+
+def masked_down_project(x2: Tensor, A: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
+    """``u = drop(x) Aᵀ`` with a given drop ``mask`` (True = dropped; None without dropout)."""
+    if mask is None:
         return x2 @ A.t()
     # The keep-scale is applied to the (T, r) product, not to x.
-    u = torch.where(drop_mask(seed, x2.shape, p, x2.device), 0.0, x2) @ A.t()
-    return u.mul_(keep_scale(p))
+    return (torch.where(mask, 0.0, x2) @ A.t()).mul_(keep_scale(p))
 
 
 def backward_mask(seed: int, x2: Tensor, p: float) -> Optional[Tensor]:
@@ -98,11 +114,12 @@ def grad_A(du: Tensor, x2: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
     return (du.t() @ torch.where(mask, 0.0, x2)).mul_(keep_scale(p))
 
 
-def input_grad(du: Tensor, A: Tensor, mask: Optional[Tensor], p: float) -> Tensor:
-    """The adapter's part of ``dx``, ``drop'(du A)``: a fresh tensor the base ``g W`` may accumulate into."""
+def input_grad(du: Tensor, A: Tensor, mask: Optional[Tensor], p: float, out: Optional[Tensor] = None) -> Tensor:
+    """The adapter's part of ``dx``, ``drop'(du A)``: a fresh tensor (or ``out``, filled) the base
+    ``g W`` may accumulate into."""
     if mask is None:
-        return du @ A
-    return ((du * keep_scale(p)) @ A).masked_fill_(mask, 0)
+        return torch.mm(du, A, out=out)
+    return torch.mm(du * keep_scale(p), A, out=out).masked_fill_(mask, 0)
 
 
 def seeded_dropout(seed: int, x: Tensor, p: float) -> Optional[Callable[[Tensor], Tensor]]:
