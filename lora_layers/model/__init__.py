@@ -3,14 +3,15 @@
 wrappers, what adapters a model carries (``summary``), and the registries a model family fills
 (:mod:`.families`).
 """
-from . import families, unwrap, params, swap, surgery, quantize, overview
+from . import families, unwrap, params, swap, requantize, surgery, quantize, overview
 from .families import *  # noqa: F401,F403  (each module's __all__)
 from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
 from .swap import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
+from .requantize import *  # noqa: F401,F403  (each module's __all__)
 from .overview import *  # noqa: F401,F403  (each module's __all__)
 
-__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
+__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__, *requantize.__all__,
            *overview.__all__]

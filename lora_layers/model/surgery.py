@@ -382,7 +382,8 @@ def _refuse_sharded(model: nn.Module) -> None:
                          f"into the model built without LoRA, or save it (docs/distributed.md)")
 
 
-def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: Optional[str] = None,
+                     probe=None) -> nn.Module:
     """Fold every adapter into its weight and replace each LoRA layer by the plain torch layer.
 
     The result holds ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` modules whose
@@ -395,6 +396,14 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     Args:
         model: a model with LoRA layers (a model without any is returned as is).
         safe_merge: check each merged weight is finite (see :meth:`LoRALayer.merge`).
+        requantize: None, or ``"nf4"``: every ``Linear`` LoRA layer (over a quantized or a dense base)
+            becomes a plain ``nn.Linear`` holding ``to_nf4`` of the weight it would hold without
+            ``requantize`` (torchao NF4, as :func:`~lora_layers.quantize_base` makes, with the base's
+            block sizes), and the returned model carries the cost as ``model.requantize_report``
+            (a :class:`~lora_layers.RequantizeReport`). Embeddings and convolutions merge as usual.
+        probe: with ``requantize``, inputs to run the model on (``model(probe)``, or ``model(**probe)``
+            for a mapping), e.g. ``input_ids``: the report then gives the largest logit difference between
+            the exact merge and the requantized model (run in inference mode before and after).
 
     Returns:
         ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
@@ -413,27 +422,62 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
         ValueError: the model is sharded by ``fully_shard`` (its weights are shards, and plain layers
             holding whole merged weights would undo the sharding on every rank): use
             :func:`lora_layers.merged_state_dict` on every rank instead (docs/distributed.md).
+        ValueError: ``requantize`` is not None or ``"nf4"``; a ``probe`` without ``requantize``; a
+            ``Linear`` layer NF4 cannot pack (a number of weights that is not a multiple of its block
+            size, or a weight stored ``(in, out)``): raised before anything changes.
+        TypeError: ``probe`` is neither a tensor nor a mapping, or the model's output on it has no logits.
     """
     model = unwrap_model(model)
     _refuse_sharded(model)
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
     _check_plain_kind("merge_and_unload", layers)
+    if requantize is not None or probe is not None:
+        return _merge_requantized(model, layers, safe_merge, requantize, probe)
     # A quantized base cannot take the adapter in place: it becomes a plain Linear
     # holding the dequantized weight plus the adapter (built before anything changes).
     replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
                 if getattr(layer, "quantized", None) is not None}
+    return _swap_merged(model, layers, replaced, safe_merge)
+
+
+def _swap_merged(model, layers, replaced, safe_merge, quantized_left=is_quantized_linear):
+    """Merge the layers not in ``replaced`` in place, then put the plain layers in (the last step of
+    ``merge_and_unload``)."""
     merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
     undo_family_changes(model)
     dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
     model = swap_modules(model, replaced)
     quantizer = getattr(model, "hf_quantizer", None)
-    if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
+    if dequantized and quantizer is not None and not any(quantized_left(m) for m in model.modules()):
         # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
         # would make save_pretrained write a checkpoint that from_pretrained reloads as a quantized one.
         quantizer.remove_quantization_config(model)
     return model
+
+
+def _merge_requantized(model, layers, safe_merge, requantize, probe):
+    """``merge_and_unload`` with ``requantize``: the NF4 layers and their report are made first (one exact
+    merged weight at a time), the probe's exact logits before anything changes."""
+    # Imported here: requantize uses quantize's NF4 packer, and quantize imports this module.
+    from .requantize import exact_logits, make_report, plan_requantize, requantized_layers, run_probe
+
+    if requantize is None:
+        raise ValueError(f"merge_and_unload: probe= measures what requantize costs; pass requantize='nf4' with it "
+                         f"(got requantize=None and a {type(probe).__name__} probe)")
+    targets = plan_requantize("merge_and_unload", requantize, model, layers, probe)
+    reference = None if probe is None else exact_logits("merge_and_unload", model, layers, probe)
+    replaced, rows = requantized_layers(requantize, targets, safe_merge)
+    # Once merged, only bitsandbytes layers need transformers' record of the quantization (the NF4 ones are torchao's).
+    model = _swap_merged(model, layers, replaced, safe_merge, _bnb_linear)
+    logits = None if probe is None else run_probe("merge_and_unload", model, probe)
+    model.requantize_report = make_report(requantize, rows, reference, logits)
+    return model
+
+
+def _bnb_linear(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "bitsandbytes"
 
 
 def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
