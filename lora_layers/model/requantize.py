@@ -68,7 +68,8 @@ class RequantizeReport:
         scheme: the requantization (``"nf4"``).
         layers: one :class:`RequantizedLayer` per requantized layer, in model order.
         max_logit_diff: ``max |logits(requantized) − logits(exact merge)|`` over the probe batch
-            (both models in inference mode, without gradients), or None without a probe.
+            (both models in inference mode, without gradients; where the probe has an ``attention_mask``,
+            over the positions it keeps), or None without a probe.
         max_logit: ``max |logits(exact merge)|`` over the probe batch, the scale of the difference.
     """
 
@@ -320,15 +321,23 @@ def _hooked_logits(fn, model, layers, probe, forward) -> Tensor:
             hook.remove()
 
 
-def max_diff(a: Tensor, b: Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+def _largest(values: Tensor, mask: Optional[Tensor]) -> float:
+    """``max |values|`` over the positions ``mask`` keeps (all without one), 0.0 over none."""
+    values = values.double().abs()
+    if mask is not None and tuple(mask.shape) == tuple(values.shape[:-1]):
+        values = values[mask.to(device=values.device, dtype=torch.bool)]
+    return values.max().item() if values.numel() else 0.0
 
 
-def make_report(scheme: str, rows, reference: Optional[Tensor], logits: Optional[Tensor]) -> RequantizeReport:
+def make_report(scheme: str, rows, reference: Optional[Tensor], logits: Optional[Tensor],
+                probe=None) -> RequantizeReport:
+    """The report; logits are compared where the probe's ``attention_mask`` (if any) keeps a token, as padded
+    positions carry no prediction."""
     if reference is None:
         return RequantizeReport(scheme, tuple(rows))
-    return RequantizeReport(scheme, tuple(rows), max_diff(logits, reference),
-                            reference.double().abs().max().item() if reference.numel() else 0.0)
+    mask = probe.get("attention_mask") if isinstance(probe, Mapping) else None
+    return RequantizeReport(scheme, tuple(rows), _largest(logits.double() - reference.double(), mask),
+                            _largest(reference, mask))
 
 
 def requantize_report(model: nn.Module, scheme: str = "nf4", probe=None) -> RequantizeReport:
@@ -365,4 +374,4 @@ def requantize_report(model: nn.Module, scheme: str = "nf4", probe=None) -> Requ
         return _packed_linear(module, packed[id(module)], target)(*args, **kwargs)
 
     logits = _hooked_logits("requantize_report", model, layers, probe, requantized_forward)
-    return make_report(scheme, rows, reference, logits)
+    return make_report(scheme, rows, reference, logits, probe)

@@ -472,7 +472,7 @@ def _merge_requantized(model, layers, safe_merge, requantize, probe):
     # Once merged, only bitsandbytes layers need transformers' record of the quantization (the NF4 ones are torchao's).
     model = _swap_merged(model, layers, replaced, safe_merge, _bnb_linear)
     logits = None if probe is None else run_probe("merge_and_unload", model, probe)
-    model.requantize_report = make_report(requantize, rows, reference, logits)
+    model.requantize_report = make_report(requantize, rows, reference, logits, probe)
     return model
 
 

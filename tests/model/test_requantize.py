@@ -172,13 +172,25 @@ def test_bnb_nf4_over_an_8bit_model_is_refused(saved_phi3):
 
 
 def test_report_without_changing_the_model_equals_the_merge_report():
+    """requantize_report changes nothing and gives merge_and_unload's report; a probe's attention_mask leaves the
+    padded positions out of the logit figures."""
     model, _ = _adapted("nf4")
     ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    probe = {"input_ids": ids, "attention_mask": mask}
     before = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
-    report = L.requantize_report(model, probe=ids)
+    report = L.requantize_report(model, probe=probe)
     assert isinstance(model.model.layers[0].self_attn.qkv_proj, L.MergedLinear)
     assert all(torch.equal(v, L.lora_state_dict(model)[k]) for k, v in before.items())
-    assert L.merge_and_unload(model, requantize="nf4", probe=ids).requantize_report == report
+    merged = L.merge_and_unload(model, requantize="nf4", probe=probe)
+    assert merged.requantize_report == report
+    exact = L.merge_and_unload(_adapted("nf4")[0]).eval()
+    with torch.no_grad():
+        reference, got = exact(**probe).logits.double(), merged.eval()(**probe).logits.double()
+    kept = mask.bool()
+    assert report.max_logit_diff == pytest.approx((got - reference)[kept].abs().max().item(), rel=1e-6)
+    assert report.max_logit == pytest.approx(reference[kept].abs().max().item(), rel=1e-6)
 
 
 def test_requantized_model_loads_into_a_quantize_base_model():
