@@ -302,7 +302,10 @@ def _exact_forward(layer: nn.Module, args, kwargs):
     if isinstance(layer, Linear):
         weight, bias = exact_weight(layer), layer.bias  # (out, in): requantize refuses fan_in_fan_out
         return F.linear(args[0], weight, None if bias is None else bias.to(weight.dtype))
-    return torch.func.functional_call(layer.wrapped_module(), {"weight": layer.merged_weight()}, args, kwargs)
+    plain = layer.wrapped_module()
+    # Its own forward, called directly: the plain module shares the layer's hooks, this one among them.
+    plain.__dict__["_parameters"] = {**plain._parameters, "weight": layer.merged_weight()}
+    return plain.forward(*args, **kwargs)
 
 
 def exact_logits(fn: str, model: nn.Module, layers, probe) -> Tensor:

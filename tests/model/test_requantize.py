@@ -21,13 +21,13 @@ def _nf4():
 def _adapted(base: str, seed: int = 0, folder=None):
     """A tiny Phi-3 with trained-looking adapters over a ``base`` ("dense", "nf4": quantize_base, or "bnb-nf4":
     bitsandbytes loaded), and ``{name: float base weight}`` (None where the base was loaded quantized)."""
-    if base == "bnb-nf4":
-        model = load_quantized_phi3(folder, "nf4")
+    if base in ("bnb-nf4", "bnb-int8"):
+        model = load_quantized_phi3(folder, base[4:])
     elif folder is not None:  # the saved model, in float: every in_features a multiple of 64
         model = transformers.Phi3ForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32)
     else:
         model = make_tiny_phi3(seed=seed)
-    originals = {n: (None if base == "bnb-nf4" else m.weight.detach().clone()) for n, m in model.named_modules()
+    originals = {n: (None if base.startswith("bnb") else m.weight.detach().clone()) for n, m in model.named_modules()
                  if n.endswith("_proj")}
     if base == "nf4":
         L.quantize_base(model)
@@ -106,7 +106,7 @@ def _check_against_exact(base, scheme="nf4", folder=None):
         w_base = bases[row.name]
         assert row.base_error == pytest.approx(_rel64(_reference(scheme, w_base, *blocks)[1], w_base), rel=1e-9)
         assert row.delta == pytest.approx(_rel64(w_base, w_exact), rel=1e-9)
-        assert row.base == ("dense" if base == "dense" else {"nf4": "torchao-nf4", "bnb-nf4": "bnb-4bit"}[base])
+        assert row.base == {"dense": "dense", "nf4": "torchao-nf4", "bnb-nf4": "bnb-4bit", "bnb-int8": "bnb-8bit"}[base]
         assert 0.01 < row.error < 0.2  # NF4's rounding: a few percent, never zero here
     diff = (_logits(merged, ids) - _logits(exact, ids)).abs().max().item()
     assert 0 < diff <= report.max_logit_diff and diff == pytest.approx(report.max_logit_diff, rel=1e-6)
@@ -124,8 +124,9 @@ def test_requantized_weights_are_to_nf4_of_the_exact_merge(base):
     assert "model.layers.1.mlp.down_proj" in text and "max |logit difference|" in text
 
 
-def test_requantized_bnb_base_drops_the_bitsandbytes_record(saved_phi3):
-    merged, _ = _check_against_exact("bnb-nf4", folder=saved_phi3)
+@pytest.mark.parametrize("base", ["bnb-nf4", "bnb-int8"])
+def test_requantized_bnb_base_drops_the_bitsandbytes_record(saved_phi3, base):
+    merged, _ = _check_against_exact(base, folder=saved_phi3)
     assert getattr(merged.config, "quantization_config", None) is None  # no bitsandbytes layer left
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
 
@@ -265,3 +266,44 @@ def test_plain_model_with_a_tensor_output_and_a_layer_without_adapter():
     assert all(torch.equal(getattr(merged[2].weight, k), getattr(nf4_before, k))
                for k in nf4_before.__tensor_flatten__()[0])
     assert merged[0].bias is bias  # shared, as merge_and_unload's plain layers share it
+
+
+def test_safe_merge_refuses_a_non_finite_merge_before_any_change():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    L.inject_lora(model, targets=["0", "1"], r=2)
+    with torch.no_grad():
+        model[1].lora_B.fill_(float("inf"))
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="safe_merge: merging the adapter into 1 gives non-finite values"):
+        L.merge_and_unload(model, safe_merge=True, requantize="nf4")
+    _assert_unchanged(model, snapshot)
+
+
+def test_embeddings_merge_dense_and_the_probe_sees_them_merged():
+    """An Embedding adapter merges as usual (dense); the probe's exact reference uses its merged weight too."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 64), nn.Linear(64, 64))
+    L.inject_lora(model, targets=["0", "1"], r=4)
+    nn.init.normal_(model[0].lora_B, std=0.1)
+    nn.init.normal_(model[1].lora_B, std=0.1)
+    ids = torch.randint(0, 50, (3, 7))
+    exact = L.merge_and_unload(copy.deepcopy(model))
+    merged = L.merge_and_unload(model, requantize="nf4", probe=ids)
+    assert type(merged[0]) is nn.Embedding and torch.equal(merged[0].weight, exact[0].weight)
+    assert [row.name for row in merged.requantize_report.layers] == ["1"]
+    with torch.no_grad():
+        diff = (merged(ids).double() - exact(ids).double()).abs().max().item()
+    assert diff > 0 and diff == pytest.approx(merged.requantize_report.max_logit_diff, rel=1e-6)
+
+
+def test_a_lora_layer_itself_becomes_an_nf4_linear():
+    layer = L.Linear(64, 32, r=4)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        exact = x @ layer.merged_weight().t() + layer.bias
+        plain = L.merge_and_unload(layer, requantize="nf4", probe=x)
+        assert type(plain) is nn.Linear and type(plain.weight).__name__ == "NF4Tensor"
+        assert (plain(x) - exact).abs().max().item() == pytest.approx(plain.requantize_report.max_logit_diff, rel=1e-6)
