@@ -1,5 +1,6 @@
 """Model-level operations: surgery (inject, merge_and_unload, unload) and the one module swap
-(:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base, seeing through
+(:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base (and a merged model's
+weights again: :mod:`.requantize`), seeing through
 wrappers, what adapters a model carries (``summary``), and the registries a model family fills
 (:mod:`.families`).
 """

@@ -396,11 +396,14 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: Opt
     Args:
         model: a model with LoRA layers (a model without any is returned as is).
         safe_merge: check each merged weight is finite (see :meth:`LoRALayer.merge`).
-        requantize: None, or ``"nf4"``: every ``Linear`` LoRA layer (over a quantized or a dense base)
-            becomes a plain ``nn.Linear`` holding ``to_nf4`` of the weight it would hold without
-            ``requantize`` (torchao NF4, as :func:`~lora_layers.quantize_base` makes, with the base's
-            block sizes), and the returned model carries the cost as ``model.requantize_report``
-            (a :class:`~lora_layers.RequantizeReport`). Embeddings and convolutions merge as usual.
+        requantize: None, ``"nf4"`` or ``"bnb-nf4"``: every ``Linear`` LoRA layer (over a quantized or a
+            dense base) becomes a plain layer holding the weight it would hold without ``requantize``,
+            packed again in 4 bits: an ``nn.Linear`` with a torchao NF4 weight (``"nf4"``, what
+            :func:`~lora_layers.quantize_base` makes, with the base's block sizes) or a bitsandbytes
+            ``Linear4bit`` (``"bnb-nf4"``). The returned model carries the cost as
+            ``model.requantize_report`` (a :class:`~lora_layers.RequantizeReport`; without changing the
+            model, :func:`~lora_layers.requantize_report` gives the same). Embeddings and convolutions
+            merge as usual.
         probe: with ``requantize``, inputs to run the model on (``model(probe)``, or ``model(**probe)``
             for a mapping), e.g. ``input_ids``: the report then gives the largest logit difference between
             the exact merge and the requantized model (run in inference mode before and after).
@@ -414,6 +417,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: Opt
         adapters holds none afterwards: its record of the quantization is removed too
         (``hf_quantizer.remove_quantization_config``), so ``save_pretrained`` writes a
         plain model (with quantized layers left, the record stays: ``model.dequantize()``).
+        With ``requantize="nf4"`` the record goes once no bitsandbytes layer is left; with
+        ``"bnb-nf4"`` it stays, and ``save_pretrained`` writes a 4-bit checkpoint.
 
     Raises:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
@@ -422,9 +427,12 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: Opt
         ValueError: the model is sharded by ``fully_shard`` (its weights are shards, and plain layers
             holding whole merged weights would undo the sharding on every rank): use
             :func:`lora_layers.merged_state_dict` on every rank instead (docs/distributed.md).
-        ValueError: ``requantize`` is not None or ``"nf4"``; a ``probe`` without ``requantize``; a
-            ``Linear`` layer NF4 cannot pack (a number of weights that is not a multiple of its block
-            size, or a weight stored ``(in, out)``): raised before anything changes.
+        ValueError: ``requantize`` is not None, ``"nf4"`` or ``"bnb-nf4"``; a ``probe`` without
+            ``requantize``; a ``Linear`` layer it cannot pack (for ``"nf4"`` a number of weights that is not
+            a multiple of its block size; a weight stored ``(in, out)``; for ``"bnb-nf4"`` on CPU, rows that
+            are not whole blocks, which bitsandbytes' CPU kernels misread); ``"bnb-nf4"`` on a model that
+            transformers recorded with another quantization: raised before anything changes.
+        ImportError: the library ``requantize`` needs (torchao, bitsandbytes) is not installed.
         TypeError: ``probe`` is neither a tensor nor a mapping, or the model's output on it has no logits.
     """
     model = unwrap_model(model)
@@ -458,7 +466,7 @@ def _swap_merged(model, layers, replaced, safe_merge, quantized_left=is_quantize
 
 
 def _merge_requantized(model, layers, safe_merge, requantize, probe):
-    """``merge_and_unload`` with ``requantize``: the NF4 layers and their report are made first (one exact
+    """``merge_and_unload`` with ``requantize``: the 4-bit layers and their report are made first (one exact
     merged weight at a time), the probe's exact logits before anything changes."""
     # Imported here: requantize uses quantize's NF4 packer, and quantize imports this module.
     from .requantize import exact_logits, make_report, plan_requantize, requantized_layers, run_probe
