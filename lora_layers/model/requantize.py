@@ -1,14 +1,14 @@
-"""Merging adapters and quantizing the merged weights again: ``merge_and_unload(model, requantize="nf4")``.
+"""Merging adapters and packing the merged weights in 4 bits again: ``merge_and_unload(model, requantize=...)``.
 
 Over a quantized base, ``merge_and_unload`` folds the adapter into the dequantized weight exactly
 (``W_m = deq(W) + ΔW``), in the compute dtype, at full size. With ``requantize="nf4"`` each merged
 ``Linear`` weight is then packed again with torchao's NF4 (:func:`~lora_layers.quantize_base`'s
-format): ``to_nf4(W_m)`` with the base's block sizes. That rounding is not exact, so the cost is
-measured and reported (:class:`RequantizeReport`): per layer, the relative Frobenius error of the
-requantized weight against ``W_m``, next to what the same rounding costs the base weight alone and
-the size of the adapter's change; on a probe batch, the largest logit difference between the
-exact merged model and the requantized one. :func:`requantize_report` measures it without
-changing the model.
+format): ``to_nf4(W_m)`` with the base's block sizes; with ``"bnb-nf4"``, by bitsandbytes into a
+``Linear4bit``. That rounding is not exact, so the cost is measured and reported
+(:class:`RequantizeReport`): per layer, the relative Frobenius error of the requantized weight
+against ``W_m``, next to what the same rounding costs the base weight alone and the size of the
+adapter's change; on a probe batch, the largest logit difference between the exact merged model and
+the requantized one. :func:`requantize_report` measures it without changing the model.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bases.quantized import torchao_nf4
+from ..core.sharded import fsdp_managed, shard_group
 from ..layers.linear import Linear
 from .params import lora_modules
 from .quantize import _NF4_BLOCK, nf4_tensor
@@ -349,16 +350,20 @@ def requantize_report(model: nn.Module, scheme: str = "nf4", probe=None) -> Requ
 
     Args:
         model: a model with LoRA layers (over quantized or dense bases).
-        scheme: ``"nf4"`` (torchao NF4, :func:`~lora_layers.quantize_base`'s format).
+        scheme: ``"nf4"`` (torchao NF4, :func:`~lora_layers.quantize_base`'s format) or ``"bnb-nf4"``
+            (bitsandbytes' nf4).
         probe: None, or inputs to run the model on (``model(probe)``, or ``model(**probe)`` for a mapping),
             e.g. a batch of ``input_ids``: the report then gives the largest logit difference.
 
     Raises:
-        ValueError: an unknown ``scheme``, or a ``Linear`` LoRA layer NF4 cannot pack (its number of
-            weights is not a multiple of the block size, or it is stored ``(in, out)``).
+        ValueError: an unknown ``scheme``; a ``Linear`` LoRA layer it cannot pack (as
+            :func:`~lora_layers.merge_and_unload` with ``requantize``); a model sharded by ``fully_shard``.
         TypeError: ``probe`` is neither a tensor nor a mapping, or the model's output has no logits.
     """
     model = unwrap_model(model)
+    if shard_group(model) is not None or any(fsdp_managed(m) for m in model.modules()):
+        raise ValueError(f"requantize_report: {type(model).__name__} is sharded by fully_shard; measure the model "
+                         f"before sharding it, or one process's copy of it")
     layers = list(lora_modules(model))
     targets = plan_requantize("requantize_report", scheme, model, layers, probe)
     packed: Dict[int, Tensor] = {}

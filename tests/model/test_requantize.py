@@ -307,3 +307,14 @@ def test_a_lora_layer_itself_becomes_an_nf4_linear():
         plain = L.merge_and_unload(layer, requantize="nf4", probe=x)
         assert type(plain) is nn.Linear and type(plain.weight).__name__ == "NF4Tensor"
         assert (plain(x) - exact).abs().max().item() == pytest.approx(plain.requantize_report.max_logit_diff, rel=1e-6)
+
+
+def test_a_sharded_model_is_refused(process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(L.Linear(64, 64, r=2))
+    fully_shard(model)
+    with pytest.raises(ValueError, match="requantize_report: FSDPSequential is sharded by fully_shard"):
+        L.requantize_report(model)
+    with pytest.raises(ValueError, match="merge_and_unload: FSDPSequential is sharded by fully_shard"):
+        L.merge_and_unload(model, requantize="nf4")
