@@ -344,6 +344,37 @@ def make_report(scheme: str, rows, reference: Optional[Tensor], logits: Optional
                             _largest(reference, mask))
 
 
+class Requantizer:
+    """``merge_and_unload(requantize=...)``'s steps, in its order: built, it checks everything and takes the
+    probe's exact logits (nothing changed yet); :meth:`layers` makes the 4-bit layers, one exact merged weight
+    at a time; :meth:`attach` runs the probe on the merged model and attaches the report."""
+
+    def __init__(self, fn: str, model: nn.Module, layers, scheme, probe):
+        if scheme is None:
+            raise ValueError(f"{fn}: probe= measures what requantize costs; pass requantize='nf4' with it "
+                             f"(got requantize=None and a {type(probe).__name__} probe)")
+        self.fn, self.scheme, self.probe, self.rows = fn, scheme, probe, []
+        self.targets = plan_requantize(fn, scheme, model, layers, probe)
+        self.reference = None if probe is None else exact_logits(fn, model, layers, probe)
+
+    def layers(self, safe_merge: bool) -> Dict[int, nn.Module]:
+        """``{id(LoRA layer): its 4-bit plain layer}``; the model is not changed."""
+        replaced, self.rows = requantized_layers(self.scheme, self.targets, safe_merge)
+        return replaced
+
+    @staticmethod
+    def needs_quantizer(module: nn.Module) -> bool:
+        """Whether ``module`` needs transformers' record of a bitsandbytes quantization: only bitsandbytes
+        layers do (torchao's NF4 ones are not in it)."""
+        return type(module).__module__.split(".")[0] == "bitsandbytes"
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """``model`` (merged), carrying its :class:`RequantizeReport` as ``model.requantize_report``."""
+        logits = None if self.probe is None else run_probe(self.fn, model, self.probe)
+        model.requantize_report = make_report(self.scheme, self.rows, self.reference, logits, self.probe)
+        return model
+
+
 def requantize_report(model: nn.Module, scheme: str = "nf4", probe=None) -> RequantizeReport:
     """What ``merge_and_unload(model, requantize=scheme, probe=probe)`` would cost, measured without changing
     ``model``: the same :class:`RequantizeReport` that call attaches to the merged model.

@@ -440,52 +440,32 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: Opt
     find_shared_weights(model)  # a tied weight is refused by name
     layers = [(name, layer) for name, layer in lora_modules(model)]
     _check_plain_kind("merge_and_unload", layers)
-    if requantize is not None or probe is not None:
-        return _merge_requantized(model, layers, safe_merge, requantize, probe)
+    requant = None
+    if requantize is not None or probe is not None:  # checked, and the probe's exact logits taken, before any change
+        requant = _requantizer(model, layers, requantize, probe)
     # A quantized base cannot take the adapter in place: it becomes a plain Linear
     # holding the dequantized weight plus the adapter (built before anything changes).
     replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
-                if getattr(layer, "quantized", None) is not None}
-    return _swap_merged(model, layers, replaced, safe_merge)
-
-
-def _swap_merged(model, layers, replaced, safe_merge, quantized_left=is_quantized_linear):
-    """Merge the layers not in ``replaced`` in place, then put the plain layers in (the last step of
-    ``merge_and_unload``)."""
+                if getattr(layer, "quantized", None) is not None} if requant is None else requant.layers(safe_merge)
     merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
     undo_family_changes(model)
     dequantized = bool(replaced)
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
     model = swap_modules(model, replaced)
     quantizer = getattr(model, "hf_quantizer", None)
-    if dequantized and quantizer is not None and not any(quantized_left(m) for m in model.modules()):
+    left = is_quantized_linear if requant is None else requant.needs_quantizer
+    if dequantized and quantizer is not None and not any(left(m) for m in model.modules()):
         # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
         # would make save_pretrained write a checkpoint that from_pretrained reloads as a quantized one.
         quantizer.remove_quantization_config(model)
-    return model
+    return model if requant is None else requant.attach(model)
 
 
-def _merge_requantized(model, layers, safe_merge, requantize, probe):
-    """``merge_and_unload`` with ``requantize``: the 4-bit layers and their report are made first (one exact
-    merged weight at a time), the probe's exact logits before anything changes."""
+def _requantizer(model, layers, requantize, probe):
     # Imported here: requantize uses quantize's NF4 packer, and quantize imports this module.
-    from .requantize import exact_logits, make_report, plan_requantize, requantized_layers, run_probe
+    from .requantize import Requantizer
 
-    if requantize is None:
-        raise ValueError(f"merge_and_unload: probe= measures what requantize costs; pass requantize='nf4' with it "
-                         f"(got requantize=None and a {type(probe).__name__} probe)")
-    targets = plan_requantize("merge_and_unload", requantize, model, layers, probe)
-    reference = None if probe is None else exact_logits("merge_and_unload", model, layers, probe)
-    replaced, rows = requantized_layers(requantize, targets, safe_merge)
-    # Once merged, only bitsandbytes layers need transformers' record of the quantization (the NF4 ones are torchao's).
-    model = _swap_merged(model, layers, replaced, safe_merge, _bnb_linear)
-    logits = None if probe is None else run_probe("merge_and_unload", model, probe)
-    model.requantize_report = make_report(requantize, rows, reference, logits, probe)
-    return model
-
-
-def _bnb_linear(module: nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] == "bitsandbytes"
+    return Requantizer("merge_and_unload", model, layers, requantize, probe)
 
 
 def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
