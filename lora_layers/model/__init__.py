@@ -1,18 +1,18 @@
 """Model-level operations: surgery (inject, merge_and_unload, unload) and the one module swap
-(:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base (and a merged model's
-weights again: :mod:`.requantize`), seeing through
+(:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base, seeing through
 wrappers, what adapters a model carries (``summary``), and the registries a model family fills
 (:mod:`.families`).
 """
-from . import families, unwrap, params, swap, requantize, surgery, quantize, overview
+from . import families, unwrap, params, swap, surgery, quantize, overview
 from .families import *  # noqa: F401,F403  (each module's __all__)
 from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
 from .swap import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
+from . import requantize
 from .requantize import *  # noqa: F401,F403  (each module's __all__)
 from .overview import *  # noqa: F401,F403  (each module's __all__)
 
-__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__, *requantize.__all__,
-           *overview.__all__]
+__all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
+           *requantize.__all__, *overview.__all__]
