@@ -148,30 +148,6 @@ def test_bench_phi3_step_quick_over_an_nf4_base():
     assert inject["saved_bytes"] < peft["saved_bytes"]
 
 
-@pytest.mark.parametrize("gqa", [True, False])
-def test_loss_parity_with_peft(tiny_phi3_factory, gqa):
-    res = loss_parity.run_parity(lambda: tiny_phi3_factory(gqa=gqa), steps=20)
-    assert len(res["peft"]) == len(res["lora_layers"]) == 20
-    assert res["modules"] == 8  # 2 layers x 4 projections
-    assert res["trainable"]["peft"] == res["trainable"]["lora_layers"]
-    assert res["adapter_max_abs"] > 0  # the adapters trained: B left zero
-    assert res["lora_layers"][-1] < res["lora_layers"][0]  # and the loss fell
-    for step, (a, b) in enumerate(zip(res["peft"], res["lora_layers"])):
-        assert abs(a - b) <= 1e-5, f"step {step}: PEFT {a} vs lora_layers {b}"
-
-
-def test_plot_quick(tmp_path):
-    data = tmp_path / "sweeps.json"
-    paths = plot.main(["--quick", "--threads", "1", "--outdir", str(tmp_path / "img"), "--data", str(data)])
-    assert len(paths) == 3
-    for p in paths:
-        with open(p, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # Re-plotting saved data needs no benchmark run.
-    again = plot.main(["--no-run", "--data", str(data), "--outdir", str(tmp_path / "img2")])
-    assert [os.path.basename(p) for p in again] == [os.path.basename(p) for p in paths]
-
-
 def test_requantize_cost_quick(tmp_path):
     """benchmarks/requantize_cost.py on a run folder laid out as the example's: the exact merge keeps the trained
     function's loss, and each requantized merge's report covers every adapted layer."""
@@ -198,3 +174,28 @@ def test_requantize_cost_quick(tmp_path):
         losses["nf4 base + adapter, unmerged (trained)"], rel=1e-5)
     assert losses["merge_and_unload(requantize='nf4')"] != losses["merge_and_unload (exact, dense)"]
     assert all(len(report.layers) == 4 and report.max_logit_diff > 0 for report in reports.values())
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_loss_parity_with_peft(tiny_phi3_factory, gqa):
+    res = loss_parity.run_parity(lambda: tiny_phi3_factory(gqa=gqa), steps=20)
+    assert len(res["peft"]) == len(res["lora_layers"]) == 20
+    assert res["modules"] == 8  # 2 layers x 4 projections
+    assert res["trainable"]["peft"] == res["trainable"]["lora_layers"]
+    assert res["adapter_max_abs"] > 0  # the adapters trained: B left zero
+    assert res["lora_layers"][-1] < res["lora_layers"][0]  # and the loss fell
+    for step, (a, b) in enumerate(zip(res["peft"], res["lora_layers"])):
+        assert abs(a - b) <= 1e-5, f"step {step}: PEFT {a} vs lora_layers {b}"
+
+
+def test_plot_quick(tmp_path):
+    data = tmp_path / "sweeps.json"
+    paths = plot.main(["--quick", "--threads", "1", "--outdir", str(tmp_path / "img"), "--data", str(data)])
+    assert len(paths) == 3
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Re-plotting saved data needs no benchmark run.
+    again = plot.main(["--no-run", "--data", str(data), "--outdir", str(tmp_path / "img2")])
+    assert [os.path.basename(p) for p in again] == [os.path.basename(p) for p in paths]
+
