@@ -198,4 +198,3 @@ def test_plot_quick(tmp_path):
     # Re-plotting saved data needs no benchmark run.
     again = plot.main(["--no-run", "--data", str(data), "--outdir", str(tmp_path / "img2")])
     assert [os.path.basename(p) for p in again] == [os.path.basename(p) for p in paths]
-
