@@ -44,6 +44,8 @@ def save_merged(model, tokenizer, out_dir, dtype, folders=Folders()):
 
     if isinstance(model, FSDPModule):
         return save_merged_state(model, tokenizer, out_dir, folders)
+    if any(getattr(m, "quantized", None) is not None for m in model.modules()):  # --quantize
+        print_requantize_report(model, tokenizer)
     bnb_loaded = getattr(model, "hf_quantizer", None) is not None  # loaded with a BitsAndBytesConfig
     merged = lora.merge_and_unload(model)  # over a quantized base: the dequantized weight plus s·BA
     if bnb_loaded:
@@ -57,6 +59,18 @@ def save_merged(model, tokenizer, out_dir, dtype, folders=Folders()):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model saved to {out_dir / 'merged'}")
+
+
+PROBE_PROMPTS = ("Reverse the string: merged adapters", "What does a 4-bit base cost?")
+
+
+def print_requantize_report(model, tokenizer):
+    """What serving the merged model in 4 bits would cost, printed: each merged weight packed as torchao NF4
+    (lora.requantize_report, the model unchanged), its error per layer and the logits' on two prompts. merged/
+    holds the exact merge; lora.merge_and_unload(model, requantize="nf4") gives the 4-bit one."""
+    device = next(p.device for p in model.parameters())
+    probe = tokenizer(list(PROBE_PROMPTS), return_tensors="pt", padding=True).to(device)
+    print(lora.requantize_report(model, "nf4", probe=dict(probe)))
 
 
 def save_merged_state(model, tokenizer, out_dir, folders):

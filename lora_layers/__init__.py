@@ -39,6 +39,7 @@ from .model.params import (
     unmerge_lora,
 )
 from .model.quantize import quantize_base
+from .model.requantize import RequantizedLayer, RequantizeReport, requantize_report
 from .model.overview import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
@@ -108,6 +109,9 @@ __all__ = [
     "LoadResult",
     "CheckpointError",
     "quantize_base",
+    "requantize_report",
+    "RequantizeReport",
+    "RequantizedLayer",
     "export_peft",
     "import_peft",
     "check_export",

@@ -148,6 +148,34 @@ def test_bench_phi3_step_quick_over_an_nf4_base():
     assert inject["saved_bytes"] < peft["saved_bytes"]
 
 
+def test_requantize_cost_quick(tmp_path):
+    """benchmarks/requantize_cost.py on a run folder laid out as the example's: the exact merge keeps the trained
+    function's loss, and each requantized merge's report covers every adapted layer."""
+    pytest.importorskip("torchao")
+    import requantize_cost
+
+    import phi3_data  # examples/, which requantize_cost puts on the path
+
+    texts = [m["content"] for chat in phi3_data.synthetic_reversal(40, seed=0) for m in chat]
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    tokenizer, model = phi3_data.build_tiny_model(texts, config, "eager", seed=0)
+    model.save_pretrained(tmp_path / "base_model")
+    tokenizer.save_pretrained(tmp_path / "base_model")
+    L.quantize_base(model)
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.normal_(0, 0.05)
+    L.save_lora(model, tmp_path / "lora_adapter.safetensors")
+    rows, reports = requantize_cost.main([str(tmp_path), "--chats", "8"])
+    losses = dict(rows)
+    assert losses["merge_and_unload (exact, dense)"] == pytest.approx(
+        losses["nf4 base + adapter, unmerged (trained)"], rel=1e-5)
+    assert losses["merge_and_unload(requantize='nf4')"] != losses["merge_and_unload (exact, dense)"]
+    assert all(len(report.layers) == 4 and report.max_logit_diff > 0 for report in reports.values())
+
+
 @pytest.mark.parametrize("gqa", [True, False])
 def test_loss_parity_with_peft(tiny_phi3_factory, gqa):
     res = loss_parity.run_parity(lambda: tiny_phi3_factory(gqa=gqa), steps=20)

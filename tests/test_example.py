@@ -289,8 +289,12 @@ def test_quantized_nf4_base_trains_and_reports_its_bytes(tmp_path):
     pytest.importorskip("torchao")
     out = tmp_path / "qlora"
     proc = run_script("--output-dir", out, "--quantize", "nf4", "--max-steps", "2", "--synthetic-examples", "100",
-                      "--exact-match-prompts", "4", "--batch-size", "8")
+                      "--exact-match-prompts", "4", "--batch-size", "8", "--merge")
     check_ok(proc)
+    # --merge over a quantized base prints what requantizing the merge would cost (lora.requantize_report).
+    table = proc.stdout[proc.stdout.index("requantized to nf4: 16 layers"):]
+    assert "model.layers.3.mlp.down_proj" in table and "probe batch: max |logit difference|" in table
+    assert (out / "merged" / "config.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     weights = summary["base_weights"]
     # The tiny model's adapted projections: 4 layers x (qkv 128->256, o 128->128, gate_up 128->512, down 256->128).

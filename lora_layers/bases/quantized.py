@@ -113,6 +113,12 @@ class QuantizedBase:
         """Bytes the packed weight takes (data plus quantization state)."""
         raise NotImplementedError
 
+    def nf4_blocks(self) -> tuple:
+        """``(block, scaler_block, double_quant)`` for packing this layer's weight again as NF4: the base's own
+        block sizes where it has them, else NF4's 64; ``scaler_block`` None lets the packer choose;
+        ``double_quant``: whether the block scales are quantized too (as torchao's NF4 always does)."""
+        return 64, None, True
+
 
 class _BaseLinear(torch.autograd.Function):
     """A quantized base's ``x Wᵀ`` with ``g W`` as its gradient in x. The libraries' own autograd
@@ -297,6 +303,10 @@ class _Bnb4bit(_BnbBase):
     def _state(self):
         return self.base.weight.quant_state
 
+    def nf4_blocks(self):
+        state = self._state()
+        return state.blocksize, None, bool(state.nested)
+
     def dequantize(self):
         import bitsandbytes.functional as bf
 
@@ -476,6 +486,10 @@ class _TorchaoNF4(QuantizedBase):
         if is_sharded(weight):  # under FSDP2, outside forward: the whole NF4 weight, gathered (a collective)
             weight = weight.full_tensor()
         return weight.get_original_weight().to(self.dtype)
+
+    def nf4_blocks(self):
+        w = self.module.weight
+        return w.block_size, w.scaler_block_size, True
 
     def nbytes(self):
         w = self.module.weight

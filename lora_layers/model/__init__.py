@@ -10,8 +10,10 @@ from .params import *  # noqa: F401,F403  (each module's __all__)
 from .swap import *  # noqa: F401,F403  (each module's __all__)
 from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
+from . import requantize
+from .requantize import *  # noqa: F401,F403  (each module's __all__)
 from .overview import *  # noqa: F401,F403  (each module's __all__)
 from .adapters import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
-           *overview.__all__, *adapters.__all__]
+           *requantize.__all__, *overview.__all__, *adapters.__all__]

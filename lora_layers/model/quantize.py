@@ -8,7 +8,7 @@ Models loaded with a bitsandbytes ``BitsAndBytesConfig`` need nothing here.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch.nn as nn
 from torch import Tensor
@@ -28,15 +28,16 @@ _NF4_BLOCK = 64          # torchao's NF4 block: 64 weights share one scale
 _NF4_SCALER_BLOCK = 256  # and 256 scales share one fp32 factor (smaller when the shape needs it)
 
 
-def _nf4_tensor(weight: Tensor, name: str) -> Tensor:
+def nf4_tensor(weight: Tensor, name: str, block: int = _NF4_BLOCK, scaler_block: Optional[int] = None) -> Tensor:
+    """torchao's NF4 of ``weight``: blocks of ``block`` weights, and ``scaler_block`` scales sharing one factor
+    (None: the largest power of two up to 256 that divides the number of blocks)."""
     numel = weight.numel()
-    if numel % _NF4_BLOCK:
+    if numel % block:
         raise ValueError(f"quantize_base: {name}.weight has shape {tuple(weight.shape)}: NF4 needs a multiple of "
-                         f"{_NF4_BLOCK} elements, got {numel}")
-    scalers = numel // _NF4_BLOCK
-    # The largest power of two up to 256 that divides the number of scales.
-    scaler_block = math.gcd(scalers, _NF4_SCALER_BLOCK)
-    return torchao_nf4().to_nf4(weight.detach(), _NF4_BLOCK, scaler_block)
+                         f"{block} elements, got {numel}")
+    if scaler_block is None:
+        scaler_block = math.gcd(numel // block, _NF4_SCALER_BLOCK)
+    return torchao_nf4().to_nf4(weight.detach().contiguous(), block, scaler_block)
 
 
 def quantize_base(model: nn.Module, scheme: str = "nf4",
@@ -95,7 +96,7 @@ def quantize_base(model: nn.Module, scheme: str = "nf4",
     except ImportError as exc:
         raise ImportError("quantize_base needs torchao, from the qlora extra: in a checkout of lora_layers, "
                           "pip install -e \".[qlora]\" (lora_layers is not on the package index)") from exc
-    packed = [(m, _nf4_tensor(m.weight, n)) for n, m in plan]  # everything packs before anything changes
+    packed = [(m, nf4_tensor(m.weight, n)) for n, m in plan]  # everything packs before anything changes
     for module, weight in packed:
         module.weight = nn.Parameter(weight, requires_grad=False)
     return [n for n, _ in plan]

@@ -384,7 +384,8 @@ def _refuse_sharded(model: nn.Module) -> None:
                          f"into the model built without LoRA, or save it (docs/distributed.md)")
 
 
-def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Optional[str] = None) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Optional[str] = None,
+                     requantize: Optional[str] = None, probe=None) -> nn.Module:
     """Fold every adapter into its weight and replace each LoRA layer by the plain torch layer.
 
     The result holds ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` modules whose
@@ -399,6 +400,17 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Option
         safe_merge: check each merged weight is finite (see :meth:`LoRALayer.merge`).
         adapter: the adapter to fold in (:func:`lora_layers.add_adapter`): None, each layer's active
             one; a name, that adapter on the layers that have it (the others keep their base weight).
+        requantize: None, ``"nf4"`` or ``"bnb-nf4"``: every ``Linear`` LoRA layer (over a quantized or a
+            dense base) becomes a plain layer holding the weight it would hold without ``requantize``,
+            packed again in 4 bits: an ``nn.Linear`` with a torchao NF4 weight (``"nf4"``, what
+            :func:`~lora_layers.quantize_base` makes, with the base's block sizes) or a bitsandbytes
+            ``Linear4bit`` (``"bnb-nf4"``). The returned model carries the cost as
+            ``model.requantize_report`` (a :class:`~lora_layers.RequantizeReport`; without changing the
+            model, :func:`~lora_layers.requantize_report` gives the same). Embeddings and convolutions
+            merge as usual.
+        probe: with ``requantize``, inputs to run the model on (``model(probe)``, or ``model(**probe)``
+            for a mapping), e.g. ``input_ids``: the report then gives the largest logit difference between
+            the exact merge and the requantized model (run in inference mode before and after).
 
     Returns:
         ``model``, changed in place; the plain layer if ``model`` itself is a LoRA layer.
@@ -409,6 +421,8 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Option
         adapters holds none afterwards: its record of the quantization is removed too
         (``hf_quantizer.remove_quantization_config``), so ``save_pretrained`` writes a
         plain model (with quantized layers left, the record stays: ``model.dequantize()``).
+        With ``requantize="nf4"`` the record goes once no bitsandbytes layer is left; with
+        ``"bnb-nf4"`` it stays, and ``save_pretrained`` writes a 4-bit checkpoint.
 
     Raises:
         TypeError, ValueError: a weight cannot be merged (non-float dtype, or
@@ -418,6 +432,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Option
         ValueError: the model is sharded by ``fully_shard`` (its weights are shards, and plain layers
             holding whole merged weights would undo the sharding on every rank): use
             :func:`lora_layers.merged_state_dict` on every rank instead (docs/distributed.md).
+        ValueError: ``requantize`` is not None, ``"nf4"`` or ``"bnb-nf4"``; a ``probe`` without
+            ``requantize``; a ``Linear`` layer it cannot pack (for ``"nf4"`` a number of weights that is not
+            a multiple of its block size; a weight stored ``(in, out)``; for ``"bnb-nf4"`` on CPU, rows that
+            are not whole blocks, which bitsandbytes' CPU kernels misread); ``"bnb-nf4"`` on a model that
+            transformers recorded with another quantization: raised before anything changes.
+        ImportError: the library ``requantize`` needs (torchao, bitsandbytes) is not installed.
+        TypeError: ``probe`` is neither a tensor nor a mapping, or the model's output on it has no logits.
     """
     model = unwrap_model(model)
     _refuse_sharded(model)
@@ -431,10 +452,13 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Option
         for _, layer in layers:
             if adapter is not None and layer.r > 0:
                 layer.set_adapter(adapter if adapter in layer.adapter_names else None)
+        requant = None
+        if requantize is not None or probe is not None:  # checked, and the probe's exact logits taken, first
+            requant = _requantizer(model, layers, requantize, probe)
         # A quantized base cannot take the adapter in place: it becomes a plain Linear
         # holding the dequantized weight plus the adapter (built before anything changes).
         replaced = {id(layer): _dequantized_plain(name, layer, safe_merge) for name, layer in layers
-                    if getattr(layer, "quantized", None) is not None}
+                    if getattr(layer, "quantized", None) is not None} if requant is None else requant.layers(safe_merge)
         merge_layers([(n, m) for n, m in layers if id(m) not in replaced], safe_merge)  # all or nothing
     except BaseException:
         for layer, active in before:
@@ -446,11 +470,19 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter: Option
     replaced.update({id(layer): _plain_layer(layer) for _, layer in layers if id(layer) not in replaced})
     model = swap_modules(model, replaced)
     quantizer = getattr(model, "hf_quantizer", None)
-    if dequantized and quantizer is not None and not any(is_quantized_linear(m) for m in model.modules()):
+    left = is_quantized_linear if requant is None else requant.needs_quantizer
+    if dequantized and quantizer is not None and not any(left(m) for m in model.modules()):
         # No quantized layer is left: transformers' record of the quantization (config.quantization_config)
         # would make save_pretrained write a checkpoint that from_pretrained reloads as a quantized one.
         quantizer.remove_quantization_config(model)
-    return model
+    return model if requant is None else requant.attach(model)
+
+
+def _requantizer(model, layers, requantize, probe):
+    # Imported here: requantize uses quantize's NF4 packer, and quantize imports this module.
+    from .requantize import Requantizer
+
+    return Requantizer("merge_and_unload", model, layers, requantize, probe)
 
 
 def _dequantized_plain(name: str, layer: Linear, safe_merge: bool) -> nn.Linear:
