@@ -213,7 +213,8 @@ def _stacked_forward(x2, weight, bias, token_adapter, static: _Static, params) -
     """The single-adapter forward (:func:`.autograd.lora_forward`'s order) on the stacked adapter."""
     stack = _stack(params, static.specs, x2.dtype)
     u = _stacked_u(x2, token_adapter, static, stack)[0]
-    y2 = _seed_output(u, stack.B, 1.0, _cast(bias, x2.dtype), stack.blocks, _out_features(weight, static.fan_in_fan_out))
+    out = _out_features(weight, static.fan_in_fan_out)
+    y2 = _seed_output(u, stack.B, 1.0, _cast(bias, x2.dtype), stack.blocks, out)
     return y2.addmm_(x2, _dense_t(weight, static.fan_in_fan_out, x2.dtype).t())
 
 
@@ -290,7 +291,7 @@ def _differentiable_backward(ctx, g):
     specs = ctx.static.specs
     drop = _seeded_drop(ctx.static.seed, ta, specs)
     y = _plain(x.reshape(-1, x.shape[-1]), weight, bias, params, specs, (None,) * len(specs), ta,
-                 ctx.static.fan_in_fan_out, drop)
+               ctx.static.fan_in_fan_out, drop)
     grads = torch.autograd.grad(y.view(g.shape), [inputs[i] for i in wanted], g, create_graph=True,
                                 allow_unused=True)
     out = [None] * len(inputs)
