@@ -2,9 +2,11 @@
 :mod:`.autograd` holds the lean Function, :mod:`.dropout` the seeded mask,
 :mod:`.row_scale` the hook variants such as DoRA plug into), the fused loss,
 fused-layer segments, exact merging as pure functions, FSDP2-sharded parameters
-(:mod:`.sharded`), mixed-adapter batches (:mod:`.mixed`), argument checks, and the module-adoption helpers that wrapping uses. Nothing here knows a LoRA layer class.
+(:mod:`.sharded`), mixed-adapter batches (:mod:`.mixed`), argument checks, and the module-adoption
+helpers that wrapping uses. Nothing here knows a LoRA layer class.
 """
-from . import amp, segments, dropout, row_scale, autograd, recipes, functional, loss, merging, spec, wrap, sharded, mixed
+from . import amp, segments, dropout, row_scale, autograd, recipes, functional, loss, merging, spec, wrap, sharded
+from . import mixed
 from .amp import *  # noqa: F401,F403  (each module's __all__)
 from .segments import *  # noqa: F401,F403  (each module's __all__)
 from .dropout import *  # noqa: F401,F403  (each module's __all__)

@@ -138,7 +138,7 @@ def _check_token_adapter(token_adapter, tokens: int, k: int, check_values: bool 
     if token_adapter.shape[0] != tokens:
         raise ValueError(f"token_adapter has {token_adapter.shape[0]} entries, but the input has {tokens} tokens")
     token_adapter = token_adapter.long()
-    if check_values and tokens and not tracing():
+    if check_values and tokens and not tracing() and not token_adapter.is_meta:
         lo, hi = (int(v) for v in torch.aminmax(token_adapter))
         if lo < -1 or hi >= k:
             raise ValueError(f"token_adapter values must be in [-1, {k}) for {k} adapters (-1 = base only), "
@@ -207,9 +207,9 @@ def _run_plain(call: _Call, dt, seed: Optional[int]) -> Tensor:
 
 
 def _run(call: _Call, dt: torch.dtype) -> Tensor:
-    if tracing():
+    if tracing() or call.x.is_meta:  # meta: shapes only, no mask to draw nor tokens to sort
         return _run_plain(call, dt, None)
-    seed = draw_seed() if any(s.p > 0.0 for s in call.specs) and not call.x.is_meta else 0
+    seed = draw_seed() if any(s.p > 0.0 for s in call.specs) else 0
     if _is_quantized(call.weight) or any(a.row_scale is not None for a in call.adapters):
         return _run_plain(call, dt, seed)
     static = lean_static(call.specs, seed, call.fan_in_fan_out)

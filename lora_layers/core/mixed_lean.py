@@ -184,10 +184,14 @@ def _stack(params, specs, dtype) -> _Stack:
     R, offsets = sum(ranks), tuple(sum(ranks[:k]) for k in range(len(ranks)))
     A = torch.cat([params[2 * k][blk.a0:blk.a1]
                    for j in range(len(specs[0].blocks)) for k, blk in enumerate(s.blocks[j] for s in specs)])
-    col_scale = torch.tensor([spec.scaling for spec, r in zip(specs, ranks) for _ in range(r)], dtype=dtype)
-    B = _cast(torch.cat(params[1::2], 1), dtype).mul_(col_scale.to(params[1].device))
+    B = _cast(torch.cat(params[1::2], 1), dtype).mul_(_column_scale(specs, ranks, dtype).to(params[1].device))
     blocks = tuple(Block(b.out0, b.out1, j * R, (j + 1) * R, b.b0, b.b1) for j, b in enumerate(specs[0].blocks))
     return _Stack(_cast(A, dtype), B, blocks, ranks, offsets)
+
+
+def _column_scale(specs, ranks, dtype) -> Tensor:
+    """Each stacked column's adapter scaling (a CPU tensor)."""
+    return torch.tensor([spec.scaling for spec, r in zip(specs, ranks) for _ in range(r)], dtype=dtype)
 
 
 def _selection(token_adapter: Tensor, stack: _Stack, specs, dtype) -> Tensor:
@@ -203,28 +207,38 @@ def _selection(token_adapter: Tensor, stack: _Stack, specs, dtype) -> Tensor:
 
 
 def _stacked_u(x2, token_adapter, static: _Static, stack: _Stack):
-    """``(u, mask, S)``: ``u = (drop-masked x) Aᵀ ⊙ S`` with the selection ``S``, and the mask."""
+    """``(u, xd, mask, S)``: the masked input ``xd`` (``x2`` itself without dropout), the selection ``S``
+    (each token's keep-scale folded in) and ``u = xd Aᵀ ⊙ S``. Written out rather than through
+    the single-adapter helpers, which would add a ×1 pass: every op counts on a loaded CPU."""
     mask = _row_mask(static.seed, x2.shape, token_adapter, [s.p for s in static.specs])
+    xd = x2 if mask is None else torch.where(mask, 0.0, x2)
     S = _selection(token_adapter, stack, static.specs, x2.dtype)
-    return masked_down_project(x2, stack.A, mask, 0.0).mul_(S), mask, S
+    return (xd @ stack.A.t()).mul_(S), xd, mask, S
 
 
 def _stacked_forward(x2, weight, bias, token_adapter, static: _Static, params) -> Tensor:
     """The single-adapter forward (:func:`.autograd.lora_forward`'s order) on the stacked adapter."""
     stack = _stack(params, static.specs, x2.dtype)
     u = _stacked_u(x2, token_adapter, static, stack)[0]
-    y2 = _seed_output(u, stack.B, 1.0, _cast(bias, x2.dtype), stack.blocks, _out_features(weight, static.fan_in_fan_out))
+    out = _out_features(weight, static.fan_in_fan_out)
+    bias = _cast(bias, x2.dtype)
+    if covers_all(stack.blocks, out):
+        y2 = u @ stack.B.t() if bias is None else torch.addmm(bias, u, stack.B.t())
+    else:
+        y2 = _seed_output(u, stack.B, 1.0, bias, stack.blocks, out)
     return y2.addmm_(x2, _dense_t(weight, static.fan_in_fan_out, x2.dtype).t())
 
 
 def _unstack(dA, dB, stack: _Stack, specs, params, needs):
-    """Each adapter's ``(dA_k, dB_k)`` from the stacked adapter's gradients."""
+    """Each adapter's ``(dA_k, dB_k)`` from the stacked adapter's gradients (views where one split)."""
+    if dB is not None:
+        dB = dB.mul_(_column_scale(specs, stack.ranks, dB.dtype).to(dB.device))
     grads = []
-    for k, spec in enumerate(specs):
+    for k in range(len(specs)):
         c0, c1 = stack.offsets[k], stack.offsets[k] + stack.ranks[k]
-        grads.append(None if not needs[2 * k] else torch.cat(
-            [dA[blk.a0 + c0:blk.a0 + c1] for blk in stack.blocks]).to(params[2 * k].dtype))
-        grads.append(None if not needs[2 * k + 1] else (dB[:, c0:c1] * spec.scaling).to(params[2 * k + 1].dtype))
+        rows = [dA[blk.a0 + c0:blk.a0 + c1] for blk in stack.blocks] if needs[2 * k] else None
+        grads.append(None if rows is None else (rows[0] if len(rows) == 1 else torch.cat(rows)).to(params[2 * k].dtype))
+        grads.append(None if not needs[2 * k + 1] else dB[:, c0:c1].to(params[2 * k + 1].dtype))
     return grads
 
 
@@ -234,14 +248,17 @@ def _stacked_backward(ctx, g):
     needs = ctx.needs_input_grad[5:]
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(g.dtype)
     stack = _stack(params, ctx.static.specs, g2.dtype)
-    u, mask, S = _stacked_u(x2, token_adapter, ctx.static, stack)
-    dB = _g_t_u(g2, u, stack.B, stack.blocks) if any(needs[1::2]) else None
-    du = _grad_u(g2, stack.B, stack.A.shape[0], 1.0, stack.blocks).mul_(S) if need_x or any(needs[::2]) else None
-    dA = grad_A(du, x2, mask, 0.0) if any(needs[::2]) else None
+    u, xd, mask, S = _stacked_u(x2, token_adapter, ctx.static, stack)
+    whole = covers_all(stack.blocks, g2.shape[1])
+    dB = (g2.t() @ u if whole else _g_t_u(g2, u, stack.B, stack.blocks)) if any(needs[1::2]) else None
+    du = None
+    if need_x or any(needs[::2]):
+        du = (g2 @ stack.B if whole else _grad_u(g2, stack.B, stack.A.shape[0], 1.0, stack.blocks)).mul_(S)
+    dA = du.t() @ xd if any(needs[::2]) else None
     dx = dw = None
     if need_x:
-        dx = input_grad(du, stack.A, mask, 0.0).addmm_(g2, _dense_t(weight, ctx.static.fan_in_fan_out, g2.dtype))
-        dx = dx.view(x.shape).to(x.dtype)
+        dx = du @ stack.A if mask is None else (du @ stack.A).masked_fill_(mask, 0)
+        dx = dx.addmm_(g2, _dense_t(weight, ctx.static.fan_in_fan_out, g2.dtype)).view(x.shape).to(x.dtype)
     if need_w:
         dw = g2.t() @ x2
         dw = (dw.t() if ctx.static.fan_in_fan_out else dw).to(weight.dtype)
@@ -290,7 +307,7 @@ def _differentiable_backward(ctx, g):
     specs = ctx.static.specs
     drop = _seeded_drop(ctx.static.seed, ta, specs)
     y = _plain(x.reshape(-1, x.shape[-1]), weight, bias, params, specs, (None,) * len(specs), ta,
-                 ctx.static.fan_in_fan_out, drop)
+               ctx.static.fan_in_fan_out, drop)
     grads = torch.autograd.grad(y.view(g.shape), [inputs[i] for i in wanted], g, create_graph=True,
                                 allow_unused=True)
     out = [None] * len(inputs)

@@ -411,3 +411,27 @@ def test_token_adapters_refuses_rows_that_do_not_divide_the_tokens(rows, shape, 
 def test_token_adapters_reads_a_flattened_input_batch_major():
     assert token_adapters([2, -1], (2, 3, 5)).tolist() == [2, 2, 2, -1, -1, -1]
     assert token_adapters(torch.tensor([2, -1]), (6, 5)).tolist() == [2, 2, 2, -1, -1, -1]
+
+
+def test_autocast_computes_in_its_dtype_and_returns_gradients_in_the_parameters(lean_path):
+    case = _case("merged")
+    x, W, b, ads = _copy(case, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _mixed("merged", x, W, b, ads)
+    assert y.dtype == torch.bfloat16
+    leaves = _leaves(x, W, b, ads)
+    grads = torch.autograd.grad(y.float().sum(), leaves)
+    assert all(g.dtype == torch.float32 for g in grads)
+    ref = _reference("merged", *case)
+    want = torch.autograd.grad(ref.sum(), _leaves(*case))
+    assert rel_err(y, ref) <= 3e-2
+    assert all(rel_err(a, e) <= 3e-2 for a, e in zip(grads, want))
+
+
+def test_meta_tensors_give_the_shape():
+    x = torch.empty(len(ROWS), 3, IN, device="meta")
+    adapters = [MixedAdapter(torch.empty(2 * r, IN, device="meta"), torch.empty(8, r, device="meta"), 1.0, 0.1)
+                for r in RANKS]
+    y = lora_linear_mixed(x, torch.empty(11, IN, device="meta"), None, adapters,
+                          token_adapters(ROWS, x.shape, "meta"), training=True, segments=GQA[2])
+    assert y.shape == (len(ROWS), 3, 11) and y.is_meta
