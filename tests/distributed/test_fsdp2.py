@@ -437,8 +437,8 @@ def _dora_rows_sharded(rank):
     seen = []
     norm_of = layer._dora_norm
 
-    def recording_norm():  # what forward computes the norm from, and the norm
-        seen.append((is_sharded(layer.weight), tuple(layer.weight.shape), norm_of().clone()))
+    def recording_norm(*view):  # what forward computes the norm from, and the norm (of the active adapter's view)
+        seen.append((is_sharded(layer.weight), tuple(layer.weight.shape), norm_of(*view).clone()))
         return seen[-1][2]
 
     layer._dora_norm = recording_norm
