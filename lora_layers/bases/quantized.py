@@ -14,7 +14,9 @@ copied, never dequantized at rest) and sees it through :class:`QuantizedBase`:
 
 The adapter math in :mod:`lora_layers.functional` is the same as for a plain
 weight. Merging into packed weights cannot be exact, so ``eval()`` keeps these
-layers unmerged. bitsandbytes and torchao are optional: they are imported only
+layers unmerged. On CPU, a bitsandbytes 4-bit weight whose rows are not whole
+blocks is refused (:func:`check_bnb_4bit_rows`: bitsandbytes' CPU kernels read
+it wrongly). bitsandbytes and torchao are optional: they are imported only
 when a quantized layer is used, and nothing here imports them to recognise one.
 (:func:`lora_layers.quantize_base`, in :mod:`lora_layers.qlora`, makes torchao
 NF4 bases.)
@@ -269,13 +271,59 @@ _REPACKED = (
     "LoRA before any eval-mode forward, or reload the model. (lora_layers itself never repacks a weight.)")
 
 
+def _bnb_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bitsandbytes")
+    except Exception:  # not installed: the message still says what to do
+        return "(not installed)"
+
+
+_BNB_ROWS = (
+    "{what} has {in_features} input features, not a multiple of the {block}-weight block, and bitsandbytes' CPU "
+    "4-bit kernels (dequantize_4bit, matmul_4bit; bitsandbytes {version} installed, 0.50.2 measured) read such "
+    "weights wrongly when a row is not whole blocks (nf4, 64x96, blocks of 64: 25% relative error against the "
+    "float weight, where the same codes read correctly give 9%; benchmarks/bnb_cpu_rows.py). {workaround}")
+
+#: What to do instead, where a LoRA layer meets such a weight.
+BNB_ROWS_WORKAROUND = (
+    "Use torchao's NF4 instead (load the model in float and call lora_layers.quantize_base before apply_lora or "
+    "inject_lora; it runs on CPU), or run the bitsandbytes model on a GPU")
+
+
+def check_bnb_4bit_rows(what: str, in_features: int, block: int, device,
+                        workaround: str = BNB_ROWS_WORKAROUND) -> None:
+    """Raise ``ValueError`` where bitsandbytes would compute with a 4-bit weight of ``in_features`` columns, in
+    blocks of ``block``, on ``device``, and its CPU kernels would read it wrongly (``what`` names the layer).
+
+    bitsandbytes 0.50.2 on CPU misreads every row that is not whole blocks and whose length is a multiple of 16
+    (measured for blocks of 32 to 256, nf4 and fp4, fp32/bf16/fp16); the other lengths go through another
+    kernel path, which read correctly on the CPU measured but is refused too, as rows that are not whole blocks
+    are what the kernels get wrong. No fixed release was available to check, so every version is refused on
+    CPU. On other devices (CUDA) nothing is refused."""
+    if torch.device(device).type != "cpu" or in_features % block == 0:
+        return
+    raise ValueError(_BNB_ROWS.format(what=what, in_features=in_features, block=block, version=_bnb_version(),
+                                      workaround=workaround))
+
+
 class _Bnb4bit(_BnbBase):
     kind = "bnb-4bit"
 
     def __init__(self, module):
         super().__init__(module)
         if "_wrapped_class" in module.__dict__:
+            self._check_rows()  # before the layout below is touched
             self._standard_layout()
+
+    def _check_rows(self):
+        """Refuse a weight that bitsandbytes' CPU kernels would read wrongly (:func:`check_bnb_4bit_rows`)."""
+        weight = self.base.weight
+        state = getattr(weight, "quant_state", None)
+        block = state.blocksize if state is not None else getattr(weight, "blocksize", 64)
+        check_bnb_4bit_rows(f"this bitsandbytes Linear4bit ({self.out_features} outputs, {weight.device})",
+                            self.in_features, block, weight.device)
 
     @property
     def dtype(self):
@@ -296,6 +344,7 @@ class _Bnb4bit(_BnbBase):
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(self.base)  # as its forward: FSDP may drop the quant_state
+        self._check_rows()  # it may have moved to the CPU since it was wrapped
         weight = self._standard_layout()
         with torch.no_grad():  # bitsandbytes' kernel, not its autograd
             return bnb.matmul_4bit(x.to(self.dtype), weight, quant_state=weight.quant_state)
@@ -310,6 +359,7 @@ class _Bnb4bit(_BnbBase):
     def dequantize(self):
         import bitsandbytes.functional as bf
 
+        self._check_rows()
         data, state = self.base.weight.data, self._state()
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel, a layout

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bases.quantized import torchao_nf4
+from ..bases.quantized import check_bnb_4bit_rows, torchao_nf4
 from ..core.sharded import fsdp_managed, shard_group
 from ..layers.linear import Linear
 from .params import lora_modules
@@ -126,12 +126,9 @@ def _target(fn: str, scheme: str, name: str, layer: Linear) -> _Target:
                          f"weights and needs a multiple of {block} elements, got {shape[0] * shape[1]}; merge "
                          f"without requantize, then quantize the layers that pack with quantize_base(model, targets=...)")
     device = layer.quantized.device if base is not None else layer.weight.device
-    if scheme == "bnb-nf4" and device.type == "cpu" and layer.in_features % block:
-        raise ValueError(f"{fn}: {name or 'the layer'} has {layer.in_features} input features, not a multiple of "
-                         f"the {block}-weight block, and bitsandbytes' CPU 4-bit kernels (dequantize_4bit, "
-                         f"matmul_4bit; 0.50.2 checked) read such weights wrongly: for 96 inputs and blocks of 64, "
-                         f"28% relative error where the same codes read correctly give 9%. Use requantize='nf4' "
-                         f"(torchao), or requantize on a GPU")
+    if scheme == "bnb-nf4":
+        check_bnb_4bit_rows(f"{fn}: {name or 'the layer'}", layer.in_features, block, device,
+                            "Use requantize='nf4' (torchao), or requantize on a GPU")
     return _Target(name, layer, block, scaler_block, double_quant)
 
 
