@@ -42,6 +42,7 @@ from .model.quantize import quantize_base
 from .model.overview import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
+from .model.mixed import MixedBatch, mixed_batch
 from .models import phi3
 
 #: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
@@ -118,4 +119,6 @@ __all__ = [
     "set_adapter",
     "delete_adapter",
     "adapter_names",
+    "mixed_batch",
+    "MixedBatch",
 ]
