@@ -36,7 +36,8 @@ def _layer_rows(layer: LoRALayer, names) -> Tuple[torch.Tensor, Tuple[str, ...]]
     """``(rows, used)``: the adapters of this layer that rows name, in the layer's order, and each
     row's index among them (-1: None, or an adapter this layer lacks)."""
     used = tuple(n for n in layer.adapter_names if n in names)
-    return torch.tensor([used.index(n) if n in used else -1 for n in names], dtype=torch.long), used
+    rows = torch.tensor([used.index(n) if n in used else -1 for n in names], dtype=torch.long)
+    return rows.to(layer.weight.device), used  # where the layer computes: no copy per forward
 
 
 def _plan(model: nn.Module, names) -> List[Tuple[str, LoRALayer]]:

@@ -272,3 +272,27 @@ def test_phi3_forward_with_the_hf_signature(lean):
         kwargs = dict(return_logits=True) if lean else {}
         rows.append(ref(input_ids=ids[i:i + 1], **kwargs).logits)
     torch.testing.assert_close(out.logits, torch.cat(rows), atol=1e-5, rtol=0)
+
+
+
+def test_quantized_base_phi3():
+    pytest.importorskip("torchao")
+    model = make_tiny_phi3(gqa=True, hidden_size=64, intermediate_size=128)  # sizes NF4 can pack
+    ll.quantize_base(model)
+    ll.phi3.apply_lora(model, r=2, lora_alpha=4, lora_dropout=0.0)
+    _with_adapters(model, std=0.05)
+    assert model.model.layers[0].self_attn.qkv_proj.quantized is not None
+    model.train()
+    ids = torch.randint(3, 128, (len(NAMES), 5))
+    with ll.mixed_batch(model, NAMES):
+        logits = model(input_ids=ids).logits
+    logits.sum().backward()
+    assert model.model.layers[0].mlp.down_proj.lora_adapters.c.lora_B.grad is not None
+    rows = []
+    for i, name in enumerate(NAMES):
+        ll.set_adapter(model, name)
+        rows.append(model(input_ids=ids[i:i + 1]).logits)
+    torch.testing.assert_close(logits, torch.cat(rows), atol=1e-5, rtol=0)
+    ll.set_adapter(model, None)
+    assert (logits - model(input_ids=ids).logits).abs().amax(dim=(1, 2)).gt(1e-3).tolist() == [
+        name is not None for name in NAMES]  # the adapters matter: the comparison is not of the base alone
