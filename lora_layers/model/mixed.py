@@ -136,6 +136,6 @@ def mixed_batch(model: nn.Module, names: Sequence[Optional[str]]) -> MixedBatch:
             with ``layout='loralib'``, a merge made by the class's own code). At the first layer's forward:
             an input whose rows do not match ``len(names)``.
         RuntimeError: a mixed batch is set already (nesting and concurrent batches are refused).
-        Nothing changes when the call raises.
+            Nothing changes when the call raises.
     """
     return MixedBatch(model, names)
