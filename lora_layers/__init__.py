@@ -43,6 +43,7 @@ from .model.requantize import RequantizedLayer, RequantizeReport, requantize_rep
 from .model.overview import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
+from .model.mixed import MixedBatch, mixed_batch
 from .models import phi3
 
 #: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
@@ -122,4 +123,6 @@ __all__ = [
     "set_adapter",
     "delete_adapter",
     "adapter_names",
+    "mixed_batch",
+    "MixedBatch",
 ]

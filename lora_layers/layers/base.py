@@ -20,6 +20,7 @@ from .ties import SHARED_ATTR, check_adopted, register_weight
 from ..core.wrap import adopt, plain_module, refuse_unwrappable
 from .merge_state import ExactMerge
 from . import adapters as _adapters
+from . import mixed as _mixed
 from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support, given_settings, lora_scaling, resolve_spec
 from ..variants.pissa import INITIAL_NAMES, is_residual_init
 
@@ -243,7 +244,7 @@ class LoRALayer(ExactMerge):
         if not self.merged and not self._knows_its_delta():
             return ("its class subclasses LoRALayer without defining _delta_blocks, so lora_layers does not "
                     "know its delta (merge it with the class's own code)")
-        if self._mixed_rows is not None:
+        if self._mixed_rows is not None and self._mixed_rows.batch.live:
             return "a mixed-adapter batch is set (its rows use different adapters, so no one adapter can be merged)"
         return super()._merge_blocker()
 
@@ -331,7 +332,29 @@ class LoRALayer(ExactMerge):
         return self.has_adapter and self._active_adapter is not None
 
     def _mixed_forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__}: mixed-adapter batches are not implemented yet")
+        """Forward under a mixed batch (:mod:`lora_layers.layers.mixed`)."""
+        return _mixed.mixed_forward(self, x)
+
+    def _mixed_problem(self) -> Optional[str]:
+        """Why this layer cannot run a mixed batch, or None (``mixed_batch`` asks before it changes anything)."""
+        if type(self)._mixed_call is LoRALayer._mixed_call or not type(self).forward.__module__.startswith(
+                "lora_layers.layers."):
+            return (f"its class {type(self).__name__} has a forward of its own, which would not see the batch's "
+                    f"rows (mixed batches run through lora_layers' Linear, MergedLinear, Embedding and conv layers)")
+        return None
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """The frozen base alone (the rows of a mixed batch without an adapter here)."""
+        raise NotImplementedError
+
+    def _mixed_index(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The per-token (per-sample for a conv) adapter indices of input ``x`` for the per-row ``rows``;
+        ValueError when they do not fit."""
+        raise NotImplementedError
+
+    def _mixed_call(self, x: Tensor, views, index: Tensor) -> Tensor:
+        """The mixed forward with the adapters ``views`` (AdapterViews) and ``_mixed_index``'s ``index``."""
+        raise NotImplementedError
 
     def all_adapter_parameters(self) -> Dict[str, nn.Parameter]:
         """:meth:`adapter_parameters` and every named adapter's, keyed by their names in this layer's

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..core.functional import lora_conv
 from ..core.merging import accumulation_dtype
+from ..core.mixed import MixedAdapter, lora_conv_mixed
 from ..core.spec import LoRASpec, check_dora_support
 from ..core.wrap import _base_attribute_names
 from .adapters import ADAPTERS_ATTR
@@ -234,11 +235,32 @@ class _ConvNd(LoRALayer):
         scaling = self.scaling if scaling is None else scaling
         yield (slice(None),), (B.to(acc) @ A.to(acc)).mul_(scaling).view(self.weight.shape)
 
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _mixed_problem(self):
+        if self.layout == "loralib":
+            return ("it has layout='loralib' (rank r·k factors that are no (r, C_in·∏kernel) pair); mixed batches "
+                    "need the default layout='lora_layers'")
+        return super()._mixed_problem()
+
+    def _mixed_index(self, x: Tensor, rows: Tensor) -> Tensor:
+        dims = len(self.kernel_size) + 2
+        if x.dim() != dims or x.shape[0] != rows.shape[0]:
+            raise ValueError(f"a batched input (N, C, *spatial) with N = {rows.shape[0]} rows was expected, got "
+                             f"shape {tuple(x.shape)}")
+        return rows
+
+    def _mixed_call(self, x: Tensor, views, index: Tensor) -> Tensor:
+        adapters = [MixedAdapter(v.lora_A, v.lora_B, v.scaling, v.dropout_p) for v in views]
+        return lora_conv_mixed(x, self.weight, self.bias, adapters, index, self._conv_forward,
+                               training=self.training)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._mixed_rows is not None:
             return self._mixed_forward(x)
         if not self._uses_adapter() or self.merged:
-            return self._conv_forward(x, self.weight, self.bias)
+            return self._base_forward(x)
         v = self._forward_view()
         # loralib's conv never applies its dropout: its layout does the same, to give its outputs.
         p = 0.0 if self.layout == "loralib" else v.dropout_p

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..core.functional import lora_embedding
 from ..core.merging import accumulation_dtype
+from ..core.mixed import MixedAdapter, lora_embedding_mixed, token_adapters
 from ..core.spec import NOT_GIVEN, LoRASpec, check_dora_support
 from .base import LoRALayer
 
@@ -74,11 +75,22 @@ class Embedding(LoRALayer, nn.Embedding):
             return f"max_norm={self.max_norm} renormalises the weight in place (it stays unmerged in eval())"
         return None
 
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return nn.Embedding.forward(self, x)
+
+    def _mixed_index(self, x: Tensor, rows: Tensor) -> Tensor:
+        return token_adapters(rows, (*x.shape, 1), x.device)  # each id is a token
+
+    def _mixed_call(self, x: Tensor, views, index: Tensor) -> Tensor:
+        adapters = [MixedAdapter(v.lora_A, v.lora_B, v.scaling, 0.0) for v in views]
+        return lora_embedding_mixed(x, self.weight, adapters, index, self.padding_idx, self.max_norm,
+                                    self.norm_type, self.scale_grad_by_freq, self.sparse)
+
     def forward(self, x: Tensor) -> Tensor:
         if self._mixed_rows is not None:
             return self._mixed_forward(x)
         if not self._uses_adapter() or self.merged:
-            return nn.Embedding.forward(self, x)
+            return self._base_forward(x)
         v = self._forward_view()
         B, scaling = v.lora_B, v.scaling
         if isinstance(scaling, Tensor):  # a hot-swappable scale, compiled: addmm_'s alpha takes only numbers

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..bases.quantized import QuantizedBase, quantized_base
 from ..core.functional import lora_linear
 from ..core.merging import accumulation_dtype, merged_copy
+from ..core.mixed import MixedAdapter, lora_linear_mixed, token_adapters
 from ..core.segments import Segments
 from ..core.sharded import check_not_unsharded, gathered, is_sharded, write_shard
 from ..core.spec import NOT_GIVEN, LoRASpec
@@ -388,10 +389,7 @@ class Linear(LoRALayer, nn.Linear):
         if self._mixed_rows is not None:
             return self._mixed_forward(x)
         if not self._uses_adapter() or self.merged:
-            if self.quantized is not None:
-                y = self.quantized.linear(x).to(x.dtype)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
-            return F.linear(x, self._weight_t(), self.bias)
+            return self._base_forward(x)
         v = self._forward_view()
         return lora_linear(
             x, self.weight if self.quantized is None else self.quantized, self.bias, v.lora_A, v.lora_B, v.scaling,
@@ -399,6 +397,23 @@ class Linear(LoRALayer, nn.Linear):
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
             row_scale=DoRAScale(v.lora_magnitude, self._dora_norm(v)) if v.use_dora else None,
         )
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        if self.quantized is not None:
+            y = self.quantized.linear(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self._weight_t(), self.bias)
+
+    def _mixed_index(self, x: Tensor, rows: Tensor) -> Tensor:
+        return token_adapters(rows, x.shape, x.device)
+
+    def _mixed_call(self, x: Tensor, views, index: Tensor) -> Tensor:
+        adapters = [MixedAdapter(v.lora_A, v.lora_B, v.scaling, v.dropout_p,
+                                 DoRAScale(v.lora_magnitude, self._dora_norm(v)) if v.use_dora else None)
+                    for v in views]
+        return lora_linear_mixed(x, self.weight if self.quantized is None else self.quantized, self.bias, adapters,
+                                 index, training=self.training, fan_in_fan_out=self.fan_in_fan_out,
+                                 segments=self.segments)
 
     @classmethod
     def from_module(cls, module: nn.Linear, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,

@@ -1,7 +1,7 @@
 """Model-level operations: surgery (inject, merge_and_unload, unload) and the one module swap
 (:mod:`.swap`), trainable parameters and state dicts, quantizing a model's base, seeing through
 wrappers, what adapters a model carries (``summary``), named adapters (:mod:`.adapters`: add, set,
-delete, list), and the registries a model family fills (:mod:`.families`).
+delete, list; :mod:`.mixed`: mixed-adapter batches), and the registries a model family fills (:mod:`.families`).
 """
 from . import families, unwrap, params, swap, surgery, quantize, overview, adapters
 from .families import *  # noqa: F401,F403  (each module's __all__)
@@ -17,3 +17,8 @@ from .adapters import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
            *requantize.__all__, *overview.__all__, *adapters.__all__]
+
+from . import mixed  # noqa: E402  (mixed-adapter batches)
+from .mixed import *  # noqa: F401,F403,E402  (each module's __all__)
+
+__all__ += mixed.__all__

@@ -370,13 +370,17 @@ def test_pickle_and_deepcopy_keep_the_adapters_and_the_active_one():
 
 def test_the_mixed_batch_hook_is_checked_first():
     layer = _two_adapter_layer("linear")
-    layer._mixed_rows = torch.zeros(3, dtype=torch.long)
-    with pytest.raises(NotImplementedError, match="mixed"):
-        layer(_input("linear"))
-    layer.eval()  # no one adapter to merge: eval() leaves it unmerged, merge() says why
-    assert not layer.merged
-    with pytest.raises(ValueError, match="mixed-adapter batch"):
-        layer.merge()
+    x = _input("linear")
+    rows = ["b"] * x.shape[0]
+    with L.mixed_batch(nn.Sequential(layer), rows):  # the rows, not the active adapter, pick the adapter
+        y = layer(x)
+        layer.eval()  # no one adapter to merge: eval() leaves it unmerged, merge() says why
+        assert not layer.merged
+        with pytest.raises(ValueError, match="mixed-adapter batch"):
+            layer.merge()
+    assert layer.merged  # merged again once the batch ends (eval mode)
+    layer.train().set_adapter("b")
+    torch.testing.assert_close(y, layer(x), atol=1e-6, rtol=0)
 
 
 def test_a_merge_made_by_hand_is_not_switched_silently_and_repr_names_the_active_adapter():
