@@ -42,6 +42,7 @@ from .model.quantize import quantize_base
 from .model.overview import AdapterSummary, summary
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
+from .model.blend import merge_adapters
 from .models import phi3
 
 #: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
@@ -116,6 +117,7 @@ __all__ = [
     "load_training_state",
     "add_adapter",
     "set_adapter",
+    "merge_adapters",
     "delete_adapter",
     "adapter_names",
 ]

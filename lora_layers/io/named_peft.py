@@ -23,6 +23,7 @@ from ..core.spec import lora_scaling
 from ..layers.adapters import named_adapters
 from ..layers.base import LoRALayer
 from ..layers.merge_state import unmerged
+from ..model.blend import rng_untouched
 from ..model.params import lora_modules
 from ..model.unwrap import unwrap_model
 from .fileio import CheckpointError
@@ -106,15 +107,10 @@ def _missing(model: nn.Module, name: str) -> bool:
         return True
 
 
-def _devices(plan) -> List[int]:
-    return sorted({layer.weight.device.index or 0 for _, layer, *_ in plan if layer.weight.is_cuda})
-
-
 @torch.no_grad()
 def _apply(plan, adapter: str) -> None:
     """Add the new adapters, then copy the tensors in (a merged layer is unmerged, written, merged again)."""
-    # add_adapter draws a random A that the folder's replaces at once: leave the caller's RNG streams alone
-    with torch.random.fork_rng(devices=_devices(plan)):
+    with rng_untouched([layer for _, layer, *_ in plan]):
         for _, layer, kwargs, _ in plan:
             if kwargs is not None:
                 layer.add_adapter(adapter, **kwargs)
