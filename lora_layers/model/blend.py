@@ -113,8 +113,10 @@ def merge_adapters(model: nn.Module, weights: Dict[str, float], name: str, combi
     The new adapter has ``lora_alpha = r`` and no rsLoRA (scaling 1: the scales are in ``A``), the dropout
     of the first weighted adapter the layer has, and is computed in float64 and stored in the adapters'
     dtype. Each layer combines the weighted adapters it has (layers with none get no new adapter). It is
-    not made active (:func:`~lora_layers.set_adapter`). PEFT's own ``"linear"`` on rsLoRA adapters keeps
-    ``use_rslora`` for the new adapter and so scales it by ``√r`` more; here the scale is always 1.
+    not made active (:func:`~lora_layers.set_adapter`). The result equals PEFT 0.21's ``add_weighted_adapter``
+    (tested on a Phi-3 for both combinations) except where PEFT's first weighted adapter uses rsLoRA: PEFT
+    keeps its ``use_rslora`` for the new adapter (``lora_alpha = r`` over ``√r``) and so scales the blend by
+    ``√r`` more (measured: scaling 2 for a rank-4 blend); here the scale is always 1.
 
     Raises:
         ValueError: ``weights`` empty or not finite reals, ``name`` not an identifier or taken, a DoRA

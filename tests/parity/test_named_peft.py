@@ -14,7 +14,7 @@ from conftest import make_tiny_phi3
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-NAMES = ("default", "b", "c")
+NAMES = ("default", "b", "c", "d")
 IDS = torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(5))
 ROWS = ["default", "b", "c", None]  # one adapter per row; None: the base alone (PEFT's "__base__")
 
@@ -31,6 +31,7 @@ def trained(base):
     L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "k", "v"))
     L.add_adapter(model, "b", r=2, lora_alpha=3)
     L.add_adapter(model, "c", r=6, lora_alpha=5, use_rslora=True)
+    L.add_adapter(model, "d", r=4, lora_alpha=3)  # default's rank: PEFT's "linear" blend takes the pair
     opt = torch.optim.AdamW(L.lora_parameters(model), lr=2e-2)
     g = torch.Generator().manual_seed(0)
     model.train()
@@ -115,7 +116,7 @@ def test_peft_adapters_imported_by_name_give_peft_logits(base, tmp_path):
     L.import_peft(model, tmp_path / "peft")
     for name in ("b", "c"):
         assert L.import_peft(model, tmp_path / "peft" / name, adapter=name)
-    assert L.adapter_names(model) == NAMES
+    assert L.adapter_names(model) == NAMES[:3]
     layer = model.model.layers[0]
     assert layer.self_attn.o_proj.adapter("c").r == 3 and layer.mlp.down_proj.adapter("c").lora_alpha == 7
     assert layer.mlp.down_proj.adapter("b").dropout_p == 0.1
@@ -156,3 +157,20 @@ def test_import_into_an_existing_named_adapter_and_refusals(base, trained, tmp_p
     with pytest.raises(KeyError, match="'nope'.*default"):
         L.export_peft(model, tmp_path / "x", adapter="nope")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("combination, weights", [
+    ("cat", {"default": 0.7, "b": -0.3, "c": 0.5}),
+    ("linear", {"default": 0.6, "d": -0.8}),
+])
+def test_merge_adapters_equals_peft_add_weighted_adapter(base, trained, tmp_path, combination, weights):
+    pm = peft_with(base, exported(trained, tmp_path))
+    pm.add_weighted_adapter(list(weights), list(weights.values()), "blend", combination_type=combination)
+    pm.set_adapter("blend")
+    model = copy.deepcopy(trained)
+    L.merge_adapters(model, weights, name="blend")  # "auto" picks the same combination
+    blend = model.model.layers[0].self_attn.qkv_proj.adapter("blend")
+    assert blend.r == (12 if combination == "cat" else 4)
+    L.set_adapter(model, "blend")
+    torch.testing.assert_close(logits(model), logits(pm.eval()), rtol=0, atol=1e-5)
+    assert not torch.allclose(logits(model), logits(trained), atol=1e-3)  # the blend is not the default
