@@ -80,3 +80,18 @@ def test_a_refused_named_import_changes_nothing(tmp_path):
     assert "new" not in L.adapter_names(other)
     other.out = out
     assert_unchanged(other, before)
+
+
+def test_importing_into_the_active_merged_adapter_remerges_it(tmp_path):
+    net = _with_b()
+    L.export_peft(net, tmp_path / "b", adapter="b")
+    other = _with_b(seed=1)
+    for model in (net, other):
+        L.set_adapter(model, "b")
+        model.eval()
+    assert all(m.merged for _, m in L.lora_modules(other))
+    L.import_peft(other, tmp_path / "b", adapter="b")
+    assert all(m.merged for _, m in L.lora_modules(other))
+    torch.testing.assert_close(other(IDS), net(IDS), rtol=1e-6, atol=1e-6)
+    other.train(), net.train()  # unmerged: the base weights are back, exactly
+    assert all(bit_equal(other.state_dict()[k], v) for k, v in net.state_dict().items() if "lora_" not in k)

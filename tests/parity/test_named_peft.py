@@ -174,3 +174,28 @@ def test_merge_adapters_equals_peft_add_weighted_adapter(base, trained, tmp_path
     L.set_adapter(model, "blend")
     torch.testing.assert_close(logits(model), logits(pm.eval()), rtol=0, atol=1e-5)
     assert not torch.allclose(logits(model), logits(trained), atol=1e-3)  # the blend is not the default
+
+
+def test_a_named_dora_adapter_round_trips_through_peft(base, tmp_path):
+    model = copy.deepcopy(base)
+    L.phi3.apply_lora(model, r=4, lora_alpha=8, lora_dropout=0.0, qkv=("q", "v"))
+    L.add_adapter(model, "d", r=3, lora_alpha=6, use_dora=True)  # DoRA on the GQA MergedLinear too
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in L.named_lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    L.set_adapter(model, "d")
+    model.eval()  # d merged: the export must read DoRA's norm from the unmerged weight
+    assert model.model.layers[0].self_attn.qkv_proj.merged
+    L.export_peft(model, tmp_path / "default")
+    L.export_peft(model, tmp_path / "d", adapter="d")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "default"))
+    pm.load_adapter(str(tmp_path / "d"), adapter_name="d")
+    pm.set_adapter("d")
+    expected = logits(model)
+    torch.testing.assert_close(logits(pm.eval()), expected, rtol=0, atol=1e-5)
+    back = copy.deepcopy(base)
+    L.import_peft(back, tmp_path / "default")
+    L.import_peft(back, tmp_path / "d", adapter="d")
+    L.set_adapter(back, "d")
+    torch.testing.assert_close(logits(back), expected, rtol=0, atol=1e-5)
