@@ -95,3 +95,19 @@ def test_importing_into_the_active_merged_adapter_remerges_it(tmp_path):
     torch.testing.assert_close(other(IDS), net(IDS), rtol=1e-6, atol=1e-6)
     other.train(), net.train()  # unmerged: the base weights are back, exactly
     assert all(bit_equal(other.state_dict()[k], v) for k, v in net.state_dict().items() if "lora_" not in k)
+
+
+def test_an_adapter_on_some_layers_exports_and_imports_those_only(tmp_path):
+    import json
+
+    net = _with_b()
+    L.add_adapter(net, "t", r=2, lora_alpha=2.0, targets=["out", "conv"])
+    L.export_peft(net, tmp_path / "t", adapter="t")
+    config = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["conv", "out"] and config["r"] == 2
+    other = make(seed=0)
+    assert L.import_peft(other, tmp_path / "t", adapter="t") == ["conv", "out"]
+    assert [n for n, m in L.lora_modules(other) if "t" in m.adapter_names] == ["out", "conv"]
+    L.set_adapter(other, "t")  # the layers without t run their base alone, as in net
+    L.set_adapter(net, "t")
+    assert bit_equal(other(IDS), net(IDS))
