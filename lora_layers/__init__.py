@@ -40,9 +40,9 @@ from .model.params import (
 )
 from .model.quantize import quantize_base
 from .model.overview import AdapterSummary, summary
+from .model.blend import merge_adapters
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
-from .model.blend import merge_adapters
 from .models import phi3
 
 #: The flat module paths of lora_layers before the tiers became folders (December 2026), and the
@@ -116,8 +116,8 @@ __all__ = [
     "save_training_state",
     "load_training_state",
     "add_adapter",
-    "set_adapter",
     "merge_adapters",
+    "set_adapter",
     "delete_adapter",
     "adapter_names",
 ]
