@@ -41,6 +41,7 @@ from .model.params import (
 from .model.quantize import quantize_base
 from .model.requantize import RequantizedLayer, RequantizeReport, requantize_report
 from .model.overview import AdapterSummary, summary
+from .model.blend import merge_adapters
 from .model.surgery import inject_lora, merge_and_unload, unload
 from .model.adapters import add_adapter, adapter_names, delete_adapter, set_adapter
 from .model.mixed import MixedBatch, mixed_batch
@@ -120,6 +121,7 @@ __all__ = [
     "save_training_state",
     "load_training_state",
     "add_adapter",
+    "merge_adapters",
     "set_adapter",
     "delete_adapter",
     "adapter_names",

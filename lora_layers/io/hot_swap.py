@@ -21,13 +21,14 @@ from torch import Tensor
 
 from ..core.sharded import shard_group
 from ..core.spec import lora_scaling, rank_divisor
+from ..layers.adapters import DEFAULT_ADAPTER, named_adapters
 from ..layers.base import ADAPTER_NAMES, HOTSWAP_SCALE, MAGNITUDE_NAME, LoRALayer
 from ..layers.conv import _ConvNd
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
-from ..model.params import lora_modules
+from ..model.params import check_adapter, lora_modules
 from ..model.unwrap import unwrap_model
 from .checkpoint import (META_BIAS, _config_mismatches, _copy_problem, _saved_modules, canonical_payload,
                          read_native)
@@ -58,20 +59,17 @@ class _Incoming:
 def _adapter_holder(layer: LoRALayer, adapter: str):
     """The object that holds ``adapter``'s Parameters (``lora_A``, ``lora_B``, ``lora_magnitude``) and
     settings (``r``, ``lora_alpha``, ``use_rslora``, ``scaling``) on ``layer``: for ``"default"`` the
-    layer itself. Named adapters (issue #23) hold the same names, so the one change for them is to
-    return ``layer.lora_adapters[adapter]`` here."""
-    if adapter != "default":
-        raise ValueError(f"hotswap: adapter={adapter!r} is not supported: only the 'default' adapter "
-                         f"(the layer's own lora_A/lora_B) can be hot-swapped")
-    return layer
+    layer itself, for a named adapter its :class:`~lora_layers.layers.adapters.Adapter` (same names)."""
+    return layer if adapter == DEFAULT_ADAPTER else named_adapters(layer)[adapter]
 
 
-def _write_scale(layer: LoRALayer) -> None:
-    """Put ``layer.scaling`` into its hot-swap scale buffer (added on first use), in place."""
-    bits = torch.tensor(float(layer.scaling), dtype=torch.float64).view(torch.int64)
-    buffer = layer._buffers.get(HOTSWAP_SCALE)
+def _write_scale(holder: nn.Module) -> None:
+    """Put ``holder.scaling`` (a layer's, or a named adapter's) into its hot-swap scale buffer (added on
+    first use), in place."""
+    bits = torch.tensor(float(holder.scaling), dtype=torch.float64).view(torch.int64)
+    buffer = holder._buffers.get(HOTSWAP_SCALE)
     if buffer is None:
-        layer.register_buffer(HOTSWAP_SCALE, bits.to(layer.lora_B.device), persistent=False)
+        holder.register_buffer(HOTSWAP_SCALE, bits.to(holder.lora_B.device), persistent=False)
     else:
         buffer.copy_(bits)  # the same tensor: compiled code sees the new value without a recompile
 
@@ -88,7 +86,8 @@ def prepare_for_hotswap(model: nn.Module) -> None:
     """
     for _, layer in lora_modules(unwrap_model(model)):
         if layer.has_adapter:
-            _write_scale(layer)
+            for holder in (layer, *named_adapters(layer).values()):  # each named adapter holds its own scale
+                _write_scale(holder)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -103,7 +102,8 @@ def _splits(layer: LoRALayer) -> int:
     return layer.segments.count if isinstance(layer, MergedLinear) else 1
 
 
-def _native_module(layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[str, Any]]) -> _Incoming:
+def _native_module(layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[str, Any]],
+                   adapter: Optional[str] = None) -> _Incoming:
     """One module of a native file or state dict; ValueError if it cannot go into ``layer``."""
     if "lora_A" not in t or "lora_B" not in t:
         raise ValueError(f"needs lora_A and lora_B, got {sorted(t)}")
@@ -114,7 +114,7 @@ def _native_module(layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[st
             raise ValueError(f"lora_A has shape {tuple(A.shape)}: its rows are not {n * unit}·r")
         return _Incoming(A, B, M, A.shape[0] // (n * unit), None, None)
     fixed = {k: v for k, v in cfg.items() if k not in _SWAPPED_FIELDS}
-    differs = _config_mismatches(fixed, layer)
+    differs = _config_mismatches(fixed, layer, adapter)
     if differs:
         raise ValueError("; ".join(differs))
     r, alpha, rslora = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("use_rslora", False)
@@ -124,7 +124,8 @@ def _native_module(layer: LoRALayer, t: Dict[str, Tensor], cfg: Optional[Dict[st
     return _Incoming(A, B, M, r, alpha, bool(rslora))
 
 
-def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], source: str):
+def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, str], source: str,
+                     adapter: Optional[str] = None):
     """``({module name: _Incoming}, the module names the tensors name, problems)`` from a native file's or a
     state dict's tensors."""
     problems = []
@@ -147,7 +148,7 @@ def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[st
         if layer is None or not layer.has_adapter:
             continue  # reported by _target_problems
         try:
-            incoming[name] = _native_module(layer, groups[name], saved.get(name))
+            incoming[name] = _native_module(layer, groups[name], saved.get(name), adapter)
         except ValueError as exc:
             problems.append(f"{name!r} ({type(layer).__name__}): {exc}")
     return incoming, sorted(groups), problems
@@ -190,13 +191,14 @@ def _from_peft(model: nn.Module, folder: str):
     return incoming, sorted(groups), problems
 
 
-def _read_source(model: nn.Module, source):
-    """``(incoming, module names in the source, problems, a description of the source)``."""
+def _read_source(model: nn.Module, source, adapter: Optional[str] = None):
+    """``(incoming, module names in the source, problems, a description of the source)``; a native
+    source's settings are compared with adapter ``adapter``'s (None: the layer's own)."""
     if isinstance(source, dict):
         if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in source.items()):
             raise TypeError("hotswap: a state dict must map str -> Tensor (lora_layers.lora_state_dict(model))")
         tensors, meta, _ = canonical_payload(model, dict(source), {})
-        return (*_from_state_dict(model, tensors, meta, "state dict"), "the state dict")
+        return (*_from_state_dict(model, tensors, meta, "state dict", adapter), "the state dict")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"hotswap: path_or_state_dict must be a save_lora file, a PEFT adapter folder or a "
                         f"state dict, got {type(source).__name__}")
@@ -205,7 +207,8 @@ def _read_source(model: nn.Module, source):
         return (*_from_peft(model, path), f"PEFT adapter {path!r}")
     tensors, meta = read_native(path)
     tensors, meta, _ = canonical_payload(model, tensors, meta)
-    return (*_from_state_dict(model, tensors, meta, f"LoRA checkpoint {path!r}"), f"LoRA checkpoint {path!r}")
+    return (*_from_state_dict(model, tensors, meta, f"LoRA checkpoint {path!r}", adapter),
+            f"LoRA checkpoint {path!r}")
 
 
 # ----------------------------------------------------------------------------- planning and applying
@@ -278,7 +281,7 @@ def _apply(plan) -> None:
                 param.copy_(t)  # casts to the parameter's dtype and device, keeps its identity and storage
             holder.lora_alpha = alpha
             holder.scaling = lora_scaling(holder.r, alpha, holder.use_rslora)
-            _write_scale(layer)
+            _write_scale(holder)
 
 
 def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> List[str]:
@@ -306,7 +309,11 @@ def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> L
     Args:
         model: the model with LoRA layers (``torch.compile``/DDP wrappers are seen through).
         path_or_state_dict: a file path, a PEFT folder path, or a dict of str -> Tensor.
-        adapter: the adapter to write into; only ``"default"`` (the layer's own) for now.
+        adapter: the adapter to write into: ``"default"`` (the layer's own), or a named adapter
+            (:func:`~lora_layers.add_adapter`), which then must be on exactly the layers the source
+            covers; the source is a single adapter as ``save_lora(..., adapter=name)``,
+            ``lora_state_dict(..., adapter=name)`` or ``export_peft(..., adapter=name)`` write it, and
+            its settings are compared with that adapter's. Each named adapter holds its own scale tensor.
 
     Returns:
         The names of the modules swapped, sorted.
@@ -315,7 +322,8 @@ def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> L
         CheckpointError (a ValueError): the source does not fit the model (a module missing or
             extra, another layer kind, shape, splits or DoRA setting, a larger rank, a bias); every
             problem is named and nothing changes.
-        ValueError: an adapter name other than ``"default"``, or a model without adapters.
+        ValueError: a model without adapters.
+        KeyError: no layer has an adapter ``adapter``.
         TypeError: a source that is neither a path nor a dict of tensors.
         NotImplementedError: a model sharded by ``fully_shard``.
         FileNotFoundError: no such file or folder.
@@ -329,8 +337,11 @@ def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> L
     layers = {name: layer for name, layer in lora_modules(model) if layer.has_adapter}
     if not layers:
         raise ValueError(f"hotswap: the model ({type(model).__name__}) has no LoRA adapters to swap into")
+    check_adapter(model, adapter, "hotswap")
+    layers = {name: layer for name, layer in layers.items() if adapter in layer.adapter_names}
     holders = {name: _adapter_holder(layer, adapter) for name, layer in layers.items()}
-    incoming, names, problems, what = _read_source(model, path_or_state_dict)
+    incoming, names, problems, what = _read_source(model, path_or_state_dict,
+                                                   None if adapter == DEFAULT_ADAPTER else adapter)
     problems = problems + _target_problems(layers, names)
     plan = []
     for name in sorted(incoming):

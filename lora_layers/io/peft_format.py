@@ -33,6 +33,7 @@ from ..model.unwrap import strip_prefix, unwrap_model, wrapper_prefix
 from .fileio import (CheckpointError, atomic_folder, atomic_write, dir_opener, read_folder, safetensors_bytes,
                      tensor_checksum, to_storable)
 from ..core.spec import lora_scaling, rank_divisor
+from ..layers.adapters import DEFAULT_ADAPTER, AdapterView, named_adapters
 from ..layers.base import LoRALayer
 from ..layers.conv import Conv1d, Conv2d, Conv3d
 from ..layers.embedding import Embedding
@@ -44,7 +45,7 @@ from ..variants.dora import dora_weight_norm, row_sq_norm
 from ..variants.pissa import INITIAL_NAMES, delta_factors
 from ..core.segments import Segments
 from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group, write_shard
-from ..model.params import lora_modules
+from ..model.params import check_adapter, lora_modules
 from ..model.swap import swap_modules
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PEFT_KEY_PREFIX"]
@@ -126,50 +127,50 @@ def _export_residual_init(name: str, layer: Linear) -> Tuple[Dict[str, Tensor], 
     return tensors, rank, layer.scaling * rank_divisor(rank, layer.use_rslora)
 
 
-def _export_module(name: str, layer: LoRALayer) -> Tuple[Dict[str, Tensor], int, float]:
-    """PEFT tensors, rank and alpha for one layer (scaling preserved)."""
-    if getattr(layer, INITIAL_NAMES[0], None) is not None:
-        return _export_residual_init(name, layer)
-    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+def _export_module(name: str, layer: LoRALayer, v: AdapterView) -> Tuple[Dict[str, Tensor], int, float]:
+    """PEFT tensors, rank and alpha for adapter ``v`` of one layer (scaling preserved)."""
+    if v.name == DEFAULT_ADAPTER and getattr(layer, INITIAL_NAMES[0], None) is not None:
+        return _export_residual_init(name, layer)  # add_adapter refuses named adapters on such layers
+    A, B = v.lora_A.detach(), v.lora_B.detach()
     key = PEFT_KEY_PREFIX + name
-    extra = {} if not layer.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(name, layer)}
+    extra = {} if not v.use_dora else {f"{key}.{_MAGNITUDE_KEY}": _full_magnitude(name, layer, v)}
     if isinstance(layer, Embedding):
         if layer.max_norm is not None:
             raise NotImplementedError(f"cannot export {name!r}: PEFT renormalises the LoRA lookup with "
                                       f"max_norm={layer.max_norm}, lora_layers does not")
-        return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, layer.r, layer.lora_alpha
+        return {f"{key}.lora_embedding_A": A, f"{key}.lora_embedding_B": B}, v.r, v.lora_alpha
     if isinstance(layer, MergedLinear):
-        n, r = layer.segments.count, layer.r
-        alpha = layer.lora_alpha * rank_divisor(n, layer.use_rslora)
+        n, r = layer.segments.count, v.r
+        alpha = v.lora_alpha * rank_divisor(n, v.use_rslora)
         full_B = layer.segments.to_block_diagonal(B)
         return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": full_B, **extra}, r * n, alpha
     if isinstance(layer, Linear):
-        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, layer.r, layer.lora_alpha
+        return {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B, **extra}, v.r, v.lora_alpha
     if isinstance(layer, _CONVS):
         why = _conv_representable(layer)
         if why:
             raise NotImplementedError(f"cannot export {name!r} ({type(layer).__name__}) to PEFT exactly: {why}")
-        k, r, alpha = tuple(layer.kernel_size), layer.r, layer.lora_alpha
+        k, r, alpha = tuple(layer.kernel_size), v.r, v.lora_alpha
         if layer.layout == "loralib":
             # Row o of ΔW = (B A).view(W.shape) is rows o·k..o·k+k-1 of B A side by side: B viewed as
             # (out, k·r·k) times k copies of A on a block diagonal, a rank r·k² adapter with the same ΔW.
             n = k[0]
             A, B, r = torch.block_diag(*[A] * n), B.reshape(layer.out_channels, -1), r * n * n
-            alpha = alpha * rank_divisor(n * n, layer.use_rslora)
+            alpha = alpha * rank_divisor(n * n, v.use_rslora)
         A4 = A.reshape(r, layer.in_channels, *k)
         B4 = B.reshape(layer.out_channels, r, *([1] * len(k)))
         return {f"{key}.lora_A.weight": A4, f"{key}.lora_B.weight": B4}, r, alpha
     raise NotImplementedError(f"cannot export {name!r}: no PEFT layout for {type(layer).__name__}")
 
 
-def _full_magnitude(name: str, layer: Linear) -> Tensor:
+def _full_magnitude(name: str, layer: Linear, v: AdapterView) -> Tensor:
     """DoRA's magnitude over every output row, as PEFT holds it. A MergedLinear's rows
     without an adapter get ``‖W_row‖``, which makes PEFT's factor ``m / ‖W_row‖`` one.
 
     Raises ValueError for a row whose norm is 0 (a pruned neuron), which PEFT turns into NaN."""
-    m = layer.lora_magnitude.detach()
+    m = v.lora_magnitude.detach()
     W = layer.unmerged_weight() if layer.merged else layer._dense_weight()
-    norm = dora_weight_norm(W, layer.lora_A, layer.lora_B, layer.scaling, layer.segments,
+    norm = dora_weight_norm(W, v.lora_A, v.lora_B, v.scaling, layer.segments,
                             fan_in_fan_out=layer.fan_in_fan_out)
     if layer.segments is not None:
         row_norms = row_sq_norm(W, layer.fan_in_fan_out).sqrt()
@@ -266,7 +267,7 @@ def _task_type(task_type, model: nn.Module) -> Optional[str]:
 
 
 def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str] = None,
-                task_type: Optional[str] = "auto", server: Optional[str] = None):
+                task_type: Optional[str] = "auto", server: Optional[str] = None, adapter: str = DEFAULT_ADAPTER):
     """Write ``model``'s adapters as a PEFT LoRA adapter folder (loadable by PEFT and vLLM).
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` together:
@@ -294,6 +295,10 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
             (``"CAUSAL_LM"`` on another model fails in PEFT for want of
             ``prepare_inputs_for_generation``). Or one of PEFT's ``TaskType`` values,
             or ``None``, to override.
+        adapter: the adapter to write (:func:`~lora_layers.add_adapter`): ``"default"`` (each layer's own,
+            the file as before named adapters existed), or a named one, written from the layers that
+            have it exactly as a model holding it alone would write it (the same keys, which PEFT
+            reads for any adapter name: ``PeftModel.load_adapter(folder, adapter_name=...)``).
         server: ``None`` (the default) writes the export as before and returns None. ``"vllm"`` or
             ``"peft"``: the export is checked against what that server loads
             (:func:`~lora_layers.check_export`'s rules) before anything is written, and refused with
@@ -319,14 +324,16 @@ def export_peft(model: nn.Module, out_dir, base_model_name_or_path: Optional[str
             named). Nothing is written.
         NotImplementedError: a layer PEFT cannot represent exactly (named).
         FileNotFoundError / PermissionError: bad destination.
+        KeyError: no layer has an adapter ``adapter``.
     """
     from .serving import check_server
 
     check_server(server, allow_none=True)
     model = unwrap_model(model)
     group = shard_group(model)
-    same = dict(out_dir=out_dir, base_model_name_or_path=base_model_name_or_path, task_type=task_type, server=server)
-    layers, dora = on_every_rank(group, "export_peft", lambda: _exported_layers(model, task_type), same=same)
+    same = dict(out_dir=out_dir, base_model_name_or_path=base_model_name_or_path, task_type=task_type, server=server,
+                adapter=adapter)
+    layers, dora = on_every_rank(group, "export_peft", lambda: _exported_layers(model, task_type, adapter), same=same)
     tensors, per_module, rslora = _exported(layers)  # sharded: each layer gathered in turn, on every rank
     settings = dict(use_dora=dora, base_model_name_or_path=base_model_name_or_path, task_type=task_type)
     config = _peft_config(model, per_module, rslora, **settings)
@@ -351,7 +358,7 @@ def _served_config(model: nn.Module, config: Dict[str, Any], per_module: Dict[st
     if server == "vllm" and rslora:
         # vLLM scales by lora_alpha / r, so alpha' = scale·r (rsLoRA's alpha·√r) keeps each module's scale in
         # every vLLM release; from the layer's own scale, so a power-of-two rank gives it back exactly.
-        folded = {n: (r, layer.scaling * r, False, layer) for n, (r, _, _, layer) in per_module.items()}
+        folded = {n: (r, v.scaling * r, False, layer, v) for n, (r, _, _, layer, v) in per_module.items()}
         new = _peft_config(model, folded, False, **settings)
         changes = ["use_rslora folded into lora_alpha (alpha·√r, which vLLM divides by r: the same scale): "
                    + "; ".join(f"{key} {config[key]!r} -> {new[key]!r}" for key in sorted(config)
@@ -364,13 +371,18 @@ def _served_config(model: nn.Module, config: Dict[str, Any], per_module: Dict[st
     return config, check
 
 
-def _exported_layers(model: nn.Module, task_type) -> Tuple[List[Tuple[str, LoRALayer]], bool]:
-    """``(the LoRA layers with an adapter, whether they are DoRA)``, after checking ``task_type``;
-    ValueError / NotImplementedError for a model export_peft cannot write."""
+def _exported_layers(model: nn.Module, task_type, adapter: str) -> Tuple[List[Tuple[str, LoRALayer, str]], bool]:
+    """``([(name, LoRA layer, adapter)] for the layers that have ``adapter``, whether they are DoRA)``, after
+    checking ``task_type``; ValueError / KeyError / NotImplementedError for a model export_peft cannot write."""
     layers = [(n, m) for n, m in lora_modules(model) if m.has_adapter]
     if not layers:
         raise ValueError("export_peft: the model has no LoRA adapters (no LoRA layer with r > 0)")
-    dora = {bool(getattr(m, "use_dora", False)) for _, m in layers}
+    if not isinstance(adapter, str):
+        raise TypeError(f"export_peft: adapter must be an adapter name (str), got {type(adapter).__name__} "
+                        f"{adapter!r}")
+    check_adapter(model, adapter, "export_peft")
+    layers = [(n, m, adapter) for n, m in layers if adapter in m.adapter_names]
+    dora = {bool(m.adapter(a).use_dora) for _, m, a in layers}
     if len(dora) > 1:
         raise NotImplementedError("export_peft: the model mixes DoRA and plain LoRA layers; a PEFT adapter is "
                                   "either all DoRA or all LoRA (use_dora is one flag for the whole adapter)")
@@ -386,21 +398,24 @@ def _write_export(out_dir, data: bytes, text: bytes) -> None:
         atomic_write(os.path.join(tmp, PEFT_CONFIG_NAME), lambda f: f.write(text), "PEFT adapter config")
 
 
-def _exported(layers: List[Tuple[str, LoRALayer]]) -> Tuple[Dict[str, Tensor], Dict[str, tuple], bool]:
+def _exported(layers: List[Tuple[str, LoRALayer, str]]) -> Tuple[Dict[str, Tensor], Dict[str, tuple], bool]:
     """``(PEFT tensors, {name: (rank, alpha, use_rslora, layer)}, use_rslora)``: the rsLoRA mode is
     the most common one, and a module in the other mode gets the alpha that keeps its scaling."""
     tensors: Dict[str, Tensor] = {}
-    per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer)
-    for name, layer in layers:
-        with gathered_parameters(layer):  # a sharded layer's whole tensors (DoRA's norm needs the whole weight)
-            t, r, alpha = _export_module(name, layer)
+    per_module: Dict[str, tuple] = {}  # name -> (rank, alpha, use_rslora, layer, adapter view)
+    for name, layer, adapter in layers:
+        holder = layer if adapter == DEFAULT_ADAPTER else named_adapters(layer)[adapter]
+        # a sharded layer's whole tensors (DoRA's norm needs the whole weight)
+        with gathered_parameters(layer), gathered_parameters(holder):
+            v = layer.adapter(adapter)
+            t, r, alpha = _export_module(name, layer, v)
         tensors.update(t)
-        per_module[name] = (r, alpha, layer.use_rslora, layer)
+        per_module[name] = (r, alpha, v.use_rslora, layer, v)
 
     rslora = Counter(v[2] for v in per_module.values()).most_common(1)[0][0]
-    for name, (r, alpha, use_rs, layer) in per_module.items():
+    for name, (r, alpha, use_rs, layer, v) in per_module.items():
         if use_rs != rslora:  # express this module's scaling in the global mode
-            per_module[name] = (r, layer.scaling * rank_divisor(r, rslora), rslora, layer)
+            per_module[name] = (r, v.scaling * rank_divisor(r, rslora), rslora, layer, v)
     return tensors, per_module, rslora
 
 
@@ -415,8 +430,8 @@ def _peft_config(model: nn.Module, per_module: Dict[str, tuple], rslora: bool, *
     alpha_pattern = {_pattern_key(n, all_names): _number(v[1]) for n, v in per_module.items() if v[1] != a0}
     targets = _target_modules(list(per_module), all_names)
 
-    dropouts = Counter(float(layer.lora_dropout.p) for *_, layer in per_module.values())
-    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer in per_module.values())
+    dropouts = Counter(float(v.dropout_p) for *_, v in per_module.values())
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for *_, layer, _ in per_module.values())
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     return {
@@ -812,7 +827,7 @@ def _put(model: nn.Module, name: str, layer: LoRALayer) -> None:
         swap_modules(model, {id(current): layer})
 
 
-def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[str]:
+def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True, adapter: str = DEFAULT_ADAPTER) -> List[str]:
     """Load a PEFT LoRA adapter folder into ``model`` (the same base it was trained on).
 
     Plain ``nn.Linear``/``nn.Embedding``/``nn.Conv*d`` (and transformers
@@ -835,6 +850,17 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
         strict: raise on any module that cannot be loaded exactly; with
             ``False``, skip such modules with a warning (config-level refusals
             such as DoRA still raise).
+        adapter: ``"default"`` (each layer's own adapter: everything above). Another name loads
+            the folder into that named adapter (:func:`~lora_layers.add_adapter`): every module the
+            folder names must be a LoRA layer already; where the layer lacks the name, the adapter is
+            added with the folder's ``r``, ``lora_alpha`` (per module, from ``rank_pattern``/
+            ``alpha_pattern``), ``lora_dropout`` (none on an Embedding), ``use_rslora`` and
+            ``use_dora``; where it has it, it is loaded in place and must have the same rank, scale
+            and DoRA setting. A MergedLinear takes the rank-``r·n`` block-diagonal adapter
+            :func:`export_peft` writes; a ``layout="loralib"`` conv layer takes none. The new
+            adapters are not made active (:func:`~lora_layers.set_adapter`). PEFT's multi-adapter
+            folder (``save_pretrained`` writes a non-default adapter ``x`` to ``folder/x/``) is read
+            one adapter at a time: ``import_peft(model, folder / "x", adapter="x")``.
 
     Returns:
         The full names of the modules loaded, sorted.
@@ -854,6 +880,11 @@ def import_peft(model: nn.Module, adapter_dir, *, strict: bool = True) -> List[s
     that are LoRA layers already (adapters put on before ``fully_shard``) load; an error on one rank is
     raised on every rank, and nothing changes anywhere.
     """
+    if not (isinstance(adapter, str) and adapter == DEFAULT_ADAPTER):
+        from ..layers.adapters import check_adapter_name
+        from .named_peft import import_named  # it reads folders with this module's helpers
+
+        return import_named(model, adapter_dir, check_adapter_name(adapter, "import_peft: adapter"), strict)
     wrapped, model = model, unwrap_model(model)
     group = shard_group(model)
 

@@ -126,12 +126,14 @@ class LoRALayer(ExactMerge):
     def _compute_scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
-    def _live_scaling(self):
+    def _live_scaling(self, holder: Optional[nn.Module] = None):
         """The scale the forward uses: ``scaling``, or, under ``torch.compile`` on a layer that
         :func:`lora_layers.prepare_for_hotswap` prepared, a 0-d tensor holding the same value, which a
-        hot swap rewrites in place without a recompile. Eager code always reads ``scaling``."""
-        bits = self._buffers.get(HOTSWAP_SCALE) if torch.compiler.is_compiling() else None
-        return self.scaling if bits is None else bits.view(torch.float64)
+        hot swap rewrites in place without a recompile. Eager code always reads ``scaling``.
+        ``holder``: a named adapter (an :class:`~lora_layers.layers.adapters.Adapter`), which holds its own."""
+        holder = self if holder is None else holder
+        bits = holder._buffers.get(HOTSWAP_SCALE) if torch.compiler.is_compiling() else None
+        return holder.scaling if bits is None else bits.view(torch.float64)
 
     @classmethod
     def from_module(cls, module: nn.Module, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,
@@ -321,7 +323,8 @@ class LoRALayer(ExactMerge):
         """The active adapter's view as forward reads it: the default adapter's scale is
         :meth:`_live_scaling` (a hot-swappable tensor under ``torch.compile``)."""
         view = self._active_view()
-        return view._replace(scaling=self._live_scaling()) if view.name == _adapters.DEFAULT_ADAPTER else view
+        named = view.name != _adapters.DEFAULT_ADAPTER
+        return view._replace(scaling=self._live_scaling(_adapters.named_adapters(self)[view.name] if named else None))
 
     def _merge_scaling(self) -> Optional[float]:
         name = self._active_adapter
