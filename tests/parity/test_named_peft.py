@@ -88,9 +88,8 @@ def test_k_adapters_exported_run_in_peft_with_adapter_names(base, trained, tmp_p
         assert not torch.allclose(ours[i], ours[3], atol=1e-3)
 
 
-@pytest.mark.skipif(not hasattr(L, "mixed_batch"), reason="lora_layers.mixed_batch is not on this branch yet")
 def test_k_adapters_in_one_mixed_batch_equal_peft(base, trained, tmp_path):
-    # LEAD: this is the mixed-batch half of item 4; it runs once na-wire's mixed_batch lands.
+    # Issue #23 item 4: the K adapters in one mixed batch of ours against PEFT's adapter_names.
     pm = peft_with(base, exported(trained, tmp_path))
     with L.mixed_batch(trained, ROWS):
         ours = logits(trained)
