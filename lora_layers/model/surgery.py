@@ -280,7 +280,9 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = NOT_GIVEN, lora_alp
             ``backend``, ``"auto"`` (the default), ``"torch"`` or ``"triton"``;
             ``use_dora``, DoRA adapters (``Linear`` and ``MergedLinear`` only; another
             selected type raises ``TypeError``; see :class:`~lora_layers.Linear`; default False);
-            ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init.
+            ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init;
+            ``dora_mode``, DoRA's backward, ``"lean"`` (the default) or ``"fast"`` (with ``use_dora=True``;
+            see :class:`~lora_layers.Linear`).
 
     Returns:
         The qualified names of the replaced modules, in model order.
