@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dropout import backward_mask, down_project, grad_A, input_grad, seeded_dropout
-from .row_scale import expand_rows, gather_columns, gather_rows
+from .row_scale import expand_rows, gather_rows
 from .segments import covers_all
 
 __all__ = ["tracing", "refuse_double_backward"]
@@ -134,7 +134,9 @@ def lora_forward_keeping_product(x, weight, bias, lora_A, lora_B, param, const, 
     if covers_all(blocks, y2.shape[1]):
         product, y2 = y2, y2 * c
     else:
-        product = torch.cat([y2[:, o0:o1] for o0, o1, *_ in blocks], dim=1)
+        product = y2.new_empty(y2.shape[0], blocks[-1].b1)
+        for o0, o1, _, _, b0, b1 in blocks:
+            product[:, b0:b1] = y2[:, o0:o1]
         y2.mul_(c)
     if bias is not None:
         y2.add_(_cast(bias, y2.dtype))
@@ -208,11 +210,21 @@ def _grad_param(ctx, weight, x2, g2, H, B, param, const):
     return ctx.row_scale.param_grad(param, const, z)
 
 
+# Rows of g ⊙ P summed per step by _grad_param_kept: its accumulator stays in cache, where a whole
+# T × out product would go through memory twice more.
+_Z_ROWS = 128
+
+
 def _grad_param_kept(ctx, product, g2, param, const):
-    """The hook's parameter gradient from the kept product ``P``: ``z = Σ_t g ⊙ P`` on the adapted rows."""
-    acc = torch.promote_types(g2.dtype, torch.float32)
-    z = (gather_columns(g2, ctx.blocks) * product).sum(0, dtype=acc)
-    return ctx.row_scale.param_grad(param, const, z)
+    """The hook's parameter gradient from the kept product ``P``: ``z = Σ_t g ⊙ P`` on the adapted rows,
+    accumulated in fp32 (fp64 for fp64 inputs) ``_Z_ROWS`` tokens at a time."""
+    T = g2.shape[0]
+    part = product.new_zeros(min(T, _Z_ROWS), product.shape[1], dtype=torch.promote_types(g2.dtype, torch.float32))
+    for t0 in range(0, T, _Z_ROWS):
+        n = min(_Z_ROWS, T - t0)
+        for o0, o1, _, _, b0, b1 in ctx.blocks:
+            part[:n, b0:b1].addcmul_(g2[t0:t0 + n, o0:o1], product[t0:t0 + n, b0:b1])
+    return ctx.row_scale.param_grad(param, const, part.sum(0))
 
 
 def _grad_x(ctx, weight, x, du, A, gs, mask) -> Tensor:

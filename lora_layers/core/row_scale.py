@@ -88,11 +88,3 @@ def gather_rows(vector: Tensor, blocks: Sequence[Block]) -> Tensor:
     if len(blocks) == 1:
         return vector[blocks[0].out0:blocks[0].out1]
     return torch.cat([vector[o0:o1] for o0, o1, *_ in blocks])
-
-
-def gather_columns(t: Tensor, blocks: Sequence[Block]) -> Tensor:
-    """The columns of a ``(T, out)`` tensor on the adapted rows, in ``lora_B`` row order (a view for
-    one block, else a copy)."""
-    if len(blocks) == 1:
-        return t[:, blocks[0].out0:blocks[0].out1]
-    return torch.cat([t[:, o0:o1] for o0, o1, *_ in blocks], dim=1)
