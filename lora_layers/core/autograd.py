@@ -212,7 +212,7 @@ def _grad_param(ctx, weight, x2, g2, H, B, param, const):
 
 # Rows of g ⊙ P summed per step by _grad_param_kept: its accumulator stays in cache, where a whole
 # T × out product would go through memory twice more.
-_Z_ROWS = 128
+_Z_ROWS = 256
 
 
 def _grad_param_kept(ctx, product, g2, param, const):
