@@ -15,9 +15,10 @@ and 0, fp32 and bf16). Part 2 is ``MergedLinear`` in the Phi-3 qkv shape, equal
 splits (3072→3·3072) against loralib's ``MergedLinear`` and PEFT on the fused
 layer, and GQA splits (3072→3072+1024+1024), which loralib cannot express.
 Part 3 is DoRA on ``Linear`` (default fp32, dropout 0.05): lora_layers'
-``use_dora=True`` against PEFT's, with both plain LoRA layers and the floor in
-the same interleaved run, plus a dropout-0 check that the two DoRA layers give
-the same output and gradients on the same weights. Part 4 is QLoRA on ``Linear``
+``use_dora=True`` in both backward modes (``dora_mode="lean"`` and ``"fast"``) against
+PEFT's, with both plain LoRA layers and the floor in the same interleaved run, plus
+dropout-0 checks that PEFT's and lora_layers' DoRA, and the two modes, give the same
+output and gradients on the same weights. Part 4 is QLoRA on ``Linear``
 (default fp32 compute, dropout 0.05): one frozen bitsandbytes nf4 ``Linear4bit``
 (the floor), PEFT's LoRA and lora_layers' ``Linear`` over copies of it, and
 lora_layers over torchao's NF4 (``quantize_base``) of the same float weight;
@@ -48,9 +49,10 @@ import _common as C  # noqa: E402
 
 FLOOR = "frozen nn.Linear"
 LINEAR_IMPLS = ("loralib", "peft", "lora_layers")
-PEFT_DORA, DORA = "peft DoRA", "lora_layers DoRA"
-# Part 3: each DoRA layer is compared with the plain LoRA layer of its library.
-DORA_IMPLS = ("peft", PEFT_DORA, "lora_layers", DORA)
+PEFT_DORA, DORA, DORA_FAST = "peft DoRA", "lora_layers DoRA", "lora_layers DoRA fast"
+# Part 3: each DoRA layer is compared with the plain LoRA layer of its library (lean DoRA last: the
+# reference of the merged-output check for the fast one).
+DORA_IMPLS = ("peft", PEFT_DORA, "lora_layers", DORA_FAST, DORA)
 # Part 4: QLoRA, each name built by build_linear's implementation over a bitsandbytes nf4 layer
 # (the torchao row over quantize_base's NF4 of the same float weight).
 QLORA_FLOOR, PEFT_QLORA, QLORA = "frozen nf4 Linear4bit", "peft (nf4)", "lora_layers (nf4)"
@@ -115,7 +117,7 @@ def build_linear(name: str, base: nn.Linear, r: int, alpha: float, p: float, ab)
         loralib.mark_only_lora_as_trainable(mod)
         _set(mod.lora_A, a), _set(mod.lora_B, b)
         return mod, [mod.lora_A, mod.lora_B], mod.eval  # loralib merges in eval()
-    dora = name in (PEFT_DORA, DORA)
+    dora = name in (PEFT_DORA, DORA, DORA_FAST)
     # The magnitude PEFT and lora_layers share; both use scaling alpha / r here.
     m = _dora_magnitude(base, ab, alpha / r) if dora else None
     if name in ("peft", PEFT_DORA):
@@ -135,8 +137,9 @@ def build_linear(name: str, base: nn.Linear, r: int, alpha: float, p: float, ab)
         import lora_layers
 
         lora_dtype = torch.float32 if name.endswith("(fp32 A/B)") else None
+        mode = {"dora_mode": "fast"} if name == DORA_FAST else {}
         mod = lora_layers.Linear.from_module(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=p,
-                                             lora_dtype=lora_dtype, use_dora=dora)
+                                             lora_dtype=lora_dtype, use_dora=dora, **mode)
         _set(mod.lora_A, a), _set(mod.lora_B, b)
         params = [mod.lora_A, mod.lora_B]
         if dora:
@@ -313,17 +316,21 @@ def run_merged_case(in_features: int, splits: Sequence[int], tokens: int, r: int
 
 
 # (numerator, denominator) of the DoRA case's train-time comparisons.
-DORA_COMPARISONS = ((DORA, PEFT_DORA), (DORA, "lora_layers"), (PEFT_DORA, "peft"))
+DORA_COMPARISONS = ((DORA, PEFT_DORA), (DORA, "lora_layers"), (PEFT_DORA, "peft"), (DORA_FAST, PEFT_DORA),
+                    (DORA_FAST, "lora_layers"), (DORA_FAST, DORA))
 # and of the QLoRA case's.
 QLORA_COMPARISONS = ((QLORA, PEFT_QLORA), (QLORA_TORCHAO, PEFT_QLORA))
 
 
 def _comparisons(res: Dict[str, dict], pairs, reps: int) -> List[dict]:
-    """Train-time ratios ``name / over`` of the minima and of the medians (none when ``reps`` < 1)."""
+    """Train-time ratios ``name / over`` of the minima, of the medians, and the median of the per-round
+    ratios (the two steps of a round ran moments apart, so load that drifts over the run cancels
+    there); none when ``reps`` < 1."""
     if reps < 1:
         return []
     return [{"name": name, "over": over, "min_ratio": min(res[name]["train_s"]) / min(res[over]["train_s"]),
-             "median_ratio": C.median(res[name]["train_s"]) / C.median(res[over]["train_s"])}
+             "median_ratio": C.median(res[name]["train_s"]) / C.median(res[over]["train_s"]),
+             "round_median_ratio": C.median([a / b for a, b in zip(res[name]["train_s"], res[over]["train_s"])])}
             for name, over in pairs]
 
 
@@ -352,9 +359,10 @@ def parity_p0(build: Callable[[str], tuple], names: Tuple[str, str], in_features
                       for k, a, b in zip(("x", "A", "B", "m"), g_p, g_o)}}
 
 
-def dora_parity(base: nn.Linear, r: int, alpha: float, ab, tokens: int, seed: int = 0) -> dict:
-    """lora_layers' and PEFT's DoRA at dropout 0 on the same weights (:func:`parity_p0`)."""
-    return parity_p0(lambda name: build_linear(name, base, r, alpha, 0.0, ab), (PEFT_DORA, DORA),
+def dora_parity(base: nn.Linear, r: int, alpha: float, ab, tokens: int, seed: int = 0,
+                names: Tuple[str, str] = (PEFT_DORA, DORA)) -> dict:
+    """Two DoRA layers (default PEFT's and lora_layers') at dropout 0 on the same weights (:func:`parity_p0`)."""
+    return parity_p0(lambda name: build_linear(name, base, r, alpha, 0.0, ab), names,
                      base.in_features, base.out_features, base.weight.dtype, tokens, seed)
 
 
@@ -376,7 +384,8 @@ def run_dora_case(in_features: int, out_features: int, tokens: int, r: int, alph
     return {"kind": "dora", "config": {"in": in_features, "out": out_features, "tokens": tokens, "r": r,
                                        "alpha": alpha, "dropout": p, "dtype": str(dtype).split(".")[-1]},
             "results": res, "comparisons": _comparisons(res, DORA_COMPARISONS, reps),
-            "parity_p0": dora_parity(base, r, alpha, ab, tokens, seed)}
+            "parity_p0": dora_parity(base, r, alpha, ab, tokens, seed),
+            "parity_fast_p0": dora_parity(base, r, alpha, ab, tokens, seed, (DORA, DORA_FAST))}
 
 
 def build_qlora(name: str, base: nn.Linear, nf4: nn.Module, r: int, alpha: float, p: float,
@@ -459,20 +468,25 @@ def case_table(case: dict) -> str:
          "saved / x", "merged eval ratio (median)", "(min)", "max abs diff vs lora_layers", "trainable params"], rows)
     if case["kind"] not in ("dora", "qlora"):
         return table
-    parts = [table, C.markdown_table(["train time", "ratio (min)", "ratio (median)"], (
-        [f"{c['name']} / {c['over']}", f"{c['min_ratio']:.3f}", f"{c['median_ratio']:.3f}"]
-        for c in case["comparisons"]))]
+    parts = [table, C.markdown_table(["train time", "ratio (min)", "ratio (median)", "per-round ratio (median)"], (
+        [f"{c['name']} / {c['over']}", f"{c['min_ratio']:.3f}", f"{c['median_ratio']:.3f}",
+         f"{c['round_median_ratio']:.3f}"] for c in case["comparisons"]))]
     if case["kind"] == "qlora":
         bf16 = case["bf16_weight_bytes"]
         parts.append(C.markdown_table(["implementation", "base weight bytes", "/ bf16"], (
             [name, f"{f['weight_bytes']:,}", f"{f['weight_bytes'] / bf16:.3f}"]
             for name, f in case["results"].items())) + f"\n\n(bf16: {bf16:,} bytes)")
-    par = case["parity_p0"]
-    grads = ", ".join(f"{k} {v:.1e}" for k, v in par["grads"].items())
-    parts.append(f"Dropout 0, training mode, {' vs '.join(par['names'])}: output max abs diff {par['output']:.1e} "
-                 f"(outputs up to {par['output_scale']:.1f}); gradients, max abs diff over the largest gradient: "
-                 f"{grads}.")
+    for key in ("parity_p0", "parity_fast_p0"):
+        if key in case:
+            parts.append(_parity_line(case[key]))
     return "\n\n".join(parts)
+
+
+def _parity_line(par: dict) -> str:
+    grads = ", ".join(f"{k} {v:.1e}" for k, v in par["grads"].items())
+    return (f"Dropout 0, training mode, {' vs '.join(par['names'])}: output max abs diff {par['output']:.1e} "
+            f"(outputs up to {par['output_scale']:.1f}); gradients, max abs diff over the largest gradient: "
+            f"{grads}.")
 
 
 def _parse_shape(text: str) -> Tuple[int, int, int]:

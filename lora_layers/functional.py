@@ -18,6 +18,7 @@ from .core import functional as _core
 from .core.dropout import draw_seed, drop_mask, dropout_mask, keep_mask, keep_scale
 from .core.functional import BACKEND_ENV, BACKENDS, lora_conv, lora_embedding
 from .core.functional import resolve_backend  # noqa: F401  (importable here, as before)
+from .core.spec import check_dora_mode
 from .variants.dora import DoRAScale, dora_row_scale, dora_weight_norm, row_sq_norm
 
 __all__ = ["lora_linear", "lora_embedding", "lora_conv", "dora_weight_norm", "row_sq_norm", "draw_seed",
@@ -58,14 +59,17 @@ def lora_linear(
     backend: str = "auto",
     magnitude: Optional[Tensor] = None,
     weight_norm: Optional[Tensor] = None,
+    dora_mode: str = "lean",
 ) -> Tensor:
     """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` with a lean autograd; DoRA with a ``magnitude``.
 
     DoRA (``magnitude`` given) computes ``(m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b``
     on the adapted rows, with the row norm a constant in backward (the paper's
     section 4.3), and the factor 1 on a row whose norm is 0 (:func:`dora_row_scale`). The
-    norm comes from :func:`dora_weight_norm` (``W + s·BA`` is never built), and backward keeps no ``T × out`` tensor: the magnitude's gradient
-    recomputes ``x Wᵀ`` (one extra GEMM) instead.
+    norm comes from :func:`dora_weight_norm` (``W + s·BA`` is never built). With
+    ``dora_mode="lean"`` backward keeps no ``T × out`` tensor: the magnitude's gradient
+    recomputes ``x Wᵀ`` (one extra GEMM); with ``"fast"`` the forward keeps
+    ``x Wᵀ + s·dropout(x) Aᵀ Bᵀ`` on the adapted rows for it instead.
 
     Args:
         x: input ``(*, in)``.
@@ -85,10 +89,19 @@ def lora_linear(
         magnitude: DoRA's magnitude, one entry per adapted output row (``(out,)``, or
             ``(Σ enabled slice sizes,)`` with ``segments``); None for plain LoRA.
         weight_norm: ``‖W + s·BA‖`` per adapted row, if already known (else computed).
+        dora_mode: ``"lean"`` or ``"fast"`` (DoRA only): what backward keeps for the
+            magnitude's gradient; the same result up to rounding.
 
     Returns:
         ``(*, out)`` in the compute dtype: ``x``'s dtype, or the autocast dtype.
+
+    Raises:
+        ValueError: ``dora_mode`` is not ``"lean"`` or ``"fast"``, or is ``"fast"`` without a
+            ``magnitude``; and the errors of the checks on the other arguments.
     """
-    row_scale = None if magnitude is None else DoRAScale(magnitude, weight_norm)
+    if check_dora_mode(dora_mode) != "lean" and magnitude is None:
+        raise ValueError(f"dora_mode={dora_mode!r} is a DoRA setting but no magnitude was given; pass "
+                         f"magnitude= with it, or leave dora_mode at 'lean'")
+    row_scale = None if magnitude is None else DoRAScale(magnitude, weight_norm, dora_mode)
     return _core.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
                              fan_in_fan_out=fan_in_fan_out, segments=segments, backend=backend, row_scale=row_scale)

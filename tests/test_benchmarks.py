@@ -102,9 +102,18 @@ def test_bench_layers_quick(tmp_path, capsys):
     for name in (bench_layers.PEFT_DORA, "peft"):  # merged outputs: each against lora_layers' same variant
         assert res[name]["max_abs_diff_vs_lora_layers"] <= 1e-4, name
     assert {(x["name"], x["over"]) for x in dora["comparisons"]} == set(bench_layers.DORA_COMPARISONS)
+    for x in dora["comparisons"]:  # the median of the per-round ratios, from the same timings
+        res_a, res_b = res[x["name"]]["train_s"], res[x["over"]]["train_s"]
+        assert x["round_median_ratio"] == _common.median([a / b for a, b in zip(res_a, res_b)])
     parity = dora["parity_p0"]
     assert parity["output"] <= 1e-4 * parity["output_scale"]
     assert set(parity["grads"]) == {"x", "A", "B", "m"} and max(parity["grads"].values()) <= 1e-4
+    # The fast mode keeps the pre-scale product (T × out) as well, and computes the same function.
+    assert res[bench_layers.DORA_FAST]["saved_bytes"] == (c["tokens"] * (c["r"] + c["out"]) + c["out"]) * 4
+    assert res[bench_layers.DORA_FAST]["max_abs_diff_vs_lora_layers"] <= 1e-4
+    fast = dora["parity_fast_p0"]
+    assert fast["names"] == [bench_layers.DORA, bench_layers.DORA_FAST] and fast["output"] == 0.0
+    assert fast["grads"]["x"] == fast["grads"]["A"] == fast["grads"]["B"] == 0.0 and fast["grads"]["m"] <= 1e-6
     qlora = cases[7]
     c, res = qlora["config"], qlora["results"]
     assert qlora["kind"] == "qlora" and c["dropout"] == 0.05 and c["dtype"] == "float32"

@@ -9,6 +9,10 @@ as a factor ``c`` and asks the hook only for its parameter's gradient.
 
 :func:`_composite` computes the same result from plain differentiable ops, for
 ``torch.compile``, ``torch.func`` transforms and double backward.
+
+A hook with ``keep_product`` (DoRA's ``dora_mode="fast"``) makes :class:`_LoRALinear`
+also keep the pre-scale product of the adapted rows (:func:`lora_forward_keeping_product`),
+from which backward reads the hook's ``dL/dc`` instead of recomputing ``x Wᵀ``.
 """
 from __future__ import annotations
 
@@ -118,6 +122,28 @@ def lora_forward(x, weight, bias, lora_A, lora_B, param, const, row_scale, scali
     return y2, u
 
 
+def lora_forward_keeping_product(x, weight, bias, lora_A, lora_B, param, const, row_scale, scaling, dropout_p,
+                                 seed, fan_in_fan_out, blocks):
+    """:func:`lora_forward` with a ``row_scale`` hook (the same ``y2``, bit for bit), also returning
+    the pre-scale product ``P = x Wᵀ + s·uBᵀ`` on the adapted rows (``(T, adapted rows)``, in
+    ``lora_B`` row order): ``(y2, u, P)``. With one adapter over every row, ``P`` is the GEMM's
+    own output and ``y2`` a new tensor; otherwise ``P`` is a copy of the adapted columns and
+    ``y2`` is scaled in place, so the rows without an adapter are never kept."""
+    y2, u = lora_forward(x, weight, None, lora_A, lora_B, None, None, None, scaling, dropout_p, seed,
+                         fan_in_fan_out, blocks)
+    c = expand_rows(row_scale.factor(param, const), blocks, y2.shape[1], y2.dtype)
+    if covers_all(blocks, y2.shape[1]):
+        product, y2 = y2, y2 * c
+    else:
+        product = y2.new_empty(y2.shape[0], blocks[-1].b1)
+        for o0, o1, _, _, b0, b1 in blocks:
+            product[:, b0:b1] = y2[:, o0:o1]
+        y2.mul_(c)
+    if bias is not None:
+        y2.add_(_cast(bias, y2.dtype))
+    return y2, u, product
+
+
 def _scatter_add(y: Tensor, parts) -> Tensor:
     pieces, last = [], 0
     for o0, o1, d in sorted(parts, key=lambda t: t[0]):
@@ -185,6 +211,23 @@ def _grad_param(ctx, weight, x2, g2, H, B, param, const):
     return ctx.row_scale.param_grad(param, const, z)
 
 
+# Rows of g ⊙ P summed per step by _grad_param_kept: its accumulator stays in cache, where a whole
+# T × out product would go through memory twice more.
+_Z_ROWS = 256
+
+
+def _grad_param_kept(ctx, product, g2, param, const):
+    """The hook's parameter gradient from the kept product ``P``: ``z = Σ_t g ⊙ P`` on the adapted rows,
+    accumulated in fp32 (fp64 for fp64 inputs) ``_Z_ROWS`` tokens at a time."""
+    T = g2.shape[0]
+    part = product.new_zeros(min(T, _Z_ROWS), product.shape[1], dtype=torch.promote_types(g2.dtype, torch.float32))
+    for t0 in range(0, T, _Z_ROWS):
+        n = min(_Z_ROWS, T - t0)
+        for o0, o1, _, _, b0, b1 in ctx.blocks:
+            part[:n, b0:b1].addcmul_(g2[t0:t0 + n, o0:o1], product[t0:t0 + n, b0:b1])
+    return ctx.row_scale.param_grad(param, const, part.sum(0))
+
+
 def _grad_x(ctx, weight, x, du, A, gs, mask) -> Tensor:
     """``dx = gs W + drop'(du A)``: seeded with the LoRA term, into which the base GEMM accumulates."""
     dx = input_grad(du, A, mask, ctx.dropout_p)
@@ -207,16 +250,23 @@ class _LoRALinear(torch.autograd.Function):
     and are cast here, so that only the originals (already alive) are saved
     and every gradient gets its input's dtype. Saved: ``x``, ``u = drop(x)Aᵀ``
     (``T × r``), the parameters and the hook's two tensors; never the dropout
-    mask (regenerated from ``seed``) nor any ``T × out`` tensor.
+    mask (regenerated from ``seed``) nor any ``T × out`` tensor, unless the hook
+    asks to ``keep_product`` and its parameter needs a gradient: then also the
+    pre-scale product of the adapted rows (the last saved tensor, None otherwise).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, param, const, row_scale, scaling, dropout_p, seed,
                 fan_in_fan_out, blocks):
-        y2, u = lora_forward(x, weight, bias, lora_A, lora_B, param, const, row_scale, scaling, dropout_p, seed,
-                             fan_in_fan_out, blocks)
+        product = None
+        if row_scale is not None and getattr(row_scale, "keep_product", False) and ctx.needs_input_grad[5]:
+            y2, u, product = lora_forward_keeping_product(x, weight, bias, lora_A, lora_B, param, const, row_scale,
+                                                          scaling, dropout_p, seed, fan_in_fan_out, blocks)
+        else:
+            y2, u = lora_forward(x, weight, bias, lora_A, lora_B, param, const, row_scale, scaling, dropout_p, seed,
+                                 fan_in_fan_out, blocks)
         quantized = _is_quantized(weight)
-        ctx.save_for_backward(x, None if quantized else weight, bias, lora_A, lora_B, u, param, const)
+        ctx.save_for_backward(x, None if quantized else weight, bias, lora_A, lora_B, u, param, const, product)
         ctx.quantized_base = weight if quantized else None  # packed tensors the layer keeps anyway
         ctx.row_scale, ctx.scaling, ctx.dropout_p, ctx.seed = row_scale, scaling, dropout_p, seed
         ctx.fan_in_fan_out, ctx.blocks = fan_in_fan_out, blocks
@@ -226,7 +276,7 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx, g):
         if torch.is_grad_enabled():  # create_graph=True: a higher-order derivative follows
             return _differentiable_backward(ctx, g)
-        x, weight, bias, lora_A, lora_B, u, param, const = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, u, param, const, product = ctx.saved_tensors
         weight = ctx.quantized_base if weight is None else weight
         need_x, need_w, need_b, need_a, need_bb, need_p = ctx.needs_input_grad[:6]
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -236,8 +286,12 @@ class _LoRALinear(torch.autograd.Function):
                                                             g2.shape[1], g2.dtype)
         gs = g2 if c is None else g2 * c
         du = _grad_u(gs, B, A.shape[0], ctx.scaling, ctx.blocks) if need_x or need_a else None
-        H = _g_t_u(g2, u, B, ctx.blocks) if need_bb or need_p else None
-        dp = _grad_param(ctx, weight, x2, g2, H, B, param, const) if need_p else None
+        H = _g_t_u(g2, u, B, ctx.blocks) if need_bb or (need_p and product is None) else None
+        if need_p:
+            dp = (_grad_param(ctx, weight, x2, g2, H, B, param, const) if product is None
+                  else _grad_param_kept(ctx, product, g2, param, const))
+        else:
+            dp = None
         dB = None
         if need_bb:  # after dp, which reads H before it is scaled in place
             dB = (H if c is None else H.mul_(gather_rows(c, ctx.blocks)[:, None])).mul_(ctx.scaling).to(lora_B.dtype)
@@ -254,7 +308,7 @@ def _differentiable_backward(ctx, g):
     rebuilt from ``x`` and ``A`` (the saved one has no graph) and the mask from
     the seed, so double backward and gradient penalties are exact. Only runs
     under ``create_graph=True``; plain training keeps the lean backward."""
-    x, weight, bias, lora_A, lora_B, _, param, const = ctx.saved_tensors
+    x, weight, bias, lora_A, lora_B, _, param, const, _ = ctx.saved_tensors
     weight = ctx.quantized_base if weight is None else weight
     inputs = (x, weight, bias, lora_A, lora_B, param)
     wanted = [i for i, need in enumerate(ctx.needs_input_grad[:6]) if need]

@@ -9,7 +9,10 @@ and a future variant that rescales rows is another file in ``variants/``.
 The lean backward needs from a hook only ``dL/dθ`` for its trainable tensor θ given
 ``z = dL/dc``; the core computes ``z`` (it recomputes ``x Wᵀ``, one GEMM, and keeps
 no ``T × out`` tensor). Everything else (``dx``, ``dA``, ``dB``, ``dW``) sees
-``g ⊙ c``, and the bias gradient sees ``g``.
+``g ⊙ c``, and the bias gradient sees ``g``. A hook with :attr:`RowScale.keep_product`
+set trades memory for that GEMM: the forward keeps the pre-scale product
+``x Wᵀ + s·uBᵀ`` on the adapted rows (``T ×`` adapted rows, the compute dtype) and ``z`` is
+read from it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,13 @@ class RowScale:
     magnitude; None if nothing trains) and ``const`` (saved as it is, e.g. DoRA's norm;
     may be None). :meth:`factor` and :meth:`param_grad` receive them back, so a hook
     keeps no per-call state and the core saves the tensors with ``save_for_backward``.
+
+    ``keep_product`` (default False) asks the core to keep the pre-scale product of the adapted
+    rows for ``z`` instead of recomputing ``x Wᵀ`` in backward: one GEMM less, one ``T ×``
+    adapted-rows tensor more. It changes no result beyond rounding.
     """
+
+    keep_product: bool = False
 
     def prepare(self, weight, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 segments: Optional[Sequence[Tuple[int, int]]], *, fan_in_fan_out: bool,

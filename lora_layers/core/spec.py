@@ -19,7 +19,8 @@ from .functional import BACKENDS
 
 __all__ = ["LoRASpec", "LORA_DTYPES", "INITS", "check_init", "pissa_niter", "check_rank", "check_alpha", "check_dropout",
            "check_backend", "check_lora_dtype", "check_lora_args", "check_use_dora", "check_dora",
-           "check_dora_support", "resolve_spec", "given_settings", "NOT_GIVEN", "rank_divisor", "lora_scaling"]
+           "check_dora_support", "resolve_spec", "given_settings", "NOT_GIVEN", "rank_divisor", "lora_scaling",
+           "DORA_MODES", "check_dora_mode"]
 
 # Adapters are trained: they need a dtype with arithmetic and random init (not fp8).
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -85,6 +86,24 @@ def check_use_dora(use_dora) -> bool:
     return bool(use_dora)
 
 
+#: DoRA's backward modes: "lean" recomputes ``x Wᵀ`` for the magnitude's gradient (one more GEMM, no
+#: ``T × out`` tensor kept); "fast" keeps the pre-scale product from the forward instead.
+DORA_MODES = ("lean", "fast")
+
+
+def check_dora_mode(dora_mode) -> str:
+    if not isinstance(dora_mode, str) or dora_mode not in DORA_MODES:
+        raise ValueError(f"dora_mode must be one of {DORA_MODES}, got {dora_mode!r}")
+    return dora_mode
+
+
+def _check_mode_needs_dora(dora_mode: str, use_dora: bool) -> None:
+    # A backward mode on a layer without DoRA would do nothing: say so rather than ignore it.
+    if dora_mode != "lean" and not use_dora:
+        raise ValueError(f"dora_mode={dora_mode!r} is a DoRA setting but use_dora=False; pass use_dora=True "
+                         f"with it, or leave dora_mode at 'lean'")
+
+
 def check_dora_support(layer, use_dora: bool, has_adapter: bool) -> None:
     """DoRA (``use_dora``, already a bool) needs a layer type that implements it and an adapter to decompose."""
     if not use_dora:
@@ -129,6 +148,10 @@ class LoRASpec:
         init: ``"kaiming"`` (loralib's) or ``"gaussian"`` (PEFT's) adapter init; or ``"pissa"``,
             ``"pissa_niter_<N>"``, ``"olora"`` (``Linear``/``MergedLinear``): A and B from the weight's
             top singular vectors or QR, the weight becoming the residual (docs/pissa.md).
+        dora_mode: DoRA's backward, ``"lean"`` (the default: ``x Wᵀ`` recomputed for the
+            magnitude's gradient) or ``"fast"`` (``x Wᵀ + s·uBᵀ`` kept from the forward, one
+            ``T × out`` tensor); the same function either way. Anything but ``"lean"`` needs
+            ``use_dora=True``.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type, naming it, the
@@ -150,14 +173,17 @@ class LoRASpec:
     backend: str = "auto"
     use_dora: bool = False
     init: str = "kaiming"
+    dora_mode: str = "lean"
 
     def __post_init__(self):
         # The order of the checks (so of the error when several settings are wrong) is check_lora_args'.
         checked = dict(r=check_rank(self.r), lora_alpha=check_alpha(self.lora_alpha),
                        lora_dropout=check_dropout(self.lora_dropout), backend=check_backend(self.backend),
                        lora_dtype=check_lora_dtype(self.lora_dtype), init=check_init(self.init),
-                       use_dora=check_use_dora(self.use_dora), merge_weights=bool(self.merge_weights),
+                       use_dora=check_use_dora(self.use_dora), dora_mode=check_dora_mode(self.dora_mode),
+                       merge_weights=bool(self.merge_weights),
                        use_rslora=bool(self.use_rslora))  # the last two are flags, read as loralib reads them
+        _check_mode_needs_dora(checked["dora_mode"], checked["use_dora"])
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 

@@ -28,7 +28,7 @@ __all__ = ["LoRALayer", "ADAPTER_NAMES", "ADAPTER_PREFIX", "MAGNITUDE_NAME", "HO
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 # The settings beyond loralib's four (r, lora_alpha, lora_dropout, merge_weights).
-_EXTRAS = ("use_rslora", "lora_dtype", "backend", "use_dora", "init")
+_EXTRAS = ("use_rslora", "lora_dtype", "backend", "use_dora", "init", "dora_mode")
 MAGNITUDE_NAME = "lora_magnitude"  # DoRA's per-row magnitude (named lora_* so it is an adapter parameter)
 ADAPTER_PREFIX = "lora_"  # a layer's own Parameters with this prefix are its adapter
 # A non-persistent buffer that lora_layers.prepare_for_hotswap adds: the float64 bits of ``scaling`` as a
@@ -43,7 +43,7 @@ class LoRALayer(ExactMerge):
 
     Attributes (loralib names): ``r``, ``lora_alpha``, ``scaling``,
     ``lora_dropout`` (an ``nn.Dropout``), ``merged``, ``merge_weights``.
-    Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``; all nine as one
+    Extra: ``use_rslora``, ``lora_dtype``, ``backend``, ``use_dora``, ``init``, ``dora_mode``; all ten as one
     :class:`~lora_layers.LoRASpec`: ``spec``.
 
     Named adapters (:meth:`add_adapter`, :meth:`set_adapter`; :mod:`lora_layers.layers.adapters`) sit
@@ -81,7 +81,8 @@ class LoRALayer(ExactMerge):
                             f"before LoRALayer.__init__ when lora_dropout={spec.lora_dropout!r} > 0")
         self.merged, self.merge_weights = False, spec.merge_weights
         self.use_rslora, self.lora_dtype, self.backend = spec.use_rslora, spec.lora_dtype, spec.backend
-        self.use_dora, self.init = False, spec.init  # use_dora once the layer is known to support it
+        # use_dora (and its dora_mode) once the layer is known to support it
+        self.use_dora, self.dora_mode, self.init = False, "lean", spec.init
         self._merge_state = None
         self.scaling = self._compute_scaling()
         self.__dict__[SHARED_ATTR] = None
@@ -91,7 +92,7 @@ class LoRALayer(ExactMerge):
 
         Takes a :class:`LoRASpec`, or its fields as arguments (``r, lora_alpha, lora_dropout,
         merge_weights, use_rslora=False, lora_dtype=None, backend="auto", use_dora=False,
-        init="kaiming"``), from which it builds one.
+        init="kaiming", dora_mode="lean"``), from which it builds one.
         """
         given = len(args) == 1 and not kwargs and isinstance(args[0], LoRASpec)
         spec = args[0] if given else LoRASpec(*args, **kwargs)
@@ -99,7 +100,7 @@ class LoRALayer(ExactMerge):
         register_weight(self)
         shapes = self._adapter_shapes() if self.r > 0 else None
         check_dora_support(self, spec.use_dora, shapes is not None)
-        self.use_dora = spec.use_dora
+        self.use_dora, self.dora_mode = spec.use_dora, spec.dora_mode
         if shapes is not None and is_residual_init(spec.init):
             self._check_residual_init()  # before the weight is frozen: a refused layer changes nothing
         if shapes is not None:
@@ -149,7 +150,8 @@ class LoRALayer(ExactMerge):
                 keyword (not given: the defaults ``8``, ``1``, ``0.0`` and ``True``).
             spec: the LoRA settings as a :class:`LoRASpec`, or None to take them from the arguments.
             **kwargs: the other settings, as keyword arguments (without ``spec``): ``use_rslora=False``,
-                ``lora_dtype=None``, ``backend="auto"``, ``use_dora=False``, ``init="kaiming"``; and the
+                ``lora_dtype=None``, ``backend="auto"``, ``use_dora=False``, ``init="kaiming"``,
+                ``dora_mode="lean"``; and the
                 class-specific ones (``fan_in_fan_out`` for :class:`Linear`,
                 ``enable_lora``/``split_sizes`` for :class:`MergedLinear`, ``layout`` for convs).
 

@@ -58,6 +58,10 @@ class Linear(LoRALayer, nn.Linear):
         use_dora: DoRA: ``y = (m / ‖W + s·BA‖) ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b`` with a
             trainable per-row magnitude ``m`` (the norm is a constant in backward; on a row whose
             norm is 0 the factor is 1, where PEFT gives NaN: docs/dora.md).
+        dora_mode: DoRA's backward: ``"lean"`` (the default) recomputes ``x Wᵀ`` for the
+            magnitude's gradient, ``"fast"`` keeps ``x Wᵀ + s·dropout(x) Aᵀ Bᵀ`` from the forward
+            (one ``T × out`` tensor, one GEMM less). The same outputs and gradients up to rounding;
+            needs ``use_dora=True``. Not saved in checkpoints (it does not change the math).
         init: ``"kaiming"`` (loralib's A init) or ``"gaussian"`` (PEFT's: A ~ N(0, 1/r²)).
         **kwargs: passed to ``nn.Linear`` (``bias``, ``device``, ``dtype``).
 
@@ -81,8 +85,9 @@ class Linear(LoRALayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
                  use_rslora: bool = False, lora_dtype=None, backend: str = "auto", use_dora: bool = False,
-                 init: str = "kaiming", **kwargs):
-        spec = LoRASpec(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init)
+                 init: str = "kaiming", dora_mode: str = "lean", **kwargs):
+        spec = LoRASpec(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, backend, use_dora, init,
+                        dora_mode)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self.fan_in_fan_out = False  # the weight is (out, in) until the transpose below
         self._init_lora(spec)
@@ -395,7 +400,8 @@ class Linear(LoRALayer, nn.Linear):
             x, self.weight if self.quantized is None else self.quantized, self.bias, v.lora_A, v.lora_B, v.scaling,
             v.dropout_p, self.training,
             fan_in_fan_out=self.fan_in_fan_out, segments=self.segments, backend=self.backend,
-            row_scale=DoRAScale(v.lora_magnitude, self._dora_norm(v)) if v.use_dora else None,
+            row_scale=DoRAScale(v.lora_magnitude, self._dora_norm(v), getattr(self, "dora_mode", "lean"))
+            if v.use_dora else None,
         )
 
     def _base_forward(self, x: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ class MergedLinear(Linear):
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,),
                  fan_in_fan_out: bool = False, merge_weights: bool = True,
                  split_sizes: Optional[Sequence[int]] = None, **kwargs):
-        # use_dora, init, use_rslora, lora_dtype, backend and nn.Linear's kwargs go through **kwargs.
+        # use_dora, dora_mode, init, use_rslora, lora_dtype, backend and nn.Linear's kwargs go through **kwargs.
         self._set_splits(out_features, enable_lora, split_sizes)
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
                          merge_weights, **kwargs)

@@ -282,7 +282,9 @@ def inject_lora(model: nn.Module, targets: Targets, r: int = NOT_GIVEN, lora_alp
             selected type raises ``TypeError``; see :class:`~lora_layers.Linear`; default False);
             ``init``, ``"kaiming"`` (loralib's, the default) or ``"gaussian"`` (PEFT's) adapter init, or
             ``"pissa"``, ``"pissa_niter_<N>"``, ``"olora"`` (Linear/MergedLinear only, per split): A and B
-            from each weight, which becomes the residual ``W − s·B A`` in place (docs/pissa.md).
+            from each weight, which becomes the residual ``W − s·B A`` in place (docs/pissa.md);
+            ``dora_mode``, DoRA's backward, ``"lean"`` (the default) or ``"fast"`` (with ``use_dora=True``;
+            see :class:`~lora_layers.Linear`).
 
     Returns:
         The qualified names of the replaced modules, in model order.

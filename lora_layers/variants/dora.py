@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..core.row_scale import RowScale
 from ..core.segments import Segments
+from ..core.spec import check_dora_mode
 
 __all__ = ["DoRAScale", "dora_weight_norm", "dora_row_scale", "row_sq_norm"]
 
@@ -78,11 +79,18 @@ class DoRAScale(RowScale):
             slice sizes,)`` with segments); trainable.
         weight_norm: ``‖W + s·BA‖`` per adapted row, if already known (else computed by
             :func:`dora_weight_norm` when the call prepares the hook).
+        mode: ``"lean"`` (backward recomputes ``x Wᵀ`` for the magnitude's gradient) or
+            ``"fast"`` (the forward keeps ``x Wᵀ + s·uBᵀ`` on the adapted rows for it:
+            :attr:`~lora_layers.core.row_scale.RowScale.keep_product`).
+
+    Raises:
+        ValueError: ``mode`` is not one of ``("lean", "fast")``.
     """
 
-    def __init__(self, magnitude: Tensor, weight_norm: Optional[Tensor] = None):
+    def __init__(self, magnitude: Tensor, weight_norm: Optional[Tensor] = None, mode: str = "lean"):
         self.magnitude = magnitude
         self.weight_norm = weight_norm
+        self.keep_product = check_dora_mode(mode) == "fast"
 
     def prepare(self, weight, lora_A, lora_B, scaling, segments, *, fan_in_fan_out, rows):
         if tuple(self.magnitude.shape) != (rows,):

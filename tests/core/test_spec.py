@@ -142,7 +142,7 @@ def test_spec_is_frozen_normalised_and_compares_by_value():
     assert hash(spec) == hash(LoRASpec(4, 8.0, 0.25, False, True, use_dora=True))
     assert [f.name for f in dataclasses.fields(LoRASpec)] == [
         "r", "lora_alpha", "lora_dropout", "merge_weights", "use_rslora", "lora_dtype", "backend", "use_dora",
-        "init"]
+        "init", "dora_mode"]  # dora_mode last (issue #25): every positional call keeps its meaning
     with pytest.raises(TypeError):
         LoRASpec(r=8)  # no default for lora_alpha: the entry points' defaults differ
 

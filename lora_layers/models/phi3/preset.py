@@ -127,7 +127,8 @@ def _checkpointing_kwargs(gradient_checkpointing) -> Optional[dict]:
 def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.05,
                targets: Sequence[str] = TARGETS, qkv: Sequence[str] = QKV_PARTS, *, use_rslora: bool = False,
                lora_dtype=None, gradient_checkpointing: Union[None, bool, dict] = None,
-               backend: str = "auto", use_dora: bool = False, init: str = "kaiming", lean: bool = False) -> List[str]:
+               backend: str = "auto", use_dora: bool = False, init: str = "kaiming", lean: bool = False,
+               dora_mode: str = "lean") -> List[str]:
     """Put LoRA adapters on a Phi-3 model's projections, in place.
 
     ``qkv_proj`` becomes a :class:`~lora_layers.MergedLinear` with splits
@@ -139,8 +140,9 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
 
     Args:
         model: a ``Phi3ForCausalLM`` or a bare ``Phi3Model`` (MHA or GQA).
-        r, lora_alpha, lora_dropout, use_rslora, lora_dtype, backend, use_dora, init: as
-            :func:`lora_layers.inject_lora` (``use_dora=True``: DoRA on every adapted projection).
+        r, lora_alpha, lora_dropout, use_rslora, lora_dtype, backend, use_dora, init, dora_mode: as
+            :func:`lora_layers.inject_lora` (``use_dora=True``: DoRA on every adapted projection;
+            ``dora_mode="fast"``: its faster backward, which keeps one ``T × out`` tensor per layer).
         targets: which of ``("qkv_proj", "o_proj", "gate_up_proj", "down_proj")`` to adapt.
         qkv: which parts of ``qkv_proj`` get adapters, e.g. ``("q", "v")``.
         lean: also call :func:`enable_lean`: the adapters keep no copy of their inputs
@@ -168,7 +170,8 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropo
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
     merged = {name: (splits[name], enable_qkv if name == "qkv_proj" else None) for name in splits if name in targets}
     spec = model_spec(settings=dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                    lora_dtype=lora_dtype, backend=backend, use_dora=use_dora, init=init),
+                                    lora_dtype=lora_dtype, backend=backend, use_dora=use_dora, init=init,
+                                    dora_mode=dora_mode),
                       caller="phi3.apply_lora")
     names = inject_lora(model, targets, spec=spec, merged_splits=merged or None)
     if lean:
