@@ -3,7 +3,7 @@
 wrappers, what adapters a model carries (``summary``), named adapters (:mod:`.adapters`: add, set,
 delete, list; :mod:`.mixed`: mixed-adapter batches), and the registries a model family fills (:mod:`.families`).
 """
-from . import families, unwrap, params, swap, surgery, quantize, overview, adapters
+from . import families, unwrap, params, swap, surgery, quantize, overview, adapters, mixed
 from .families import *  # noqa: F401,F403  (each module's __all__)
 from .unwrap import *  # noqa: F401,F403  (each module's __all__)
 from .params import *  # noqa: F401,F403  (each module's __all__)
@@ -12,11 +12,7 @@ from .surgery import *  # noqa: F401,F403  (each module's __all__)
 from .quantize import *  # noqa: F401,F403  (each module's __all__)
 from .overview import *  # noqa: F401,F403  (each module's __all__)
 from .adapters import *  # noqa: F401,F403  (each module's __all__)
+from .mixed import *  # noqa: F401,F403  (each module's __all__)
 
 __all__ = [*families.__all__, *unwrap.__all__, *params.__all__, *swap.__all__, *surgery.__all__, *quantize.__all__,
-           *overview.__all__, *adapters.__all__]
-
-from . import mixed  # noqa: E402  (mixed-adapter batches)
-from .mixed import *  # noqa: F401,F403,E402  (each module's __all__)
-
-__all__ += mixed.__all__
+           *overview.__all__, *adapters.__all__, *mixed.__all__]
