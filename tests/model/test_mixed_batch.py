@@ -296,3 +296,19 @@ def test_quantized_base_phi3():
     ll.set_adapter(model, None)
     assert (logits - model(input_ids=ids).logits).abs().amax(dim=(1, 2)).gt(1e-3).tolist() == [
         name is not None for name in NAMES]  # the adapters matter: the comparison is not of the base alone
+
+
+def test_the_first_ordinary_forward_drops_the_rows_of_every_layer_of_the_batch():
+    model, x = build("lora")
+    with ll.mixed_batch(model, NAMES):
+        model(x)
+    assert "_mixed_rows" in model[2].__dict__  # kept for recomputes in a backward
+    model[0](x)
+    assert "_mixed_rows" not in model[0].__dict__ and "_mixed_rows" not in model[2].__dict__
+
+
+def test_a_copy_made_during_a_batch_runs_its_active_adapter():
+    model, x = build("lora")
+    with ll.mixed_batch(model, NAMES):
+        copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), per_row_reference(model, x, ["default"] * len(NAMES)), atol=TOL, rtol=0)
