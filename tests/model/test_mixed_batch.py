@@ -246,6 +246,12 @@ def test_layers_that_cannot_run_a_batch_are_refused():
         ll.mixed_batch(conv, ["default"])
     with pytest.raises(ValueError, match="no LoRA layer"):
         ll.mixed_batch(nn.Linear(2, 2), [None])
+    model, _ = build("lora")
+    model[2].merged = True  # loralib-style code merged it by itself
+    state = _state(model)
+    with pytest.raises(ValueError, match="2 cannot run a mixed batch: it was merged by code of its own"):
+        ll.mixed_batch(model, NAMES)
+    _same_state(model, state)
 
 
 def test_a_flattened_input_is_read_batch_major():
