@@ -318,3 +318,20 @@ def test_a_copy_made_during_a_batch_runs_its_active_adapter():
     with ll.mixed_batch(model, NAMES):
         copied = copy.deepcopy(model)
     torch.testing.assert_close(copied(x), per_row_reference(model, x, ["default"] * len(NAMES)), atol=TOL, rtol=0)
+
+
+def test_phi3_generate_gives_each_row_its_adapters_tokens():
+    model = make_tiny_phi3(gqa=True, hidden_size=32, intermediate_size=48)
+    ll.phi3.apply_lora(model, r=2, lora_alpha=4, lora_dropout=0.0)
+    _with_adapters(model, std=0.5)
+    model.eval()
+    ids = torch.randint(3, 128, (len(NAMES), 4))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with ll.mixed_batch(model, NAMES):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    rows = []
+    for i, name in enumerate(NAMES):
+        ll.set_adapter(model, name)
+        rows.append(model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kwargs))
+    assert torch.equal(out, torch.cat(rows))
+    assert len({tuple(r[0, 4:].tolist()) for r in rows}) > 1  # the adapters lead to different tokens
