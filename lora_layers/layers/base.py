@@ -264,7 +264,7 @@ class LoRALayer(ExactMerge):
 
     # -- named adapters (lora_layers.layers.adapters) --------------------------
     _active_adapter: Optional[str] = _adapters.DEFAULT_ADAPTER  # an instance value only once set_adapter changes it
-    _mixed_rows = None  # the per-row adapter indices of a mixed batch, or None (the hook forward checks)
+    _mixed_rows = None  # a mixed batch's MixedRows record (lora_layers.layers.mixed), or None; forward checks it first
 
     @property
     def adapter_names(self) -> Tuple[str, ...]:

@@ -8,8 +8,8 @@ mixed function (:mod:`lora_layers.core.mixed`) with those adapters' tensors, rea
 
 **After the batch is closed** the record stays on the layer for recomputes only: a forward that
 runs inside a backward (gradient checkpointing recomputing a block, possibly after the ``with``
-block has exited) still sees the batch's rows; the first ordinary forward drops the record and
-runs as if no batch had been set.
+block has exited) still sees the batch's rows; the first ordinary forward of any of the batch's
+layers drops the records of all of them and runs as if no batch had been set.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ ROWS_ATTR = "_mixed_rows"  # the instance attribute the layers' forward checks (
 class MixedRows(NamedTuple):
     """One layer's part of a mixed batch."""
 
-    batch: object  # the model-level batch; ``batch.live`` is False once it is closed
+    batch: object  # the model-level batch: ``batch.live`` is False once it is closed; ``batch.drop()``
     rows: Tensor  # (N,) int64: each row's index into ``names``, -1 = base only
     names: Tuple[str, ...]  # the adapters the batch uses on this layer, in the layer's order
     where: str  # the layer's qualified name (for errors)
@@ -41,7 +41,10 @@ def mixed_forward(layer, x: Tensor) -> Tensor:
     """The layer's forward with its :class:`MixedRows` record (see the module docstring)."""
     record: MixedRows = layer._mixed_rows
     if not record.batch.live and not in_backward():
-        layer.__dict__.pop(ROWS_ATTR, None)  # closed, and this is no recompute: an ordinary forward
+        # closed, and this is no recompute: an ordinary forward, after which no layer of the batch may
+        # take a later recompute (of another graph) for one of the batch's
+        layer.__dict__.pop(ROWS_ATTR, None)
+        record.batch.drop()
         return layer.forward(x)
     if layer.merged:  # only possible for a recompute after an eval() merge: the base would hold an adapter
         raise RuntimeError(f"{record.where or '<root>'}: a forward of a mixed batch (recomputed in backward) "

@@ -67,7 +67,7 @@ class MixedBatch:
         self.names = _checked_names(model, names)
         plan = _plan(model, self.names)
         self.live = True
-        self._restore = []
+        self._restore, self._lingering = [], []
         try:
             for n, layer in plan:
                 rows, used = _layer_rows(layer, self.names)
@@ -86,9 +86,24 @@ class MixedBatch:
             return
         self.live = False
         restore, self._restore = self._restore, []
+        self._lingering = [layer for layer, _ in restore]
         for layer, was_merged in restore:
             if not layer.training and (was_merged or layer.merge_weights) and layer._merge_blocker() is None:
                 layer.merge()
+
+    def drop(self) -> None:
+        """Take the closed batch's rows off its layers (the first ordinary forward after it does this)."""
+        lingering, self._lingering = self._lingering, []
+        for layer in lingering:
+            record = layer.__dict__.get(ROWS_ATTR)
+            if record is not None and record.batch is self:
+                del layer.__dict__[ROWS_ATTR]
+
+    def __deepcopy__(self, memo) -> "MixedBatch":
+        # A copied model holds a closed batch: closing this one could not end the copy's
+        copied = object.__new__(MixedBatch)
+        copied.names, copied.live, copied._restore, copied._lingering = self.names, False, [], []
+        return copied
 
     def __enter__(self) -> "MixedBatch":
         return self

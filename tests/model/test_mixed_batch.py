@@ -246,6 +246,12 @@ def test_layers_that_cannot_run_a_batch_are_refused():
         ll.mixed_batch(conv, ["default"])
     with pytest.raises(ValueError, match="no LoRA layer"):
         ll.mixed_batch(nn.Linear(2, 2), [None])
+    model, _ = build("lora")
+    model[2].merged = True  # loralib-style code merged it by itself
+    state = _state(model)
+    with pytest.raises(ValueError, match="2 cannot run a mixed batch: it was merged by code of its own"):
+        ll.mixed_batch(model, NAMES)
+    _same_state(model, state)
 
 
 def test_a_flattened_input_is_read_batch_major():
@@ -296,3 +302,36 @@ def test_quantized_base_phi3():
     ll.set_adapter(model, None)
     assert (logits - model(input_ids=ids).logits).abs().amax(dim=(1, 2)).gt(1e-3).tolist() == [
         name is not None for name in NAMES]  # the adapters matter: the comparison is not of the base alone
+
+
+def test_the_first_ordinary_forward_drops_the_rows_of_every_layer_of_the_batch():
+    model, x = build("lora")
+    with ll.mixed_batch(model, NAMES):
+        model(x)
+    assert "_mixed_rows" in model[2].__dict__  # kept for recomputes in a backward
+    model[0](x)
+    assert "_mixed_rows" not in model[0].__dict__ and "_mixed_rows" not in model[2].__dict__
+
+
+def test_a_copy_made_during_a_batch_runs_its_active_adapter():
+    model, x = build("lora")
+    with ll.mixed_batch(model, NAMES):
+        copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), per_row_reference(model, x, ["default"] * len(NAMES)), atol=TOL, rtol=0)
+
+
+def test_phi3_generate_gives_each_row_its_adapters_tokens():
+    model = make_tiny_phi3(gqa=True, hidden_size=32, intermediate_size=48)
+    ll.phi3.apply_lora(model, r=2, lora_alpha=4, lora_dropout=0.0)
+    _with_adapters(model, std=0.5)
+    model.eval()
+    ids = torch.randint(3, 128, (len(NAMES), 4))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with ll.mixed_batch(model, NAMES):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    rows = []
+    for i, name in enumerate(NAMES):
+        ll.set_adapter(model, name)
+        rows.append(model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kwargs))
+    assert torch.equal(out, torch.cat(rows))
+    assert len({tuple(r[0, 4:].tolist()) for r in rows}) > 1  # the adapters lead to different tokens

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import lora_layers as ll
 from lora_layers.core import mixed as core_mixed
 from lora_layers.core.dropout import keep_mask, keep_scale
+from _naive_lora import delta_merged
 from conftest import make_tiny_phi3
 from test_mixed_batch import NAMES, _with_adapters, build
 
@@ -123,32 +124,46 @@ def test_phi3_training_equals_three_separate_runs(lean, checkpointing):
 
 # ----------------------------------------------------------------------------- dropout 0.1: float64 reference
 
-def _reference_forward(model, x, seeds):
-    """float64, from the maths: the Sequential(Linear, Tanh, Linear) of build("lora"), each Linear's
-    token t of adapter k dropping row t of drop_mask(seed, (T, in), p_k) (lora_layers.core.mixed's rule)."""
-    h = x.double()
-    for layer, seed in zip((model[0], model[2]), seeds):
-        T = h.shape[0] * h.shape[1]
-        h2 = h.reshape(T, -1)
-        out = F.linear(h2, layer.weight.double(), layer.bias.double())
-        token_names = [n for n in NAMES for _ in range(h.shape[1])]
-        for name in ADAPTERS:
-            v = layer.adapter(name)
-            keep = keep_mask(seed, (T, h2.shape[1]), v.dropout_p, "cpu").double() * keep_scale(v.dropout_p)
-            A, B = (t.detach().double().requires_grad_() for t in (v.lora_A, v.lora_B))
-            _reference_forward.leaves[(id(layer), name)] = (A, B)
-            delta = v.scaling * ((h2 * keep) @ A.t() @ B.t())
-            pick = torch.tensor([n == name for n in token_names])[:, None]
-            out = torch.where(pick, out + delta, out)
-        h = out.view(*h.shape[:-1], -1)
-        if layer is model[0]:
-            h = torch.tanh(h)
-    return h
+def _reference_delta(layer, h2, keep, A, B, s):
+    """float64 ``s·ΔW`` applied to the dropped input rows ``h2 ⊙ keep`` (``(T, in)``) of a Linear or
+    MergedLinear (``ΔW`` rows zero for the splits without an adapter)."""
+    if isinstance(layer, ll.MergedLinear):
+        return s * (h2 * keep) @ delta_merged(A, B, layer.split_sizes, layer.enable_lora, A.shape[0] //
+                                              sum(layer.enable_lora)).t()
+    return s * ((h2 * keep) @ A.t() @ B.t())
 
 
-def test_dropout_training_equals_the_float64_reference_with_the_documented_masks(monkeypatch):
-    model, x = build("lora", p=0.1)
+def _reference_layer(layer, h, seed, leaves):
+    """float64, from the maths: row n of ``h`` through ``layer`` with adapter NAMES[n], token t of adapter k
+    dropping row t of drop_mask(seed, (T, in), p_k) (lora_layers.core.mixed's rule; a conv's tokens are
+    its samples, each flattened to C·∏spatial)."""
+    conv = isinstance(layer, ll.Conv2d)
+    rows = h.shape[0] if conv else h.shape[0] * h.shape[1]
+    h2 = h.reshape(rows, -1)
+    if conv:
+        out = F.conv2d(h, layer.weight.double(), layer.bias.double(), padding=layer.padding)
+    else:
+        out = F.linear(h2, layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    for name in ADAPTERS:
+        v = layer.adapter(name)
+        keep = keep_mask(seed, h2.shape, v.dropout_p, "cpu").double() * keep_scale(v.dropout_p)
+        A, B = leaves[(id(layer), name)] = tuple(t.detach().double().requires_grad_() for t in (v.lora_A, v.lora_B))
+        if conv:
+            delta = v.scaling * F.conv2d((h2 * keep).view(h.shape), (B @ A).view(layer.weight.shape),
+                                         padding=layer.padding)
+            pick = torch.tensor([n == name for n in NAMES])[:, None, None, None]
+        else:
+            delta = _reference_delta(layer, h2, keep, A, B, v.scaling)
+            pick = torch.tensor([n == name for n in NAMES for _ in range(h.shape[1])])[:, None]
+        out = torch.where(pick, out + delta, out)
+    return out if conv else out.view(*h.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("kind", ["lora", "merged", "conv2d"])
+def test_dropout_training_equals_the_float64_reference_with_the_documented_masks(kind, monkeypatch):
+    model, x = build(kind, p=0.1)
     model.train()
+    layers = [m for m in model if isinstance(m, ll.LoRALayer)]
     seeds = []
     draw = core_mixed.draw_seed
     monkeypatch.setattr(core_mixed, "draw_seed", lambda: seeds.append(draw()) or seeds[-1])
@@ -158,16 +173,18 @@ def test_dropout_training_equals_the_float64_reference_with_the_documented_masks
         seeds.clear()
         losses = _mixed_loss(model, x)
         sum(losses).backward()
-        assert len(seeds) == 2
-        _reference_forward.leaves = {}
-        ref = _row_losses(_reference_forward(model, x, seeds))
+        assert len(seeds) == len(layers)  # one seed per layer call, none drawn again in backward
+        leaves, h = {}, x.double()
+        for module in model:
+            h = _reference_layer(module, h, seeds[layers.index(module)], leaves) if module in layers else module(h)
+        ref = _row_losses(h)
         ref_losses = [ref[_rows(k)].mean() for k in ADAPTERS]
         sum(ref_losses).backward()
         for got, want in zip(losses, ref_losses):
-            assert abs(float(got) - float(want)) <= TOL
-        for layer in (model[0], model[2]):
+            assert abs(float(got.detach()) - float(want.detach())) <= TOL
+        for layer in layers:
             for name in ADAPTERS:
-                v, (A, B) = layer.adapter(name), _reference_forward.leaves[(id(layer), name)]
+                v, (A, B) = layer.adapter(name), leaves[(id(layer), name)]
                 torch.testing.assert_close(v.lora_A.grad.double(), A.grad, atol=TOL, rtol=0)
                 torch.testing.assert_close(v.lora_B.grad.double(), B.grad, atol=TOL, rtol=0)
         opt.step()
@@ -199,21 +216,28 @@ def test_checkpointed_recompute_uses_the_batch_rows_wherever_backward_runs(reent
                 loss.backward()
         if not backward_inside:
             loss.backward()
-        results.append((float(loss), _grads(model)))
+        results.append((float(loss.detach()), _grads(model)))
     (loss0, g0), (loss1, g1) = results
     assert loss0 == loss1 and g0.keys() == g1.keys() and any("lora_adapters.c" in n for n in g0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=TOL, rtol=0, msg=n)
 
 
-def test_after_the_recompute_the_next_ordinary_forward_uses_the_active_adapter():
-    model = _phi3(False, "non_reentrant")
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_after_the_batch_the_next_step_and_its_recompute_use_the_active_adapter(reentrant):
+    model = _phi3(False, "reentrant" if reentrant else "non_reentrant")
+    plain = _phi3(False)
     ids = torch.randint(3, 128, (len(NAMES), 6))
     with ll.mixed_batch(model, NAMES):
         loss = _phi3_rows(model, ids).sum()
     loss.backward()
-    plain = _phi3(False)
-    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=0, rtol=0)
+    model.zero_grad()
+    _phi3_rows(model, ids).sum().backward()  # an ordinary step: its recompute must not see the old rows
+    _phi3_rows(plain, ids).sum().backward()
+    g, g0 = _grads(model), _grads(plain)
+    assert g.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g[n], g0[n], atol=TOL, rtol=0, msg=n)
 
 
 # ----------------------------------------------------------------------------- training state
