@@ -19,8 +19,9 @@ from lora_layers.fileio import atomic_folder, remove_folder
 # keeps anything else found in the folder (a README).
 SAVED_FILES = ("*.safetensors", "*.bin", "*.json", "*.jinja", "*.model", "*.txt", "*.pt")
 # What --overwrite deletes: this script's outputs only, never the folder's other files (--output-dir could be ~).
+# Patterns (glob): --adapters N adds adapters/, peft_adapter_<name>/ and sweep.json (examples/phi3_sweep.py).
 OUTPUTS = ("checkpoints", "base_model", "peft_adapter", "merged", "lora_adapter.safetensors", "loss_curve.png",
-           "train_log.json", "summary.json")
+           "train_log.json", "summary.json", "adapters", "peft_adapter_*", "sweep.json")
 
 
 def prepare_output_dir(out_dir, overwrite):
@@ -36,7 +37,8 @@ def clear_outputs(out_dir):
     That is the step folders and the saved folders' own files (SAVED_FILES), not a user's other files
     there; a symlinked folder is emptied the same way through the link, which stays.
     """
-    for path in (out_dir / name for name in OUTPUTS):
+    patterns = sorted(p for name in OUTPUTS if "*" in name for p in out_dir.glob(name))
+    for path in [out_dir / name for name in OUTPUTS if "*" not in name] + patterns:
         if path.is_dir():
             for p in list(path.iterdir()):
                 folder = p.is_dir() and not p.is_symlink()

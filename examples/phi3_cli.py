@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 
 import phi3_data
 import phi3_report
+import phi3_sweep
 
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "chat_instructions.jsonl"
 # --help's line for each config key; its default (and the tiny preset's, where it differs) is appended.
@@ -95,6 +96,7 @@ def build_parser(description, configs, tiny_overrides):
                         "--model tiny with nf4 uses lora_layers.quantize_base (torchao) (default: off)")
     for group, config, prefix in configs:
         add_config_flags(p.add_argument_group(group), config, prefix, tiny_overrides)
+    phi3_sweep.add_flags(p)
     return p
 
 
@@ -137,6 +139,7 @@ def parse(description, training_config, lora_config):
                           out_dir=Path(args.output_dir))
     check_settings(cli)
     check_fsdp(cli)
+    phi3_sweep.check(cli)  # --adapters N: sets cli.sweep (None without it)
     check_paths(cli)
     return cli
 
@@ -239,7 +242,8 @@ def effective_config(cli):
     return {"model": args.model, "preset": cli.preset, "data": str(args.data or DEFAULT_DATA),
             "output_dir": str(cli.out_dir), "resume": args.resume, "quantize": args.quantize, "fsdp": args.fsdp,
             "training": dict(tc), "lora": {**lc, "lora_dtype": str(lc["lora_dtype"]).replace("torch.", "")},
-            **({"tiny_model": dict(cli.tiny)} if args.model == "tiny" else {})}
+            **({"tiny_model": dict(cli.tiny)} if args.model == "tiny" else {}),
+            **({"sweep": phi3_sweep.config(cli.sweep)} if cli.sweep else {})}
 
 
 def start(cli):

@@ -5,6 +5,7 @@
     python examples/phi3_finetune.py --model /path/to/Phi-3-mini-4k-instruct --quantize nf4   # QLoRA
     torchrun --nproc_per_node 4 examples/phi3_finetune.py --model /path/to/Phi-3-mini ...   # DDP
     torchrun --nproc_per_node 2 examples/phi3_finetune.py --fsdp   # FSDP2: each process 1/N of the model
+    python examples/phi3_finetune.py --adapters 3 --adapter-ranks 8,16,32   # a sweep: 3 adapters in one run
 
 Every key of ``training_config`` and ``lora_config`` below is also a flag
 (``--learning-rate 1e-4``, ``--r 8``, ``--no-gradient-checkpointing`` ...).
@@ -30,15 +31,15 @@ import phi3_data  # noqa: E402  (examples/phi3_data.py: data, tokenization, batc
 import phi3_export  # noqa: E402  (examples/phi3_export.py: the base, adapter and merged-model folders)
 import phi3_fsdp  # noqa: E402  (examples/phi3_fsdp.py: --fsdp, sharding, the folders rank 0 writes)
 import phi3_report  # noqa: E402  (examples/phi3_report.py: evaluation, log lines, peak memory, summary, plot)
+import phi3_sweep  # noqa: E402  (examples/phi3_sweep.py: --adapters N, several adapters trained in one run)
 
 import lora_layers as lora  # noqa: E402  (loralib-style: lora.Linear, lora.mark_only_lora_as_trainable, ...)
 
 # ----------------------------------------------------------------------------- configuration
 # Defaults for a pretrained Phi-3 (cf. the model card's sample_finetune.py, which uses r=16,
 # alpha=32, dropout 0.05 on all four projections, cosine schedule, warmup 0.2, bf16).
-# training_config is the run: optimisation, schedule, precision and memory, data and evaluation.
-# lora_config is the adapter: exactly the keyword arguments of lora.phi3.apply_lora.
-# A new option is one more key in the dict it belongs to; phi3_cli.parse makes it a flag.
+# training_config is the run: optimisation, schedule, precision and memory, data and evaluation. lora_config is
+# the adapter: exactly apply_lora's keyword arguments. A new option is one more key; phi3_cli.parse makes it a flag.
 training_config = {
     # optimisation and schedule
     "learning_rate": 2e-4,
@@ -85,8 +86,7 @@ def main():
     """Flags, data, base model, LoRA, optimizer, training, evaluation, exports, report: the run, top to bottom.
     Returns its state (a namespace: the tests read the model from it)."""
     # ------------------------------------------------------------------------- flags, data, model, LoRA
-    # `run` holds the settings (phi3_cli.parse), the processes (phi3_cli.start) and what main() builds below;
-    # the helpers read what they need from it.
+    # `run` holds the settings (phi3_cli.parse), the processes (phi3_cli.start) and what main() builds below.
     run = phi3_cli.start(phi3_cli.parse(__doc__, training_config, lora_config))  # a bad flag exits with code 2
     args, tc = run.args, run.tc
     run.data, micro_per_epoch = phi3_cli.conversations(run)  # the chats and the synthetic task, split
@@ -97,7 +97,7 @@ def main():
     exact_match_set = run.data.syn_eval[: tc["exact_match_prompts"]]
     steps_per_epoch = micro_per_epoch // tc["gradient_accumulation_steps"]
     run.max_steps = tc["max_steps"] if tc["max_steps"] > 0 else steps_per_epoch * tc["num_epochs"]
-    run.optimizer, run.scheduler = optimizer_and_schedule(model, tc, run.max_steps)
+    run.optimizer, run.scheduler = optimizer_and_schedule(model, tc, run.max_steps, phi3_sweep.groups(run, model))
     run.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_bf16)
     evaluator = phi3_report.Evaluator(model, tokenizer, run.device, run.autocast, tc["batch_size"])
 
@@ -135,6 +135,7 @@ def main():
         phi3_report.report(run, baseline=baseline, final=final, exact_match_prompts=len(exact_match_set),
                            steps=step, tokens_seen=tokens_seen, train_time=train_time, peak_memory=peak_memory,
                            samples=samples, replies=replies)
+    phi3_sweep.finish(run, evaluator, exact_match_set, tokenizer, step)  # --adapters N: the table, each one's files
     if args.merge and run.saves:  # last: merge_and_unload turns the LoRA layers back into plain nn.Linear
         phi3_export.save_merged(model, tokenizer, run.out_dir, run.dtype, run.folders)  # --fsdp: merged_state_dict
     phi3_cli.stop(run)
@@ -150,11 +151,11 @@ def add_adapters(run, tokenizer, model, base_model_path):
             phi3_export.save_base_model(model, tokenizer, base_model_path)
     if args.model == "tiny" and args.quantize:
         model = phi3_data.quantize_tiny(run, model, base_model_path)
-    # qkv_proj and gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]);
-    # o_proj and down_proj become Linear. apply_lora also freezes everything but the adapters and
-    # sets up checkpointing so that gradients still reach them through the frozen base. With
-    # lean=True, model(**batch) with labels returns the loss and logits=None (docs/phi3.md).
+    # qkv_proj, gate_up_proj become MergedLinear (GQA-aware splits [q | k | v], [gate | up]); o_proj, down_proj Linear.
+    # apply_lora also freezes everything but the adapters and sets up checkpointing so that gradients still reach them
+    # through the frozen base. lean=True: model(**batch) with labels returns the loss and logits=None (docs/phi3.md).
     replaced = lora.phi3.apply_lora(model, **run.lc, gradient_checkpointing=run.tc["gradient_checkpointing"])
+    phi3_sweep.add(run, model)  # --adapters N: adapters sweep1 ... beside the default one (nothing otherwise)
     log(lora.summary(model))  # adapted modules, ranks, variants, trainable/total parameters, adapter bytes
     run.n_adapted, run.base_model_path = len(replaced), base_model_path
     run.n_params = (lora.count_lora_parameters(model), model.num_parameters())  # a 4-bit weight: its elements
@@ -169,13 +170,12 @@ def add_adapters(run, tokenizer, model, base_model_path):
     return model, tokenizer
 
 
-def optimizer_and_schedule(model, tc, max_steps):
-    """AdamW over the adapters, and its schedule: linear warmup, then cosine decay (or constant)."""
-    # LoRA+ (Hayou et al. 2024) only changes the parameter groups: lora_B gets lora_plus_ratio * lr.
-    if tc["lora_plus_ratio"] > 0:
+def optimizer_and_schedule(model, tc, max_steps, param_groups=None):
+    """AdamW over the adapters (or ``param_groups``), its schedule: linear warmup, then cosine decay (or constant)."""
+    if param_groups is None and tc["lora_plus_ratio"] > 0:  # LoRA+ (Hayou et al. 2024): lora_B at ratio * lr
         param_groups = lora.lora_plus_param_groups(model, tc["learning_rate"], tc["lora_plus_ratio"],
                                                    tc["weight_decay"])
-    else:
+    elif param_groups is None:  # else --adapters N: one group per adapter at its own lr (phi3_sweep.groups)
         param_groups = lora.lora_parameters(model)
     optimizer = torch.optim.AdamW(param_groups, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
     warmup_steps = int(tc["warmup_ratio"] * max_steps)
@@ -203,7 +203,7 @@ def train(run, evaluator, step, batches, save):
     with phi3_checkpoints.CtrlC(run.log, step) as ctrl_c:
         while step < run.max_steps and not ctrl_c.interrupted:
             ctrl_c.updating, t0 = True, time.perf_counter()
-            loss_sum, tokens, chats, lr = train_step(run, batches, params)
+            loss_sum, tokens, chats, lr = (phi3_sweep.step if run.sweep else train_step)(run, batches, params)
             step = ctrl_c.step = step + 1
             ctrl_c.updating = False
             # The logged loss and throughput cover all ranks; one rank's Ctrl-C stops them all at this step.
