@@ -315,3 +315,36 @@ def test_bf16_weight_rounded_once(lora_dtype):
     assert torch.equal(layer.lora_A, A)
     expected = W.to(F64) - layer.scaling * layer.lora_B.to(F64) @ layer.lora_A.to(F64)
     torch.testing.assert_close(layer.weight, expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def _plain_peft_folder(orig, tmp_path):
+    plain = _inject(copy.deepcopy(orig), "gaussian")
+    _train(plain)
+    L.export_peft(plain, tmp_path)
+    return plain
+
+
+@pytest.mark.parametrize("call", ["import_peft", "hotswap"])
+def test_a_plain_peft_adapter_into_a_pissa_model_is_refused(tmp_path, call):
+    """A plain PEFT adapter changes the original W; loaded over PiSSA's residual base it served
+    W - s·B₀A₀ + s·B A (0.74 off on a 16x16 layer) without a word. Refused, nothing changed."""
+    orig = _net()
+    _plain_peft_folder(orig, tmp_path)
+    model = _inject(copy.deepcopy(orig), "pissa")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"residual W - s·B₀A₀"):
+        getattr(L, call)(model, tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_hotswap_of_a_plain_state_dict_into_a_pissa_model_is_refused():
+    """A state dict carries no header saying its init: hot-swapped over the residual base it served
+    W - s·B₀A₀ + s·B A. Refused, naming the layer and its init."""
+    orig = _net()
+    plain = _inject(copy.deepcopy(orig), "gaussian")
+    _train(plain)
+    model = _inject(copy.deepcopy(orig), "olora")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"'0': init='olora': its base weight is the residual"):
+        L.hotswap(model, L.lora_state_dict(plain))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
