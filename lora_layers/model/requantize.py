@@ -25,6 +25,7 @@ from torch import Tensor
 from ..bases.quantized import check_bnb_4bit_rows, torchao_nf4
 from ..core.sharded import fsdp_managed, shard_group
 from ..layers.linear import Linear
+from ..variants.pissa import INITIAL_NAMES
 from .params import lora_modules
 from .quantize import _NF4_BLOCK, nf4_tensor
 from .unwrap import unwrap_model
@@ -167,8 +168,17 @@ def plan_requantize(fn: str, scheme, model: nn.Module, layers, probe) -> List[_T
 
 
 def _base_weight(layer: Linear) -> Tensor:
-    """The base weight without the adapter, dense, ``(out, in)``."""
-    return layer.quantized.dequantize() if layer.quantized is not None else layer.unmerged_weight()
+    """The base weight without the adapter, dense, ``(out, in)``: for PiSSA/OLoRA the original weight
+    ``W − s·B₀A₀ + s·B₀A₀`` (rounded once), not the residual, which holds the adapter's initial part."""
+    if layer.quantized is not None:
+        return layer.quantized.dequantize()
+    weight, initial = layer.unmerged_weight(), getattr(layer, INITIAL_NAMES[0], None)
+    if initial is None:
+        return weight
+    original = weight.to(torch.float64, copy=True)  # never the layer's own float64 weight
+    for index, delta in layer._delta_blocks(initial.to(torch.float64), layer.lora_init_B.to(torch.float64)):
+        original[index] += delta.to(torch.float64)
+    return original.to(weight.dtype)
 
 
 def exact_weight(layer: Linear) -> Tensor:

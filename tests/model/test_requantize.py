@@ -320,3 +320,24 @@ def test_a_sharded_model_is_refused(process_group):
         L.requantize_report(model)
     with pytest.raises(ValueError, match="merge_and_unload: FSDPSequential is sharded by fully_shard"):
         L.merge_and_unload(model, requantize="nf4")
+
+
+def test_a_pissa_layer_reports_against_its_original_weight():
+    """Over PiSSA's residual base, the report's base is the original W (float64 naive W_res + s·B₀A₀), so
+    delta is the trained change s(BA − B₀A₀), not the adapter's whole top-r part."""
+    torch.manual_seed(0)
+    module = nn.Linear(64, 64)
+    original = module.weight.detach().clone()
+    model = nn.Sequential(L.Linear.from_module(module, r=4, lora_alpha=8, init="pissa"))
+    with torch.no_grad():
+        model[0].lora_B.add_(0.01)
+    residual = model[0].weight.detach().clone()
+    report = L.requantize_report(model)
+    exact = model[0].merged_weight()
+    row = report.layers[0]
+    assert row.delta == pytest.approx(_rel64(original, exact), rel=1e-4) and row.delta < 0.1
+    assert _rel64(residual, exact) > 0.3  # what it reported before: the residual's distance, mostly s·B₀A₀
+    n_blocks = original.numel() // 64
+    q = _nf4().to_nf4(original.contiguous(), 64, min(256, n_blocks & -n_blocks)).get_original_weight()
+    assert row.base_error == pytest.approx(_rel64(q, original), rel=1e-4)
+    assert torch.equal(model[0].weight, residual)  # the layer's weight was not touched
