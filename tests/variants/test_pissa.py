@@ -348,3 +348,34 @@ def test_hotswap_of_a_plain_state_dict_into_a_pissa_model_is_refused():
     with pytest.raises(CheckpointError, match=r"'0': init='olora': its base weight is the residual"):
         L.hotswap(model, L.lora_state_dict(plain))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def _pissa_and_named(orig):
+    """Layer 0 PiSSA, layer 2 plain with a named adapter "x" beside its default one."""
+    model = copy.deepcopy(orig)
+    L.inject_lora(model, ["0"], r=3, lora_alpha=5, init="pissa")
+    L.inject_lora(model, ["2"], r=3, lora_alpha=5)
+    L.add_adapter(model, "x", targets=["2"], r=2)
+    _train(model)
+    return model
+
+
+@pytest.mark.parametrize("call", ["set_adapter_x", "set_adapter_none", "merge_and_unload_x", "mixed_batch"])
+def test_a_pissa_layer_never_runs_its_residual_alone(call):
+    """Without its adapter a PiSSA layer ran W - s·B₀A₀: set_adapter(None) ("the base model"), an adapter
+    on other layers only, merge_and_unload(adapter=) or a mixed batch's None rows served neither the original
+    nor the trained layer. Refused, nothing changed; a mixed batch naming only "default" still runs."""
+    orig = _net()
+    model = _pissa_and_named(orig)
+    x = torch.randn(2, 24)
+    before, y = copy.deepcopy(model.state_dict()), model(x)
+    act = {"set_adapter_x": lambda: L.set_adapter(model, "x"), "set_adapter_none": lambda: L.set_adapter(model, None),
+           "merge_and_unload_x": lambda: L.merge_and_unload(model, adapter="x"),
+           "mixed_batch": lambda: L.mixed_batch(model, ["default", None])}[call]
+    with pytest.raises(ValueError, match=r"init='pissa': its base weight is the residual W - s·B₀A₀"):
+        act()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [m.active_adapter for m in (model[0], model[2])] == ["default", "default"]
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    with L.mixed_batch(model, ["default", "default"]):
+        torch.testing.assert_close(model(x), y, rtol=0, atol=1e-6)
