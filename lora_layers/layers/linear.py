@@ -136,8 +136,10 @@ class Linear(LoRALayer, nn.Linear):
         return super()._merge_blocker()
 
     def merged_weight(self) -> Tensor:
-        if self.quantized is None or not self._uses_adapter():
+        if self.quantized is None:
             return super().merged_weight()
+        if not self._uses_adapter():  # no adapter active (r=0, or a named one this layer lacks): the base, dense
+            return self.quantized.dequantize()  # (a clone of the packed weight is torchao's re-quantization)
         return merged_copy(self.quantized.dequantize(), self._active_blocks())
 
     def _delta_blocks(self, A, B, row_scale=None, *, scaling=None):

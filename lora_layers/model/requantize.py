@@ -230,8 +230,9 @@ def _requantize(scheme: str, target: _Target, safe_merge: bool) -> Tuple[Tensor,
             raise ValueError(f"safe_merge: merging the adapter into {name or 'the layer'} gives non-finite values; "
                              f"the model was left unchanged")
         kind = getattr(layer.quantized, "kind", "dense")
-        if scheme == "nf4" and kind == "torchao-nf4" and not layer.has_adapter:
-            packed = layer.weight.detach()  # nothing was added: the base's own NF4 weight is the best one
+        if scheme == "nf4" and kind == "torchao-nf4" and not layer._uses_adapter():
+            packed = layer.weight.detach()  # nothing was added (r=0, or merge_and_unload(adapter=) of an adapter
+            # this layer lacks): the base's own NF4 weight is the best one
         else:
             packed = _pack(scheme, exact, target)
         base = _base_weight(layer)
