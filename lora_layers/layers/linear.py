@@ -243,12 +243,13 @@ class Linear(LoRALayer, nn.Linear):
         except ValueError as exc:
             error_msgs.append(f"{prefix}lora_init_A/B: {exc} (this layer was left unchanged)")
             return None
-        old, errors = tuple(t.detach().clone() for t in initial), len(error_msgs)
+        old = tuple(t.detach().clone() for t in initial)
         with unmerged(self):
             self._load_with_magnitude(*args)
             new = self._initial_adapter()
-            if len(error_msgs) == errors and not self.weight.is_meta \
-                    and not all(torch.equal(o, n) for o, n in zip(old, new)):
+            # Even when another key failed (load_state_dict raises after copying the rest): A₀, B₀ copied
+            # without the residual moving would leave weight + s·B₀A₀ no longer the original weight.
+            if not self.weight.is_meta and not all(torch.equal(o, n) for o, n in zip(old, new)):
                 self._move_residual(old, new)
 
     def _load_with_magnitude(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

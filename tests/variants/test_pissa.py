@@ -379,3 +379,21 @@ def test_a_pissa_layer_never_runs_its_residual_alone(call):
     torch.testing.assert_close(model(x), y, rtol=0, atol=0)
     with L.mixed_batch(model, ["default", "default"]):
         torch.testing.assert_close(model(x), y, rtol=0, atol=1e-6)
+
+
+def test_a_failed_load_state_dict_still_moves_the_residual_with_the_copied_initial_adapter():
+    """load_state_dict copies every key that fits and raises after: A₀, B₀ copied while lora_A failed left the
+    residual where it was (weight + s·B₀A₀ off the original by 0.63). float64 naive invariant."""
+    orig = _net()
+    trained = _inject(copy.deepcopy(orig), "pissa_niter_2")
+    _train(trained)
+    model = _inject(copy.deepcopy(orig), "pissa_niter_2", seed=5)
+    layer, s = model[0], model[0].scaling
+    original = layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64)
+    state = {k: v for k, v in L.lora_state_dict(trained).items() if k.startswith("0.")}
+    state["0.lora_A"] = torch.zeros(4, 24)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.lora_A"):
+        model.load_state_dict(state, strict=False)
+    assert torch.equal(layer.lora_init_A, trained[0].lora_init_A)
+    torch.testing.assert_close(layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64),
+                               original, rtol=0, atol=1e-6)
