@@ -22,6 +22,7 @@ from ..variants.pissa import INITIAL_NAMES, check_residual_rank, residual_init
 from .adapters import DEFAULT_ADAPTER
 from .base import MAGNITUDE_NAME, LoRALayer
 from .merge_state import unmerged
+from .ties import SHARED_ATTR
 
 __all__ = ["Linear", "is_hf_conv1d"]
 
@@ -315,6 +316,11 @@ class Linear(LoRALayer, nn.Linear):
             raise ValueError(f"cannot initialise init={self.init!r} on a merged {type(self).__name__} (eval "
                              f"mode): it rewrites the base weight; call train() first")
         self._check_residual_init()
+        shared = self.__dict__.get(SHARED_ATTR)  # known by now: from_module checks the weight it adopts first
+        if shared:
+            raise ValueError(f"init={self.init!r} rewrites the base weight in place as the residual W - s·B A, and "
+                             f"{shared}: that module would silently hold the residual too; untie the weights, or "
+                             f"use init='kaiming' or 'gaussian' on this layer")
         if not any(t.is_meta for t in (self.weight, self.lora_A, self.lora_B)):  # meta: no values to decompose
             for blk, rows in self._init_blocks():
                 A, B, residual = residual_init(rows, self.r, self.scaling, self.init, self.lora_A.dtype)

@@ -397,3 +397,30 @@ def test_a_failed_load_state_dict_still_moves_the_residual_with_the_copied_initi
     assert torch.equal(layer.lora_init_A, trained[0].lora_init_A)
     torch.testing.assert_close(layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64),
                                original, rtol=0, atol=1e-6)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("wrap", ["inject_lora", "from_module"])
+def test_pissa_on_a_tied_weight_is_refused_and_changes_nothing(wrap):
+    """PiSSA writes the residual into the weight in place: on a head tied to the embedding, the embedding
+    silently became the residual too (outputs 6.8 off). Refused, naming the tie; the weights are unchanged."""
+    torch.manual_seed(0)
+    model = _Tied()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"init='pissa' rewrites the base weight in place.*also held by"):
+        if wrap == "inject_lora":
+            L.inject_lora(model, ["head"], r=2, init="pissa")
+        else:
+            L.Linear.from_module(model.head, r=2, init="pissa")
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.emb.weight.requires_grad
