@@ -49,7 +49,8 @@ class RequantizedLayer:
         base_error: ``‖Q(W) − W‖ / ‖W‖`` for the base weight ``W`` alone, with the same ``Q``. Over a dense
             base, the cost of quantizing the base itself. Over a quantized base, ``W`` is the dequantized
             weight (the float weight it was made from is gone): that weight already lies on an NF4 grid,
-            so this is only what a round trip costs, and ``error`` above it is the adapter's doing.
+            so this is only what a round trip costs, and ``error`` above it is the adapter's doing. Over
+            PiSSA/OLoRA's residual base, ``W`` is the original weight ``W_res + s·B₀A₀``.
         delta: ``‖W_m − W‖ / ‖W_m‖``, the adapter's change. ``error`` close to it or above means the
             rounding is as large as what the adapter changed.
     """
