@@ -30,6 +30,7 @@ from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..model.params import check_adapter, lora_modules
 from ..model.unwrap import unwrap_model
+from ..variants.pissa import INITIAL_NAMES
 from .checkpoint import (META_BIAS, _config_mismatches, _copy_problem, _saved_modules, canonical_payload,
                          read_native)
 from .fileio import CheckpointError
@@ -227,6 +228,9 @@ def _target_problems(layers: Dict[str, LoRALayer], names: List[str]) -> List[str
         if not isinstance(layer, (Linear, Embedding, _ConvNd)):
             problems.append(f"{name!r} ({type(layer).__name__}) is a LoRALayer class of your own, whose forward "
                             f"does not read the hot-swap scale")
+        elif getattr(layer, INITIAL_NAMES[0], None) is not None:
+            problems.append(f"{name!r}: init={layer.init!r}: its base weight is the residual W - s·B₀A₀ of its own "
+                            f"initial adapter, which a hot swap (A and B only) cannot move; use lora_layers.load_lora")
     return problems
 
 

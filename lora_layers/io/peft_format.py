@@ -677,6 +677,10 @@ def _module_settings(config: Dict[str, Any], name: str) -> _Settings:
 def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], s: _Settings):
     """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
     or raise ValueError."""
+    if getattr(module, INITIAL_NAMES[0], None) is not None:
+        raise ValueError(f"its base weight is the residual W - s·B₀A₀ of init={module.init!r}, and a PEFT adapter "
+                         f"changes the original W (loaded here it would serve W - s·B₀A₀ + s·B A); import it "
+                         f"before inject_lora with init={module.init!r}, or after lora_layers.unload(model)")
     A, B, M, embedding = _adapter_tensors(module, t, s)
     if isinstance(module, MergedLinear):
         return None, module, _merged_linear_tensors(module, A, B, M, s, embedding)

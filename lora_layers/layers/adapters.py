@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.spec import LoRASpec, check_dora_support, check_rank, lora_scaling
-from ..variants.pissa import is_residual_init
+from ..variants.pissa import INITIAL_NAMES, is_residual_init
 
 __all__ = ["DEFAULT_ADAPTER", "ADAPTERS_ATTR", "Adapter", "AdapterView", "check_adapter_name"]
 
@@ -186,6 +186,10 @@ def set_active(layer, name: Optional[str]) -> None:
         raise unknown(layer, name)
     if name == layer.active_adapter:
         return
+    if name is None and getattr(layer, INITIAL_NAMES[0], None) is not None:
+        raise ValueError(f"set_adapter: this {type(layer).__name__} has init={layer.init!r}: its base weight is the "
+                         f"residual W - s·B₀A₀, so without its adapter it would run neither the original layer nor "
+                         f"the trained one; keep its adapter active (lora_layers.unload gives the original layer)")
     if layer.merged and not layer._merged_here():
         raise ValueError(f"set_adapter: this {type(layer).__name__} was merged by code of its own (merged=True "
                          f"without merge()); switching adapters would leave that merge in the weight. Call "

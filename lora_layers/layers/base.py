@@ -172,9 +172,16 @@ class LoRALayer(ExactMerge):
             spec = dataclasses.replace(spec, lora_dropout=0.0)  # inject_lora's spec, say, holds one for the Linears
         obj = adopt(cls, module)
         obj._validate_wrapped(**kwargs)
+        weight = module._parameters.get("weight")
+        trainable = weight is not None and weight.requires_grad
         obj._init_lora(spec)
         check_adopted(obj, module)  # a weight tied before wrapping, or a module wrapped twice, never merges
-        obj.reset_lora_parameters()
+        try:
+            obj.reset_lora_parameters()
+        except BaseException:  # a refused init (PiSSA on a tied weight) leaves the module as it was
+            if weight is not None:
+                weight.requires_grad_(trainable)
+            raise
         return obj
 
     def __setstate__(self, state):

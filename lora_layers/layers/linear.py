@@ -22,6 +22,7 @@ from ..variants.pissa import INITIAL_NAMES, check_residual_rank, residual_init
 from .adapters import DEFAULT_ADAPTER
 from .base import MAGNITUDE_NAME, LoRALayer
 from .merge_state import unmerged
+from .ties import SHARED_ATTR
 
 __all__ = ["Linear", "is_hf_conv1d"]
 
@@ -141,8 +142,10 @@ class Linear(LoRALayer, nn.Linear):
         return super()._merge_blocker()
 
     def merged_weight(self) -> Tensor:
-        if self.quantized is None or not self._uses_adapter():
+        if self.quantized is None:
             return super().merged_weight()
+        if not self._uses_adapter():  # no adapter active (r=0, or a named one this layer lacks): the base, dense
+            return self.quantized.dequantize()  # (a clone of the packed weight is torchao's re-quantization)
         return merged_copy(self.quantized.dequantize(), self._active_blocks())
 
     def _delta_blocks(self, A, B, row_scale=None, *, scaling=None):
@@ -246,12 +249,13 @@ class Linear(LoRALayer, nn.Linear):
         except ValueError as exc:
             error_msgs.append(f"{prefix}lora_init_A/B: {exc} (this layer was left unchanged)")
             return None
-        old, errors = tuple(t.detach().clone() for t in initial), len(error_msgs)
+        old = tuple(t.detach().clone() for t in initial)
         with unmerged(self):
             self._load_with_magnitude(*args)
             new = self._initial_adapter()
-            if len(error_msgs) == errors and not self.weight.is_meta \
-                    and not all(torch.equal(o, n) for o, n in zip(old, new)):
+            # Even when another key failed (load_state_dict raises after copying the rest): A₀, B₀ copied
+            # without the residual moving would leave weight + s·B₀A₀ no longer the original weight.
+            if not self.weight.is_meta and not all(torch.equal(o, n) for o, n in zip(old, new)):
                 self._move_residual(old, new)
 
     def _load_with_magnitude(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -317,6 +321,11 @@ class Linear(LoRALayer, nn.Linear):
             raise ValueError(f"cannot initialise init={self.init!r} on a merged {type(self).__name__} (eval "
                              f"mode): it rewrites the base weight; call train() first")
         self._check_residual_init()
+        shared = self.__dict__.get(SHARED_ATTR)  # known by now: from_module checks the weight it adopts first
+        if shared:
+            raise ValueError(f"init={self.init!r} rewrites the base weight in place as the residual W - s·B A, and "
+                             f"{shared}: that module would silently hold the residual too; untie the weights, or "
+                             f"use init='kaiming' or 'gaussian' on this layer")
         if not any(t.is_meta for t in (self.weight, self.lora_A, self.lora_B)):  # meta: no values to decompose
             for blk, rows in self._init_blocks():
                 A, B, residual = residual_init(rows, self.r, self.scaling, self.init, self.lora_A.dtype)

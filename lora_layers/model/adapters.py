@@ -112,6 +112,8 @@ def set_adapter(model: nn.Module, name: Optional[str]) -> None:
 
     Raises:
         KeyError: no layer has an adapter ``name`` (the message lists :func:`adapter_names`); nothing changes.
+        ValueError: a PiSSA/OLoRA layer would be left without its adapter (its base is the residual
+            ``W − s·B₀A₀``, docs/pissa.md); nothing changes.
     """
     model = unwrap_model(model)
     if name is not None:

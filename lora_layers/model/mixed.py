@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..layers.base import LoRALayer
 from ..layers.mixed import ROWS_ATTR, MixedRows
+from ..variants.pissa import INITIAL_NAMES
 from .adapters import adapter_names
 from .params import lora_modules
 from .unwrap import unwrap_model
@@ -50,6 +51,10 @@ def _plan(model: nn.Module, names) -> List[Tuple[str, LoRALayer]]:
             raise RuntimeError(f"mixed_batch: a mixed batch is already set on {where} (nested or concurrent "
                                f"mixed_batch calls are refused); close the first one before setting another")
         problem = layer._mixed_problem()
+        if problem is None and getattr(layer, INITIAL_NAMES[0], None) is not None \
+                and any(name not in layer.adapter_names for name in names):
+            problem = (f"init={layer.init!r}: its base weight is the residual W - s·B₀A₀, so a row without its "
+                       f"adapter (None, or a name it lacks) would run neither the original layer nor the trained one")
         if problem is None and layer.merged and not layer._merged_here():
             problem = ("it was merged by code of its own (merged=True without merge()), so it cannot be unmerged "
                        "exactly for the batch; call train() first")

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..bases.quantized import check_bnb_4bit_rows, torchao_nf4
 from ..core.sharded import fsdp_managed, shard_group
 from ..layers.linear import Linear
+from ..variants.pissa import INITIAL_NAMES
 from .params import lora_modules
 from .quantize import _NF4_BLOCK, nf4_tensor
 from .unwrap import unwrap_model
@@ -48,7 +49,8 @@ class RequantizedLayer:
         base_error: ``‖Q(W) − W‖ / ‖W‖`` for the base weight ``W`` alone, with the same ``Q``. Over a dense
             base, the cost of quantizing the base itself. Over a quantized base, ``W`` is the dequantized
             weight (the float weight it was made from is gone): that weight already lies on an NF4 grid,
-            so this is only what a round trip costs, and ``error`` above it is the adapter's doing.
+            so this is only what a round trip costs, and ``error`` above it is the adapter's doing. Over
+            PiSSA/OLoRA's residual base, ``W`` is the original weight ``W_res + s·B₀A₀``.
         delta: ``‖W_m − W‖ / ‖W_m‖``, the adapter's change. ``error`` close to it or above means the
             rounding is as large as what the adapter changed.
     """
@@ -167,8 +169,17 @@ def plan_requantize(fn: str, scheme, model: nn.Module, layers, probe) -> List[_T
 
 
 def _base_weight(layer: Linear) -> Tensor:
-    """The base weight without the adapter, dense, ``(out, in)``."""
-    return layer.quantized.dequantize() if layer.quantized is not None else layer.unmerged_weight()
+    """The base weight without the adapter, dense, ``(out, in)``: for PiSSA/OLoRA the original weight
+    ``W − s·B₀A₀ + s·B₀A₀`` (rounded once), not the residual, which holds the adapter's initial part."""
+    if layer.quantized is not None:
+        return layer.quantized.dequantize()
+    weight, initial = layer.unmerged_weight(), getattr(layer, INITIAL_NAMES[0], None)
+    if initial is None:
+        return weight
+    original = weight.to(torch.float64, copy=True)  # never the layer's own float64 weight
+    for index, delta in layer._delta_blocks(initial.to(torch.float64), layer.lora_init_B.to(torch.float64)):
+        original[index] += delta.to(torch.float64)
+    return original.to(weight.dtype)
 
 
 def exact_weight(layer: Linear) -> Tensor:
@@ -220,8 +231,9 @@ def _requantize(scheme: str, target: _Target, safe_merge: bool) -> Tuple[Tensor,
             raise ValueError(f"safe_merge: merging the adapter into {name or 'the layer'} gives non-finite values; "
                              f"the model was left unchanged")
         kind = getattr(layer.quantized, "kind", "dense")
-        if scheme == "nf4" and kind == "torchao-nf4" and not layer.has_adapter:
-            packed = layer.weight.detach()  # nothing was added: the base's own NF4 weight is the best one
+        if scheme == "nf4" and kind == "torchao-nf4" and not layer._uses_adapter():
+            packed = layer.weight.detach()  # nothing was added (r=0, or merge_and_unload(adapter=) of an adapter
+            # this layer lacks): the base's own NF4 weight is the best one
         else:
             packed = _pack(scheme, exact, target)
         base = _base_weight(layer)

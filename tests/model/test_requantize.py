@@ -320,3 +320,64 @@ def test_a_sharded_model_is_refused(process_group):
         L.requantize_report(model)
     with pytest.raises(ValueError, match="merge_and_unload: FSDPSequential is sharded by fully_shard"):
         L.merge_and_unload(model, requantize="nf4")
+
+
+def test_a_pissa_layer_reports_against_its_original_weight():
+    """Over PiSSA's residual base, the report's base is the original W (float64 naive W_res + s·B₀A₀), so
+    delta is the trained change s(BA − B₀A₀), not the adapter's whole top-r part."""
+    torch.manual_seed(0)
+    module = nn.Linear(64, 64)
+    original = module.weight.detach().clone()
+    model = nn.Sequential(L.Linear.from_module(module, r=4, lora_alpha=8, init="pissa"))
+    with torch.no_grad():
+        model[0].lora_B.add_(0.01)
+    residual = model[0].weight.detach().clone()
+    report = L.requantize_report(model)
+    exact = model[0].merged_weight()
+    row = report.layers[0]
+    assert row.delta == pytest.approx(_rel64(original, exact), rel=1e-4) and row.delta < 0.1
+    assert _rel64(residual, exact) > 0.3  # what it reported before: the residual's distance, mostly s·B₀A₀
+    n_blocks = original.numel() // 64
+    q = _nf4().to_nf4(original.contiguous(), 64, min(256, n_blocks & -n_blocks)).get_original_weight()
+    assert row.base_error == pytest.approx(_rel64(q, original), rel=1e-4)
+    assert torch.equal(model[0].weight, residual)  # the layer's weight was not touched
+
+
+def _nf4_with_named_adapter_on_one_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    L.quantize_base(model)
+    L.inject_lora(model, ["0", "2"], r=4, lora_alpha=8)
+    L.add_adapter(model, "x", targets=["2"], r=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in L.lora_parameters(model):
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("requantize", [None, "nf4"])
+def test_merge_of_a_named_adapter_over_nf4_keeps_the_layers_without_it(requantize):
+    """merge_and_unload(adapter="x") over torchao NF4, "x" on layer 2 only: layer 0 runs its base alone. Its
+    merged_weight() was a clone of the packed weight, which torchao re-quantizes with its default blocks
+    (an AssertionError for these shapes). Now the plain model equals the float64 reference (layer 0's
+    dequantized base, layer 2's plus s·B A of "x"), and with requantize layer 0 keeps its own NF4 weight."""
+    model = _nf4_with_named_adapter_on_one_layer()
+    x = torch.randn(5, 64)
+    nf4_0, deq0 = model[0].weight, model[0].quantized.dequantize()
+    v = model[2].adapter("x")
+    w2 = model[2].quantized.dequantize().double() + v.scaling * v.lora_B.double() @ v.lora_A.double()
+    with torch.no_grad():
+        hidden = nn.functional.gelu(x.double() @ deq0.double().t() + model[0].bias.double())
+        reference = hidden @ w2.t() + model[2].bias.double()
+        kwargs = {} if requantize is None else {"requantize": requantize, "probe": x}
+        merged = L.merge_and_unload(model, adapter="x", **kwargs)
+        out = merged(x).double()
+    if requantize is None:
+        assert torch.equal(merged[0].weight, deq0)
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    else:
+        assert all(torch.equal(getattr(merged[0].weight, k), getattr(nf4_0, k)) for k in nf4_0.__tensor_flatten__()[0])
+        row0 = merged.requantize_report.layers[0]
+        assert row0.name == "0" and row0.error == 0.0 and row0.delta == 0.0
+        assert (out - reference).abs().max().item() <= merged.requantize_report.max_logit_diff + 1e-5

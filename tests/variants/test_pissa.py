@@ -315,3 +315,112 @@ def test_bf16_weight_rounded_once(lora_dtype):
     assert torch.equal(layer.lora_A, A)
     expected = W.to(F64) - layer.scaling * layer.lora_B.to(F64) @ layer.lora_A.to(F64)
     torch.testing.assert_close(layer.weight, expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def _plain_peft_folder(orig, tmp_path):
+    plain = _inject(copy.deepcopy(orig), "gaussian")
+    _train(plain)
+    L.export_peft(plain, tmp_path)
+    return plain
+
+
+@pytest.mark.parametrize("call", ["import_peft", "hotswap"])
+def test_a_plain_peft_adapter_into_a_pissa_model_is_refused(tmp_path, call):
+    """A plain PEFT adapter changes the original W; loaded over PiSSA's residual base it served
+    W - s·B₀A₀ + s·B A (0.74 off on a 16x16 layer) without a word. Refused, nothing changed."""
+    orig = _net()
+    _plain_peft_folder(orig, tmp_path)
+    model = _inject(copy.deepcopy(orig), "pissa")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"residual W - s·B₀A₀"):
+        getattr(L, call)(model, tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_hotswap_of_a_plain_state_dict_into_a_pissa_model_is_refused():
+    """A state dict carries no header saying its init: hot-swapped over the residual base it served
+    W - s·B₀A₀ + s·B A. Refused, naming the layer and its init."""
+    orig = _net()
+    plain = _inject(copy.deepcopy(orig), "gaussian")
+    _train(plain)
+    model = _inject(copy.deepcopy(orig), "olora")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CheckpointError, match=r"'0': init='olora': its base weight is the residual"):
+        L.hotswap(model, L.lora_state_dict(plain))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def _pissa_and_named(orig):
+    """Layer 0 PiSSA, layer 2 plain with a named adapter "x" beside its default one."""
+    model = copy.deepcopy(orig)
+    L.inject_lora(model, ["0"], r=3, lora_alpha=5, init="pissa")
+    L.inject_lora(model, ["2"], r=3, lora_alpha=5)
+    L.add_adapter(model, "x", targets=["2"], r=2)
+    _train(model)
+    return model
+
+
+@pytest.mark.parametrize("call", ["set_adapter_x", "set_adapter_none", "merge_and_unload_x", "mixed_batch"])
+def test_a_pissa_layer_never_runs_its_residual_alone(call):
+    """Without its adapter a PiSSA layer ran W - s·B₀A₀: set_adapter(None) ("the base model"), an adapter
+    on other layers only, merge_and_unload(adapter=) or a mixed batch's None rows served neither the original
+    nor the trained layer. Refused, nothing changed; a mixed batch naming only "default" still runs."""
+    orig = _net()
+    model = _pissa_and_named(orig)
+    x = torch.randn(2, 24)
+    before, y = copy.deepcopy(model.state_dict()), model(x)
+    act = {"set_adapter_x": lambda: L.set_adapter(model, "x"), "set_adapter_none": lambda: L.set_adapter(model, None),
+           "merge_and_unload_x": lambda: L.merge_and_unload(model, adapter="x"),
+           "mixed_batch": lambda: L.mixed_batch(model, ["default", None])}[call]
+    with pytest.raises(ValueError, match=r"init='pissa': its base weight is the residual W - s·B₀A₀"):
+        act()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert [m.active_adapter for m in (model[0], model[2])] == ["default", "default"]
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    with L.mixed_batch(model, ["default", "default"]):
+        torch.testing.assert_close(model(x), y, rtol=0, atol=1e-6)
+
+
+def test_a_failed_load_state_dict_still_moves_the_residual_with_the_copied_initial_adapter():
+    """load_state_dict copies every key that fits and raises after: A₀, B₀ copied while lora_A failed left the
+    residual where it was (weight + s·B₀A₀ off the original by 0.63). float64 naive invariant."""
+    orig = _net()
+    trained = _inject(copy.deepcopy(orig), "pissa_niter_2")
+    _train(trained)
+    model = _inject(copy.deepcopy(orig), "pissa_niter_2", seed=5)
+    layer, s = model[0], model[0].scaling
+    original = layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64)
+    state = {k: v for k, v in L.lora_state_dict(trained).items() if k.startswith("0.")}
+    state["0.lora_A"] = torch.zeros(4, 24)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.lora_A"):
+        model.load_state_dict(state, strict=False)
+    assert torch.equal(layer.lora_init_A, trained[0].lora_init_A)
+    torch.testing.assert_close(layer.weight.to(F64) + s * layer.lora_init_B.to(F64) @ layer.lora_init_A.to(F64),
+                               original, rtol=0, atol=1e-6)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("wrap", ["inject_lora", "from_module"])
+def test_pissa_on_a_tied_weight_is_refused_and_changes_nothing(wrap):
+    """PiSSA writes the residual into the weight in place: on a head tied to the embedding, the embedding
+    silently became the residual too (outputs 6.8 off). Refused, naming the tie; the weights are unchanged."""
+    torch.manual_seed(0)
+    model = _Tied()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"init='pissa' rewrites the base weight in place.*also held by"):
+        if wrap == "inject_lora":
+            L.inject_lora(model, ["head"], r=2, init="pissa")
+        else:
+            L.Linear.from_module(model.head, r=2, init="pissa")
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.emb.weight.requires_grad
