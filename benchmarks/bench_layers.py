@@ -519,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     C.add_common_args(ap, reps=9)
     args = ap.parse_args(argv)
     if args.quick:
-        args.shape, args.rank, args.reps, args.warmup = (48, 48, 32), 4, 2, 1
+        args.shape, args.rank, args.reps, args.warmup = (64, 48, 32), 4, 2, 1  # 64: whole bitsandbytes blocks
     C.set_threads(args.threads)
     in_f, out_f, tokens = args.shape
     kv = args.kv or in_f // 3
