@@ -53,7 +53,8 @@ import _common as C  # noqa: E402
 
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate, vocab, batch, seq, dtype
-    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=256, batch=2, seq=16, dtype="fp32"),  # whole bnb blocks
+    # tiny: intermediate 128, whole 64-column blocks for bitsandbytes' CPU 4-bit kernels (bases/quantized.py)
+    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=256, batch=2, seq=16, dtype="fp32"),
     "small": dict(hidden=512, layers=4, heads=8, kv=4, inter=1376, vocab=32064, batch=4, seq=256, dtype="fp32"),
     "mini": dict(hidden=3072, layers=2, heads=32, kv=32, inter=8192, vocab=32064, batch=4, seq=256, dtype="bf16"),
 }
