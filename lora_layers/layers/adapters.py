@@ -149,8 +149,8 @@ def add(layer, name, r, lora_alpha, lora_dropout=0.0, *, use_rslora=False, use_d
     layer._init_factors(adapter.lora_A, adapter.lora_B, spec.r, spec.init)
     if spec.use_dora:
         from .merge_state import unmerged  # merge_state imports this module
-        with unmerged(layer), torch.no_grad():  # the norm of the base weight, not of a merged one
-            adapter.lora_magnitude.copy_(layer._dora_norm(view_of(adapter, name)))
+        with unmerged(layer):  # the norm of the base weight, not of a merged one
+            layer._derive_magnitude(adapter, view_of(adapter, name))  # followed by a base weight loaded later
     for p in adapter.parameters():  # trainable as the default adapter is now
         p.requires_grad_(layer.lora_A.requires_grad if isinstance(layer.lora_A, Tensor) else True)
     if ADAPTERS_ATTR not in layer._modules:

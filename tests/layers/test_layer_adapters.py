@@ -420,3 +420,43 @@ def test_pissa_and_named_adapters_do_not_mix(layer_init, new_init):
     assert layer.adapter_names == ("default",)
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _dora_after_base_load(trained_named: bool):
+    """A Linear with DoRA default and named ``a`` adapters, then a new base weight loaded without magnitudes
+    (pretrained weights loaded after the adapters were built); ``(layer, the new weight, bias)``."""
+    torch.manual_seed(0)
+    layer = L.Linear(8, 6, r=2, lora_alpha=4, use_dora=True)
+    layer.add_adapter("a", 3, 5, use_dora=True)
+    if trained_named:
+        with torch.no_grad():
+            layer.lora_adapters.a.lora_magnitude.mul_(1.5)
+    W, b = torch.randn(6, 8) * 3, torch.randn(6)
+    return layer, W, b
+
+
+def test_named_dora_magnitude_follows_a_base_weight_loaded_after_it():
+    """Found in review: load_state_dict of a new base weight re-derived the default adapter's DoRA magnitude
+    but not a named adapter's, so a fresh named DoRA adapter (B = 0) rescaled every row by ‖W_old‖/‖W_new‖
+    without a warning (2.9 off the base output in this test)."""
+    layer, W, b = _dora_after_base_load(trained_named=False)
+    layer.load_state_dict({"weight": W, "bias": b}, strict=False)
+    x = torch.randn(4, 8)
+    base = (x.double() @ W.double().t() + b.double()).float()
+    for name in ("default", "a"):
+        layer.set_adapter(name)
+        torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_named_dora_magnitude_is_kept_with_a_warning_and_reset_magnitude_derives_it():
+    layer, W, b = _dora_after_base_load(trained_named=True)
+    kept = layer.lora_adapters.a.lora_magnitude.detach().clone()
+    with pytest.warns(UserWarning, match=r"lora_adapters\.a\.lora_magnitude"):
+        layer.load_state_dict({"weight": W, "bias": b}, strict=False)
+    assert torch.equal(layer.lora_adapters.a.lora_magnitude.detach(), kept)
+    layer.set_adapter("a")
+    layer.eval()  # merged: reset_magnitude unmerges, derives every DoRA magnitude, merges again
+    layer.reset_magnitude()
+    torch.testing.assert_close(layer.lora_adapters.a.lora_magnitude.detach(), W.norm(dim=1), rtol=1e-6, atol=0)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer(x), x @ W.t() + b, rtol=1e-5, atol=1e-5)
