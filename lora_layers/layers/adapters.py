@@ -193,12 +193,14 @@ def set_active(layer, name: Optional[str]) -> None:
     was_merged, previous = layer.merged, layer.active_adapter
     layer.unmerge()  # what is merged is the old adapter: take it out before switching
     _store_active(layer, name)
-    if was_merged and layer._merge_blocker() is None:
+    # eval() merges the active adapter: also one made active after None (which had nothing to merge)
+    if (was_merged or (not layer.training and layer.merge_weights)) and layer._merge_blocker() is None:
         try:
             layer.merge()
         except BaseException:  # e.g. a DoRA magnitude of the wrong shape: back to the adapter merged before
             _store_active(layer, previous)
-            layer.merge()
+            if was_merged:
+                layer.merge()
             raise
 
 

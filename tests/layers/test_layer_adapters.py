@@ -460,3 +460,30 @@ def test_a_trained_named_dora_magnitude_is_kept_with_a_warning_and_reset_magnitu
     torch.testing.assert_close(layer.lora_adapters.a.lora_magnitude.detach(), W.norm(dim=1), rtol=1e-6, atol=0)
     x = torch.randn(4, 8)
     torch.testing.assert_close(layer(x), x @ W.t() + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_gqa", "embedding", "conv2d"])
+def test_an_adapter_made_active_after_none_in_eval_mode_is_merged_as_eval_merges_it(kind):
+    """Found in review: in eval mode, set_adapter(None) then set_adapter(name) left the layer unmerged, so
+    ``eval(); state_dict()`` (loralib's export of the merged weight) held the bare base weight."""
+    layer = _two_adapter_layer(kind)
+    x = _input(kind)
+    w0 = layer.weight.detach().clone()
+    expected = {name: (layer.set_adapter(name), layer(x).detach())[1] for name in ("default", "b")}
+    layer.eval()
+    for name in ("default", "b"):
+        layer.set_adapter(None)
+        layer.set_adapter(name)
+        assert layer.merged and torch.allclose(layer(x), expected[name], atol=1e-5)
+    layer.set_adapter(None)
+    layer.set_adapter("default")
+    merged = layer.state_dict()["weight"]  # loralib's export: the merged weight (W + s·B A, float64 here)
+    A, B, r = layer.lora_A.double(), layer.lora_B.double(), layer.r
+    if kind == "merged_gqa":  # q (rows 0:12) and v (18:24) adapted, k (12:18) not
+        delta = torch.cat([B[:12] @ A[:r], torch.zeros(6, 12, dtype=torch.float64), B[12:] @ A[r:]])
+    else:
+        delta = B @ A if kind != "embedding" else (B @ A).t()
+    delta = delta * layer.scaling
+    torch.testing.assert_close(merged.double(), w0.double() + delta.reshape(w0.shape), rtol=0, atol=1e-6)
+    layer.train()
+    assert bit_equal(layer.weight, w0)
