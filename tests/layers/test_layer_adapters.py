@@ -487,3 +487,26 @@ def test_an_adapter_made_active_after_none_in_eval_mode_is_merged_as_eval_merges
     torch.testing.assert_close(merged.double(), w0.double() + delta.reshape(w0.shape), rtol=0, atol=1e-6)
     layer.train()
     assert bit_equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("kind,use_dora", [("linear", False), ("merged_gqa", True), ("embedding", False),
+                                           ("conv2d", False)])
+def test_load_state_dict_into_a_layer_merged_with_a_named_adapter_merges_the_loaded_one(kind, use_dora, assign):
+    """Found in review: a named adapter is a child module, which load_state_dict loads after the layer; the
+    layer re-merged before that, with the old values, so an eval-mode model with ``b`` active served the
+    old ``b`` (1.0 off in a two-layer net) until the next train()."""
+    layer = _two_adapter_layer(kind, use_dora)
+    w0 = layer.weight.detach().clone()
+    source = copy.deepcopy(layer)
+    _randomise(*source.lora_adapters.b.parameters(), seed=9)
+    layer.set_adapter("b")
+    layer.eval()
+    assert layer.merged
+    layer.load_state_dict(copy.deepcopy(source.state_dict()), assign=assign)  # assign: not source's tensors
+    x = _input(kind)
+    expected = _reference(source, kind).eval()(x)  # b's new tensors as a fresh layer's default adapter
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert bit_equal(layer.weight, w0)
