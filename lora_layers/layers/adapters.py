@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import fsdp_managed, is_sharded
 from ..core.spec import LoRASpec, check_dora_support, check_rank, lora_scaling
 from ..variants.pissa import is_residual_init
 
@@ -121,6 +122,11 @@ def new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_d
         raise ValueError(f"add_adapter: this {type(layer).__name__} has r={layer.r}, no adapter to add named "
                          f"adapters next to; build it with r > 0 (inject_lora or r=...)")
     check_adapter_name(name)
+    if is_sharded(layer.weight) or fsdp_managed(layer):
+        # new Parameters would be plain tensors FSDP2 neither shards nor reduces: each rank would train its own
+        raise ValueError(f"add_adapter: this {type(layer).__name__} is sharded by fully_shard, which would neither "
+                         f"shard adapter {name!r} nor reduce its gradients across ranks; add (and load) named "
+                         f"adapters before fully_shard")
     if name in adapter_names(layer):
         raise ValueError(f"add_adapter: {type(layer).__name__} already has an adapter {name!r} "
                          f"(adapters: {adapter_names(layer)}); delete_adapter it first or pick another name")

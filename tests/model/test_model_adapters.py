@@ -191,3 +191,24 @@ def test_merged_state_dict_has_no_named_adapter_keys():
     assert not any("lora_" in k for k in merged)
     ref = _single(net)
     assert bit_equal(merged["out.weight"], L.merged_state_dict(ref)["out.weight"])
+
+
+def test_adding_a_named_adapter_to_a_sharded_model_is_refused_and_changes_nothing(process_group):
+    """Found in review: add_adapter after fully_shard added plain (unsharded) Parameters whose gradients FSDP2
+    never reduces, so each rank would train its own copy; merge_adapters added one layer's adapter, then
+    failed in a DTensor copy with the model changed."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(L.Linear(16, 16, r=2), L.Linear(16, 16, r=2))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"0: add_adapter: .* is sharded by fully_shard.*'b'.*before fully_shard"):
+        L.add_adapter(model, "b", r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"merge_adapters: 0: add_adapter: .* is sharded by fully_shard"):
+        L.merge_adapters(model, {"default": 0.5}, "c")
+    assert L.adapter_names(model) == ("default",)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n].full_tensor(), t) for n, t in before.items())
