@@ -84,6 +84,9 @@ def check_adapter_name(name, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"{what} must be a non-empty str that is a valid Python identifier "
                          f"(e.g. 'alice', 'task_2'), got {name!r}")
+    if hasattr(nn.ModuleDict(), name):  # torch's ModuleDict refuses such keys, after the layer got one
+        raise ValueError(f"{what} must not be an attribute of torch's nn.ModuleDict (which holds the named "
+                         f"adapters), got {name!r}; pick another name (e.g. {name + '_adapter'!r})")
     return name
 
 

@@ -212,3 +212,18 @@ def test_adding_a_named_adapter_to_a_sharded_model_is_refused_and_changes_nothin
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n].full_tensor(), t) for n, t in before.items())
+
+
+@pytest.mark.parametrize("name", ["training", "keys", "update", "forward"])
+def test_a_name_torch_s_module_dict_cannot_hold_is_refused_and_changes_nothing(name):
+    """Found in review: add_adapter(model, "keys") passed every check, then torch's ModuleDict raised a bare
+    KeyError("attribute 'keys' already exists"), leaving an empty lora_adapters submodule on the first layer."""
+    model = torch.nn.Sequential(L.Linear(6, 6, r=2), L.Linear(6, 6, r=2))
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"adapter name must not be an attribute of torch's nn.ModuleDict.*'{name}'"):
+        L.add_adapter(model, name, r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="must not be an attribute"):
+        model[0].add_adapter(name, 2, 4)
+    with pytest.raises(ValueError, match="merge_adapters: name must not be an attribute"):
+        L.merge_adapters(model, {"default": 1.0}, name)
+    assert [n for n, _ in model.named_modules()] == modules and L.adapter_names(model) == ("default",)
