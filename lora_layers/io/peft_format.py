@@ -42,7 +42,7 @@ from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..layers.registry import lora_class_for
 from ..variants.dora import dora_weight_norm, row_sq_norm
-from ..variants.pissa import INITIAL_NAMES, delta_factors, is_residual_init
+from ..variants.pissa import INITIAL_NAMES, delta_factors
 from ..core.segments import Segments
 from ..core.sharded import gathered, gathered_parameters, is_writer, on_every_rank, shard_group, write_shard
 from ..model.params import check_adapter, lora_modules
@@ -678,10 +678,6 @@ def _plan_module(name: str, module: nn.Module, t: Dict[str, Tensor], s: _Setting
     """Validate one module; return ``(new_layer_or_None, target_layer, {parameter name: tensor})``
     or raise ValueError."""
     A, B, M, embedding = _adapter_tensors(module, t, s)
-    if isinstance(module, LoRALayer) and is_residual_init(getattr(module, "init", None)):
-        raise ValueError(f"it has init={module.init!r}: its base weight is the residual W - s·B₀A₀ of its own initial "
-                         f"adapter, and a PEFT folder's adapter goes on the original W; import it into a model "
-                         f"without PiSSA/OLoRA layers (load_lora moves the residual with a save_lora file's A₀, B₀)")
     if isinstance(module, MergedLinear):
         return None, module, _merged_linear_tensors(module, A, B, M, s, embedding)
     if _holds_as_loralib_conv(module, s, M, embedding):
