@@ -30,7 +30,6 @@ from ..layers.merge_state import unmerged
 from ..layers.merged import MergedLinear
 from ..model.params import check_adapter, lora_modules
 from ..model.unwrap import unwrap_model
-from ..variants.pissa import is_residual_init
 from .checkpoint import (META_BIAS, _config_mismatches, _copy_problem, _saved_modules, canonical_payload,
                          read_native)
 from .fileio import CheckpointError
@@ -236,10 +235,6 @@ def _target_problems(layers: Dict[str, LoRALayer], names: List[str], adapter: st
         if not isinstance(layer, (Linear, Embedding, _ConvNd)):
             problems.append(f"{name!r} ({type(layer).__name__}) is a LoRALayer class of your own, whose forward "
                             f"does not read the hot-swap scale")
-        if is_residual_init(getattr(layer, "init", None)):
-            problems.append(f"{name!r} ({type(layer).__name__}) has init={layer.init!r}: its base weight is the "
-                            f"residual W - s·B₀A₀ of its own initial adapter, which another adapter swapped in "
-                            f"would be added to; load_lora moves the residual with a file's A₀, B₀")
     return problems
 
 
@@ -333,9 +328,8 @@ def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> L
 
     Raises:
         CheckpointError (a ValueError): the source does not fit the model (a module missing or
-            extra, another layer kind, shape, splits or DoRA setting, a larger rank, a bias, a PiSSA/OLoRA
-            layer, whose base is the residual of its own initial adapter); every problem is named and
-            nothing changes.
+            extra, another layer kind, shape, splits or DoRA setting, a larger rank, a bias); every
+            problem is named and nothing changes.
         ValueError: a model without adapters.
         KeyError: no layer has an adapter ``adapter``.
         TypeError: a source that is neither a path nor a dict of tensors.

@@ -358,22 +358,3 @@ def test_training_on_after_a_padded_swap_trains_the_smaller_adapter(case):
     assert not big.lora_B[:, 3:].any()
     with torch.no_grad():
         torch.testing.assert_close(big(x), small(x), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["peft", "state_dict"])
-def test_a_swap_into_a_pissa_layer_is_refused(tmp_path, kind):
-    """Found in review: a PEFT folder or a state dict (which carry no init) swapped into a PiSSA model; its
-    base weight stayed the residual W - s·B₀A₀, so the swapped adapter was served 2.1 off the model that
-    trained it, without a word. (A save_lora file was already refused by its header.)"""
-    base = _base()
-    source = _net(base, r=4, alpha=8, seed=2)
-    model = copy.deepcopy(base)
-    model[0] = L.Linear.from_module(model[0], r=4, lora_alpha=8, init="pissa")
-    model[2] = L.MergedLinear.from_module(model[2], enable_lora=ENABLE, split_sizes=SPLITS, r=4, lora_alpha=8)
-    before = _full_snapshot(model)
-    if kind == "peft":
-        L.export_peft(source, tmp_path / "a")
-    incoming = tmp_path / "a" if kind == "peft" else L.lora_state_dict(source)
-    with pytest.raises(CheckpointError, match=r"'0' \(Linear\) has init='pissa'"):
-        L.hotswap(model, incoming)
-    _assert_same(model, before)
