@@ -90,6 +90,11 @@ class MixedBatch:
             if not layer.training and (was_merged or layer.merge_weights) and layer._merge_blocker() is None:
                 layer.merge()
 
+    def __getstate__(self):
+        # A copy of the model made inside the batch (deepcopy, pickle) is no part of it: nothing would close
+        # the copied batch, which would hold the copy's layers to these rows for good.
+        return {**self.__dict__, "live": False, "_restore": []}
+
     def __enter__(self) -> "MixedBatch":
         return self
 

@@ -227,3 +227,22 @@ def test_a_name_torch_s_module_dict_cannot_hold_is_refused_and_changes_nothing(n
     with pytest.raises(ValueError, match="merge_adapters: name must not be an attribute"):
         L.merge_adapters(model, {"default": 1.0}, name)
     assert [n for n, _ in model.named_modules()] == modules and L.adapter_names(model) == ("default",)
+
+
+def test_a_copy_of_the_model_made_inside_a_mixed_batch_is_not_in_it():
+    """Found in review: copy.deepcopy(model) inside ``with mixed_batch(...)`` copied the live batch too, which
+    nothing ever closed: the copy refused every other batch size and never merged in eval()."""
+    import pickle
+
+    model = torch.nn.Sequential(L.Linear(8, 6, r=2, lora_alpha=4))
+    L.add_adapter(model, "a", r=2, lora_alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, 8)
+    with L.mixed_batch(model, ["a", None]):
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    for c in copies:
+        torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)  # the plain forward, rows of any number
+        c.eval()
+        assert c[0].merged
+        torch.testing.assert_close(c(x), model(x), rtol=1e-6, atol=1e-6)
