@@ -90,11 +90,6 @@ class MixedBatch:
             if not layer.training and (was_merged or layer.merge_weights) and layer._merge_blocker() is None:
                 layer.merge()
 
-    def __getstate__(self):
-        # A copy of the model made inside the batch (deepcopy, pickle) is no part of it: nothing would close
-        # the copied batch, which would hold the copy's layers to these rows for good.
-        return {**self.__dict__, "live": False, "_restore": []}
-
     def __enter__(self) -> "MixedBatch":
         return self
 
@@ -103,6 +98,11 @@ class MixedBatch:
 
     def __repr__(self) -> str:
         return f"MixedBatch({list(self.names)}, live={self.live})"
+
+    def __getstate__(self):
+        # A model pickled (or copied) inside the batch holds a closed batch: nothing would close the copy's, which
+        # would hold its layers to these rows for good; its layers' first forward drops the rows.
+        return {**self.__dict__, "live": False, "_restore": [], "_lingering": []}
 
 
 def mixed_batch(model: nn.Module, names: Sequence[Optional[str]]) -> MixedBatch:
