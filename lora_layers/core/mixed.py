@@ -282,7 +282,11 @@ def lora_embedding_mixed(x: Tensor, weight: Tensor, adapters: Sequence[MixedAdap
     ta = _check_token_adapter(token_adapter, x.numel(), len(adapters))
     result = F.embedding(x, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
     A = torch.cat([a.lora_A for a in adapters])
-    u = F.embedding(x.reshape(-1), A.t(), padding_idx, None, 2.0, scale_grad_by_freq, False)
+    u = F.embedding(x.reshape(-1), A.t(), padding_idx, None, 2.0, False, False)
+    if scale_grad_by_freq:  # an id's frequency among its adapter's own tokens, as a run on its rows counts it
+        _, first, counts = torch.unique(ta * weight.shape[0] + x.reshape(-1), return_inverse=True,
+                                        return_counts=True)
+        u = u.detach() + (u - u.detach()) * counts[first].reciprocal().to(u.dtype)[:, None]  # same values
     owner = torch.cat([torch.full((a.lora_A.shape[0],), k, device=x.device) for k, a in enumerate(adapters)])
     u = u.to(result.dtype) * (ta[:, None] == owner).to(result.dtype)
     B = torch.cat([a.lora_B.to(result.dtype) * a.scaling for a in adapters], 1)

@@ -142,11 +142,11 @@ def _from_state_dict(model: nn.Module, tensors: Dict[str, Tensor], meta: Dict[st
         else:
             problems.append(f"{key}: not an adapter tensor ({', '.join(_LOCAL_NAMES)})")
     saved = _saved_modules(meta, source)
-    layers = dict(lora_modules(model))
+    layers = _holding(model, adapter)
     incoming = {}
     for name in sorted(groups):
         layer = layers.get(name)
-        if layer is None or not layer.has_adapter:
+        if layer is None:
             continue  # reported by _target_problems
         try:
             incoming[name] = _native_module(layer, groups[name], saved.get(name), adapter)
@@ -176,14 +176,21 @@ def _peft_module(layer: LoRALayer, t: Dict[str, Tensor], config: Dict[str, Any],
     return _Incoming(A, layer.segments.from_block_diagonal(B, r), M, r, s.alpha / rank_divisor(n, s.rslora), s.rslora)
 
 
-def _from_peft(model: nn.Module, folder: str):
+def _holding(model: nn.Module, adapter: Optional[str]) -> Dict[str, LoRALayer]:
+    """The LoRA layers with an adapter ``adapter`` (None: with an adapter), by name; a source's tensors for
+    any other module are no target (:func:`_target_problems` names them)."""
+    return {name: layer for name, layer in lora_modules(model) if layer.has_adapter
+            and (adapter is None or adapter in layer.adapter_names)}
+
+
+def _from_peft(model: nn.Module, folder: str, adapter: Optional[str] = None):
     """As :func:`_from_state_dict`, for a PEFT adapter folder."""
     config, groups, problems = _read_adapter(model, folder)
-    layers = dict(lora_modules(model))
+    layers = _holding(model, adapter)
     incoming = {}
     for name in sorted(groups):
         layer = layers.get(name)
-        if layer is None or not layer.has_adapter:
+        if layer is None:
             continue
         try:
             incoming[name] = _peft_module(layer, dict(groups[name]), config, name)
@@ -205,7 +212,7 @@ def _read_source(model: nn.Module, source, adapter: Optional[str] = None):
                         f"state dict, got {type(source).__name__}")
     path = os.fspath(source)
     if os.path.isdir(path):
-        return (*_from_peft(model, path), f"PEFT adapter {path!r}")
+        return (*_from_peft(model, path, adapter), f"PEFT adapter {path!r}")
     tensors, meta = read_native(path)
     tensors, meta, _ = canonical_payload(model, tensors, meta)
     return (*_from_state_dict(model, tensors, meta, f"LoRA checkpoint {path!r}", adapter),
@@ -215,7 +222,7 @@ def _read_source(model: nn.Module, source, adapter: Optional[str] = None):
 # ----------------------------------------------------------------------------- planning and applying
 
 
-def _target_problems(layers: Dict[str, LoRALayer], names: List[str]) -> List[str]:
+def _target_problems(layers: Dict[str, LoRALayer], names: List[str], adapter: str) -> List[str]:
     """The modules the source and the model disagree on: a hot swap replaces every adapter or none."""
     problems = []
     missing = sorted(set(layers) - set(names))
@@ -223,7 +230,8 @@ def _target_problems(layers: Dict[str, LoRALayer], names: List[str]) -> List[str
     if missing:
         problems.append(f"the source has no adapter for these LoRA layers of the model: {missing}")
     if extra:
-        problems.append(f"the source has adapters for modules without a LoRA adapter in the model: {extra}")
+        where = "a LoRA adapter" if adapter == DEFAULT_ADAPTER else f"an adapter {adapter!r}"
+        problems.append(f"the source has adapters for modules without {where} in the model: {extra}")
     for name, layer in layers.items():
         if not isinstance(layer, (Linear, Embedding, _ConvNd)):
             problems.append(f"{name!r} ({type(layer).__name__}) is a LoRALayer class of your own, whose forward "
@@ -346,7 +354,7 @@ def hotswap(model: nn.Module, path_or_state_dict, adapter: str = "default") -> L
     holders = {name: _adapter_holder(layer, adapter) for name, layer in layers.items()}
     incoming, names, problems, what = _read_source(model, path_or_state_dict,
                                                    None if adapter == DEFAULT_ADAPTER else adapter)
-    problems = problems + _target_problems(layers, names)
+    problems = problems + _target_problems(layers, names, adapter)
     plan = []
     for name in sorted(incoming):
         try:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.sharded import fsdp_managed, is_sharded
 from ..core.spec import LoRASpec, check_dora_support, check_rank, lora_scaling
 from ..variants.pissa import INITIAL_NAMES, is_residual_init
 
@@ -83,6 +84,9 @@ def check_adapter_name(name, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"{what} must be a non-empty str that is a valid Python identifier "
                          f"(e.g. 'alice', 'task_2'), got {name!r}")
+    if hasattr(nn.ModuleDict(), name):  # torch's ModuleDict refuses such keys, after the layer got one
+        raise ValueError(f"{what} must not be an attribute of torch's nn.ModuleDict (which holds the named "
+                         f"adapters), got {name!r}; pick another name (e.g. {name + '_adapter'!r})")
     return name
 
 
@@ -121,6 +125,11 @@ def new_adapter_spec(layer, name, r, lora_alpha, lora_dropout, use_rslora, use_d
         raise ValueError(f"add_adapter: this {type(layer).__name__} has r={layer.r}, no adapter to add named "
                          f"adapters next to; build it with r > 0 (inject_lora or r=...)")
     check_adapter_name(name)
+    if is_sharded(layer.weight) or fsdp_managed(layer):
+        # new Parameters would be plain tensors FSDP2 neither shards nor reduces: each rank would train its own
+        raise ValueError(f"add_adapter: this {type(layer).__name__} is sharded by fully_shard, which would neither "
+                         f"shard adapter {name!r} nor reduce its gradients across ranks; add (and load) named "
+                         f"adapters before fully_shard")
     if name in adapter_names(layer):
         raise ValueError(f"add_adapter: {type(layer).__name__} already has an adapter {name!r} "
                          f"(adapters: {adapter_names(layer)}); delete_adapter it first or pick another name")
@@ -149,8 +158,8 @@ def add(layer, name, r, lora_alpha, lora_dropout=0.0, *, use_rslora=False, use_d
     layer._init_factors(adapter.lora_A, adapter.lora_B, spec.r, spec.init)
     if spec.use_dora:
         from .merge_state import unmerged  # merge_state imports this module
-        with unmerged(layer), torch.no_grad():  # the norm of the base weight, not of a merged one
-            adapter.lora_magnitude.copy_(layer._dora_norm(view_of(adapter, name)))
+        with unmerged(layer):  # the norm of the base weight, not of a merged one
+            layer._derive_magnitude(adapter, view_of(adapter, name))  # followed by a base weight loaded later
     for p in adapter.parameters():  # trainable as the default adapter is now
         p.requires_grad_(layer.lora_A.requires_grad if isinstance(layer.lora_A, Tensor) else True)
     if ADAPTERS_ATTR not in layer._modules:
@@ -197,12 +206,14 @@ def set_active(layer, name: Optional[str]) -> None:
     was_merged, previous = layer.merged, layer.active_adapter
     layer.unmerge()  # what is merged is the old adapter: take it out before switching
     _store_active(layer, name)
-    if was_merged and layer._merge_blocker() is None:
+    # eval() merges the active adapter: also one made active after None (which had nothing to merge)
+    if (was_merged or (not layer.training and layer.merge_weights)) and layer._merge_blocker() is None:
         try:
             layer.merge()
         except BaseException:  # e.g. a DoRA magnitude of the wrong shape: back to the adapter merged before
             _store_active(layer, previous)
-            layer.merge()
+            if was_merged:
+                layer.merge()
             raise
 
 

@@ -322,7 +322,8 @@ class LoRALayer(ExactMerge):
 
     def set_adapter(self, name: Optional[str]) -> None:
         """Make ``name`` the active adapter (None: the base alone). A merged layer is unmerged first
-        and merged again with the new adapter. Raises KeyError for an unknown name (nothing changes)."""
+        and merged again with the new adapter; in eval mode (with ``merge_weights``) the new adapter is
+        merged as ``eval()`` merges it, also after None. Raises KeyError for an unknown name (nothing changes)."""
         _adapters.set_active(self, name)
 
     def _active_view(self) -> "_adapters.AdapterView":

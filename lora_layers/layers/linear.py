@@ -19,7 +19,7 @@ from ..core.sharded import check_not_unsharded, gathered, is_sharded, write_shar
 from ..core.spec import NOT_GIVEN, LoRASpec
 from ..variants.dora import DoRAScale, dora_row_scale, dora_weight_norm
 from ..variants.pissa import INITIAL_NAMES, check_residual_rank, residual_init
-from .adapters import DEFAULT_ADAPTER
+from .adapters import ADAPTERS_ATTR, DEFAULT_ADAPTER, named_adapters
 from .base import MAGNITUDE_NAME, LoRALayer
 from .merge_state import unmerged
 from .ties import SHARED_ATTR
@@ -196,18 +196,29 @@ class Linear(LoRALayer, nn.Linear):
     @torch.no_grad()
     def _reset_magnitude(self) -> None:
         if self.use_dora and self.has_adapter:
-            check_not_unsharded(self, self.lora_magnitude, "reset_magnitude")
-            write_shard(self.lora_magnitude, self._dora_norm(self.adapter(DEFAULT_ADAPTER)))
-            # A copy, not a flag: training, load_lora and .data writes all change the values, and
-            # only a magnitude still equal to it may follow a newly loaded weight.
-            self.__dict__[_DERIVED_MAGNITUDE] = self.lora_magnitude.detach().clone()
+            self._derive_magnitude(self, self.adapter(DEFAULT_ADAPTER))
+
+    def _dora_holders(self):
+        """``[(holder, view)]`` of every DoRA adapter: the layer for the default one, each named
+        :class:`~lora_layers.layers.adapters.Adapter` for the others (each holds its own magnitude)."""
+        own = [(self, self.adapter(DEFAULT_ADAPTER))] if self.use_dora and self.has_adapter else []
+        return own + [(a, self.adapter(n)) for n, a in named_adapters(self).items() if a.use_dora]
+
+    @torch.no_grad()
+    def _derive_magnitude(self, holder, view) -> None:
+        check_not_unsharded(self, holder.lora_magnitude, "reset_magnitude")
+        write_shard(holder.lora_magnitude, self._dora_norm(view))
+        # A copy, not a flag: training, load_lora and .data writes all change the values, and
+        # only a magnitude still equal to it may follow a newly loaded weight.
+        holder.__dict__[_DERIVED_MAGNITUDE] = holder.lora_magnitude.detach().clone()
 
     def reset_magnitude(self) -> None:
         """Set DoRA's magnitude to ``‖W + s·BA‖`` per adapted row (PEFT's init) from the weight as
-        it is now, so that the layer returns the base output plus the LoRA update.
+        it is now, so that the layer returns the base output plus the LoRA update; every DoRA adapter's,
+        the named ones' (:meth:`add_adapter`) included, each with its own ``A``, ``B`` and scale.
 
-        ``load_state_dict`` does this by itself when it replaces the weight without bringing a
-        magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
+        ``load_state_dict`` does this by itself, per adapter, when it replaces the weight without bringing
+        that adapter's magnitude (and the magnitude was not trained or loaded since it was derived). Call it after
         changing the weight any other way: ``weight.data.copy_(...)``, assigning a new ``weight``
         Parameter, or a load through the module that :meth:`from_module` wrapped. A merged layer is unmerged, updated and merged again.
         Make such changes in train mode: a weight written into, or assigned to, a merged (eval-mode)
@@ -217,21 +228,24 @@ class Linear(LoRALayer, nn.Linear):
         Raises:
             ValueError: the layer has no magnitude (``use_dora=False`` or ``r=0``); nothing changes.
         """
-        if not (self.use_dora and self.has_adapter):
+        holders = self._dora_holders()
+        if not holders:
             raise ValueError(f"reset_magnitude: this {type(self).__name__} has no DoRA magnitude "
                              f"(use_dora={self.use_dora}, r={self.r}); expected a layer built with use_dora=True")
         was_merged = self.merged
         self.unmerge()  # the norm is that of the base weight, not of a merged one
         try:
-            self._reset_magnitude()
+            for holder, view in holders:
+                self._derive_magnitude(holder, view)
         finally:
             if was_merged and self._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 self.merge()
 
-    def _magnitude_is_derived(self) -> bool:
-        """True while ``lora_magnitude`` holds the values :meth:`_reset_magnitude` last gave it
-        (never for one derived on the meta device: it had no values)."""
-        derived, m = self.__dict__.get(_DERIVED_MAGNITUDE), self.lora_magnitude.detach()
+    def _magnitude_is_derived(self, holder=None) -> bool:
+        """True while ``holder``'s (default: the layer's) ``lora_magnitude`` holds the values it was last
+        derived to (never for one derived on the meta device: it had no values)."""
+        holder = self if holder is None else holder
+        derived, m = holder.__dict__.get(_DERIVED_MAGNITUDE), holder.lora_magnitude.detach()
         return derived is not None and not derived.is_meta and derived.shape == m.shape \
             and torch.equal(derived.to(m.device, m.dtype), m)
 
@@ -260,8 +274,8 @@ class Linear(LoRALayer, nn.Linear):
 
     def _load_with_magnitude(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                              error_msgs):
-        follow = self.use_dora and self.has_adapter and prefix + "weight" in state_dict \
-            and prefix + MAGNITUDE_NAME not in state_dict
+        follow = [(holder, view) for holder, view in self._dora_holders() if prefix + "weight" in state_dict
+                  and prefix + self._magnitude_key(view.name) not in state_dict]
         if not follow:
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
@@ -272,22 +286,34 @@ class Linear(LoRALayer, nn.Linear):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
             if len(error_msgs) == errors:
-                self._follow_loaded_weight(prefix)
+                self._follow_loaded_weight(prefix, follow)
         finally:
             if was_merged and self._merge_blocker() is None:  # else unmerged, as eval() leaves it
                 self.merge()
 
-    def _follow_loaded_weight(self, prefix: str) -> None:
-        if any(t.is_meta for t in (self.weight, self.lora_A, self.lora_B, self.lora_magnitude)):
+    @staticmethod
+    def _magnitude_key(adapter: str) -> str:
+        return MAGNITUDE_NAME if adapter == DEFAULT_ADAPTER else f"{ADAPTERS_ATTR}.{adapter}.{MAGNITUDE_NAME}"
+
+    def _follow_loaded_weight(self, prefix: str, holders) -> None:
+        """Each DoRA adapter of ``holders`` whose magnitude the load did not bring follows the new weight
+        if it is still as derived (the default one and each named one alike); the others are kept, with a warning."""
+        if any(t.is_meta for t in (self.weight, *(t for _, v in holders for t in (v.lora_A, v.lora_B,
+                                                                                   v.lora_magnitude)))):
             return  # no values to derive from or into (a meta-device model being materialised)
-        if self._magnitude_is_derived():
-            self._reset_magnitude()
-            return
-        warnings.warn(
-            f"lora_layers: load_state_dict gave {type(self).__name__} '{prefix.rstrip('.') or '<root>'}' a new "
-            f"weight without a lora_magnitude and kept lora_magnitude as it is, because it was trained, loaded or "
-            f"set since it was derived from the old weight. Call reset_magnitude() on the layer to derive it "
-            f"from the new weight instead (‖W + s·BA‖ per row).", UserWarning, stacklevel=4)
+        kept = []
+        for holder, view in holders:
+            if self._magnitude_is_derived(holder):
+                self._derive_magnitude(holder, view)
+            else:
+                kept.append(prefix + self._magnitude_key(view.name))
+        if kept:
+            warnings.warn(
+                f"lora_layers: load_state_dict gave {type(self).__name__} '{prefix.rstrip('.') or '<root>'}' a new "
+                f"weight without a lora_magnitude and kept lora_magnitude as it is ({', '.join(kept)}), because it was "
+                f"trained, loaded or set since it was derived from the old weight. Call reset_magnitude() on the "
+                f"layer to derive every DoRA magnitude from the new weight instead (‖W + s·BA‖ per row).", UserWarning,
+                stacklevel=4)
 
     # -- PiSSA / OLoRA (lora_layers.variants.pissa) ---------------------------------------------
     def _check_residual_init(self) -> None:

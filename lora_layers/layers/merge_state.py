@@ -22,7 +22,7 @@ from ..core.merging import (BASE_CHECK, BITS_DTYPE, MERGED_CHECK, MERGED_FACTORS
 from ..core.sharded import check_not_unsharded, fsdp_managed, gathered, is_sharded, write_shard
 from .notices import warn_merged_export_as_base
 from .ties import LOADING_ATTR, register_weight, shared_weight_reason
-from .adapters import DEFAULT_ADAPTER
+from .adapters import ADAPTERS_ATTR, DEFAULT_ADAPTER, named_adapters
 
 __all__ = ["ExactMerge", "unmerged"]
 
@@ -340,6 +340,18 @@ class ExactMerge:
         if merges:  # another adapter is active: eval() merges that one
             self.merge()
 
+    @torch.no_grad()
+    def _preload_named(self, state_dict, prefix, name: str) -> None:
+        """Copy the incoming tensors of the named adapter ``name`` (merged until now) into it before the
+        re-merge: it is a child module, which ``load_state_dict`` loads only after this layer, so the
+        re-merge would otherwise fold in its old values. Its own load then copies the same values (and
+        reports its keys); a tensor that does not fit is left to that load to report."""
+        holders = named_adapters(self)
+        for local, param in (holders[name]._parameters.items() if name in holders else ()):
+            t = state_dict.get(f"{prefix}{ADAPTERS_ATTR}.{name}.{local}")
+            if isinstance(t, Tensor) and param is not None and t.shape == param.shape and t.is_floating_point():
+                param.copy_(t)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         marked, problem = self._read_mark(state_dict, prefix, local_metadata)
@@ -357,7 +369,10 @@ class ExactMerge:
             error_msgs.append(problem)
             return
         was_merged = self._merged_here()
+        named = self.__dict__.get(_MERGED_WITH) if was_merged else None
         self.unmerge()
+        if named is not None:
+            self._preload_named(state_dict, prefix, named[0])
         weight, errors_before = self._parameters.get("weight"), len(error_msgs)
         self.__dict__[LOADING_ATTR] = True  # load_state_dict(assign=True) registers a new weight: not a tie
         try:

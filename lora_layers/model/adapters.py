@@ -108,7 +108,8 @@ def set_adapter(model: nn.Module, name: Optional[str]) -> None:
     """Make ``name`` the active adapter of every LoRA layer that has it; the layers that lack it (an
     adapter added with ``targets=``) run their base alone, as PEFT does. None: the base model.
 
-    A merged layer (eval mode) is unmerged and merged again with the new adapter.
+    A merged layer (eval mode) is unmerged and merged again with the new adapter (a layer in eval mode
+    with ``merge_weights`` merges it also after None, as ``eval()`` would).
 
     Raises:
         KeyError: no layer has an adapter ``name`` (the message lists :func:`adapter_names`); nothing changes.

@@ -119,6 +119,11 @@ class MixedBatch:
     def __repr__(self) -> str:
         return f"MixedBatch({list(self.names)}, live={self.live})"
 
+    def __getstate__(self):
+        # A model pickled (or copied) inside the batch holds a closed batch: nothing would close the copy's, which
+        # would hold its layers to these rows for good; its layers' first forward drops the rows.
+        return {**self.__dict__, "live": False, "_restore": [], "_lingering": []}
+
 
 def mixed_batch(model: nn.Module, names: Sequence[Optional[str]]) -> MixedBatch:
     """Give each batch row its own adapter: row ``i`` of every LoRA layer's input uses adapter ``names[i]``

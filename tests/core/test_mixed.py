@@ -333,6 +333,34 @@ def test_embedding_matches_the_float64_formula_per_token():
     _assert_grads(y.reshape(-1, dim), leaves, ref, [W64] + [t for A, B, _ in ads64 for t in (A, B)], TOL32)
 
 
+
+def test_embedding_scale_grad_by_freq_counts_each_adapters_own_tokens():
+    """Found in review: with ``scale_grad_by_freq`` an id's frequency was counted over the whole batch (other
+    adapters' and base-only rows included), so an adapter's ``A`` gradient differed from a run on its own
+    rows (1.1 off). The reference: torch's own ``scale_grad_by_freq`` per adapter on its tokens, float64."""
+    gen = torch.Generator().manual_seed(0)
+    num, dim = 5, 6  # few ids: many repeats within and across adapters
+    W = torch.randn(num, dim, generator=gen, requires_grad=True)
+    ads = [(torch.randn(r, num, generator=gen, requires_grad=True),
+            torch.randn(dim, r, generator=gen, requires_grad=True), a / r) for r, a in zip(RANKS, ALPHAS)]
+    idx = torch.randint(num, (len(ROWS), 6), generator=gen)
+    ta = token_adapters(ROWS, (*idx.shape, 1))
+    y = lora_embedding_mixed(idx, W, [MixedAdapter(A, B, s, 0.0) for A, B, s in ads], ta, scale_grad_by_freq=True)
+    g = torch.randn(y.shape, generator=gen)
+    leaves = [W] + [t for A, B, _ in ads for t in (A, B)]
+    got = torch.autograd.grad(y, leaves, g)
+    flat, g64 = idx.flatten(), g.reshape(-1, dim).double()
+    W64 = W.detach().double().requires_grad_()
+    ref = (F.embedding(flat, W64, scale_grad_by_freq=True) * g64).sum()  # the shared base: the whole batch
+    ads64 = [(A.detach().double().requires_grad_(), B.detach().double().requires_grad_(), s) for A, B, s in ads]
+    for k, (A, B, s) in enumerate(ads64):
+        own = ta == k
+        ref = ref + (s * F.embedding(flat[own], A.t(), scale_grad_by_freq=True) @ B.t() * g64[own]).sum()
+    want = torch.autograd.grad(ref, [W64] + [t for A, B, _ in ads64 for t in (A, B)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_matches_the_float64_formula_per_sample_with_dropout():
     gen = torch.Generator().manual_seed(0)
     c_in, c_out, kh = 3, 4, 2

@@ -99,3 +99,19 @@ def test_refused_named_swaps_change_nothing(tmp_path):
     with pytest.raises(KeyError, match="no adapter 'zed'"):
         L.hotswap(model, _source(tmp_path, big, "state_dict"), adapter="zed")
     _assert_same(model, before)
+
+
+@pytest.mark.parametrize("kind", ["file", "peft", "state_dict"])
+def test_a_source_covering_layers_the_named_adapter_is_not_on_is_refused_by_name(tmp_path, kind):
+    """Found in review: with ``b`` on layer 0 only, a source with adapters for layers 0 and 2 escaped as a bare
+    KeyError('2') (or 'Linear has no adapter b') instead of the CheckpointError naming the extra module."""
+    base = _base()
+    model = _multi(base, seed=1)
+    L.delete_adapter(model, "b")
+    L.add_adapter(model, "b", r=8, lora_alpha=16.0, targets=["0"])
+    L.set_adapter(model, "b")
+    model.eval()
+    before = _full_snapshot(model)
+    with pytest.raises(CheckpointError, match=r"without an adapter 'b'.*\['2'\]"):
+        L.hotswap(model, _source(tmp_path, _multi(base, seed=2, r=4), kind), adapter="b")
+    _assert_same(model, before)

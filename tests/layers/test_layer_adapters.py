@@ -420,3 +420,93 @@ def test_pissa_and_named_adapters_do_not_mix(layer_init, new_init):
     assert layer.adapter_names == ("default",)
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _dora_after_base_load(trained_named: bool):
+    """A Linear with DoRA default and named ``a`` adapters, then a new base weight loaded without magnitudes
+    (pretrained weights loaded after the adapters were built); ``(layer, the new weight, bias)``."""
+    torch.manual_seed(0)
+    layer = L.Linear(8, 6, r=2, lora_alpha=4, use_dora=True)
+    layer.add_adapter("a", 3, 5, use_dora=True)
+    if trained_named:
+        with torch.no_grad():
+            layer.lora_adapters.a.lora_magnitude.mul_(1.5)
+    W, b = torch.randn(6, 8) * 3, torch.randn(6)
+    return layer, W, b
+
+
+def test_named_dora_magnitude_follows_a_base_weight_loaded_after_it():
+    """Found in review: load_state_dict of a new base weight re-derived the default adapter's DoRA magnitude
+    but not a named adapter's, so a fresh named DoRA adapter (B = 0) rescaled every row by ‖W_old‖/‖W_new‖
+    without a warning (2.9 off the base output in this test)."""
+    layer, W, b = _dora_after_base_load(trained_named=False)
+    layer.load_state_dict({"weight": W, "bias": b}, strict=False)
+    x = torch.randn(4, 8)
+    base = (x.double() @ W.double().t() + b.double()).float()
+    for name in ("default", "a"):
+        layer.set_adapter(name)
+        torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_named_dora_magnitude_is_kept_with_a_warning_and_reset_magnitude_derives_it():
+    layer, W, b = _dora_after_base_load(trained_named=True)
+    kept = layer.lora_adapters.a.lora_magnitude.detach().clone()
+    with pytest.warns(UserWarning, match=r"lora_adapters\.a\.lora_magnitude"):
+        layer.load_state_dict({"weight": W, "bias": b}, strict=False)
+    assert torch.equal(layer.lora_adapters.a.lora_magnitude.detach(), kept)
+    layer.set_adapter("a")
+    layer.eval()  # merged: reset_magnitude unmerges, derives every DoRA magnitude, merges again
+    layer.reset_magnitude()
+    torch.testing.assert_close(layer.lora_adapters.a.lora_magnitude.detach(), W.norm(dim=1), rtol=1e-6, atol=0)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(layer(x), x @ W.t() + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_gqa", "embedding", "conv2d"])
+def test_an_adapter_made_active_after_none_in_eval_mode_is_merged_as_eval_merges_it(kind):
+    """Found in review: in eval mode, set_adapter(None) then set_adapter(name) left the layer unmerged, so
+    ``eval(); state_dict()`` (loralib's export of the merged weight) held the bare base weight."""
+    layer = _two_adapter_layer(kind)
+    x = _input(kind)
+    w0 = layer.weight.detach().clone()
+    expected = {name: (layer.set_adapter(name), layer(x).detach())[1] for name in ("default", "b")}
+    layer.eval()
+    for name in ("default", "b"):
+        layer.set_adapter(None)
+        layer.set_adapter(name)
+        assert layer.merged and torch.allclose(layer(x), expected[name], atol=1e-5)
+    layer.set_adapter(None)
+    layer.set_adapter("default")
+    merged = layer.state_dict()["weight"]  # loralib's export: the merged weight (W + s·B A, float64 here)
+    A, B, r = layer.lora_A.double(), layer.lora_B.double(), layer.r
+    if kind == "merged_gqa":  # q (rows 0:12) and v (18:24) adapted, k (12:18) not
+        delta = torch.cat([B[:12] @ A[:r], torch.zeros(6, 12, dtype=torch.float64), B[12:] @ A[r:]])
+    else:
+        delta = B @ A if kind != "embedding" else (B @ A).t()
+    delta = delta * layer.scaling
+    torch.testing.assert_close(merged.double(), w0.double() + delta.reshape(w0.shape), rtol=0, atol=1e-6)
+    layer.train()
+    assert bit_equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("kind,use_dora", [("linear", False), ("merged_gqa", True), ("embedding", False),
+                                           ("conv2d", False)])
+def test_load_state_dict_into_a_layer_merged_with_a_named_adapter_merges_the_loaded_one(kind, use_dora, assign):
+    """Found in review: a named adapter is a child module, which load_state_dict loads after the layer; the
+    layer re-merged before that, with the old values, so an eval-mode model with ``b`` active served the
+    old ``b`` (1.0 off in a two-layer net) until the next train()."""
+    layer = _two_adapter_layer(kind, use_dora)
+    w0 = layer.weight.detach().clone()
+    source = copy.deepcopy(layer)
+    _randomise(*source.lora_adapters.b.parameters(), seed=9)
+    layer.set_adapter("b")
+    layer.eval()
+    assert layer.merged
+    layer.load_state_dict(copy.deepcopy(source.state_dict()), assign=assign)  # assign: not source's tensors
+    x = _input(kind)
+    expected = _reference(source, kind).eval()(x)  # b's new tensors as a fresh layer's default adapter
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.train()
+    assert bit_equal(layer.weight, w0)

@@ -191,3 +191,58 @@ def test_merged_state_dict_has_no_named_adapter_keys():
     assert not any("lora_" in k for k in merged)
     ref = _single(net)
     assert bit_equal(merged["out.weight"], L.merged_state_dict(ref)["out.weight"])
+
+
+def test_adding_a_named_adapter_to_a_sharded_model_is_refused_and_changes_nothing(process_group):
+    """Found in review: add_adapter after fully_shard added plain (unsharded) Parameters whose gradients FSDP2
+    never reduces, so each rank would train its own copy; merge_adapters added one layer's adapter, then
+    failed in a DTensor copy with the model changed."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(L.Linear(16, 16, r=2), L.Linear(16, 16, r=2))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"0: add_adapter: .* is sharded by fully_shard.*'b'.*before fully_shard"):
+        L.add_adapter(model, "b", r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"merge_adapters: 0: add_adapter: .* is sharded by fully_shard"):
+        L.merge_adapters(model, {"default": 0.5}, "c")
+    assert L.adapter_names(model) == ("default",)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n].full_tensor(), t) for n, t in before.items())
+
+
+@pytest.mark.parametrize("name", ["training", "keys", "update", "forward"])
+def test_a_name_torch_s_module_dict_cannot_hold_is_refused_and_changes_nothing(name):
+    """Found in review: add_adapter(model, "keys") passed every check, then torch's ModuleDict raised a bare
+    KeyError("attribute 'keys' already exists"), leaving an empty lora_adapters submodule on the first layer."""
+    model = torch.nn.Sequential(L.Linear(6, 6, r=2), L.Linear(6, 6, r=2))
+    modules = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=rf"adapter name must not be an attribute of torch's nn.ModuleDict.*'{name}'"):
+        L.add_adapter(model, name, r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="must not be an attribute"):
+        model[0].add_adapter(name, 2, 4)
+    with pytest.raises(ValueError, match="merge_adapters: name must not be an attribute"):
+        L.merge_adapters(model, {"default": 1.0}, name)
+    assert [n for n, _ in model.named_modules()] == modules and L.adapter_names(model) == ("default",)
+
+
+def test_a_copy_of_the_model_made_inside_a_mixed_batch_is_not_in_it():
+    """Found in review: copy.deepcopy(model) inside ``with mixed_batch(...)`` copied the live batch too, which
+    nothing ever closed: the copy refused every other batch size and never merged in eval()."""
+    import pickle
+
+    model = torch.nn.Sequential(L.Linear(8, 6, r=2, lora_alpha=4))
+    L.add_adapter(model, "a", r=2, lora_alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    x = torch.randn(3, 8)
+    with L.mixed_batch(model, ["a", None]):
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    for c in copies:
+        torch.testing.assert_close(c(x), model(x), rtol=0, atol=0)  # the plain forward, rows of any number
+        c.eval()
+        assert c[0].merged
+        torch.testing.assert_close(c(x), model(x), rtol=1e-6, atol=1e-6)
