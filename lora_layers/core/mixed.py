@@ -170,7 +170,8 @@ class _Call(NamedTuple):
     fan_in_fan_out: bool
 
 
-def _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan_out, segments) -> _Call:
+def _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan_out, segments,
+                  check_range: bool = True) -> _Call:
     if _is_quantized(weight) and fan_in_fan_out:
         raise ValueError("a quantized base is stored (out, in): fan_in_fan_out must be False")
     adapters = _check_adapters(adapters, x.shape[-1], "lora_linear_mixed")
@@ -186,7 +187,7 @@ def _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan
         spans = None if segs.is_full else segs.spans
         prepared.append((None, None) if a.row_scale is None else a.row_scale.prepare(
             weight, a.lora_A, a.lora_B, a.scaling, spans, fan_in_fan_out=fan_in_fan_out, rows=blocks[-1].b1))
-    ta = _check_token_adapter(token_adapter, math.prod(x.shape[:-1]), len(adapters))
+    ta = _check_token_adapter(token_adapter, math.prod(x.shape[:-1]), len(adapters), check_range)
     return _Call(x, weight, bias, adapters, ta, tuple(specs), tuple(prepared), fan_in_fan_out)
 
 # ----------------------------------------------------------------------------- routing
@@ -226,7 +227,7 @@ def _run(call: _Call, dt: torch.dtype) -> Tensor:
 
 def lora_linear_mixed(x: Tensor, weight, bias: Optional[Tensor], adapters: Sequence[MixedAdapter],
                       token_adapter: Tensor, *, training: bool = False, fan_in_fan_out: bool = False,
-                      segments=None) -> Tensor:
+                      segments=None, check_range: bool = True) -> Tensor:
     """``x_t Wᵀ + b + s_k · drop_k(x_t) A_kᵀ B_kᵀ`` per token, ``k = token_adapter[t]`` (``-1``: base only).
 
     Args:
@@ -239,6 +240,10 @@ def lora_linear_mixed(x: Tensor, weight, bias: Optional[Tensor], adapters: Seque
         training: dropout applies only when True.
         fan_in_fan_out, segments: as :func:`lora_layers.functional.lora_linear`; every adapter
             is stacked per enabled split as ``segments`` describe.
+        check_range: check that ``token_adapter`` lies in ``[-1, K)`` (one ``aminmax``, a host sync
+            on a GPU). Pass False only for indices valid by construction, as the layers' are
+            (:func:`lora_layers.mixed_batch` builds them from the adapter names): an index out of
+            range is then not detected.
 
     Returns:
         ``(*, out)``.
@@ -248,7 +253,7 @@ def lora_linear_mixed(x: Tensor, weight, bias: Optional[Tensor], adapters: Seque
             ``[0, 1)``, ``token_adapter`` not 1-D integer of length ``T`` or out of range.
         RuntimeError: ``x`` and ``weight`` dtypes differ outside autocast.
     """
-    call = _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan_out, segments)
+    call = _checked_call(x, weight, bias, adapters, token_adapter, training, fan_in_fan_out, segments, check_range)
     # A quantized base computes in x's dtype and returns it (as bitsandbytes' layers do).
     dt = x.dtype if _is_quantized(weight) else compute_dtype(x, weight, RuntimeError, _DTYPE_MISMATCH)
     with no_autocast(x.device.type):

@@ -454,7 +454,7 @@ class Linear(LoRALayer, nn.Linear):
                     for v in views]
         return lora_linear_mixed(x, self.weight if self.quantized is None else self.quantized, self.bias, adapters,
                                  index, training=self.training, fan_in_fan_out=self.fan_in_fan_out,
-                                 segments=self.segments)
+                                 segments=self.segments, check_range=False)  # mixed_batch's rows are in range
 
     @classmethod
     def from_module(cls, module: nn.Linear, r: int = NOT_GIVEN, lora_alpha: float = NOT_GIVEN,

@@ -335,3 +335,31 @@ def test_phi3_generate_gives_each_row_its_adapters_tokens():
         rows.append(model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), **kwargs))
     assert torch.equal(out, torch.cat(rows))
     assert len({tuple(r[0, 4:].tolist()) for r in rows}) > 1  # the adapters lead to different tokens
+
+
+def test_layers_skip_the_range_check_that_costs_a_host_sync_and_direct_calls_keep_it(monkeypatch):
+    # The layers' per-token indices come from mixed_batch's names, in range by construction: checking them
+    # again on every layer forward would be one aminmax (a host sync on a GPU) per projection.
+    from lora_layers.core import mixed as core_mixed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ll.Linear(8, 6, r=2, lora_alpha=4),
+                          ll.MergedLinear(6, 9, r=2, enable_lora=[True, False, True]))
+    _randomize(model)
+    ll.add_adapter(model, "b", r=3, lora_alpha=2)
+    _randomize(model, seed=2)
+    x = torch.randn(3, 5, 8)
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with ll.mixed_batch(model, ["b", None, "default"]):
+        mixed = model(x)
+    assert calls == []
+    for i, name in enumerate(["b", None, "default"]):
+        ll.set_adapter(model, name)
+        torch.testing.assert_close(mixed[i:i + 1], model(x[i:i + 1]), rtol=0, atol=1e-6)  # each row alone
+    layer = model[0]
+    with pytest.raises(ValueError, match=r"token_adapter values must be in \[-1, 1\)"):
+        core_mixed.lora_linear_mixed(x, layer.weight, layer.bias, [core_mixed.MixedAdapter(
+            layer.lora_A, layer.lora_B, layer.scaling, 0.0)], torch.tensor([0, 1, -1]).repeat_interleave(5))
+    assert calls  # the direct call checked its indices
