@@ -30,11 +30,18 @@ def make(seed=0, randomize=True, marked=True, **kw):
     if marked:
         L.mark_only_lora_as_trainable(net)
     if randomize:
-        g = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for p in L.lora_parameters(net):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        randomize_adapters(net, seed + 100)
     return net
+
+
+@torch.no_grad()
+def randomize_adapters(net, seed, contains=""):
+    """Draw N(0, 0.3²) values, from a generator seeded ``seed``, into the adapter parameters of ``net`` whose
+    names contain ``contains`` (every one by default), in ``named_lora_parameters`` order."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in L.named_lora_parameters(net):
+        if contains in name:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def snapshot(model):

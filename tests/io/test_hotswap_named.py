@@ -8,6 +8,7 @@ import lora_layers as L
 from lora_layers.checkpoint import CheckpointError
 from lora_layers.layers.base import HOTSWAP_SCALE
 
+from _adapter_net import randomize_adapters
 from test_hotswap import _Counter, _assert_same, _base, _full_snapshot, _net
 
 
@@ -16,11 +17,7 @@ def _multi(base, seed, r=8, alpha=16.0, rslora=False):
     net = _net(base, r=6, alpha=5, seed=seed)
     L.add_adapter(net, "b", r=r, lora_alpha=alpha, use_rslora=rslora)
     L.add_adapter(net, "c", r=2, lora_alpha=3.0)
-    gen = torch.Generator().manual_seed(seed + 50)
-    with torch.no_grad():
-        for name, p in L.named_lora_parameters(net):
-            if ".lora_adapters." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_adapters(net, seed + 50, contains=".lora_adapters.")
     return net
 
 

@@ -6,7 +6,7 @@ import torch
 import lora_layers as L
 from lora_layers.checkpoint import CheckpointError
 from lora_layers.training_state import load_training_state, save_training_state
-from _adapter_net import IDS, Net, assert_unchanged, make, snapshot
+from _adapter_net import IDS, Net, assert_unchanged, make, randomize_adapters, snapshot
 from _naive_lora import bit_equal
 
 
@@ -15,10 +15,7 @@ def _with(names=("b",), seed=0, alpha=5.0):
     net = make(seed=0)
     for name in names:
         L.add_adapter(net, name, r=3, lora_alpha=alpha)
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for p in L.lora_parameters(net):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_adapters(net, seed + 7)
     return net
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_layers as L
-from _adapter_net import IDS, Net, make
+from _adapter_net import IDS, Net, make, randomize_adapters
 from _naive_lora import bit_equal
 
 B_SETTINGS = dict(r=3, lora_alpha=5.0)
@@ -19,11 +19,7 @@ def _with_b(seed=0):
     """A Net (default adapters r=2, random) with adapter "b" (r=3, alpha=5, random) on every layer."""
     net = make(seed=seed)
     L.add_adapter(net, "b", **B_SETTINGS)
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, p in L.named_lora_parameters(net):
-            if ".lora_adapters.b." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    randomize_adapters(net, seed + 7, contains=".lora_adapters.b.")
     return net
 
 
