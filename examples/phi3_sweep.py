@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -172,10 +173,10 @@ def finish(run, evaluator, exact_match_set, tokenizer, step) -> None:
         rows.append({"adapter": name, "r": r, "learning_rate": lr, "eval_loss": evaluator.losses(run.eval_sets),
                      "exact_match": evaluator.exact_match(exact_match_set)})
     lora.set_adapter(model, "default")
-    (out_dir / "adapters").mkdir(exist_ok=True)
+    with run.folders.open(out_dir / "adapters", "the sweep's adapters") as tmp:  # all old or all new after a kill
+        for name in sweep.names:
+            lora.save_lora(model, Path(tmp) / f"{name}.safetensors", metadata={"step": str(step)}, adapter=name)
     for name in sweep.names:
-        lora.save_lora(model, out_dir / "adapters" / f"{name}.safetensors", metadata={"step": str(step)},
-                       adapter=name)
         with run.folders.open(out_dir / f"peft_adapter_{name}", f"the PEFT adapter {name}") as tmp:
             lora.export_peft(model, tmp, base_model_name_or_path=str(run.base_model_path), adapter=name)
             tokenizer.save_pretrained(tmp)
